@@ -1,0 +1,18 @@
+"""Flax Linen decoder (GPT-2 / Llama / Qwen2 / Gemma family options), reward/value heads, KV cache.
+
+Public names: `ModelConfig`, `get_model_config`, `PRESETS`, `Transformer`, `TransformerOutput`,
+`RewardModel`, `ValueModel`, `KVCache`, `init_cache`, `token_logprobs`, `token_entropy`,
+`sequence_logprobs`, `stack_layer_params`, `unstack_layer_params`.
+"""
+
+from rlhf_jax.models.config import PRESETS, ModelConfig, get_model_config
+from rlhf_jax.models.kv_cache import KVCache, init_cache
+from rlhf_jax.models.logprobs import sequence_logprobs, token_entropy, token_logprobs
+from rlhf_jax.models.transformer import (Transformer, TransformerOutput, default_positions,
+                                         stack_layer_params, unstack_layer_params)
+
+__all__ = [
+    "PRESETS", "ModelConfig", "get_model_config", "KVCache", "init_cache", "sequence_logprobs",
+    "token_entropy", "token_logprobs", "Transformer", "TransformerOutput", "default_positions",
+    "stack_layer_params", "unstack_layer_params",
+]

@@ -1,0 +1,221 @@
+"""Building blocks of the decoder: norms, rotary embedding, attention, MLP.
+
+Shapes: B batch, T query length, S key length (cache slots), D d_model, N query heads, K kv heads,
+G = N // K query heads per kv head, H head_dim, F d_ff, V vocab. Every parameter is created with its
+logical axis names (see BUILD_NOTES: `vocab embed mlp heads kv_heads head_dim layers`) and stored in
+`param_dtype`; matmuls run in `dtype`; norms and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+
+# A large finite negative instead of -inf: a fully masked row (a padding query) then softmaxes to a
+# uniform distribution instead of NaN, and its output is ignored downstream anyway.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """`nn.with_logical_constraint`; a no-op unless logical-axis rules and a mesh are active."""
+  return nn.with_logical_constraint(x, axes)
+
+
+BTD = ("activation_batch", "activation_length", "activation_embed")
+
+
+def param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+          axes: tuple[str | None, ...], config: ModelConfig) -> jax.Array:
+  """Creates a logically partitioned parameter and returns it cast to the compute dtype."""
+  p = module.param(name, nn.with_logical_partitioning(init, axes), shape, config.weight_dtype)
+  return jnp.asarray(p, config.compute_dtype)
+
+
+class Norm(nn.Module):
+  """LayerNorm  y = (x - mean) / sqrt(var + eps) * scale + bias,  or
+  RMSNorm    y = x / sqrt(mean(x^2) + eps) * scale,  statistics in float32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    x = x_BxTxD.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (cfg.d_model,), cfg.weight_dtype)
+    y = y * jnp.asarray(scale, jnp.float32)
+    if cfg.norm == "layernorm":
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                        (cfg.d_model,), cfg.weight_dtype)
+      y = y + jnp.asarray(bias, jnp.float32)
+    return y.astype(cfg.compute_dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, "rotate-half" convention (Hugging Face Llama / GPT-NeoX layout):
+
+    x = [x1, x2] (halves of H),  angle_i = pos * theta^(-2i/H),
+    rope(x) = [x1 cos - x2 sin,  x2 cos + x1 sin].
+  """
+  h = x_BxTxNxH.shape[-1]
+  inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BxTxH2 = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq_H2
+  sin = jnp.sin(angle_BxTxH2)[:, :, None, :]
+  cos = jnp.cos(angle_BxTxH2)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  """Causal multi-head / grouped-query / multi-query attention.
+
+    q = x Wq (+bq), k = x Wk (+bk), v = x Wv (+bv);  rope(q), rope(k) if position == "rope"
+    a = softmax(q k^T / sqrt(H) + mask) v  (float32 softmax);  out = a Wo (+bo)
+
+  With K < N kv heads, query head n uses kv head n // G (G = N // K), as in Llama / HF `repeat_kv`.
+  `allowed_BxTxS` is the combined causal + key-padding mask built once by the transformer. When
+  `cache_k_BxSxKxH` is given, the new keys are written at slot `cache_index` of a copy of the layer's
+  cache and the queries attend over all S slots; the new chunk's k, v are returned so the caller can
+  write them into the layer-stacked cache.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, allowed_BxTxS, cache_k_BxSxKxH=None,
+               cache_v_BxSxKxH=None, cache_index=None):
+    cfg = self.config
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    wq_DxNxH = param(self, "q_kernel", init, (d, n, h), ("embed", "heads", "head_dim"), cfg)
+    wk_DxKxH = param(self, "k_kernel", init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+    wv_DxKxH = param(self, "v_kernel", init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+    wo_NxHxD = param(self, "o_kernel", out_init, (n, h, d), ("heads", "head_dim", "embed"), cfg)
+
+    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, wq_DxNxH)
+    k_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, wk_DxKxH)
+    v_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, wv_DxKxH)
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxTxNxH += param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), cfg)
+      k_BxTxKxH += param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), cfg)
+      v_BxTxKxH += param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), cfg)
+    if cfg.position == "rope":
+      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
+                                      None))
+    kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    k_BxTxKxH = constrain(k_BxTxKxH, kv_axes)
+    v_BxTxKxH = constrain(v_BxTxKxH, kv_axes)
+
+    if cache_k_BxSxKxH is None:
+      keys_BxSxKxH, values_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    else:
+      start = (0, cache_index, 0, 0)
+      keys_BxSxKxH = jax.lax.dynamic_update_slice(
+          cache_k_BxSxKxH, k_BxTxKxH.astype(cache_k_BxSxKxH.dtype), start).astype(cfg.compute_dtype)
+      values_BxSxKxH = jax.lax.dynamic_update_slice(
+          cache_v_BxSxKxH, v_BxTxKxH.astype(cache_v_BxSxKxH.dtype), start).astype(cfg.compute_dtype)
+
+    b, t = x_BxTxD.shape[:2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, keys_BxSxKxH,
+                                  preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None, :, :], scores_BxKxGxTxS, _MASK_VALUE)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
+    attn_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, values_BxSxKxH)
+    attn_BxTxNxH = attn_BxTxKxGxH.reshape(b, t, n, h)
+    out_BxTxD = jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, wo_NxHxD)
+    if cfg.out_bias:
+      out_BxTxD += param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), cfg)
+    return out_BxTxD, (k_BxTxKxH, v_BxTxKxH)
+
+
+def _activation(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+  if cfg.mlp == "gated_silu":
+    return jax.nn.silu
+  return lambda x: jax.nn.gelu(x, approximate=cfg.gelu_approximate)
+
+
+class MLP(nn.Module):
+  """"gelu": down(act(up x));  "gated_*": down(act(gate x) * up x)  (SwiGLU / GeGLU)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    d, f = cfg.d_model, cfg.d_ff
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    zeros = nn.initializers.zeros
+    act = _activation(cfg)
+    mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
+
+    w_up_DxF = param(self, "up_kernel", init, (d, f), ("embed", "mlp"), cfg)
+    up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, w_up_DxF)
+    if cfg.mlp_bias:
+      up_BxTxF += param(self, "up_bias", zeros, (f,), ("mlp",), cfg)
+    if cfg.mlp.startswith("gated"):
+      w_gate_DxF = param(self, "gate_kernel", init, (d, f), ("embed", "mlp"), cfg)
+      gate_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, w_gate_DxF)
+      if cfg.mlp_bias:
+        gate_BxTxF += param(self, "gate_bias", zeros, (f,), ("mlp",), cfg)
+      hidden_BxTxF = act(gate_BxTxF) * up_BxTxF
+    else:
+      hidden_BxTxF = act(up_BxTxF)
+    hidden_BxTxF = constrain(hidden_BxTxF, mlp_axes)
+    w_down_FxD = param(self, "down_kernel", out_init, (f, d), ("mlp", "embed"), cfg)
+    out_BxTxD = jnp.einsum("BTF,FD->BTD", hidden_BxTxF, w_down_FxD)
+    if cfg.mlp_bias:
+      out_BxTxD += param(self, "down_bias", zeros, (d,), ("embed",), cfg)
+    return out_BxTxD
+
+
+class Block(nn.Module):
+  """Pre-norm residual block:  x += drop(attn(norm1 x));  x += drop(mlp(norm2 x)).
+
+  Signature `(x, layer_cache, side) -> (x, new_kv)` so that `nn.scan` can carry `x`, scan the layer's
+  cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions, mask, cache index).
+  """
+
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer_cache, side):
+    cfg = self.config
+    positions_BxT, allowed_BxTxS, cache_index = side
+    cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
+    x_BxTxD = constrain(x_BxTxD, BTD)
+    attn_BxTxD, new_kv = Attention(cfg, name="attn")(
+        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, allowed_BxTxS, cache_k, cache_v,
+        cache_index)
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(attn_BxTxD, deterministic=self.deterministic)
+    mlp_BxTxD = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(mlp_BxTxD, deterministic=self.deterministic)
+    return constrain(x_BxTxD, BTD), new_kv
+
+
+def remat_policy(name: str) -> Any:
+  """Maps ModelConfig.remat_policy to a `jax.checkpoint` policy (None: save nothing)."""
+  return {
+      "full": None,
+      "dots_saveable": jax.checkpoint_policies.dots_saveable,
+      "dots_with_no_batch_dims_saveable":
+          jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]

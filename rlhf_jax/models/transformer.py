@@ -1,0 +1,171 @@
+"""`Transformer`: the one decoder every method uses (policy, reference, reward and value backbones).
+
+  model = Transformer(get_model_config("tiny"))
+  variables = model.init(rng, tokens_BxT, mask_BxT)            # boxed (logically partitioned)
+  out = model.apply(variables, tokens_BxT, mask_BxT)           # TransformerOutput
+  out.logits_BxTxV, out.hidden_BxTxD, out.cache
+
+Masks and positions. `mask_BxT` is 1 for real tokens and 0 for padding, on either side (or both: a
+left-padded prompt followed by a right-padded response). Token t may attend to token s iff s <= t
+and mask[s] == 1. Positions count real tokens: `positions = clip(cumsum(mask) - 1, 0)`, so a
+left-padded row gets exactly the positions (and log-probs) of the same row right-padded. With a
+cache, the real tokens already in it are added to the count (see `kv_cache.py`).
+
+Parameter tree: `embedding [V, D]`, `pos_embedding [max_seq_len, D]` (learned positions only),
+`layers_0 .. layers_{L-1}` (or one `layers` subtree with a leading L axis when `scan_layers`),
+`final_norm`, `lm_head [D, V]` (untied only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models import kv_cache as kv_lib
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import BTD, Block, Norm, constrain, remat_policy
+
+
+class TransformerOutput(NamedTuple):
+  logits_BxTxV: jax.Array | None  # in config.dtype; None when return_logits=False
+  hidden_BxTxD: jax.Array  # after the final norm
+  cache: kv_lib.KVCache | None  # the updated cache when one was passed in
+
+
+def default_positions(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None) -> jax.Array:
+  """positions = clip(prior + cumsum(mask) - 1, 0), prior = real tokens already in the cache."""
+  mask_BxT = mask_BxT.astype(jnp.int32)
+  prior_Bx1 = 0 if cache is None else jnp.sum(cache.mask_BxS, axis=1, keepdims=True)
+  return jnp.maximum(prior_Bx1 + jnp.cumsum(mask_BxT, axis=1) - 1, 0)
+
+
+def attention_mask(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None) -> jax.Array:
+  """allowed_BxTxS[b, t, s] = (slot s <= slot of query t) & (slot s holds a real token), or s is the
+  query's own slot. The diagonal only changes padding queries (a real query's own slot is real): they
+  attend to themselves instead of having an all-masked row, so every row stays causal and finite."""
+  t = mask_BxT.shape[1]
+  if cache is None:
+    key_mask_BxS = mask_BxT.astype(jnp.int32)
+    q_slot_T = jnp.arange(t)
+  else:
+    key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT.astype(jnp.int32),
+                                                (0, cache.index))
+    q_slot_T = cache.index + jnp.arange(t)
+  k_slot_S = jnp.arange(key_mask_BxS.shape[1])
+  causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
+  self_TxS = k_slot_S[None, :] == q_slot_T[:, None]
+  return (causal_TxS[None, :, :] & (key_mask_BxS[:, None, :] > 0)) | self_TxS[None, :, :]
+
+
+class Transformer(nn.Module):
+  """Decoder-only transformer configured by `ModelConfig` (see config.py for the options)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None, *,
+               positions_BxT: jax.Array | None = None, cache: kv_lib.KVCache | None = None,
+               return_logits: bool = True, last_logits_only: bool = False,
+               deterministic: bool = True) -> TransformerOutput:
+    """Runs the decoder.
+
+    Args:
+      tokens_BxT: int token ids.
+      mask_BxT: 1 real / 0 padding; defaults to all ones.
+      positions_BxT: overrides the mask-derived positions.
+      cache: a `KVCache`; the chunk is written at `cache.index` and attends to everything before.
+      return_logits: False skips the [B, T, V] projection (reward / value heads use hidden states).
+      last_logits_only: logits for the last column only ([B, 1, V]); the sampler's prefill.
+      deterministic: False enables dropout (needs a "dropout" rng).
+    """
+    cfg = self.config
+    if mask_BxT is None:
+      mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    mask_BxT = mask_BxT.astype(jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = default_positions(mask_BxT, cache)
+
+    embedding_VxD = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                  ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+    if cfg.scale_embeddings:
+      x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
+    if cfg.position == "learned":
+      pos_table_PxD = self.param(
+          "pos_embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                        (None, "embed")),
+          (cfg.max_seq_len, cfg.d_model), cfg.weight_dtype)
+      x_BxTxD = x_BxTxD + jnp.take(pos_table_PxD, positions_BxT, axis=0).astype(cfg.compute_dtype)
+    x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
+    x_BxTxD = constrain(x_BxTxD, BTD)
+
+    allowed_BxTxS = attention_mask(mask_BxT, cache)
+    side = (positions_BxT, allowed_BxTxS, None if cache is None else cache.index)
+    block_cls = Block
+    if cfg.remat_policy != "none":
+      # prevent_cse only matters outside scan (scan already blocks CSE across iterations).
+      block_cls = nn.remat(Block, policy=remat_policy(cfg.remat_policy),
+                           prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      layer_caches = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+      blocks = nn.scan(block_cls, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast), out_axes=0, length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxTxD, (k_LxBxTxKxH, v_LxBxTxKxH) = blocks(cfg, deterministic, name="layers")(
+          x_BxTxD, layer_caches, side)
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])
+        x_BxTxD, (k_BxTxKxH, v_BxTxKxH) = block_cls(cfg, deterministic, name=f"layers_{i}")(
+            x_BxTxD, layer_cache, side)
+        new_k.append(k_BxTxKxH)
+        new_v.append(v_BxTxKxH)
+      if cache is not None:
+        k_LxBxTxKxH, v_LxBxTxKxH = jnp.stack(new_k), jnp.stack(new_v)
+    hidden_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = kv_lib.write_chunk(cache, k_LxBxTxKxH, v_LxBxTxKxH, mask_BxT)
+
+    logits_BxTxV = None
+    if return_logits:
+      h_BxTxD = hidden_BxTxD[:, -1:] if last_logits_only else hidden_BxTxD
+      if cfg.tie_embeddings:
+        logits_BxTxV = jnp.einsum("BTD,VD->BTV", h_BxTxD, embedding_VxD.astype(cfg.compute_dtype))
+      else:
+        lm_head_DxV = self.param(
+            "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                    ("embed", "vocab")),
+            (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
+        logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD, lm_head_DxV.astype(cfg.compute_dtype))
+      logits_BxTxV = constrain(logits_BxTxV,
+                               ("activation_batch", "activation_length", "activation_vocab"))
+    return TransformerOutput(logits_BxTxV, hidden_BxTxD, new_cache)
+
+
+def stack_layer_params(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+  """Unrolled tree (`layers_0..layers_{L-1}`) -> scanned tree (`layers` with a leading L axis).
+
+  Works on unboxed trees (plain arrays)."""
+  params = dict(params)
+  per_layer = [params.pop(f"layers_{i}") for i in range(n_layers)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return params
+
+
+def unstack_layer_params(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+  """Scanned tree -> unrolled tree (inverse of `stack_layer_params`)."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(n_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
