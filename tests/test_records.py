@@ -18,6 +18,10 @@ def test_parse_every_kind(tmp_path):
     sft = _write(tmp_path, [{"prompt": "p", "response": "r", "id": 7}, "", {"prompt": "", "response": "é😀"}])
     assert rec.read_records(sft, "sft") == [rec.SFTRecord("p", "r"), rec.SFTRecord("", "é😀")]
 
+    prompts = _write(tmp_path, [{"prompt": "p"}, {"messages": [{"role": "user", "content": "hi"}]}], "prompts.jsonl")
+    assert rec.read_records(prompts, "prompt") == [
+        rec.PromptRecord("p"), rec.PromptRecord("<|user|>\nhi\n<|assistant|>\n")]
+
     pw = _write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     assert rec.read_records(pw, "pairwise") == [rec.PairwiseRecord("p", "a", "b")]
 
@@ -58,6 +62,7 @@ def test_chat_messages(tmp_path):
 
 ERROR_CASES = [
     # (kind, line, kwargs, regex on the message)
+    ("prompt", {"text": "p"}, {}, r":2: field 'prompt': expected a string \(or a 'messages' list\)"),
     ("sft", '{"prompt": "p", "response": "r"', {}, r":2: expected valid JSON"),
     ("sft", "[1, 2]", {}, r":2: expected a JSON object per line, got list"),
     ("sft", {"prompt": "p"}, {}, r":2: field 'response': expected a value \(the field is missing\)"),
@@ -92,6 +97,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize("kind,line,kwargs,pattern", ERROR_CASES)
 def test_record_errors_name_file_line_field(tmp_path, kind, line, kwargs, pattern):
     good = {
+        "prompt": {"prompt": "p"},
         "sft": {"prompt": "p", "response": "r"},
         "pairwise": {"prompt": "p", "chosen": "a", "rejected": "b"},
         "ranked": {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]},

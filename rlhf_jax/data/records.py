@@ -6,6 +6,7 @@ metadata next to the data). The shapes:
 =============  ====================================================================================
 kind           object
 =============  ====================================================================================
+``prompt``     ``{"prompt": str}`` (prompts for on-policy generation: PPO, RAFT, best-of-n)
 ``sft``        ``{"prompt": str, "response": str}``  or  ``{"messages": [... , {"role": "assistant", ...}]}``
 ``pairwise``   ``{"prompt": str, "chosen": str, "rejected": str}``
 ``ranked``     ``{"prompt": str, "responses": [str, ...], "scores": [num, ...]}`` (higher is better)
@@ -35,6 +36,7 @@ from rlhf_jax.data.tokenizers import ChatTemplate
 __all__ = [
     "KINDS",
     "RecordError",
+    "PromptRecord",
     "SFTRecord",
     "PairwiseRecord",
     "RankedRecord",
@@ -46,7 +48,7 @@ __all__ = [
     "write_jsonl",
 ]
 
-KINDS = ("sft", "pairwise", "ranked", "rated", "attributes")
+KINDS = ("prompt", "sft", "pairwise", "ranked", "rated", "attributes")
 
 
 class RecordError(ValueError):
@@ -67,6 +69,11 @@ class _Desc(str):
 def _short(value: Any, limit: int = 60) -> str:
     text = str(value) if isinstance(value, _Desc) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +113,7 @@ class AttributeRecord:
         return dict(self.attributes)[name]
 
 
-Record = SFTRecord | PairwiseRecord | RankedRecord | RatedRecord | AttributeRecord
+Record = PromptRecord | SFTRecord | PairwiseRecord | RankedRecord | RatedRecord | AttributeRecord
 
 
 class _Ctx:
@@ -159,6 +166,10 @@ def _render(ctx: _Ctx, messages: Any, template: ChatTemplate, add_generation_pro
         return template.render(messages, add_generation_prompt=add_generation_prompt)
     except ValueError as e:
         raise ctx.error("messages", f"valid chat messages ({e})") from None
+
+
+def _parse_prompt(ctx: _Ctx, obj: Mapping[str, Any], template: ChatTemplate, **_) -> PromptRecord:
+    return PromptRecord(_prompt(ctx, obj, template))
 
 
 def _parse_sft(ctx: _Ctx, obj: Mapping[str, Any], template: ChatTemplate, **_) -> SFTRecord:
@@ -239,6 +250,7 @@ def _parse_attributes(
 
 
 _PARSERS = {
+    "prompt": _parse_prompt,
     "sft": _parse_sft,
     "pairwise": _parse_pairwise,
     "ranked": _parse_ranked,
