@@ -2,10 +2,12 @@
 
 Public names: `ModelConfig`, `get_model_config`, `PRESETS`, `Transformer`, `TransformerOutput`,
 `RewardModel`, `ValueModel`, `KVCache`, `init_cache`, `token_logprobs`, `token_entropy`,
-`sequence_logprobs`, `stack_layer_params`, `unstack_layer_params`.
+`sequence_logprobs`, `stack_layer_params`, `unstack_layer_params`, `with_backbone`,
+`last_token_index`, `default_positions`.
 """
 
 from rlhf_jax.models.config import PRESETS, ModelConfig, get_model_config
+from rlhf_jax.models.heads import RewardModel, ValueModel, last_token_index, with_backbone
 from rlhf_jax.models.kv_cache import KVCache, init_cache
 from rlhf_jax.models.logprobs import sequence_logprobs, token_entropy, token_logprobs
 from rlhf_jax.models.transformer import (Transformer, TransformerOutput, default_positions,
@@ -14,5 +16,6 @@ from rlhf_jax.models.transformer import (Transformer, TransformerOutput, default
 __all__ = [
     "PRESETS", "ModelConfig", "get_model_config", "KVCache", "init_cache", "sequence_logprobs",
     "token_entropy", "token_logprobs", "Transformer", "TransformerOutput", "default_positions",
-    "stack_layer_params", "unstack_layer_params",
+    "stack_layer_params", "unstack_layer_params", "RewardModel", "ValueModel", "last_token_index",
+    "with_backbone",
 ]
