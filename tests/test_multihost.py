@@ -1,0 +1,116 @@
+"""Two real JAX processes on localhost form one global mesh and agree on a sharded computation.
+
+The parent (pytest) starts this file twice as a script, as ``launch/multiprocess_local.sh`` would,
+each child with 2 simulated CPU devices, so the global mesh has 4 devices over 2 processes
+(data=2 across the processes, fsdp=2 within each). Each child
+
+* connects through :func:`rlhf_jax.parallel.initialize_distributed` (loopback coordinator),
+* creates a parameter already sharded over the *global* mesh (``create_sharded``),
+* assembles the global batch from its own half (``shard_batch`` → ``make_global_batch``),
+* runs a jitted reduction whose inputs live on both processes, and prints the result as JSON.
+
+Both processes must report the same value, equal to the NumPy answer over the full batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 2
+GLOBAL_ROWS, FEATURES, OUT = 8, 4, 6
+TIMEOUT_S = 120
+
+
+def _global_batch() -> np.ndarray:
+    return np.arange(GLOBAL_ROWS * FEATURES, dtype=np.float32).reshape(GLOBAL_ROWS, FEATURES) / 10.0
+
+
+def _weights() -> np.ndarray:
+    return np.linspace(-1.0, 1.0, FEATURES * OUT, dtype=np.float32).reshape(FEATURES, OUT)
+
+
+def _child(process_id: int, port: int) -> None:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax import parallel
+
+    assert parallel.initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id)
+    assert parallel.initialize_distributed()  # idempotent
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=-1, fsdp=LOCAL_DEVICES, tensor=1))
+
+    def init():
+        w = nn.with_logical_partitioning(lambda: jnp.asarray(_weights()), ("embed", "mlp"))()
+        return {"w": w}
+
+    params = parallel.create_sharded(init, mesh)
+    local_rows = GLOBAL_ROWS // NUM_PROCESSES
+    local = _global_batch()[process_id * local_rows:(process_id + 1) * local_rows]
+    batch = parallel.shard_batch({"x": local}, mesh)
+
+    @jax.jit
+    def loss(p, b):
+        y = jnp.tanh(b["x"] @ p["w"])
+        return jnp.sum(y * jnp.arange(1, GLOBAL_ROWS + 1, dtype=jnp.float32)[:, None])
+
+    with parallel.use_mesh(mesh):
+        value = loss(params, batch)
+    print(json.dumps({
+        "process_index": parallel.process_index(), "process_count": parallel.process_count(),
+        "global_devices": jax.device_count(), "local_devices": jax.local_device_count(),
+        "batch_shape": list(batch["x"].shape), "w_spec": str(params["w"].sharding.spec),
+        "value": float(value),
+    }), flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_a_global_mesh():
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(NUM_PROCESSES)]
+    outputs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT_S)
+            assert p.returncode == 0, f"child failed (rc={p.returncode}):\n{err[-3000:]}"
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    y = np.tanh(_global_batch().astype(np.float64) @ _weights())
+    expected = float(np.sum(y * np.arange(1, GLOBAL_ROWS + 1)[:, None]))
+    assert sorted(o["process_index"] for o in outputs) == list(range(NUM_PROCESSES))
+    for o in outputs:
+        assert o["process_count"] == NUM_PROCESSES
+        assert o["global_devices"] == NUM_PROCESSES * LOCAL_DEVICES
+        assert o["local_devices"] == LOCAL_DEVICES
+        assert o["batch_shape"] == [GLOBAL_ROWS, FEATURES]
+        assert o["w_spec"] == "P('fsdp', 'tensor')"  # embed->fsdp, mlp->tensor (size 1)
+        assert o["value"] == pytest.approx(expected, rel=1e-5)
+    assert outputs[0]["value"] == outputs[1]["value"]
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]), int(sys.argv[2]))
