@@ -1,0 +1,27 @@
+"""Training stack shared by every method: state, optimiser, generic loop, checkpoints, metrics.
+
+* :mod:`.optim` — ``OptimConfig`` (AdamW, weight-decay mask, warmup + cosine/linear, clipping,
+  gradient accumulation), ``make_optimizer``, ``make_schedule``, ``weight_decay_mask``.
+* :mod:`.state` — ``TrainState(step, params, opt_state, rng)``, ``create_train_state``.
+* :mod:`.loop` — ``LoopConfig``, ``make_train_step``, ``jit_train_step``, ``train``.
+* :mod:`.checkpoint` — orbax ``Checkpointer`` guarded by a run fingerprint, ``restore_params``,
+  ``atomic_write_json``, ``WorkdirMismatchError``.
+* :mod:`.metrics` — ``MetricsWriter`` (JSONL + TensorBoard), ``read_metrics``, ``Progress``.
+"""
+
+from rlhf_jax.train import loop
+from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomic_write_json,
+                                       check_fingerprint, read_json, restore_params)
+from rlhf_jax.train.loop import (CheckpointableIterator, LoopConfig, TrainResult, default_token_count,
+                                 jit_train_step, make_train_step, train)
+from rlhf_jax.train.metrics import MetricsWriter, Progress, read_metrics
+from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
+from rlhf_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
+
+__all__ = [
+    "Checkpointer", "WorkdirMismatchError", "atomic_write_json", "check_fingerprint", "read_json",
+    "restore_params", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
+    "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "read_metrics",
+    "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
+    "abstract_state", "create_train_state", "state_shardings", "loop",
+]
