@@ -54,8 +54,12 @@ def _path_str(path) -> str:
 
 def _strip_boxes(tree: Any) -> Any:
     """Unboxes without ``nn.meta.unbox``'s sharding constraint (which needs traced values)."""
-    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.Partitioned)
-                                  else x.unbox(), tree, is_leaf=nn.meta.is_axis_metadata)
+    def strip(x):
+        if isinstance(x, nn.meta.Partitioned):
+            return x.value
+        return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
+
+    return jax.tree_util.tree_map(strip, tree, is_leaf=nn.meta.is_axis_metadata)
 
 
 def _check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
