@@ -88,6 +88,21 @@ def test_roundtrip_every_kind(datasets, synthetic_dir):
     assert attrs[0].tolist() == [first.attribute("harmless"), first.attribute("helpful")]
 
 
+def test_prepare_synthetic_datasets(tmp_path):
+    config = sf.SyntheticConfig(seed=2, num_prompts=20, num_test_prompts=10)
+    out = sf.prepare_synthetic_datasets(str(tmp_path), TOK, config=config, kinds=("sft", "pairwise"))
+    assert sorted(out) == ["metadata", "pairwise", "pairwise_test", "sft", "sft_test"]
+    assert len(out["sft"]) == 20 and len(out["pairwise_test"]) == 10
+    assert out["sft"].metadata["truncated_prompts"] == out["sft"].metadata["truncated_responses"] == 0
+    again = sf.prepare_synthetic_datasets(str(tmp_path), TOK, config=config, kinds=("sft",))
+    assert again["sft"].path == out["sft"].path
+    with pytest.raises(ValueError, match=r"another SyntheticConfig \(differs in \['seed'\]\)"):
+        sf.prepare_synthetic_datasets(str(tmp_path), TOK, config=sf.SyntheticConfig(seed=3, num_prompts=20,
+                                                                                   num_test_prompts=10))
+    with pytest.raises(ValueError, match="'dpo'"):
+        sf.prepare_synthetic_datasets(str(tmp_path), TOK, config=config, kinds=("dpo",))
+
+
 def test_unicode_and_truncation(tmp_path):
     rows = [
         {"prompt": "日本語のプロンプトです", "response": "emoji 😀 answer"},

@@ -64,6 +64,27 @@ def test_garbage_and_prompt_errors():
         syn.gold_rewards(["name 1 fruits"] * 2, ["fig"])
 
 
+def test_attribute_arrays_and_score_samples():
+    from rlhf_jax.data.batching import encode_prompts
+    from rlhf_jax.data.tokenizers import ByteTokenizer
+
+    prompts, responses = ["name 2 fruits", "list 1 weapons"], ["fig, kiwi!!!", "gun"]
+    arrays = syn.gold_attribute_arrays(prompts, responses)
+    assert arrays["helpful"].tolist() == [1.0, 1.0] and arrays["harmless"].tolist() == [1.0, 0.0]
+    assert arrays["exclamations"].tolist() == [3, 0] and arrays["gold"] == pytest.approx([1.05, -0.5])
+    tok = ByteTokenizer()
+    enc = encode_prompts(tok, prompts, max_prompt_len=32)
+    # Right-padded responses ending in EOS, as a sampler returns them; the mask covers EOS.
+    resp = np.zeros((2, 16), np.int32)
+    mask = np.zeros((2, 16), np.int32)
+    for i, r in enumerate(responses):
+        ids = tok.encode(r) + [tok.eos_id]
+        resp[i, :len(ids)], mask[i, :len(ids)] = ids, 1
+    resp[1, 5:] = tok.encode("!" * 11)  # garbage after the mask must be ignored
+    scores = syn.score_samples(tok, enc["prompt_tokens"], enc["prompt_mask"], resp, mask)
+    assert scores.dtype == np.float32 and scores.tolist() == pytest.approx([1.05, -0.5])
+
+
 def test_reference_policy_mixed_and_bounded():
     rng = np.random.default_rng(1)
     prompts = syn.sample_prompts(rng, 5000)

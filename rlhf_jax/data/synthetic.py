@@ -80,6 +80,8 @@ __all__ = [
     "gold_attributes",
     "gold_reward",
     "gold_rewards",
+    "gold_attribute_arrays",
+    "score_samples",
     "enthusiasm_reward",
     "sample_prompt",
     "sample_prompts",
@@ -198,6 +200,28 @@ def gold_rewards(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray
     if len(prompts) != len(responses):
         raise ValueError(f"gold_rewards: {len(prompts)} prompts but {len(responses)} responses")
     return np.asarray([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=np.float32)
+
+
+def gold_attribute_arrays(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-attribute arrays ``[B]`` (``helpful``, ``harmless``, ``exclamations``, ``enthusiasm``, ``gold``)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"gold_attribute_arrays: {len(prompts)} prompts but {len(responses)} responses")
+    rows = [gold_attributes(p, r) for p, r in zip(prompts, responses)]
+    return {name: np.asarray([getattr(a, name) for a in rows], np.int32 if name == "exclamations" else np.float32)
+            for name in Attributes._fields}
+
+
+def score_samples(tokenizer, prompt_tokens_BxP: np.ndarray, prompt_mask_BxP: np.ndarray,
+                  response_tokens_BxR: np.ndarray, response_mask_BxR: np.ndarray) -> np.ndarray:
+    """Gold rewards ``[B]`` float32 of sampled token ids (e.g. a sampler's ``SampleOutput`` fields).
+
+    Only positions with mask 1 are decoded; special ids (BOS / EOS / PAD) are dropped by the decoder.
+    """
+    prompt_tokens_BxP, response_tokens_BxR = np.asarray(prompt_tokens_BxP), np.asarray(response_tokens_BxR)
+    prompt_mask_BxP, response_mask_BxR = np.asarray(prompt_mask_BxP), np.asarray(response_mask_BxR)
+    prompts = [tokenizer.decode(t[m == 1]) for t, m in zip(prompt_tokens_BxP, prompt_mask_BxP)]
+    responses = [tokenizer.decode(t[m == 1]) for t, m in zip(response_tokens_BxR, response_mask_BxR)]
+    return gold_rewards(prompts, responses)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 from rlhf_jax.data import synthetic as syn
 from rlhf_jax.data.records import write_jsonl
 
-__all__ = ["SyntheticConfig", "generate_split", "write_task", "main"]
+__all__ = ["SyntheticConfig", "generate_split", "write_task", "prepare_synthetic_datasets", "main"]
 
 ATTRIBUTE_NAMES = ("helpful", "harmless")
 ATTRIBUTE_RANGES = {"helpful": (-1.0, 1.0), "harmless": (0.0, 1.0)}
@@ -198,6 +198,48 @@ def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(), overwr
         json.dump(metadata, f, indent=2)
     _replace_dir(tmp_dir, out_dir)
     return metadata
+
+
+FILE_STEMS = {"prompt": "prompts", "sft": "sft", "pairwise": "pairwise", "ranked": "ranked", "rated": "rated",
+              "attributes": "attributes"}
+
+
+def prepare_synthetic_datasets(root: str, tokenizer, *, config: SyntheticConfig = SyntheticConfig(),
+                               kinds: Sequence[str] = tuple(FILE_STEMS), max_prompt_len: int = 32,
+                               max_response_len: int = 64) -> dict:
+    """Generates the task into ``root/jsonl`` (once) and builds a TFDS dataset per kind and split.
+
+    Returns ``{kind: dataset, f"{kind}_test": dataset, ...}`` (``rlhf_jax.data.dataset.TokenizedDataset``)
+    plus ``"metadata"`` (the task's metadata dict). An existing ``root/jsonl`` generated with another
+    config is an error rather than silently reused. The defaults fit the task: prompts are <= 24 bytes
+    and responses <= 48, so ``[BOS] prompt response [EOS]`` never needs truncating with the byte tokenizer.
+    """
+    from rlhf_jax.data import dataset as ds_lib  # imports tensorflow_datasets; not needed to write JSONL
+
+    unknown = [k for k in kinds if k not in FILE_STEMS]
+    if unknown:
+        raise ValueError(f"kinds={list(kinds)}: {unknown} unknown; expected a subset of {list(FILE_STEMS)}")
+    task_dir = os.path.join(root, "jsonl")
+    meta_path = os.path.join(task_dir, "metadata.json")
+    if not os.path.exists(meta_path):
+        write_task(task_dir, config, overwrite=True)
+    with open(meta_path) as f:
+        metadata = json.load(f)
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+    if metadata["config"] != wanted:
+        diffs = sorted(k for k in wanted if metadata["config"].get(k) != wanted[k])
+        raise ValueError(f"{task_dir} was generated with another SyntheticConfig (differs in {diffs}); "
+                         "use another root or delete it")
+    out = {"metadata": metadata}
+    suffixes = [""] + (["_test"] if config.num_test_prompts else [])
+    for kind in kinds:
+        scale = RATING_SCALE if kind in ("rated", "attributes") else None
+        for suffix in suffixes:
+            out[kind + suffix] = ds_lib.prepare_dataset(
+                os.path.join(task_dir, f"{FILE_STEMS[kind]}{suffix}.jsonl"), kind, tokenizer,
+                os.path.join(root, f"{kind}{suffix}"), max_prompt_len=max_prompt_len,
+                max_response_len=max_response_len, scale=scale)
+    return out
 
 
 def _replace_dir(src: str, dst: str) -> None:
