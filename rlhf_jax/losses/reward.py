@@ -150,9 +150,11 @@ def multi_attribute_loss(predicted_BxA, targets_BxA, *, weights=None, attribute_
     w_A = jnp.ones((num_attr,), dtype) if weights is None else as_float(weights, dtype)
     if w_A.shape != (num_attr,):
         raise ValueError(f"weights must have shape ({num_attr},), got {w_A.shape}")
-    err_BxA = (as_float(predicted_BxA, dtype) - as_float(targets_BxA, dtype)) ** 2
+    pred_BxA = jnp.where(mask_BxA > 0, as_float(predicted_BxA, dtype), 0.0)
+    target_BxA = jnp.where(mask_BxA > 0, as_float(targets_BxA, dtype), 0.0)
+    err_BxA = (pred_BxA - target_BxA) ** 2
     wm_BxA = mask_BxA * w_A[None, :]
-    per_example_B = jnp.sum(jnp.where(mask_BxA > 0, err_BxA, 0.0) * w_A[None, :], axis=1) / jnp.maximum(
+    per_example_B = jnp.sum(err_BxA * w_A[None, :], axis=1) / jnp.maximum(
         jnp.sum(wm_BxA, axis=1), jnp.finfo(dtype).tiny
     )
     metrics = {"loss": jnp.mean(per_example_B)}
