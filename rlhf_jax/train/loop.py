@@ -270,6 +270,7 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
             emit(ready)
             ready = None
           evaluate(step)
+          progress.restart(step)
       if ready is not None:
         emit(ready)
       if not preempted and eval_fn is not None:

@@ -101,6 +101,10 @@ class Progress:
     self._last_step = start_step
     self._tokens = 0.0
 
+  def restart(self, step: int) -> None:
+    """Restarts the throughput clock at ``step`` (after an evaluation, so it does not count)."""
+    self._last_time, self._last_step, self._tokens = time.perf_counter(), step, 0.0
+
   def add_tokens(self, n: float) -> None:
     self._tokens += n
 

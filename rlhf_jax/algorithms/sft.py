@@ -1,0 +1,381 @@
+"""Supervised fine-tuning: prompt-masked next-token NLL on ``{"prompt", "response"}`` records.
+
+For a sequence ``x = [BOS] prompt response [EOS]`` with loss mask ``m_t = 1`` on the response tokens
+(EOS included) and 0 on BOS, prompt and padding,
+
+    logp_t = log pi_theta(x_t | x_<t)                        (models.sequence_logprobs, float32)
+    L      = sum_bt m_bt (-logp_bt) / sum_bt m_bt            (losses.sft_loss, "token_mean")
+
+so the model is never trained to predict the prompt. Evaluation reports the held-out NLL per
+response token (the same quantity, over the whole eval split, token-weighted), and samples
+responses for held-out prompts with the KV-cache sampler; on the synthetic task their mean gold
+reward is exact (``data.synthetic.gold_rewards``) and is compared with the reference policy the
+SFT data was drawn from, which is what a perfect SFT model would match.
+
+Entry points: :func:`train_and_evaluate` (used by ``experiments/sft.py``) and
+:func:`load_sft_params`, which later stages (reward models, DPO, PPO) use to start from an SFT run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax.data import batching, synthetic, synthetic_files
+from rlhf_jax.data import dataset as ds_lib
+from rlhf_jax.data import tokenizers as tok_lib
+from rlhf_jax.train import config_dicts
+
+logger = logging.getLogger(__name__)
+
+FINAL_METRICS_FILE = "final_metrics.json"
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTEvalConfig:
+  """What evaluation measures.
+
+  Attributes:
+    num_sample_prompts: held-out prompts sampled at each evaluation (0 disables sampling).
+    temperature, top_k, top_p: sampling settings (``sampling.SamplingConfig``).
+    print_samples: how many (prompt, response, gold) triples to log at each evaluation.
+    seed: base seed of the evaluation samples (``fold_in(seed, step)``: independent of training).
+  """
+
+  num_sample_prompts: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  print_samples: int = 3
+  seed: int = 1234
+
+  def __post_init__(self):
+    if not (isinstance(self.num_sample_prompts, int) and self.num_sample_prompts >= 0):
+      raise ValueError(f"SFTEvalConfig.num_sample_prompts={self.num_sample_prompts!r} is invalid; "
+                       "allowed: an int >= 0")
+    if not (isinstance(self.print_samples, int) and self.print_samples >= 0):
+      raise ValueError(f"SFTEvalConfig.print_samples={self.print_samples!r} is invalid; "
+                       "allowed: an int >= 0")
+    # temperature / top_k / top_p are validated by SamplingConfig when evaluation builds it.
+    sampling.SamplingConfig(max_new_tokens=1, temperature=self.temperature, top_k=self.top_k,
+                            top_p=self.top_p)
+
+
+SOURCES = ("synthetic", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+  """Where the SFT records come from and how they are batched.
+
+  Attributes:
+    source: ``synthetic`` (the embedded task, generated into ``<workdir>/data/synthetic`` if
+      missing) or ``jsonl`` (``train_jsonl`` / ``eval_jsonl`` with ``{"prompt", "response"}`` or
+      chat ``messages`` records).
+    train_jsonl, eval_jsonl: paths for ``source="jsonl"``.
+    synthetic_num_prompts, synthetic_num_test_prompts, synthetic_seed: size/seed of the generated task.
+    tokenizer: ``data.tokenizers.load_tokenizer`` spec (``byte``, ``hf:PATH``, ``spm:PATH``).
+    max_prompt_len, max_response_len: token limits incl. BOS / EOS (prompts cut from the left,
+      responses from the right).
+    batch_size: global training batch (sequences per optimiser step).
+    eval_batch_size: batch of the held-out NLL pass; max_eval_examples caps the eval split.
+    shuffle_seed: seed of the per-epoch shuffling.
+    buckets: allowed padded lengths (one jit compile each); empty = powers of two up to the max.
+  """
+
+  source: str = "synthetic"
+  train_jsonl: str = ""
+  eval_jsonl: str = ""
+  synthetic_num_prompts: int = 4000
+  synthetic_num_test_prompts: int = 500
+  synthetic_seed: int = 0
+  tokenizer: str = "byte"
+  max_prompt_len: int = 32
+  max_response_len: int = 48
+  batch_size: int = 32
+  eval_batch_size: int = 64
+  max_eval_examples: int = 512
+  shuffle_seed: int = 0
+  buckets: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"SFTDataConfig.source={self.source!r} is invalid; allowed: {' | '.join(SOURCES)}")
+    if self.source == "jsonl":
+      for name in ("train_jsonl", "eval_jsonl"):
+        path = getattr(self, name)
+        if not path or not os.path.isfile(path):
+          raise ValueError(f"SFTDataConfig.{name}={path!r} is invalid; allowed: an existing JSONL file "
+                           "(required with source='jsonl')")
+    for name in ("synthetic_num_prompts", "max_prompt_len", "max_response_len", "batch_size",
+                 "eval_batch_size", "max_eval_examples"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= (2 if "len" in name else 1)):
+        raise ValueError(f"SFTDataConfig.{name}={value!r} is invalid; allowed: an int >= "
+                         f"{2 if 'len' in name else 1}")
+    if self.source == "synthetic" and self.synthetic_num_test_prompts < 1:
+      raise ValueError(f"SFTDataConfig.synthetic_num_test_prompts={self.synthetic_num_test_prompts!r} "
+                       "is invalid; allowed: an int >= 1 (the held-out split)")
+    max_len = self.max_prompt_len + self.max_response_len
+    if self.buckets and (any(b < 1 for b in self.buckets) or max(self.buckets) < max_len):
+      raise ValueError(f"SFTDataConfig.buckets={self.buckets!r} is invalid; allowed: () or positive "
+                       f"lengths whose largest is >= max_prompt_len + max_response_len = {max_len}")
+
+
+class SFTData(NamedTuple):
+  train_batches: batching.BatchIterator
+  eval_dataset: ds_lib.TokenizedDataset
+  gold_reward_fn: Any  # (prompts, responses) -> [B] gold rewards, or None
+  reference_metrics: dict  # what the data's own policy scores (synthetic task), for comparison
+
+
+def prepare_data(config: SFTDataConfig, tokenizer: tok_lib.Tokenizer, workdir: str, *,
+                 vocab_size: int) -> SFTData:
+  """Builds (once) the train / eval TFDS datasets under ``<workdir>/data`` and the train iterator."""
+  data_dir = os.path.join(workdir, "data")
+  gold_fn, reference = None, {}
+  if config.source == "synthetic":
+    task_dir = os.path.join(data_dir, "synthetic")
+    wanted = synthetic_files.SyntheticConfig(seed=config.synthetic_seed,
+                                             num_prompts=config.synthetic_num_prompts,
+                                             num_test_prompts=config.synthetic_num_test_prompts)
+    meta_path = os.path.join(task_dir, "metadata.json")
+    if not os.path.exists(meta_path):
+      logger.info("generating the synthetic task into %s", task_dir)
+      synthetic_files.write_task(task_dir, wanted, overwrite=True)
+    meta = train.read_json(meta_path)
+    for key in ("seed", "num_prompts", "num_test_prompts"):
+      if meta["config"][key] != getattr(wanted, key):
+        raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, the "
+                         f"config asks for {getattr(wanted, key)}; use a fresh --workdir")
+    train_jsonl, eval_jsonl = (os.path.join(task_dir, f) for f in ("sft.jsonl", "sft_test.jsonl"))
+    gold_fn = synthetic.gold_rewards
+    test = meta["splits"]["test"]
+    reference = {"reference_policy_gold_reward": test["reference_policy_mean_gold"],
+                 "best_response_gold_reward": test["best_response_mean_gold"]}
+  else:
+    train_jsonl, eval_jsonl = config.train_jsonl, config.eval_jsonl
+  limits = dict(max_prompt_len=config.max_prompt_len, max_response_len=config.max_response_len)
+  train_ds = ds_lib.prepare_dataset(train_jsonl, "sft", tokenizer,
+                                    os.path.join(data_dir, "sft_train"), **limits)
+  eval_ds = ds_lib.prepare_dataset(eval_jsonl, "sft", tokenizer, os.path.join(data_dir, "sft_eval"),
+                                   **limits)
+  batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
+                                   buckets=config.buckets or None, vocab_size=vocab_size)
+  return SFTData(batches, eval_ds, gold_fn, reference)
+
+
+class EvalData(NamedTuple):
+  batches: list  # fixed-shape sft batches covering the (capped) eval split
+  prompt_tokens: np.ndarray  # [S, max_prompt_len] left-padded [BOS] prompt
+  prompt_mask: np.ndarray
+  prompt_texts: list
+  max_response_len: int
+
+
+def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, num_sample_prompts: int,
+                   tokenizer: tok_lib.Tokenizer) -> EvalData:
+  """Materialises the eval batches (one padded length: one compile) and the sampling prompts."""
+  max_len = config.max_prompt_len + config.max_response_len
+  it = batching.BatchIterator(eval_ds, config.eval_batch_size, shuffle=False, drop_remainder=False,
+                              num_epochs=1, buckets=(max_len,), process_index=0, process_count=1)
+  num_batches = -(-min(len(eval_ds), config.max_eval_examples) // config.eval_batch_size)
+  batches = [{k: b[k] for k in ("tokens", "mask", "loss_mask")}
+             for _, b in zip(range(num_batches), it)]
+  examples = [eval_ds[i] for i in range(min(num_sample_prompts, len(eval_ds)))]
+  prompts = batching.collate(examples, "prompt", eval_ds.special_ids, config.max_prompt_len)
+  texts = [tokenizer.decode(ex["prompt"]) for ex in examples]
+  return EvalData(batches, prompts["prompt_tokens"], prompts["prompt_mask"], texts,
+                  config.max_response_len)
+
+
+def make_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> train.loop.LossFn:
+  """``loss_fn(params, batch, rng) -> (loss, metrics)`` for ``train.make_train_step``."""
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"aggregation={aggregation!r} is invalid; allowed: {' | '.join(AGGREGATIONS)}")
+  dropout = model.config.dropout_rate > 0
+
+  def loss_fn(params, batch, rng):
+    if dropout:
+      out = model.apply({"params": params}, batch["tokens"], batch["mask"], deterministic=False,
+                        rngs={"dropout": rng})
+      logps_BxT = models.token_logprobs(out.logits_BxTxV, batch["tokens"], batch["loss_mask"])
+    else:
+      logps_BxT = models.sequence_logprobs(model, params, batch["tokens"], batch["mask"],
+                                           batch["loss_mask"])
+    per_example_B, metrics = losses.sft_loss(logps_BxT, batch["loss_mask"], aggregation=aggregation)
+    return jnp.mean(per_example_B), {"nll_per_token": metrics["nll_per_token"],
+                                     "num_tokens": metrics["num_tokens"]}
+
+  return loss_fn
+
+
+def _nll_sums_fn(model: models.Transformer):
+  @jax.jit
+  def nll_sums(params, tokens_BxT, mask_BxT, loss_mask_BxT):
+    logps_BxT = models.sequence_logprobs(model, params, tokens_BxT, mask_BxT, loss_mask_BxT)
+    return -jnp.sum(logps_BxT), jnp.sum(loss_mask_BxT.astype(jnp.float32))
+
+  return nll_sums
+
+
+def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_data: EvalData,
+                 config: SFTEvalConfig, workdir: str, gold_reward_fn=None):
+  """``eval_fn(state, step) -> metrics``: held-out NLL, and sampled responses (+ gold reward).
+
+  ``eval_nll_per_token = sum(-logp over response tokens) / #response tokens`` over the whole eval
+  split (fixed-shape batches, so one compile). Samples go to ``<workdir>/samples.jsonl``.
+  """
+  nll_sums = _nll_sums_fn(model)
+  samp_cfg = sampling.SamplingConfig(
+      max_new_tokens=eval_data.max_response_len, temperature=config.temperature,
+      top_k=config.top_k, top_p=config.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  sample_path = os.path.join(workdir, "samples.jsonl")
+
+  def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
+    total_nll, total_tokens = 0.0, 0.0
+    for batch in eval_data.batches:
+      nll, n = nll_sums(state.params, batch["tokens"], batch["mask"], batch["loss_mask"])
+      total_nll += float(nll)
+      total_tokens += float(n)
+    metrics = {"eval_nll_per_token": total_nll / max(total_tokens, 1.0)}
+    metrics["eval_perplexity"] = float(np.exp(metrics["eval_nll_per_token"]))
+    if config.num_sample_prompts == 0:
+      return metrics
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+    out = sampling.sample(model, state.params, eval_data.prompt_tokens, eval_data.prompt_mask, rng,
+                          samp_cfg)
+    tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
+    responses = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
+    metrics["sample_length"] = float(np.mean(mask.sum(-1)))
+    metrics["sample_eos_fraction"] = float(np.mean(
+        [tokenizer.eos_id in t[m > 0] for t, m in zip(tokens, mask)]))
+    golds = None
+    if gold_reward_fn is not None:
+      golds = gold_reward_fn(eval_data.prompt_texts, responses)
+      metrics["sample_gold_reward"] = float(np.mean(golds))
+    rows = []
+    for i, (prompt, response) in enumerate(zip(eval_data.prompt_texts, responses)):
+      row = {"step": step, "prompt": prompt, "response": response}
+      if golds is not None:
+        row["gold"] = round(float(golds[i]), 4)
+      rows.append(row)
+    with open(sample_path, "a") as f:
+      for row in rows:
+        f.write(json_dumps(row) + "\n")
+    for row in rows[:config.print_samples]:
+      logger.info("sample @%d | %r -> %r%s", step, row["prompt"], row["response"],
+                  f" (gold {row['gold']:+.2f})" if "gold" in row else "")
+    return metrics
+
+  return eval_fn
+
+
+def json_dumps(obj: Any) -> str:
+  import json  # pylint: disable=import-outside-toplevel
+  return json.dumps(obj, ensure_ascii=False)
+
+
+class SFTCheckpoint(NamedTuple):
+  params: Any
+  model_config: models.ModelConfig
+  tokenizer: tok_lib.Tokenizer
+  step: int
+
+
+def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
+  """Params, model config and tokenizer of an SFT run's checkpoint (default: the latest step).
+
+  The model config comes from the run's ``run_fingerprint.json`` and the tokenizer from its
+  ``config.json``, so ``Transformer(ckpt.model_config).apply({"params": ckpt.params}, ...)`` and
+  ``ckpt.tokenizer`` reproduce the SFT policy exactly.
+  """
+  fingerprint = train.read_json(os.path.join(workdir, train.checkpoint.FINGERPRINT_FILE))
+  run_config = train.read_json(os.path.join(workdir, "config.json"))
+  model_config = models.ModelConfig(**{
+      k: tuple(v) if isinstance(v, list) else v for k, v in fingerprint["model"].items()})
+  tokenizer = tok_lib.load_tokenizer(run_config["data"]["tokenizer"])
+  if tokenizer.fingerprint() != fingerprint["tokenizer"]:
+    raise train.WorkdirMismatchError(
+        f"{workdir}: tokenizer {run_config['data']['tokenizer']!r} now has fingerprint "
+        f"{tokenizer.fingerprint()}, the run used {fingerprint['tokenizer']}")
+  manager_step = step
+  params = train.restore_params(workdir, manager_step)
+  if step is None:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+      step = mgr.latest_step()
+  return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer, step=int(step))
+
+
+def _make_mesh(section: Mapping[str, int]) -> jax.sharding.Mesh:
+  mesh_cfg = config_dicts.to_dataclass(parallel.MeshConfig, section, "mesh")
+  sizes = [getattr(mesh_cfg, a) for a in parallel.MESH_AXES]
+  devices = jax.devices() if -1 in sizes else jax.devices()[:int(np.prod(sizes))]
+  return parallel.make_mesh(mesh_cfg, devices=devices)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) SFT as configured and returns the final metrics (also written to
+  ``<workdir>/final_metrics.json``). See ``experiments/configs/sft_synthetic.py`` for the keys."""
+  known = {"seed", "model", "optim", "loop", "data", "eval", "mesh", "aggregation"}
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
+                     f"keys: {sorted(known)}")
+  model_cfg = config_dicts.build_model_config(config.model)
+  optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
+  loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
+  data_cfg = config_dicts.to_dataclass(SFTDataConfig, config.data, "data")
+  eval_cfg = config_dicts.to_dataclass(SFTEvalConfig, config.eval, "eval")
+  if config.aggregation not in AGGREGATIONS:
+    raise ValueError(f"config.aggregation={config.aggregation!r} is invalid; allowed: "
+                     f"{' | '.join(AGGREGATIONS)}")
+  mesh = _make_mesh(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+
+  tokenizer = tok_lib.load_tokenizer(data_cfg.tokenizer)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                     f"tokenizer's vocab_size={tokenizer.vocab_size}")
+  max_seq_len = data_cfg.max_prompt_len + data_cfg.max_response_len
+  if max_seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"config.data.max_prompt_len + max_response_len = {max_seq_len} exceeds "
+                     f"config.model.max_seq_len={model_cfg.max_seq_len}")
+  data = prepare_data(data_cfg, tokenizer, workdir, vocab_size=model_cfg.vocab_size)
+  eval_data = make_eval_data(data.eval_dataset, data_cfg, eval_cfg.num_sample_prompts, tokenizer)
+
+  model = models.Transformer(model_cfg)
+  optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  dummy = jnp.ones((1, 8), jnp.int32)
+  variables = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy), mesh)
+  state = train.create_train_state(variables["params"], optimizer, state_rng, mesh)
+  step_fn = train.make_train_step(make_loss_fn(model, config.aggregation), optimizer, schedule,
+                                  grad_accum_steps=optim_cfg.grad_accum_steps)
+  eval_fn = make_eval_fn(model, tokenizer, eval_data, eval_cfg, workdir,
+                         gold_reward_fn=data.gold_reward_fn)
+  fingerprint = {"method": "sft", "model": dataclasses.asdict(model_cfg),
+                 "tokenizer": tokenizer.fingerprint()}
+  result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
+                       data=data.train_batches, fingerprint=fingerprint, mesh=mesh,
+                       eval_fn=eval_fn, run_config=config.to_dict())
+  final = {"step": result.step, "preempted": result.preempted, **result.eval_metrics}
+  final.update(data.reference_metrics)
+  if not result.preempted:
+    train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+    logger.info("SFT finished at step %d: %s", result.step,
+                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in final.items()))
+  return final

@@ -1,0 +1,94 @@
+"""``ml_collections`` sections shared by every experiment config, and their conversion to dataclasses.
+
+Experiment configs (``experiments/configs/*.py``) are ``ConfigDict`` s so that any value can be
+overridden from the command line (``--config.optim.lr=1e-3``); the code that reaches jit takes
+frozen, validated dataclasses. This module builds the default sections from the dataclasses'
+own defaults (one source of truth) and converts them back with errors that name the config key::
+
+    config.model = model_section("small")   # preset + every ModelConfig field as a typed None
+    config.optim = dataclass_section(OptimConfig, lr=1e-3)
+    ...
+    optim = to_dataclass(OptimConfig, config.optim, "optim")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, TypeVar
+
+import ml_collections
+from ml_collections import config_dict
+
+T = TypeVar("T")
+
+
+def dataclass_section(cls: type, **overrides: Any) -> ml_collections.ConfigDict:
+  """A ``ConfigDict`` with every field of ``cls`` at its default (or ``overrides``)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(fields)}")
+  values = {}
+  for name, field in fields.items():
+    if name in overrides:
+      values[name] = overrides[name]
+    elif field.default is not dataclasses.MISSING:
+      values[name] = field.default
+    elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+      values[name] = field.default_factory()  # type: ignore[misc]
+    else:
+      raise ValueError(f"{cls.__name__}.{name} has no default; pass it as an override")
+  return ml_collections.ConfigDict(values)
+
+
+def to_dataclass(cls: type[T], section: Mapping[str, Any] | ml_collections.ConfigDict, key: str) -> T:
+  """``cls(**section)``, with unknown keys reported as ``config.<key>.<name>`` and the allowed keys.
+
+  Value errors raised by ``cls.__post_init__`` are re-raised prefixed with the config key, so a
+  command-line override that is out of range names the flag to fix.
+  """
+  values = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+  allowed = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(values) - set(allowed))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'config.{key}.{u}' for u in unknown]}; allowed keys "
+                     f"of config.{key}: {allowed}")
+  for name, value in values.items():  # ConfigDict stores tuples as tuples, lists as lists
+    if isinstance(value, list):
+      values[name] = tuple(value)
+  try:
+    return cls(**values)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"config.{key}: {err}") from err
+
+
+def model_section(preset: str) -> ml_collections.ConfigDict:
+  """``preset`` plus every ``ModelConfig`` field as a typed ``None`` (= keep the preset's value).
+
+  Typed placeholders make ``--config.model.d_model=128`` work from the command line, while
+  ``--config.model.preset=tiny`` still switches every other field to the new preset.
+  """
+  from rlhf_jax.models import ModelConfig, get_model_config  # pylint: disable=import-outside-toplevel
+
+  reference = get_model_config(preset)
+  values: dict[str, Any] = {"preset": preset}
+  for field in dataclasses.fields(ModelConfig):
+    value = getattr(reference, field.name)
+    kind = type(value) if value is not None else int
+    values[field.name] = config_dict.placeholder(kind)
+  return ml_collections.ConfigDict(values)
+
+
+def build_model_config(section: Mapping[str, Any] | ml_collections.ConfigDict):
+  """The ``ModelConfig`` of a :func:`model_section`: the preset with the non-``None`` overrides."""
+  from rlhf_jax.models import get_model_config  # pylint: disable=import-outside-toplevel
+
+  values = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+  preset = values.pop("preset", None)
+  if preset is None:
+    raise ValueError("config.model.preset is missing; allowed: a name in rlhf_jax.models.PRESETS")
+  overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
+  try:
+    return get_model_config(preset, **overrides)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"config.model: {err}") from err
