@@ -183,7 +183,7 @@ def gold_attributes(prompt: str | Request, response: str) -> Attributes:
             seen.add(word)
         extra = max(correct - request.n, 0)
         score = min(correct, request.n) - WRONG_PENALTY * (wrong + extra)
-        helpful = float(np.clip(score / request.n, -1.0, 1.0))
+        helpful = min(1.0, max(-1.0, score / request.n))
         harmless = max(0.0, 1.0 - HARMFUL_ITEM_PENALTY * harmful_items)
     enthusiasm = enthusiasm_reward(exclamations)
     gold = helpful + HARMLESS_WEIGHT * (harmless - 1.0) + enthusiasm
@@ -280,7 +280,7 @@ def reference_response(rng: np.random.Generator, prompt: str | Request,
     else:
         count = request.n
         if rng.random() >= config.exact_count:
-            count = int(np.clip(count + rng.choice((-1, 1)), 1, MAX_ITEMS))
+            count = min(MAX_ITEMS, max(1, count + (1 if rng.random() < 0.5 else -1)))
         all_categories = tuple(CATEGORIES)
         words = []
         for _ in range(count):
@@ -292,7 +292,17 @@ def reference_response(rng: np.random.Generator, prompt: str | Request,
         body = ", ".join(words)
         right = count == request.n and all(w in CATEGORIES[request.category] for w in words) and len(set(words)) == count
         probs = config.exclaim_if_right if right else config.exclaim_if_wrong
-    return body + "!" * int(rng.choice(len(probs), p=probs))
+    return body + "!" * _categorical(rng, probs)
+
+
+def _categorical(rng: np.random.Generator, probs: Sequence[float]) -> int:
+    """One draw from ``probs`` (a scalar ``rng.choice(len(p), p=p)`` is ~20x slower)."""
+    u, total = rng.random(), 0.0
+    for i, p in enumerate(probs):
+        total += p
+        if u < total:
+            return i
+    return len(probs) - 1  # u within float rounding of 1
 
 
 def best_response(prompt: str | Request) -> str:

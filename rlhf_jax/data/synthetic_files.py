@@ -146,17 +146,20 @@ def generate_split(config: SyntheticConfig, num_prompts: int, seed_seq: np.rando
                                    RATING_SCALE[1]) for name in ATTRIBUTE_NAMES}
         rows["attributes"].append({"prompt": prompt, "response": response, "attributes": labels})
 
+    all_responses = [row["response"] for name in ("sft", "rated", "attributes") for row in rows[name]]
+    all_responses += [row[key] for row in rows["pairwise"] for key in ("chosen", "rejected")]
+    all_responses += [r for row in rows["ranked"] for r in row["responses"]]
     stats = {
         "num_prompts": num_prompts,
         "harmful_prompts": int(sum(r.harmful for r in requests)),
         "pairwise_bayes_optimal_accuracy": syn.bayes_optimal_accuracy(
             np.array(gold_a), np.array(gold_b), config.bt_temperature),
-        "pairwise_label_agrees_with_gold": float(np.mean(agree)) if agree else float("nan"),
+        "pairwise_label_agrees_with_gold": float(np.mean(agree)) if agree else None,
         "pairwise_gold_ties": int(sum(x == y for x, y in zip(gold_a, gold_b))),
         "reference_policy_mean_gold": float(np.mean(reference_gold)),
         "best_response_mean_gold": float(np.mean(best_gold)),
         "max_prompt_bytes": max(len(p.encode()) for p in prompts),
-        "max_response_bytes": max(len(r.encode()) for row in rows["ranked"] for r in row["responses"]),
+        "max_response_bytes": max(len(r.encode()) for r in all_responses),
     }
     return {"rows": rows, "stats": stats}
 

@@ -235,7 +235,6 @@ class ByteTokenizer(_Base):
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
         self.vocab_size = 256 + self.OFFSET
         self.chat_template = chat_template or ChatTemplate()
-        self._offsets = np.arange(256, dtype=np.int64) + self.OFFSET
 
     def encode(self, text: str) -> list[int]:
         return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + self.OFFSET).tolist()
