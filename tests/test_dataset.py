@@ -10,7 +10,7 @@ from rlhf_jax.data import batching as B
 from rlhf_jax.data import dataset as D
 from rlhf_jax.data import records as rec
 from rlhf_jax.data import synthetic_files as sf
-from rlhf_jax.data.tokenizers import ByteTokenizer, TokenIdError
+from rlhf_jax.data.tokenizers import ByteTokenizer, ChatTemplate, TokenIdError
 
 TOK = ByteTokenizer()
 
@@ -67,6 +67,10 @@ def test_roundtrip_every_kind(datasets, synthetic_dir):
         assert _text(tokens, mask) == sft_rows[i].prompt + sft_rows[i].response
         assert _text(tokens, loss_mask) == sft_rows[i].response  # loss on response + EOS only
         assert loss_mask[n - 1] == 1 and loss_mask.sum() == len(sft_rows[i].response.encode()) + 1
+
+    ds = datasets["sft"]
+    for got, want in zip(ds.get_batch([5, 2, 9, 2]), [ds[5], ds[2], ds[9], ds[2]]):
+        assert all(np.array_equal(got[k], want[k]) for k in want)  # any order, repeats allowed
 
     ranked_rows = rec.read_records(str(synthetic_dir / "ranked.jsonl"), "ranked")
     ds = datasets["ranked"]
@@ -145,6 +149,9 @@ def test_fingerprint_cache_and_mismatch(tmp_path, monkeypatch):
     assert len(D.prepare_dataset(src, "sft", TOK, out, max_prompt_len=8, max_response_len=8)) == 3
     with pytest.raises(D.DatasetMismatchError, match=r"max_response_len: stored 8 != requested 9"):
         D.prepare_dataset(src, "sft", TOK, out, max_prompt_len=8, max_response_len=9)
+    chat = ByteTokenizer(chat_template=ChatTemplate(message_format="{role}: {content}\n"))
+    with pytest.raises(D.DatasetMismatchError, match=r"chat_template: stored"):
+        D.prepare_dataset(src, "sft", chat, out, max_prompt_len=8, max_response_len=8)
     monkeypatch.undo()
     _jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "changed"}] * 3)
     with pytest.raises(D.DatasetMismatchError, match=r"source_sha256"):

@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -395,7 +396,7 @@ def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: s
     """Reads + validates ``jsonl_path``, builds the dataset at ``out_dir`` once, and opens it.
 
     A later call with the same arguments reuses the folder. If the folder was built from another file
-    content, kind, tokenizer, length limits or truncation policy, :class:`DatasetMismatchError` names
+    content, kind, tokenizer, chat template, length limits, truncation policy or scale, :class:`DatasetMismatchError` names
     the differing settings (pass ``overwrite=True`` to rebuild). Several processes building the same
     folder concurrently is safe: the rename is atomic and the loser reuses the winner's folder.
     """
@@ -403,6 +404,7 @@ def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: s
         "kind": kind,
         "source_sha256": _sha256(jsonl_path),
         "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "chat_template": json.loads(json.dumps(dataclasses.asdict(tokenizer.chat_template))),
         "max_prompt_len": int(max_prompt_len),
         "max_response_len": int(max_response_len),
         "truncation": dataclasses.asdict(truncation),
