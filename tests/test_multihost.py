@@ -112,5 +112,79 @@ def test_two_processes_share_a_global_mesh():
     assert outputs[0]["value"] == outputs[1]["value"]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SELFCHECK_OK = "ok=True"
+
+
+def _launcher_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def test_multiprocess_local_launcher(tmp_path):
+    """launch/multiprocess_local.sh starts 2 processes that join one 4-device mesh."""
+    env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path),
+                        PYTHON=sys.executable)
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"), "-m",
+         "rlhf_jax.parallel.selfcheck", "--fsdp=2"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(2):
+        log = (tmp_path / f"process_{i}.log").read_text()
+        assert f"selfcheck process={i}/2 local_devices=2 global_devices=4" in log, log[-2000:]
+        assert "mesh={'data': 2, 'fsdp': 2, 'tensor': 1}" in log and SELFCHECK_OK in log
+
+
+def test_multiprocess_local_launcher_propagates_failure(tmp_path):
+    """One crashing process fails the whole launch (and the survivor is killed, not waited on)."""
+    script = tmp_path / "crash.py"
+    # Process 1 crashes; process 0 would sleep for 10 minutes unless the launcher kills it (jax's
+    # own heartbeat timeout is 100 s, so finishing within 60 s means the launcher did).
+    script.write_text("import os, time\nfrom rlhf_jax import parallel\n"
+                      "parallel.initialize_distributed()\n"
+                      "if parallel.process_index() == 1:\n    os._exit(7)\ntime.sleep(600)\n")
+    env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", LOG_DIR=str(tmp_path),
+                        PYTHON=sys.executable)
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
+                             str(script)], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 7
+    assert "process 1 failed with status 7" in result.stderr
+
+
+def test_slurm_sbatch_with_stub_srun(tmp_path):
+    """launch/slurm.sbatch derives coordinator / count / rank from SLURM's environment.
+
+    ``srun`` and ``scontrol`` are replaced by stubs that run SLURM_NTASKS local copies (each with
+    its own SLURM_PROCID) and name 127.0.0.1 as the first node.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\nwhile [[ \"${1:-}\" == --* ]]; do shift; done\npids=()\n"
+        "for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i \"$@\" & pids+=($!); done\n"
+        "rc=0; for p in \"${pids[@]}\"; do wait \"$p\" || rc=$?; done; exit $rc\n")
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for stub in ("srun", "scontrol"):
+        (bin_dir / stub).chmod(0o755)
+    env = _launcher_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="node-[0-1]", SLURM_SUBMIT_DIR=REPO, JAX_COORDINATOR_PORT=str(_free_port()),
+        JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        PYTHON=sys.executable)
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "-m",
+                             "rlhf_jax.parallel.selfcheck"], env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "coordinator=127.0.0.1:" in result.stdout and "processes=2" in result.stdout
+    for i in range(2):
+        assert f"selfcheck process={i}/2 local_devices=2 global_devices=4" in result.stdout
+    assert result.stdout.count(SELFCHECK_OK) == 2
+
+
 if __name__ == "__main__":
     _child(int(sys.argv[1]), int(sys.argv[2]))
