@@ -1,0 +1,452 @@
+"""Scoring API of trained reward models: what PPO, RAFT, best-of-n and RLAIF call.
+
+    handle = load_reward_model("workdirs/rm_synthetic", policy_tokenizer=tok, mesh=mesh)
+    rewards_B = score(handle, out.prompt_tokens, out.prompt_mask,
+                      out.response_tokens_BxR, out.response_mask_BxR)       # jax.Array [B] (K = 1)
+    rewards_B = score_texts(handle, tok, prompts, responses)                 # np.ndarray [B]
+
+A reward model maps a sequence ``x = [BOS] prompt response [EOS]`` to K float32 outputs read at the
+last real token (``models.RewardModel``). ``score`` returns the *normalised* rewards
+
+    r̃_k(x, y) = (r_k(x, y) - μ_k) / σ_k
+
+where μ_k, σ_k are the mean and standard deviation of r_k over responses sampled from the SFT model
+(computed once after training, stored with the checkpoint), so a reward of +1 means "one standard
+deviation better than a typical SFT sample" whatever the RM's arbitrary offset and scale; pass
+``normalize=False`` for the raw head outputs. K = 1 gives ``[B]``; K > 1 (multi-attribute heads)
+gives ``[B, K]``, or ``[B]`` with ``attribute_weights`` (Σ_k w_k r̃_k).
+
+Sequences: ``score`` concatenates the sampler's left-padded prompt (with BOS) and right-padded
+response (with EOS when it stopped) exactly like ``SampleOutput.full_sequences``; real tokens are
+contiguous and positions come from the mask, so this is the training layout. A response cut at
+``max_new_tokens`` without EOS is scored at its last token, as given (penalising it is the caller's
+choice). ``score_texts`` tokenises with the dataset convention (prompt cut from the left to
+``max_prompt_len - 1`` ids, response from the right to ``max_response_len - 1``).
+
+Sharding and batching: params are restored directly onto ``mesh`` with the same logical-axis rules
+as the policy (``parallel.logical_shardings``), the batch is split over the mesh's batch axes, and
+rows are processed in chunks of ``batch_size`` (the last chunk padded with zero-mask rows, so one
+compile per sequence length). ``reward_fn(handle)`` is the pure, jit-able function underneath for
+callers that want to fuse scoring into their own jitted step.
+
+On-disk layout (``<rm workdir>/reward_model/``, written atomically by :func:`save_reward_model`):
+``reward_model.json`` (model config, K and output names, tokenizer spec + fingerprint, length
+limits, normalisation statistics, objective, step) and ``params/`` (orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax import models, parallel
+from rlhf_jax.data import tokenizers as tok_lib
+
+ARTIFACT_DIR = "reward_model"
+INFO_FILE = "reward_model.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class TokenizerMismatchError(ValueError):
+  """The policy's tokenizer is not the one the reward model was trained with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelInfo:
+  """Everything besides the params that scoring needs (``reward_model.json``).
+
+  Attributes:
+    model: ``ModelConfig`` fields of the backbone.
+    output_names: names of the K outputs (``("reward",)`` or the attribute names).
+    tokenizer_spec, tokenizer_fingerprint: ``load_tokenizer`` spec and the fingerprint it had.
+    max_prompt_len, max_response_len: training limits (BOS / EOS included); ``score_texts`` uses them.
+    mean, std: per-output normalisation statistics (μ_k, σ_k); identity (0, 1) before normalisation.
+    normalization: how they were measured (number of samples, source, temperature).
+    objective: the training objective name; step: optimiser steps of the saved params.
+  """
+
+  model: Mapping[str, Any]
+  output_names: tuple[str, ...]
+  tokenizer_spec: str
+  tokenizer_fingerprint: str
+  max_prompt_len: int
+  max_response_len: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  normalization: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  objective: str = ""
+  step: int = 0
+  format_version: int = FORMAT_VERSION
+
+  def __post_init__(self):
+    object.__setattr__(self, "output_names", tuple(self.output_names))
+    object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+    object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+    k = len(self.output_names)
+    if k < 1:
+      raise ValueError("RewardModelInfo.output_names is empty; allowed: one name per output (K >= 1)")
+    if len(self.mean) != k or len(self.std) != k:
+      raise ValueError(f"RewardModelInfo.mean/std have {len(self.mean)}/{len(self.std)} entries; "
+                       f"allowed: K = {k} (one per output)")
+    if not all(np.isfinite(self.mean)) or not all(s > 0 and np.isfinite(s) for s in self.std):
+      raise ValueError(f"RewardModelInfo: mean={self.mean}, std={self.std}; allowed: finite means "
+                       "and finite stds > 0")
+
+  @property
+  def num_outputs(self) -> int:
+    return len(self.output_names)
+
+  def model_config(self) -> models.ModelConfig:
+    return models.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in self.model.items()})
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_json(cls, obj: Mapping[str, Any]) -> "RewardModelInfo":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in obj.items() if k in fields})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RewardModelHandle:
+  """A loaded reward model: params (placed on ``mesh``), model, tokenizer and statistics."""
+
+  info: RewardModelInfo
+  model: models.RewardModel
+  params: Any  # {"backbone": ..., "head": ...}, unboxed, sharded on `mesh`
+  tokenizer: tok_lib.Tokenizer
+  mesh: Mesh
+  rules: tuple
+  batch_size: int  # rows per jitted call, a multiple of batch_ways
+  batch_ways: int  # devices the batch dimension is split over
+  _score_jit: Callable = dataclasses.field(repr=False, default=None)
+
+  @property
+  def num_outputs(self) -> int:
+    return self.info.num_outputs
+
+  @property
+  def output_names(self) -> tuple[str, ...]:
+    return self.info.output_names
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving / loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
+  """Writes ``<workdir>/reward_model/`` (params + ``reward_model.json``) atomically; returns its path.
+
+  The artifact is assembled in a temporary sibling and swapped in with ``os.replace``, so a reader
+  sees either the previous complete artifact or the new one.
+  """
+  final = os.path.join(os.path.abspath(workdir), ARTIFACT_DIR)
+  tmp = f"{final}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  params = jax.device_get(nn.meta.unbox(params))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckptr.wait_until_finished()
+  with open(os.path.join(tmp, INFO_FILE), "w") as f:
+    json.dump(info.to_json(), f, indent=2, sort_keys=True)
+  if os.path.exists(final):
+    old = f"{final}.old-{os.getpid()}"
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, final)
+  return final
+
+
+def read_reward_model_info(workdir: str) -> RewardModelInfo:
+  """The ``reward_model.json`` of an RM workdir (or of its ``reward_model/`` folder)."""
+  folder = _artifact_dir(workdir)
+  with open(os.path.join(folder, INFO_FILE)) as f:
+    obj = json.load(f)
+  if obj.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{folder}: format_version={obj.get('format_version')!r}; this code reads "
+                     f"{FORMAT_VERSION}")
+  return RewardModelInfo.from_json(obj)
+
+
+def _artifact_dir(workdir: str) -> str:
+  for candidate in (os.path.join(workdir, ARTIFACT_DIR), workdir):
+    if os.path.isfile(os.path.join(candidate, INFO_FILE)):
+      return os.path.abspath(candidate)
+  raise FileNotFoundError(
+      f"no trained reward model under {workdir!r} ({ARTIFACT_DIR}/{INFO_FILE} is missing); train "
+      "one with `python experiments/reward_model.py --workdir=...` (it is written when training and "
+      "normalisation finish)")
+
+
+def check_tokenizer(info: RewardModelInfo, tokenizer: tok_lib.Tokenizer, what: str = "policy") -> None:
+  """Raises :class:`TokenizerMismatchError` unless ``tokenizer`` has the RM's fingerprint."""
+  if tokenizer.fingerprint() != info.tokenizer_fingerprint:
+    raise TokenizerMismatchError(
+        f"the {what} tokenizer {tokenizer!r} has fingerprint {tokenizer.fingerprint()}, but the reward "
+        f"model was trained with {info.tokenizer_spec!r} (fingerprint {info.tokenizer_fingerprint}); "
+        "the same ids would mean different text. Train the reward model from an SFT run that uses "
+        "the policy's tokenizer.")
+
+
+def default_mesh() -> Mesh:
+  """A 1-device mesh (the default when no mesh is given)."""
+  return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def param_shardings(model: models.RewardModel, mesh: Mesh,
+                    rules: Sequence = parallel.DEFAULT_RULES) -> Any:
+  """``NamedSharding`` tree of the RM's params on ``mesh`` (the policy's logical rules)."""
+  dummy = jnp.ones((1, 8), jnp.int32)
+  abstract = jax.eval_shape(functools.partial(model.init, jax.random.PRNGKey(0), dummy, dummy))
+  return parallel.logical_shardings(abstract, mesh, rules)["params"]
+
+
+def place_params(params: Any, model: models.RewardModel, mesh: Mesh,
+                 rules: Sequence = parallel.DEFAULT_RULES) -> Any:
+  """Puts an (unboxed) RM param tree onto ``mesh`` with the policy's sharding rules."""
+  return jax.device_put(nn.meta.unbox(params), param_shardings(model, mesh, rules))
+
+
+def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | None = None,
+                      mesh: Mesh | None = None, rules: Sequence = parallel.DEFAULT_RULES,
+                      batch_size: int = 64) -> RewardModelHandle:
+  """Loads ``<workdir>/reward_model`` onto ``mesh`` (default: one device).
+
+  Args:
+    workdir: an RM run directory (or its ``reward_model/`` folder).
+    policy_tokenizer: if given, must have the fingerprint the RM was trained with
+      (:class:`TokenizerMismatchError` otherwise).
+    mesh, rules: where the params live; use the policy's mesh and rules to shard them alike.
+    batch_size: rows per jitted call in :func:`score` / :func:`score_texts` (rounded up to a
+      multiple of the mesh's batch-axis size).
+  """
+  if not (isinstance(batch_size, int) and batch_size >= 1):
+    raise ValueError(f"load_reward_model: batch_size={batch_size!r}; allowed: an int >= 1")
+  info = read_reward_model_info(workdir)
+  tokenizer = tok_lib.load_tokenizer(info.tokenizer_spec)
+  check_tokenizer(info, tokenizer, what=f"stored spec {info.tokenizer_spec!r} now gives a")
+  if policy_tokenizer is not None:
+    check_tokenizer(info, policy_tokenizer)
+  mesh = mesh or default_mesh()
+  model = models.RewardModel(info.model_config(), num_outputs=info.num_outputs)
+  shardings = param_shardings(model, mesh, rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          _abstract_params(model), shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR), abstract)
+  return make_handle(info, params, mesh=mesh, rules=rules, batch_size=batch_size,
+                     tokenizer=tokenizer)
+
+
+def _abstract_params(model: models.RewardModel) -> Any:
+  dummy = jnp.ones((1, 8), jnp.int32)
+  abstract = jax.eval_shape(functools.partial(model.init, jax.random.PRNGKey(0), dummy, dummy))
+  return nn.meta.unbox(abstract)["params"]
+
+
+def make_handle(info: RewardModelInfo, params: Any, *, mesh: Mesh | None = None,
+                rules: Sequence = parallel.DEFAULT_RULES, batch_size: int = 64,
+                tokenizer: tok_lib.Tokenizer | None = None) -> RewardModelHandle:
+  """A handle around in-memory params (e.g. right after training, before saving)."""
+  mesh = mesh or default_mesh()
+  model = models.RewardModel(info.model_config(), num_outputs=info.num_outputs)
+  params = place_params(params, model, mesh, rules)
+  if tokenizer is None:
+    tokenizer = tok_lib.load_tokenizer(info.tokenizer_spec)
+  check_tokenizer(info, tokenizer, what="given")
+  ways = int(np.prod([mesh.shape[a] for a in _as_tuple(parallel.batch_axes(rules))]))
+  batch_size = -(-batch_size // ways) * ways
+  data = parallel.data_sharding(mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  pure = _raw_fn(model)
+
+  def run(params_, tokens_BxT, mask_BxT):
+    with parallel.use_mesh(mesh, rules):
+      return jitted(params_, tokens_BxT, mask_BxT)
+
+  jitted = jax.jit(pure, in_shardings=(param_shardings(model, mesh, rules), data, data),
+                   out_shardings=replicated)
+  return RewardModelHandle(info=info, model=model, params=params, tokenizer=tokenizer, mesh=mesh,
+                           rules=tuple(rules), batch_size=batch_size, batch_ways=ways,
+                           _score_jit=run)
+
+
+def _as_tuple(axes) -> tuple:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------
+
+
+def _raw_fn(model: models.RewardModel) -> Callable:
+  def raw(params, tokens_BxT, mask_BxT):
+    return model.apply({"params": params}, tokens_BxT, mask_BxT)  # [B, K] float32
+
+  return raw
+
+
+def normalize_rewards(raw_BxK: jax.Array, info: RewardModelInfo) -> jax.Array:
+  """(r - μ) / σ per output, float32."""
+  mean_K = jnp.asarray(info.mean, jnp.float32)
+  std_K = jnp.asarray(info.std, jnp.float32)
+  return (raw_BxK.astype(jnp.float32) - mean_K) / std_K
+
+
+def _finish(rewards_BxK: jax.Array, info: RewardModelInfo, normalize: bool,
+            attribute_weights: Sequence[float] | None) -> jax.Array:
+  if normalize:
+    rewards_BxK = normalize_rewards(rewards_BxK, info)
+  if attribute_weights is not None:
+    w_K = jnp.asarray(attribute_weights, jnp.float32)
+    if w_K.shape != (info.num_outputs,):
+      raise ValueError(f"attribute_weights has shape {w_K.shape}; allowed: ({info.num_outputs},), one "
+                       f"weight per output {info.output_names}")
+    return jnp.einsum("bk,k->b", rewards_BxK, w_K)
+  return rewards_BxK[:, 0] if info.num_outputs == 1 else rewards_BxK
+
+
+def reward_fn(handle: RewardModelHandle, *, normalize: bool = True,
+              attribute_weights: Sequence[float] | None = None) -> Callable:
+  """Pure ``f(params, tokens_BxT, mask_BxT) -> rewards`` ([B] or [B, K]) for use inside jit.
+
+  ``params`` is ``handle.params`` (passed explicitly so it is not baked in as a constant).
+  """
+  raw = _raw_fn(handle.model)
+  info = handle.info
+
+  def f(params, tokens_BxT, mask_BxT):
+    return _finish(raw(params, tokens_BxT, mask_BxT), info, normalize, attribute_weights)
+
+  return f
+
+
+def score_sequences(handle: RewardModelHandle, tokens_BxT: Any, mask_BxT: Any, *,
+                    normalize: bool = True,
+                    attribute_weights: Sequence[float] | None = None) -> jax.Array:
+  """Rewards of full sequences ``[BOS] prompt response [EOS]`` (any padding; mask 1 = real token).
+
+  Returns ``[B]`` float32 (K = 1 or with ``attribute_weights``) or ``[B, K]``.
+  """
+  if not isinstance(tokens_BxT, jax.Array):
+    tokens_BxT, mask_BxT = np.asarray(tokens_BxT), np.asarray(mask_BxT)
+    tok_lib.check_token_ids(tokens_BxT[np.asarray(mask_BxT) > 0], handle.info.model["vocab_size"],
+                            where="score tokens")
+  if tokens_BxT.ndim != 2 or tuple(tokens_BxT.shape) != tuple(np.shape(mask_BxT)):
+    raise ValueError(f"tokens {tuple(tokens_BxT.shape)} and mask {tuple(np.shape(mask_BxT))} must both "
+                     "be [B, T]")
+  b = tokens_BxT.shape[0]
+  if b == 0:
+    raise ValueError("score: empty batch (B = 0)")
+  # Full chunks of batch_size rows; a smaller batch is padded only to the mesh's batch ways.
+  chunk = handle.batch_size if b >= handle.batch_size else _round_up(b, handle.batch_ways)
+  xp = jnp if isinstance(tokens_BxT, jax.Array) else np
+  data = parallel.data_sharding(handle.mesh, handle.rules)
+  outs = []
+  for start in range(0, b, chunk):
+    tok = tokens_BxT[start:start + chunk].astype(xp.int32)
+    msk = mask_BxT[start:start + chunk].astype(xp.int32)
+    n = tok.shape[0]
+    if n < chunk:  # pad with empty rows (mask 0): one compiled shape per sequence length
+      tok = xp.pad(tok, ((0, chunk - n), (0, 0)))
+      msk = xp.pad(msk, ((0, chunk - n), (0, 0)))
+    raw = handle._score_jit(handle.params, jax.device_put(tok, data), jax.device_put(msk, data))
+    outs.append(raw[:n])
+  raw_BxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  return _finish(raw_BxK, handle.info, normalize, attribute_weights)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def score(handle: RewardModelHandle, prompt_tokens_BxP: Any, prompt_mask_BxP: Any,
+          response_tokens_BxR: Any, response_mask_BxR: Any, *, normalize: bool = True,
+          attribute_weights: Sequence[float] | None = None) -> jax.Array:
+  """Rewards of (prompt, response) token batches, e.g. a sampler's ``SampleOutput`` fields.
+
+  Prompts carry their BOS (``batching.encode_prompts`` / prompt datasets do); responses carry EOS
+  when generation stopped. Returns ``[B]`` (K = 1, or with ``attribute_weights``) or ``[B, K]``.
+  """
+  if np.shape(prompt_tokens_BxP)[0] != np.shape(response_tokens_BxR)[0]:
+    raise ValueError(f"score: {np.shape(prompt_tokens_BxP)[0]} prompts but "
+                     f"{np.shape(response_tokens_BxR)[0]} responses")
+  cat = jnp.concatenate if isinstance(prompt_tokens_BxP, jax.Array) else np.concatenate
+  tokens = cat([prompt_tokens_BxP, response_tokens_BxR], axis=1)
+  mask = cat([prompt_mask_BxP, response_mask_BxR], axis=1)
+  return score_sequences(handle, tokens, mask, normalize=normalize,
+                         attribute_weights=attribute_weights)
+
+
+def encode_pairs(tokenizer: tok_lib.Tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+                 max_prompt_len: int, max_response_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """``[BOS] prompt response [EOS]`` right-padded to the longest row: ``(tokens, mask)`` int32.
+
+  Prompts keep their last ``max_prompt_len - 1`` ids, responses their first ``max_response_len - 1``
+  (the dataset's default truncation), so text scores match what the RM was trained on.
+  """
+  if len(prompts) != len(responses):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+  rows = []
+  for i, (p_ids, r_ids) in enumerate(zip(tokenizer.encode_batch(list(prompts)),
+                                         tokenizer.encode_batch(list(responses)))):
+    p_ids = list(p_ids)[max(0, len(p_ids) - (max_prompt_len - 1)):]
+    r_ids = list(r_ids)[:max_response_len - 1]
+    tok_lib.check_token_ids(p_ids + r_ids, tokenizer.vocab_size, where=f"pair {i}")
+    rows.append([tokenizer.bos_id] + p_ids + r_ids + [tokenizer.eos_id])
+  length = max(len(r) for r in rows)
+  tokens = np.full((len(rows), length), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  return tokens, mask
+
+
+def score_texts(handle: RewardModelHandle, tokenizer: tok_lib.Tokenizer | None,
+                prompts: Sequence[str], responses: Sequence[str], *, normalize: bool = True,
+                attribute_weights: Sequence[float] | None = None,
+                pad_to: int | None = None) -> np.ndarray:
+  """Rewards of text pairs as a host ``np.ndarray`` ([B] or [B, K]).
+
+  ``tokenizer`` (the caller's, e.g. the policy's) must match the RM's fingerprint; ``None`` uses the
+  RM's own. Rows are padded to ``pad_to`` (default: ``max_prompt_len + max_response_len``) so every
+  call compiles one shape.
+  """
+  if len(prompts) == 0:
+    raise ValueError("score_texts: no prompts given")
+  if tokenizer is not None:
+    check_tokenizer(handle.info, tokenizer, what="given")
+  info = handle.info
+  tokens, mask = encode_pairs(handle.tokenizer, prompts, responses,
+                              max_prompt_len=info.max_prompt_len,
+                              max_response_len=info.max_response_len)
+  width = pad_to or (info.max_prompt_len + info.max_response_len)
+  if tokens.shape[1] < width:
+    pad = ((0, 0), (0, width - tokens.shape[1]))
+    tokens = np.pad(tokens, pad, constant_values=handle.tokenizer.pad_id)
+    mask = np.pad(mask, pad)
+  out = score_sequences(handle, tokens, mask, normalize=normalize,
+                        attribute_weights=attribute_weights)
+  return np.asarray(jax.device_get(out))
