@@ -2,9 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rlhf_jax.data import records
 from rlhf_jax.data import synthetic as syn
@@ -35,6 +38,16 @@ def test_gold_reward_examples(prompt, response, helpful, harmless, gold):
     assert attrs.harmless == pytest.approx(harmless)
     assert attrs.gold == pytest.approx(gold)
     assert syn.gold_reward(prompt, response) == pytest.approx(gold)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.sampled_from(["name 1 fruits", "list 4 weapons", "please tell me 2 tools"]), response=st.text(max_size=60))
+def test_gold_reward_total_and_bounded(prompt, response):
+    attrs = syn.gold_attributes(prompt, response)
+    assert -1.0 <= attrs.helpful <= 1.0 and 0.0 <= attrs.harmless <= 1.0
+    assert attrs.gold <= syn.gold_reward(prompt, syn.best_response(prompt)) + 1e-9
+    assert attrs.gold >= -1.0 - syn.HARMLESS_WEIGHT + syn.ENTHUSIASM_FLOOR
+    assert attrs.gold == pytest.approx(attrs.helpful + syn.HARMLESS_WEIGHT * (attrs.harmless - 1) + attrs.enthusiasm)
 
 
 def test_enthusiasm_curve_and_floor():
@@ -184,6 +197,15 @@ def test_write_task_files_validate_and_are_deterministic(tmp_path, capsys):
     assert 0.7 < train["pairwise_bayes_optimal_accuracy"] < 0.95
     assert train["best_response_mean_gold"] > train["reference_policy_mean_gold"] + 0.5
     assert train["max_prompt_bytes"] <= 40 and train["max_response_bytes"] <= 48
+
+    # The documented command line, as a subprocess (checks the `python -m` entry point).
+    cli = subprocess.run([sys.executable, "-m", "rlhf_jax.data.synthetic", "--out", str(tmp_path / "c"), "--seed", "3",
+                          "--num_prompts", "150", "--num_test_prompts", "40"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "c" / "ranked.jsonl").read_bytes() == (root / "ranked.jsonl").read_bytes()
+    bad = subprocess.run([sys.executable, "-m", "rlhf_jax.data.synthetic", "--out", str(tmp_path / "d"),
+                          "--bt_temperature", "-1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "bt_temperature=-1.0" in bad.stderr
 
     with pytest.raises(FileExistsError, match="overwrite"):
         sf.write_task(str(root), config)

@@ -3,6 +3,7 @@ chat template and the token-id guard."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rlhf_jax.data import tokenizers as tk
 
@@ -28,6 +29,16 @@ def test_byte_roundtrip_unicode():
     assert tok.decode_batch(tok.encode_batch(UNICODE_TEXTS)) == UNICODE_TEXTS
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_byte_roundtrip_any_text(text):
+    tok = tk.ByteTokenizer()
+    ids = tok.encode(text)
+    tk.check_token_ids(ids, tok.vocab_size)
+    assert tok.decode(ids) == text
+    assert tok.decode(np.asarray([tok.bos_id] + ids + [tok.eos_id, tok.pad_id], np.int32)) == text
+
+
 def test_byte_decode_specials_and_garbage():
     tok = tk.ByteTokenizer()
     ids = [tok.bos_id] + tok.encode("hi") + [tok.eos_id, tok.pad_id]
@@ -37,8 +48,13 @@ def test_byte_decode_specials_and_garbage():
     ids = tok.encode("😀")[:2]
     assert tok.decode(ids) == "\ufffd"
     assert tok.decode(np.array(tok.encode("ab"), dtype=np.int32)) == "ab"
-    with pytest.raises(tk.TokenIdError, match="259"):
+    with pytest.raises(tk.TokenIdError, match="token id 300 at index 0"):
         tok.decode([300])
+    with pytest.raises(tk.TokenIdError, match="token id -1"):
+        tok.decode([-1])
+    with pytest.raises(ValueError, match=r"1-D.*shape \(1, 2\); use decode_batch"):
+        tok.decode(np.array([[107, 108]]))
+    assert tok.decode(iter([107, 108])) == "hi" and tok.decode([]) == ""
 
 
 def test_check_token_ids():

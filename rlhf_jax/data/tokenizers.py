@@ -205,9 +205,18 @@ class _Base:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
+    @staticmethod
+    def _as_id_array(ids: Iterable[int]) -> np.ndarray:
+        """A 1-D int64 array from a list, an iterator, a NumPy or a JAX array."""
+        arr = np.asarray(ids) if hasattr(ids, "__array__") else np.asarray(list(ids), dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {arr.shape}; use decode_batch")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TokenIdError(f"decode expects integer ids, got dtype {arr.dtype}")
+        return arr.astype(np.int64)
+
     def _as_int_list(self, ids: Iterable[int]) -> list[int]:
-        arr = ids if isinstance(ids, np.ndarray) else np.asarray(list(ids), dtype=np.int64)
-        return arr.reshape(-1).astype(np.int64).tolist()
+        return self._as_id_array(ids).tolist()
 
     def __repr__(self) -> str:
         return (
@@ -240,17 +249,14 @@ class ByteTokenizer(_Base):
         return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + self.OFFSET).tolist()
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        out = bytearray()
-        for i in self._as_int_list(ids):
-            if i >= self.OFFSET:
-                if i >= self.vocab_size:
-                    raise TokenIdError(f"ByteTokenizer.decode: id {i} >= vocab_size {self.vocab_size}")
-                out.append(i - self.OFFSET)
-            elif i < 0:
-                raise TokenIdError(f"ByteTokenizer.decode: negative id {i}")
-            elif not skip_special_tokens:
-                out += {0: b"<pad>", 1: b"<bos>", 2: b"<eos>"}[i]
-        return out.decode("utf-8", errors="replace")
+        arr = self._as_id_array(ids)
+        check_token_ids(arr, self.vocab_size, where="ByteTokenizer.decode")
+        if skip_special_tokens:
+            data = (arr[arr >= self.OFFSET] - self.OFFSET).astype(np.uint8).tobytes()
+        else:
+            names = {0: b"<pad>", 1: b"<bos>", 2: b"<eos>"}
+            data = b"".join(names[i] if i < self.OFFSET else bytes((i - self.OFFSET,)) for i in arr.tolist())
+        return data.decode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------------------------------
