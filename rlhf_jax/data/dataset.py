@@ -47,7 +47,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
