@@ -39,7 +39,7 @@ The reference (SFT) policy writes 0..3 marks and writes *more* marks when its li
 its samples the mean gold rises with the number of marks (also from 2 to 3, although the third mark
 itself costs 0.25) and ``e >= 4`` never occurs. A proxy reward model fit on limited comparisons learns
 "more ``!`` is better" and extrapolates it (measured with a small learned reward model in
-``notes/BUILD_NOTES_data.md``); a policy optimised against it with a weak KL penalty can emit ``!!!!!!``
+BUILD_NOTES.md, data section); a policy optimised against it with a weak KL penalty can emit ``!!!!!!``
 (proxy up, gold down).
 
 The reference policy (the SFT distribution, :func:`reference_response`)
