@@ -1,13 +1,11 @@
 """The generic loop on a toy model: resume bit-for-bit, accumulation, sharding, metrics, refusal.
 
-Run as a script (``python tests/test_train_loop.py WORKDIR NUM_STEPS STOP_AFTER``) it trains the
-toy model in WORKDIR; ``test_train_preemption.py`` uses that for the SIGTERM / kill -9 cases.
+(SIGTERM and kill -9 of a real run are exercised through the SFT launcher in ``test_sft.py``.)
 """
 
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -166,10 +164,3 @@ def test_restore_params_reads_latest_checkpoint(tmp_path):
   result = run_toy(str(tmp_path), 4)
   params = train.restore_params(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params), params)
-
-
-if __name__ == "__main__":  # subprocess entry point for test_train_preemption.py
-  import logging
-  logging.basicConfig(level=logging.INFO)
-  res = run_toy(sys.argv[1], int(sys.argv[2]), stop_after=int(sys.argv[3]), checkpoint_every=50)
-  print(json.dumps({"step": res.step, "preempted": res.preempted}), flush=True)

@@ -24,10 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.aggregation = "token_mean"
   config.model = config_dicts.model_section("small")
   config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=3e-3, warmup_steps=30, schedule="cosine", end_lr_ratio=0.05,
+      train.OptimConfig, lr=3e-3, warmup_steps=16, schedule="cosine", end_lr_ratio=0.05,
       weight_decay=0.05, clip_norm=1.0)
   config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=600, log_every=20, eval_every=200, checkpoint_every=200,
+      train.LoopConfig, num_steps=160, log_every=10, eval_every=80, checkpoint_every=80,
       keep_checkpoints=2, progress_every_secs=10.0)
   config.data = config_dicts.dataclass_section(
       sft.SFTDataConfig, source="synthetic", max_prompt_len=32, max_response_len=48,

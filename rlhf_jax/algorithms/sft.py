@@ -349,6 +349,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")
+  fingerprint = {"method": "sft", "model": dataclasses.asdict(model_cfg),
+                 "tokenizer": tokenizer.fingerprint()}
+  train.check_fingerprint(workdir, fingerprint)  # refuse a foreign workdir before any work
   max_seq_len = data_cfg.max_prompt_len + data_cfg.max_response_len
   if max_seq_len > model_cfg.max_seq_len:
     raise ValueError(f"config.data.max_prompt_len + max_response_len = {max_seq_len} exceeds "
@@ -366,8 +369,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   eval_fn = make_eval_fn(model, tokenizer, eval_data, eval_cfg, workdir,
                          gold_reward_fn=data.gold_reward_fn)
-  fingerprint = {"method": "sft", "model": dataclasses.asdict(model_cfg),
-                 "tokenizer": tokenizer.fingerprint()}
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train_batches, fingerprint=fingerprint, mesh=mesh,
                        eval_fn=eval_fn, run_config=config.to_dict())

@@ -1,0 +1,197 @@
+"""SFT end to end on the synthetic task with the tiny preset: library function, resume, launcher.
+
+Every run here shares one shape set (tiny model, one 80-token bucket, batch 8) so jit compiles
+little; the synthetic task is generated once and copied into each workdir.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import train
+from rlhf_jax.algorithms import sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
+import sft_synthetic  # noqa: E402  pylint: disable=wrong-import-position
+
+TINY_OVERRIDES = {
+    "model.preset": "tiny", "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
+    "data.batch_size": 8, "data.eval_batch_size": 16, "data.buckets": (80,),
+    "eval.num_sample_prompts": 4, "eval.print_samples": 1, "loop.num_steps": 8, "loop.log_every": 2,
+    "loop.eval_every": 0, "loop.checkpoint_every": 4, "loop.progress_every_secs": 0.0,
+    "optim.warmup_steps": 2,
+}
+
+
+def tiny_config(**extra):
+  config = sft_synthetic.get_config()
+  for key, value in {**TINY_OVERRIDES, **extra}.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sft_full"))
+  final = sft.train_and_evaluate(tiny_config(), workdir)
+  return workdir, final
+
+
+def _seed_data(src_workdir, dst_workdir):
+  # The synthetic task and its TFDS datasets are deterministic; copying them skips regeneration.
+  shutil.copytree(os.path.join(src_workdir, "data"), os.path.join(dst_workdir, "data"))
+
+
+def test_end_to_end_tiny_run(full_run):
+  workdir, final = full_run
+  stored = json.load(open(os.path.join(workdir, sft.FINAL_METRICS_FILE)))
+  assert stored["step"] == 8 and not stored["preempted"]
+  # 8 steps from a uniform start (ln 259 = 5.56 nats) must already cut the held-out NLL
+  assert 0 < stored["eval_nll_per_token"] < 5.0
+  assert -3.0 <= stored["sample_gold_reward"] <= 1.3
+  assert stored["reference_policy_gold_reward"] < stored["best_response_gold_reward"]
+  rows = train.read_metrics(workdir, "train")
+  assert [r["step"] for r in rows] == [2, 4, 6, 8]
+  assert rows[-1]["loss"] < rows[0]["loss"]
+  samples = [json.loads(l) for l in open(os.path.join(workdir, "samples.jsonl"))]
+  assert len(samples) == 4 and {"prompt", "response", "gold"} <= set(samples[0])
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["preset"] == "tiny"
+  ckpt = sft.load_sft_params(workdir)
+  assert ckpt.step == 8 and ckpt.model_config.d_model == 64 and ckpt.tokenizer.vocab_size == 259
+  assert ckpt.params["embedding"].shape == (259, 64)
+
+
+def test_resume_matches_uninterrupted_bit_for_bit(full_run, tmp_path):
+  full_dir, _ = full_run
+  workdir = str(tmp_path)
+  _seed_data(full_dir, workdir)
+  first = sft.train_and_evaluate(tiny_config(**{"loop.stop_after_steps": 4}), workdir)
+  assert first["preempted"] and first["step"] == 4
+  assert not os.path.exists(os.path.join(workdir, sft.FINAL_METRICS_FILE))
+  second = sft.train_and_evaluate(tiny_config(), workdir)
+  assert second["step"] == 8
+  a, b = sft.load_sft_params(full_dir).params, sft.load_sft_params(workdir).params
+  for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a),
+                               jax.tree_util.tree_leaves_with_path(b), strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  assert [r["loss"] for r in train.read_metrics(workdir, "train")] == \
+      [r["loss"] for r in train.read_metrics(full_dir, "train")]
+
+
+def test_workdir_with_other_model_config_is_refused(full_run, tmp_path):
+  workdir = str(tmp_path)
+  shutil.copytree(full_run[0], workdir, dirs_exist_ok=True)
+  with pytest.raises(train.WorkdirMismatchError) as err:
+    sft.train_and_evaluate(tiny_config(**{"model.d_ff": 96}), workdir)
+  assert "model.d_ff: workdir has 128, this run has 96" in str(err.value)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.schedule", "cosin", "config.optim: OptimConfig.schedule='cosin' is invalid; allowed: "
+                                "cosine | linear | constant"),
+    ("data.source", "csv", "SFTDataConfig.source='csv' is invalid; allowed: synthetic | jsonl"),
+    ("model.preset", "huge", "allowed presets"),
+    ("loop.num_steps", 0, "config.loop: LoopConfig.num_steps=0 is invalid"),
+])
+def test_bad_config_values_name_the_key(tmp_path, key, value, message):
+  with pytest.raises(ValueError) as err:
+    sft.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
+  assert message in str(err.value)
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+  config = tiny_config()
+  config.unlock() if hasattr(config, "unlock") else None
+  config.optimizer = {"lr": 1.0}
+  with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.optimizer'\]"):
+    sft.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config()
+  config.optim.lrr = 1.0
+  with pytest.raises(ValueError, match=r"config.optim.lrr.*allowed keys of config.optim"):
+    sft.train_and_evaluate(config, str(tmp_path))
+
+
+def _launch(workdir, *flags):
+  cmd = [sys.executable, os.path.join(REPO, "experiments", "sft.py"), f"--workdir={workdir}"]
+  cmd += [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+          for k, v in TINY_OVERRIDES.items() if k != "data.buckets"]
+  cmd += ["--config.data.buckets=(80,)", *flags]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = ""  # one CPU device, as a user would have
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=REPO)
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+  start = time.time()
+  while time.time() - start < timeout:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"process exited early ({proc.returncode}):\n{proc.stdout.read()}")
+    time.sleep(0.2)
+  proc.kill()
+  raise AssertionError(f"timed out:\n{proc.stdout.read()}")
+
+
+def _train_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [json.loads(l)["step"] for l in open(path) if l.strip().endswith("}")]
+
+
+def _committed(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_launcher_sigterm_then_kill9_then_resume(full_run, tmp_path):
+  workdir = str(tmp_path)
+  _seed_data(full_run[0], workdir)
+  long_run = ("--config.loop.num_steps=100000", "--config.loop.checkpoint_every=40")
+  # 1) SIGTERM mid-run: checkpoint at the current step, exit 0.
+  proc = _launch(workdir, *long_run)
+  _wait_for(lambda: len(_train_steps(workdir)) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out
+  assert "signal 15 received" in out
+  stopped_at = _committed(workdir)[-1]
+  assert stopped_at >= 6 and stopped_at % 40 != 0 or stopped_at >= 40
+  assert not os.path.exists(os.path.join(workdir, sft.FINAL_METRICS_FILE))
+  # 2) Rerun resumes there; kill -9 after its next periodic checkpoint is committed.
+  proc = _launch(workdir, *long_run)
+  target = (stopped_at // 40 + 1) * 40
+  _wait_for(lambda: target in _committed(workdir), proc, timeout=180)
+  proc.kill()  # SIGKILL: no handler runs
+  out, _ = proc.communicate(timeout=30)
+  assert f"resuming from checkpoint at step {stopped_at}" in out
+  last = _committed(workdir)[-1]
+  assert last >= target
+  # 3) Rerun resumes from the last committed checkpoint and finishes its 5 steps.
+  proc = _launch(workdir, *long_run, "--config.loop.stop_after_steps=5")
+  out, _ = proc.communicate(timeout=180)
+  assert proc.returncode == 0, out
+  assert f"resuming from checkpoint at step {last}" in out
+  assert _committed(workdir)[-1] == last + 5
+  steps = [s for s in _train_steps(workdir)]
+  assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated rows after kill
+
+
+@pytest.mark.slow
+def test_launcher_rejects_unknown_flag_key(tmp_path):
+  proc = _launch(str(tmp_path), "--config.optim.lrr=0.1")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and "lrr" in out
