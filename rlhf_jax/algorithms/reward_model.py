@@ -1,11 +1,323 @@
-"""Reward modelling (step 2 of RLHF). Training lands next; the scoring API is re-exported here.
+"""Reward modelling (step 2 of RLHF): a transformer with K scalar heads learns human preferences.
 
-See :mod:`rlhf_jax.algorithms.reward_scoring` for ``load_reward_model``, ``score``, ``score_texts``.
+    r_θ(x, y) = w_kᵀ h_θ(x, y)_last + b_k,   k = 1..K     (``models.RewardModel``)
+
+initialised from an SFT checkpoint (backbone = the SFT params, head ~ N(0, 1/(D+1))) or from
+scratch, and trained with one objective of :mod:`.reward_objectives` (Bradley–Terry pairs,
+InstructGPT all-pairs or Plackett–Luce over K-way rankings, Likert regression, multi-attribute
+heads) through the generic loop. Regularisation: dropout (``rm.dropout_rate``), decoupled weight
+decay (``optim.weight_decay``), and early stopping on the held-out objective loss (every
+``loop.eval_every`` steps; after ``rm.early_stopping_patience`` evaluations without an improvement
+of more than ``rm.early_stopping_min_delta`` training stops and the best params are kept).
+
+After training the rewards are normalised: on ``eval.num_normalization_prompts`` training prompts
+the SFT model samples ``eval.samples_per_prompt`` responses, and μ_k, σ_k of r_k over them are
+stored with the params in ``<workdir>/reward_model/`` (see :mod:`.reward_scoring`), so that
+``score`` returns (r_k - μ_k) / σ_k: mean 0, std 1 on SFT samples.
+
+Evaluation (:mod:`.reward_eval`, :mod:`rlhf_jax.eval.reward_metrics`) ends in a report
+(``rm_report.json`` + ``rm_report.md``, printed) with held-out pairwise / ranking / rating metrics,
+on the synthetic task the gold agreement and Bayes-optimal accuracy side by side, and the
+correlation of the learned reward with the gold reward on fresh SFT samples.
+
+The scoring API (``load_reward_model``, ``score``, ``score_texts``, ...) is re-exported here.
 """
 
-from rlhf_jax.algorithms.reward_scoring import (RewardModelHandle, RewardModelInfo,
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rlhf_jax import models, parallel, train
+from rlhf_jax.algorithms import reward_data, reward_eval, reward_objectives, reward_scoring, sft
+from rlhf_jax.algorithms.reward_data import RMDataConfig
+from rlhf_jax.algorithms.reward_objectives import DATA_KIND, OBJECTIVES
+from rlhf_jax.algorithms.reward_scoring import (RewardModelHandle, RewardModelInfo,  # noqa: F401
                                                 TokenizerMismatchError, check_tokenizer,
                                                 encode_pairs, load_reward_model, make_handle,
                                                 normalize_rewards, read_reward_model_info,
                                                 reward_fn, save_reward_model, score,
                                                 score_sequences, score_texts)
+from rlhf_jax.algorithms.reward_stats import RMEvalConfig, normalization_and_gold
+from rlhf_jax.data import tokenizers as tok_lib
+from rlhf_jax.eval import reward_report
+from rlhf_jax.train import config_dicts
+
+logger = logging.getLogger(__name__)
+
+FINAL_METRICS_FILE = "final_metrics.json"
+EARLY_STOPPING_FILE = "early_stopping.json"
+BEST_PARAMS_DIR = "best_params"
+INITS = ("sft", "scratch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+  """The reward-model method.
+
+  Attributes:
+    objective: one of ``OBJECTIVES`` (``reward_objectives`` docstring); fixes the data kind.
+    init: ``sft`` (backbone from ``sft_workdir``'s latest checkpoint, same model config and
+      tokenizer) or ``scratch`` (``config.model``; normalisation still samples from ``sft_workdir``
+      if it holds a checkpoint, else uses held-out responses).
+    sft_workdir: the SFT run to start from.
+    dropout_rate: dropout of the backbone while training the RM (overrides the model config's).
+    center_coef: Bradley–Terry reward-centering coefficient η (Eisenstein et al., 2023).
+    attribute_weights: multi-attribute loss weights, one per attribute (empty = all 1).
+    early_stopping_patience: evaluations without improvement before stopping; 0 disables.
+    early_stopping_min_delta: an improvement must lower the held-out loss by more than this.
+  """
+
+  objective: str = "bradley_terry"
+  init: str = "sft"
+  sft_workdir: str = "workdirs/sft_synthetic"
+  dropout_rate: float = 0.0
+  center_coef: float = 0.0
+  attribute_weights: tuple[float, ...] = ()
+  early_stopping_patience: int = 0
+  early_stopping_min_delta: float = 0.0
+
+  def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"RMConfig.objective={self.objective!r} is invalid; allowed: "
+                       f"{' | '.join(OBJECTIVES)}")
+    if self.init not in INITS:
+      raise ValueError(f"RMConfig.init={self.init!r} is invalid; allowed: {' | '.join(INITS)}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"RMConfig.dropout_rate={self.dropout_rate!r} is invalid; allowed: [0, 1)")
+    if not self.center_coef >= 0:
+      raise ValueError(f"RMConfig.center_coef={self.center_coef!r} is invalid; allowed: >= 0")
+    if any(not w >= 0 for w in self.attribute_weights) or (
+        self.attribute_weights and not sum(self.attribute_weights) > 0):
+      raise ValueError(f"RMConfig.attribute_weights={self.attribute_weights!r} is invalid; allowed: "
+                       "() or non-negative weights with a positive sum")
+    if not (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 0):
+      raise ValueError(f"RMConfig.early_stopping_patience={self.early_stopping_patience!r} is "
+                       "invalid; allowed: an int >= 0 (0 = off)")
+    if not self.early_stopping_min_delta >= 0:
+      raise ValueError(f"RMConfig.early_stopping_min_delta={self.early_stopping_min_delta!r} is "
+                       "invalid; allowed: a float >= 0")
+
+
+class EarlyStop(Exception):
+  """Raised from the evaluation hook to leave the generic loop when patience runs out."""
+
+
+class EarlyStopping:
+  """Tracks the best held-out loss; saves the best params; persists its state for resumes."""
+
+  def __init__(self, workdir: str, patience: int, min_delta: float):
+    self.path = os.path.join(workdir, EARLY_STOPPING_FILE)
+    self.params_dir = os.path.join(os.path.abspath(workdir), BEST_PARAMS_DIR)
+    self.patience, self.min_delta = patience, min_delta
+    self.state = {"best_step": None, "best_loss": None, "bad_evals": 0, "stopped": False}
+    if os.path.exists(self.path):
+      self.state = train.read_json(self.path)
+
+  def update(self, step: int, loss: float, params: Any) -> None:
+    best = self.state["best_loss"]
+    if best is None or loss < best - self.min_delta:
+      _save_params_atomic(self.params_dir, params)
+      self.state.update(best_step=step, best_loss=loss, bad_evals=0)
+    elif step != self.state["best_step"]:
+      self.state["bad_evals"] += 1
+    if self.state["bad_evals"] >= self.patience:
+      self.state["stopped"] = True
+    train.atomic_write_json(self.path, self.state)
+    if self.state["stopped"]:
+      raise EarlyStop(f"held-out loss has not improved for {self.state['bad_evals']} evaluations "
+                      f"(best {self.state['best_loss']:.4f} at step {self.state['best_step']})")
+
+  def best_params(self, abstract_params: Any) -> Any:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(self.params_dir, abstract_params)
+
+
+def _save_params_atomic(path: str, params: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp, params, force=True)
+    ckptr.wait_until_finished()
+  if os.path.exists(path):
+    old = f"{path}.old-{os.getpid()}"
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, path)
+
+
+def _latest_step(workdir: str) -> int | None:
+  directory = os.path.join(os.path.abspath(workdir), train.checkpoint.CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return max(steps) if steps else None
+
+
+def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMConfig,
+                                data_cfg: RMDataConfig):
+  """(model config, tokenizer, tokenizer spec, SFT checkpoint or None) for this run."""
+  sft_ckpt = None
+  if _latest_step(rm_cfg.sft_workdir) is not None:
+    sft_ckpt = sft.load_sft_params(rm_cfg.sft_workdir)
+  elif rm_cfg.init == "sft":
+    raise FileNotFoundError(
+        f"config.rm.sft_workdir={rm_cfg.sft_workdir!r} holds no SFT checkpoint. Run SFT first:\n"
+        f"  python experiments/sft.py --workdir={rm_cfg.sft_workdir}\n"
+        "(experiments/reward_model.py does this for you), point config.rm.sft_workdir at an SFT run, "
+        "or set config.rm.init=scratch.")
+  if rm_cfg.init == "sft":
+    spec = train.read_json(os.path.join(rm_cfg.sft_workdir, "config.json"))["data"]["tokenizer"]
+    model_cfg = sft_ckpt.model_config
+  else:
+    spec = data_cfg.tokenizer or "byte"
+    model_cfg = config_dicts.build_model_config(config.model)
+  if data_cfg.tokenizer and rm_cfg.init == "sft":
+    requested = tok_lib.load_tokenizer(data_cfg.tokenizer)
+    if requested.fingerprint() != sft_ckpt.tokenizer.fingerprint():
+      raise TokenizerMismatchError(
+          f"config.data.tokenizer={data_cfg.tokenizer!r} (fingerprint {requested.fingerprint()}) "
+          f"differs from the SFT run's {spec!r} ({sft_ckpt.tokenizer.fingerprint()}); a reward "
+          "model initialised from SFT must use the SFT tokenizer (leave config.data.tokenizer empty)")
+  tokenizer = tok_lib.load_tokenizer(spec)
+  if sft_ckpt is not None and tokenizer.fingerprint() != sft_ckpt.tokenizer.fingerprint():
+    raise TokenizerMismatchError(
+        f"tokenizer {spec!r} ({tokenizer.fingerprint()}) differs from the SFT run's "
+        f"({sft_ckpt.tokenizer.fingerprint()}) whose samples normalise the rewards")
+  model_cfg = model_cfg.replace(dropout_rate=rm_cfg.dropout_rate)
+  return model_cfg, tokenizer, spec, sft_ckpt
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) a reward model, normalises it, evaluates it and writes the report.
+
+  Returns the final metrics (also ``<workdir>/final_metrics.json``). Keys of ``config``: see
+  ``experiments/configs/rm_synthetic.py``.
+  """
+  known = {"seed", "model", "rm", "optim", "loop", "data", "eval", "mesh"}
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
+                     f"keys: {sorted(known)}")
+  rm_cfg = config_dicts.to_dataclass(RMConfig, config.rm, "rm")
+  optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
+  loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
+  data_cfg = config_dicts.to_dataclass(RMDataConfig, config.data, "data")
+  eval_cfg = config_dicts.to_dataclass(RMEvalConfig, config.eval, "eval")
+  if rm_cfg.early_stopping_patience and not loop_cfg.eval_every:
+    raise ValueError("config.rm.early_stopping_patience > 0 needs config.loop.eval_every > 0")
+  mesh = sft._make_mesh(config.mesh)  # pylint: disable=protected-access
+  os.makedirs(workdir, exist_ok=True)
+
+  model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(config, rm_cfg, data_cfg)
+  max_len = data_cfg.max_prompt_len + data_cfg.max_response_len
+  if max_len > model_cfg.max_seq_len:
+    raise ValueError(f"config.data.max_prompt_len + max_response_len = {max_len} exceeds the model's "
+                     f"max_seq_len={model_cfg.max_seq_len}")
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer's vocab_size={tokenizer.vocab_size} exceeds the model's "
+                     f"vocab_size={model_cfg.vocab_size}")
+  data = reward_data.prepare(data_cfg, rm_cfg.objective, tokenizer, workdir,
+                             vocab_size=model_cfg.vocab_size)
+  output_names = tuple(data.attribute_names) if rm_cfg.objective == "multi_attribute" else ("reward",)
+  if rm_cfg.attribute_weights and len(rm_cfg.attribute_weights) != len(output_names):
+    raise ValueError(f"config.rm.attribute_weights has {len(rm_cfg.attribute_weights)} entries; "
+                     f"allowed: one per attribute {list(output_names)}")
+  model = models.RewardModel(model_cfg, num_outputs=len(output_names))
+  data.held_out.output_names = output_names
+
+  # -- state: head ~ N(0, 1/(D+1)), backbone from SFT ------------------------------------------
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  dummy = jnp.ones((1, 8), jnp.int32)
+  params = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy), mesh)
+  params = params["params"]
+  if rm_cfg.init == "sft":
+    params = reward_scoring.place_params(models.with_backbone(params, sft_ckpt.params), model, mesh)
+  optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
+  state = train.create_train_state(params, optimizer, state_rng, mesh)
+  objective_fn = reward_objectives.make_objective(
+      model, rm_cfg.objective, center_coef=rm_cfg.center_coef, rating_scale=data.rating_scale,
+      attribute_weights=rm_cfg.attribute_weights)
+  step_fn = train.make_train_step(reward_objectives.make_loss_fn(objective_fn), optimizer, schedule,
+                                  grad_accum_steps=optim_cfg.grad_accum_steps)
+  scorer = reward_eval.make_raw_scorer(model, data_cfg.eval_batch_size)
+  eval_loss_fn = reward_eval.make_eval_loss_fn(objective_fn)
+  stopper = (EarlyStopping(workdir, rm_cfg.early_stopping_patience,
+                           rm_cfg.early_stopping_min_delta)
+             if rm_cfg.early_stopping_patience else None)
+
+  def eval_fn(st: train.TrainState, step: int) -> dict[str, float]:
+    metrics = reward_eval.evaluate(st.params, data.held_out, scorer, eval_loss_fn, full=False,
+                                   ece_bins=eval_cfg.ece_bins)
+    if stopper is not None:
+      stopper.update(step, metrics["eval_loss"], st.params)
+    return metrics
+
+  fingerprint = {"method": "reward_model", "objective": rm_cfg.objective,
+                 "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
+                 "num_outputs": len(output_names)}
+  run_config = config.to_dict()
+  stopped_early, step = False, _latest_step(workdir) or 0
+  if stopper is not None and stopper.state["stopped"]:
+    stopped_early = True
+    logger.info("this run already stopped early at step %s; finalising", stopper.state["best_step"])
+  else:
+    try:
+      result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
+                           data=data.train_batches, fingerprint=fingerprint, mesh=mesh,
+                           eval_fn=eval_fn, run_config=run_config)
+      if result.preempted:
+        return {"step": result.step, "preempted": True}
+      state, step = result.state, result.step
+    except EarlyStop as stop:
+      stopped_early, step = True, _latest_step(workdir) or step
+      logger.info("early stopping: %s", stop)
+  if stopper is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state.params)
+    final_params, final_step = stopper.best_params(abstract), int(stopper.state["best_step"])
+  else:
+    final_params, final_step = state.params, step
+
+  # -- final evaluation, normalisation, artifact, report ---------------------------------------
+  with parallel.use_mesh(mesh):
+    held_out = reward_eval.evaluate(final_params, data.held_out, scorer, eval_loss_fn, full=True,
+                                    ece_bins=eval_cfg.ece_bins)
+  policy = (models.Transformer(sft_ckpt.model_config), sft_ckpt.params) if sft_ckpt else None
+  stats = normalization_and_gold(eval_cfg, scorer, final_params, policy, tokenizer, data,
+                                 output_names, max_response_len=data_cfg.max_response_len)
+  info = RewardModelInfo(
+      model=dataclasses.asdict(model_cfg.replace(dropout_rate=0.0)), output_names=output_names,
+      tokenizer_spec=tok_spec, tokenizer_fingerprint=tokenizer.fingerprint(),
+      max_prompt_len=data_cfg.max_prompt_len, max_response_len=data_cfg.max_response_len,
+      mean=stats["mean"], std=stats["std"], normalization=stats["normalization"],
+      objective=rm_cfg.objective, step=final_step)
+  save_reward_model(workdir, final_params, info)
+  final = {"step": step, "final_params_step": final_step, "stopped_early": stopped_early,
+           "preempted": False, "objective": rm_cfg.objective, **data.stats, **held_out,
+           **stats["metrics"]}
+  train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE),
+                          {k: reward_report.json_value(v) for k, v in final.items()})
+  text = reward_report.write_report(workdir, final, info.to_json())
+  print(text, flush=True)
+  return final
+
+
+__all__ = [
+    "RMConfig", "RMDataConfig", "RMEvalConfig", "OBJECTIVES", "DATA_KIND", "EarlyStopping",
+    "train_and_evaluate", "resolve_model_and_tokenizer", "RewardModelHandle", "RewardModelInfo",
+    "TokenizerMismatchError", "check_tokenizer", "encode_pairs", "load_reward_model", "make_handle",
+    "normalize_rewards", "read_reward_model_info", "reward_fn", "save_reward_model", "score",
+    "score_sequences", "score_texts",
+]

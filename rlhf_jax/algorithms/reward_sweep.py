@@ -1,0 +1,94 @@
+"""Learning curves: held-out accuracy against the number of annotated prompts, per objective.
+
+For each objective and each size N, a reward model is trained on the first N training records
+(``data.num_train_examples = N``: N pairs for ``bradley_terry``, N ranked lists for ``all_pairs`` /
+``plackett_luce``) in ``<workdir>/curve/<objective>_n<N>/`` with early stopping on the held-out
+loss, and evaluated on the same held-out pairs. A pair is one annotated prompt with one comparison;
+a ranked list of K is one annotated prompt with C(K, 2) comparisons, which is InstructGPT's
+argument for ranking (Ouyang et al., 2022, §3.5): the rows record both counts.
+
+Ranked objectives use ``batch_size // 4`` lists per step (a list holds 6.5 responses on average
+versus 2 for a pair), so a step costs about the same compute.
+
+Outputs: ``learning_curve.json`` / ``learning_curve.md`` (table) and ``learning_curve.png``
+(``pairwise/accuracy``; ``learning_curve_expected.png`` plots ``gold/expected_accuracy``, the same
+accuracy without the label-sampling noise, when the task is synthetic).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Sequence
+
+import ml_collections
+
+from rlhf_jax import train
+from rlhf_jax.algorithms import reward_model
+from rlhf_jax.algorithms.reward_objectives import DATA_KIND
+from rlhf_jax.eval import reward_report
+
+logger = logging.getLogger(__name__)
+
+
+def sub_config(config: ml_collections.ConfigDict, objective: str, size: int) -> ml_collections.ConfigDict:
+  """The config of one curve point (unlocked copy with objective, size and batch size set)."""
+  sub = copy.deepcopy(config)
+  with sub.unlocked():
+    base_kind = DATA_KIND[config.rm.objective]
+    base_batch = config.data.batch_size * (4 if base_kind == "ranked" else 1)
+    batch = max(1, base_batch // 4) if DATA_KIND[objective] == "ranked" else base_batch
+    sub.rm.objective = objective
+    sub.data.num_train_examples = int(size)
+    sub.data.batch_size = min(batch, int(size))
+  return sub
+
+
+def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Sequence[int],
+                   objectives: Sequence[str]) -> list[dict]:
+  """Runs (or resumes) every (objective, size) point; writes the table and plots; returns rows."""
+  for objective in objectives:
+    if objective not in reward_model.OBJECTIVES or DATA_KIND[objective] not in ("pairwise", "ranked"):
+      raise ValueError(f"learning curve objective {objective!r} is invalid; allowed: bradley_terry | "
+                       "all_pairs | plackett_luce (rankings and pairs share the held-out pairs)")
+  if not sizes or any(n < 1 for n in sizes):
+    raise ValueError(f"learning curve sizes {list(sizes)} are invalid; allowed: positive ints")
+  rows = []
+  for objective in objectives:
+    for size in sorted(sizes):
+      run_dir = os.path.join(workdir, "curve", f"{objective}_n{size}")
+      final_path = os.path.join(run_dir, reward_model.FINAL_METRICS_FILE)
+      if os.path.exists(final_path):
+        final = train.read_json(final_path)
+      else:
+        logger.info("learning curve: %s with %d annotated prompts -> %s", objective, size, run_dir)
+        final = reward_model.train_and_evaluate(sub_config(config, objective, size), run_dir)
+      row = {"objective": objective, "num_prompts": size,
+             "num_comparisons": final.get("data/train_comparisons"),
+             "step": final.get("final_params_step")}
+      for key in ("pairwise/accuracy", "pairwise/auc", "gold/expected_accuracy",
+                  "gold/bayes_optimal_accuracy", "gold/gold_agreement", "ranked/kendall_tau",
+                  "ranked/top1_accuracy"):
+        if key in final:
+          row[key] = final[key]
+      rows.append(row)
+  bayes = next((r["gold/bayes_optimal_accuracy"] for r in rows if "gold/bayes_optimal_accuracy" in r),
+               None)
+  train.atomic_write_json(os.path.join(workdir, "learning_curve.json"),
+                          [{k: reward_report.json_value(v) for k, v in r.items()} for r in rows])
+  cols = ["objective", "num_prompts", "num_comparisons", "step", "pairwise/accuracy",
+          "gold/expected_accuracy", "gold/bayes_optimal_accuracy", "ranked/kendall_tau"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(reward_report._fmt(r.get(c, "")) for c in cols) + " |")  # pylint: disable=protected-access
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "learning_curve.md"), "w") as f:
+    f.write(table)
+  reward_report.plot_learning_curve(rows, os.path.join(workdir, "learning_curve.png"),
+                                    bayes_optimal=bayes)
+  if bayes is not None:
+    reward_report.plot_learning_curve(rows, os.path.join(workdir, "learning_curve_expected.png"),
+                                      bayes_optimal=bayes, metric="gold/expected_accuracy")
+  print(table, flush=True)
+  return rows
