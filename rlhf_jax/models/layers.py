@@ -84,17 +84,19 @@ class Attention(nn.Module):
     a = softmax(q k^T / sqrt(H) + mask) v  (float32 softmax);  out = a Wo (+bo)
 
   With K < N kv heads, query head n uses kv head n // G (G = N // K), as in Llama / HF `repeat_kv`.
-  `allowed_BxTxS` is the combined causal + key-padding mask built once by the transformer. When
-  `cache_k_BxSxKxH` is given, the new keys are written at slot `cache_index` of a copy of the layer's
-  cache and the queries attend over all S slots; the new chunk's k, v are returned so the caller can
-  write them into the layer-stacked cache.
+
+  The keys are the chunk's own T keys plus, when decoding, the S slots of the layer's cache. The
+  softmax runs over the concatenated scores [.., T, S + T] but the cached keys/values are only read
+  (two value einsums, no [B, S + T, K, H] concatenation or cache copy per layer); the transformer
+  writes the chunk's returned (k, v) into the layer-stacked cache once, for all layers.
+  `chunk_allowed_BxTxT` / `cache_allowed_BxTxS` are the causal + padding masks built once per call.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, allowed_BxTxS, cache_k_BxSxKxH=None,
-               cache_v_BxSxKxH=None, cache_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS=None,
+               cache_k_BxSxKxH=None, cache_v_BxSxKxH=None):
     cfg = self.config
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
     init = nn.initializers.normal(cfg.init_std)
@@ -121,22 +123,27 @@ class Attention(nn.Module):
     k_BxTxKxH = constrain(k_BxTxKxH, kv_axes)
     v_BxTxKxH = constrain(v_BxTxKxH, kv_axes)
 
-    if cache_k_BxSxKxH is None:
-      keys_BxSxKxH, values_BxSxKxH = k_BxTxKxH, v_BxTxKxH
-    else:
-      start = (0, cache_index, 0, 0)
-      keys_BxSxKxH = jax.lax.dynamic_update_slice(
-          cache_k_BxSxKxH, k_BxTxKxH.astype(cache_k_BxSxKxH.dtype), start).astype(cfg.compute_dtype)
-      values_BxSxKxH = jax.lax.dynamic_update_slice(
-          cache_v_BxSxKxH, v_BxTxKxH.astype(cache_v_BxSxKxH.dtype), start).astype(cfg.compute_dtype)
-
     b, t = x_BxTxD.shape[:2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, keys_BxSxKxH,
-                                  preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None, :, :], scores_BxKxGxTxS, _MASK_VALUE)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
-    attn_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, values_BxSxKxH)
+
+    def masked_scores(keys_BxSxKxH, allowed_BxTxS):
+      scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, keys_BxSxKxH.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32) / math.sqrt(h)
+      return jnp.where(allowed_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
+
+    scores_BxKxGxTxT = masked_scores(k_BxTxKxH, chunk_allowed_BxTxT)
+    if cache_k_BxSxKxH is None:
+      probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(cfg.compute_dtype)
+      attn_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxT, v_BxTxKxH)
+    else:
+      s = cache_k_BxSxKxH.shape[1]
+      scores_cache = masked_scores(cache_k_BxSxKxH, cache_allowed_BxTxS)
+      probs = jax.nn.softmax(jnp.concatenate([scores_cache, scores_BxKxGxTxT], axis=-1), axis=-1)
+      probs = probs.astype(cfg.compute_dtype)
+      attn_BxTxKxGxH = (
+          jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s],
+                     cache_v_BxSxKxH.astype(cfg.compute_dtype))
+          + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v_BxTxKxH))
     attn_BxTxNxH = attn_BxTxKxGxH.reshape(b, t, n, h)
     out_BxTxD = jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, wo_NxHxD)
     if cfg.out_bias:
@@ -189,7 +196,7 @@ class Block(nn.Module):
   """Pre-norm residual block:  x += drop(attn(norm1 x));  x += drop(mlp(norm2 x)).
 
   Signature `(x, layer_cache, side) -> (x, new_kv)` so that `nn.scan` can carry `x`, scan the layer's
-  cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions, mask, cache index).
+  cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions and the two masks).
   """
 
   config: ModelConfig
@@ -198,12 +205,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, layer_cache, side):
     cfg = self.config
-    positions_BxT, allowed_BxTxS, cache_index = side
+    positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS = side
     cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
     x_BxTxD = constrain(x_BxTxD, BTD)
     attn_BxTxD, new_kv = Attention(cfg, name="attn")(
-        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, allowed_BxTxS, cache_k, cache_v,
-        cache_index)
+        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, chunk_allowed_BxTxT,
+        cache_allowed_BxTxS, cache_k, cache_v)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(attn_BxTxD, deterministic=self.deterministic)
     mlp_BxTxD = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(mlp_BxTxD, deterministic=self.deterministic)

@@ -43,22 +43,27 @@ def default_positions(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None) 
   return jnp.maximum(prior_Bx1 + jnp.cumsum(mask_BxT, axis=1) - 1, 0)
 
 
-def attention_mask(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None) -> jax.Array:
-  """allowed_BxTxS[b, t, s] = (slot s <= slot of query t) & (slot s holds a real token), or s is the
-  query's own slot. The diagonal only changes padding queries (a real query's own slot is real): they
-  attend to themselves instead of having an all-masked row, so every row stays causal and finite."""
+def attention_masks(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None
+                    ) -> tuple[jax.Array, jax.Array | None]:
+  """Boolean masks of the keys each query may attend to.
+
+  chunk_allowed_BxTxT[b, t, s] = (s <= t) & mask[b, s], or s == t;
+  cache_allowed_BxTxS[b, t, j] = (j < cache.index) & cache.mask[b, j]  (None without a cache).
+
+  The diagonal term only changes padding queries (a real query's own token is real): they attend to
+  themselves instead of having an all-masked row, so every row stays causal and finite.
+  """
   t = mask_BxT.shape[1]
+  pos_T = jnp.arange(t)
+  causal_TxT = pos_T[None, :] <= pos_T[:, None]
+  chunk_allowed_BxTxT = ((causal_TxT[None] & (mask_BxT[:, None, :] > 0))
+                         | (pos_T[None, :] == pos_T[:, None])[None])
   if cache is None:
-    key_mask_BxS = mask_BxT.astype(jnp.int32)
-    q_slot_T = jnp.arange(t)
-  else:
-    key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT.astype(jnp.int32),
-                                                (0, cache.index))
-    q_slot_T = cache.index + jnp.arange(t)
-  k_slot_S = jnp.arange(key_mask_BxS.shape[1])
-  causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
-  self_TxS = k_slot_S[None, :] == q_slot_T[:, None]
-  return (causal_TxS[None, :, :] & (key_mask_BxS[:, None, :] > 0)) | self_TxS[None, :, :]
+    return chunk_allowed_BxTxT, None
+  filled_S = jnp.arange(cache.num_slots) < cache.index
+  cache_allowed_BxS = filled_S[None, :] & (cache.mask_BxS > 0)
+  return chunk_allowed_BxTxT, jnp.broadcast_to(cache_allowed_BxS[:, None, :],
+                                               (mask_BxT.shape[0], t, cache.num_slots))
 
 
 class Transformer(nn.Module):
@@ -105,8 +110,7 @@ class Transformer(nn.Module):
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = constrain(x_BxTxD, BTD)
 
-    allowed_BxTxS = attention_mask(mask_BxT, cache)
-    side = (positions_BxT, allowed_BxTxS, None if cache is None else cache.index)
+    side = (positions_BxT, *attention_masks(mask_BxT, cache))
     block_cls = Block
     if cfg.remat_policy != "none":
       # prevent_cse only matters outside scan (scan already blocks CSE across iterations).
