@@ -326,6 +326,32 @@ def _make_mesh(section: Mapping[str, int]) -> jax.sharding.Mesh:
   return parallel.make_mesh(mesh_cfg, devices=devices)
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Every key ``train_and_evaluate`` reads, at the synthetic-task defaults.
+
+  Sections: ``model`` (preset + ``ModelConfig`` overrides; ``vocab_size`` follows the tokenizer
+  unless set), ``optim`` (``train.OptimConfig``), ``loop`` (``train.LoopConfig``), ``data``
+  (:class:`SFTDataConfig`), ``eval`` (:class:`SFTEvalConfig`), ``mesh`` (``parallel.MeshConfig``),
+  plus ``seed`` and ``aggregation`` (``losses.sft_loss``'s token aggregation).
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.aggregation = "token_mean"
+  config.model = config_dicts.model_section("small")
+  config.optim = config_dicts.dataclass_section(
+      train.OptimConfig, lr=3e-3, warmup_steps=16, schedule="cosine", end_lr_ratio=0.05,
+      weight_decay=0.05, clip_norm=1.0)
+  config.loop = config_dicts.dataclass_section(
+      train.LoopConfig, num_steps=160, log_every=10, eval_every=80, checkpoint_every=80,
+      keep_checkpoints=2, progress_every_secs=10.0)
+  config.data = config_dicts.dataclass_section(
+      SFTDataConfig, source="synthetic", max_prompt_len=32, max_response_len=48,
+      batch_size=32, eval_batch_size=128, max_eval_examples=512, buckets=(64, 80))
+  config.eval = config_dicts.dataclass_section(SFTEvalConfig, num_sample_prompts=128)
+  config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) SFT as configured and returns the final metrics (also written to
   ``<workdir>/final_metrics.json``). See ``experiments/configs/sft_synthetic.py`` for the keys."""
@@ -334,7 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
                      f"keys: {sorted(known)}")
-  model_cfg = config_dicts.build_model_config(config.model)
+  tokenizer = tok_lib.load_tokenizer(config.data.tokenizer)
+  model_section = config.model.to_dict()
+  if model_section.get("vocab_size") is None:  # follow the tokenizer unless set explicitly
+    model_section["vocab_size"] = tokenizer.vocab_size
+  model_cfg = config_dicts.build_model_config(model_section)
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   data_cfg = config_dicts.to_dataclass(SFTDataConfig, config.data, "data")
@@ -345,7 +375,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = _make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
-  tokenizer = tok_lib.load_tokenizer(data_cfg.tokenizer)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")

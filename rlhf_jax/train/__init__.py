@@ -6,22 +6,25 @@
 * :mod:`.loop` — ``LoopConfig``, ``make_train_step``, ``jit_train_step``, ``train``.
 * :mod:`.checkpoint` — orbax ``Checkpointer`` guarded by a run fingerprint, ``restore_params``,
   ``atomic_write_json``, ``WorkdirMismatchError``.
-* :mod:`.metrics` — ``MetricsWriter`` (JSONL + TensorBoard), ``read_metrics``, ``Progress``.
+* :mod:`.metrics` — ``MetricsWriter`` (JSONL + TensorBoard), ``read_metrics``, ``plot_metrics``,
+  ``Progress``; :mod:`.tensorboard` — event files without TensorFlow.
+* :mod:`.config_dicts` — ``ml_collections`` sections for experiment configs and their conversion
+  to the frozen dataclasses above.
 """
 
-from rlhf_jax.train import loop
+from rlhf_jax.train import config_dicts, loop, tensorboard
 from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomic_write_json,
                                        check_fingerprint, read_json, restore_params)
 from rlhf_jax.train.loop import (CheckpointableIterator, LoopConfig, TrainResult, default_token_count,
                                  jit_train_step, make_train_step, train)
-from rlhf_jax.train.metrics import MetricsWriter, Progress, read_metrics
+from rlhf_jax.train.metrics import MetricsWriter, Progress, plot_metrics, read_metrics
 from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
 from rlhf_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 
 __all__ = [
     "Checkpointer", "WorkdirMismatchError", "atomic_write_json", "check_fingerprint", "read_json",
     "restore_params", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
-    "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "read_metrics",
+    "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "plot_metrics", "read_metrics",
     "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
-    "abstract_state", "create_train_state", "state_shardings", "loop",
+    "abstract_state", "create_train_state", "state_shardings", "loop", "config_dicts", "tensorboard",
 ]

@@ -125,3 +125,33 @@ class Progress:
                 self.total_steps, loss, tokens_per_s, steps_per_s, _fmt_duration(eta))
     self._last_time, self._last_step, self._tokens = now, step, 0.0
     return {"tokens_per_s": tokens_per_s, "steps_per_s": steps_per_s}
+
+
+def plot_metrics(workdir: str, keys: list[str], out_path: str | None = None) -> str:
+  """Plots ``keys`` (each ``name`` or ``split/name``, default split ``train``) against step.
+
+  One panel per key, written to ``out_path`` (default ``<workdir>/metrics.png``); returns the path.
+  ``python -m rlhf_jax.train.plot WORKDIR loss eval/eval_nll_per_token eval/sample_gold_reward``.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  rows = read_metrics(workdir)
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    split, _, name = key.rpartition("/")
+    split = split or "train"
+    points = [(r["step"], r[name]) for r in rows
+              if r["split"] == split and isinstance(r.get(name), (int, float))]
+    if not points:
+      raise KeyError(f"no {split!r} rows with metric {name!r} in {workdir}/metrics.jsonl")
+    ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+    ax.set_title(f"{split}/{name}")
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  out_path = out_path or os.path.join(workdir, "metrics.png")
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
+
