@@ -105,3 +105,21 @@ def test_tensorboard_events_roundtrip(tmp_path):
   open(writer.path, "wb").write(bytes(raw))
   with pytest.raises(ValueError, match="corrupt"):
     tensorboard.read_scalars(writer.path)
+
+
+def test_config_sections_roundtrip_and_name_bad_keys():
+  from rlhf_jax.train import config_dicts
+  section = config_dicts.dataclass_section(train.OptimConfig, lr=1e-3)
+  assert config_dicts.to_dataclass(train.OptimConfig, section, "optim") == train.OptimConfig(lr=1e-3)
+  section.lr = -1.0
+  with pytest.raises(ValueError, match=r"config.optim: OptimConfig.lr=-1.0 is invalid"):
+    config_dicts.to_dataclass(train.OptimConfig, section, "optim")
+  with pytest.raises(ValueError, match=r"\['config.optim.lrr'\].*allowed keys of config.optim"):
+    config_dicts.to_dataclass(train.OptimConfig, {"lrr": 1.0}, "optim")
+  model = config_dicts.model_section("small")
+  model.d_model = 96  # typed placeholder: accepted like a command-line override
+  model.preset = "tiny"
+  cfg = config_dicts.build_model_config(model)
+  assert (cfg.d_model, cfg.n_layers) == (96, 2)  # the override on top of the *new* preset
+  with pytest.raises(TypeError):
+    model.n_layers = "four"

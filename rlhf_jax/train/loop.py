@@ -111,9 +111,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
   With ``grad_accum_steps = n > 1`` the batch is cut into ``n`` equal micro-batches and a
   ``lax.scan`` sums their gradients, so activations of one micro-batch live at a time; the update
-  uses ``g = (1/n) sum_i grad L_i``, which equals the full-batch gradient because ``loss_fn`` is a
-  mean over equally sized micro-batches. Each micro-batch gets ``rng = fold_in(step_rng, i)``.
-  Metrics add ``grad_norm`` (before clipping) and ``lr``.
+  uses ``g = (1/n) sum_i grad L_i`` (metrics are averaged the same way). That is exactly the
+  full-batch gradient when ``loss_fn`` is a mean of per-example terms; for a token-mean loss each
+  micro-batch is normalised by its own token count, so micro-batches weigh equally rather than by
+  their tokens (the usual accumulation semantics). Each micro-batch gets
+  ``rng = fold_in(step_rng, i)``. Metrics add ``grad_norm`` (before clipping) and ``lr``.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
