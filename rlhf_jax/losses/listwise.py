@@ -115,9 +115,11 @@ def pro_loss(scores_BxN, rewards_BxN, *, candidate_mask=None, reward_temperature
     paper starts from. The authors add 1e-10 inside the log; this uses an exact
     log-sum-exp instead.
 
-    SFT term (composed separately, e.g. with ``sft_loss`` on ``best_candidate_index``): the authors
-    add ``sft_weight · (N - 1)² · mean_b(-Σ_t log π(y_best))`` — the *summed* (not length-normalised)
-    log-prob of the top candidate, scaled by (N-1)² so it keeps pace with the N-1 ranking terms.
+    SFT term (composed separately, e.g. ``sft_loss(..., aggregation="seq_mean_token_sum")`` on the
+    candidate picked by ``best_candidate_index``): the authors add
+    ``sft_weight · (N - 1)² · mean_b(-Σ_t log π(y_sft,t))`` on the response their preprocessed data
+    marks with ``sft_index`` — a *summed* (not length-normalised) log-prob, scaled by (N-1)², the
+    square of the number of ranking terms, on top of the ``sft_weight`` hyperparameter.
 
     Returns ``(per_example_loss [B], metrics)``.
     """
