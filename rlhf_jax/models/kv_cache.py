@@ -12,9 +12,10 @@ Left-padded prompts therefore need no special casing: the padding slots are simp
 Positions (for rope / learned tables) are counted in real tokens, not slots:
 `position = (real tokens already in the cache) + cumsum(chunk_mask) - 1`.
 
-The layer-stacked layout serves both the scanned and the unrolled stack, and lets the transformer
-write a whole chunk for every layer with one `dynamic_update_slice` on the loop-carried buffer (which
-XLA performs in place inside `lax.while_loop`).
+The layer-stacked layout serves both the scanned stack (the chunk is written for every layer with one
+`dynamic_update_slice` after the scan) and the unrolled one (layer i's chunk is written right after
+layer i read its slice). Either way XLA updates the loop-carried buffer in place inside the
+sampler's `lax.while_loop`: the compiled decode step contains no copy of the cache.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def init_cache(config: ModelConfig, batch_size: int, num_slots: int, dtype=None)
   )
 
 
+def write_layer(buf_LxBxSxKxH: jax.Array, layer: int, chunk_BxTxKxH: jax.Array,
+                index: jax.Array) -> jax.Array:
+  """Writes one layer's chunk of T keys (or values) at slots [index, index + T)."""
+  chunk_1xBxTxKxH = chunk_BxTxKxH[None].astype(buf_LxBxSxKxH.dtype)
+  return jax.lax.dynamic_update_slice(buf_LxBxSxKxH, chunk_1xBxTxKxH, (layer, 0, index, 0, 0))
+
+
+def advance(cache: KVCache, mask_BxT: jax.Array) -> KVCache:
+  """Records the chunk's padding mask at [index, index + T) and moves the index past it."""
+  mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT.astype(jnp.int32),
+                                      (0, cache.index))
+  return cache._replace(mask_BxS=mask, index=cache.index + mask_BxT.shape[1])
+
+
 def write_chunk(cache: KVCache, k_LxBxTxKxH: jax.Array, v_LxBxTxKxH: jax.Array,
                 mask_BxT: jax.Array) -> KVCache:
   """Writes a chunk of T new slots for every layer at `cache.index` and advances the index."""
@@ -58,5 +73,4 @@ def write_chunk(cache: KVCache, k_LxBxTxKxH: jax.Array, v_LxBxTxKxH: jax.Array,
                                    (0, 0, i, 0, 0))
   v = jax.lax.dynamic_update_slice(cache.v_LxBxSxKxH, v_LxBxTxKxH.astype(cache.v_LxBxSxKxH.dtype),
                                    (0, 0, i, 0, 0))
-  mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT.astype(jnp.int32), (0, i))
-  return KVCache(k, v, mask, i + mask_BxT.shape[1])
+  return advance(cache._replace(k_LxBxSxKxH=k, v_LxBxSxKxH=v), mask_BxT)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models import kv_cache as kv_lib
 from rlhf_jax.models.config import ModelConfig
 
 # A large finite negative instead of -inf: a fully masked row (a padding query) then softmaxes to a
@@ -86,17 +87,26 @@ class Attention(nn.Module):
   With K < N kv heads, query head n uses kv head n // G (G = N // K), as in Llama / HF `repeat_kv`.
 
   The keys are the chunk's own T keys plus, when decoding, the S slots of the layer's cache. The
-  softmax runs over the concatenated scores [.., T, S + T] but the cached keys/values are only read
-  (two value einsums, no [B, S + T, K, H] concatenation or cache copy per layer); the transformer
-  writes the chunk's returned (k, v) into the layer-stacked cache once, for all layers.
-  `chunk_allowed_BxTxT` / `cache_allowed_BxTxS` are the causal + padding masks built once per call.
+  softmax runs over the concatenated scores [.., T, S + T]; the cached keys/values enter through two
+  value einsums, never through a [B, S + T, K, H] concatenation. `chunk_allowed_BxTxT` /
+  `cache_allowed_BxTxS` are the causal + padding masks built once per call (the cache part only
+  allows slots filled before this chunk).
+
+  Two cache modes (both avoid copying the cache inside the sampler's loop, checked in the HLO):
+  * `cache_layer is None` (scanned stack): `cache_k`/`cache_v` are this layer's [B, S, K, H] slices,
+    only read; the chunk's (k, v) are returned and the transformer writes all layers after the scan.
+  * `cache_layer = i` (unrolled stack): `cache_k`/`cache_v` are the whole [L, B, S, K, H] buffers.
+    The chunk is written at (i, :, cache_index) *before* layer i reads its slice, so every read of a
+    buffer version precedes the next in-place write by data dependency; the updated buffers are
+    returned. (Writing after the read lets XLA reorder and forces a full cache copy per step.)
   """
 
   config: ModelConfig
+  cache_layer: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS=None,
-               cache_k_BxSxKxH=None, cache_v_BxSxKxH=None):
+               cache_k=None, cache_v=None, cache_index=None):
     cfg = self.config
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
     init = nn.initializers.normal(cfg.init_std)
@@ -132,6 +142,14 @@ class Attention(nn.Module):
       return jnp.where(allowed_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
 
     scores_BxKxGxTxT = masked_scores(k_BxTxKxH, chunk_allowed_BxTxT)
+    new_kv = (k_BxTxKxH, v_BxTxKxH)
+    if cache_k is not None and self.cache_layer is not None:
+      cache_k = kv_lib.write_layer(cache_k, self.cache_layer, k_BxTxKxH, cache_index)
+      cache_v = kv_lib.write_layer(cache_v, self.cache_layer, v_BxTxKxH, cache_index)
+      new_kv = (cache_k, cache_v)
+      cache_k_BxSxKxH, cache_v_BxSxKxH = cache_k[self.cache_layer], cache_v[self.cache_layer]
+    else:
+      cache_k_BxSxKxH, cache_v_BxSxKxH = cache_k, cache_v
     if cache_k_BxSxKxH is None:
       probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(cfg.compute_dtype)
       attn_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxT, v_BxTxKxH)
@@ -148,7 +166,7 @@ class Attention(nn.Module):
     out_BxTxD = jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, wo_NxHxD)
     if cfg.out_bias:
       out_BxTxD += param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), cfg)
-    return out_BxTxD, (k_BxTxKxH, v_BxTxKxH)
+    return out_BxTxD, new_kv
 
 
 def _activation(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
@@ -196,21 +214,23 @@ class Block(nn.Module):
   """Pre-norm residual block:  x += drop(attn(norm1 x));  x += drop(mlp(norm2 x)).
 
   Signature `(x, layer_cache, side) -> (x, new_kv)` so that `nn.scan` can carry `x`, scan the layer's
-  cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions and the two masks).
+  cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions, the two masks and the
+  cache index). With `cache_layer` set, `layer_cache` is the whole stacked cache (see `Attention`).
   """
 
   config: ModelConfig
   deterministic: bool = True
+  cache_layer: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD, layer_cache, side):
     cfg = self.config
-    positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS = side
+    positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_index = side
     cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
     x_BxTxD = constrain(x_BxTxD, BTD)
-    attn_BxTxD, new_kv = Attention(cfg, name="attn")(
+    attn_BxTxD, new_kv = Attention(cfg, self.cache_layer, name="attn")(
         Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, chunk_allowed_BxTxT,
-        cache_allowed_BxTxS, cache_k, cache_v)
+        cache_allowed_BxTxS, cache_k, cache_v, cache_index)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(attn_BxTxD, deterministic=self.deterministic)
     mlp_BxTxD = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(mlp_BxTxD, deterministic=self.deterministic)

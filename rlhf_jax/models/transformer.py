@@ -110,7 +110,8 @@ class Transformer(nn.Module):
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = constrain(x_BxTxD, BTD)
 
-    side = (positions_BxT, *attention_masks(mask_BxT, cache))
+    cache_index = None if cache is None else cache.index
+    side = (positions_BxT, *attention_masks(mask_BxT, cache), cache_index)
     block_cls = Block
     if cfg.remat_policy != "none":
       # prevent_cse only matters outside scan (scan already blocks CSE across iterations).
@@ -125,20 +126,19 @@ class Transformer(nn.Module):
       x_BxTxD, (k_LxBxTxKxH, v_LxBxTxKxH) = blocks(cfg, deterministic, name="layers")(
           x_BxTxD, layer_caches, side)
     else:
-      new_k, new_v = [], []
+      buffers = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])
-        x_BxTxD, (k_BxTxKxH, v_BxTxKxH) = block_cls(cfg, deterministic, name=f"layers_{i}")(
-            x_BxTxD, layer_cache, side)
-        new_k.append(k_BxTxKxH)
-        new_v.append(v_BxTxKxH)
-      if cache is not None:
-        k_LxBxTxKxH, v_LxBxTxKxH = jnp.stack(new_k), jnp.stack(new_v)
+        x_BxTxD, new_kv = block_cls(cfg, deterministic, None if cache is None else i,
+                                    name=f"layers_{i}")(x_BxTxD, buffers, side)
+        buffers = None if cache is None else new_kv  # written in place, layer by layer
     hidden_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
     new_cache = None
-    if cache is not None:
+    if cache is not None and cfg.scan_layers:
       new_cache = kv_lib.write_chunk(cache, k_LxBxTxKxH, v_LxBxTxKxH, mask_BxT)
+    elif cache is not None:
+      new_cache = kv_lib.advance(cache._replace(k_LxBxSxKxH=buffers[0], v_LxBxSxKxH=buffers[1]),
+                                 mask_BxT)
 
     logits_BxTxV = None
     if return_logits:
