@@ -55,3 +55,34 @@ def tiny_sft_workdir(tmp_path_factory) -> str:
   if not os.path.exists(os.path.join(workdir, sft.FINAL_METRICS_FILE)):
     sft.train_and_evaluate(override(load_config("sft_synthetic"), SFT_OVERRIDES), workdir)
   return workdir
+
+
+def tiny_rm_workdir(tmp_path_factory, sft_workdir: str) -> str:
+  """A reward-model artifact (``reward_scoring`` layout) on the tiny SFT backbone with a random head.
+
+  Untrained on purpose: the offline-trainer tests need something that scores samples through the
+  real loading / scoring API, not a good reward model (that is the reward-model tests' business).
+  """
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from flax.core import meta
+
+  from rlhf_jax import models
+  from rlhf_jax.algorithms import reward_scoring
+
+  workdir = os.path.join(str(tmp_path_factory.getbasetemp()), "offline_tiny_rm")
+  if os.path.exists(os.path.join(workdir, reward_scoring.ARTIFACT_DIR)):
+    return workdir
+  ckpt = sft.load_sft_params(sft_workdir)
+  rm = models.RewardModel(ckpt.model_config)
+  dummy = jnp.ones((1, 8), jnp.int32)
+  head = meta.unbox(rm.init(jax.random.PRNGKey(7), dummy, dummy))["params"]
+  params = models.with_backbone(head, ckpt.params)
+  info = reward_scoring.RewardModelInfo(
+      model=dataclasses.asdict(ckpt.model_config), output_names=("reward",), tokenizer_spec="byte",
+      tokenizer_fingerprint=ckpt.tokenizer.fingerprint(), max_prompt_len=32, max_response_len=48,
+      mean=(0.0,), std=(1.0,), objective="untrained-test-head")
+  reward_scoring.save_reward_model(workdir, params, info)
+  return workdir
