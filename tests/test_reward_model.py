@@ -1,0 +1,301 @@
+"""Reward models: objectives, scoring API (save/load, normalisation, chunking, sharding, tokenizer
+guard), config validation and bad input. Tiny preset, one 32-token width wherever possible."""
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, models, parallel
+from rlhf_jax.algorithms import reward_data, reward_eval, reward_model, reward_objectives
+from rlhf_jax.algorithms import reward_scoring as rs
+from rlhf_jax.algorithms import reward_stats
+from rlhf_jax.data import batching, records
+from rlhf_jax.data import tokenizers as tok_lib
+
+TOK = tok_lib.ByteTokenizer()
+SPECIALS = {"bos_id": TOK.bos_id, "eos_id": TOK.eos_id, "pad_id": TOK.pad_id}
+CFG = models.get_model_config("tiny")
+WIDTH = 32
+
+
+def _init(num_outputs=1, seed=0):
+  model = models.RewardModel(CFG, num_outputs=num_outputs)
+  dummy = jnp.ones((1, 8), jnp.int32)
+  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy, dummy))["params"]
+
+
+def _ex(prompt, *responses):
+  ids = lambda s: np.asarray(TOK.encode(s), np.int32)  # noqa: E731
+  return {"prompt": ids(prompt), "responses": [ids(r) for r in responses]}
+
+
+# -- objectives ---------------------------------------------------------------------------------
+
+
+def test_breslow_plackett_luce_equals_library_without_ties():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(5, 6)).astype(np.float32)
+  labels = np.stack([rng.permutation(6) for _ in range(5)]).astype(np.float32)
+  mask = np.ones((5, 6), np.int32)
+  mask[1, 4:] = 0
+  mine, _ = reward_objectives.plackett_luce_breslow_loss(scores, labels, mask)
+  ref, _ = losses.plackett_luce_loss(scores, labels, candidate_mask=mask)
+  np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_breslow_ties_do_not_depend_on_candidate_order_and_padding_has_zero_grad():
+  labels = jnp.array([[2.0, 1.0, 1.0, 0.0]])
+  mask = jnp.array([[1, 1, 1, 0]])
+  s = jnp.array([[0.3, -0.2, 0.9, 5.0]])
+  swapped = s.at[0, 1].set(0.9).at[0, 2].set(-0.2)  # swap the two tied candidates' scores
+  a, _ = reward_objectives.plackett_luce_breslow_loss(s, labels, mask)
+  b, _ = reward_objectives.plackett_luce_breslow_loss(swapped, labels, mask)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  # Breslow by hand: best vs all three, then each tied one vs the tied pair.
+  lse = lambda *x: np.log(np.sum(np.exp(x)))  # noqa: E731
+  hand = (lse(0.3, -0.2, 0.9) - 0.3) + (lse(-0.2, 0.9) + 0.2) + (lse(-0.2, 0.9) - 0.9)
+  np.testing.assert_allclose(a[0], hand, rtol=1e-5)
+  grad = jax.grad(lambda x: reward_objectives.plackett_luce_breslow_loss(x, labels, mask)[0].sum())(s)
+  assert np.all(np.isfinite(grad)) and grad[0, 3] == 0.0
+
+
+def test_all_pairs_with_two_candidates_equals_bradley_terry_through_the_model():
+  model, params = _init()
+  exs = [_ex("name 2 fruits", "fig, kiwi!", "gun"), _ex("list 1 tools", "saw", "sorry")]
+  pair = batching.collate([{"prompt": e["prompt"], "chosen": e["responses"][0],
+                            "rejected": e["responses"][1]} for e in exs], "pairwise", SPECIALS, WIDTH)
+  ranked = batching.collate([{"prompt": e["prompt"], "responses_flat": np.concatenate(e["responses"]),
+                              "response_lengths": np.asarray([len(r) for r in e["responses"]]),
+                              "scores": np.asarray([1.0, 0.0], np.float32)} for e in exs],
+                            "ranked", SPECIALS, WIDTH, num_candidates=2)
+  bt = reward_objectives.make_objective(model, "bradley_terry")
+  ap = reward_objectives.make_objective(model, "all_pairs")
+  pl = reward_objectives.make_objective(model, "plackett_luce")
+  loss_bt, _ = bt(params, pair, None)
+  loss_ap, metrics = ap(params, ranked, None)
+  loss_pl, _ = pl(params, ranked, None)
+  np.testing.assert_allclose(loss_bt, loss_ap, rtol=1e-5)
+  np.testing.assert_allclose(loss_bt, loss_pl, rtol=1e-5)
+  assert float(metrics["num_pairs"]) == 1.0
+
+
+def test_rating_objectives_rescale_targets_and_need_a_scale():
+  np.testing.assert_allclose(reward_objectives.scale_targets(np.array([1.0, 4.0, 7.0]), (1, 7)),
+                             [-1.0, 0.0, 1.0])
+  model, _ = _init()
+  with pytest.raises(ValueError, match="rating_scale"):
+    reward_objectives.make_objective(model, "likert")
+  with pytest.raises(ValueError, match="objective='dpo'"):
+    reward_objectives.make_objective(model, "dpo")
+  model2, params2 = _init(num_outputs=2)
+  batch = batching.collate([{"prompt": np.asarray(TOK.encode("hi"), np.int32),
+                             "response": np.asarray(TOK.encode("yo"), np.int32),
+                             "attributes": np.asarray([7.0, 1.0], np.float32)}], "attributes",
+                           SPECIALS, WIDTH, num_attributes=2)
+  f = reward_objectives.make_objective(model2, "multi_attribute", rating_scale=(1, 7))
+  loss, metrics = f(params2, batch, None)
+  r = model2.apply({"params": params2}, batch["tokens"], batch["mask"])[0]
+  np.testing.assert_allclose(loss[0], ((r[0] - 1) ** 2 + (r[1] + 1) ** 2) / 2, rtol=1e-5)
+  assert "mse_attr1" in metrics
+
+
+# -- configs ------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"RMConfig.objective='ppo'.*bradley_terry"):
+    reward_model.RMConfig(objective="ppo")
+  with pytest.raises(ValueError, match=r"RMConfig.init='lora'"):
+    reward_model.RMConfig(init="lora")
+  with pytest.raises(ValueError, match="early_stopping_patience"):
+    reward_model.RMConfig(early_stopping_patience=-1)
+  with pytest.raises(ValueError, match="RMDataConfig.rating_scale"):
+    reward_model.RMDataConfig(rating_scale=(7, 1))
+  with pytest.raises(ValueError, match="RMDataConfig.train_jsonl"):
+    reward_model.RMDataConfig(source="jsonl")
+  with pytest.raises(ValueError, match="num_train_examples"):
+    reward_model.RMDataConfig(num_train_examples=4, batch_size=8)
+  with pytest.raises(ValueError, match="RMEvalConfig.temperature"):
+    reward_stats.RMEvalConfig(temperature=0.0)
+
+
+# -- scoring API ------------------------------------------------------------------------------------
+
+
+def _info(num_outputs=1, mean=(0.5,), std=(2.0,)):
+  names = ("reward",) if num_outputs == 1 else tuple(f"a{k}" for k in range(num_outputs))
+  return rs.RewardModelInfo(model=dataclasses.asdict(CFG), output_names=names, tokenizer_spec="byte",
+                            tokenizer_fingerprint=TOK.fingerprint(), max_prompt_len=12,
+                            max_response_len=40, mean=mean, std=std, objective="bradley_terry")
+
+
+@pytest.fixture(scope="module")
+def saved_rm(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("rm_artifact"))
+  model, params = _init()
+  rs.save_reward_model(workdir, params, _info())
+  return workdir, model, params
+
+
+PROMPTS = ["name 2 fruits", "list 3 colors", "tell me 1 tool", "give me 2 cats", "hi", "yo", "x"]
+RESPONSES = ["fig, kiwi!!", "red", "saw", "sorry, i can't help with that", "a", "bb", "ccc"]
+
+
+def test_score_matches_manual_normalised_apply_and_chunking(saved_rm):
+  workdir, model, params = saved_rm
+  handle = rs.load_reward_model(workdir, policy_tokenizer=TOK, batch_size=4)
+  assert handle.batch_size == 4
+  prompts = batching.encode_prompts(TOK, PROMPTS, max_prompt_len=12, buckets=(12,))
+  resp = [TOK.encode(r) + [TOK.eos_id] for r in RESPONSES]
+  r_tokens = np.zeros((len(resp), 40), np.int32)
+  r_mask = np.zeros((len(resp), 40), np.int32)
+  for i, ids in enumerate(resp):
+    r_tokens[i, :len(ids)], r_mask[i, :len(ids)] = ids, 1
+  got = rs.score(handle, prompts["prompt_tokens"], prompts["prompt_mask"], r_tokens, r_mask)
+  assert got.shape == (7,)
+  tokens = np.concatenate([prompts["prompt_tokens"], r_tokens], 1)
+  mask = np.concatenate([prompts["prompt_mask"], r_mask], 1)
+  raw = model.apply({"params": params}, tokens, mask)[:, 0]
+  np.testing.assert_allclose(got, (raw - 0.5) / 2.0, rtol=1e-4, atol=1e-5)
+  raw_got = rs.score(handle, prompts["prompt_tokens"], prompts["prompt_mask"], r_tokens, r_mask,
+                     normalize=False)
+  np.testing.assert_allclose(raw_got, raw, rtol=1e-4, atol=1e-5)
+  # The text path builds the same [BOS] prompt response [EOS] sequences (right-padded instead).
+  texts = rs.score_texts(handle, TOK, PROMPTS, RESPONSES)
+  assert isinstance(texts, np.ndarray)
+  np.testing.assert_allclose(texts, got, rtol=1e-4, atol=1e-5)
+  # The pure function agrees too, also under jit.
+  f = jax.jit(rs.reward_fn(handle))
+  np.testing.assert_allclose(f(handle.params, tokens, mask), got, rtol=1e-4, atol=1e-5)
+
+
+def test_score_sharded_like_the_policy_equals_single_device(saved_rm):
+  workdir, _, _ = saved_rm
+  single = rs.score_texts(rs.load_reward_model(workdir), None, PROMPTS, RESPONSES)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])
+  handle = rs.load_reward_model(workdir, mesh=mesh, batch_size=3)
+  assert handle.batch_size == 4 and handle.batch_ways == 4  # rounded up to the batch ways
+  embed = handle.params["backbone"]["embed"]["embedding"] if "embed" in handle.params["backbone"] \
+      else jax.tree.leaves(handle.params)[0]
+  assert len(embed.sharding.device_set) == 4
+  np.testing.assert_allclose(rs.score_texts(handle, None, PROMPTS, RESPONSES), single, rtol=1e-4,
+                             atol=1e-5)
+
+
+class _OtherTokenizer(tok_lib.ByteTokenizer):
+  def fingerprint(self):
+    return "other-v259-0000"
+
+
+def test_tokenizer_mismatch_is_refused(saved_rm):
+  workdir, _, _ = saved_rm
+  with pytest.raises(rs.TokenizerMismatchError, match="fingerprint other-v259-0000"):
+    rs.load_reward_model(workdir, policy_tokenizer=_OtherTokenizer())
+  handle = rs.load_reward_model(workdir)
+  with pytest.raises(rs.TokenizerMismatchError):
+    rs.score_texts(handle, _OtherTokenizer(), ["a"], ["b"])
+
+
+def test_multi_output_scores_and_weights(tmp_path):
+  model, params = _init(num_outputs=2, seed=1)
+  rs.save_reward_model(str(tmp_path), params, _info(2, mean=(0.0, 1.0), std=(1.0, 0.5)))
+  handle = rs.load_reward_model(str(tmp_path))
+  both = rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3])
+  assert both.shape == (3, 2) and handle.output_names == ("a0", "a1")
+  combined = rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3], attribute_weights=(1.0, 2.0))
+  np.testing.assert_allclose(combined, both[:, 0] + 2 * both[:, 1], rtol=1e-5)
+  with pytest.raises(ValueError, match="attribute_weights"):
+    rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3], attribute_weights=(1.0,))
+
+
+def test_missing_artifact_and_bad_info(tmp_path):
+  with pytest.raises(FileNotFoundError, match="experiments/reward_model.py"):
+    rs.load_reward_model(str(tmp_path))
+  with pytest.raises(ValueError, match="std"):
+    _info(mean=(0.0,), std=(0.0,))
+  with pytest.raises(ValueError, match="K = 1"):
+    _info(mean=(0.0, 1.0), std=(1.0, 1.0))
+
+
+# -- data: bad input is an error or a counted skip ------------------------------------------------
+
+
+def _write(path, rows):
+  with open(path, "w") as f:
+    for row in rows:
+      f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+  return str(path)
+
+
+def _prepare(tmp_path, objective, train_rows, eval_rows=None, **overrides):
+  train = _write(tmp_path / "train.jsonl", train_rows)
+  evaluation = _write(tmp_path / "eval.jsonl", eval_rows or train_rows)
+  cfg = reward_model.RMDataConfig(source="jsonl", train_jsonl=train, eval_jsonl=evaluation,
+                                  max_prompt_len=12, max_response_len=20, batch_size=2,
+                                  eval_batch_size=8, **overrides)
+  return reward_data.prepare(cfg, objective, TOK, str(tmp_path / "work"), vocab_size=259)
+
+
+def test_ranked_bad_input_errors(tmp_path):
+  with pytest.raises(records.RecordError, match=r"train.jsonl:2: field 'responses': expected at least 2"):
+    _prepare(tmp_path, "all_pairs", [{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]},
+                                     {"prompt": "p", "responses": ["a"], "scores": [1]}])
+  with pytest.raises(records.RecordError, match=r"scores\[1\]': expected a finite number"):
+    _prepare(tmp_path, "plackett_luce", ['{"prompt": "p", "responses": ["a", "b"], "scores": [1, NaN]}'])
+  with pytest.raises(records.RecordError, match=r"scores\[0\]': expected a number \(it is missing"):
+    _prepare(tmp_path, "all_pairs", [{"prompt": "p", "responses": ["a", "b"], "scores": [None, 1]}])
+
+
+def test_ranked_ties_are_counted_and_give_no_all_pairs_comparison(tmp_path):
+  rows = [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 1, 0]},
+          {"prompt": "q", "responses": ["d", "e"], "ranks": [1, 2]}]
+  data = _prepare(tmp_path, "all_pairs", rows)
+  assert data.stats["data/train_tied_pairs"] == 1 and data.stats["data/train_comparisons"] == 3
+  assert data.held_out.ranked["scores"].shape == (2, 3)
+  model, params = _init()
+  f = reward_objectives.make_objective(model, "all_pairs")
+  _, metrics = f(params, data.held_out.objective_batches[0], None)
+  np.testing.assert_allclose(metrics["num_pairs"], 3 / 2)  # 2 + 1 pairs over 2 lists
+
+
+def test_rating_bad_input_errors(tmp_path):
+  rows = [{"prompt": "p", "response": "a", "rating": 5}, {"prompt": "p", "response": "b", "rating": 9}]
+  with pytest.raises(records.RecordError, match=r"train.jsonl:2: field 'rating': expected a rating "
+                                                r"within the declared scale \[1.0, 7.0\]"):
+    _prepare(tmp_path, "likert", rows, rating_scale=(1, 7))
+  with pytest.raises(ValueError, match="rating_scale"):
+    _prepare(tmp_path, "likert", rows[:1])
+  with pytest.raises(records.RecordError, match="attributes.harmless"):
+    _prepare(tmp_path, "multi_attribute",
+             [{"prompt": "p", "response": "a", "attributes": {"helpful": 3, "harmless": None}}],
+             rating_scale=(1, 7))
+
+
+def test_rating_pairs_for_per_attribute_metrics():
+  keys = [b"p", b"p", b"q", b"p", b"q"]
+  values = np.array([3.0, 1.0, 2.0, 3.0, 2.0])
+  better, worse = reward_eval.same_prompt_pairs(keys, values, max_pairs=10)
+  # p: (0,1) and (3,1) have different ratings, (0,3) is tied; q: tied.
+  assert sorted(zip(better.tolist(), worse.tolist())) == [(0, 1), (3, 1)]
+
+
+def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
+  sft_dir = tmp_path / "sft"
+  (sft_dir / "checkpoints" / "5").mkdir(parents=True)
+  (sft_dir / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
+  fake = reward_model.sft.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(),
+                                        step=5)
+  monkeypatch.setattr(reward_model.sft, "load_sft_params", lambda workdir: fake)
+  from rlhf_jax.algorithms.reward_scoring import TokenizerMismatchError
+  rm_cfg = reward_model.RMConfig(sft_workdir=str(sft_dir))
+  with pytest.raises(TokenizerMismatchError, match="differs from the SFT run"):
+    reward_model.resolve_model_and_tokenizer(None, rm_cfg, reward_model.RMDataConfig())
+  with pytest.raises(FileNotFoundError, match="python experiments/sft.py"):
+    reward_model.resolve_model_and_tokenizer(
+        None, reward_model.RMConfig(sft_workdir=str(tmp_path / "none")), reward_model.RMDataConfig())
