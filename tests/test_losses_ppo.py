@@ -342,3 +342,28 @@ def test_dr_grpo_aggregation_uses_constant_normaliser():
     a, _ = losses.ppo_policy_loss(logps, old, adv, mask, aggregation="seq_mean_token_sum_norm")
     b, _ = losses.ppo_policy_loss(logps, old, adv, mask, aggregation="seq_mean_token_sum")
     assert_close(a, np.asarray(b) / T)
+
+
+def test_entropy_and_whiten_by_hand():
+    assert_close(losses.entropy_from_logits(jnp.zeros((1, 2, 8))), [[math.log(8.0)] * 2])
+    # x = (1, 3, pad): mean 2, unbiased var 2 → (∓1)/√2
+    out = losses.masked_whiten(jnp.array([[1.0, 3.0, 50.0]]), jnp.array([[1, 1, 0]]))
+    assert_close(out, [[-1 / math.sqrt(2.0), 1 / math.sqrt(2.0), 0.0]])
+
+
+@SETTINGS
+@given(seed=SEEDS)
+def test_kl_penalized_rewards_match_numpy(seed):
+    rng = np.random.default_rng(seed)
+    logps, ref = -rng.exponential(1, (B, T)), -rng.exponential(1, (B, T))
+    mask = right_padded_mask(rng, B, T)
+    scores = rng.normal(size=B)
+    f32 = lambda x: x.astype(np.float32)  # noqa: E731
+    got, _ = _shaped(f32(scores), f32(logps), f32(ref), mask, kl_coef=0.2)
+    want = -0.2 * (logps - ref) * mask
+    last = mask.sum(1).astype(int) - 1
+    want[np.arange(B), last] += scores
+    assert_close(got, want)
+
+
+_shaped = jax.jit(losses.kl_penalized_rewards, static_argnames=("estimator",))

@@ -217,3 +217,12 @@ def test_shape_errors():
         losses.bradley_terry_loss(jnp.zeros(3), jnp.zeros(4))
     with pytest.raises(ValueError, match="weights must have shape"):
         losses.multi_attribute_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), weights=jnp.ones(2))
+
+
+def test_logexp_by_hand_and_attribute_reward_grads_jit():
+    out, _ = losses.pairwise_logexp_loss(jnp.array([1.0, 0.0]), jnp.array([1.0, math.log(3.0)]))
+    assert_close(out, [math.log(2.0), math.log(4.0)])
+    rng = np.random.default_rng(6)
+    rewards, weights = rng.normal(size=(B, A)), jnp.array([0.5, -1.0, 2.0])
+    check_grads_x64(lambda r: jnp.sum(losses.weighted_attribute_reward(r, weights) ** 2), (rewards,))
+    check_jit_matches(losses.weighted_attribute_reward, rewards.astype(np.float32), weights)

@@ -74,7 +74,7 @@ def masked_logsumexp(x, mask, axis=-1) -> jnp.ndarray:
     """log Σ_{mask=1} exp(x) along ``axis``; returns ``_NEG`` where the masked set is empty."""
     x = jnp.where(mask > 0, x, _NEG)
     x_max = jnp.max(x, axis=axis, keepdims=True)
-    # stop-gradient-free max shift: exact because the max cancels in value and in gradient.
+    # Max shift for stability; exact in value and gradient because the max cancels.
     shifted = jnp.where(mask > 0, jnp.exp(x - x_max), 0.0)
     return jnp.log(jnp.sum(shifted, axis=axis) + (jnp.sum(mask, axis=axis) == 0)) + jnp.squeeze(
         x_max, axis
