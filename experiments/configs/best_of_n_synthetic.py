@@ -1,0 +1,29 @@
+"""Best-of-n (n = 1..16) of the SFT model under the reward model, on the synthetic held-out prompts."""
+
+import ml_collections
+
+from rlhf_jax import parallel
+from rlhf_jax.algorithms import best_of_n
+from rlhf_jax.algorithms import preference_common as common
+from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.train import config_dicts
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Best-of-n curve: measured gold reward vs the analytic KL log n - (n-1)/n.
+
+  Run:
+    python experiments/best_of_n.py --workdir=workdirs/best_of_n_synthetic \
+        --config.sources.sft_workdir=workdirs/sft_synthetic \
+        --config.sources.reward_model_workdir=workdirs/rm_synthetic
+
+  Writes best_of_n.csv (one row per n) and final_metrics.json (the n = 16 row + the curve).
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.sources = config_dicts.dataclass_section(common.ModelSources)
+  config.bon = config_dicts.dataclass_section(best_of_n.BestOfNConfig, ns=(1, 2, 4, 8, 16))
+  config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
+                                               max_new_tokens=48)
+  config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  return config

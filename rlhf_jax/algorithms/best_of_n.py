@@ -1,0 +1,155 @@
+"""Best-of-n sampling: draw n responses from the SFT model, return the reward model's favourite.
+
+For each held-out prompt x: y_1..y_n ~ π_SFT(·|x) (i.i.d.), ŷ = argmax_j r̃_φ(x, y_j). The
+resulting policy π_BoN is never trained, so its KL to π_SFT is known in closed form,
+
+    KL(π_BoN ‖ π_SFT) = log n - (n - 1)/n
+
+(Stiennon et al., 2020, App. G.3; exact for continuous rewards, an upper bound with ties, Beirami
+et al., 2024, arXiv:2401.01879), and it is reported next to the *measured* gold reward of ŷ. One
+draw of n_max = max(ns) samples per prompt serves every n in ``ns`` (the first n of them), so the
+curve over n is nested and cheap. Each row also reports the oracle best-of-n by gold reward (the
+selection a perfect reward model would make): the gap between the two is what the reward model's
+errors cost. Win rates are against the SFT model's own sample (``rlhf_jax.eval.policy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import sampling
+from rlhf_jax.algorithms import preference_common as common
+from rlhf_jax.algorithms import reward_scoring
+from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.train import config_dicts
+
+logger = logging.getLogger(__name__)
+
+CURVE_FILE = "best_of_n.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfNConfig:
+  """Attributes:
+    ns: the n values to report (each >= 1); n_max = max(ns) samples are drawn per prompt.
+    synthetic_dir, eval_prompts_jsonl: held-out prompts (default: the SFT run's synthetic
+      ``prompts_test.jsonl``).
+    max_prompt_len: prompt width. chunk_prompts: prompts per sampler call (n_max rows each).
+    seed: sampling seed (independent of the evaluator's SFT samples).
+  """
+
+  ns: tuple = (1, 2, 4, 8, 16)
+  synthetic_dir: str = ""
+  eval_prompts_jsonl: str = ""
+  max_prompt_len: int = 32
+  chunk_prompts: int = 32
+  seed: int = 7
+
+  def __post_init__(self):
+    object.__setattr__(self, "ns", tuple(self.ns))
+    if not self.ns or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ns):
+      raise ValueError(f"BestOfNConfig.ns={self.ns!r} is invalid; allowed: a non-empty tuple of "
+                       "ints >= 1")
+    for name in ("max_prompt_len", "chunk_prompts"):
+      if getattr(self, name) < (2 if name == "max_prompt_len" else 1):
+        raise ValueError(f"BestOfNConfig.{name}={getattr(self, name)!r} is invalid")
+
+
+def best_of_n_rows(rm_SxN: np.ndarray, gold_SxN: np.ndarray, lengths_SxN: np.ndarray,
+                   sft_gold_S: np.ndarray, ns) -> list[dict[str, float]]:
+  """One row per n: RM-selected and gold-oracle-selected gold reward, RM reward, analytic KL, win rate."""
+  rows = []
+  s = np.arange(rm_SxN.shape[0])
+  for n in sorted(set(ns)):
+    pick = np.argmax(rm_SxN[:, :n], axis=1)  # first index on ties
+    gold = gold_SxN[s, pick]
+    rows.append({
+        "n": float(n),
+        "gold_reward": float(np.mean(gold)),
+        "rm_reward": float(np.mean(rm_SxN[s, pick])),
+        "kl_to_sft": policy_eval.best_of_n_kl(n),
+        "win_rate_vs_sft": policy_eval.win_rate(gold, sft_gold_S),
+        "response_length": float(np.mean(lengths_SxN[s, pick])),
+        "oracle_gold_reward": float(np.mean(np.max(gold_SxN[:, :n], axis=1))),
+    })
+  return rows
+
+
+def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestOfNConfig,
+                     max_new_tokens: int, temperature: float):
+  """n_max SFT samples per prompt: RM rewards, gold rewards and lengths, each ``[S, n_max]``."""
+  tok, n_max = loaded.tokenizer, max(cfg.ns)
+  samp = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                 num_samples=n_max, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  chunk = min(cfg.chunk_prompts, len(prompts))
+  rm, gold, lengths = [], [], []
+  for start in range(0, len(prompts), chunk):
+    texts = prompts[start:start + chunk]
+    n_real = len(texts)
+    texts = texts + [texts[-1]] * (chunk - n_real)
+    enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
+    out = sampling.sample(loaded.model, loaded.ref_params, enc.prompt_tokens, enc.prompt_mask,
+                          jax.random.fold_in(jax.random.PRNGKey(cfg.seed), start), samp)
+    r = reward_scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
+                             out.response_tokens_BxR, out.response_mask_BxR)
+    tokens, mask, r = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR, r))
+    rows = n_real * n_max
+    prompt_rows = [t for t in texts[:n_real] for _ in range(n_max)]
+    scored = policy_eval.score_responses(tok, prompt_rows, tokens[:rows], mask[:rows])
+    rm.append(np.asarray(r)[:rows])
+    gold.append(scored.gold)
+    lengths.append(scored.lengths)
+  shape = (len(prompts), n_max)
+  return (np.concatenate(rm).reshape(shape), np.concatenate(gold).reshape(shape),
+          np.concatenate(lengths).reshape(shape))
+
+
+KNOWN_KEYS = {"seed", "sources", "bon", "eval", "mesh"}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates best-of-n for every n in ``config.bon.ns``; writes ``best_of_n.csv`` and
+  ``final_metrics.json`` (the n_max row, flat, plus ``curve``). Nothing is trained."""
+  common.check_config_keys(config, KNOWN_KEYS, "best_of_n")
+  sources = config_dicts.to_dataclass(common.ModelSources, config.sources, "sources")
+  cfg = config_dicts.to_dataclass(BestOfNConfig, config.bon, "bon")
+  eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
+  if not sources.sft_workdir:
+    raise ValueError("config.sources.sft_workdir is empty; allowed: the SFT run best-of-n samples from")
+  mesh = common.make_mesh(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  loaded = common.load_models(sources, mesh, need_reward=True)
+  task = cfg.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
+  prompts_path = cfg.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
+  prompts = common.read_prompts(prompts_path, eval_cfg.num_prompts)
+  evaluator = common.policy_evaluator(loaded, prompts, cfg.max_prompt_len, eval_cfg, workdir)
+  sft_ref = evaluator.reference()  # the SFT model's own samples (win-rate baseline)
+  rm_SxN, gold_SxN, len_SxN = sample_and_score(loaded, evaluator.prompt_texts, cfg,
+                                               eval_cfg.max_new_tokens, eval_cfg.temperature)
+  rows = best_of_n_rows(rm_SxN, gold_SxN, len_SxN, sft_ref.gold, cfg.ns)
+  for row in rows:
+    logger.info("best-of-%d: gold %.3f (oracle %.3f), RM %.3f, KL %.3f, win rate %.3f",
+                int(row["n"]), row["gold_reward"], row["oracle_gold_reward"], row["rm_reward"],
+                row["kl_to_sft"], row["win_rate_vs_sft"])
+  header = list(rows[0])
+  lines = [",".join(header)] + [",".join(f"{row[h]:.6g}" for h in header) for row in rows]
+  tmp = os.path.join(workdir, CURVE_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, os.path.join(workdir, CURVE_FILE))
+  top = rows[-1]
+  final = {"method": f"best_of_{int(top['n'])}", "step": 0, "preempted": False, **top,
+           "sft_gold_reward": float(np.mean(sft_ref.gold)),
+           "gold_reward_gain": top["gold_reward"] - float(np.mean(sft_ref.gold)),
+           "curve": rows}
+  if sft_ref.rm is not None:
+    final["sft_rm_reward"] = float(np.mean(sft_ref.rm))
+  return common.write_final(workdir, final, final["method"])
+

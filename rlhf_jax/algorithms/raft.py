@@ -1,0 +1,279 @@
+"""RAFT: reward-ranked fine-tuning (Dong et al., 2023, arXiv:2304.06767).
+
+Rounds r = 0 … R-1, each with the current policy π_r:
+
+    1. draw N prompts x_1..x_N (a fresh seeded subset per round) and K samples y_ij ~ π_r(·|x_i)
+    2. score them with the reward model: r_ij = r̃_φ(x_i, y_ij)   (normalised RM reward)
+    3. keep  per_prompt:  y_i* = argmax_j r_ij for every prompt          (the paper's default)
+             global:      the top ⌈f·N·K⌉ samples over all prompts by r_ij
+       (samples that never emitted EOS within the budget, or are empty, are not eligible:
+       training on them would teach the policy not to stop)
+    4. fine-tune π_r on the kept (x, y) with the SFT loss (prompt-masked token-mean NLL) for
+       S = loop.num_steps / R optimiser steps → π_{r+1}
+
+The optimiser state and learning-rate schedule run across rounds (one schedule over R·S steps).
+Each round is one call of the generic loop whose data are the round's kept samples; a checkpoint is
+written at every round boundary, so re-running resumes at the next round with the same samples
+(they depend only on the checkpointed params and ``fold_in(seed, round)``). A preemption inside a
+round resumes that round from its checkpoint with freshly drawn samples. Every round ends with an
+evaluation (``rlhf_jax.eval.policy``) plus the round's statistics: mean RM reward of all samples and
+of the kept ones (``round_rm_reward``, ``round_kept_rm_reward``), kept count and eligible share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import sampling, train
+from rlhf_jax.algorithms import dpo
+from rlhf_jax.algorithms import preference_common as common
+from rlhf_jax.algorithms import reward_scoring, sft
+from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.train import config_dicts
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = ("per_prompt", "global")
+
+
+@dataclasses.dataclass(frozen=True)
+class RAFTConfig:
+  """Attributes:
+    num_rounds: R; ``loop.num_steps`` must be a multiple (S = num_steps / R steps per round).
+    prompts_per_round: N prompts sampled per round.
+    samples_per_prompt: K samples per prompt.
+    selection: ``per_prompt`` (best of K per prompt) or ``global`` (top ``keep_fraction`` of N·K).
+    keep_fraction: f of the global selection.
+    temperature: sampling temperature of the candidates.
+    require_eos: only samples that emitted EOS are eligible.
+    batch_size: fine-tuning sequences per step.
+    source, synthetic_dir, prompts_jsonl, eval_prompts_jsonl: prompts (synthetic: the SFT run's
+      task, ``prompts.jsonl`` / ``prompts_test.jsonl``; jsonl: any records with a ``prompt``).
+    max_prompt_len, max_response_len: prompt width and sampling budget (incl. BOS / EOS).
+  """
+
+  num_rounds: int = 4
+  prompts_per_round: int = 256
+  samples_per_prompt: int = 8
+  selection: str = "per_prompt"
+  keep_fraction: float = 0.125
+  temperature: float = 1.0
+  require_eos: bool = True
+  batch_size: int = 32
+  source: str = "synthetic"
+  synthetic_dir: str = ""
+  prompts_jsonl: str = ""
+  eval_prompts_jsonl: str = ""
+  max_prompt_len: int = 32
+  max_response_len: int = 48
+
+  def __post_init__(self):
+    for name in ("num_rounds", "prompts_per_round", "samples_per_prompt", "batch_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"RAFTConfig.{name}={value!r} is invalid; allowed: an int >= 1")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"RAFTConfig.selection={self.selection!r} is invalid; allowed: "
+                       f"{' | '.join(SELECTIONS)}")
+    if not 0.0 < self.keep_fraction <= 1.0:
+      raise ValueError(f"RAFTConfig.keep_fraction={self.keep_fraction!r} is invalid; allowed: (0, 1]")
+    if not self.temperature > 0:
+      raise ValueError(f"RAFTConfig.temperature={self.temperature!r} is invalid; allowed: > 0")
+    if self.source not in dpo.SOURCES:
+      raise ValueError(f"RAFTConfig.source={self.source!r} is invalid; allowed: {' | '.join(dpo.SOURCES)}")
+    if self.source == "jsonl" and not os.path.isfile(self.prompts_jsonl):
+      raise ValueError(f"RAFTConfig.prompts_jsonl={self.prompts_jsonl!r} is invalid; allowed: an "
+                       "existing JSONL file (required with source='jsonl')")
+    for name in ("max_prompt_len", "max_response_len"):
+      if getattr(self, name) < 2:
+        raise ValueError(f"RAFTConfig.{name}={getattr(self, name)!r} is invalid; allowed: an int >= 2")
+
+
+def select(rewards_NxK: np.ndarray, eligible_NxK: np.ndarray, selection: str,
+           keep_fraction: float) -> np.ndarray:
+  """Flat indices (row-major over [N, K]) of the kept samples (module docstring, step 3)."""
+  n, k = rewards_NxK.shape
+  masked = np.where(eligible_NxK, rewards_NxK, -np.inf)
+  if selection == "per_prompt":
+    best = np.argmax(masked, axis=1)
+    has = np.isfinite(masked[np.arange(n), best])
+    return (np.arange(n) * k + best)[has]
+  flat = masked.reshape(-1)
+  num = min(int(math.ceil(keep_fraction * n * k)), int(np.isfinite(flat).sum()))
+  order = np.argsort(-flat, kind="stable")[:num]
+  return np.sort(order)
+
+
+class _RoundData:
+  """Shuffled, cycling batches of one round's kept sequences; position saved as ``(round, position)``."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, round_index: int):
+    self.arrays, self.batch_size, self.seed, self.round = arrays, batch_size, seed, round_index
+    self.n = len(arrays["tokens"])
+    self.position = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    per_epoch = max(1, self.n // self.batch_size)
+    epoch, b = divmod(self.position, per_epoch)
+    perm = np.random.default_rng([self.seed, self.round, epoch]).permutation(self.n)
+    if self.n < self.batch_size:  # fewer kept samples than a batch: cycle through them
+      perm = np.resize(perm, self.batch_size)
+    rows = perm[b * self.batch_size:(b + 1) * self.batch_size]
+    self.position += 1
+    return {k: v[rows] for k, v in self.arrays.items()}
+
+  def get_state(self) -> dict[str, int]:
+    return {"round": self.round, "position": self.position}
+
+  def set_state(self, state) -> None:
+    # A checkpoint written at the end of the previous round starts this round from its beginning.
+    self.position = int(state["position"]) if state.get("round") == self.round else 0
+
+
+def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], cfg: RAFTConfig,
+                  rng: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+  """Samples, scores and selects one round's training sequences ``[M, P + R]`` (+ statistics)."""
+  tok = loaded.tokenizer
+  samp = sampling.SamplingConfig(max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
+                                 num_samples=cfg.samples_per_prompt, eos_id=tok.eos_id,
+                                 pad_id=tok.pad_id)
+  chunk = min(64, len(prompts))
+  parts: dict[str, list] = {"tokens": [], "mask": [], "loss_mask": [], "rm": [], "eligible": []}
+  for start in range(0, len(prompts), chunk):
+    texts = prompts[start:start + chunk]
+    n_real = len(texts)
+    texts = texts + [texts[-1]] * (chunk - n_real)  # one compiled shape
+    enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
+    out = sampling.sample(loaded.model, params, enc.prompt_tokens, enc.prompt_mask,
+                          jax.random.fold_in(rng, start), samp)
+    rm = reward_scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
+                              out.response_tokens_BxR, out.response_mask_BxR)
+    tokens, mask, loss_mask = out.full_sequences()
+    rows = n_real * cfg.samples_per_prompt
+    tokens, mask, loss_mask, resp, resp_mask, rm = jax.device_get(
+        (tokens, mask, loss_mask, out.response_tokens_BxR, out.response_mask_BxR, rm))
+    finished = np.any((resp == tok.eos_id) & (resp_mask > 0), axis=1)
+    nonempty = np.sum((resp_mask > 0) & (resp != tok.eos_id), axis=1) > 0
+    eligible = nonempty & (finished | (not cfg.require_eos))
+    for key, value in (("tokens", tokens), ("mask", mask), ("loss_mask", loss_mask), ("rm", rm),
+                       ("eligible", eligible)):
+      parts[key].append(np.asarray(value)[:rows])
+  data = {k: np.concatenate(v) for k, v in parts.items()}
+  rm_NxK = data["rm"].reshape(len(prompts), cfg.samples_per_prompt)
+  eligible_NxK = data["eligible"].reshape(rm_NxK.shape)
+  kept = select(rm_NxK, eligible_NxK, cfg.selection, cfg.keep_fraction)
+  if len(kept) == 0:
+    raise ValueError("RAFT: no eligible sample this round (every sample is empty or never emitted "
+                     "EOS); raise max_response_len or set require_eos=False")
+  arrays = {k: data[k][kept].astype(np.int32) for k in ("tokens", "mask", "loss_mask")}
+  stats = {"round_rm_reward": float(np.mean(data["rm"])),
+           "round_kept_rm_reward": float(np.mean(data["rm"][kept])),
+           "round_kept": float(len(kept)),
+           "round_eligible_fraction": float(np.mean(data["eligible"]))}
+  return arrays, stats
+
+
+def _latest_step(workdir: str) -> int | None:
+  directory = os.path.join(os.path.abspath(workdir), train.checkpoint.CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(steps) if steps else None
+
+
+def _prompt_files(cfg: RAFTConfig, sources: common.ModelSources) -> tuple[str, str]:
+  if cfg.source == "jsonl":
+    return cfg.prompts_jsonl, cfg.eval_prompts_jsonl or cfg.prompts_jsonl
+  task = cfg.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
+  if not os.path.isfile(os.path.join(task, "metadata.json")):
+    raise ValueError(f"config.raft.synthetic_dir={task!r}: no synthetic task there; allowed: the "
+                     "folder `python -m rlhf_jax.data.synthetic --out DIR` wrote (default: the SFT "
+                     "run's <sft_workdir>/data/synthetic)")
+  return (os.path.join(task, "prompts.jsonl"),
+          cfg.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl"))
+
+
+KNOWN_KEYS = {"seed", "sources", "model", "tokenizer", "raft", "optim", "loop", "eval", "mesh"}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) RAFT; see ``experiments/configs/raft_synthetic.py`` for the keys."""
+  common.check_config_keys(config, KNOWN_KEYS, "raft")
+  sources = config_dicts.to_dataclass(common.ModelSources, config.sources, "sources")
+  cfg = config_dicts.to_dataclass(RAFTConfig, config.raft, "raft")
+  optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
+  loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
+  eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
+  if loop_cfg.num_steps % cfg.num_rounds:
+    raise ValueError(f"config.loop.num_steps={loop_cfg.num_steps} is not a multiple of "
+                     f"config.raft.num_rounds={cfg.num_rounds}; allowed: R x steps per round")
+  if loop_cfg.stop_after_steps:
+    raise ValueError("config.loop.stop_after_steps is not supported by RAFT (it stops at round "
+                     "boundaries only); allowed: 0")
+  steps_per_round = loop_cfg.num_steps // cfg.num_rounds
+  mesh = common.make_mesh(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  loaded = common.load_models(sources, mesh, model_section=config.get("model"),
+                              tokenizer_spec=config.get("tokenizer", "byte"), rng=init_rng,
+                              need_reward=True)
+  train_prompts_path, eval_prompts_path = _prompt_files(cfg, sources)
+  train_prompts = common.read_prompts(train_prompts_path)
+  evaluator = common.policy_evaluator(loaded, common.read_prompts(eval_prompts_path,
+                                                                  eval_cfg.num_prompts),
+                                      cfg.max_prompt_len, eval_cfg, workdir)
+
+  optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
+  state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
+  monitor = common.NonFiniteMonitor()
+  step_fn = monitor.guard(train.make_train_step(sft.make_loss_fn(loaded.model), optimizer, schedule,
+                                                grad_accum_steps=optim_cfg.grad_accum_steps))
+  fingerprint = {"method": "raft", "model": dataclasses.asdict(loaded.model_config),
+                 "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg)}
+  latest = _latest_step(workdir)
+  params = loaded.policy_params
+  if latest:
+    params = common.place_params(train.restore_params(workdir, latest), loaded.model, mesh)
+  round_stats: dict[str, float] = {}
+
+  def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
+    return {**evaluator(state.params, step), **round_stats}
+
+  result = None
+  for r in range((latest or 0) // steps_per_round, cfg.num_rounds):
+    order = np.random.default_rng([config.seed, r]).permutation(len(train_prompts))
+    prompts = [train_prompts[i] for i in order[:cfg.prompts_per_round]]
+    arrays, stats = collect_round(loaded, params, prompts, cfg,
+                                  jax.random.fold_in(jax.random.PRNGKey(config.seed), r))
+    round_stats.clear()
+    round_stats.update(stats, round=float(r + 1))
+    logger.info("RAFT round %d/%d: kept %d of %d samples (RM reward %.3f -> kept %.3f)", r + 1,
+                cfg.num_rounds, len(arrays["tokens"]), len(prompts) * cfg.samples_per_prompt,
+                stats["round_rm_reward"], stats["round_kept_rm_reward"])
+    round_loop = dataclasses.replace(loop_cfg, num_steps=(r + 1) * steps_per_round, eval_every=0,
+                                     checkpoint_every=steps_per_round)
+    result = common.run_guarded(
+        monitor=monitor, workdir=workdir, config=round_loop, state=state, step_fn=step_fn,
+        data=_RoundData(arrays, cfg.batch_size, config.seed, r), fingerprint=fingerprint, mesh=mesh,
+        eval_fn=eval_fn, run_config=config.to_dict())
+    if result.preempted:
+      return {"method": "raft", "step": result.step, "preempted": True}
+    state, params = result.state, result.state.params
+  if result is None:  # every round was already done: evaluate the final checkpoint
+    final_metrics = {**evaluator(params, loop_cfg.num_steps)}
+  else:
+    final_metrics = dict(result.eval_metrics)
+  final = {"method": "raft", "step": loop_cfg.num_steps, "preempted": False, **final_metrics,
+           "rounds": cfg.num_rounds, "selection": cfg.selection}
+  return common.write_final(workdir, final, "raft")
