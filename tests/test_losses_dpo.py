@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlhf_jax import losses
@@ -140,14 +140,12 @@ def test_apo_zero_by_hand():
 # NumPy float64 references
 
 
-@SETTINGS
-@given(
-    seed=SEEDS,
-    loss_type=st.sampled_from(losses.DPO_LOSS_TYPES),
-    beta=st.sampled_from([0.05, 0.1, 0.5, 1.0]),
-    eps=st.sampled_from([0.0, 0.1, 0.3]),
-)
-def test_every_loss_type_matches_numpy(seed, loss_type, beta, eps):
+# Every (type, smoothing) pair is its own test case so that none is left to the luck of sampling.
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("loss_type", losses.DPO_LOSS_TYPES)
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(seed=SEEDS, beta=st.sampled_from([0.05, 0.1, 0.5, 1.0]))
+def test_every_loss_type_matches_numpy(loss_type, eps, seed, beta):
     pc, pr, rc, rr, n_c, n_r = _random_pairs(seed)
     got, _ = _call(pc, pr, rc, rr, n_c, n_r, beta=beta, loss_type=loss_type, label_smoothing=eps)
     want = dpo_reference(pc, pr, rc, rr, n_c, n_r, loss_type, beta, eps)
@@ -199,9 +197,10 @@ def test_reference_free_equals_zero_reference():
     assert_close(m["rewards/chosen"], 0.1 * np.mean(pc))
 
 
-@SETTINGS
-@given(seed=SEEDS, loss_type=st.sampled_from(losses.DPO_LOSS_TYPES))
-def test_invariant_to_constant_added_to_policy_and_reference(seed, loss_type):
+@pytest.mark.parametrize("loss_type", losses.DPO_LOSS_TYPES)
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(seed=SEEDS)
+def test_invariant_to_constant_added_to_policy_and_reference(loss_type, seed):
     pc, pr, rc, rr, n_c, n_r = _random_pairs(seed)
     shift = np.random.default_rng(seed + 1).uniform(-5, 5, B)  # one constant per example
     base, _ = _call(pc, pr, rc, rr, n_c, n_r, loss_type=loss_type, beta=0.3)

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, settings
 
 from rlhf_jax import losses
 from test_losses_common import (
@@ -67,9 +66,10 @@ def test_policy_loss_by_hand():
     assert_close(out, [-1.5, 1.6, 3.0])
 
 
-@SETTINGS
-@given(seed=SEEDS, config=st.sampled_from([(0.2, None, None), (0.2, 0.28, None), (0.1, 0.3, 2.0), (0.3, None, 3.0)]))
-def test_policy_loss_matches_numpy(seed, config):
+@pytest.mark.parametrize("config", [(0.2, None, None), (0.2, 0.28, None), (0.1, 0.3, 2.0), (0.3, None, 3.0)])
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(seed=SEEDS)
+def test_policy_loss_matches_numpy(config, seed):
     eps_low, eps_high, dual = config
     logps, old, adv, mask = _rollout(seed)
     f32 = lambda x: x.astype(np.float32)  # noqa: E731
@@ -158,9 +158,10 @@ def test_kl_estimators_by_hand():
         losses.kl_estimate(logps, ref, estimator="k4")
 
 
-@SETTINGS
-@given(seed=SEEDS, scale=st.sampled_from([1e-4, 0.1, 3.0, 30.0]))
-def test_kl_estimators_match_numpy_and_k3_nonnegative(seed, scale):
+@pytest.mark.parametrize("scale", [1e-4, 0.1, 3.0, 30.0])
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(seed=SEEDS)
+def test_kl_estimators_match_numpy_and_k3_nonnegative(scale, seed):
     rng = np.random.default_rng(seed)
     logps = rng.normal(0, scale, (B, T)) - 1.0
     ref = rng.normal(0, scale, (B, T)) - 1.0
@@ -245,9 +246,10 @@ def test_gae_by_hand():
     assert_close(ret, [[0.75, 1.0, 0.0]])
 
 
-@SETTINGS
-@given(seed=SEEDS, gamma=st.sampled_from([1.0, 0.99, 0.5]), lam=st.sampled_from([1.0, 0.95, 0.0]))
-def test_gae_matches_numpy_with_gaps(seed, gamma, lam):
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.5, 0.0), (1.0, 0.95)])
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(seed=SEEDS)
+def test_gae_matches_numpy_with_gaps(gamma, lam, seed):
     rng = np.random.default_rng(seed)
     rewards, values = rng.normal(size=(B, T)), rng.normal(size=(B, T))
     mask = (rng.uniform(size=(B, T)) < 0.7).astype(np.float32)  # arbitrary gaps, left/right padding
