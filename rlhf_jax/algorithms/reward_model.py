@@ -244,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   params = params["params"]
   if rm_cfg.init == "sft":
     params = reward_scoring.place_params(models.with_backbone(params, sft_ckpt.params), model, mesh)
+    # device_put may alias the SFT buffers; the train step donates its state, and the SFT params
+    # are still needed afterwards for the normalisation samples.
+    params = jax.tree.map(jnp.copy, params)
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(params, optimizer, state_rng, mesh)
   objective_fn = reward_objectives.make_objective(

@@ -7,6 +7,7 @@ loss, and evaluated on the same held-out pairs. A pair is one annotated prompt w
 a ranked list of K is one annotated prompt with C(K, 2) comparisons, which is InstructGPT's
 argument for ranking (Ouyang et al., 2022, §3.5): the rows record both counts.
 
+Curve points skip the gold correlation on fresh samples and normalise over at most 64 prompts.
 Ranked objectives use ``batch_size // 4`` lists per step (a list holds 6.5 responses on average
 versus 2 for a pair), so a step costs about the same compute.
 
@@ -42,6 +43,10 @@ def sub_config(config: ml_collections.ConfigDict, objective: str, size: int) -> 
     sub.rm.objective = objective
     sub.data.num_train_examples = int(size)
     sub.data.batch_size = min(batch, int(size))
+    # Curve points are compared on held-out pairs; the fresh-sample gold correlation is skipped and
+    # the normalisation uses fewer samples to keep a sweep cheap.
+    sub.eval.num_gold_prompts = 0
+    sub.eval.num_normalization_prompts = min(config.eval.num_normalization_prompts, 64)
   return sub
 
 
