@@ -1,0 +1,218 @@
+"""Frozen, validated configs of the online RL trainer (PPO, RLOO, GRPO, Dr. GRPO).
+
+``PPOConfig`` holds every hyperparameter that reaches jitted code; ``PPODataConfig`` says where the
+prompts and the models come from; ``PPOLoopConfig`` the iteration cadence. Errors name the field
+and the allowed values, and ``experiments/configs/ppo_*.py`` build their sections from these
+defaults (``train.config_dicts.dataclass_section``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
+CRITIC_INITS = ("reward_model", "sft")
+KL_CONTROLLERS = ("fixed", "adaptive")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+PROMPT_SOURCES = ("synthetic", "jsonl")
+
+
+def _bad(cls: str, field: str, value, allowed: str):
+  raise ValueError(f"{cls}.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _int_at_least(cls: str, obj, names, low: int):
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      _bad(cls, name, value, f"an int >= {low}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """Hyperparameters of one RL iteration (rollout + update).
+
+  Attributes:
+    algorithm: ``ppo`` (critic + GAE, KL penalty in the per-token reward), ``rloo`` (leave-one-out
+      baseline over ``num_samples`` responses per prompt, KL penalty in the sequence reward),
+      ``grpo`` (group-normalised advantages, KL as a k3 loss term) or ``dr_grpo`` (group-centred
+      advantages without the std, constant token normaliser).
+    rollout_batch_size: prompts per iteration; each gets ``num_samples`` responses.
+    num_samples: responses per prompt (>= 2 for the critic-free algorithms).
+    max_new_tokens: response budget R.
+    temperature, top_k, top_p: sampling settings. Log-probs for the ratio and the KL are computed
+      from ``logits / temperature`` (as TRL does); top-k / top-p only shape the sampler.
+    num_ppo_epochs: passes over each rollout batch.
+    num_minibatches: minibatches per epoch (must divide ``rollout_batch_size * num_samples``).
+    clip_eps: PPO ratio clip ε; ``clip_eps_high`` > 0 gives DAPO's asymmetric upper clip (0 = ε).
+    vf_clip_eps: value clip (0 disables the clipped value loss).
+    vf_coef: weight of the value loss (its gradient only reaches the value model's params).
+    ent_coef: weight of the entropy bonus (0 disables it).
+    gamma, lam: GAE discount and trace decay.
+    whiten_advantages: normalise advantages over the rollout batch (mean 0, std 1) before the update.
+    whiten_rewards: scale-only whitening of the shaped per-token rewards before GAE.
+    kl_controller: ``fixed`` (β = ``kl_coef``) or ``adaptive`` (Ziegler et al. 2019, towards
+      ``kl_target`` nats per sequence with horizon ``kl_horizon``).
+    kl_coef: β (initial β for the adaptive controller).
+    kl_estimator: estimator of the per-token KL in the reward (``k1`` as InstructGPT / TRL PPO).
+      GRPO always uses k3 in its loss term (DeepSeekMath).
+    missing_eos_penalty: subtracted from the reward-model score of responses that never emit EOS.
+    critic_init: ``reward_model`` (InstructGPT) or ``sft``: where the value model's backbone starts;
+      the head starts from the reward model's head or a fresh init respectively.
+    aggregation: how per-token losses are reduced (``losses.TOKEN_AGGREGATIONS``); ``dr_grpo``
+      requires ``seq_mean_token_sum_norm``.
+  """
+
+  algorithm: str = "ppo"
+  rollout_batch_size: int = 64
+  num_samples: int = 1
+  max_new_tokens: int = 48
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  num_ppo_epochs: int = 4
+  num_minibatches: int = 4
+  clip_eps: float = 0.2
+  clip_eps_high: float = 0.0
+  vf_clip_eps: float = 0.2
+  vf_coef: float = 0.1
+  ent_coef: float = 0.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  whiten_rewards: bool = False
+  kl_controller: str = "fixed"
+  kl_coef: float = 0.05
+  kl_target: float = 6.0
+  kl_horizon: float = 10000.0
+  kl_estimator: str = "k1"
+  missing_eos_penalty: float = 0.0
+  critic_init: str = "reward_model"
+  aggregation: str = "token_mean"
+
+  def __post_init__(self):
+    c = "PPOConfig"
+    for name, allowed in (("algorithm", ALGORITHMS), ("critic_init", CRITIC_INITS),
+                          ("kl_controller", KL_CONTROLLERS), ("kl_estimator", KL_ESTIMATORS),
+                          ("aggregation", AGGREGATIONS)):
+      if getattr(self, name) not in allowed:
+        _bad(c, name, getattr(self, name), " | ".join(allowed))
+    _int_at_least(c, self, ("rollout_batch_size", "num_samples", "max_new_tokens", "num_ppo_epochs",
+                            "num_minibatches"), 1)
+    _int_at_least(c, self, ("top_k",), 0)
+    if self.algorithm != "ppo" and self.num_samples < 2:
+      _bad(c, "num_samples", self.num_samples, f"an int >= 2 with algorithm={self.algorithm!r} "
+           "(the group baseline needs several responses per prompt)")
+    if self.algorithm == "dr_grpo" and self.aggregation != "seq_mean_token_sum_norm":
+      _bad(c, "aggregation", self.aggregation, "seq_mean_token_sum_norm with algorithm='dr_grpo'")
+    if self.rollout_size % self.num_minibatches:
+      _bad(c, "num_minibatches", self.num_minibatches,
+           f"a divisor of rollout_batch_size * num_samples = {self.rollout_size}")
+    if not self.temperature > 0:
+      _bad(c, "temperature", self.temperature, "a float > 0")
+    if not 0.0 < self.top_p <= 1.0:
+      _bad(c, "top_p", self.top_p, "a float in (0, 1]")
+    if not self.clip_eps > 0:
+      _bad(c, "clip_eps", self.clip_eps, "a float > 0")
+    for name in ("clip_eps_high", "vf_clip_eps", "vf_coef", "ent_coef", "kl_coef",
+                 "missing_eos_penalty"):
+      if not getattr(self, name) >= 0:
+        _bad(c, name, getattr(self, name), "a float >= 0")
+    for name in ("gamma", "lam"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        _bad(c, name, getattr(self, name), "a float in [0, 1]")
+    for name in ("kl_target", "kl_horizon"):
+      if not getattr(self, name) > 0:
+        _bad(c, name, getattr(self, name), "a float > 0")
+    if self.kl_controller == "adaptive" and not self.kl_coef > 0:
+      _bad(c, "kl_coef", self.kl_coef, "a float > 0 with kl_controller='adaptive'")
+
+  @property
+  def rollout_size(self) -> int:
+    """Rows per rollout: prompts × samples per prompt."""
+    return self.rollout_batch_size * self.num_samples
+
+  @property
+  def uses_critic(self) -> bool:
+    return self.algorithm == "ppo"
+
+  @property
+  def minibatch_size(self) -> int:
+    return self.rollout_size // self.num_minibatches
+
+  @property
+  def updates_per_iteration(self) -> int:
+    return self.num_ppo_epochs * self.num_minibatches
+
+
+@dataclasses.dataclass(frozen=True)
+class PPODataConfig:
+  """Where prompts and models come from.
+
+  Attributes:
+    sft_workdir: an ``experiments/sft.py`` run; the policy starts here and it is the frozen
+      reference unless ``reference_workdir`` is set.
+    reference_workdir: another SFT run to use as the KL reference ('' = ``sft_workdir``).
+    reward_model_workdir: an ``experiments/reward_model.py`` run (scoring + stored normalisation).
+    prompts: ``synthetic`` (the embedded task's prompts, generated under ``<workdir>/data``) or
+      ``jsonl`` (``prompts_jsonl``: ``{"prompt"}`` or chat ``messages`` records).
+    prompts_jsonl, eval_prompts_jsonl: prompt files for ``prompts="jsonl"`` (the eval file may be '').
+    synthetic_num_prompts, synthetic_num_test_prompts, synthetic_seed: size / seed of the task.
+    max_prompt_len: prompt tokens incl. BOS (left-truncated); every batch is padded to it.
+    shuffle_seed: seed of the per-epoch prompt order.
+  """
+
+  sft_workdir: str = ""
+  reference_workdir: str = ""
+  reward_model_workdir: str = ""
+  prompts: str = "synthetic"
+  prompts_jsonl: str = ""
+  eval_prompts_jsonl: str = ""
+  synthetic_num_prompts: int = 4000
+  synthetic_num_test_prompts: int = 500
+  synthetic_seed: int = 0
+  max_prompt_len: int = 32
+  shuffle_seed: int = 0
+
+  def __post_init__(self):
+    c = "PPODataConfig"
+    if self.prompts not in PROMPT_SOURCES:
+      _bad(c, "prompts", self.prompts, " | ".join(PROMPT_SOURCES))
+    if self.prompts == "jsonl" and not os.path.isfile(self.prompts_jsonl):
+      _bad(c, "prompts_jsonl", self.prompts_jsonl, "an existing JSONL file (required with prompts='jsonl')")
+    if self.eval_prompts_jsonl and not os.path.isfile(self.eval_prompts_jsonl):
+      _bad(c, "eval_prompts_jsonl", self.eval_prompts_jsonl, "'' or an existing JSONL file")
+    _int_at_least(c, self, ("synthetic_num_prompts", "synthetic_num_test_prompts"), 1)
+    _int_at_least(c, self, ("max_prompt_len",), 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOLoopConfig:
+  """Iteration cadence.
+
+  Attributes:
+    num_iterations: RL iterations (rollout + ``num_ppo_epochs × num_minibatches`` updates each).
+    log_every: iterations between console lines (every iteration is written to metrics.jsonl).
+    eval_every: iterations between held-out evaluations (0: only before the first and after the
+      last iteration; ``config.eval`` says how, see ``eval.policy.PolicyEvalConfig``).
+    checkpoint_every: iterations between checkpoints (also at the end and on SIGTERM).
+    keep_checkpoints: checkpoints kept.
+    stop_after_iterations: stop (checkpointing) after this many iterations in this invocation; a
+      later invocation resumes (0 = run to ``num_iterations``).
+    print_samples: rollout samples logged at each console line.
+  """
+
+  num_iterations: int = 100
+  log_every: int = 5
+  eval_every: int = 0
+  checkpoint_every: int = 20
+  keep_checkpoints: int = 2
+  stop_after_iterations: int = 0
+  print_samples: int = 2
+
+  def __post_init__(self):
+    c = "PPOLoopConfig"
+    _int_at_least(c, self, ("num_iterations", "log_every", "checkpoint_every", "keep_checkpoints"), 1)
+    _int_at_least(c, self, ("eval_every", "stop_after_iterations", "print_samples"), 0)

@@ -1,0 +1,131 @@
+"""The RL update: every PPO epoch and minibatch of one iteration as ONE jitted function.
+
+    update(state, rollout) -> (state, metrics)
+
+is a ``lax.scan`` over epochs (each draws a permutation of the N rollout rows from the state's
+key) of a ``lax.scan`` over minibatches of N / M rows, each one optimiser step on
+
+    L = L_clip(π)  +  c_v · L_V  -  c_e · H(π)  [ +  β · KL_k3(π ‖ π_ref)  for (dr_)grpo ]
+
+    L_clip = aggregate_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε_high)),  ρ_t = π(y_t)/π_old(y_t)
+    L_V    = aggregate_t ½ max((V_t - R_t)², (V_old,t + clip(V_t - V_old,t, ±ε_v) - R_t)²)
+
+(``losses.ppo_policy_loss`` / ``ppo_value_loss`` / ``entropy_loss`` / ``kl_estimate``). Policy and
+value model are two param trees under one optimiser, as TRL's ``PolicyAndValueWrapper``: the
+value loss only reaches the value params, and gradient clipping is over the joint global norm.
+The state is donated, so the update reuses its own buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import losses, models, train
+from rlhf_jax.algorithms.ppo_config import PPOConfig
+from rlhf_jax.algorithms.rollout import Rollout, response_logps, response_values
+
+
+@flax.struct.dataclass
+class PPOState:
+  """Everything an iteration reads and writes (checkpointed as one pytree)."""
+
+  iteration: jax.Array  # int32: finished iterations
+  params: Any  # {"policy": Transformer params, "value": ValueModel params (ppo only)}
+  opt_state: optax.OptState
+  kl_coef: jax.Array  # float32 β (moves with the adaptive controller)
+  rng: jax.Array  # uint32[2] raw key, split once per iteration
+
+
+def create_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: float,
+                 rng: jax.Array) -> PPOState:
+  return PPOState(iteration=jnp.zeros((), jnp.int32), params=params,
+                  opt_state=jax.jit(optimizer.init)(params),
+                  kl_coef=jnp.asarray(kl_coef, jnp.float32), rng=jnp.asarray(rng, jnp.uint32))
+
+
+def make_loss_fn(config: PPOConfig, policy: models.Transformer, value_model: models.ValueModel | None,
+                 prompt_len: int):
+  """``loss_fn(params, minibatch: Rollout, kl_coef) -> (loss, metrics)``."""
+  need_entropy = config.ent_coef > 0
+  kl_in_loss = config.algorithm in ("grpo", "dr_grpo")
+  agg = config.aggregation
+
+  def loss_fn(params, mb: Rollout, kl_coef):
+    mask = mb.response_mask_BxR
+    logps_BxR, ent_BxR = response_logps(policy, params["policy"], mb.tokens_BxT, mb.mask_BxT,
+                                        prompt_len, config.temperature, with_entropy=need_entropy)
+    pg_B, pg_m = losses.ppo_policy_loss(
+        logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask, clip_eps=config.clip_eps,
+        clip_eps_high=config.clip_eps_high or None, aggregation=agg)
+    loss = jnp.mean(pg_B)
+    metrics = {"pg_loss": pg_m["loss"], "clipfrac": pg_m["clipfrac"],
+               "approx_kl": pg_m["approx_kl"], "ratio_mean": pg_m["ratio_mean"]}
+    if value_model is not None:
+      values_BxR = response_values(value_model, params["value"], mb.tokens_BxT, mb.mask_BxT,
+                                   prompt_len)
+      vf_B, vf_m = losses.ppo_value_loss(values_BxR, mb.old_values_BxR, mb.returns_BxR, mask,
+                                         clip_eps=config.vf_clip_eps or None, aggregation=agg)
+      loss = loss + config.vf_coef * jnp.mean(vf_B)
+      metrics.update(vf_loss=vf_m["loss"], vf_clipfrac=vf_m["vf_clipfrac"])
+    if need_entropy:
+      ent_B, ent_m = losses.entropy_loss(ent_BxR, mask, aggregation=agg)
+      loss = loss + config.ent_coef * jnp.mean(ent_B)
+      metrics["update_entropy"] = ent_m["entropy"]
+    if kl_in_loss:
+      kl_BxR = losses.kl_estimate(logps_BxR, mb.ref_logps_BxR, estimator="k3", mask=mask)
+      kl_term = jnp.mean(losses.aggregate_tokens(kl_BxR, mask.astype(jnp.float32), agg))
+      loss = loss + kl_coef * kl_term
+      metrics["kl_loss"] = kl_term
+    metrics["loss"] = loss
+    return loss, metrics
+
+  return loss_fn
+
+
+@functools.lru_cache(maxsize=16)
+def make_update_fn(config: PPOConfig, policy: models.Transformer,
+                   value_model: models.ValueModel | None, optim: train.OptimConfig,
+                   total_updates: int, prompt_len: int):
+  """Jitted, state-donating ``update(state, rollout) -> (state, metrics)`` (module docstring).
+
+  The optimiser is ``train.make_optimizer(optim, total_updates)`` (the state's ``opt_state`` must
+  come from the same call). Metrics are means over all ``num_ppo_epochs × num_minibatches`` steps,
+  plus ``grad_norm`` (before clipping). The state's key is split once: one sub-key per epoch's
+  permutation. Cached per arguments, so repeated runs in one process reuse the compilation.
+  """
+  optimizer, _ = train.make_optimizer(optim, total_updates)
+  grad_fn = jax.value_and_grad(make_loss_fn(config, policy, value_model, prompt_len), has_aux=True)
+  num_mb, mb_size = config.num_minibatches, config.minibatch_size
+
+  def update(state: PPOState, rollout: Rollout):
+    n = rollout.tokens_BxT.shape[0]
+    if n != num_mb * mb_size:
+      raise ValueError(f"rollout has {n} rows, expected rollout_batch_size * num_samples = "
+                       f"{num_mb * mb_size}")
+    rng, epoch_rng = jax.random.split(state.rng)
+
+    def minibatch_step(carry, mb):
+      params, opt_state = carry
+      (_, metrics), grads = grad_fn(params, mb, state.kl_coef)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+      return (params, opt_state), metrics
+
+    def epoch(carry, key):
+      perm = jax.random.permutation(key, n)
+      mbs = jax.tree.map(lambda x: x[perm].reshape(num_mb, mb_size, *x.shape[1:]), rollout)
+      return jax.lax.scan(minibatch_step, carry, mbs)
+
+    keys = jax.random.split(epoch_rng, config.num_ppo_epochs)
+    (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state), keys)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
+
+  return jax.jit(update, donate_argnums=(0,))
