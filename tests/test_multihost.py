@@ -10,6 +10,10 @@ each child with 2 simulated CPU devices, so the global mesh has 4 devices over 2
 * runs a jitted reduction whose inputs live on both processes, and prints the result as JSON.
 
 Both processes must report the same value, equal to the NumPy answer over the full batch.
+
+The launch scripts are exercised the same way (``multiprocess_local.sh`` for real, ``slurm.sbatch``
+with stub ``srun`` / ``scontrol``), both running ``python -m rlhf_jax.parallel.selfcheck``; the
+in-process checks cover the single-host no-op and the error messages.
 """
 
 from __future__ import annotations
@@ -110,6 +114,60 @@ def test_two_processes_share_a_global_mesh():
         assert o["w_spec"] == "P('fsdp', 'tensor')"  # embed->fsdp, mlp->tensor (size 1)
         assert o["value"] == pytest.approx(expected, rel=1e-5)
     assert outputs[0]["value"] == outputs[1]["value"]
+
+
+# --------------------------------------------------------------------------- in-process unit checks
+
+
+@pytest.fixture
+def no_cluster_env(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "RLHF_JAX_DISTRIBUTED", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+                 "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_initialize_distributed_is_a_noop_on_one_host(no_cluster_env):
+    from rlhf_jax import parallel
+
+    assert parallel.initialize_distributed() is False
+    # A one-task SLURM step is still a single host.
+    no_cluster_env.setenv("SLURM_STEP_NODELIST", "node-0")
+    no_cluster_env.setenv("SLURM_NTASKS", "1")
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed("127.0.0.1:1234", 1, 0) is False
+    assert parallel.process_count() == 1 and parallel.process_index() == 0
+    assert parallel.is_coordinator()
+
+
+def test_initialize_distributed_rejects_partial_settings(no_cluster_env):
+    from rlhf_jax import parallel
+
+    no_cluster_env.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"must be given together .* num_processes=None"):
+        parallel.initialize_distributed()
+    no_cluster_env.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES must be an integer, got 'two'"):
+        parallel.initialize_distributed()
+    no_cluster_env.setenv("RLHF_JAX_DISTRIBUTED", "yes")
+    with pytest.raises(ValueError, match=r"RLHF_JAX_DISTRIBUTED must be 'auto', '0' or '1'"):
+        parallel.initialize_distributed()
+
+
+def test_make_global_batch_checks_the_local_split():
+    from rlhf_jax import parallel
+
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    sharding = parallel.data_sharding(mesh)
+    out = parallel.make_global_batch({"x": np.arange(8 * 3).reshape(8, 3)}, sharding)
+    assert out["x"].shape == (8, 3) and out["x"].sharding.spec == sharding.spec
+    with pytest.raises(ValueError, match=r"local batch of 6 rows cannot be split over this "
+                                         r"process's 4 batch shards"):
+        parallel.make_global_batch({"x": np.zeros((6, 3))}, sharding)
+
+
+# --------------------------------------------------------------------------- launch scripts
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
