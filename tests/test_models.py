@@ -29,9 +29,9 @@ def _logits(model, params, tokens, mask):
   return model.apply({"params": params}, tokens, mask).logits_BxTxV
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step(model, params, tokens, mask, cache):
-  out = model.apply({"params": params}, tokens, mask, cache=cache)
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _step(model, params, tokens, mask, cache, prefill=False):
+  out = model.apply({"params": params}, tokens, mask, cache=cache, prefill=prefill)
   return out.logits_BxTxV, out.cache
 
 
@@ -210,8 +210,11 @@ def test_scanned_model_with_kv_cache(tiny):
   stacked = stack_layer_params(params, cfg.n_layers)
   mask = jnp.ones((B, T), jnp.int32)
   full = _logits(model, params, tokens, mask)
-  _, cache = _step(scanned, stacked, tokens[:, :T - 1], mask[:, :T - 1], init_cache(cfg, B, T))
+  # prefill=True (the sampler's path): the empty cache is written but not read.
+  first, cache = _step(scanned, stacked, tokens[:, :T - 1], mask[:, :T - 1], init_cache(cfg, B, T),
+                       True)
   last, _ = _step(scanned, stacked, tokens[:, T - 1:], mask[:, T - 1:], cache)
+  np.testing.assert_allclose(first, full[:, :T - 1], atol=ATOL)
   np.testing.assert_allclose(last[:, 0], full[:, -1], atol=ATOL)
 
 

@@ -150,7 +150,7 @@ class Attention(nn.Module):
       cache_k_BxSxKxH, cache_v_BxSxKxH = cache_k[self.cache_layer], cache_v[self.cache_layer]
     else:
       cache_k_BxSxKxH, cache_v_BxSxKxH = cache_k, cache_v
-    if cache_k_BxSxKxH is None:
+    if cache_allowed_BxTxS is None:  # no cache, or an empty one being filled (prefill)
       probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(cfg.compute_dtype)
       attn_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxT, v_BxTxKxH)
     else:

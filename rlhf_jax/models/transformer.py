@@ -74,8 +74,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None, *,
                positions_BxT: jax.Array | None = None, cache: kv_lib.KVCache | None = None,
-               return_logits: bool = True, last_logits_only: bool = False,
-               deterministic: bool = True) -> TransformerOutput:
+               prefill: bool = False, return_logits: bool = True,
+               last_logits_only: bool = False, deterministic: bool = True) -> TransformerOutput:
     """Runs the decoder.
 
     Args:
@@ -83,6 +83,8 @@ class Transformer(nn.Module):
       mask_BxT: 1 real / 0 padding; defaults to all ones.
       positions_BxT: overrides the mask-derived positions.
       cache: a `KVCache`; the chunk is written at `cache.index` and attends to everything before.
+      prefill: promise that `cache` is empty (index 0): the chunk is written but the cache is not
+        read, saving the attention over S empty slots (and XLA's constant folding of it).
       return_logits: False skips the [B, T, V] projection (reward / value heads use hidden states).
       last_logits_only: logits for the last column only ([B, 1, V]); the sampler's prefill.
       deterministic: False enables dropout (needs a "dropout" rng).
@@ -111,14 +113,17 @@ class Transformer(nn.Module):
     x_BxTxD = constrain(x_BxTxD, BTD)
 
     cache_index = None if cache is None else cache.index
-    side = (positions_BxT, *attention_masks(mask_BxT, cache), cache_index)
+    chunk_allowed_BxTxT, cache_allowed_BxTxS = attention_masks(mask_BxT, cache)
+    if prefill:
+      cache_allowed_BxTxS = None  # nothing to read: Attention skips the cache part
+    side = (positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_index)
     block_cls = Block
     if cfg.remat_policy != "none":
       # prevent_cse only matters outside scan (scan already blocks CSE across iterations).
       block_cls = nn.remat(Block, policy=remat_policy(cfg.remat_policy),
                            prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      layer_caches = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+      layer_caches = None if cache is None or prefill else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
       blocks = nn.scan(block_cls, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(0, nn.broadcast), out_axes=0, length=cfg.n_layers,

@@ -96,7 +96,7 @@ def _sample_jit(model: Any, config: SamplingConfig, variables: Any, prompt_token
   b, p = prompt_tokens_BxP.shape
 
   cache = init_cache(model.config, b, p + r)
-  prefill = model.apply(variables, prompt_tokens_BxP, prompt_mask_BxP, cache=cache,
+  prefill = model.apply(variables, prompt_tokens_BxP, prompt_mask_BxP, cache=cache, prefill=True,
                         last_logits_only=True)
   stop_ids = jnp.asarray(config.all_stop_ids or (-1,), jnp.int32)
 
