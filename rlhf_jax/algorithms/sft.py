@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Any, Mapping, NamedTuple
@@ -272,18 +273,13 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
       rows.append(row)
     with open(sample_path, "a") as f:
       for row in rows:
-        f.write(json_dumps(row) + "\n")
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
     for row in rows[:config.print_samples]:
       logger.info("sample @%d | %r -> %r%s", step, row["prompt"], row["response"],
                   f" (gold {row['gold']:+.2f})" if "gold" in row else "")
     return metrics
 
   return eval_fn
-
-
-def json_dumps(obj: Any) -> str:
-  import json  # pylint: disable=import-outside-toplevel
-  return json.dumps(obj, ensure_ascii=False)
 
 
 class SFTCheckpoint(NamedTuple):
@@ -309,13 +305,8 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
     raise train.WorkdirMismatchError(
         f"{workdir}: tokenizer {run_config['data']['tokenizer']!r} now has fingerprint "
         f"{tokenizer.fingerprint()}, the run used {fingerprint['tokenizer']}")
-  manager_step = step
-  params = train.restore_params(workdir, manager_step)
-  if step is None:
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
-      step = mgr.latest_step()
+  step = train.latest_step(workdir) if step is None else step
+  params = train.restore_params(workdir, step)
   return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer, step=int(step))
 
 
@@ -339,14 +330,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.aggregation = "token_mean"
   config.model = config_dicts.model_section("small")
   config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=3e-3, warmup_steps=16, schedule="cosine", end_lr_ratio=0.05,
+      train.OptimConfig, lr=3e-3, warmup_steps=20, schedule="cosine", end_lr_ratio=0.05,
       weight_decay=0.05, clip_norm=1.0)
   config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=160, log_every=10, eval_every=80, checkpoint_every=80,
+      train.LoopConfig, num_steps=400, log_every=20, eval_every=200, checkpoint_every=200,
       keep_checkpoints=2, progress_every_secs=10.0)
   config.data = config_dicts.dataclass_section(
       SFTDataConfig, source="synthetic", max_prompt_len=32, max_response_len=48,
-      batch_size=32, eval_batch_size=128, max_eval_examples=512, buckets=(64, 80))
+      batch_size=16, eval_batch_size=128, max_eval_examples=512, buckets=(64, 80))
   config.eval = config_dicts.dataclass_section(SFTEvalConfig, num_sample_prompts=128)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
   return config

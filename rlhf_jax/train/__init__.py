@@ -14,7 +14,8 @@
 
 from rlhf_jax.train import config_dicts, loop, tensorboard
 from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomic_write_json,
-                                       check_fingerprint, read_json, restore_params)
+                                       check_fingerprint, latest_step, read_json,
+                                       restore_params)
 from rlhf_jax.train.loop import (CheckpointableIterator, LoopConfig, TrainResult, default_token_count,
                                  jit_train_step, make_train_step, train)
 from rlhf_jax.train.metrics import MetricsWriter, Progress, plot_metrics, read_metrics
@@ -23,7 +24,7 @@ from rlhf_jax.train.state import TrainState, abstract_state, create_train_state,
 
 __all__ = [
     "Checkpointer", "WorkdirMismatchError", "atomic_write_json", "check_fingerprint", "read_json",
-    "restore_params", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
+    "restore_params", "latest_step", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
     "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "plot_metrics", "read_metrics",
     "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
     "abstract_state", "create_train_state", "state_shardings", "loop", "config_dicts", "tensorboard",

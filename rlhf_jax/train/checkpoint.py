@@ -135,21 +135,38 @@ class Checkpointer:
     self._manager.close()
 
 
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  """A manager that only reads ``<workdir>/checkpoints`` (handlers given, so metadata needs no args)."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints under {directory!r}")
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+
+
+def latest_step(workdir: str) -> int | None:
+  """The latest committed checkpoint step in ``workdir`` (None if there is none)."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return None
+  manager = _reader(workdir)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def restore_params(workdir: str, step: int | None = None, abstract_params: Any = None) -> Any:
   """Loads only the params of the checkpoint at ``step`` (default latest) in ``workdir``.
 
   With ``abstract_params`` (a ``jax.ShapeDtypeStruct`` tree with shardings) the arrays are placed
   accordingly; without it they land as single-device arrays with the saved shapes and dtypes.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints under {directory!r}")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = _reader(workdir)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no finished checkpoint under {directory!r}")
+      raise FileNotFoundError(f"no finished checkpoint under {manager.directory}")
     metadata = manager.item_metadata(step)["state"]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     abstract = jax.tree.map(
