@@ -1,0 +1,194 @@
+r"""Grid sweeps over config overrides of any experiments launcher, with one results table and plot.
+
+  python launch/sweep.py --launcher=experiments/dpo.py --config=experiments/configs/dpo_synthetic.py \
+      --grid=loss.loss_type=sigmoid,ipo,hinge --grid=loss.beta=0.05,0.1,0.3 --grid=seed=0,1 \
+      --set=sources.sft_workdir=workdirs/sft_synthetic --sweep_dir=workdirs/sweep_dpo --parallel=2
+
+* ``--grid key=v1,v2,...`` (repeatable) spans the Cartesian product, in the order given; use ``;``
+  between values when a value itself holds commas (``--grid='loss.loss_type=sigmoid,bco_pair;ipo'``).
+  ``--set key=value`` applies to every run.
+* Each run is ``python <launcher> --config=<config> --workdir=<sweep_dir>/<run> --config.<key>=<v>``
+  in its own workdir (``<run>`` is built from the grid values), its output in ``<run>/sweep.log``.
+  Runs go sequentially, or ``--parallel N`` at a time as local subprocesses.
+* A run whose workdir holds ``final_metrics.json`` is finished and skipped on a rerun; a failed or
+  interrupted one is run again (the launchers resume from their checkpoints).
+* Afterwards ``results.csv``, ``results.md`` (one row per run; a failed run is listed with its exit
+  status and last log line, never dropped) and ``frontier.png`` (gold reward vs KL to SFT) are
+  written to ``--sweep_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+FINAL = "final_metrics.json"
+METRIC_COLUMNS = ("gold_reward", "gold_reward_gain", "kl_to_sft", "win_rate_vs_sft", "rm_reward",
+                  "response_length", "pairs/rewards/accuracies", "pairs/rewards/margins", "step")
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+  if "=" not in text:
+    raise ValueError(f"{text!r} is not key=value")
+  key, value = text.split("=", 1)
+  key = key.strip().removeprefix("config.")
+  if not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+    raise ValueError(f"{text!r}: {key!r} is not a config key (section.name)")
+  return key, value
+
+
+def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
+  grid = []
+  for spec in specs:
+    key, values = parse_assignment(spec)
+    parts = [v.strip() for v in values.split(";" if ";" in values else ",")]
+    if not parts or any(p == "" for p in parts):
+      raise ValueError(f"--grid {spec!r}: empty value")
+    grid.append((key, parts))
+  return grid
+
+
+def expand(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+  """Every combination, as ordered ``{key: value}`` dicts (one empty dict for an empty grid)."""
+  keys = [k for k, _ in grid]
+  return [dict(zip(keys, combo)) for combo in itertools.product(*[v for _, v in grid])]
+
+
+def run_name(overrides: dict[str, str]) -> str:
+  if not overrides:
+    return "run"
+  parts = [f"{k.split('.')[-1]}-{v}" for k, v in overrides.items()]
+  return re.sub(r"[^\w.\-+]", "_", "__".join(parts))
+
+
+def launch(launcher: str, config: str, workdir: str, overrides: dict[str, str],
+           fixed: dict[str, str], python: str = sys.executable) -> tuple[int, float]:
+  """Runs one launcher subprocess; returns (exit status, seconds). Output -> ``<workdir>/sweep.log``."""
+  os.makedirs(workdir, exist_ok=True)
+  cmd = [python, launcher, f"--workdir={workdir}"]
+  if config:
+    cmd.append(f"--config={config}")
+  cmd += [f"--config.{k}={v}" for k, v in {**fixed, **overrides}.items()]
+  start = time.time()
+  with open(os.path.join(workdir, "sweep.log"), "a") as log:
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+  return rc, time.time() - start
+
+
+def _last_line(path: str) -> str:
+  try:
+    lines = [l.strip() for l in open(path, errors="replace") if l.strip()]
+  except OSError:
+    return ""
+  return lines[-1][:160] if lines else ""
+
+
+def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]], fixed: dict[str, str],
+              sweep_dir: str, parallel: int = 1, log=print) -> list[dict]:
+  """Runs (or skips) every grid point and returns one row per run (see :func:`write_results`)."""
+  if parallel < 1:
+    raise ValueError(f"--parallel={parallel}; allowed: an int >= 1")
+  points = expand(grid)
+  names = [run_name(p) for p in points]
+  if len(set(names)) != len(names):
+    raise ValueError(f"grid values give clashing run names: {names}")
+  os.makedirs(sweep_dir, exist_ok=True)
+  rows: dict[str, dict] = {}
+  todo = []
+  for name, point in zip(names, points):
+    workdir = os.path.join(sweep_dir, name)
+    if os.path.exists(os.path.join(workdir, FINAL)):
+      rows[name] = {"status": "finished earlier (skipped)", "seconds": None}
+    else:
+      todo.append((name, point, workdir))
+  log(f"sweep: {len(points)} runs, {len(points) - len(todo)} already finished, {len(todo)} to run "
+      f"({parallel} at a time) in {sweep_dir}")
+
+  def one(item):
+    name, point, workdir = item
+    log(f"sweep: start {name}")
+    rc, seconds = launch(launcher, config, workdir, point, fixed)
+    ok = rc == 0 and os.path.exists(os.path.join(workdir, FINAL))
+    status = "ok" if ok else (f"failed (exit {rc}): {_last_line(os.path.join(workdir, 'sweep.log'))}"
+                              if rc else "failed: exited 0 without final_metrics.json")
+    log(f"sweep: {'done' if ok else 'FAILED'} {name} in {seconds:.0f}s")
+    return name, {"status": status, "seconds": round(seconds, 1)}
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    for name, row in pool.map(one, todo):
+      rows[name] = row
+  out = []
+  for name, point in zip(names, points):
+    row = {"run": name, **point, **rows[name]}
+    final_path = os.path.join(sweep_dir, name, FINAL)
+    if os.path.exists(final_path):
+      with open(final_path) as f:
+        final = json.load(f)
+      row.update({k: v for k, v in final.items() if isinstance(v, (int, float, str))
+                  and k not in row})
+    out.append(row)
+  return out
+
+
+def write_results(rows: list[dict], grid_keys: Sequence[str], sweep_dir: str, command: str) -> str:
+  from rlhf_jax.eval import frontier  # pylint: disable=import-outside-toplevel
+
+  present = [c for c in METRIC_COLUMNS if any(c in r for r in rows)]
+  columns = ["run", *grid_keys, "status", *present, "seconds"]
+  table = frontier.write_table(
+      rows, columns, csv_path=os.path.join(sweep_dir, "results.csv"),
+      md_path=os.path.join(sweep_dir, "results.md"), title="Sweep results",
+      preamble=f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+  sft = next((r["sft_gold_reward"] for r in rows if isinstance(r.get("sft_gold_reward"), float)), None)
+  frontier.plot_frontier([{**r, "label": r["run"]} for r in rows],
+                         os.path.join(sweep_dir, "frontier.png"), sft_gold=sft,
+                         title="Sweep: gold reward vs KL to SFT")
+  return table
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = argparse.ArgumentParser(prog="launch/sweep.py", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--launcher", required=True, help="an experiments/*.py launcher")
+  parser.add_argument("--config", default="", help="config file passed as --config (optional)")
+  parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
+  parser.add_argument("--set", action="append", default=[], dest="fixed",
+                      help="key=value applied to every run (repeatable)")
+  parser.add_argument("--sweep_dir", required=True, help="root of the runs' workdirs and results")
+  parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local subprocesses)")
+  args = parser.parse_args(argv)
+  grid = parse_grid(args.grid)
+  fixed = dict(parse_assignment(s) for s in args.fixed)
+  clash = sorted(set(fixed) & {k for k, _ in grid})
+  if clash:
+    parser.error(f"{clash} are both --set and --grid keys")
+  if not os.path.isfile(args.launcher):
+    parser.error(f"--launcher={args.launcher!r}: no such file")
+  rows = run_sweep(launcher=os.path.abspath(args.launcher),
+                   config=os.path.abspath(args.config) if args.config else "", grid=grid,
+                   fixed=fixed, sweep_dir=os.path.abspath(args.sweep_dir), parallel=args.parallel,
+                   log=lambda msg: print(msg, flush=True))
+  command = "python launch/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  print(write_results(rows, [k for k, _ in grid], args.sweep_dir, command), flush=True)
+  failed = [r["run"] for r in rows if str(r["status"]).startswith("failed")]
+  if failed:
+    print(f"sweep: {len(failed)} run(s) failed: {failed} (see <run>/sweep.log)", flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  rows_ = main()
+  sys.exit(1 if any(str(r["status"]).startswith("failed") for r in rows_) else 0)
