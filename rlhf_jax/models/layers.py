@@ -234,6 +234,8 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(attn_BxTxD, deterministic=self.deterministic)
     mlp_BxTxD = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(mlp_BxTxD, deterministic=self.deterministic)
+    if cache_index is None:  # no cache (training / scoring): nothing to hand back
+      new_kv = None
     return constrain(x_BxTxD, BTD), new_kv
 
 

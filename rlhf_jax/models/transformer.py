@@ -128,7 +128,7 @@ class Transformer(nn.Module):
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(0, nn.broadcast), out_axes=0, length=cfg.n_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, (k_LxBxTxKxH, v_LxBxTxKxH) = blocks(cfg, deterministic, name="layers")(
+      x_BxTxD, new_kv_LxBxTxKxH = blocks(cfg, deterministic, name="layers")(
           x_BxTxD, layer_caches, side)
     else:
       buffers = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
@@ -140,7 +140,7 @@ class Transformer(nn.Module):
 
     new_cache = None
     if cache is not None and cfg.scan_layers:
-      new_cache = kv_lib.write_chunk(cache, k_LxBxTxKxH, v_LxBxTxKxH, mask_BxT)
+      new_cache = kv_lib.write_chunk(cache, *new_kv_LxBxTxKxH, mask_BxT)
     elif cache is not None:
       new_cache = kv_lib.advance(cache._replace(k_LxBxSxKxH=buffers[0], v_LxBxSxKxH=buffers[1]),
                                  mask_BxT)
