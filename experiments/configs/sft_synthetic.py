@@ -12,10 +12,16 @@ def get_config() -> ml_collections.ConfigDict:
     python experiments/sft.py --workdir=workdirs/sft_synthetic
 
   Generates the task into ``<workdir>/data/synthetic`` (4000 train / 500 held-out prompts), builds
-  the TFDS datasets next to it, trains 160 steps of 32 sequences (cosine lr 3e-3), evaluates at
-  steps 80 and 160 (held-out NLL over 500 responses, 128 sampled responses scored by the gold
-  reward) and writes ``<workdir>/final_metrics.json``.
+  the TFDS datasets next to it, trains 400 steps of 16 sequences (AdamW, cosine lr 3e-3, 1.6
+  epochs), evaluates at steps 200 and 400 (held-out NLL over the 500 held-out responses; 128
+  responses sampled at temperature 1 and scored by the exact gold reward) and writes
+  ``<workdir>/final_metrics.json``.
 
-  Expected (measured; see notes/BUILD_NOTES_train.md): MEASURED_PLACEHOLDER
+  Measured 2026-11-21 on the 2-core CPU dev box *shared with other jobs* (load average 14-21):
+  5 min 36 s wall, 1 min 48 s user CPU. Expected result (deterministic for this config):
+    eval_nll_per_token 0.535 (perplexity 1.71; 0.646 at step 200)
+    sample_gold_reward 0.22 +- 0.08 (s.e., 128 samples) vs reference_policy_gold_reward 0.24
+    (the policy that wrote the SFT data, i.e. what a perfect SFT fit scores) and
+    best_response_gold_reward 1.16 (the ceiling left for RLHF).
   """
   return sft.default_config()
