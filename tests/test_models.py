@@ -1,4 +1,4 @@
-"""Transformer, config validation, log-prob helpers and heads on the `tiny` preset (float32, CPU)."""
+"""Transformer, config validation, log-prob helpers and heads on the `tiny` preset (f32, CPU)."""
 
 import dataclasses
 import functools

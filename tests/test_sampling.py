@@ -21,7 +21,7 @@ LENGTHS = (3, 6)  # real prompt tokens per row; row 0 is left-padded by 3
 
 
 def random_params(model, seed=0, std=0.1):
-  """Random params with the model's exact tree, drawn in NumPy (skips a multi-second init compile)."""
+  """Random params with the model's exact tree, drawn in NumPy (skips a slow init compile)."""
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.ones((1, 2), jnp.int32)))["params"])
   rng = np.random.default_rng(seed)
@@ -199,8 +199,8 @@ def test_input_validation(setup):
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decode_loop_updates_cache_in_place(setup, scan_layers):
-  """The compiled sampler never copies the [L, B, S, K, H] cache (a copy per step would make decoding
-  memory-bound on the cache instead of the weights). Checked on the optimised HLO text."""
+  """The compiled sampler never copies the [L, B, S, K, H] cache (a copy per step would make
+  decoding memory-bound on the cache instead of the weights). Checked on the optimised HLO text."""
   from rlhf_jax.sampling.sampler import _sample_jit
   model, _, prompts, mask = setup
   model = Transformer(model.config.replace(scan_layers=scan_layers))

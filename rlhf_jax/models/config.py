@@ -33,7 +33,8 @@ class ModelConfig:
     d_model: residual stream width D.
     n_layers: number of blocks L.
     n_heads: query heads N.
-    n_kv_heads: key/value heads K (K == N: multi-head, 1 < K < N: grouped-query, K == 1: multi-query).
+    n_kv_heads: key/value heads K (K == N: multi-head, 1 < K < N: grouped-query,
+      K == 1: multi-query).
       `None` means K = N.
     head_dim: per-head width H; `None` derives it as d_model // n_heads (then d_model must divide).
     d_ff: MLP hidden width F.

@@ -97,8 +97,9 @@ class ValueModel(nn.Module):
 def with_backbone(head_params: dict[str, Any], lm_params: dict[str, Any]) -> dict[str, Any]:
   """{"backbone": lm_params, "head": head_params["head"]}, dropping the LM's unused `lm_head`.
 
-  Use it to start a reward / value model from an SFT (or reward-model) checkpoint. Untied LMs carry an
-  `lm_head` that the heads never call; dropping it keeps the tree equal to the head model's `init`.
+  Use it to start a reward / value model from an SFT (or reward-model) checkpoint. Untied LMs
+  carry an `lm_head` that the heads never call; dropping it keeps the tree equal to the head
+  model's `init`.
   """
   if "backbone" in lm_params:  # another head model's params (e.g. reward model -> value model)
     lm_params = lm_params["backbone"]

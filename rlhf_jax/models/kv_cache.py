@@ -12,10 +12,11 @@ Left-padded prompts therefore need no special casing: the padding slots are simp
 Positions (for rope / learned tables) are counted in real tokens, not slots:
 `position = (real tokens already in the cache) + cumsum(chunk_mask) - 1`.
 
-The layer-stacked layout serves both the scanned stack (the chunk is written for every layer with one
-`dynamic_update_slice` after the scan) and the unrolled one (layer i's chunk is written right after
-layer i read its slice). Either way XLA updates the loop-carried buffer in place inside the
-sampler's `lax.while_loop`: the compiled decode step contains no copy of the cache.
+The layer-stacked layout serves both the scanned stack (the chunk is written for every layer with
+one `dynamic_update_slice` after the scan) and the unrolled one (layer i writes its chunk into the
+stacked buffer just before reading its own slice; see `layers.Attention`). Either way XLA updates
+the loop-carried buffer in place inside the sampler's `lax.while_loop`: the compiled decode step
+contains no copy of the cache.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch_size: int, num_slots: int, dtype=None) -> KVCache:
-  """An empty cache with `num_slots` slots per row (keys/values in `dtype`, default config.dtype)."""
+  """An empty cache of `num_slots` slots per row; k/v in `dtype` (default: config.dtype)."""
   dtype = config.compute_dtype if dtype is None else dtype
   shape = (config.n_layers, batch_size, num_slots, config.num_kv_heads, config.head_size)
   return KVCache(

@@ -213,9 +213,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block:  x += drop(attn(norm1 x));  x += drop(mlp(norm2 x)).
 
-  Signature `(x, layer_cache, side) -> (x, new_kv)` so that `nn.scan` can carry `x`, scan the layer's
-  cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions, the two masks and the
-  cache index). With `cache_layer` set, `layer_cache` is the whole stacked cache (see `Attention`).
+  Signature `(x, layer_cache, side) -> (x, new_kv)` so that `nn.scan` can carry `x`, scan the
+  layer's cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions, the two
+  masks and the cache index). With `cache_layer` set, `layer_cache` is the whole stacked cache (see
+  `Attention`). `new_kv` is None without a cache.
   """
 
   config: ModelConfig

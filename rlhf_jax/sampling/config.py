@@ -1,4 +1,4 @@
-"""`SamplingConfig`: static (hashable) decoding hyper-parameters; one jit compile per config+shape."""
+"""`SamplingConfig`: static (hashable) decoding settings; one jit compile per config and shape."""
 
 from __future__ import annotations
 
