@@ -299,3 +299,16 @@ def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="python experiments/sft.py"):
     reward_model.resolve_model_and_tokenizer(
         None, reward_model.RMConfig(sft_workdir=str(tmp_path / "none")), reward_model.RMDataConfig())
+
+
+def test_early_stopping_keeps_the_best_params_and_persists(tmp_path):
+  best = {"w": jnp.arange(3.0)}
+  stopper = reward_model.EarlyStopping(str(tmp_path), patience=2, min_delta=0.01)
+  stopper.update(10, 1.0, best)
+  stopper.update(20, 0.995, {"w": jnp.ones(3)})  # not better by more than min_delta
+  with pytest.raises(reward_model.EarlyStop, match="best 1.0000 at step 10"):
+    stopper.update(30, 1.5, {"w": jnp.zeros(3)})
+  again = reward_model.EarlyStopping(str(tmp_path), patience=2, min_delta=0.01)
+  assert again.state["stopped"] and again.state["best_step"] == 10
+  abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  np.testing.assert_array_equal(again.best_params(abstract)["w"], np.arange(3.0))

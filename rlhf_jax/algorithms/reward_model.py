@@ -249,6 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = jax.tree.map(jnp.copy, params)
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(params, optimizer, state_rng, mesh)
+  # Taken before training: the loop donates `state`, after which only the loop's result is live.
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
   objective_fn = reward_objectives.make_objective(
       model, rm_cfg.objective, center_coef=rm_cfg.center_coef, rating_scale=data.rating_scale,
       attribute_weights=rm_cfg.attribute_weights)
@@ -287,9 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopped_early, step = True, _latest_step(workdir) or step
       logger.info("early stopping: %s", stop)
   if stopper is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state.params)
-    final_params, final_step = stopper.best_params(abstract), int(stopper.state["best_step"])
+    final_params, final_step = stopper.best_params(abstract_params), int(stopper.state["best_step"])
   else:
     final_params, final_step = state.params, step
 
