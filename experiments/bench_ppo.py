@@ -1,0 +1,251 @@
+r"""One RL iteration, rlhf_jax vs TRL, side by side on the same shapes (random GPT-2-shaped weights).
+
+  python experiments/bench_ppo.py [--quick] [--out=bench_ppo.json]
+
+PPO: rlhf_jax (``rollout`` phases + ``ppo_update``) vs TRL 0.19.1's ``PPOTrainer`` (the last TRL
+release that ships it). GRPO: rlhf_jax ``algorithm="grpo"`` vs current TRL's ``GRPOTrainer``. Both
+sides: ``GPT2Config()`` shapes (124M, vocab 50257; ``--quick``: 2 layers), policy + frozen
+reference + reward model (+ value model for PPO), the same prompts (B prompts × P tokens, no
+padding), R new tokens sampled at temperature 1, the same epochs / minibatches, AdamW, float32 on
+CPU. TRL runs in its own virtual environment as a subprocess (``--trl019_python`` /
+``--trl_python``); see notes/BUILD_NOTES_online.md for the install commands. Per-phase times for
+TRL come from timing wrappers around its module-level ``batch_generation`` / ``forward`` /
+``get_reward`` (PPO) or its trainer's ``_generate*`` / ``_get_per_token_logps*`` methods (GRPO);
+the update is the rest of the iteration. rlhf_jax is timed on its second iteration (the first one
+compiles; its time is reported as ``compile_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+from absl import app, flags
+
+_QUICK = flags.DEFINE_bool("quick", False, "2-layer GPT-2 shapes (a smoke run).")
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_TRL019 = flags.DEFINE_string("trl019_python", "/tmp/venv_trl019/bin/python",
+                              "Python of the virtualenv with trl==0.19.1 (PPOTrainer).")
+_TRL = flags.DEFINE_string("trl_python", "/tmp/venv_trl_cur/bin/python",
+                           "Python of the virtualenv with the current trl (GRPOTrainer).")
+_THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for torch (and XLA's intra-op pool).")
+_SKIP = flags.DEFINE_list("skip", [], "Sides to skip: jax_ppo, trl_ppo, jax_grpo, trl_grpo.")
+
+# The shared workload. B prompts, G samples each (GRPO), P prompt tokens, R new tokens.
+SHAPES = dict(prompts=8, prompt_len=32, response_len=32, epochs=1, minibatches=2, group=4,
+              grpo_prompts=2)
+
+
+def _jax_side(algorithm: str, n_layer: int) -> dict:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from rlhf_jax import models, sampling, train  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms import ppo_config, ppo_update, rollout  # pylint: disable=import-outside-toplevel
+
+  s = SHAPES
+  grpo = algorithm == "grpo"
+  b = s["grpo_prompts"] if grpo else s["prompts"]
+  g = s["group"] if grpo else 1
+  cfg = ppo_config.PPOConfig(
+      algorithm=algorithm, rollout_batch_size=b, num_samples=g, max_new_tokens=s["response_len"],
+      num_ppo_epochs=s["epochs"], num_minibatches=s["minibatches"], kl_coef=0.05,
+      whiten_advantages=not grpo, critic_init="sft")
+  optim = train.OptimConfig(lr=1e-6, schedule="constant", weight_decay=0.0, clip_norm=1.0)
+  mcfg = models.get_model_config("gpt2", n_layers=n_layer)
+  policy = models.Transformer(mcfg)
+  dummy = jnp.ones((1, 8), jnp.int32)
+  key = jax.random.PRNGKey(0)
+  dev = jax.devices()[0]
+  params = jax.device_put(nn.meta.unbox(policy.init(key, dummy, dummy))["params"], dev)
+  ref_params = jax.tree.map(jnp.copy, params)
+  rm = models.RewardModel(mcfg)
+  rm_params = jax.device_put(nn.meta.unbox(rm.init(key, dummy, dummy))["params"], dev)
+  value_model = models.ValueModel(mcfg) if not grpo else None
+  state_params = {"policy": params}
+  if value_model is not None:
+    state_params["value"] = jax.device_put(
+        models.with_backbone(nn.meta.unbox(value_model.init(key, dummy, dummy))["params"], params), dev)
+    state_params["value"] = jax.tree.map(jnp.copy, state_params["value"])
+  total = 2 * cfg.updates_per_iteration
+  optimizer, _ = train.make_optimizer(optim, total)
+  state = jax.device_put(ppo_update.create_state(state_params, optimizer, 0.05, key), dev)
+  prompts = jax.random.randint(jax.random.PRNGKey(1), (b, s["prompt_len"]), 3, mcfg.vocab_size)
+  prompt_mask = jnp.ones_like(prompts)
+  # eos_id outside the vocabulary: every row samples all R tokens, as TRL's fixed-length generation.
+  samp = sampling.SamplingConfig(max_new_tokens=s["response_len"], num_samples=g,
+                                 eos_id=mcfg.vocab_size + 1, pad_id=0)
+  score_fn = rollout.make_score_fn(rm, eos_id=mcfg.vocab_size + 1, missing_eos_penalty=0.0)
+  logprob_fn = rollout.make_logprob_fn(policy, value_model, s["prompt_len"], 1.0)
+  adv_fn = rollout.make_advantage_fn(cfg)
+  update_fn = ppo_update.make_update_fn(cfg, policy, value_model, optim, total, s["prompt_len"])
+  mean, std = jnp.zeros((1,)), jnp.ones((1,))
+
+  def iteration(state, seed):
+    t = [time.perf_counter()]
+    out = sampling.sample(policy, state.params["policy"], prompts, prompt_mask,
+                          jax.random.PRNGKey(seed), samp)
+    tokens, mask, _ = out.full_sequences()
+    jax.block_until_ready(tokens)
+    t.append(time.perf_counter())
+    scores, _ = jax.block_until_ready(score_fn(rm_params, mean, std, tokens, mask,
+                                               out.response_mask_BxR))
+    t.append(time.perf_counter())
+    old, ref, values, _ = jax.block_until_ready(logprob_fn(
+        state.params["policy"], ref_params, state.params.get("value"), tokens, mask))
+    adv, ret, _ = jax.block_until_ready(adv_fn(scores, old, ref, values, out.response_mask_BxR,
+                                               state.kl_coef))
+    t.append(time.perf_counter())
+    ro = rollout.Rollout(tokens, mask, out.response_mask_BxR, old, ref, values, adv, ret)
+    state, metrics = update_fn(state, ro)
+    jax.block_until_ready(metrics)
+    t.append(time.perf_counter())
+    phases = dict(zip(("generation", "scoring", "logprobs", "update"), [b - a for a, b in zip(t, t[1:])]))
+    return state, phases
+
+  t0 = time.perf_counter()
+  state, _ = iteration(state, 0)
+  compile_s = time.perf_counter() - t0
+  state, phases = iteration(state, 1)
+  return {"phases": phases, "total_s": sum(phases.values()), "compile_s": compile_s,
+          "rows": b * g, "params_M": mcfg.num_params() / 1e6}
+
+
+_TRL_COMMON = r'''
+import json, os, sys, time, tempfile
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+torch.manual_seed(0)
+from datasets import Dataset
+from tokenizers import Tokenizer, models as tm, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config,
+                          PreTrainedTokenizerFast)
+S = json.loads(sys.argv[1]); N_LAYER = int(sys.argv[3])
+cfg = GPT2Config(n_layer=N_LAYER)
+# A local word-level tokenizer over GPT-2's vocabulary size (no hub download): ids 0..50256.
+vocab = {f"w{i}": i for i in range(cfg.vocab_size - 3)}
+vocab.update({"<pad>": cfg.vocab_size - 3, "<unk>": cfg.vocab_size - 2, "<|endoftext|>": cfg.vocab_size - 1})
+tk = Tokenizer(tm.WordLevel(vocab, unk_token="<unk>")); tk.pre_tokenizer = pre_tokenizers.Whitespace()
+tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|endoftext|>",
+                              unk_token="<unk>", bos_token="<|endoftext|>")
+tok.padding_side = "left"
+cfg.pad_token_id = tok.pad_token_id
+g = torch.Generator().manual_seed(1)
+def prompt_text(n):
+  return " ".join(f"w{int(i)}" for i in torch.randint(3, cfg.vocab_size - 3, (n,), generator=g))
+TIMES, SNAPSHOTS, LOG_T = {}, [], []
+def snapshot_on_log(trainer):
+  orig = trainer.log
+  def log(*a, **k):  # called once per optimiser update / iteration: close its phase times
+    LOG_T.append(time.perf_counter()); SNAPSHOTS.append(dict(TIMES)); TIMES.clear()
+    return orig(*a, **k)
+  trainer.log = log
+def report(t0):
+  iters = [b - a for a, b in zip([t0] + LOG_T, LOG_T)]
+  print("RESULT", json.dumps({"iteration_s": iters, "phases": SNAPSHOTS}))
+def timed(name, fn):
+  def wrapper(*a, **k):
+    t = time.perf_counter(); out = fn(*a, **k); TIMES[name] = TIMES.get(name, 0.0) + time.perf_counter() - t
+    return out
+  return wrapper
+'''
+
+_TRL_PPO = _TRL_COMMON + r'''
+from trl import PPOConfig, PPOTrainer
+import trl.trainer.ppo_trainer as pt
+ids = [tok(prompt_text(S["prompt_len"]))["input_ids"] for _ in range(S["prompts"] * 2)]
+ds = Dataset.from_dict({"input_ids": ids})
+policy = AutoModelForCausalLM.from_config(cfg); ref = AutoModelForCausalLM.from_config(cfg)
+rm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
+vm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
+mb = S["prompts"] // S["minibatches"]
+args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=mb, gradient_accumulation_steps=1,
+                 num_mini_batches=S["minibatches"], num_ppo_epochs=S["epochs"], response_length=S["response_len"],
+                 total_episodes=S["prompts"] * 2, local_rollout_forward_batch_size=S["prompts"],
+                 num_sample_generations=0, report_to="none", use_cpu=True, learning_rate=1e-6,
+                 stop_token=None, temperature=1.0, kl_coef=0.05, save_strategy="no", logging_steps=1000,
+                 dataloader_num_workers=0, seed=0)
+trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                     train_dataset=ds, value_model=vm)
+# Phase timers: generation, ref forward (no grad) vs the update's forward, value/reward heads.
+pt.batch_generation = timed("generation", pt.batch_generation)
+_fwd = pt.forward
+def fwd(model, *a, **k):
+  name = "logprobs" if not torch.is_grad_enabled() else "update_forward"
+  return timed(name, _fwd)(model, *a, **k)
+pt.forward = fwd
+_gr = pt.get_reward
+def gr(model, *a, **k):
+  return timed("scoring" if model is rm else "logprobs", _gr)(model, *a, **k)
+pt.get_reward = gr
+snapshot_on_log(trainer)
+t0 = time.perf_counter(); trainer.train(); report(t0)
+'''
+
+_TRL_GRPO = _TRL_COMMON + r'''
+from trl import GRPOConfig, GRPOTrainer
+prompts = [prompt_text(S["prompt_len"]) for _ in range(S["grpo_prompts"] * 2)]
+ds = Dataset.from_dict({"prompt": prompts})
+policy = AutoModelForCausalLM.from_config(cfg)
+rm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
+rows = S["grpo_prompts"] * S["group"]
+args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rows // S["minibatches"],
+                  gradient_accumulation_steps=S["minibatches"], num_generations=S["group"],
+                  max_completion_length=S["response_len"], num_iterations=S["epochs"], beta=0.05,
+                  max_steps=2, report_to="none", use_cpu=True, learning_rate=1e-6, temperature=1.0,
+                  save_strategy="no", logging_steps=1, seed=0, bf16=False)
+trainer = GRPOTrainer(model=policy, reward_funcs=[rm], reward_processing_classes=[tok], args=args,
+                      train_dataset=ds, processing_class=tok)
+for name in dir(trainer):
+  if name.startswith("_generate") or name.startswith("_get_per_token_logps") or name == "_calculate_rewards":
+    fn = getattr(trainer, name)
+    if callable(fn):
+      setattr(trainer, name, timed(name, fn))
+snapshot_on_log(trainer)
+t0 = time.perf_counter(); trainer.train(); report(t0)
+'''
+
+
+def _run_trl(python: str, script: str, threads: int, n_layer: int) -> dict:
+  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+    f.write(script)
+  env = dict(os.environ, TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([python, f.name, json.dumps(SHAPES), str(threads), str(n_layer)],
+                        capture_output=True, text=True, env=env, timeout=3000)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    return {"error": (proc.stderr or proc.stdout)[-3000:]}
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true")
+  n_layer = 2 if _QUICK.value else 12
+  results = {"shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value,
+             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  sides = [("jax_ppo", lambda: _jax_side("ppo", n_layer)),
+           ("trl_ppo", lambda: _run_trl(_TRL019.value, _TRL_PPO, _THREADS.value, n_layer)),
+           ("jax_grpo", lambda: _jax_side("grpo", n_layer)),
+           ("trl_grpo", lambda: _run_trl(_TRL.value, _TRL_GRPO, _THREADS.value, n_layer))]
+  for name, fn in sides:
+    if name in _SKIP.value:
+      continue
+    t0 = time.perf_counter()
+    results[name] = fn()
+    results[name]["wall_s"] = time.perf_counter() - t0
+    print(name, json.dumps(results[name], indent=1), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == "__main__":
+  app.run(main)

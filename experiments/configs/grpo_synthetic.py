@@ -1,0 +1,28 @@
+"""GRPO (group-normalised advantages, no critic, k3 KL loss term) on the synthetic task."""
+
+import ml_collections
+
+import ppo_synthetic  # experiments/configs is on sys.path when absl loads a config file
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """GRPO: 8 prompts × 4 samples per iteration, A = (s - mean_group) / (std_group + 1e-4).
+
+  Run:
+    python experiments/ppo.py --config=experiments/configs/grpo_synthetic.py \\
+        --config.data.sft_workdir=workdirs/sft_synthetic \\
+        --config.data.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/grpo_synthetic
+
+  The KL to the SFT model is a loss term β · k3 (DeepSeekMath) rather than part of the reward;
+  ``--config.ppo.algorithm=dr_grpo --config.ppo.aggregation=seq_mean_token_sum_norm`` gives Dr. GRPO.
+  Same rows per iteration (32) and updates as ``ppo_synthetic``; measured numbers in
+  notes/BUILD_NOTES_online.md.
+  """
+  config = ppo_synthetic.get_config()
+  config.ppo.algorithm = "grpo"
+  config.ppo.rollout_batch_size = 8
+  config.ppo.num_samples = 4
+  config.ppo.kl_coef = 0.05
+  config.ppo.whiten_advantages = False
+  config.optim.lr = 3e-5
+  return config

@@ -1,0 +1,25 @@
+"""RLOO (leave-one-out baseline, no critic, KL in the sequence reward) on the synthetic task."""
+
+import ml_collections
+
+import ppo_synthetic  # experiments/configs is on sys.path when absl loads a config file
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """RLOO: 8 prompts × 4 samples, r_i = s_i - β Σ_t KL_t, A_i = r_i - mean_{j≠i} r_j.
+
+  Run:
+    python experiments/ppo.py --config=experiments/configs/rloo_synthetic.py \\
+        --config.data.sft_workdir=workdirs/sft_synthetic \\
+        --config.data.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/rloo_synthetic
+
+  Updates use the clipped per-token surrogate with the sequence advantage broadcast over tokens
+  (TRL's RLOOTrainer clips a sequence-level ratio instead); measured numbers in
+  notes/BUILD_NOTES_online.md.
+  """
+  config = ppo_synthetic.get_config()
+  config.ppo.algorithm = "rloo"
+  config.ppo.rollout_batch_size = 8
+  config.ppo.num_samples = 4
+  config.ppo.whiten_advantages = False
+  return config

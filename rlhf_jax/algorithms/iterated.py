@@ -1,0 +1,189 @@
+"""Iterated RLHF (Bai et al., 2022, arXiv:2204.05862, §4.5 "iterated online RLHF"; InstructGPT's
+repeated steps 2–3) on the synthetic task.
+
+Round r = 0, 1, ... with policy π_r (π_0 = SFT):
+
+1. comparisons — ``pairs_per_round`` prompts, two samples each from π_r, labelled by the simulated
+   Bradley–Terry annotator (``synthetic.sample_preference``, temperature ``bt_temperature``);
+   appended to ``all_pairs.jsonl``. ``eval_pairs`` more prompts give held-out pairs of π_r.
+2. reward model RM_r — retrained from the SFT backbone on *all* comparisons so far
+   (``reward_model.train_and_evaluate`` with ``data.source="jsonl"``).
+3. policy π_{r+1} — PPO from π_r against RM_r; the KL reference stays the SFT model.
+4. report — gold reward of π_{r+1} and its KL to SFT (``eval.policy`` on held-out prompts), and
+   RM_r's accuracy on comparisons between π_{r+1}'s own samples (gold order, ties dropped): the
+   distribution shift each round's new data is meant to repair.
+
+Each stage writes its outputs under ``<workdir>/round_<r>/`` and is skipped when they exist, so a
+rerun resumes. ``rounds.json`` / ``rounds.md`` / ``iterated_rlhf.png`` hold the table and plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import models, sampling, train
+from rlhf_jax.algorithms import ppo, ppo_models, reward_model, reward_scoring, sft
+from rlhf_jax.data import batching, records, synthetic, synthetic_files
+
+logger = logging.getLogger(__name__)
+
+
+def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.random.Generator,
+                       key: jax.Array, *, max_prompt_len: int, max_new_tokens: int,
+                       bt_temperature: float) -> list[dict]:
+  """Two samples per prompt from ``params``, labelled by the simulated annotator. Rows carry the
+  gold rewards for inspection (the record reader ignores them); identical pairs are dropped."""
+  batch = batching.encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len,
+                                  buckets=(max_prompt_len,))
+  cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, num_samples=2,
+                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  out = sampling.sample(policy, params, batch["prompt_tokens"], batch["prompt_mask"], key, cfg)
+  tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
+  texts = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
+  rows = []
+  for i, prompt in enumerate(prompts):
+    a, b = texts[2 * i], texts[2 * i + 1]
+    if a == b:
+      continue
+    ga, gb = synthetic.gold_reward(prompt, a), synthetic.gold_reward(prompt, b)
+    prefer_a = synthetic.sample_preference(rng, ga, gb, bt_temperature)
+    chosen, rejected, gc, gr = (a, b, ga, gb) if prefer_a else (b, a, gb, ga)
+    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                 "gold_chosen": round(gc, 4), "gold_rejected": round(gr, 4)})
+  return rows
+
+
+def rm_gold_accuracy(handle, tokenizer, rows: list[dict]) -> float:
+  """Share of pairs (gold ties dropped) where the reward model orders the two like the gold reward."""
+  rows = [r for r in rows if r["gold_chosen"] != r["gold_rejected"]]
+  if not rows:
+    return float("nan")
+  prompts = [r["prompt"] for r in rows]
+  rc = reward_scoring.score_texts(handle, tokenizer, prompts, [r["chosen"] for r in rows])
+  rr = reward_scoring.score_texts(handle, tokenizer, prompts, [r["rejected"] for r in rows])
+  gold_first = np.array([r["gold_chosen"] > r["gold_rejected"] for r in rows])
+  return float(np.mean((rc > rr) == gold_first))
+
+
+def _write(path: str, rows: list[dict]) -> None:
+  records.write_jsonl(path + ".tmp", rows)
+  os.replace(path + ".tmp", path)
+
+
+def _read(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs (or resumes) ``config.rounds`` rounds; returns one row per round (also ``rounds.json``).
+  Keys: see ``experiments/configs/iterated_synthetic.py``."""
+  os.makedirs(workdir, exist_ok=True)
+  train.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  sft_ckpt = sft.load_sft_params(config.sft_workdir)
+  tok, policy_model = sft_ckpt.tokenizer, models.Transformer(sft_ckpt.model_config)
+  task_dir = os.path.join(workdir, "data", "synthetic")
+  if not os.path.exists(os.path.join(task_dir, "metadata.json")):
+    synthetic_files.write_task(task_dir, synthetic_files.SyntheticConfig(
+        seed=config.ppo.data.synthetic_seed, num_prompts=config.ppo.data.synthetic_num_prompts,
+        num_test_prompts=config.ppo.data.synthetic_num_test_prompts), overwrite=True)
+  prompt_pool = [r["prompt"] for r in _read(os.path.join(task_dir, "prompts.jsonl"))]
+  all_pairs = os.path.join(workdir, "all_pairs.jsonl")
+  params, table = sft_ckpt.params, []
+  for r in range(config.rounds):
+    rdir = os.path.join(workdir, f"round_{r}")
+    os.makedirs(rdir, exist_ok=True)
+    rng = np.random.default_rng([config.seed, r])
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
+    new_pairs, held_pairs = os.path.join(rdir, "pairs.jsonl"), os.path.join(rdir, "eval_pairs.jsonl")
+    if not os.path.exists(held_pairs):  # 1. comparisons of π_r
+      chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs, replace=False)
+      prompts = [prompt_pool[i] for i in chosen]
+      rows = sample_comparisons(policy_model, params, tok, prompts, rng, key,
+                                max_prompt_len=config.ppo.data.max_prompt_len,
+                                max_new_tokens=config.ppo.ppo.max_new_tokens,
+                                bt_temperature=config.bt_temperature)
+      split = int(len(rows) * config.pairs_per_round / (config.pairs_per_round + config.eval_pairs))
+      previous = _read(all_pairs) if r > 0 else []
+      _write(new_pairs, rows[:split])
+      _write(all_pairs + f".round{r}", previous + rows[:split])
+      _write(held_pairs, rows[split:])
+    rm_dir = os.path.join(rdir, "rm")
+    if not os.path.exists(os.path.join(rm_dir, reward_scoring.ARTIFACT_DIR)):  # 2. RM_r
+      rm_cfg = copy.deepcopy(config.rm)
+      rm_cfg.rm.sft_workdir = config.sft_workdir
+      rm_cfg.data.source = "jsonl"
+      rm_cfg.data.train_jsonl = all_pairs + f".round{r}"
+      rm_cfg.data.eval_jsonl = held_pairs
+      rm_cfg.data.prompts_jsonl = os.path.join(task_dir, "prompts.jsonl")
+      reward_model.train_and_evaluate(rm_cfg, rm_dir)
+    if os.path.exists(all_pairs + f".round{r}"):  # this round's data now backs a trained RM
+      os.replace(all_pairs + f".round{r}", all_pairs)
+    handle = reward_scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
+    ppo_dir = os.path.join(rdir, "ppo")  # 3. π_{r+1}
+    ppo_cfg = copy.deepcopy(config.ppo)
+    ppo_cfg.data.sft_workdir = config.sft_workdir
+    ppo_cfg.data.reward_model_workdir = rm_dir
+    parsed = ppo.parse_config(ppo_cfg)
+    value_model, value_params = ppo_models.init_value_params(
+        parsed[0], sft_ckpt.model_config, params, handle, jax.random.PRNGKey(config.seed + r))
+    models_ = ppo_models.PPOModels(tok, policy_model, params, sft_ckpt.params, handle, value_model,
+                                   value_params)
+    final = ppo.train_and_evaluate(ppo_cfg, ppo_dir, models_=models_)
+    if final.get("preempted"):
+      logger.warning("round %d preempted; rerun to resume", r)
+      return table
+    params = train.restore_params(ppo_dir)["policy"]
+    # 4. RM_r on π_{r+1}'s own comparisons (they also seed the next round's data)
+    probe = sample_comparisons(policy_model, params, tok,
+                               [prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs,
+                                                                   replace=False)],
+                               rng, jax.random.fold_in(key, 7),
+                               max_prompt_len=config.ppo.data.max_prompt_len,
+                               max_new_tokens=config.ppo.ppo.max_new_tokens,
+                               bt_temperature=config.bt_temperature)
+    row = {"round": r, "num_comparisons": len(_read(all_pairs)),
+           "gold_reward": final.get("gold_reward"), "initial_gold_reward": final.get("initial_gold_reward"),
+           "sft_gold_reward": final.get("sft_gold_reward"), "kl_to_sft": final.get("kl_to_sft"),
+           "rm_reward": final.get("rm_reward"),
+           "rm_accuracy_on_new_policy": rm_gold_accuracy(handle, tok, probe),
+           "rm_accuracy_on_own_policy": rm_gold_accuracy(handle, tok, _read(held_pairs))}
+    table.append(row)
+    logger.info("round %d: %s", r, row)
+  train.atomic_write_json(os.path.join(workdir, "rounds.json"), table)
+  write_report(table, workdir)
+  return table
+
+
+def write_report(table: list[dict], workdir: str) -> None:
+  """``rounds.md`` (a Markdown table) and ``iterated_rlhf.png`` (gold reward, RM accuracy, KL)."""
+  cols = ("round", "num_comparisons", "gold_reward", "kl_to_sft", "rm_accuracy_on_own_policy",
+          "rm_accuracy_on_new_policy")
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for row in table:
+    lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                                   for c in cols) + " |")
+  with open(os.path.join(workdir, "rounds.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  rounds = [row["round"] + 1 for row in table]
+  axes[0].plot([0] + rounds, [table[0]["sft_gold_reward"]] + [row["gold_reward"] for row in table], "o-")
+  axes[0].set(xlabel="round", ylabel="gold reward (held-out)")
+  axes[1].plot(rounds, [row["rm_accuracy_on_own_policy"] for row in table], "o-", label="π_r pairs")
+  axes[1].plot(rounds, [row["rm_accuracy_on_new_policy"] for row in table], "s--", label="π_{r+1} pairs")
+  axes[1].set(xlabel="round", ylabel="RM_r gold accuracy")
+  axes[1].legend()
+  axes[2].plot([0] + rounds, [0.0] + [row["kl_to_sft"] for row in table], "o-")
+  axes[2].set(xlabel="round", ylabel="KL(π ‖ SFT) per response")
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "iterated_rlhf.png"), dpi=120)
+  plt.close(fig)
