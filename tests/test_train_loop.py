@@ -63,7 +63,7 @@ def _toy_step(num_steps, accum):
 
 
 def run_toy(workdir, num_steps, stop_after=0, accum=1, mesh=None, checkpoint_every=4, eval_fn=None,
-            hidden_fingerprint=16):
+            hidden_fingerprint=16, data=None):
   mesh = mesh or parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
   opt, step_fn = _toy_step(num_steps, accum)
   params = jax.device_put(toy_params(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -72,7 +72,7 @@ def run_toy(workdir, num_steps, stop_after=0, accum=1, mesh=None, checkpoint_eve
                               keep_checkpoints=2, stop_after_steps=stop_after, eval_every=4,
                               progress_every_secs=0.0)
   return train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                     data=ToyData(), fingerprint={"model": {"hidden": hidden_fingerprint}},
+                     data=data or ToyData(), fingerprint={"model": {"hidden": hidden_fingerprint}},
                      mesh=mesh, eval_fn=eval_fn, run_config={"toy": True, "num_steps": num_steps})
 
 
@@ -164,3 +164,19 @@ def test_restore_params_reads_latest_checkpoint(tmp_path):
   result = run_toy(str(tmp_path), 4)
   params = train.restore_params(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params), params)
+
+
+class _FiniteToyData(ToyData):
+  def __next__(self):
+    if self.index >= 5:
+      raise StopIteration
+    return super().__next__()
+
+
+def test_finite_data_stops_checkpoints_and_evaluates(tmp_path):
+  evaluated = []
+  result = run_toy(str(tmp_path), 12, data=_FiniteToyData(),
+                   eval_fn=lambda state, step: evaluated.append(step) or {"x": 1.0})
+  assert result.step == 5 and train.latest_step(str(tmp_path)) == 5
+  assert evaluated == [4, 5]
+  assert [r["step"] for r in train.read_metrics(str(tmp_path), "train")] == [2, 4, 5]

@@ -186,15 +186,26 @@ class EvalData(NamedTuple):
 
 def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, num_sample_prompts: int,
                    tokenizer: tok_lib.Tokenizer) -> EvalData:
-  """Materialises the eval batches (one padded length: one compile) and the sampling prompts."""
-  max_len = config.max_prompt_len + config.max_response_len
+  """Materialises the eval batches and the sampling prompts.
+
+  Every eval batch is padded to the longest sequence of the evaluated examples (rounded up to a
+  multiple of 8) and the prompts to the bucket of the longest sampled prompt: one compile each,
+  and no work on padding up to the configured maxima.
+  """
+  num_examples = min(len(eval_ds), config.max_eval_examples)
+  num_batches = -(-num_examples // config.eval_batch_size)
+  covered = min(len(eval_ds), num_batches * config.eval_batch_size)  # rows the batches read
+  longest = -(-int(np.max(eval_ds.lengths[:covered])) // 8) * 8
+  # the iterator insists on a bucket for the dataset's maximum; no batch used here reaches it
+  buckets = tuple(sorted({longest, eval_ds.max_seq_len}))
   it = batching.BatchIterator(eval_ds, config.eval_batch_size, shuffle=False, drop_remainder=False,
-                              num_epochs=1, buckets=(max_len,), process_index=0, process_count=1)
-  num_batches = -(-min(len(eval_ds), config.max_eval_examples) // config.eval_batch_size)
+                              num_epochs=1, buckets=buckets, process_index=0, process_count=1)
   batches = [{k: b[k] for k in ("tokens", "mask", "loss_mask")}
              for _, b in zip(range(num_batches), it)]
   examples = [eval_ds[i] for i in range(min(num_sample_prompts, len(eval_ds)))]
-  prompts = batching.collate(examples, "prompt", eval_ds.special_ids, config.max_prompt_len)
+  width = batching.bucket_length(1 + max((len(ex["prompt"]) for ex in examples), default=0),
+                                 batching.default_buckets(config.max_prompt_len))
+  prompts = batching.collate(examples, "prompt", eval_ds.special_ids, width)
   texts = [tokenizer.decode(ex["prompt"]) for ex in examples]
   return EvalData(batches, prompts["prompt_tokens"], prompts["prompt_mask"], texts,
                   config.max_response_len)

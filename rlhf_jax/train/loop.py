@@ -248,7 +248,13 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
       ready, window = None, []
       step = start
       while step < end:
-        batch = next(data)
+        try:
+          batch = next(data)
+        except StopIteration:  # a finite iterator ran out: keep what was trained, then evaluate
+          logger.warning("data exhausted after %d steps (num_steps=%d)", step, config.num_steps)
+          if step > start:
+            checkpointer.save(step, state, data.get_state())
+          break
         progress.add_tokens(token_count(batch))
         state, metrics = jitted(state, parallel.shard_batch(batch, mesh, rules))
         step += 1
@@ -275,6 +281,8 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
           progress.restart(step)
       if ready is not None:
         emit(ready)
+      if window:  # steps since the last log row (stopped early by a signal or the data)
+        emit((step, window, True))
       if not preempted and eval_fn is not None:
         evaluate(step)
   finally:
