@@ -164,8 +164,9 @@ ds = Dataset.from_dict({"input_ids": ids})
 policy = AutoModelForCausalLM.from_config(cfg); ref = AutoModelForCausalLM.from_config(cfg)
 rm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
 vm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
-mb = S["prompts"] // S["minibatches"]
-args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=mb, gradient_accumulation_steps=1,
+# TRL 0.19: rollout batch = per_device_train_batch_size * gradient_accumulation_steps, cut into
+# num_mini_batches minibatches (each one optimiser step).
+args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=S["prompts"], gradient_accumulation_steps=1,
                  num_mini_batches=S["minibatches"], num_ppo_epochs=S["epochs"], response_length=S["response_len"],
                  total_episodes=S["prompts"] * 2, local_rollout_forward_batch_size=S["prompts"],
                  num_sample_generations=0, report_to="none", use_cpu=True, learning_rate=1e-6,
@@ -192,15 +193,24 @@ _TRL_GRPO = _TRL_COMMON + r'''
 from trl import GRPOConfig, GRPOTrainer
 prompts = [prompt_text(S["prompt_len"]) for _ in range(S["grpo_prompts"] * 2)]
 ds = Dataset.from_dict({"prompt": prompts})
-policy = AutoModelForCausalLM.from_config(cfg)
-rm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
+# GRPOTrainer re-loads the reference model (beta > 0) from the policy's path: save the random
+# models locally so nothing touches the hub.
+root = tempfile.mkdtemp()
+for name, model in (("policy", AutoModelForCausalLM.from_config(cfg)),
+                    ("rm", AutoModelForSequenceClassification.from_config(
+                        GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id)))):
+  model.save_pretrained(os.path.join(root, name)); tok.save_pretrained(os.path.join(root, name))
+policy, rm = os.path.join(root, "policy"), os.path.join(root, "rm")
 rows = S["grpo_prompts"] * S["group"]
+# One generation of `rows` completions feeds `minibatches` optimiser steps of rows/minibatches each
+# (steps_per_generation), as our num_minibatches; max_steps covers two such iterations.
 args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rows // S["minibatches"],
-                  gradient_accumulation_steps=S["minibatches"], num_generations=S["group"],
+                  gradient_accumulation_steps=1, steps_per_generation=S["minibatches"],
+                  num_generations=S["group"],
                   max_completion_length=S["response_len"], num_iterations=S["epochs"], beta=0.05,
-                  max_steps=2, report_to="none", use_cpu=True, learning_rate=1e-6, temperature=1.0,
+                  max_steps=2 * S["minibatches"], report_to="none", use_cpu=True, learning_rate=1e-6, temperature=1.0,
                   save_strategy="no", logging_steps=1, seed=0, bf16=False)
-trainer = GRPOTrainer(model=policy, reward_funcs=[rm], reward_processing_classes=[tok], args=args,
+trainer = GRPOTrainer(model=policy, reward_funcs=[rm], args=args,
                       train_dataset=ds, processing_class=tok)
 for name in dir(trainer):
   if name.startswith("_generate") or name.startswith("_get_per_token_logps") or name == "_calculate_rewards":
