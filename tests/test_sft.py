@@ -4,6 +4,7 @@ Every run here shares one shape set (tiny model, one 80-token bucket, batch 8) s
 little; the synthetic task is generated once and copied into each workdir.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -21,8 +22,17 @@ from rlhf_jax import train
 from rlhf_jax.algorithms import sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-import sft_synthetic  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _load_config_module(name):
+  path = os.path.join(REPO, "experiments", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_test_sft_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+sft_synthetic = _load_config_module("sft_synthetic")
 
 TINY_OVERRIDES = {
     "model.preset": "tiny", "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
@@ -196,3 +206,31 @@ def test_launcher_rejects_unknown_flag_key(tmp_path):
   proc = _launch(str(tmp_path), "--config.optim.lrr=0.1")
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and "lrr" in out
+
+
+def _jsonl_config(train_jsonl, eval_jsonl, **extra):
+  config = _load_config_module("sft_jsonl").get_config()
+  values = {**TINY_OVERRIDES, "data.max_prompt_len": 32, "data.max_response_len": 48,
+            "loop.num_steps": 2, "loop.checkpoint_every": 2, "data.train_jsonl": train_jsonl,
+            "data.eval_jsonl": eval_jsonl, **extra}
+  for key, value in values.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def test_jsonl_config_requires_existing_files(tmp_path):
+  with pytest.raises(ValueError, match=r"config.data: SFTDataConfig.train_jsonl='/nonexistent.jsonl' "
+                                       r"is invalid; allowed: an existing JSONL file"):
+    sft.train_and_evaluate(_jsonl_config("/nonexistent.jsonl", "/nonexistent.jsonl"), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_jsonl_config_trains_on_user_files(full_run, tmp_path):
+  task = os.path.join(full_run[0], "data", "synthetic")
+  final = sft.train_and_evaluate(
+      _jsonl_config(os.path.join(task, "sft.jsonl"), os.path.join(task, "sft_test.jsonl")),
+      str(tmp_path / "run"))
+  assert final["step"] == 2 and 0 < final["eval_nll_per_token"] < 6.0
+  assert "sample_gold_reward" not in final  # no gold reward for user data
+  assert os.path.isdir(tmp_path / "run" / "data" / "sft_train")

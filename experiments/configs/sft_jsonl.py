@@ -19,7 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
   Samples of held-out prompts are logged and written to ``<workdir>/samples.jsonl``; there is no
   gold reward for your data, so the final metrics are the held-out NLL / perplexity.
 
-  Expected (measured; see notes/BUILD_NOTES_train.md): MEASURED_JSONL_PLACEHOLDER
+  Cost scales with your data. Measured 2026-11-21 with the synthetic task's own files as "your"
+  data (``--config.data.train_jsonl=<task>/sft.jsonl --config.data.eval_jsonl=<task>/sft_test.jsonl``,
+  4000 / 500 records), on the 2-core CPU box shared with other jobs (load average 15-19): 4 min 20 s
+  wall, 1 min 43 s user CPU, final eval_nll_per_token 0.535 - the same as the synthetic config,
+  since the data, model and steps are the same.
   """
   config = sft.default_config()
   config.data.source = "jsonl"
