@@ -1,9 +1,14 @@
 """Iterated RLHF on the synthetic task (the default of ``experiments/iterated_rlhf.py``)."""
 
+import os
+import sys
+
 import ml_collections
 
-import ppo_synthetic  # experiments/configs is on sys.path when absl loads a config file
-import rm_synthetic
+# absl loads config files by path: make their sibling configs importable.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
+import rm_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def get_config() -> ml_collections.ConfigDict:

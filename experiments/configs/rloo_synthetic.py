@@ -1,8 +1,13 @@
 """RLOO (leave-one-out baseline, no critic, KL in the sequence reward) on the synthetic task."""
 
+import os
+import sys
+
 import ml_collections
 
-import ppo_synthetic  # experiments/configs is on sys.path when absl loads a config file
+# absl loads config files by path: make their sibling configs importable.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def get_config() -> ml_collections.ConfigDict:
