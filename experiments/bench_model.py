@@ -56,6 +56,7 @@ flags.DEFINE_integer("torch_threads", 0,
                      "call per workload and keep the faster (under load, spinning OpenMP threads "
                      "can make fewer threads faster).")
 flags.DEFINE_bool("breakdown", False, "Also time forward, forward+backward and the optimizer alone.")
+flags.DEFINE_list("workloads", ["train", "sample"], "Which comparisons to run: train, sample.")
 flags.DEFINE_string("out", "/tmp/bench_model.json", "Where to write the JSON results.")
 
 TRAIN_TARGET, SAMPLE_TARGET = 1.2, 3.0  # from the issue: ratios rlhf_jax / PyTorch
@@ -321,7 +322,16 @@ def main(argv):
     result["torch_attn_implementation"] = ts.attn_impl
     result["params"] = {"rlhf_jax": js.cfg.num_params(), "torch": ts.num_params}
 
-    # --- train step: one warm-up (compile) each, then alternate.
+    if "train" in FLAGS.workloads:
+        _bench_train(js, ts, s, peak, result)
+    if "sample" in FLAGS.workloads:
+        _bench_sample(js, ts, s, result)
+    result["uptime_after"] = _uptime()
+    _report(js, ts, s, result)
+
+
+def _bench_train(js, ts, s, peak, result):
+    """One warm-up (compile) each, then alternate timed steps."""
     t0 = time.perf_counter()
     js.train_step()
     result["jax_first_step_s"] = time.perf_counter() - t0  # includes compilation
@@ -345,7 +355,9 @@ def main(argv):
         result["breakdown_s"] = {"rlhf_jax": js.breakdown(s["steps"]),
                                  "torch": ts.breakdown(s["steps"])}
 
-    # --- sampling.
+
+def _bench_sample(js, ts, s, result):
+    """Greedy decoding of exactly new_tokens per row; one warm-up each, then alternate."""
     jax_sample = js.make_sampler(s["sample_batch"], s["prompt_len"], s["new_tokens"])
     torch_generate = ts.make_generate(s["sample_batch"], s["prompt_len"], s["new_tokens"])
     t0 = time.perf_counter()
@@ -354,7 +366,7 @@ def main(argv):
     if FLAGS.torch_threads > 0:
         torch_generate()
     sample_threads, sample_trials = _pick_torch_threads(torch_generate, FLAGS.torch_threads)
-    result["torch_threads"].update(sample=sample_threads, sample_trials_s=sample_trials)
+    result.setdefault("torch_threads", {}).update(sample=sample_threads, sample_trials_s=sample_trials)
     jax_times, torch_times = _alternate(jax_sample, torch_generate, s["sample_reps"])
     new = s["sample_batch"] * s["new_tokens"]
     sampling = {}
@@ -363,25 +375,29 @@ def main(argv):
         sampling[name] = {"call_s": times, "median_call_s": sec, "tokens_per_s": new / sec}
     sampling["ratio"] = sampling["rlhf_jax"]["tokens_per_s"] / sampling["torch"]["tokens_per_s"]
     result["sampling"] = sampling
-    result["uptime_after"] = _uptime()
 
-    tr, sa = train, sampling
+
+def _report(js, ts, s, result):
     print()
     print("| workload | shape | rlhf_jax tok/s | PyTorch tok/s | ratio | target | rlhf_jax MFU | "
           "PyTorch MFU |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| train step (fwd+bwd+AdamW) | {FLAGS.preset} B={s['train_batch']} T={s['train_len']} | "
-          f"{tr['rlhf_jax']['tokens_per_s']:.0f} | {tr['torch']['tokens_per_s']:.0f} | "
-          f"{tr['ratio']:.2f}x | >= {TRAIN_TARGET}x | {100 * tr['rlhf_jax']['mfu']:.1f}% | "
-          f"{100 * tr['torch']['mfu']:.1f}% |")
-    print(f"| greedy sampling, KV cache | B={s['sample_batch']} prompt={s['prompt_len']} "
-          f"new={s['new_tokens']} | {sa['rlhf_jax']['tokens_per_s']:.0f} | "
-          f"{sa['torch']['tokens_per_s']:.0f} | {sa['ratio']:.2f}x | >= {SAMPLE_TARGET}x | - | - |")
+    if "train" in result:
+        tr = result["train"]
+        print(f"| train step (fwd+bwd+AdamW) | {FLAGS.preset} B={s['train_batch']} T={s['train_len']} | "
+              f"{tr['rlhf_jax']['tokens_per_s']:.0f} | {tr['torch']['tokens_per_s']:.0f} | "
+              f"{tr['ratio']:.2f}x | >= {TRAIN_TARGET}x | {100 * tr['rlhf_jax']['mfu']:.1f}% | "
+              f"{100 * tr['torch']['mfu']:.1f}% |")
+    if "sampling" in result:
+        sa = result["sampling"]
+        print(f"| greedy sampling, KV cache | B={s['sample_batch']} prompt={s['prompt_len']} "
+              f"new={s['new_tokens']} | {sa['rlhf_jax']['tokens_per_s']:.0f} | "
+              f"{sa['torch']['tokens_per_s']:.0f} | {sa['ratio']:.2f}x | >= {SAMPLE_TARGET}x | - | - |")
     print()
-    print(f"torch threads: {json.dumps(result['torch_threads'])}; attention={ts.attn_impl}")
-    print(f"jax first train step (compile) "
-          f"{result['jax_first_step_s']:.1f}s, first sample call {result['jax_first_sample_s']:.1f}s")
-    if FLAGS.breakdown:
+    print(f"torch threads: {json.dumps(result.get('torch_threads'))}; attention={ts.attn_impl}")
+    print(f"jax first train step (compile) {result.get('jax_first_step_s', float('nan')):.1f}s, "
+          f"first sample call {result.get('jax_first_sample_s', float('nan')):.1f}s")
+    if "breakdown_s" in result:
         print("breakdown (median s): " + json.dumps(result["breakdown_s"]))
     print(f"load after: {result['uptime_after']}")
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
