@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   responses sampled at temperature 1 and scored by the exact gold reward) and writes
   ``<workdir>/final_metrics.json``.
 
-  Measured 2026-11-21 on the 2-core CPU dev box *shared with other jobs* (load average 14-21):
-  5 min 36 s wall, 1 min 48 s user CPU. Expected result (deterministic for this config):
+  Measured 2026-11-21 on the 2-core CPU dev box *shared with other jobs* (load average 16-17):
+  4 min 3 s wall, 1 min 48 s user CPU. Expected result (deterministic for this config):
     eval_nll_per_token 0.535 (perplexity 1.71; 0.646 at step 200)
     sample_gold_reward 0.22 +- 0.08 (s.e., 128 samples) vs reference_policy_gold_reward 0.24
     (the policy that wrote the SFT data, i.e. what a perfect SFT fit scores) and
