@@ -282,9 +282,10 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
       if golds is not None:
         row["gold"] = round(float(golds[i]), 4)
       rows.append(row)
-    with open(sample_path, "a") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if parallel.is_coordinator():
+      with open(sample_path, "a") as f:
+        for row in rows:
+          f.write(json.dumps(row, ensure_ascii=False) + "\n")
     for row in rows[:config.print_samples]:
       logger.info("sample @%d | %r -> %r%s", step, row["prompt"], row["response"],
                   f" (gold {row['gold']:+.2f})" if "gold" in row else "")
@@ -405,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        eval_fn=eval_fn, run_config=config.to_dict())
   final = {"step": result.step, "preempted": result.preempted, **result.eval_metrics}
   final.update(data.reference_metrics)
-  if not result.preempted:
+  if not result.preempted and parallel.is_coordinator():
     train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
     logger.info("SFT finished at step %d: %s", result.step,
                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

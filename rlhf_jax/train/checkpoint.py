@@ -90,7 +90,8 @@ def check_fingerprint(workdir: str, fingerprint: Mapping[str, Any]) -> None:
     raise WorkdirMismatchError(
         f"workdir {workdir!r} has checkpoints but no {FINGERPRINT_FILE}; refusing to guess whether "
         "they match this run's model. Use a fresh --workdir.")
-  atomic_write_json(path, current)
+  if jax.process_index() == 0:
+    atomic_write_json(path, current)
 
 
 class Checkpointer:

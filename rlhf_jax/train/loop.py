@@ -205,7 +205,8 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
     eval_fn: ``eval_fn(state, step) -> metrics``, called every ``eval_every`` steps and at the end.
     run_config: written to ``<workdir>/config.json``.
   """
-  if run_config is not None:
+  is_main = parallel.is_coordinator()  # files other than orbax's are written by process 0 only
+  if run_config is not None and is_main:
     ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
   checkpointer = ckpt_lib.Checkpointer(workdir, fingerprint=fingerprint, keep=config.keep_checkpoints)
   start = checkpointer.latest_step()
@@ -221,7 +222,8 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
   if config.stop_after_steps:
     end = min(end, start + config.stop_after_steps)
 
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, tensorboard_events=tensorboard_events)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start, tensorboard_events=tensorboard_events)
+            if is_main else metrics_lib.NullWriter())
   progress = metrics_lib.Progress(config.num_steps, start, config.progress_every_secs)
   eval_metrics: dict = {}
 
@@ -267,18 +269,19 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
         signalled = stop.signum is not None
         if step % config.checkpoint_every == 0 or step == end or signalled:
           checkpointer.save(step, state, data.get_state())
-        if signalled or (step == end and end < config.num_steps):
-          preempted = True
-          if signalled:
-            logger.warning("signal %d received: checkpointed step %d, stopping", stop.signum, step)
-          break
+        # A periodic eval is skipped only when a signal asks to stop now; the final one runs below.
         if eval_fn is not None and config.eval_every and step % config.eval_every == 0 \
-            and step < config.num_steps:
+            and step < config.num_steps and not signalled:
           if ready is not None:
             emit(ready)
             ready = None
           evaluate(step)
           progress.restart(step)
+        if signalled or (step == end and end < config.num_steps):
+          preempted = True
+          if signalled:
+            logger.warning("signal %d received: checkpointed step %d, stopping", stop.signum, step)
+          break
       if ready is not None:
         emit(ready)
       if window:  # steps since the last log row (stopped early by a signal or the data)

@@ -52,6 +52,16 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """The ``MetricsWriter`` interface for non-coordinator processes: writes nothing."""
+
+  def write(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
+    del step, metrics, split
+
+  def close(self) -> None:
+    pass
+
+
 def _truncate_after(path: str, step: int) -> None:
   """Atomically rewrites a metrics JSONL keeping the rows with ``step <= step``."""
   keep = []
