@@ -126,14 +126,15 @@ class _StopFlag:
 
 
 def _check_finite(iteration: int, last_good: int | None, **arrays) -> None:
+  """Raises :class:`NonFiniteError` naming the first array with NaN/inf and its bad rows."""
   for name, value in arrays.items():
-    value = np.asarray(value)
-    if not np.all(np.isfinite(value)):
-      bad = np.argwhere(~np.isfinite(value.reshape(value.shape[0], -1) if value.ndim else
-                                     value.reshape(1, 1)))[:, 0]
+    array = np.asarray(value)
+    rows_BxX = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+    bad = np.flatnonzero(~np.all(np.isfinite(rows_BxX), axis=1)).tolist()
+    if bad:
       raise NonFiniteError(
-          f"iteration {iteration + 1}: non-finite {name} (NaN/inf in rows {sorted(set(bad.tolist()))[:8]}"
-          f"{'...' if len(set(bad.tolist())) > 8 else ''}); stopping without saving this iteration. "
+          f"iteration {iteration + 1}: non-finite {name} (NaN/inf in rows {bad[:8]}"
+          f"{'...' if len(bad) > 8 else ''}); stopping without saving this iteration. "
           f"The last good checkpoint (iteration {last_good if last_good is not None else 'none'}) "
           "is intact; lower the learning rate / check the reward model before resuming.")
 
