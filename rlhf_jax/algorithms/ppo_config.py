@@ -201,7 +201,6 @@ class PPOLoopConfig:
     keep_checkpoints: checkpoints kept.
     stop_after_iterations: stop (checkpointing) after this many iterations in this invocation; a
       later invocation resumes (0 = run to ``num_iterations``).
-    print_samples: rollout samples logged at each console line.
   """
 
   num_iterations: int = 100
@@ -210,9 +209,8 @@ class PPOLoopConfig:
   checkpoint_every: int = 20
   keep_checkpoints: int = 2
   stop_after_iterations: int = 0
-  print_samples: int = 2
 
   def __post_init__(self):
     c = "PPOLoopConfig"
     _int_at_least(c, self, ("num_iterations", "log_every", "checkpoint_every", "keep_checkpoints"), 1)
-    _int_at_least(c, self, ("eval_every", "stop_after_iterations", "print_samples"), 0)
+    _int_at_least(c, self, ("eval_every", "stop_after_iterations"), 0)
