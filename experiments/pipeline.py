@@ -37,9 +37,10 @@ RUNNERS = {"sft": sft.train_and_evaluate, "rm": reward_model.train_and_evaluate,
            "dpo": dpo.train_and_evaluate, "ipo": dpo.train_and_evaluate,
            "pro": listwise.train_and_evaluate, "rrhf": listwise.train_and_evaluate,
            "raft": raft.train_and_evaluate, "best_of_n": best_of_n.train_and_evaluate}
+STAGE_TIMES_FILE = "pipeline_stage_time.json"
 POLICY_STAGES = ("dpo", "ipo", "pro", "rrhf", "raft", "best_of_n")
 COLUMNS = ("method", "gold_reward", "gold_gain_vs_sft", "kl_to_sft", "win_rate_vs_sft", "rm_reward",
-           "response_length", "steps", "stage_seconds", "status")
+           "response_length", "steps", "stage_seconds", "stage_cpu_seconds", "status")
 
 
 def _link(name: str, cfg, root: str) -> None:
@@ -57,23 +58,30 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
   workdir = os.path.join(root, name)
   final_path = os.path.join(workdir, "final_metrics.json")
   banner = f"[{index}/{total}] {name}"
+  times_path = os.path.join(workdir, STAGE_TIMES_FILE)
   if os.path.exists(final_path):
     logger.info("%s: finished earlier, reusing %s", banner, workdir)
     with open(final_path) as f:
-      return {**json.load(f), "_status": "reused", "_seconds": None}
+      final = json.load(f)
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    return {**final, "_status": "reused", "_seconds": times.get("seconds"),
+            "_cpu_seconds": times.get("cpu_seconds")}
   logger.info("%s: running in %s (pipeline time so far %s)", banner, workdir,
               _fmt(time.time() - start))
   _link(name, cfg, root)
-  t0 = time.time()
+  t0, c0 = time.time(), time.process_time()
   try:
     final = RUNNERS[name](cfg, workdir)
   except Exception as err:  # the table reports a failed stage instead of hiding it
     logger.exception("%s failed", banner)
     return {"_status": f"failed: {type(err).__name__}: {err}"[:200], "_seconds": time.time() - t0}
-  seconds = time.time() - t0
-  logger.info("%s: done in %s (pipeline time so far %s)", banner, _fmt(seconds),
+  # CPU seconds of this process (all threads): comparable across machines / loads, unlike wall time
+  seconds, cpu = time.time() - t0, time.process_time() - c0
+  with open(times_path, "w") as f:
+    json.dump({"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}, f)
+  logger.info("%s: done in %s, %s CPU (pipeline time so far %s)", banner, _fmt(seconds), _fmt(cpu),
               _fmt(time.time() - start))
-  return {**final, "_status": "ok", "_seconds": seconds}
+  return {**final, "_status": "ok", "_seconds": seconds, "_cpu_seconds": cpu}
 
 
 def _fmt(seconds: float) -> str:
@@ -106,7 +114,8 @@ def machine_description() -> str:
   return f"{cpu}, {os.cpu_count()} logical CPUs visible, Python {platform.python_version()}"
 
 
-def summarize(results: dict, root: str, total_seconds: float, command: str) -> str:
+def summarize(results: dict, root: str, total_seconds: float, command: str,
+              total_cpu_seconds: float | None = None) -> str:
   """Writes results.csv / results.md / frontier.png under ``root``; returns the markdown table."""
   sft_final = results.get("sft", {})
   baseline = None
@@ -116,11 +125,13 @@ def summarize(results: dict, root: str, total_seconds: float, command: str) -> s
       break
   rows = [{"method": "sft", "gold_reward": baseline, "gold_gain_vs_sft": 0.0 if baseline is not None
            else None, "kl_to_sft": 0.0, "steps": sft_final.get("step"),
-           "stage_seconds": sft_final.get("_seconds"), "status": sft_final.get("_status")}]
+           "stage_seconds": sft_final.get("_seconds"),
+           "stage_cpu_seconds": sft_final.get("_cpu_seconds"), "status": sft_final.get("_status")}]
   rm_final = results.get("rm")
   if rm_final is not None:
     rows.append({"method": "reward model", "steps": rm_final.get("step"),
-                 "stage_seconds": rm_final.get("_seconds"), "status": rm_final.get("_status")})
+                 "stage_seconds": rm_final.get("_seconds"),
+                 "stage_cpu_seconds": rm_final.get("_cpu_seconds"), "status": rm_final.get("_status")})
   curves, points = {}, []
   for name in POLICY_STAGES:
     if name not in results:
@@ -131,7 +142,8 @@ def summarize(results: dict, root: str, total_seconds: float, command: str) -> s
     row = {"method": label, "gold_reward": gold, "kl_to_sft": final.get("kl_to_sft"),
            "win_rate_vs_sft": final.get("win_rate_vs_sft"), "rm_reward": final.get("rm_reward"),
            "response_length": final.get("response_length"), "steps": final.get("step"),
-           "stage_seconds": final.get("_seconds"), "status": final.get("_status")}
+           "stage_seconds": final.get("_seconds"), "stage_cpu_seconds": final.get("_cpu_seconds"),
+           "status": final.get("_status")}
     if isinstance(gold, float) and baseline is not None:
       row["gold_gain_vs_sft"] = gold - baseline
     rows.append(row)
@@ -145,7 +157,9 @@ def summarize(results: dict, root: str, total_seconds: float, command: str) -> s
         curves[f"{label} (evals)"] = [(0.0, baseline)] + curve if baseline is not None else curve
   preamble = (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
               f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-              f"Pipeline wall time (this invocation): {_fmt(total_seconds)}  \n"
+              f"Pipeline wall time (this invocation): {_fmt(total_seconds)}"
+              + (f", CPU time {_fmt(total_cpu_seconds)}" if total_cpu_seconds is not None else "")
+              + f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
               "gold_reward: mean exact gold reward of one sample per held-out prompt; kl_to_sft: "
               "sampled KL(π ‖ π_SFT) per response (best-of-n: log n - (n-1)/n); win rate vs the "
               "SFT model's sample under the gold reward (ties half).")
@@ -163,14 +177,15 @@ def run_pipeline(config, root: str, command: str = "") -> dict:
   if unknown:
     raise ValueError(f"config.stages has unknown stage(s) {unknown}; allowed: {list(RUNNERS)}")
   os.makedirs(root, exist_ok=True)
-  start = time.time()
+  start, cpu_start = time.time(), time.process_time()
   results = {}
   for i, name in enumerate(stages, 1):
     results[name] = run_stage(name, config[name], root, i, len(stages), start)
     if name in ("sft", "rm") and results[name]["_status"].startswith("failed"):
       logger.error("stage %s failed; the later stages need it, stopping", name)
       break
-  table = summarize(results, root, time.time() - start, command or " ".join(sys.argv))
+  table = summarize(results, root, time.time() - start, command or " ".join(sys.argv),
+                    time.process_time() - cpu_start)
   logger.info("pipeline finished in %s; results in %s\n%s", _fmt(time.time() - start),
               os.path.join(root, "results.md"), table)
   return results
