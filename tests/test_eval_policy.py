@@ -30,7 +30,7 @@ def setup():
   return tokenizer, model, ref_params, other_params, prompts
 
 
-def _evaluator(setup, tmp_path=None, **kwargs):
+def _evaluator(setup, **kwargs):
   tokenizer, model, ref_params, _, prompts = setup
   config = policy_eval.PolicyEvalConfig(num_prompts=4, max_new_tokens=8, print_samples=0)
   return policy_eval.PolicyEvaluator(model, ref_params, tokenizer, prompts, config, **kwargs)
