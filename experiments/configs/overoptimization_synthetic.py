@@ -13,11 +13,12 @@ import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 def get_config() -> ml_collections.ConfigDict:
   """Proxy reward up, gold reward peaks then falls (Gao et al., 2022, arXiv:2210.10760).
 
-  Run (a proxy RM on 128 comparisons, then one PPO run per β):
+  Run (a proxy RM over-fit on 128 comparisons — no early stopping — then one PPO run per β):
     python experiments/reward_model.py --workdir=workdirs/rm_proxy \\
         --config.rm.sft_workdir=workdirs/sft_synthetic --config.data.num_train_examples=128 \\
-        --config.loop.num_steps=120 --config.loop.eval_every=40
-    for beta in 0.0 0.02 0.1; do
+        --config.loop.num_steps=120 --config.loop.eval_every=40 \\
+        --config.rm.early_stopping_patience=0
+    for beta in 0.0 0.05; do
       python experiments/ppo.py --config=experiments/configs/overoptimization_synthetic.py \\
           --config.ppo.kl_coef=$beta --config.data.sft_workdir=workdirs/sft_synthetic \\
           --config.data.reward_model_workdir=workdirs/rm_proxy --workdir=workdirs/overopt_beta$beta
@@ -25,13 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
     python -m rlhf_jax.algorithms.ppo_plots --out=workdirs/overoptimization workdirs/overopt_beta*
 
   Evaluates every 5 iterations so the gold-vs-KL curve has points; the plot
-  (``overoptimization.png``) and the gold peak per β (``overoptimization.json``) go to ``--out``. The synthetic task's gold reward peaks
-  at two '!' while the SFT data ties more '!' to better answers, so the proxy extrapolates it.
+  (``overoptimization.png``) and the gold peak per β (``overoptimization.json``) go to ``--out``.
+  The synthetic task's gold reward peaks at two '!' while the SFT data ties more '!' to better
+  answers, so a proxy fit on few comparisons can extrapolate it. Measured (40 iterations, see
+  notes/BUILD_NOTES_online.md): the early-stopped proxy does not get exploited within 40
+  iterations; the over-fit one is the configuration to watch.
   """
   config = ppo_synthetic.get_config()
   config.ppo.kl_coef = 0.0
   config.ppo.missing_eos_penalty = 0.0
-  config.loop.num_iterations = 60
+  config.loop.num_iterations = 40
   config.loop.eval_every = 5
   config.eval.num_prompts = 96
   config.optim.lr = 5e-5
