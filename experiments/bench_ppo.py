@@ -234,9 +234,56 @@ def _run_trl(python: str, script: str, threads: int, n_layer: int) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
+def _trl_ppo_second(r: dict) -> dict:
+  """TRL 0.19 PPO, second iteration: timed phases; the update is the rest of the iteration."""
+  it, ph = r["iteration_s"][1], r["phases"][1]
+  gen, score, logp = ph.get("generation", 0.0), ph.get("scoring", 0.0), ph.get("logprobs", 0.0)
+  return {"generation": gen, "scoring": score, "logprobs": logp,
+          "update": it - gen - score - logp, "total": it}
+
+
+def _trl_grpo_second(r: dict) -> dict:
+  """Current TRL GRPO: one generation feeds `minibatches` optimiser steps (one log per step); the
+  second iteration is the second group of steps. Old/reference log-probs are computed inside
+  `_generate_and_score_completions` and cannot be separated from the update's forwards by
+  method-level timers, so they are reported together with the update."""
+  m = SHAPES["minibatches"]
+  its, phs = r["iteration_s"][m:2 * m], r["phases"][m:2 * m]
+  total = sum(its)
+  gen = sum(p.get("_generate", 0.0) for p in phs)
+  score = sum(p.get("_calculate_rewards", 0.0) for p in phs)
+  return {"generation": gen, "scoring": score, "logprobs+update": total - gen - score,
+          "total": total}
+
+
+def summarize(results: dict) -> dict:
+  out = {}
+  for name in ("jax_ppo", "jax_grpo"):
+    if name in results and "phases" in results[name]:
+      out[name] = dict(results[name]["phases"], total=results[name]["total_s"],
+                       compile=results[name]["compile_s"])
+  if "trl_ppo" in results and "phases" in results["trl_ppo"]:
+    out["trl_ppo"] = _trl_ppo_second(results["trl_ppo"])
+  if "trl_grpo" in results and "phases" in results["trl_grpo"]:
+    out["trl_grpo"] = _trl_grpo_second(results["trl_grpo"])
+  for ours, theirs in (("jax_ppo", "trl_ppo"), ("jax_grpo", "trl_grpo")):
+    if ours in out and theirs in out:
+      out[f"speedup_{ours[4:]}"] = out[theirs]["total"] / out[ours]["total"]
+  return out
+
+
+def format_table(summary: dict) -> str:
+  lines = []
+  for name, row in summary.items():
+    if isinstance(row, dict):
+      lines.append(f"{name:9s} " + "  ".join(f"{k} {v:8.2f}s" for k, v in row.items()))
+    else:
+      lines.append(f"{name}: {row:.2f}x")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
-  os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true")
   n_layer = 2 if _QUICK.value else 12
   results = {"shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -251,6 +298,8 @@ def main(argv):
     results[name] = fn()
     results[name]["wall_s"] = time.perf_counter() - t0
     print(name, json.dumps(results[name], indent=1), flush=True)
+  results["summary"] = summarize(results)
+  print(format_table(results["summary"]))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(results, f, indent=2)
