@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
         --config.data.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/rloo_synthetic
 
   Updates use the clipped per-token surrogate with the sequence advantage broadcast over tokens
-  (TRL's RLOOTrainer clips a sequence-level ratio instead); measured numbers in
-  notes/BUILD_NOTES_online.md.
+  (TRL's RLOOTrainer clips a sequence-level ratio instead). Not yet run at this size: only the
+  tiny end-to-end test (tests/test_ppo.py) exercises it.
   """
   config = ppo_synthetic.get_config()
   config.ppo.algorithm = "rloo"
