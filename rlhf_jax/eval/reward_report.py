@@ -120,6 +120,10 @@ def plot_learning_curve(rows: Sequence[Mapping[str, Any]], path: str, *,
   if bayes_optimal is not None:
     ax.axhline(bayes_optimal, color="k", linestyle="--", linewidth=1, label="Bayes-optimal")
   ax.set_xscale("log")
+  sizes = sorted({r[x] for r in rows})
+  ax.minorticks_off()  # log minor labels (3x10^2, 4x10^2, ...) collide; label the sizes instead
+  ax.set_xticks(sizes)
+  ax.set_xticklabels([str(v) for v in sizes])
   ax.set_xlabel("annotated prompts (pairs, or ranked lists)" if x == "num_prompts" else x)
   ax.set_ylabel(f"held-out {metric}")
   ax.grid(True, alpha=0.3)
