@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   60 iterations of 32 prompts × 1 sample, 2 PPO epochs × 4 minibatches, responses <= 48 tokens.
   Evaluates 128 held-out prompts before the first iteration (the SFT baseline) and at the end;
   ``final_metrics.json`` holds ``gold_reward`` / ``initial_gold_reward`` / ``kl_to_sft``.
-  Measured time and result: see notes/BUILD_NOTES_online.md (PPO on the synthetic default).
+  Measured (2-core CPU, load 2-4): 4 min wall; held-out gold 0.24 (SFT) -> 0.46 at iteration 40
+  (KL 2.5) -> 0.43 at 60 (KL 3.6); details in notes/BUILD_NOTES_online.md.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
