@@ -18,7 +18,7 @@ TRL is fed token ids through a word-level tokenizer built locally with the ``tok
 TRL's completions are given C - 1 tokens to match C here. If ``trl`` is not importable in this
 interpreter, the TRL half runs as a subprocess of ``--trl_python`` (default: /tmp/trl_venv/bin/python,
 made by ``python -m venv --system-site-packages /tmp/trl_venv && /tmp/trl_venv/bin/pip install trl
-"torch==2.13.0"``). Results: notes/BUILD_NOTES_offline.md.
+"torch==2.13.0"``). Results: BUILD_NOTES.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ sides: ``GPT2Config()`` shapes (124M, vocab 50257; ``--quick``: 2 layers), polic
 reference + reward model (+ value model for PPO), the same prompts (B prompts × P tokens, no
 padding), R new tokens sampled at temperature 1, the same epochs / minibatches, AdamW, float32 on
 CPU. TRL runs in its own virtual environment as a subprocess (``--trl019_python`` /
-``--trl_python``); see notes/BUILD_NOTES_online.md for the install commands. Per-phase times for
+``--trl_python``); see BUILD_NOTES.md for the install commands. Per-phase times for
 TRL come from timing wrappers around its module-level ``batch_generation`` / ``forward`` /
 ``get_reward`` (PPO) or its trainer's ``_generate*`` / ``_get_per_token_logps*`` methods (GRPO);
 the update is the rest of the iteration. rlhf_jax is timed on its second iteration (the first one

@@ -20,7 +20,7 @@ def get_config(loss: str = "sigmoid") -> ml_collections.ConfigDict:
   Any TRL loss: ``--config.loss.loss_type=ipo`` (or ``"sigmoid,bco_pair"``), SimPO / ORPO with
   ``--config.loss.method=simpo|orpo``; reference log-probs once up front with
   ``--config.loss.reference_logps=precomputed``. The pipeline (``experiments/pipeline.py``) runs
-  this with fewer steps; see notes/BUILD_NOTES_offline.md for measured results.
+  this with fewer steps; see BUILD_NOTES.md for measured results.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   The KL to the SFT model is a loss term β · k3 (DeepSeekMath) rather than part of the reward;
   ``--config.ppo.algorithm=dr_grpo --config.ppo.aggregation=seq_mean_token_sum_norm`` gives Dr. GRPO.
   Same rows per iteration (32) and updates as ``ppo_synthetic``. Measured (20 iterations, 31 s on a
-  lightly loaded 2-core CPU): gold 0.24 -> 0.28 at KL 1.2 (notes/BUILD_NOTES_online.md).
+  lightly loaded 2-core CPU): gold 0.24 -> 0.28 at KL 1.2 (BUILD_NOTES.md).
   """
   config = ppo_synthetic.get_config()
   config.ppo.algorithm = "grpo"

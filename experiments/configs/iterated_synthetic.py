@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   Each round's RM is retrained from the SFT backbone (100 steps, batch 32) on every comparison so
   far; PPO starts from the previous round's policy, the KL reference stays the SFT model. Output:
   ``rounds.md`` / ``rounds.json`` / ``iterated_rlhf.png``; measured numbers: see
-  notes/BUILD_NOTES_online.md.
+  BUILD_NOTES.md.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0

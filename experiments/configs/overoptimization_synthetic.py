@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   (``overoptimization.png``) and the gold peak per β (``overoptimization.json``) go to ``--out``.
   The synthetic task's gold reward peaks at two '!' while the SFT data ties more '!' to better
   answers, so a proxy fit on few comparisons can extrapolate such features. Measured (CPU, see
-  notes/README_online.md): gold peaks at 0.42 (KL 1.4) for β = 0 and 0.46 (KL 2.4) for β = 0.05,
+  README.md): gold peaks at 0.42 (KL 1.4) for β = 0 and 0.46 (KL 2.4) for β = 0.05,
   then falls to 0.27 / 0.35 by iteration 40 while the proxy keeps rising to ~1.9-2.0 (the proxy
   over-values brevity). ~12 min of wall time per β on a loaded 2-core machine.
   """

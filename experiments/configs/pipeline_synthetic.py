@@ -54,7 +54,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
         --workdir=/tmp/pipeline_smoke
 
   Writes <workdir>/results.md, results.csv and frontier.png; a rerun reuses finished stages.
-  Measured table, machine and date: notes/README_offline.md.
+  Measured table, machine and date: README.md.
   """
   if size not in ("default", "smoke"):
     raise ValueError(f"pipeline_synthetic.py:{size}: allowed sizes: default | smoke")

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   Evaluates 128 held-out prompts before the first iteration (the SFT baseline) and at the end;
   ``final_metrics.json`` holds ``gold_reward`` / ``initial_gold_reward`` / ``kl_to_sft``.
   Measured (2-core CPU, load 2-4): 4 min wall; held-out gold 0.24 (SFT) -> 0.46 at iteration 40
-  (KL 2.5) -> 0.43 at 60 (KL 3.6); details in notes/BUILD_NOTES_online.md.
+  (KL 2.5) -> 0.43 at 60 (KL 3.6); details in BUILD_NOTES.md.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0

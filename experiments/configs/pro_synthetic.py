@@ -19,7 +19,7 @@ def get_config(method: str = "pro") -> ml_collections.ConfigDict:
     ... --config.data.candidates=generated --config.sources.reward_model_workdir=workdirs/rm_synthetic
 
   Lists are cut to their first 4 candidates (of 4..9, in random order) so that a step is 4 x batch
-  sequences. See notes/BUILD_NOTES_offline.md for measured results.
+  sequences. See BUILD_NOTES.md for measured results.
   """
   if method not in listwise.METHODS:
     raise ValueError(f"pro_synthetic.py:{method}: allowed: {listwise.METHODS}")

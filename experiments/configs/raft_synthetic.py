@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   4 rounds x 25 steps: each round samples 8 responses for 256 training prompts, keeps the best
   per prompt and fine-tunes on them; an evaluation closes every round. Global top-fraction
   selection: ``--config.raft.selection=global --config.raft.keep_fraction=0.125``.
-  See notes/BUILD_NOTES_offline.md for measured results.
+  See BUILD_NOTES.md for measured results.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
