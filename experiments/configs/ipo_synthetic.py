@@ -1,17 +1,8 @@
 """IPO (TRL loss_type='ipo', length-normalised log-ratios) on the synthetic task's pairs."""
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _dpo_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpo_synthetic.py")
-  spec = importlib.util.spec_from_file_location("dpo_synthetic", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from rlhf_jax.train import config_dicts
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   Everything else is experiments/configs/dpo_synthetic.py.
   """
-  config = _dpo_base().get_config()
+  config = config_dicts.sibling_config(__file__, "dpo_synthetic")
   config.loss.loss_type = "ipo"
   config.loss.beta = 0.1  # tau of the IPO paper: the target log-ratio margin is 1/(2 tau) = 5 nats/token
   return config

@@ -7,10 +7,9 @@ The runner (``experiments/pipeline.py``) fills in the workdir links between stag
 (``sources.sft_workdir``, ``sources.reward_model_workdir``, ``rm.sft_workdir``).
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from rlhf_jax.train import config_dicts
 
 STAGES = ("sft", "rm", "dpo", "ipo", "pro", "rrhf", "raft", "best_of_n")
 # The pipeline's policy: the `small` preset narrowed to 0.62M parameters so that every stage fits
@@ -22,11 +21,7 @@ EVAL = {"num_prompts": 128, "max_new_tokens": 48, "print_samples": 1}
 
 
 def _load(name: str, *args) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  return config_dicts.sibling_config(__file__, name, *args)
 
 
 def _set(section: ml_collections.ConfigDict, values: dict) -> None:

@@ -1,9 +1,8 @@
 """RRHF (rank hinge on length-normalised log-probs + SFT on the best) on the synthetic ranked lists."""
 
-import importlib.util
-import os
-
 import ml_collections
+
+from rlhf_jax.train import config_dicts
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -13,8 +12,4 @@ def get_config() -> ml_collections.ConfigDict:
     python experiments/pro_rrhf.py --config=experiments/configs/rrhf_synthetic.py \
         --workdir=workdirs/rrhf_synthetic --config.sources.sft_workdir=workdirs/sft_synthetic
   """
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pro_synthetic.py")
-  spec = importlib.util.spec_from_file_location("pro_synthetic", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("rrhf")
+  return config_dicts.sibling_config(__file__, "pro_synthetic", "rrhf")

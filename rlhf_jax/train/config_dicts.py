@@ -92,3 +92,22 @@ def build_model_config(section: Mapping[str, Any] | ml_collections.ConfigDict):
     return get_model_config(preset, **overrides)
   except (ValueError, TypeError) as err:
     raise ValueError(f"config.model: {err}") from err
+
+
+def sibling_config(config_file: str, name: str, *args: Any) -> ml_collections.ConfigDict:
+  """``get_config(*args)`` of the config file ``name``.py that sits next to ``config_file``.
+
+  absl's ``config_flags`` loads a config file by path, without putting its folder on ``sys.path``,
+  so a config that derives from another one (IPO from DPO, the pipeline from every stage) cannot
+  simply ``import`` it; this loads the sibling by path instead.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config {name!r}: no file {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
