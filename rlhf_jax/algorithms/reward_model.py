@@ -29,16 +29,14 @@ import dataclasses
 import functools
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import models, parallel, train
+from rlhf_jax import fileio, models, parallel, train
 from rlhf_jax.algorithms import reward_data, reward_eval, reward_objectives, reward_scoring, sft
 from rlhf_jax.algorithms.reward_data import RMDataConfig
 from rlhf_jax.algorithms.reward_objectives import DATA_KIND, OBJECTIVES
@@ -148,13 +146,7 @@ def _save_params_atomic(path: str, params: Any) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp, params, force=True)
     ckptr.wait_until_finished()
-  if os.path.exists(path):
-    old = f"{path}.old-{os.getpid()}"
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, path)
+  fileio.replace_dir(tmp, path)
 
 
 def _latest_step(workdir: str) -> int | None:

@@ -50,7 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import models, parallel
+from rlhf_jax import fileio, models, parallel
 from rlhf_jax.data import tokenizers as tok_lib
 
 ARTIFACT_DIR = "reward_model"
@@ -165,13 +165,7 @@ def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
     ckptr.wait_until_finished()
   with open(os.path.join(tmp, INFO_FILE), "w") as f:
     json.dump(info.to_json(), f, indent=2, sort_keys=True)
-  if os.path.exists(final):
-    old = f"{final}.old-{os.getpid()}"
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, final)
+  fileio.replace_dir(tmp, final)
   return final
 
 

@@ -54,6 +54,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.utils import tqdm_utils
 
+from rlhf_jax import fileio
 from rlhf_jax.data import records as rec
 from rlhf_jax.data.tokenizers import Tokenizer, check_token_ids
 
@@ -369,13 +370,7 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
         built = str(builder.data_dir)
         lengths = np.asarray([sequence_length(ex, kind) for ex in examples], np.int32)
         np.save(os.path.join(built, _LENGTHS_FILE), lengths)
-        if os.path.exists(out_dir):  # overwrite: move the old one aside, then swap
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(built, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(built, out_dir)
+        fileio.replace_dir(built, out_dir)  # overwrite: the old folder is moved aside first
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return open_dataset(out_dir, tokenizer)

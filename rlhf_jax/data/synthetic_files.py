@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax import fileio
 from rlhf_jax.data import synthetic as syn
 from rlhf_jax.data.records import write_jsonl
 
@@ -199,7 +200,7 @@ def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(), overwr
     }
     with open(os.path.join(tmp_dir, "metadata.json"), "w") as f:
         json.dump(metadata, f, indent=2)
-    _replace_dir(tmp_dir, out_dir)
+    fileio.replace_dir(tmp_dir, out_dir)
     return metadata
 
 
@@ -244,16 +245,6 @@ def prepare_synthetic_datasets(root: str, tokenizer, *, config: SyntheticConfig 
                 max_response_len=max_response_len, scale=scale)
     return out
 
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Moves ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after."""
-    old = None
-    if os.path.exists(dst):
-        old = f"{dst}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
