@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 

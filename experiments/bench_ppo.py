@@ -20,9 +20,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 
 from absl import app, flags

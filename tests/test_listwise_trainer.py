@@ -1,7 +1,6 @@
 """PRO / RRHF trainer: data lists and RM-generated lists from a tiny SFT run, tied lists."""
 
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 from offline_fixtures import TINY_RUN, load_config, override, tiny_rm_workdir, tiny_sft_workdir
 from rlhf_jax import train
 from rlhf_jax.algorithms import listwise
-from rlhf_jax.algorithms import preference_common as common
 
 DATA = {"data.batch_size": 4, "data.buckets": (80,), "data.num_eval_lists": 4,
         "data.num_candidates": 4}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses, models, sampling, train
+from rlhf_jax import models, sampling, train
 from rlhf_jax.algorithms import ppo, ppo_config, ppo_models, reward_scoring, rollout
 from rlhf_jax.data import tokenizers as tok_lib
 

@@ -3,7 +3,6 @@ guard), config validation and bad input. Tiny preset, one 32-token width whereve
 
 import dataclasses
 import json
-import os
 
 import flax.linen as nn
 import jax

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax import losses, models, sampling, train
 from rlhf_jax.algorithms import dpo
 from rlhf_jax.algorithms import preference_common as common
 from rlhf_jax.algorithms import reward_scoring

@@ -21,8 +21,7 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
