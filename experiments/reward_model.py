@@ -10,18 +10,19 @@ r"""Reward-model launcher (step 2 of RLHF).
   python experiments/reward_model.py --workdir=workdirs/rm_curve --learning_curve=250,500,1000,2000 \
       --curve_objectives=bradley_terry,all_pairs
 
-If the SFT run named by config.rm.sft_workdir has no checkpoint yet and the config is the synthetic
-one, SFT is run first (experiments/configs/sft_synthetic.py). Re-running a command resumes it.
+If the SFT run named by config.rm.sft_workdir has no checkpoint yet (or an unfinished default one) and
+the config is the synthetic one, SFT is run (or resumed) first (experiments/configs/sft_synthetic.py).
+SIGTERM checkpoints and stops the current stage (SFT, the RM or a learning-curve point) and the
+launcher exits without starting the next one; re-running the same command resumes it.
 """
 
-import importlib.util
 import logging
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.algorithms import reward_model, reward_sweep, sft
+from rlhf_jax.algorithms import reward_model, reward_sweep
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,28 +38,13 @@ _CURVE_OBJECTIVES = flags.DEFINE_list("curve_objectives", ["bradley_terry", "all
                                       "Objectives of the learning curve.")
 
 
-def _ensure_sft(config) -> None:
-  """Runs the default synthetic SFT first when the configured SFT workdir has no checkpoint."""
-  sft_workdir = config.rm.sft_workdir
-  if config.rm.init != "sft" or os.path.isdir(os.path.join(sft_workdir, "checkpoints")):
-    return
-  if config.data.source != "synthetic":
-    raise app.UsageError(f"config.rm.sft_workdir={sft_workdir!r} holds no SFT run; train one first "
-                         "(python experiments/sft.py --config=... --workdir=...)")
-  spec = importlib.util.spec_from_file_location("sft_synthetic",
-                                                os.path.join(_HERE, "configs", "sft_synthetic.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  logging.info("no SFT run in %s: training it first (experiments/configs/sft_synthetic.py)", sft_workdir)
-  sft.train_and_evaluate(module.get_config(), sft_workdir)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint op at INFO
   config = _CONFIG.value
-  _ensure_sft(config)
+  if not reward_model.ensure_sft_run(config):
+    return  # SFT was stopped by SIGTERM: the same command resumes it
   if _CURVE.value:
     reward_sweep.learning_curve(config, _WORKDIR.value, [int(n) for n in _CURVE.value],
                                 list(_CURVE_OBJECTIVES.value))

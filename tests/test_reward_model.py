@@ -311,3 +311,54 @@ def test_early_stopping_keeps_the_best_params_and_persists(tmp_path):
   assert again.state["stopped"] and again.state["best_step"] == 10
   abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   np.testing.assert_array_equal(again.best_params(abstract)["w"], np.arange(3.0))
+
+
+# -- SIGTERM between stages ---------------------------------------------------------------------
+
+
+def _rm_config(sft_dir, source="synthetic"):
+  import os, sys  # noqa: E401  pylint: disable=import-outside-toplevel,multiple-imports
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "experiments", "configs"))
+  import rm_synthetic  # pylint: disable=import-outside-toplevel
+  config = rm_synthetic.get_config("bradley_terry")
+  config.rm.sft_workdir = str(sft_dir)
+  config.data.source = source
+  return config
+
+
+def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resumed(tmp_path, monkeypatch):
+  """Regression: a SIGTERM during the launcher's SFT stage used to be followed by a full RM run on
+  the half-trained SFT checkpoint (and every later run reused that checkpoint)."""
+  calls = []
+  result = {"preempted": True, "step": 3}
+  monkeypatch.setattr(reward_model.sft, "train_and_evaluate",
+                      lambda config, workdir: calls.append(workdir) or dict(result))
+  sft_dir = tmp_path / "sft"
+  config = _rm_config(sft_dir)
+  assert reward_model.ensure_sft_run(config) is False and len(calls) == 1  # preempted: no RM
+  # The preempted run left a checkpoint of the default config but no final metrics: resume it.
+  (sft_dir / "checkpoints" / "3").mkdir(parents=True)
+  (sft_dir / "config.json").write_text(json.dumps(reward_model.sft.default_config().to_dict()))
+  result["preempted"] = False
+  assert reward_model.ensure_sft_run(config) is True and len(calls) == 2
+  (sft_dir / reward_model.sft.FINAL_METRICS_FILE).write_text("{}")
+  assert reward_model.ensure_sft_run(config) is True and len(calls) == 2  # finished: used as is
+  other = tmp_path / "other_sft"  # an unfinished run of another config is the user's: used as is
+  (other / "checkpoints" / "7").mkdir(parents=True)
+  (other / "config.json").write_text(json.dumps({"loop": {"num_steps": 7}}))
+  assert reward_model.ensure_sft_run(_rm_config(other)) is True and len(calls) == 2
+  with pytest.raises(FileNotFoundError, match="holds no SFT run"):
+    reward_model.ensure_sft_run(_rm_config(tmp_path / "none", source="jsonl"))
+
+
+def test_learning_curve_stops_at_a_point_stopped_by_sigterm(tmp_path, monkeypatch):
+  """Regression: after SIGTERM stopped one curve point, the sweep went on training the next ones."""
+  from rlhf_jax.algorithms import reward_sweep  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(reward_sweep.reward_model, "train_and_evaluate",
+                      lambda config, workdir: calls.append(workdir) or {"step": 5, "preempted": True})
+  rows = reward_sweep.learning_curve(_rm_config(tmp_path / "sft"), str(tmp_path), [100, 200],
+                                     ["bradley_terry", "all_pairs"])
+  assert rows == [] and len(calls) == 1
+  assert not (tmp_path / "learning_curve.json").exists()

@@ -112,3 +112,41 @@ def test_learning_curve_configs_and_plot(tmp_path):
   path = reward_report.plot_learning_curve(rows, str(tmp_path / "curve.png"), bayes_optimal=0.85)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_launcher_stops_promptly_on_sigterm_with_a_checkpoint(rm_run, tmp_path):
+  """``experiments/reward_model.py`` under SIGTERM mid-training: checkpoint, exit 0 within seconds,
+  no report (the run is unfinished); rerunning would resume from the checkpoint."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  sft_dir = os.path.join(os.path.dirname(rm_run[0]), "sft")
+  workdir = tmp_path / "rm_sigterm"
+  overrides = {"rm.sft_workdir": sft_dir, **{f"data.{k}": v for k, v in DATA.items()},
+               "data.batch_size": 8, "data.eval_batch_size": 16, "loop.num_steps": 100_000,
+               "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 100_000,
+               "rm.early_stopping_patience": 0}
+  args = [sys.executable, os.path.join(REPO, "experiments", "reward_model.py"), f"--workdir={workdir}"]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
+  with open(tmp_path / "launcher.log", "w") as log:
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      metrics = workdir / "metrics.jsonl"
+      deadline = time.monotonic() + 240
+      while not (metrics.exists() and metrics.stat().st_size > 0):  # training has started
+        assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+      proc.send_signal(signal.SIGTERM)
+      sent = time.monotonic()
+      returncode = proc.wait(timeout=60)
+      waited = time.monotonic() - sent
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  assert returncode == 0, (tmp_path / "launcher.log").read_text()[-2000:]
+  assert waited < 30, f"took {waited:.1f}s to stop after SIGTERM"
+  steps = [int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+  assert steps and max(steps) < 100_000
+  assert not (workdir / reward_model.FINAL_METRICS_FILE).exists()

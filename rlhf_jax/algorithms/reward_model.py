@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Any
@@ -191,6 +192,49 @@ def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMCon
   return model_cfg, tokenizer, spec, sft_ckpt
 
 
+def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
+  """Makes sure ``config.rm.sft_workdir`` holds a finished SFT run; False if SFT was preempted.
+
+  With ``rm.init=sft`` and the synthetic source, the default synthetic SFT run
+  (``sft.default_config()``, i.e. ``experiments/configs/sft_synthetic.py``) is trained when the
+  workdir has no checkpoint, and *resumed* when it holds an unfinished run of that same config (no
+  ``final_metrics.json``: e.g. a SIGTERM during SFT), so a reward model never starts from a
+  half-trained SFT model. When SFT itself is stopped by SIGTERM this returns False and the caller
+  must not train the reward model (a re-run resumes SFT). Other sources need an existing SFT run.
+  """
+  sft_workdir = config.rm.sft_workdir
+  if config.rm.init != "sft":
+    return True
+  has_ckpt = _latest_step(sft_workdir) is not None
+  finished = os.path.exists(os.path.join(sft_workdir, sft.FINAL_METRICS_FILE))
+  if config.data.source != "synthetic":
+    if not has_ckpt:
+      raise FileNotFoundError(
+          f"config.rm.sft_workdir={sft_workdir!r} holds no SFT run; train one first "
+          "(python experiments/sft.py --config=... --workdir=...)")
+    return True
+  sft_config = sft.default_config()
+  if has_ckpt:
+    if finished:
+      return True
+    config_path = os.path.join(sft_workdir, "config.json")
+    stored = train.read_json(config_path) if os.path.exists(config_path) else None
+    if stored != json.loads(json.dumps(sft_config.to_dict())):
+      logger.warning("%s holds an unfinished SFT run of another config; using its latest checkpoint",
+                     sft_workdir)
+      return True
+    logger.info("resuming the unfinished default SFT run in %s", sft_workdir)
+  else:
+    logger.info("no SFT run in %s: training it first (experiments/configs/sft_synthetic.py)",
+                sft_workdir)
+  result = sft.train_and_evaluate(sft_config, sft_workdir)
+  if result.get("preempted"):
+    logger.warning("SFT was stopped at step %s (signal); not training the reward model. Re-run the "
+                   "same command to resume.", result.get("step"))
+    return False
+  return True
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) a reward model, normalises it, evaluates it and writes the report.
 
@@ -312,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 __all__ = [
     "RMConfig", "RMDataConfig", "RMEvalConfig", "OBJECTIVES", "DATA_KIND", "EarlyStopping",
-    "train_and_evaluate", "resolve_model_and_tokenizer", "RewardModelHandle", "RewardModelInfo",
+    "train_and_evaluate", "ensure_sft_run", "resolve_model_and_tokenizer", "RewardModelHandle", "RewardModelInfo",
     "TokenizerMismatchError", "check_tokenizer", "encode_pairs", "load_reward_model", "make_handle",
     "normalize_rewards", "read_reward_model_info", "reward_fn", "save_reward_model", "score",
     "score_sequences", "score_texts",

@@ -52,7 +52,11 @@ def sub_config(config: ml_collections.ConfigDict, objective: str, size: int) -> 
 
 def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Sequence[int],
                    objectives: Sequence[str]) -> list[dict]:
-  """Runs (or resumes) every (objective, size) point; writes the table and plots; returns rows."""
+  """Runs (or resumes) every (objective, size) point; writes the table and plots; returns rows.
+
+  A point stopped by SIGTERM ends the sweep at once (the rows so far are returned, nothing is
+  written); re-running resumes that point.
+  """
   for objective in objectives:
     if objective not in reward_model.OBJECTIVES or DATA_KIND[objective] not in ("pairwise", "ranked"):
       raise ValueError(f"learning curve objective {objective!r} is invalid; allowed: bradley_terry | "
@@ -69,6 +73,10 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
       else:
         logger.info("learning curve: %s with %d annotated prompts -> %s", objective, size, run_dir)
         final = reward_model.train_and_evaluate(sub_config(config, objective, size), run_dir)
+        if final.get("preempted"):  # SIGTERM: stop here; the same command resumes this point
+          logger.warning("learning curve stopped by a signal at %s (step %s); not starting the "
+                         "remaining points", run_dir, final.get("step"))
+          return rows
       row = {"objective": objective, "num_prompts": size,
              "num_comparisons": final.get("data/train_comparisons"),
              "step": final.get("final_params_step")}
