@@ -362,3 +362,28 @@ def test_learning_curve_stops_at_a_point_stopped_by_sigterm(tmp_path, monkeypatc
                                      ["bradley_terry", "all_pairs"])
   assert rows == [] and len(calls) == 1
   assert not (tmp_path / "learning_curve.json").exists()
+
+
+def test_pairwise_eval_loss_from_the_scored_pairs_equals_the_objective_pass():
+  """Bradley–Terry's held-out split is the held-out pairs: eval_loss computed from the pairwise
+  scores (one forward) must equal the separate objective pass it replaces."""
+  model, params = _init()
+  ids = lambda s: np.asarray(TOK.encode(s), np.int32)  # noqa: E731
+  texts = [("name 2 fruits", "fig, kiwi!", "saw"), ("list 1 tools", "awl", "awl!!!!"),
+           ("name 3 colors", "red, tan, blue", "red!!")]
+  examples = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)} for p, c, r in texts]
+  batches = [batching.collate(examples[:2], "pairwise", SPECIALS, WIDTH),
+             batching.collate([examples[2], None], "pairwise", SPECIALS, WIDTH)]  # a filler row
+  held_out = reward_eval.HeldOut(batches, pairwise=reward_eval.concat_batches(batches, 3),
+                                 objective_is_pairwise=True)
+  for center_coef in (0.0, 0.1):
+    objective = reward_objectives.make_objective(model, "bradley_terry", center_coef=center_coef)
+    eval_loss_fn = reward_eval.make_eval_loss_fn(objective)
+    scorer = reward_eval.make_raw_scorer(model, 4)
+    two_pass = reward_eval.evaluate(params, held_out, scorer, eval_loss_fn, full=False)
+    pair_loss = lambda rc, rr: losses.bradley_terry_loss(  # noqa: E731
+        jnp.asarray(rc), jnp.asarray(rr), center_coef=center_coef)[0]  # pylint: disable=cell-var-from-loop
+    one_pass = reward_eval.evaluate(params, held_out, scorer, eval_loss_fn, full=False,
+                                    pair_loss_fn=pair_loss)
+    assert one_pass["eval_loss"] == pytest.approx(two_pass["eval_loss"], rel=1e-5)
+    assert one_pass["pairwise/accuracy"] == two_pass["pairwise/accuracy"]

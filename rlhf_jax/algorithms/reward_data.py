@@ -252,6 +252,7 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
     pw_ds = eval_ds if files["pairwise"] == files["eval"] and kind == "pairwise" else \
         build("eval_pairs", files["pairwise"], "pairwise")
     held_out.pairwise = reward_eval.concat_batches(reward_eval.materialize(pw_ds, eb, cap, max_len), cap)
+    held_out.objective_is_pairwise = pw_ds is eval_ds
     if bt_temperature is not None:
       rows = records.read_records(files["pairwise"], "pairwise")[:len(held_out.pairwise["valid"])]
       held_out.pairwise_gold = (synthetic.gold_rewards([r.prompt for r in rows], [r.chosen for r in rows]),

@@ -5,7 +5,8 @@ compile per chunk size) and scored with the raw head outputs r (before normalisa
 is a property of r, see ``eval.reward_metrics``). What is measured (keys of the returned dict):
 
 * ``eval_loss``: the training objective on its own held-out split (valid rows only); early
-  stopping watches it.
+  stopping watches it. When that split *is* the held-out pairs (``bradley_terry``), it is computed
+  from the pairwise scores with ``pair_loss_fn`` instead of a second forward over the same pairs.
 * ``pairwise/*``: :func:`eval.reward_metrics.pairwise_metrics` on held-out pairs (accuracy,
   precision, recall, F1, AUC, ECE of σ(r_c - r_r), ...), for every objective, so pairwise and
   listwise RMs are compared on the same pairs. On the synthetic task also ``gold/*``
@@ -44,6 +45,7 @@ class HeldOut:
   ranked: dict | None = None  # tokens/mask [N, K, T], candidate_mask, scores [N, K]
   rated: dict | None = None  # tokens/mask [N, T], targets [N, A] in [-1, 1], prompt_keys [N]
   output_names: tuple = ("reward",)
+  objective_is_pairwise: bool = False  # objective_batches hold exactly the rows of `pairwise`
 
 
 def materialize(dataset: ds_lib.TokenizedDataset, batch_size: int, max_examples: int,
@@ -130,14 +132,21 @@ def _num(v: Any) -> float | int:
 
 
 def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Callable, *,
-             full: bool, ece_bins: int = 10, max_rating_pairs: int = 5000) -> dict[str, float]:
+             full: bool, ece_bins: int = 10, max_rating_pairs: int = 5000,
+             pair_loss_fn: Callable | None = None) -> dict[str, float]:
   """Held-out metrics (module docstring). ``full=False`` (periodic evals) skips the ranked and
-  rated sets and the secondary pairwise numbers to keep evaluation cheap."""
-  total, count = 0.0, 0.0
-  for batch in held_out.objective_batches:
-    loss_sum, n = eval_loss_fn(params, batch)
-    total, count = total + float(loss_sum), count + float(n)
-  metrics: dict[str, float] = {"eval_loss": total / max(count, 1.0)}
+  rated sets and the secondary pairwise numbers to keep evaluation cheap. ``pair_loss_fn(r_c, r_r)
+  -> per-pair losses`` (the objective on pairs) is used for ``eval_loss`` when the objective's
+  held-out split is the held-out pairs."""
+  metrics: dict[str, float] = {}
+  reuse_pairs = (pair_loss_fn is not None and held_out.objective_is_pairwise
+                 and held_out.pairwise is not None)
+  if not reuse_pairs:
+    total, count = 0.0, 0.0
+    for batch in held_out.objective_batches:
+      loss_sum, n = eval_loss_fn(params, batch)
+      total, count = total + float(loss_sum), count + float(n)
+    metrics["eval_loss"] = total / max(count, 1.0)
 
   if held_out.pairwise is not None:
     pw = held_out.pairwise
@@ -147,6 +156,8 @@ def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Cal
     # Multi-output RMs are compared on the sum of their (rescaled-rating) heads.
     r_N = raw.sum(axis=1)
     rc, rr = r_N[:n], r_N[n:]
+    if reuse_pairs:
+      metrics["eval_loss"] = float(np.mean(np.asarray(pair_loss_fn(rc, rr), np.float64)))
     pm = reward_metrics.pairwise_metrics(rc, rr, num_bins=ece_bins)
     keys = pm if full else ("accuracy", "auc", "ece", "log_loss")
     metrics.update({f"pairwise/{k}": _num(pm[k]) for k in keys})

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from rlhf_jax import fileio, models, parallel, train
+from rlhf_jax import fileio, losses, models, parallel, train
 from rlhf_jax.algorithms import reward_data, reward_eval, reward_objectives, reward_scoring, sft
 from rlhf_jax.algorithms.reward_data import RMDataConfig
 from rlhf_jax.algorithms.reward_objectives import DATA_KIND, OBJECTIVES
@@ -295,13 +295,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   scorer = reward_eval.make_raw_scorer(model, data_cfg.eval_batch_size)
   eval_loss_fn = reward_eval.make_eval_loss_fn(objective_fn)
+  pair_loss_fn = None
+  if rm_cfg.objective == "bradley_terry":  # its held-out split is the held-out pairs: score once
+    pair_loss_fn = lambda rc, rr: losses.bradley_terry_loss(  # noqa: E731
+        jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), center_coef=rm_cfg.center_coef)[0]
   stopper = (EarlyStopping(workdir, rm_cfg.early_stopping_patience,
                            rm_cfg.early_stopping_min_delta)
              if rm_cfg.early_stopping_patience else None)
 
   def eval_fn(st: train.TrainState, step: int) -> dict[str, float]:
     metrics = reward_eval.evaluate(st.params, data.held_out, scorer, eval_loss_fn, full=False,
-                                   ece_bins=eval_cfg.ece_bins)
+                                   ece_bins=eval_cfg.ece_bins, pair_loss_fn=pair_loss_fn)
     if stopper is not None:
       stopper.update(step, metrics["eval_loss"], st.params)
     return metrics
@@ -333,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # -- final evaluation, normalisation, artifact, report ---------------------------------------
   with parallel.use_mesh(mesh):
     held_out = reward_eval.evaluate(final_params, data.held_out, scorer, eval_loss_fn, full=True,
-                                    ece_bins=eval_cfg.ece_bins)
+                                    ece_bins=eval_cfg.ece_bins, pair_loss_fn=pair_loss_fn)
   policy = (models.Transformer(sft_ckpt.model_config), sft_ckpt.params) if sft_ckpt else None
   stats = normalization_and_gold(eval_cfg, scorer, final_params, policy, tokenizer, data,
                                  output_names, max_response_len=data_cfg.max_response_len)
