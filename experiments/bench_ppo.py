@@ -11,8 +11,10 @@ CPU. TRL runs in its own virtual environment as a subprocess (``--trl019_python`
 ``--trl_python``); see BUILD_NOTES.md for the install commands. Per-phase times for
 TRL come from timing wrappers around its module-level ``batch_generation`` / ``forward`` /
 ``get_reward`` (PPO) or its trainer's ``_generate*`` / ``_get_per_token_logps*`` methods (GRPO);
-the update is the rest of the iteration. rlhf_jax is timed on its second iteration (the first one
-compiles; its time is reported as ``compile_s``).
+the update is the rest of the iteration. Each side runs ``--iterations`` iterations; the first is
+warm-up (rlhf_jax compiles in it: ``compile_s``) and the reported row is the median iteration of the
+rest (by total time; every total is kept in ``totals``), so one disturbed iteration on a shared
+machine does not decide the ratio. The load average before / after each side is recorded.
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ _TRL = flags.DEFINE_string("trl_python", "/tmp/venv_trl_cur/bin/python",
                            "Python of the virtualenv with the current trl (GRPOTrainer).")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for torch (and XLA's intra-op pool).")
 _SKIP = flags.DEFINE_list("skip", [], "Sides to skip: jax_ppo, trl_ppo, jax_grpo, trl_grpo.")
+_ITERS = flags.DEFINE_integer("iterations", 4, "Iterations per side (the first is warm-up / "
+                              "compilation; the median of the rest is reported).")
 
 # The shared workload. B prompts, G samples each (GRPO), P prompt tokens, R new tokens.
 SHAPES = dict(prompts=8, prompt_len=32, response_len=32, epochs=1, minibatches=2, group=4,
               grpo_prompts=2)
 
 
-def _jax_side(algorithm: str, n_layer: int) -> dict:
+def _median(rows: list[dict]) -> dict:
+  """The row with the median ``total`` (the upper one for an even count)."""
+  return sorted(rows, key=lambda r: r["total"])[len(rows) // 2]
+
+
+def _jax_side(algorithm: str, n_layer: int, iterations: int) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -71,7 +80,7 @@ def _jax_side(algorithm: str, n_layer: int) -> dict:
     state_params["value"] = jax.device_put(
         models.with_backbone(nn.meta.unbox(value_model.init(key, dummy, dummy))["params"], params), dev)
     state_params["value"] = jax.tree.map(jnp.copy, state_params["value"])
-  total = 2 * cfg.updates_per_iteration
+  total = iterations * cfg.updates_per_iteration
   optimizer, _ = train.make_optimizer(optim, total)
   state = jax.device_put(ppo_update.create_state(state_params, optimizer, 0.05, key), dev)
   prompts = jax.random.randint(jax.random.PRNGKey(1), (b, s["prompt_len"]), 3, mcfg.vocab_size)
@@ -110,8 +119,13 @@ def _jax_side(algorithm: str, n_layer: int) -> dict:
   t0 = time.perf_counter()
   state, _ = iteration(state, 0)
   compile_s = time.perf_counter() - t0
-  state, phases = iteration(state, 1)
-  return {"phases": phases, "total_s": sum(phases.values()), "compile_s": compile_s,
+  rows = []
+  for i in range(1, iterations):
+    state, phases = iteration(state, i)
+    rows.append(dict(phases, total=sum(phases.values())))
+  best = _median(rows)
+  return {"phases": {k: v for k, v in best.items() if k != "total"}, "total_s": best["total"],
+          "totals": [r["total"] for r in rows], "compile_s": compile_s,
           "rows": b * g, "params_M": mcfg.num_params() / 1e6}
 
 
@@ -124,7 +138,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models as tm, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config,
                           PreTrainedTokenizerFast)
-S = json.loads(sys.argv[1]); N_LAYER = int(sys.argv[3])
+S = json.loads(sys.argv[1]); N_LAYER = int(sys.argv[3]); ITERS = int(sys.argv[4])
 cfg = GPT2Config(n_layer=N_LAYER)
 # A local word-level tokenizer over GPT-2's vocabulary size (no hub download): ids 0..50256.
 vocab = {f"w{i}": i for i in range(cfg.vocab_size - 3)}
@@ -157,7 +171,7 @@ def timed(name, fn):
 _TRL_PPO = _TRL_COMMON + r'''
 from trl import PPOConfig, PPOTrainer
 import trl.trainer.ppo_trainer as pt
-ids = [tok(prompt_text(S["prompt_len"]))["input_ids"] for _ in range(S["prompts"] * 2)]
+ids = [tok(prompt_text(S["prompt_len"]))["input_ids"] for _ in range(S["prompts"] * ITERS)]
 ds = Dataset.from_dict({"input_ids": ids})
 policy = AutoModelForCausalLM.from_config(cfg); ref = AutoModelForCausalLM.from_config(cfg)
 rm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, num_labels=1, pad_token_id=tok.pad_token_id))
@@ -166,7 +180,7 @@ vm = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=N_LAYER, 
 # num_mini_batches minibatches (each one optimiser step).
 args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=S["prompts"], gradient_accumulation_steps=1,
                  num_mini_batches=S["minibatches"], num_ppo_epochs=S["epochs"], response_length=S["response_len"],
-                 total_episodes=S["prompts"] * 2, local_rollout_forward_batch_size=S["prompts"],
+                 total_episodes=S["prompts"] * ITERS, local_rollout_forward_batch_size=S["prompts"],
                  num_sample_generations=0, report_to="none", use_cpu=True, learning_rate=1e-6,
                  stop_token=None, temperature=1.0, kl_coef=0.05, save_strategy="no", logging_steps=1000,
                  dataloader_num_workers=0, seed=0)
@@ -189,7 +203,7 @@ t0 = time.perf_counter(); trainer.train(); report(t0)
 
 _TRL_GRPO = _TRL_COMMON + r'''
 from trl import GRPOConfig, GRPOTrainer
-prompts = [prompt_text(S["prompt_len"]) for _ in range(S["grpo_prompts"] * 2)]
+prompts = [prompt_text(S["prompt_len"]) for _ in range(S["grpo_prompts"] * ITERS)]
 ds = Dataset.from_dict({"prompt": prompts})
 # GRPOTrainer re-loads the reference model (beta > 0) from the policy's path: save the random
 # models locally so nothing touches the hub.
@@ -201,12 +215,12 @@ for name, model in (("policy", AutoModelForCausalLM.from_config(cfg)),
 policy, rm = os.path.join(root, "policy"), os.path.join(root, "rm")
 rows = S["grpo_prompts"] * S["group"]
 # One generation of `rows` completions feeds `minibatches` optimiser steps of rows/minibatches each
-# (steps_per_generation), as our num_minibatches; max_steps covers two such iterations.
+# (steps_per_generation), as our num_minibatches; max_steps covers ITERS such iterations.
 args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rows // S["minibatches"],
                   gradient_accumulation_steps=1, steps_per_generation=S["minibatches"],
                   num_generations=S["group"],
                   max_completion_length=S["response_len"], num_iterations=S["epochs"], beta=0.05,
-                  max_steps=2 * S["minibatches"], report_to="none", use_cpu=True, learning_rate=1e-6, temperature=1.0,
+                  max_steps=ITERS * S["minibatches"], report_to="none", use_cpu=True, learning_rate=1e-6, temperature=1.0,
                   save_strategy="no", logging_steps=1, seed=0, bf16=False)
 trainer = GRPOTrainer(model=policy, reward_funcs=[rm], args=args,
                       train_dataset=ds, processing_class=tok)
@@ -220,11 +234,12 @@ t0 = time.perf_counter(); trainer.train(); report(t0)
 '''
 
 
-def _run_trl(python: str, script: str, threads: int, n_layer: int) -> dict:
+def _run_trl(python: str, script: str, threads: int, n_layer: int, iterations: int) -> dict:
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(script)
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.run([python, f.name, json.dumps(SHAPES), str(threads), str(n_layer)],
+  proc = subprocess.run([python, f.name, json.dumps(SHAPES), str(threads), str(n_layer),
+                         str(iterations)],
                         capture_output=True, text=True, env=env, timeout=3000)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
@@ -232,26 +247,31 @@ def _run_trl(python: str, script: str, threads: int, n_layer: int) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
-def _trl_ppo_second(r: dict) -> dict:
-  """TRL 0.19 PPO, second iteration: timed phases; the update is the rest of the iteration."""
-  it, ph = r["iteration_s"][1], r["phases"][1]
-  gen, score, logp = ph.get("generation", 0.0), ph.get("scoring", 0.0), ph.get("logprobs", 0.0)
-  return {"generation": gen, "scoring": score, "logprobs": logp,
-          "update": it - gen - score - logp, "total": it}
+def _trl_ppo_steady(r: dict) -> dict:
+  """TRL 0.19 PPO, median of iterations 2..N: timed phases; the update is the rest."""
+  rows = []
+  for it, ph in list(zip(r["iteration_s"], r["phases"]))[1:]:
+    gen, score, logp = ph.get("generation", 0.0), ph.get("scoring", 0.0), ph.get("logprobs", 0.0)
+    rows.append({"generation": gen, "scoring": score, "logprobs": logp,
+                 "update": it - gen - score - logp, "total": it})
+  return dict(_median(rows), totals=[row["total"] for row in rows])
 
 
-def _trl_grpo_second(r: dict) -> dict:
-  """Current TRL GRPO: one generation feeds `minibatches` optimiser steps (one log per step); the
-  second iteration is the second group of steps. Old/reference log-probs are computed inside
-  `_generate_and_score_completions` and cannot be separated from the update's forwards by
-  method-level timers, so they are reported together with the update."""
+def _trl_grpo_steady(r: dict) -> dict:
+  """Current TRL GRPO: one generation feeds `minibatches` optimiser steps (one log per step);
+  iteration i is the i-th group of steps; median of iterations 2..N. Old/reference log-probs are
+  computed inside `_generate_and_score_completions` and cannot be separated from the update's
+  forwards by method-level timers, so they are reported together with the update."""
   m = SHAPES["minibatches"]
-  its, phs = r["iteration_s"][m:2 * m], r["phases"][m:2 * m]
-  total = sum(its)
-  gen = sum(p.get("_generate", 0.0) for p in phs)
-  score = sum(p.get("_calculate_rewards", 0.0) for p in phs)
-  return {"generation": gen, "scoring": score, "logprobs+update": total - gen - score,
-          "total": total}
+  rows = []
+  for i in range(1, len(r["iteration_s"]) // m):
+    its, phs = r["iteration_s"][i * m:(i + 1) * m], r["phases"][i * m:(i + 1) * m]
+    total = sum(its)
+    gen = sum(p.get("_generate", 0.0) for p in phs)
+    score = sum(p.get("_calculate_rewards", 0.0) for p in phs)
+    rows.append({"generation": gen, "scoring": score, "logprobs+update": total - gen - score,
+                 "total": total})
+  return dict(_median(rows), totals=[row["total"] for row in rows])
 
 
 def summarize(results: dict) -> dict:
@@ -259,11 +279,11 @@ def summarize(results: dict) -> dict:
   for name in ("jax_ppo", "jax_grpo"):
     if name in results and "phases" in results[name]:
       out[name] = dict(results[name]["phases"], total=results[name]["total_s"],
-                       compile=results[name]["compile_s"])
+                       compile=results[name]["compile_s"], totals=results[name]["totals"])
   if "trl_ppo" in results and "phases" in results["trl_ppo"]:
-    out["trl_ppo"] = _trl_ppo_second(results["trl_ppo"])
+    out["trl_ppo"] = _trl_ppo_steady(results["trl_ppo"])
   if "trl_grpo" in results and "phases" in results["trl_grpo"]:
-    out["trl_grpo"] = _trl_grpo_second(results["trl_grpo"])
+    out["trl_grpo"] = _trl_grpo_steady(results["trl_grpo"])
   for ours, theirs in (("jax_ppo", "trl_ppo"), ("jax_grpo", "trl_grpo")):
     if ours in out and theirs in out:
       out[f"speedup_{ours[4:]}"] = out[theirs]["total"] / out[ours]["total"]
@@ -274,7 +294,8 @@ def format_table(summary: dict) -> str:
   lines = []
   for name, row in summary.items():
     if isinstance(row, dict):
-      lines.append(f"{name:9s} " + "  ".join(f"{k} {v:8.2f}s" for k, v in row.items()))
+      lines.append(f"{name:9s} " + "  ".join(f"{k} {v:8.2f}s" for k, v in row.items()
+                                             if not isinstance(v, list)))
     else:
       lines.append(f"{name}: {row:.2f}x")
   return "\n".join(lines)
@@ -283,18 +304,23 @@ def format_table(summary: dict) -> str:
 def main(argv):
   del argv
   n_layer = 2 if _QUICK.value else 12
-  results = {"shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value,
+  iters = _ITERS.value
+  if iters < 2:
+    raise app.UsageError(f"--iterations={iters}; allowed: >= 2 (the first is warm-up)")
+  results = {"shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value, "iterations": iters,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-  sides = [("jax_ppo", lambda: _jax_side("ppo", n_layer)),
-           ("trl_ppo", lambda: _run_trl(_TRL019.value, _TRL_PPO, _THREADS.value, n_layer)),
-           ("jax_grpo", lambda: _jax_side("grpo", n_layer)),
-           ("trl_grpo", lambda: _run_trl(_TRL.value, _TRL_GRPO, _THREADS.value, n_layer))]
+  sides = [("jax_ppo", lambda: _jax_side("ppo", n_layer, iters)),
+           ("trl_ppo", lambda: _run_trl(_TRL019.value, _TRL_PPO, _THREADS.value, n_layer, iters)),
+           ("jax_grpo", lambda: _jax_side("grpo", n_layer, iters)),
+           ("trl_grpo", lambda: _run_trl(_TRL.value, _TRL_GRPO, _THREADS.value, n_layer, iters))]
   for name, fn in sides:
     if name in _SKIP.value:
       continue
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
     results[name] = fn()
     results[name]["wall_s"] = time.perf_counter() - t0
+    results[name]["loadavg_1min"] = [load_before, os.getloadavg()[0]]
     print(name, json.dumps(results[name], indent=1), flush=True)
   results["summary"] = summarize(results)
   print(format_table(results["summary"]))

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, sampling, train
-from rlhf_jax.algorithms import ppo, ppo_config, ppo_models, reward_scoring, rollout
+from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax.algorithms import ppo, ppo_config, ppo_models, ppo_update, reward_scoring, rollout
 from rlhf_jax.data import tokenizers as tok_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +240,7 @@ def test_ppo_end_to_end_metrics_checkpoint_and_final(ppo_run):
   assert final["kl_to_sft"] != 0.0
   params = final_params(workdir)
   assert set(params) == {"policy", "value"}
+  assert rows[1]["compiles"] == 0  # every phase compiled in iteration 1 at the latest
 
 
 def test_resume_reproduces_the_uninterrupted_run(ppo_run, tmp_path):
@@ -291,6 +292,34 @@ def test_non_finite_rewards_stop_and_keep_the_last_good_checkpoint(ppo_run, tmp_
   jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "run"), before)
 
 
+def test_non_finite_loss_with_a_finite_rollout_stops_and_keeps_the_last_good_checkpoint(
+    ppo_run, tmp_path, monkeypatch):
+  """Only the update's loss goes NaN (a poisoned policy-loss term; rollout, rewards and values are
+  finite) in iteration 3 of a resumed run: the run stops naming the loss, saves nothing."""
+  workdir, _ = ppo_run
+  shutil.copytree(workdir, tmp_path / "run")
+  before = final_params(tmp_path / "run")
+  real = losses.ppo_policy_loss
+
+  def nan_policy_loss(*args, **kwargs):
+    loss_B, metrics = real(*args, **kwargs)
+    return loss_B * jnp.nan, metrics
+
+  monkeypatch.setattr(ppo_update.losses, "ppo_policy_loss", nan_policy_loss)
+  ppo_update.make_update_fn.cache_clear()  # trace a fresh update with the poisoned term...
+  try:
+    with pytest.raises(ppo.NonFiniteError,
+                       match=r"iteration 3: non-finite loss .*last good checkpoint \(iteration 2\)"):
+      run_tiny(tmp_path / "run", tiny_config(**{"loop.num_iterations": 3}))
+  finally:
+    ppo_update.make_update_fn.cache_clear()  # ...and never hand it to another test
+  ckpts = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+  assert ckpts[-1] == 2
+  jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "run"), before)
+  rows = train.read_metrics(str(tmp_path / "run"), split="train")
+  assert [r["step"] for r in rows] == [1, 2]  # iteration 3 was not logged either
+
+
 def test_non_finite_values_stop_before_anything_is_saved(tmp_path):
   with pytest.raises(ppo.NonFiniteError, match="iteration 1: non-finite values.*iteration none"):
     run_tiny(tmp_path, value_bias=float("inf"))
@@ -310,3 +339,51 @@ def test_critic_free_algorithms_run_without_a_value_model(tmp_path, algorithm):
   assert "vf_loss" not in rows[0] and rows[0]["grad_norm"] > 0
   assert ("kl_loss" in rows[0]) == (algorithm == "grpo")
   assert set(final_params(tmp_path)) == {"policy"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded: the same run on a 2×2×2 mesh of the 8 simulated CPU devices
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mesh_run_compiles_each_phase_once_and_matches_the_single_device_run(ppo_run, tmp_path):
+  workdir, single = ppo_run
+  config = tiny_config()
+  ppo_cfg, data_cfg, loop_cfg, optim_cfg, eval_cfg = ppo.parse_config(config)
+  # The byte vocabulary (259) does not split over `tensor`: keep it replicated; everything else
+  # follows DEFAULT_RULES (embed -> fsdp, heads / kv_heads / mlp -> tensor, batch -> data × fsdp).
+  rules = tuple((k, None) if k in ("vocab", "activation_vocab") else (k, v)
+                for k, v in parallel.DEFAULT_RULES)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+  placement = rollout.Placement(mesh, rules)
+  models_ = tiny_models(ppo_cfg)
+  result = ppo.run(workdir=str(tmp_path), config=ppo_cfg, loop=loop_cfg, optim=optim_cfg,
+                   eval_config=eval_cfg, data=data_cfg, models_=models_, seed=config.seed,
+                   placement=placement)
+  rows = train.read_metrics(str(tmp_path), split="train")
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[0]["compiles"] <= 5 and rows[1]["compiles"] == 0  # ≤ once per phase, then never
+  # The state lives on the mesh with the rules table's shardings (sharded, not replicated).
+  expect = ppo_update.state_shardings(models_.policy, models_.value_model,
+                                      optim_cfg, 2 * ppo_cfg.updates_per_iteration,
+                                      placement)
+  jax.tree.map(lambda x, sh: x.sharding == sh or pytest.fail(f"{x.sharding} != {sh}"),
+               result.state, expect)
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(result.state.params["policy"])}
+  assert any("tensor" in spec for spec in specs) and any("fsdp" in spec for spec in specs)
+  # Same numbers as the single-device run, up to float reassociation.
+  reference = train.read_metrics(str(workdir), split="train")
+  for a, b in zip(rows, reference):
+    for key in ("gold_reward", "rm_score", "kl", "pg_loss", "vf_loss", "clipfrac", "entropy"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.device_get(result.state.params), final_params(workdir))
+  assert result.metrics["gold_reward"] == pytest.approx(single["gold_reward"], abs=1e-6)
+
+
+def test_rollout_batch_not_divisible_by_the_mesh_batch_ways_is_refused(tmp_path):
+  config = tiny_config(**{"ppo.rollout_batch_size": 2, "ppo.num_minibatches": 1})
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 1, 1
+  with pytest.raises(ValueError, match=r"rollout_batch_size=2 must be a multiple of the mesh's "
+                                       r"batch ways \(4"):
+    run_tiny(tmp_path, config)

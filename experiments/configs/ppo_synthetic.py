@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from rlhf_jax import train
+from rlhf_jax import parallel, train
 from rlhf_jax.algorithms import ppo_config
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
@@ -41,4 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
       clip_norm=1.0, b2=0.999)
   config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
                                                max_new_tokens=48)
+  # (data, fsdp, tensor) mesh of the trainer; e.g. --config.mesh.data=-1 for every device.
+  # Rollout rows (rollout_batch_size and its minibatches × num_samples) split over data × fsdp.
+  config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
   return config

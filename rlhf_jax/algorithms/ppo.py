@@ -17,6 +17,12 @@ approx. KL(π_old‖π), value explained variance, response length, EOS fraction
 norm, and per-phase seconds + tokens/s. Held-out evaluations (split ``eval``; ``eval.policy``)
 run before the first iteration (the SFT baseline), every ``eval_every`` iterations and at the end.
 
+Sharding: the run lives on the mesh of ``config.mesh`` (``parallel.MeshConfig``; default one
+device) with ``parallel.DEFAULT_RULES``: policy, reference, value and reward-model params are placed
+per the rules table, rollout rows are split over ``data`` × ``fsdp``, and every phase is jitted
+with explicit in/out shardings (``rollout.Placement``), so each compiles once per run (the
+``compiles`` metric counts XLA compilations inside each iteration's phases: 0 after the first).
+
 Faults: NaN/inf rewards, values, log-probs or loss raise :class:`NonFiniteError` before anything is
 saved, so the last good checkpoint stays the latest; SIGTERM finishes the current iteration,
 checkpoints it and returns; rerunning resumes with the same prompt order and RNG stream.
@@ -33,16 +39,15 @@ import time
 from typing import Any, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, sampling, train
+from rlhf_jax import losses, parallel, sampling, train
 from rlhf_jax.algorithms import ppo_models, reward_scoring
 from rlhf_jax.algorithms.ppo_config import PPOConfig, PPODataConfig, PPOLoopConfig
-from rlhf_jax.algorithms.ppo_update import PPOState, create_state, make_update_fn
-from rlhf_jax.algorithms.rollout import (Rollout, make_advantage_fn, make_logprob_fn,
-                                         make_score_fn)
+from rlhf_jax.algorithms.ppo_update import PPOState, make_update_fn, place_state, state_shardings
+from rlhf_jax.algorithms.rollout import (Placement, Rollout, make_advantage_fn, make_generate_fn,
+                                         make_logprob_fn, make_score_fn)
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.eval import policy as policy_eval
@@ -56,6 +61,36 @@ PHASES = ("generation", "scoring", "logprobs", "advantages", "update")
 
 class NonFiniteError(FloatingPointError):
   """A reward, value, log-prob or loss was NaN/inf; the run stopped before saving it."""
+
+
+_COMPILES = [0]  # XLA compilations in this process (jax.monitoring listener, registered once)
+
+
+def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
+  del duration_secs, kwargs
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def default_placement() -> Placement:
+  """One device: a 1×1×1 mesh over ``jax.devices()[0]``."""
+  return Placement(parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1),
+                                      devices=jax.devices()[:1]))
+
+
+def make_placement(section: Mapping[str, int] | None,
+                   rules: parallel.Rules = parallel.DEFAULT_RULES) -> Placement:
+  """The ``config.mesh`` section (``parallel.MeshConfig`` fields) → :class:`Placement`; a mesh
+  smaller than the host's devices uses the first ones (``-1``: all of them)."""
+  if not section:
+    return Placement(default_placement().mesh, tuple(rules))
+  mesh_cfg = config_dicts.to_dataclass(parallel.MeshConfig, section, "mesh")
+  sizes = [getattr(mesh_cfg, a) for a in parallel.MESH_AXES]
+  devices = jax.devices() if -1 in sizes else jax.devices()[:int(np.prod(sizes))]
+  return Placement(parallel.make_mesh(mesh_cfg, devices=devices), tuple(rules))
 
 
 class RunResult(NamedTuple):
@@ -151,10 +186,11 @@ def _rm_text_fn(reward: reward_scoring.RewardModelHandle, tokenizer):
 
 def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.OptimConfig,
         eval_config: policy_eval.PolicyEvalConfig, data: PPODataConfig, models_: ppo_models.PPOModels,
-        seed: int = 0, run_config: Mapping[str, Any] | None = None) -> RunResult:
+        seed: int = 0, run_config: Mapping[str, Any] | None = None,
+        placement: Placement | None = None) -> RunResult:
   """Runs (or resumes) online RL in ``workdir``; returns the final metrics (also written to
   ``<workdir>/final_metrics.json``) and the final state. ``models_`` from :func:`ppo_models.load_models` or built
-  in-process (iterated RLHF)."""
+  in-process (iterated RLHF); ``placement``: mesh + rules (default: one device)."""
   os.makedirs(workdir, exist_ok=True)
   if run_config is not None:
     train.atomic_write_json(os.path.join(workdir, "config.json"), dict(run_config))
@@ -168,17 +204,25 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
 
   total_updates = loop.num_iterations * config.updates_per_iteration
   optimizer, schedule = train.make_optimizer(optim, total_updates)
-  params = {"policy": jax.tree.map(jnp.copy, models_.policy_params)}  # copies: the state is donated
+  params = {"policy": models_.policy_params}
   if models_.value_model is not None:
-    params["value"] = jax.tree.map(jnp.copy, models_.value_params)
+    params["value"] = models_.value_params
   controller = _kl_controller(config)
-  # Everything the jitted phases read is committed to one device: jit's cache key includes
-  # committed-ness, so uncommitted initial params would compile every phase a second time once
-  # the (committed) updated params come back.
-  device = jax.devices()[0]
-  state = jax.device_put(create_state(params, optimizer, float(controller.initial()),
-                                      jax.random.PRNGKey(seed)), device)
-  ref_params = jax.device_put(models_.ref_params, device)
+  # Everything the jitted phases read is placed (committed) with the shardings their jit declares,
+  # and every phase returns exactly those shardings: jit's cache key includes each argument's
+  # sharding and committed-ness, so anything looser compiles the phases again in iteration 2.
+  placement = placement or default_placement()
+  ways = int(np.prod([placement.mesh.shape[a] for a in np.atleast_1d(
+      parallel.batch_axes(placement.rules))]))
+  if config.rollout_batch_size % ways:
+    raise ValueError(f"config.ppo.rollout_batch_size={config.rollout_batch_size} must be a multiple "
+                     f"of the mesh's batch ways ({ways}: the product of the "
+                     f"{parallel.batch_axes(placement.rules)} axes of config.mesh); prompts are "
+                     "split over them")
+  shardings = state_shardings(policy, models_.value_model, optim, total_updates, placement)
+  state = place_state(params, optimizer, float(controller.initial()), jax.random.PRNGKey(seed),
+                      shardings)
+  ref_params = jax.device_put(models_.ref_params, shardings.params["policy"])
   fingerprint = {"method": "ppo", "algorithm": config.algorithm,
                  "model": dataclasses.asdict(policy.config), "tokenizer": tok.fingerprint(),
                  "value_model": (dataclasses.asdict(models_.value_model.config)
@@ -198,16 +242,21 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
   samp_cfg = sampling.SamplingConfig(
       max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
       top_p=config.top_p, num_samples=config.num_samples, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  score_fn = make_score_fn(models_.reward.model, eos_id=tok.eos_id,
-                           missing_eos_penalty=config.missing_eos_penalty)
-  logprob_fn = make_logprob_fn(policy, models_.value_model, prompt_len, config.temperature)
-  advantage_fn = make_advantage_fn(config)
-  update_fn = make_update_fn(config, policy, models_.value_model, optim, total_updates, prompt_len)
-  # The RM handle's params live on its 1-device mesh; a plain single-device copy keeps the mesh
-  # type out of the rollout arrays (and so out of the state), so every phase compiles once.
-  rm_args = (jax.device_put(jax.device_get(models_.reward.params), device),
-             jnp.asarray(models_.reward.info.mean, jnp.float32),
-             jnp.asarray(models_.reward.info.std, jnp.float32))
+  phases = _Phases(
+      generate=make_generate_fn(policy, samp_cfg, placement),
+      score=make_score_fn(models_.reward.model, eos_id=tok.eos_id,
+                          missing_eos_penalty=config.missing_eos_penalty, placement=placement),
+      logprob=make_logprob_fn(policy, models_.value_model, prompt_len, config.temperature,
+                              placement),
+      advantage=make_advantage_fn(config, placement),
+      placement=placement)
+  update_fn = make_update_fn(config, policy, models_.value_model, optim, total_updates, prompt_len,
+                             placement)
+  # The RM handle may live on another mesh (its own default is one device): copy its params onto
+  # this run's mesh with the rules table's shardings (a no-op when they are already there).
+  rm_args = (jax.device_put(models_.reward.params, placement.params(models_.reward.model)),
+             jax.device_put(np.asarray(models_.reward.info.mean, np.float32), placement.replicated),
+             jax.device_put(np.asarray(models_.reward.info.std, np.float32), placement.replicated))
 
   evaluator = None
   if prompts.eval_texts:
@@ -235,24 +284,25 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
         initial_metrics = train.read_json(initial_path)
       else:
         initial_metrics = evaluate(0, ref_params if models_.policy_params is models_.ref_params
-                                   else jax.device_put(models_.policy_params, device))
+                                   else state.params["policy"])
         train.atomic_write_json(initial_path, initial_metrics)
     with _StopFlag() as stop:
       while it < end:
-        rollout_host, metrics = _rollout(it, state, prompts, tok, policy, ref_params, rm_args,
-                                         samp_cfg, score_fn, logprob_fn, advantage_fn,
-                                         checkpointer.latest_step())
+        compiles_before = _COMPILES[0]
+        rollout, metrics = _rollout(it, state, prompts, tok, ref_params, rm_args, phases,
+                                    checkpointer.latest_step())
         t0 = time.perf_counter()
-        state, upd = update_fn(state, rollout_host)
+        state, upd = update_fn(state, rollout)
         upd = jax.device_get(upd)
         metrics["time_update"] = time.perf_counter() - t0
+        metrics["compiles"] = float(_COMPILES[0] - compiles_before)
         _check_finite(it, checkpointer.latest_step(), loss=upd["loss"], grad_norm=upd["grad_norm"])
         metrics.update({k: float(v) for k, v in upd.items()})
         n_rows = config.rollout_size
         new_beta = controller.update(state.kl_coef, metrics["kl"], n_rows)
         state = state.replace(iteration=state.iteration + 1, kl_coef=new_beta)
         metrics["lr"] = float(schedule((it + 1) * config.updates_per_iteration - 1))
-        tokens_seq = rollout_host.tokens_BxT.shape[1]
+        tokens_seq = rollout.tokens_BxT.shape[1]
         metrics["update_tokens_per_s"] = (n_rows * tokens_seq * config.num_ppo_epochs
                                           / max(metrics["time_update"], 1e-9))
         metrics["time_iteration"] = sum(metrics[f"time_{p}"] for p in PHASES)
@@ -286,28 +336,36 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
   return RunResult(final, state)
 
 
-def _rollout(it, state: PPOState, prompts: Prompts, tok, policy, ref_params, rm_args, samp_cfg,
-             score_fn, logprob_fn, advantage_fn, last_good):
+class _Phases(NamedTuple):
+  generate: Any  # rollout.make_generate_fn
+  score: Any  # rollout.make_score_fn
+  logprob: Any  # rollout.make_logprob_fn
+  advantage: Any  # rollout.make_advantage_fn
+  placement: Placement
+
+
+def _rollout(it, state: PPOState, prompts: Prompts, tok, ref_params, rm_args, phases: _Phases,
+             last_good):
   """Rollout phases of iteration ``it`` → ``(rollout, metrics)`` (the update is not run here)."""
   metrics: dict[str, float] = {}
   batch = next(prompts.train)
-  sample_key = jax.random.fold_in(state.rng, 1)  # the update splits state.rng: a disjoint stream
+  placement = phases.placement
+  prompt_tokens, prompt_mask = parallel.shard_batch(
+      (np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])), placement.mesh,
+      placement.rules)
 
   t0 = time.perf_counter()
-  out = sampling.sample(policy, state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"],
-                        sample_key, samp_cfg)
-  tokens_BxT, mask_BxT, _ = out.full_sequences()
-  response_mask = out.response_mask_BxR
-  jax.block_until_ready((tokens_BxT, mask_BxT))
+  tokens_BxT, mask_BxT, response_mask = jax.block_until_ready(phases.generate(
+      state.params["policy"], prompt_tokens, prompt_mask, state.rng))
   t1 = time.perf_counter()
-  scores_B, rm_B = jax.block_until_ready(score_fn(*rm_args, tokens_BxT, mask_BxT, response_mask))
+  scores_B, rm_B = jax.block_until_ready(phases.score(*rm_args, tokens_BxT, mask_BxT, response_mask))
   t2 = time.perf_counter()
-  old_logps, ref_logps, values, entropy = jax.block_until_ready(logprob_fn(
+  old_logps, ref_logps, values, entropy = jax.block_until_ready(phases.logprob(
       state.params["policy"], ref_params, state.params.get("value"), tokens_BxT, mask_BxT))
   t3 = time.perf_counter()
   _check_finite(it, last_good, rewards=scores_B, values=values, policy_logprobs=old_logps,
                 reference_logprobs=ref_logps)
-  advantages, returns, adv_metrics = jax.block_until_ready(advantage_fn(
+  advantages, returns, adv_metrics = jax.block_until_ready(phases.advantage(
       scores_B, old_logps, ref_logps, values, response_mask, state.kl_coef))
   t4 = time.perf_counter()
   _check_finite(it, last_good, advantages=advantages, returns=returns)
@@ -320,16 +378,19 @@ def _rollout(it, state: PPOState, prompts: Prompts, tok, policy, ref_params, rm_
                  time_advantages=t4 - t3, generated_tokens=n_tokens,
                  generation_tokens_per_s=n_tokens / max(t1 - t0, 1e-9))
   metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
-  metrics["rm_score"] = float(jnp.mean(rm_B))
-  metrics["score"] = float(jnp.mean(scores_B))
+  # Host-side statistics in numpy: no small device ops (and no compilations) in the loop.
+  metrics["rm_score"] = float(np.mean(np.asarray(rm_B)))
+  metrics["score"] = float(np.mean(np.asarray(scores_B)))
   metrics["kl_coef"] = float(state.kl_coef)
-  metrics["entropy"] = float(jnp.sum(entropy) / max(n_tokens, 1.0))
+  metrics["entropy"] = float(np.sum(np.asarray(entropy)) / max(n_tokens, 1.0))
   metrics["response_length"] = float(resp_mask_host.sum(-1).mean())
-  resp_tokens = np.asarray(out.response_tokens_BxR)
+  tokens_host, mask_host = np.asarray(tokens_BxT), np.asarray(mask_BxT)
+  p = tokens_host.shape[1] - resp_mask_host.shape[1]
+  resp_tokens = tokens_host[:, p:]
   metrics["eos_fraction"] = float(np.mean(np.any((resp_tokens == tok.eos_id) & (resp_mask_host > 0),
                                                  axis=1)))
   if prompts.gold_reward_fn is not None:
-    golds = synthetic.score_samples(tok, out.prompt_tokens, out.prompt_mask, resp_tokens,
+    golds = synthetic.score_samples(tok, tokens_host[:, :p], mask_host[:, :p], resp_tokens,
                                     resp_mask_host)
     metrics["gold_reward"] = float(np.mean(golds))
   return rollout, metrics
@@ -344,7 +405,7 @@ def _log_line(it: int, total: int, m: Mapping[str, float]) -> None:
               m["time_update"], m["tokens_per_s"])
 
 
-KNOWN_KEYS = ("seed", "ppo", "data", "loop", "optim", "eval")
+KNOWN_KEYS = ("seed", "ppo", "data", "loop", "optim", "eval", "mesh")
 
 
 def parse_config(config: ml_collections.ConfigDict):
@@ -361,11 +422,16 @@ def parse_config(config: ml_collections.ConfigDict):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       models_: ppo_models.PPOModels | None = None) -> dict[str, Any]:
+                       models_: ppo_models.PPOModels | None = None,
+                       rules: parallel.Rules = parallel.DEFAULT_RULES) -> dict[str, Any]:
   """Runs (or resumes) the experiment ``config`` (see ``experiments/configs/ppo_synthetic.py``);
-  ``models_`` overrides loading the models from ``config.data`` workdirs."""
+  ``models_`` overrides loading the models from ``config.data`` workdirs; ``rules``: the
+  logical-axis rules table on ``config.mesh``."""
   ppo_cfg, data_cfg, loop_cfg, optim_cfg, eval_cfg = parse_config(config)
+  placement = make_placement(config.get("mesh"), rules)
   if models_ is None:
-    models_ = ppo_models.load_models(ppo_cfg, data_cfg, jax.random.PRNGKey(config.seed + 1))
+    models_ = ppo_models.load_models(ppo_cfg, data_cfg, jax.random.PRNGKey(config.seed + 1),
+                                     mesh=placement.mesh, rules=placement.rules)
   return run(workdir=workdir, config=ppo_cfg, loop=loop_cfg, optim=optim_cfg, eval_config=eval_cfg,
-             data=data_cfg, models_=models_, seed=config.seed, run_config=config.to_dict()).metrics
+             data=data_cfg, models_=models_, seed=config.seed, run_config=config.to_dict(),
+             placement=placement).metrics

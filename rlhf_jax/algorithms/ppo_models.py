@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from rlhf_jax import models
+from rlhf_jax import models, parallel
 from rlhf_jax.algorithms import reward_scoring, sft
 from rlhf_jax.algorithms.ppo_config import PPOConfig, PPODataConfig
 from rlhf_jax.data import tokenizers as tok_lib
@@ -89,8 +89,10 @@ def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, poli
   return value_model, models.with_backbone(fresh, policy_params)
 
 
-def load_models(config: PPOConfig, data: PPODataConfig, rng: jax.Array) -> PPOModels:
-  """Loads policy / reference (SFT runs) and the reward model, checks them, builds the critic."""
+def load_models(config: PPOConfig, data: PPODataConfig, rng: jax.Array, *, mesh=None,
+                rules=parallel.DEFAULT_RULES) -> PPOModels:
+  """Loads policy / reference (SFT runs) and the reward model, checks them, builds the critic.
+  The reward model is restored onto ``mesh`` with ``rules`` (default: one device)."""
   for name in ("sft_workdir", "reward_model_workdir"):
     if not getattr(data, name):
       raise ValueError(f"config.data.{name} is empty; allowed: the workdir of a finished "
@@ -102,7 +104,8 @@ def load_models(config: PPOConfig, data: PPODataConfig, rng: jax.Array) -> PPOMo
                    reference_tokenizer=ref_ckpt.tokenizer, reference_config=ref_ckpt.model_config,
                    reward_info=info)
   reward = reward_scoring.load_reward_model(data.reward_model_workdir,
-                                            policy_tokenizer=policy_ckpt.tokenizer)
+                                            policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
+                                            rules=rules)
   value_model, value_params = init_value_params(config, policy_ckpt.model_config,
                                                 policy_ckpt.params, reward, rng)
   return PPOModels(tokenizer=policy_ckpt.tokenizer,

@@ -13,7 +13,9 @@ key) of a ``lax.scan`` over minibatches of N / M rows, each one optimiser step o
 (``losses.ppo_policy_loss`` / ``ppo_value_loss`` / ``entropy_loss`` / ``kl_estimate``). Policy and
 value model are two param trees under one optimiser, as TRL's ``PolicyAndValueWrapper``: the
 value loss only reaches the value params, and gradient clipping is over the joint global norm.
-The state is donated, so the update reuses its own buffers.
+The state is donated, so the update reuses its own buffers. With a ``rollout.Placement`` the
+update is jitted with the state's shardings (:func:`state_shardings`) in and out and the rollout
+rows split over the batch axes, so iteration after iteration it sees the same input shardings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,7 @@ import optax
 
 from rlhf_jax import losses, models, train
 from rlhf_jax.algorithms.ppo_config import PPOConfig
-from rlhf_jax.algorithms.rollout import Rollout, response_logps, response_values
+from rlhf_jax.algorithms.rollout import Placement, Rollout, response_logps, response_values
 
 
 @flax.struct.dataclass
@@ -47,6 +50,43 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: 
   return PPOState(iteration=jnp.zeros((), jnp.int32), params=params,
                   opt_state=jax.jit(optimizer.init)(params),
                   kl_coef=jnp.asarray(kl_coef, jnp.float32), rng=jnp.asarray(rng, jnp.uint32))
+
+
+@functools.lru_cache(maxsize=16)
+def state_shardings(policy: models.Transformer, value_model: models.ValueModel | None,
+                    optim: train.OptimConfig, total_updates: int, placement: Placement) -> PPOState:
+  """``PPOState`` of ``NamedSharding`` s: params per the rules table, optimiser moments like their
+  params (``optax.tree_map_params``), step counters / β / key replicated."""
+  params = {"policy": placement.params(policy)}
+  if value_model is not None:
+    params["value"] = placement.params(value_model)
+  optimizer, _ = train.make_optimizer(optim, total_updates)
+  abstract_params = _abstract_params(policy, value_model)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  rep = placement.replicated
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
+                              transform_non_params=lambda _: rep)
+  return PPOState(iteration=rep, params=params, opt_state=opt, kl_coef=rep, rng=rep)
+
+
+def _abstract_params(policy, value_model) -> Any:
+  def shapes(module):
+    dummy = jnp.ones((1, 8), jnp.int32)
+    return nn.meta.unbox(jax.eval_shape(
+        functools.partial(module.init, jax.random.PRNGKey(0), dummy, dummy)))["params"]
+
+  tree = {"policy": shapes(policy)}
+  if value_model is not None:
+    tree["value"] = shapes(value_model)
+  return tree
+
+
+def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: float, rng: jax.Array,
+                shardings: PPOState) -> PPOState:
+  """A fresh state (:func:`create_state`) on ``shardings``; ``params`` are copied, never aliased
+  (the state is donated to the update)."""
+  params = jax.device_put(jax.tree.map(jnp.copy, params), shardings.params)
+  return jax.device_put(create_state(params, optimizer, kl_coef, rng), shardings)
 
 
 def make_loss_fn(config: PPOConfig, policy: models.Transformer, value_model: models.ValueModel | None,
@@ -91,7 +131,7 @@ def make_loss_fn(config: PPOConfig, policy: models.Transformer, value_model: mod
 @functools.lru_cache(maxsize=16)
 def make_update_fn(config: PPOConfig, policy: models.Transformer,
                    value_model: models.ValueModel | None, optim: train.OptimConfig,
-                   total_updates: int, prompt_len: int):
+                   total_updates: int, prompt_len: int, placement: Placement | None = None):
   """Jitted, state-donating ``update(state, rollout) -> (state, metrics)`` (module docstring).
 
   The optimiser is ``train.make_optimizer(optim, total_updates)`` (the state's ``opt_state`` must
@@ -128,4 +168,8 @@ def make_update_fn(config: PPOConfig, policy: models.Transformer,
     metrics = jax.tree.map(jnp.mean, metrics)
     return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
 
-  return jax.jit(update, donate_argnums=(0,))
+  if placement is None:
+    return jax.jit(update, donate_argnums=(0,))
+  state_sh = state_shardings(policy, value_model, optim, total_updates, placement)
+  return placement.jit(update, (state_sh, placement.rows), (state_sh, placement.replicated),
+                       donate_argnums=(0,))

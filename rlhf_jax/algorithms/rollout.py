@@ -21,18 +21,68 @@ Phases (each one jitted function, timed by the trainer at its boundary):
    - ``rloo``: r = score - β Σ_t KL_t per sequence, A_i = r_i - mean_{j≠i} r_j in its group.
    - ``grpo``: A_i = (s_i - mean(s)) / (std(s) + 1e-4) per group; β · k3 is a loss term instead.
    - ``dr_grpo``: A_i = s_i - mean(s).
+
+Sharding: every builder takes an optional :class:`Placement` (mesh + logical rules). With one, the
+phase is jitted with explicit in/out shardings: params per the rules table (``parallel``), rollout
+rows split over the batch axes (``data``, ``fsdp``), scalars replicated; and it is traced and called
+inside ``parallel.use_mesh`` so the model's activation constraints apply. Outputs therefore carry
+exactly the shardings the next phase (and the next iteration) expects, and each phase compiles once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import losses, models
+from rlhf_jax import losses, models, parallel, sampling
 from rlhf_jax.algorithms.ppo_config import PPOConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the trainer's arrays live: a (data, fsdp, tensor) mesh and the logical-axis rules.
+
+  Hashable, so it is part of the cache key of every phase builder.
+  """
+
+  mesh: Mesh
+  rules: tuple = parallel.DEFAULT_RULES
+
+  @property
+  def rows(self) -> NamedSharding:
+    """Rollout arrays: the leading (row) dimension over the batch axes, the rest replicated."""
+    return parallel.data_sharding(self.mesh, self.rules)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def params(self, module) -> Any:
+    """``NamedSharding`` tree of ``module``'s params (its logical axes through the rules)."""
+    return _param_shardings(module, self)
+
+  def jit(self, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
+    """``jax.jit`` with explicit shardings, traced and called inside ``parallel.use_mesh``."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
+
+    def call(*args):
+      with parallel.use_mesh(self.mesh, self.rules):
+        return jitted(*args)
+
+    call.jitted = jitted  # for inspection (``call.jitted._cache_size()``)
+    return call
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shardings(module, placement: Placement) -> Any:
+  dummy = jnp.ones((1, 8), jnp.int32)
+  abstract = jax.eval_shape(functools.partial(module.init, jax.random.PRNGKey(0), dummy, dummy))
+  return parallel.logical_shardings(abstract, placement.mesh, placement.rules)["params"]
 
 
 class Rollout(NamedTuple):
@@ -76,7 +126,27 @@ def response_values(value_model: models.ValueModel, params: Any, tokens_BxT: jax
 
 
 @functools.lru_cache(maxsize=16)
-def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_penalty: float):
+def make_generate_fn(policy: models.Transformer, config: sampling.SamplingConfig,
+                     placement: Placement | None = None):
+  """Jitted ``(policy_params, prompt_tokens_BxP, prompt_mask_BxP, rng) -> (tokens_BxT, mask_BxT,
+  response_mask_BxR)``: ``sampling.sample`` with key ``fold_in(rng, 1)`` (the update splits ``rng``
+  itself, so the two streams are disjoint), as full ``[BOS] prompt | response`` sequences."""
+
+  def generate(params, prompt_tokens_BxP, prompt_mask_BxP, rng):
+    out = sampling.sample(policy, params, prompt_tokens_BxP, prompt_mask_BxP,
+                          jax.random.fold_in(rng, 1), config)
+    tokens_BxT, mask_BxT, _ = out.full_sequences()
+    return tokens_BxT, mask_BxT, out.response_mask_BxR
+
+  if placement is None:
+    return jax.jit(generate)
+  p = placement
+  return p.jit(generate, (p.params(policy), p.rows, p.rows, p.replicated), p.rows)
+
+
+@functools.lru_cache(maxsize=16)
+def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_penalty: float,
+                  placement: Placement | None = None):
   """Jitted ``(rm_params, mean_K, std_K, tokens_BxT, mask_BxT, response_mask_BxR) -> (scores_B, rm_B)``.
 
   ``rm_B`` = (r_φ(x, y) - μ) / σ, the reward model's first output with its stored normalisation
@@ -85,7 +155,6 @@ def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_
   so repeated runs in one process reuse the compiled function.
   """
 
-  @jax.jit
   def score_fn(rm_params, mean_K, std_K, tokens_BxT, mask_BxT, response_mask_BxR):
     raw_BxK = reward_model.apply({"params": rm_params}, tokens_BxT, mask_BxT).astype(jnp.float32)
     rm_B = (raw_BxK[:, 0] - mean_K[0]) / std_K[0]
@@ -95,17 +164,20 @@ def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_
     has_eos_B = jnp.any((tokens_BxT[:, -r:] == eos_id) & (response_mask_BxR > 0), axis=1)
     return jnp.where(has_eos_B, rm_B, rm_B - missing_eos_penalty), rm_B
 
-  return score_fn
+  if placement is None:
+    return jax.jit(score_fn)
+  p = placement
+  return p.jit(score_fn, (p.params(reward_model), p.replicated, p.replicated, p.rows, p.rows, p.rows),
+               p.rows)
 
 
 @functools.lru_cache(maxsize=16)
 def make_logprob_fn(policy: models.Transformer, value_model: models.ValueModel | None,
-                    prompt_len: int, temperature: float):
+                    prompt_len: int, temperature: float, placement: Placement | None = None):
   """Jitted ``(policy_params, ref_params, value_params, tokens, mask) -> (old_logps, ref_logps,
   old_values, entropy)``, all ``[B, R]`` float32 (values are zeros without a critic). The
   reference shares the policy's architecture (``ppo_models.check_compatible``)."""
 
-  @jax.jit
   def logprob_fn(policy_params, ref_params, value_params, tokens_BxT, mask_BxT):
     old_BxR, ent_BxR = response_logps(policy, policy_params, tokens_BxT, mask_BxT, prompt_len,
                                       temperature, with_entropy=True)
@@ -116,7 +188,12 @@ def make_logprob_fn(policy: models.Transformer, value_model: models.ValueModel |
       values_BxR = response_values(value_model, value_params, tokens_BxT, mask_BxT, prompt_len)
     return old_BxR, ref_BxR, values_BxR, ent_BxR
 
-  return logprob_fn
+  if placement is None:
+    return jax.jit(logprob_fn)
+  p = placement
+  value_shardings = p.params(value_model) if value_model is not None else None
+  return p.jit(logprob_fn, (p.params(policy), p.params(policy), value_shardings, p.rows, p.rows),
+               p.rows)
 
 
 def _masked_var(x_BxR, mask_BxR):
@@ -169,5 +246,11 @@ def compute_advantages(config: PPOConfig, scores_B, old_logps_BxR, ref_logps_BxR
 
 
 @functools.lru_cache(maxsize=16)
-def make_advantage_fn(config: PPOConfig):
-  return jax.jit(functools.partial(compute_advantages, config))
+def make_advantage_fn(config: PPOConfig, placement: Placement | None = None):
+  """Jitted ``(scores_B, old_logps, ref_logps, values, response_mask, kl_coef) -> (advantages,
+  returns, metrics)`` (:func:`compute_advantages`)."""
+  fn = functools.partial(compute_advantages, config)
+  if placement is None:
+    return jax.jit(fn)
+  p = placement
+  return p.jit(fn, (p.rows,) * 5 + (p.replicated,), (p.rows, p.rows, p.replicated))
