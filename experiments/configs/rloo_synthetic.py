@@ -19,8 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
         --config.data.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/rloo_synthetic
 
   Updates use the clipped per-token surrogate with the sequence advantage broadcast over tokens
-  (TRL's RLOOTrainer clips a sequence-level ratio instead). Not yet run at this size: only the
-  tiny end-to-end test (tests/test_ppo.py) exercises it.
+  (TRL's RLOOTrainer clips a sequence-level ratio instead). Measured (2-core CPU, load 2.5-7,
+  the 100-step RM of BUILD_NOTES.md): 5 min 22 s wall for 60 iterations; held-out gold 0.24 (SFT)
+  -> 0.37 at iteration 40 (KL 2.3) -> 0.35 at 60 (KL 3.4).
   """
   config = ppo_synthetic.get_config()
   config.ppo.algorithm = "rloo"
