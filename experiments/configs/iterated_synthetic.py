@@ -20,8 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   Each round's RM is retrained from the SFT backbone (100 steps, batch 32) on every comparison so
   far; PPO starts from the previous round's policy, the KL reference stays the SFT model. Output:
-  ``rounds.md`` / ``rounds.json`` / ``iterated_rlhf.png``; measured numbers: see
-  BUILD_NOTES.md.
+  ``rounds.md`` / ``rounds.json`` / ``iterated_rlhf.png``. Measured (2 loaded CPU cores): 20 min
+  wall; held-out gold 0.24 (SFT) -> 0.34 -> 0.36 -> 0.53 at KL 3.3; details in BUILD_NOTES.md.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
