@@ -199,8 +199,11 @@ def test_input_validation(setup):
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decode_loop_updates_cache_in_place(setup, scan_layers):
-  """The compiled sampler never copies the [L, B, S, K, H] cache (a copy per step would make
-  decoding memory-bound on the cache instead of the weights). Checked on the optimised HLO text."""
+  """The compiled sampler never copies the cache (a copy per step would make decoding memory-bound
+  on the cache instead of the weights): no copy of the stacked [L, B, K, S, H] buffers or of a
+  layer's [B, K, S, H] buffer, no transposed layer (the old [L, B, S, K, H] layout made XLA transpose
+  every layer's keys and values each step) and, for the unrolled stack, no slice of a stacked buffer
+  (it carries per-layer buffers). Checked on the optimised HLO text."""
   from rlhf_jax.sampling.sampler import _sample_jit
   model, _, prompts, mask = setup
   model = Transformer(model.config.replace(scan_layers=scan_layers))
@@ -209,10 +212,17 @@ def test_decode_loop_updates_cache_in_place(setup, scan_layers):
       jax.random.key(0), jnp.ones((1, 2), jnp.int32))))
   hlo = _sample_jit.lower(model, SamplingConfig(max_new_tokens=R), abstract, prompts, mask,
                           jax.random.key(0)).compile().as_text()
-  cache_shape = f"f32[{cfg.n_layers},2,{P + R},{cfg.num_kv_heads},{cfg.head_size}]"
-  assert hlo.count(cache_shape) > 0
-  copies = [line for line in hlo.splitlines() if cache_shape in line and " copy(" in line]
+  layer_dims = f"2,{cfg.num_kv_heads},{P + R},{cfg.head_size}]"
+  stacked_shape, layer_shape = f"f32[{cfg.n_layers},{layer_dims}", f"f32[{layer_dims}"
+  assert hlo.count(stacked_shape if scan_layers else layer_shape) > 0
+  lines = hlo.splitlines()
+  copies = [l for l in lines if (stacked_shape in l or layer_shape in l) and " copy(" in l]
   assert not copies, copies[:3]
+  transposed = [l for l in lines if f"= {layer_shape}" in l and " transpose(" in l]
+  assert not transposed, transposed[:3]
+  if not scan_layers:
+    slices = [l for l in lines if f"= f32[1,{layer_dims}" in l and " slice(" in l]
+    assert not slices, slices[:3]
 
 
 def test_bfloat16_model_samples_and_scores(setup):

@@ -93,11 +93,12 @@ class Attention(nn.Module):
   allows slots filled before this chunk).
 
   Two cache modes (both avoid copying the cache inside the sampler's loop, checked in the HLO):
-  * `cache_layer is None` (scanned stack): `cache_k`/`cache_v` are this layer's [B, S, K, H] slices,
+  * `cache_layer is None` (scanned stack): `cache_k`/`cache_v` are this layer's [B, K, S, H] slices,
     only read; the chunk's (k, v) are returned and the transformer writes all layers after the scan.
-  * `cache_layer = i` (unrolled stack): `cache_k`/`cache_v` are the whole [L, B, S, K, H] buffers.
-    The chunk is written at (i, :, cache_index) *before* layer i reads its slice, so every read of a
-    buffer version precedes the next in-place write by data dependency; the updated buffers are
+  * `cache_layer = i` (unrolled stack): `cache_k`/`cache_v` are the whole [L, B, K, S, H] buffers,
+    or tuples of L per-layer [B, K, S, H] buffers (what the sampler passes: no slice copy per read).
+    The chunk is written at (i, :, :, cache_index) *before* layer i reads its part, so every read of
+    a buffer version precedes the next in-place write by data dependency; the updated buffers are
     returned. (Writing after the read lets XLA reorder and forces a full cache copy per step.)
   """
 
@@ -136,31 +137,31 @@ class Attention(nn.Module):
     b, t = x_BxTxD.shape[:2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
 
-    def masked_scores(keys_BxSxKxH, allowed_BxTxS):
-      scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, keys_BxSxKxH.astype(cfg.compute_dtype),
+    def masked_scores(spec, keys, allowed_BxTxS):
+      scores = jnp.einsum(spec, q_BxTxKxGxH, keys.astype(cfg.compute_dtype),
                           preferred_element_type=jnp.float32) / math.sqrt(h)
       return jnp.where(allowed_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
 
-    scores_BxKxGxTxT = masked_scores(k_BxTxKxH, chunk_allowed_BxTxT)
+    scores_BxKxGxTxT = masked_scores("BTKGH,BSKH->BKGTS", k_BxTxKxH, chunk_allowed_BxTxT)
     new_kv = (k_BxTxKxH, v_BxTxKxH)
     if cache_k is not None and self.cache_layer is not None:
       cache_k = kv_lib.write_layer(cache_k, self.cache_layer, k_BxTxKxH, cache_index)
       cache_v = kv_lib.write_layer(cache_v, self.cache_layer, v_BxTxKxH, cache_index)
       new_kv = (cache_k, cache_v)
-      cache_k_BxSxKxH, cache_v_BxSxKxH = cache_k[self.cache_layer], cache_v[self.cache_layer]
+      cache_k_BxKxSxH, cache_v_BxKxSxH = cache_k[self.cache_layer], cache_v[self.cache_layer]
     else:
-      cache_k_BxSxKxH, cache_v_BxSxKxH = cache_k, cache_v
+      cache_k_BxKxSxH, cache_v_BxKxSxH = cache_k, cache_v
     if cache_allowed_BxTxS is None:  # no cache, or an empty one being filled (prefill)
       probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(cfg.compute_dtype)
       attn_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxT, v_BxTxKxH)
     else:
-      s = cache_k_BxSxKxH.shape[1]
-      scores_cache = masked_scores(cache_k_BxSxKxH, cache_allowed_BxTxS)
+      s = cache_k_BxKxSxH.shape[2]
+      scores_cache = masked_scores("BTKGH,BKSH->BKGTS", cache_k_BxKxSxH, cache_allowed_BxTxS)
       probs = jax.nn.softmax(jnp.concatenate([scores_cache, scores_BxKxGxTxT], axis=-1), axis=-1)
       probs = probs.astype(cfg.compute_dtype)
       attn_BxTxKxGxH = (
-          jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s],
-                     cache_v_BxSxKxH.astype(cfg.compute_dtype))
+          jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :s],
+                     cache_v_BxKxSxH.astype(cfg.compute_dtype))
           + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v_BxTxKxH))
     attn_BxTxNxH = attn_BxTxKxGxH.reshape(b, t, n, h)
     out_BxTxD = jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, wo_NxHxD)

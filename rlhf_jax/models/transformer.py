@@ -123,7 +123,8 @@ class Transformer(nn.Module):
       block_cls = nn.remat(Block, policy=remat_policy(cfg.remat_policy),
                            prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      layer_caches = None if cache is None or prefill else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+      cache = None if cache is None else kv_lib.stack_layers(cache)
+      layer_caches = None if cache is None or prefill else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
       blocks = nn.scan(block_cls, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(0, nn.broadcast), out_axes=0, length=cfg.n_layers,
@@ -131,7 +132,7 @@ class Transformer(nn.Module):
       x_BxTxD, new_kv_LxBxTxKxH = blocks(cfg, deterministic, name="layers")(
           x_BxTxD, layer_caches, side)
     else:
-      buffers = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+      buffers = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
       for i in range(cfg.n_layers):
         x_BxTxD, new_kv = block_cls(cfg, deterministic, None if cache is None else i,
                                     name=f"layers_{i}")(x_BxTxD, buffers, side)
@@ -142,7 +143,7 @@ class Transformer(nn.Module):
     if cache is not None and cfg.scan_layers:
       new_cache = kv_lib.write_chunk(cache, *new_kv_LxBxTxKxH, mask_BxT)
     elif cache is not None:
-      new_cache = kv_lib.advance(cache._replace(k_LxBxSxKxH=buffers[0], v_LxBxSxKxH=buffers[1]),
+      new_cache = kv_lib.advance(cache._replace(k_LxBxKxSxH=buffers[0], v_LxBxKxSxH=buffers[1]),
                                  mask_BxT)
 
     logits_BxTxV = None

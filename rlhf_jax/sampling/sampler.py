@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.kv_cache import KVCache, init_cache
+from rlhf_jax.models.kv_cache import KVCache, init_cache, split_layers
 from rlhf_jax.models.logprobs import as_variables
 from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.sampling.processors import process_logits
@@ -96,6 +96,8 @@ def _sample_jit(model: Any, config: SamplingConfig, variables: Any, prompt_token
   b, p = prompt_tokens_BxP.shape
 
   cache = init_cache(model.config, b, p + r)
+  if not model.config.scan_layers:
+    cache = split_layers(cache)  # per-layer buffers: read in place, never sliced (see kv_cache.py)
   prefill = model.apply(variables, prompt_tokens_BxP, prompt_mask_BxP, cache=cache, prefill=True,
                         last_logits_only=True)
   stop_ids = jnp.asarray(config.all_stop_ids or (-1,), jnp.int32)
