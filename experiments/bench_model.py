@@ -15,13 +15,33 @@ shared machine hits both alike:
 MFU follows DESIGN.md "Performance conventions": a train step does 6·N·tokens matmul FLOPs plus
 causal attention, 6·L·T·d per token (half of 12·L·T·d), where N counts the matmul weights (all
 params minus the position table; the tied embedding is counted once, as the LM head). The peak is
-measured in the same run: the best of several large float32 matmuls in JAX.
+measured in the same run: the best of several large matmuls in JAX, in the benchmark's dtype.
+
+Rooflines (printed so that a ratio can be judged against what the hardware allows):
+* train: FLOP-bound tokens/s = peak / FLOPs-per-token, and the fraction of it the target needs.
+* decode: every greedy step reads all weights once for B tokens, so tokens/s <= B * (weight-read
+  bandwidth) / (weight bytes). The bandwidth is measured for each framework in the same run as the
+  LM-head matmul [B, d] x [d, V] (the largest weight read of a decode step), in the weight dtype.
+
+``--dtype=bfloat16`` is a second, separately labelled comparison: rlhf_jax runs with
+``dtype="bfloat16"`` (params stay float32, matmuls in bf16, softmax / norms / log-probs float32) and
+PyTorch runs the same model under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (train step and
+``generate``), so both can use the CPU's bf16 units (AMX / AVX512-BF16). The float32 run is the
+headline; never compare one side's bf16 with the other's float32.
+
+Our model config: the train step uses ``scan_layers=True`` (``--train_scan_layers``); the sampler
+uses the unrolled stack (``--sample_scan_layers=false``), whose decode loop carries per-layer KV
+buffers. Both are switches of the same ``Transformer`` with identical numerics (tests); the scanned
+stack trains faster on CPU because each layer's residual gradient is a loop carry that XLA
+materialises once, instead of re-fusing the whole chain of residual-gradient adds into every
+consumer of the unrolled graph (BUILD_NOTES, bench section).
 
 Usage::
 
     python experiments/bench_model.py --quick                # ~3-5 min on 2 cores, smaller shapes
     python experiments/bench_model.py --out=/tmp/bench.json  # the issue's shapes (gpt2, 8x256, 16x128)
     python experiments/bench_model.py --quick --breakdown    # + fwd / fwd+bwd / optimizer split
+    python experiments/bench_model.py --dtype=bfloat16       # second comparison: bf16 compute on both sides
 
 Prints a markdown table and writes all numbers (with per-step times) as JSON to ``--out``.
 """
@@ -50,7 +70,12 @@ flags.DEFINE_integer("prompt_len", None, "Prompt length for sampling (default 64
 flags.DEFINE_integer("new_tokens", None, "Tokens generated per row (default 128; quick: 32).")
 flags.DEFINE_integer("steps", None, "Timed train steps per framework (default 5; quick: 3).")
 flags.DEFINE_integer("sample_reps", None, "Timed sampling calls per framework (default 3; quick: 2).")
-flags.DEFINE_integer("matmul_n", 2048, "Size of the square float32 matmul that measures the peak.")
+flags.DEFINE_integer("matmul_n", 2048, "Size of the square matmul that measures the peak.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype of both sides (bfloat16: ours dtype=bf16 with f32 params, torch "
+                  "under torch.autocast('cpu', bfloat16)). float32 is the headline comparison.")
+flags.DEFINE_bool("train_scan_layers", True, "rlhf_jax train step with scan_layers=True.")
+flags.DEFINE_bool("sample_scan_layers", False, "rlhf_jax sampler with scan_layers=True.")
 flags.DEFINE_integer("torch_threads", 0,
                      "torch.set_num_threads; 0 = try 1 and os.cpu_count() threads on one warm "
                      "call per workload and keep the faster (under load, spinning OpenMP threads "
@@ -96,17 +121,42 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak_flops(n: int, reps: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n @ n x n matmul in JAX (2 n^3 FLOPs)."""
+def matmul_peak_flops(n: int, dtype: str = "float32", reps: int = 5) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul in JAX (2 n^3 FLOPs) in ``dtype``."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
     best = min(_timed(lambda: mm(a, b).block_until_ready()) for _ in range(reps))
     return 2 * n**3 / best
+
+
+def weight_read_bandwidth(batch: int, d: int, v: int, dtype: str, reps: int = 5) -> dict:
+    """Bytes/s of weight read by [batch, d] x [d, v] (the LM head of one decode step), per framework.
+
+    Both sides multiply by the weight stored as [v, d] (the tied embedding) in ``dtype``; the
+    [batch, v] output is small next to the weight, so time ~ weight bytes / bandwidth.
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    w_bytes = v * d * (2 if dtype == "bfloat16" else 4)
+    x = jax.random.normal(jax.random.key(0), (batch, d), dtype)
+    w = jax.random.normal(jax.random.key(1), (v, d), dtype)
+    mm = jax.jit(lambda x_, w_: jnp.einsum("BD,VD->BV", x_, w_))
+    mm(x, w).block_until_ready()
+    jax_s = min(_timed(lambda: mm(x, w).block_until_ready()) for _ in range(reps))
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tx, tw = torch.randn(batch, d, dtype=tdtype), torch.randn(v, d, dtype=tdtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(tx, tw)
+        torch_s = min(_timed(lambda: torch.nn.functional.linear(tx, tw)) for _ in range(reps))
+    return {"weight_bytes": w_bytes, "rlhf_jax_s": jax_s, "torch_s": torch_s,
+            "rlhf_jax_GBps": w_bytes / jax_s / 1e9, "torch_GBps": w_bytes / torch_s / 1e9}
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
@@ -121,7 +171,7 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 class JaxSide:
     """rlhf_jax model, train step and sampler on a 1-device mesh."""
 
-    def __init__(self, preset: str, batch: int, seq_len: int):
+    def __init__(self, preset: str, batch: int, seq_len: int, dtype: str, scan_layers: bool):
         import jax
         import jax.numpy as jnp
         import optax
@@ -130,7 +180,8 @@ class JaxSide:
         from rlhf_jax.models import Transformer, get_model_config, token_logprobs
 
         self.jax, self.jnp = jax, jnp
-        self.cfg = get_model_config(preset)
+        self.cfg = get_model_config(preset, dtype=dtype, param_dtype="float32",
+                                    scan_layers=scan_layers)
         self.model = Transformer(self.cfg)
         self.mesh = parallel.make_mesh(parallel.MeshConfig(), devices=jax.devices()[:1])
         tokens = jnp.zeros((batch, seq_len), jnp.int32)
@@ -185,20 +236,23 @@ class JaxSide:
                     _timed(lambda: jax.block_until_ready(fn())) for _ in range(reps))
         return out
 
-    def params_for_sampling(self):
-        return self.state.params
-
-    def make_sampler(self, batch: int, prompt_len: int, new_tokens: int):
+    def make_sampler(self, batch: int, prompt_len: int, new_tokens: int, scan_layers: bool):
         jax, jnp = self.jax, self.jnp
+        from rlhf_jax.models import Transformer, stack_layer_params, unstack_layer_params
         from rlhf_jax.sampling import SamplingConfig, sample
 
         config = SamplingConfig(max_new_tokens=new_tokens, greedy=True, eos_id=None)
         prompts = jax.random.randint(jax.random.key(3), (batch, prompt_len), 0, self.cfg.vocab_size)
         mask = jnp.ones_like(prompts)
         params = self.state.params
+        model = self.model
+        if scan_layers != self.cfg.scan_layers:  # same weights, the other layer layout
+            model = Transformer(self.cfg.replace(scan_layers=scan_layers))
+            convert = stack_layer_params if scan_layers else unstack_layer_params
+            params = jax.jit(lambda p: convert(p, self.cfg.n_layers))(params)
 
         def run():
-            out = sample(self.model, params, prompts, mask, jax.random.key(4), config)
+            out = sample(model, params, prompts, mask, jax.random.key(4), config)
             tokens = jax.block_until_ready(out.response_tokens_BxR)
             assert tokens.shape == (batch, new_tokens), tokens.shape
             assert int(out.response_lengths_B.min()) == new_tokens
@@ -211,12 +265,17 @@ class JaxSide:
 class TorchSide:
     """transformers GPT2LMHeadModel (random init), torch AdamW, generate()."""
 
-    def __init__(self, batch: int, seq_len: int):
+    def __init__(self, batch: int, seq_len: int, dtype: str):
+        import contextlib
+
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
         self.torch = torch
+        # bf16: autocast (weights stay f32, matmuls in bf16), the counterpart of our dtype=bf16.
+        self.autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+                         if dtype == "bfloat16" else contextlib.nullcontext)
         config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         self.model = GPT2LMHeadModel(config)
         self.attn_impl = getattr(self.model.config, "_attn_implementation", "n/a")
@@ -227,7 +286,8 @@ class TorchSide:
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
     def train_step(self) -> float:
-        loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+        with self.autocast():
+            loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -237,11 +297,13 @@ class TorchSide:
         torch = self.torch
 
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 self.model(input_ids=self.tokens, labels=self.tokens)
 
         def fwd_bwd():
-            self.model(input_ids=self.tokens, labels=self.tokens).loss.backward()
+            with self.autocast():
+                loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+            loss.backward()
 
         fwd_bwd()  # leaves gradients for the optimizer timing
         out = {}
@@ -259,7 +321,7 @@ class TorchSide:
 
         def run():
             self.model.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), self.autocast():
                 out = self.model.generate(input_ids=prompts, attention_mask=mask, do_sample=False,
                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                           pad_token_id=0, use_cache=True)
@@ -308,17 +370,22 @@ def main(argv):
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
         "backend": jax.default_backend(), "uptime_before": _uptime(), "quick": FLAGS.quick,
-        "shapes": s, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "shapes": s, "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": FLAGS.dtype,
+        "train_scan_layers": FLAGS.train_scan_layers, "sample_scan_layers": FLAGS.sample_scan_layers,
     }
-    print(f"# bench_model ({'QUICK: smaller shapes, fewer steps' if FLAGS.quick else 'full'})")
+    print(f"# bench_model ({'QUICK: smaller shapes, fewer steps' if FLAGS.quick else 'full'}), "
+          f"dtype {FLAGS.dtype}"
+          + ("" if FLAGS.dtype == "float32" else
+             " (SECOND comparison: rlhf_jax dtype=bf16 / f32 params vs torch.autocast bf16)"))
     print(f"machine: {result['cpu']} x{result['cpu_count']}; load: {result['uptime_before']}")
 
-    peak = matmul_peak_flops(FLAGS.matmul_n)
+    peak = matmul_peak_flops(FLAGS.matmul_n, FLAGS.dtype)
     result["peak_flops"] = peak
-    print(f"measured f32 matmul peak (jax, n={FLAGS.matmul_n}): {peak / 1e9:.1f} GFLOP/s")
+    print(f"measured {FLAGS.dtype} matmul peak (jax, n={FLAGS.matmul_n}): {peak / 1e9:.1f} GFLOP/s")
 
-    js = JaxSide(FLAGS.preset, s["train_batch"], s["train_len"])
-    ts = TorchSide(s["train_batch"], s["train_len"])
+    js = JaxSide(FLAGS.preset, s["train_batch"], s["train_len"], FLAGS.dtype,
+                 FLAGS.train_scan_layers)
+    ts = TorchSide(s["train_batch"], s["train_len"], FLAGS.dtype)
     result["torch_attn_implementation"] = ts.attn_impl
     result["params"] = {"rlhf_jax": js.cfg.num_params(), "torch": ts.num_params}
 
@@ -349,6 +416,10 @@ def _bench_train(js, ts, s, peak, result):
                        "mfu": flops_tok * tokens / sec / peak}
     train["ratio"] = train["rlhf_jax"]["tokens_per_s"] / train["torch"]["tokens_per_s"]
     train["flops_per_token"] = flops_tok
+    # Roofline: what the measured matmul peak allows, and how much of it the target needs.
+    train["flop_bound_tokens_per_s"] = peak / flops_tok
+    train["target_tokens_per_s"] = TRAIN_TARGET * train["torch"]["tokens_per_s"]
+    train["target_fraction_of_peak"] = train["target_tokens_per_s"] / train["flop_bound_tokens_per_s"]
     result["train"] = train
 
     if FLAGS.breakdown:
@@ -358,7 +429,8 @@ def _bench_train(js, ts, s, peak, result):
 
 def _bench_sample(js, ts, s, result):
     """Greedy decoding of exactly new_tokens per row; one warm-up each, then alternate."""
-    jax_sample = js.make_sampler(s["sample_batch"], s["prompt_len"], s["new_tokens"])
+    jax_sample = js.make_sampler(s["sample_batch"], s["prompt_len"], s["new_tokens"],
+                                 FLAGS.sample_scan_layers)
     torch_generate = ts.make_generate(s["sample_batch"], s["prompt_len"], s["new_tokens"])
     t0 = time.perf_counter()
     jax_sample()
@@ -374,6 +446,19 @@ def _bench_sample(js, ts, s, result):
         sec = statistics.median(times)
         sampling[name] = {"call_s": times, "median_call_s": sec, "tokens_per_s": new / sec}
     sampling["ratio"] = sampling["rlhf_jax"]["tokens_per_s"] / sampling["torch"]["tokens_per_s"]
+    # Roofline: each decode step reads every weight once (tied head = the embedding table) for
+    # sample_batch tokens. Bandwidth measured per framework on the LM-head matmul.
+    bw = weight_read_bandwidth(s["sample_batch"], js.cfg.d_model, js.cfg.vocab_size, FLAGS.dtype)
+    n_read = js.cfg.num_params() - (js.cfg.max_seq_len * js.cfg.d_model
+                                    if js.cfg.position == "learned" else 0)
+    step_bytes = n_read * (2 if FLAGS.dtype == "bfloat16" else 4)
+    bound = {name: s["sample_batch"] * bw[f"{name}_GBps"] * 1e9 / step_bytes
+             for name in ("rlhf_jax", "torch")}
+    sampling["roofline"] = {
+        "weight_read": bw, "decode_step_weight_bytes": step_bytes,
+        "bandwidth_bound_tokens_per_s": bound,
+        "target_tokens_per_s": SAMPLE_TARGET * sampling["torch"]["tokens_per_s"],
+        "bound_ratio": bound["rlhf_jax"] / bound["torch"]}
     result["sampling"] = sampling
 
 
@@ -384,16 +469,37 @@ def _report(js, ts, s, result):
     print("|---|---|---|---|---|---|---|---|")
     if "train" in result:
         tr = result["train"]
-        print(f"| train step (fwd+bwd+AdamW) | {FLAGS.preset} B={s['train_batch']} T={s['train_len']} | "
+        print(f"| train step (fwd+bwd+AdamW), {FLAGS.dtype} | {FLAGS.preset} B={s['train_batch']} T={s['train_len']} | "
               f"{tr['rlhf_jax']['tokens_per_s']:.0f} | {tr['torch']['tokens_per_s']:.0f} | "
               f"{tr['ratio']:.2f}x | >= {TRAIN_TARGET}x | {100 * tr['rlhf_jax']['mfu']:.1f}% | "
               f"{100 * tr['torch']['mfu']:.1f}% |")
     if "sampling" in result:
         sa = result["sampling"]
-        print(f"| greedy sampling, KV cache | B={s['sample_batch']} prompt={s['prompt_len']} "
+        print(f"| greedy sampling, KV cache, {FLAGS.dtype} | B={s['sample_batch']} prompt={s['prompt_len']} "
               f"new={s['new_tokens']} | {sa['rlhf_jax']['tokens_per_s']:.0f} | "
               f"{sa['torch']['tokens_per_s']:.0f} | {sa['ratio']:.2f}x | >= {SAMPLE_TARGET}x | - | - |")
     print()
+    if "train" in result:
+        tr = result["train"]
+        print(f"train roofline ({FLAGS.dtype}): FLOP-bound {tr['flop_bound_tokens_per_s']:.0f} tok/s "
+              f"at the measured peak ({tr['flops_per_token'] / 1e6:.0f} MFLOP/token); the "
+              f"{TRAIN_TARGET}x target ({tr['target_tokens_per_s']:.0f} tok/s) needs "
+              f"{100 * tr['target_fraction_of_peak']:.0f}% of that peak; PyTorch is at "
+              f"{100 * tr['torch']['mfu']:.0f}%, rlhf_jax at {100 * tr['rlhf_jax']['mfu']:.0f}%.")
+    if "sampling" in result:
+        rf = result["sampling"]["roofline"]
+        wr = rf["weight_read"]
+        print(f"decode roofline ({FLAGS.dtype} weights, {rf['decode_step_weight_bytes'] / 1e6:.0f} MB "
+              f"per step): weight-read bandwidth (LM-head matmul, B={s['sample_batch']}) "
+              f"rlhf_jax {wr['rlhf_jax_GBps']:.1f} GB/s, PyTorch {wr['torch_GBps']:.1f} GB/s -> "
+              f"bandwidth-bound decode {rf['bandwidth_bound_tokens_per_s']['rlhf_jax']:.0f} vs "
+              f"{rf['bandwidth_bound_tokens_per_s']['torch']:.0f} tok/s (bound ratio "
+              f"{rf['bound_ratio']:.2f}x); the {SAMPLE_TARGET}x target "
+              f"({rf['target_tokens_per_s']:.0f} tok/s) is "
+              f"{rf['target_tokens_per_s'] / rf['bandwidth_bound_tokens_per_s']['rlhf_jax']:.1f}x "
+              f"our bound.")
+    print(f"rlhf_jax config: train scan_layers={FLAGS.train_scan_layers}, sampler scan_layers="
+          f"{FLAGS.sample_scan_layers}, dtype={FLAGS.dtype}, param_dtype=float32")
     print(f"torch threads: {json.dumps(result.get('torch_threads'))}; attention={ts.attn_impl}")
     print(f"jax first train step (compile) {result.get('jax_first_step_s', float('nan')):.1f}s, "
           f"first sample call {result.get('jax_first_sample_s', float('nan')):.1f}s")

@@ -179,6 +179,47 @@ def test_kv_cache_matches_full_forward(tiny):
   np.testing.assert_allclose(incremental[1], full[1], atol=ATOL)
 
 
+def test_split_kv_cache_matches_stacked(tiny):
+  """Per-layer cache buffers (the sampler's unrolled decode loop) give the stacked cache's logits,
+  and `split_layers` / `stack_layers` / the old-layout properties round-trip."""
+  from rlhf_jax.models import kv_cache
+  cfg, model, params, tokens = tiny
+  mask = jnp.array([[0, 0] + [1] * (T - 2), [1] * T])
+  results = []
+  for split in (False, True):
+    cache = init_cache(cfg, B, T)
+    cache = kv_cache.split_layers(cache) if split else cache
+    logits, cache = _step(model, params, tokens[:, :T - 1], mask[:, :T - 1], cache, True)
+    last, cache = _step(model, params, tokens[:, T - 1:], mask[:, T - 1:], cache)
+    assert cache.is_split == split
+    results.append((logits, last, kv_cache.stack_layers(cache)))
+  (l0, last0, c0), (l1, last1, c1) = results
+  np.testing.assert_allclose(l1, l0, atol=ATOL)
+  np.testing.assert_allclose(last1, last0, atol=ATOL)
+  np.testing.assert_array_equal(c1.k_LxBxKxSxH, c0.k_LxBxKxSxH)
+  np.testing.assert_array_equal(kv_cache.split_layers(c0).k_LxBxSxKxH, c0.k_LxBxSxKxH)
+  np.testing.assert_array_equal(c0.v_LxBxSxKxH, np.swapaxes(c0.v_LxBxKxSxH, 2, 3))
+
+
+def test_bfloat16_matmul_gradients():
+  """`layers.matmul` on bf16 operands (f32 accumulation, custom backward) matches float32 math."""
+  from rlhf_jax.models.layers import matmul
+  a = jax.random.normal(jax.random.key(0), (2, 3, 16), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (16, 4, 8), jnp.float32)
+  c = jax.random.normal(jax.random.key(2), (2, 3, 4, 8), jnp.float32)
+  spec = "BTD,DNH->BTNH"
+  loss = lambda x, y, f: jnp.sum(f(x, y).astype(jnp.float32) * c)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  a, b = bf(a).astype(jnp.float32), bf(b).astype(jnp.float32)  # exactly representable in bf16
+  ref = jax.grad(loss, argnums=(0, 1))(a, b, lambda x, y: jnp.einsum(spec, x, y))
+  got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+      bf(a), bf(b), lambda x, y: matmul(spec, x, y))
+  for g, r in zip(got, ref):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=0.05, rtol=0.02)
+  assert matmul(spec, bf(a), bf(b), jnp.float32).dtype == jnp.float32
+
+
 def _loss_and_grads(model, params, tokens, mask):
   def loss(p):
     return -jnp.sum(sequence_logprobs(model, p, tokens, mask, mask))
@@ -202,6 +243,24 @@ def test_scan_and_remat_leave_numerics_unchanged(tiny):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                  grads, expected)
   assert np.abs(ref_grads["layers_0"]["attn"]["q_kernel"]).max() > 0
+
+
+def test_bfloat16_gradients_track_float32(tiny):
+  """dtype=bf16 (f32 params): loss and gradients close to float32, unrolled and scanned+remat."""
+  cfg, model, params, tokens = tiny
+  mask = jnp.ones((B, T), jnp.int32)
+  ref_loss, ref_grads = _loss_and_grads(model, params, tokens, mask)
+  stacked = stack_layer_params(params, cfg.n_layers)
+  for variant_cfg, variant_params, is_scanned in (
+      (cfg.replace(dtype="bfloat16"), params, False),
+      (cfg.replace(dtype="bfloat16", scan_layers=True, remat_policy="dots_saveable"), stacked,
+       True)):
+    loss, grads = _loss_and_grads(Transformer(variant_cfg), variant_params, tokens, mask)
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-2)
+    expected = stack_layer_params(ref_grads, cfg.n_layers) if is_scanned else ref_grads
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+      assert g.dtype == jnp.float32  # params (and so their gradients) stay float32
+      np.testing.assert_allclose(g, r, atol=0.05 * float(np.abs(r).max()) + 1e-6)
 
 
 def test_scanned_model_with_kv_cache(tiny):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models import kv_cache as kv_lib
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import BTD, Block, Norm, constrain, remat_policy
+from rlhf_jax.models.layers import BTD, Block, Norm, constrain, matmul, remat_policy
 
 
 class TransformerOutput(NamedTuple):
@@ -150,13 +150,13 @@ class Transformer(nn.Module):
     if return_logits:
       h_BxTxD = hidden_BxTxD[:, -1:] if last_logits_only else hidden_BxTxD
       if cfg.tie_embeddings:
-        logits_BxTxV = jnp.einsum("BTD,VD->BTV", h_BxTxD, embedding_VxD.astype(cfg.compute_dtype))
+        logits_BxTxV = matmul("BTD,VD->BTV", h_BxTxD, embedding_VxD.astype(cfg.compute_dtype))
       else:
         lm_head_DxV = self.param(
             "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                     ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
-        logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD, lm_head_DxV.astype(cfg.compute_dtype))
+        logits_BxTxV = matmul("BTD,DV->BTV", h_BxTxD, lm_head_DxV.astype(cfg.compute_dtype))
       logits_BxTxV = constrain(logits_BxTxV,
                                ("activation_batch", "activation_length", "activation_vocab"))
     return TransformerOutput(logits_BxTxV, hidden_BxTxD, new_cache)
