@@ -387,3 +387,31 @@ def test_pairwise_eval_loss_from_the_scored_pairs_equals_the_objective_pass():
                                     pair_loss_fn=pair_loss)
     assert one_pass["eval_loss"] == pytest.approx(two_pass["eval_loss"], rel=1e-5)
     assert one_pass["pairwise/accuracy"] == two_pass["pairwise/accuracy"]
+
+
+def test_sigterm_during_an_evaluation_abandons_it_and_still_reaches_the_loop(monkeypatch):
+  """A periodic evaluation (minutes on a CPU with 2000 held-out pairs / lists) is abandoned on
+  SIGTERM instead of finishing first; the loop's own handler is still called."""
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  model, params = _init()
+  ids = lambda s: np.asarray(TOK.encode(s), np.int32)  # noqa: E731
+  ex = {"prompt": ids("name 2 fruits"), "chosen": ids("fig, kiwi!"), "rejected": ids("saw")}
+  batch = batching.collate([ex, ex], "pairwise", SPECIALS, WIDTH)
+  held_out = reward_eval.HeldOut([batch], pairwise=reward_eval.concat_batches([batch], 2))
+  objective = reward_objectives.make_objective(model, "bradley_terry")
+  scorer, eval_loss_fn = reward_eval.make_raw_scorer(model, 1), reward_eval.make_eval_loss_fn(objective)
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+  try:
+    with reward_model.SigtermWatch() as watch:
+      assert reward_eval.evaluate(params, held_out, scorer, eval_loss_fn, full=False,
+                                  should_stop=lambda: watch.received)["eval_loss"] > 0
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert watch.received and seen == [signal.SIGTERM]  # the loop's handler ran too
+      with pytest.raises(reward_eval.EvalInterrupted):
+        reward_eval.evaluate(params, held_out, scorer, eval_loss_fn, full=False,
+                             should_stop=lambda: watch.received)
+    assert signal.getsignal(signal.SIGTERM) is not None and seen == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -69,17 +69,28 @@ def prompt_keys(dataset: ds_lib.TokenizedDataset, n: int) -> list[bytes]:
   return [np.asarray(dataset[i]["prompt"], np.int32).tobytes() for i in range(n)]
 
 
-def make_raw_scorer(model: models.RewardModel, chunk: int) -> Callable[[Any, Any, Any], np.ndarray]:
-  """``score(params, tokens_NxT, mask_NxT) -> raw rewards [N, K]`` (host), in padded chunks."""
+class EvalInterrupted(Exception):
+  """``should_stop()`` turned true during an evaluation (e.g. SIGTERM): the evaluation is abandoned."""
+
+
+def _check(should_stop: Callable[[], bool] | None) -> None:
+  if should_stop is not None and should_stop():
+    raise EvalInterrupted("evaluation interrupted")
+
+
+def make_raw_scorer(model: models.RewardModel, chunk: int) -> Callable[..., np.ndarray]:
+  """``score(params, tokens_NxT, mask_NxT, should_stop=None) -> raw rewards [N, K]`` (host), in
+  padded chunks; raises :class:`EvalInterrupted` between chunks once ``should_stop()`` is true."""
 
   @jax.jit
   def raw(params, tokens, mask):
     return model.apply({"params": params}, tokens, mask)
 
-  def score(params, tokens, mask):
+  def score(params, tokens, mask, should_stop=None):
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
     outs = []
     for start in range(0, len(tokens), chunk):
+      _check(should_stop)
       tok, msk = tokens[start:start + chunk], mask[start:start + chunk]
       n = len(tok)
       if n < chunk:
@@ -133,17 +144,20 @@ def _num(v: Any) -> float | int:
 
 def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Callable, *,
              full: bool, ece_bins: int = 10, max_rating_pairs: int = 5000,
-             pair_loss_fn: Callable | None = None) -> dict[str, float]:
+             pair_loss_fn: Callable | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
   """Held-out metrics (module docstring). ``full=False`` (periodic evals) skips the ranked and
   rated sets and the secondary pairwise numbers to keep evaluation cheap. ``pair_loss_fn(r_c, r_r)
   -> per-pair losses`` (the objective on pairs) is used for ``eval_loss`` when the objective's
-  held-out split is the held-out pairs."""
+  held-out split is the held-out pairs. ``should_stop()`` is polled between forward chunks; once
+  true, :class:`EvalInterrupted` is raised (a held-out evaluation can take minutes on a CPU)."""
   metrics: dict[str, float] = {}
   reuse_pairs = (pair_loss_fn is not None and held_out.objective_is_pairwise
                  and held_out.pairwise is not None)
   if not reuse_pairs:
     total, count = 0.0, 0.0
     for batch in held_out.objective_batches:
+      _check(should_stop)
       loss_sum, n = eval_loss_fn(params, batch)
       total, count = total + float(loss_sum), count + float(n)
     metrics["eval_loss"] = total / max(count, 1.0)
@@ -152,7 +166,7 @@ def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Cal
     pw = held_out.pairwise
     n = len(pw["chosen_tokens"])
     raw = scorer(params, np.concatenate([pw["chosen_tokens"], pw["rejected_tokens"]]),
-                 np.concatenate([pw["chosen_mask"], pw["rejected_mask"]]))
+                 np.concatenate([pw["chosen_mask"], pw["rejected_mask"]]), should_stop=should_stop)
     # Multi-output RMs are compared on the sum of their (rescaled-rating) heads.
     r_N = raw.sum(axis=1)
     rc, rr = r_N[:n], r_N[n:]
