@@ -67,6 +67,38 @@ def _narrow_matmul_bwd(spec, out_dtype, res, g):
 _narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
 
 
+@jax.custom_vjp
+def materialize_cotangent(x: jax.Array) -> jax.Array:
+  """Identity; on CPU its cotangent is written to memory once instead of being re-fused downstream.
+
+  Why: in the unrolled stack the residual stream's gradient is a chain of adds (each block's norm
+  and branch contributions). XLA:CPU fuses that elementwise chain into *every* consumer (each
+  weight-gradient matmul's transposed operand), recomputing the sum from the top of the stack in
+  every layer: O(L^2) memory passes, ~20% of a gpt2 train step. `lax.optimization_barrier` does not
+  stop it (XLA:CPU expands barriers into control dependencies before fusion); a conditional does:
+  fusion never crosses its boundary, so its result is one materialised buffer. Both branches are
+  the identity (the second is taken only if the first element is NaN, and returns the same values),
+  so numerics are untouched. Off on GPU/TPU, where a conditional can cost a device-host sync and
+  the fusion heuristics differ. With `scan_layers` the cotangent is a loop carry and already
+  materialised.
+  """
+  return x
+
+
+def _materialize_cotangent_fwd(x):
+  return x, None
+
+
+def _materialize_cotangent_bwd(_, g):
+  if jax.default_backend() != "cpu":
+    return (g,)
+  first = g.reshape(-1)[0]
+  return (jax.lax.cond(first == first, lambda y: y, lambda y: -(-y), g),)
+
+
+materialize_cotangent.defvjp(_materialize_cotangent_fwd, _materialize_cotangent_bwd)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   """`nn.with_logical_constraint`; a no-op unless logical-axis rules and a mesh are active."""
   return nn.with_logical_constraint(x, axes)
@@ -273,7 +305,7 @@ class Block(nn.Module):
     cfg = self.config
     positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_index = side
     cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
-    x_BxTxD = constrain(x_BxTxD, BTD)
+    x_BxTxD = materialize_cotangent(constrain(x_BxTxD, BTD))
     attn_BxTxD, new_kv = Attention(cfg, self.cache_layer, name="attn")(
         Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, chunk_allowed_BxTxT,
         cache_allowed_BxTxS, cache_k, cache_v, cache_index)
