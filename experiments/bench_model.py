@@ -119,13 +119,17 @@ def _timed(fn) -> float:
 
 
 def matmul_peak_flops(n: int, dtype: str = "float32", reps: int = 5) -> float:
-    """Best FLOP/s of an n x n @ n x n matmul in JAX (2 n^3 FLOPs) in ``dtype``."""
+    """Best FLOP/s of an n x n @ n x n matmul in JAX (2 n^3 FLOPs) in ``dtype``.
+
+    bf16 operands accumulate in float32 (``preferred_element_type``), as the model's matmuls do:
+    XLA:CPU's bf16 -> bf16 dot is a slow generic path that would understate the peak.
+    """
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    mm = jax.jit(jnp.matmul)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     best = min(_timed(lambda: mm(a, b).block_until_ready()) for _ in range(reps))
     return 2 * n**3 / best
@@ -144,7 +148,8 @@ def weight_read_bandwidth(batch: int, d: int, v: int, dtype: str, reps: int = 5)
     w_bytes = v * d * (2 if dtype == "bfloat16" else 4)
     x = jax.random.normal(jax.random.key(0), (batch, d), dtype)
     w = jax.random.normal(jax.random.key(1), (v, d), dtype)
-    mm = jax.jit(lambda x_, w_: jnp.einsum("BD,VD->BV", x_, w_))
+    mm = jax.jit(lambda x_, w_: jnp.einsum("BD,VD->BV", x_, w_,
+                                           preferred_element_type=jnp.float32))
     mm(x, w).block_until_ready()
     jax_s = min(_timed(lambda: mm(x, w).block_until_ready()) for _ in range(reps))
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
