@@ -327,7 +327,6 @@ def main(argv):
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(results, f, indent=2)
-  return results
 
 
 if __name__ == "__main__":
