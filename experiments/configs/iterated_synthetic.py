@@ -1,14 +1,8 @@
 """Iterated RLHF on the synthetic task (the default of ``experiments/iterated_rlhf.py``)."""
 
-import os
-import sys
-
 import ml_collections
 
-# absl loads config files by path: make their sibling configs importable.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
-import rm_synthetic  # noqa: E402  pylint: disable=wrong-import-position
+from rlhf_jax.train import config_dicts
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pairs_per_round = 256
   config.eval_pairs = 128
   config.bt_temperature = 0.25
-  rm = rm_synthetic.get_config("bradley_terry")
+  rm = config_dicts.sibling_config(__file__, "rm_synthetic", "bradley_terry")
   rm.loop.num_steps = 100
   rm.loop.eval_every = 50
   rm.loop.checkpoint_every = 50
@@ -39,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   rm.eval.num_normalization_prompts = 128
   rm.eval.num_gold_prompts = 64
   config.rm = rm
-  ppo = ppo_synthetic.get_config()
+  ppo = config_dicts.sibling_config(__file__, "ppo_synthetic")
   ppo.loop.num_iterations = 20
   ppo.loop.eval_every = 0
   config.ppo = ppo

@@ -1,13 +1,8 @@
 """Reward over-optimisation: PPO against a proxy RM fit on few comparisons, with a weak KL penalty."""
 
-import os
-import sys
-
 import ml_collections
 
-# absl loads config files by path: make their sibling configs importable.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
+from rlhf_jax.train import config_dicts
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   then falls to 0.27 / 0.35 by iteration 40 while the proxy keeps rising to ~1.9-2.0 (the proxy
   over-values brevity). ~12 min of wall time per β on a loaded 2-core machine.
   """
-  config = ppo_synthetic.get_config()
+  config = config_dicts.sibling_config(__file__, "ppo_synthetic")
   config.ppo.kl_coef = 0.0
   config.ppo.missing_eos_penalty = 0.0
   config.loop.num_iterations = 40

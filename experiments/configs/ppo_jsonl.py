@@ -1,13 +1,8 @@
 """PPO on your own prompts with your own SFT model and reward model."""
 
-import os
-import sys
-
 import ml_collections
 
-# absl loads config files by path: make their sibling configs importable.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
+from rlhf_jax.train import config_dicts
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -24,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   KL to the SFT model, length and EOS rate on the held-out prompts (if given). Time scales with the
   model: one iteration is 64 prompts × 128 new tokens here.
   """
-  config = ppo_synthetic.get_config()
+  config = config_dicts.sibling_config(__file__, "ppo_synthetic")
   config.data.prompts = "jsonl"
   config.data.max_prompt_len = 256
   config.ppo.rollout_batch_size = 64
