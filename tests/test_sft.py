@@ -107,6 +107,18 @@ def test_workdir_with_other_model_config_is_refused(full_run, tmp_path):
   assert "model.d_ff: workdir has 128, this run has 96" in str(err.value)
 
 
+def test_loading_a_workdir_that_is_not_a_finished_sft_run_says_so(full_run, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"is not an SFT run's workdir \(missing "
+                                              r"run_fingerprint.json, config.json\).*experiments/sft.py"):
+    sft.load_sft_params(str(tmp_path / "empty"))
+  started = tmp_path / "started"  # fingerprint and config written, no checkpoint committed yet
+  started.mkdir()
+  for name in ("run_fingerprint.json", "config.json"):
+    shutil.copy(os.path.join(full_run[0], name), started / name)
+  with pytest.raises(FileNotFoundError, match="saved no checkpoint yet"):
+    sft.load_sft_params(str(started))
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("optim.schedule", "cosin", "config.optim: OptimConfig.schedule='cosin' is invalid; allowed: "
                                 "cosine | linear | constant"),

@@ -308,6 +308,12 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
   ``config.json``, so ``Transformer(ckpt.model_config).apply({"params": ckpt.params}, ...)`` and
   ``ckpt.tokenizer`` reproduce the SFT policy exactly.
   """
+  needed = (train.checkpoint.FINGERPRINT_FILE, "config.json")
+  missing = [name for name in needed if not os.path.isfile(os.path.join(workdir, name))]
+  if missing:
+    raise FileNotFoundError(
+        f"{workdir!r} is not an SFT run's workdir (missing {', '.join(missing)}): train one with "
+        f"`python experiments/sft.py --workdir={workdir}` or point the config's sft_workdir at one")
   fingerprint = train.read_json(os.path.join(workdir, train.checkpoint.FINGERPRINT_FILE))
   run_config = train.read_json(os.path.join(workdir, "config.json"))
   model_config = models.ModelConfig(**{
@@ -318,6 +324,9 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
         f"{workdir}: tokenizer {run_config['data']['tokenizer']!r} now has fingerprint "
         f"{tokenizer.fingerprint()}, the run used {fingerprint['tokenizer']}")
   step = train.latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir!r}: the SFT run saved no checkpoint yet; finish it first "
+                            f"(`python experiments/sft.py --workdir={workdir}` resumes it)")
   params = train.restore_params(workdir, step)
   return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer, step=int(step))
 
