@@ -114,6 +114,20 @@ def test_every_param_has_logical_axes():
     assert leaf.names[0] == "layers" or leaf.value.ndim <= 2
 
 
+def test_abstract_params_match_a_real_init_for_every_model_kind():
+  cfg = get_model_config("tiny")
+  for module in (Transformer(cfg), RewardModel(cfg, num_outputs=2), ValueModel(cfg)):
+    real = module.init(jax.random.key(1), jnp.ones((2, 5), jnp.int32), jnp.ones((2, 5), jnp.int32))
+    real_params = nn.meta.unbox(real)["params"]
+    abstract = models.abstract_params(module)
+    assert jax.tree.structure(abstract) == jax.tree.structure(real_params)
+    jax.tree.map(lambda a, r: (a.shape, a.dtype) == (r.shape, r.dtype) or pytest.fail(str(a)),
+                 abstract, real_params)
+    boxed = jax.tree.leaves(models.abstract_variables(module)["params"],
+                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
+
+
 # ------------------------------------------------------------------------------------- transformer
 
 

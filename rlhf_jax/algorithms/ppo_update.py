@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -70,14 +69,9 @@ def state_shardings(policy: models.Transformer, value_model: models.ValueModel |
 
 
 def _abstract_params(policy, value_model) -> Any:
-  def shapes(module):
-    dummy = jnp.ones((1, 8), jnp.int32)
-    return nn.meta.unbox(jax.eval_shape(
-        functools.partial(module.init, jax.random.PRNGKey(0), dummy, dummy)))["params"]
-
-  tree = {"policy": shapes(policy)}
+  tree = {"policy": models.abstract_params(policy)}
   if value_model is not None:
-    tree["value"] = shapes(value_model)
+    tree["value"] = models.abstract_params(value_model)
   return tree
 
 

@@ -112,9 +112,7 @@ def check_reference(policy_config: models.ModelConfig, policy_tokenizer: tok_lib
 def place_params(params: Any, model: models.Transformer, mesh: jax.sharding.Mesh,
                  rules=parallel.DEFAULT_RULES) -> Any:
   """Puts an unboxed param tree onto ``mesh`` with the logical-axis rules."""
-  dummy = jnp.ones((1, 8), jnp.int32)
-  abstract = jax.eval_shape(functools.partial(model.init, jax.random.PRNGKey(0), dummy, dummy))
-  shardings = parallel.logical_shardings(abstract, mesh, rules)["params"]
+  shardings = parallel.logical_shardings(models.abstract_variables(model), mesh, rules)["params"]
   return jax.device_put(nn.meta.unbox(params), shardings)
 
 

@@ -37,7 +37,6 @@ limits, normalisation statistics, objective, step) and ``params/`` (orbax).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -208,9 +207,7 @@ def default_mesh() -> Mesh:
 def param_shardings(model: models.RewardModel, mesh: Mesh,
                     rules: Sequence = parallel.DEFAULT_RULES) -> Any:
   """``NamedSharding`` tree of the RM's params on ``mesh`` (the policy's logical rules)."""
-  dummy = jnp.ones((1, 8), jnp.int32)
-  abstract = jax.eval_shape(functools.partial(model.init, jax.random.PRNGKey(0), dummy, dummy))
-  return parallel.logical_shardings(abstract, mesh, rules)["params"]
+  return parallel.logical_shardings(models.abstract_variables(model), mesh, rules)["params"]
 
 
 def place_params(params: Any, model: models.RewardModel, mesh: Mesh,
@@ -243,17 +240,11 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
   model = models.RewardModel(info.model_config(), num_outputs=info.num_outputs)
   shardings = param_shardings(model, mesh, rules)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          _abstract_params(model), shardings)
+                          models.abstract_params(model), shardings)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR), abstract)
   return make_handle(info, params, mesh=mesh, rules=rules, batch_size=batch_size,
                      tokenizer=tokenizer)
-
-
-def _abstract_params(model: models.RewardModel) -> Any:
-  dummy = jnp.ones((1, 8), jnp.int32)
-  abstract = jax.eval_shape(functools.partial(model.init, jax.random.PRNGKey(0), dummy, dummy))
-  return nn.meta.unbox(abstract)["params"]
 
 
 def make_handle(info: RewardModelInfo, params: Any, *, mesh: Mesh | None = None,

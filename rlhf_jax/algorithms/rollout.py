@@ -80,9 +80,8 @@ class Placement:
 
 @functools.lru_cache(maxsize=32)
 def _param_shardings(module, placement: Placement) -> Any:
-  dummy = jnp.ones((1, 8), jnp.int32)
-  abstract = jax.eval_shape(functools.partial(module.init, jax.random.PRNGKey(0), dummy, dummy))
-  return parallel.logical_shardings(abstract, placement.mesh, placement.rules)["params"]
+  return parallel.logical_shardings(models.abstract_variables(module), placement.mesh,
+                                    placement.rules)["params"]
 
 
 class Rollout(NamedTuple):

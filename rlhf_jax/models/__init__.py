@@ -3,9 +3,10 @@
 Public names: `ModelConfig`, `get_model_config`, `PRESETS`, `Transformer`, `TransformerOutput`,
 `RewardModel`, `ValueModel`, `KVCache`, `init_cache`, `token_logprobs`, `token_entropy`,
 `sequence_logprobs`, `stack_layer_params`, `unstack_layer_params`, `with_backbone`,
-`last_token_index`, `default_positions`.
+`last_token_index`, `default_positions`, `abstract_variables`, `abstract_params`.
 """
 
+from rlhf_jax.models.abstract import abstract_params, abstract_variables
 from rlhf_jax.models.config import PRESETS, ModelConfig, get_model_config
 from rlhf_jax.models.heads import RewardModel, ValueModel, last_token_index, with_backbone
 from rlhf_jax.models.kv_cache import KVCache, init_cache
@@ -17,5 +18,5 @@ __all__ = [
     "PRESETS", "ModelConfig", "get_model_config", "KVCache", "init_cache", "sequence_logprobs",
     "token_entropy", "token_logprobs", "Transformer", "TransformerOutput", "default_positions",
     "stack_layer_params", "unstack_layer_params", "RewardModel", "ValueModel", "last_token_index",
-    "with_backbone",
+    "with_backbone", "abstract_variables", "abstract_params",
 ]
