@@ -216,8 +216,8 @@ def test_split_kv_cache_matches_stacked(tiny):
 
 
 def test_bfloat16_matmul_gradients():
-  """`layers.matmul` on bf16 operands (f32 accumulation, custom backward) matches float32 math."""
-  from rlhf_jax.models.layers import matmul
+  """`ops.matmul` on bf16 operands (f32 accumulation, custom backward) matches float32 math."""
+  from rlhf_jax.models.ops import matmul
   a = jax.random.normal(jax.random.key(0), (2, 3, 16), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (16, 4, 8), jnp.float32)
   c = jax.random.normal(jax.random.key(2), (2, 3, 4, 8), jnp.float32)
@@ -402,3 +402,15 @@ def test_public_names():
                "ValueModel", "token_logprobs", "sequence_logprobs", "token_entropy", "KVCache"):
     assert hasattr(models, name)
   assert isinstance(get_model_config("small"), ModelConfig)
+
+
+def test_materialize_cotangent_is_the_identity_in_both_branches():
+  """Its backward's conditional picks a branch on whether the first cotangent entry is NaN; both
+  branches must hand the cotangent back unchanged (the NaN then propagates as usual)."""
+  from rlhf_jax.models.ops import materialize_cotangent
+  x_2x3 = jnp.arange(6.0).reshape(2, 3)
+  for g_2x3 in (jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
+                jnp.array([[jnp.nan, 1.0, -2.0], [3.0, 4.0, 5.0]])):
+    y, vjp = jax.vjp(materialize_cotangent, x_2x3)
+    np.testing.assert_array_equal(y, x_2x3)
+    np.testing.assert_array_equal(jax.jit(vjp)(g_2x3)[0], g_2x3)
