@@ -180,19 +180,11 @@ def _save_params_atomic(path: str, params: Any) -> None:
   fileio.replace_dir(tmp, path)
 
 
-def _latest_step(workdir: str) -> int | None:
-  directory = os.path.join(os.path.abspath(workdir), train.checkpoint.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
-  return max(steps) if steps else None
-
-
 def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMConfig,
                                 data_cfg: RMDataConfig):
   """(model config, tokenizer, tokenizer spec, SFT checkpoint or None) for this run."""
   sft_ckpt = None
-  if _latest_step(rm_cfg.sft_workdir) is not None:
+  if train.latest_step(rm_cfg.sft_workdir) is not None:
     sft_ckpt = sft.load_sft_params(rm_cfg.sft_workdir)
   elif rm_cfg.init == "sft":
     raise FileNotFoundError(
@@ -235,7 +227,7 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
   sft_workdir = config.rm.sft_workdir
   if config.rm.init != "sft":
     return True
-  has_ckpt = _latest_step(sft_workdir) is not None
+  has_ckpt = train.latest_step(sft_workdir) is not None
   finished = os.path.exists(os.path.join(sft_workdir, sft.FINAL_METRICS_FILE))
   if config.data.source != "synthetic":
     if not has_ckpt:
@@ -352,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
                  "num_outputs": len(output_names)}
   run_config = config.to_dict()
-  stopped_early, step = False, _latest_step(workdir) or 0
+  stopped_early, step = False, train.latest_step(workdir) or 0
   if stopper is not None and stopper.state["stopped"]:
     stopped_early = True
     logger.info("this run already stopped early at step %s; finalising", stopper.state["best_step"])
@@ -365,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {"step": result.step, "preempted": True}
       state, step = result.state, result.step
     except EarlyStop as stop:
-      stopped_early, step = True, _latest_step(workdir) or step
+      stopped_early, step = True, train.latest_step(workdir) or step
       logger.info("early stopping: %s", stop)
   if stopper is not None:
     final_params, final_step = stopper.best_params(abstract_params), int(stopper.state["best_step"])
