@@ -307,6 +307,11 @@ def main(argv):
   iters = _ITERS.value
   if iters < 2:
     raise app.UsageError(f"--iterations={iters}; allowed: >= 2 (the first is warm-up)")
+  for side, flag in (("trl_ppo", _TRL019), ("trl_grpo", _TRL)):
+    if side not in _SKIP.value and not os.access(flag.value, os.X_OK):
+      raise app.UsageError(
+          f"--{flag.name}={flag.value}: no such Python executable; create that virtualenv (commands in "
+          f"BUILD_NOTES.md, 'Benchmark: experiments/bench_ppo.py vs TRL') or add {side} to --skip")
   results = {"shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value, "iterations": iters,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   sides = [("jax_ppo", lambda: _jax_side("ppo", n_layer, iters)),
