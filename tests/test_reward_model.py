@@ -114,6 +114,8 @@ def test_config_errors_name_the_field():
     reward_model.RMConfig(init="lora")
   with pytest.raises(ValueError, match="early_stopping_patience"):
     reward_model.RMConfig(early_stopping_patience=-1)
+  with pytest.raises(ValueError, match=r"RMConfig.compute_dtype='bf16'.*bfloat16"):
+    reward_model.RMConfig(compute_dtype="bf16")
   with pytest.raises(ValueError, match="RMDataConfig.rating_scale"):
     reward_model.RMDataConfig(rating_scale=(7, 1))
   with pytest.raises(ValueError, match="RMDataConfig.train_jsonl"):
@@ -298,6 +300,21 @@ def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="python experiments/sft.py"):
     reward_model.resolve_model_and_tokenizer(
         None, reward_model.RMConfig(sft_workdir=str(tmp_path / "none")), reward_model.RMDataConfig())
+
+
+def test_compute_dtype_overrides_only_the_sft_model_configs_dtype(tmp_path, monkeypatch):
+  sft_dir = tmp_path / "sft"
+  (sft_dir / "checkpoints" / "5").mkdir(parents=True)
+  (sft_dir / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
+  fake = reward_model.sft.SFTCheckpoint(params=None, model_config=CFG, tokenizer=TOK, step=5)
+  monkeypatch.setattr(reward_model.sft, "load_sft_params", lambda workdir: fake)
+  data_cfg = reward_model.RMDataConfig()
+  kept, *_ = reward_model.resolve_model_and_tokenizer(
+      None, reward_model.RMConfig(sft_workdir=str(sft_dir)), data_cfg)
+  assert kept == CFG
+  bf16, *_ = reward_model.resolve_model_and_tokenizer(
+      None, reward_model.RMConfig(sft_workdir=str(sft_dir), compute_dtype="bfloat16"), data_cfg)
+  assert bf16 == CFG.replace(dtype="bfloat16") and bf16.param_dtype == CFG.param_dtype
 
 
 def test_early_stopping_keeps_the_best_params_and_persists(tmp_path):

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   rm.loop.checkpoint_every = 50
   rm.optim.lr = 2e-4
   rm.rm.early_stopping_patience = 0
+  rm.rm.compute_dtype = ""  # float32 like the policy (the README numbers were measured so)
   rm.eval.num_normalization_prompts = 128
   rm.eval.num_gold_prompts = 64
   config.rm = rm

@@ -7,7 +7,7 @@ Public names: `ModelConfig`, `get_model_config`, `PRESETS`, `Transformer`, `Tran
 """
 
 from rlhf_jax.models.abstract import abstract_params, abstract_variables
-from rlhf_jax.models.config import PRESETS, ModelConfig, get_model_config
+from rlhf_jax.models.config import DTYPES, PRESETS, ModelConfig, get_model_config
 from rlhf_jax.models.heads import RewardModel, ValueModel, last_token_index, with_backbone
 from rlhf_jax.models.kv_cache import KVCache, init_cache
 from rlhf_jax.models.logprobs import sequence_logprobs, token_entropy, token_logprobs
@@ -15,7 +15,7 @@ from rlhf_jax.models.transformer import (Transformer, TransformerOutput, default
                                          stack_layer_params, unstack_layer_params)
 
 __all__ = [
-    "PRESETS", "ModelConfig", "get_model_config", "KVCache", "init_cache", "sequence_logprobs",
+    "DTYPES", "PRESETS", "ModelConfig", "get_model_config", "KVCache", "init_cache", "sequence_logprobs",
     "token_entropy", "token_logprobs", "Transformer", "TransformerOutput", "default_positions",
     "stack_layer_params", "unstack_layer_params", "RewardModel", "ValueModel", "last_token_index",
     "with_backbone", "abstract_variables", "abstract_params",
