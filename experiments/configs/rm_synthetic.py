@@ -39,8 +39,8 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   0.847). The issue's "within 3 points of Bayes-optimal" is NOT met (~5.5 points short). Neither more
   data and steps (32000 pairs / 1200 steps: 0.792 fresh), noise-free labels (0.784), batch 64 at lr
   1e-3 (0.786), mean / summed per-token read-outs (0.775 / 0.782), DPO's implicit reward (0.790), an
-  LM-loss regulariser (0.785) nor a longer-trained SFT backbone (0.783) moves it past ~0.79: the
-  small byte-level backbone does not learn which listed words belong to the requested category.
+  LM-loss regulariser (0.785), a longer-trained SFT backbone (0.783) nor a 5.9x larger one (0.781)
+  moves it past ~0.79: the RM does not learn which listed words belong to the requested category.
   """
   if objective not in reward_model.OBJECTIVES:
     raise ValueError(f"rm_synthetic.py:{objective}: allowed objectives: {reward_model.OBJECTIVES}")
