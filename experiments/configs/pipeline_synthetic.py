@@ -67,7 +67,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # The pipeline's RM keeps the 4000-pair task and the 512-pair held-out cap it was measured with
   # (README table); rm_synthetic.py's standalone default now uses 16000 pairs / 2000 held-out and
   # bfloat16 compute; the pipeline's RM stays float32 like the rest of its stages.
-  _set(config.rm, {"rm.early_stopping_patience": 0, "rm.compute_dtype": "", "optim.lr": 3e-4, "optim.warmup_steps": 10,
+  _set(config.rm, {"rm.early_stopping_patience": 0, "rm.compute_dtype": "",
+                   "optim.lr": 3e-4, "optim.warmup_steps": 10,
                    "data.synthetic_num_prompts": 4000, "data.synthetic_num_test_prompts": 500,
                    "data.max_eval_examples": 512,
                    "eval.num_normalization_prompts": 128, "eval.num_gold_prompts": 128,
