@@ -19,24 +19,22 @@ def test_the_config_folder_is_not_empty():
   assert len(CONFIG_FILES) >= 15
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_by_path(path, monkeypatch):
-  monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != CONFIG_DIR])
-  name = "cfg_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  assert isinstance(config, ml_collections.ConfigDict) and len(config) > 0
-  assert CONFIG_DIR not in [os.path.abspath(p or ".") for p in sys.path]  # nothing added it
-
-
-def _load(name):
-  path = os.path.join(CONFIG_DIR, name + ".py")
-  spec = importlib.util.spec_from_file_location("cfg_" + name, path)
+def _load(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file at ``path`` (or the name of a shipped config)."""
+  if not path.endswith(".py"):
+    path = os.path.join(CONFIG_DIR, path + ".py")
+  spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_loads_by_path(path, monkeypatch):
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != CONFIG_DIR])
+  config = _load(path)
+  assert isinstance(config, ml_collections.ConfigDict) and len(config) > 0
+  assert CONFIG_DIR not in [os.path.abspath(p or ".") for p in sys.path]  # nothing added it
 
 
 def test_standalone_rm_trains_in_bfloat16_while_pipeline_and_iterated_keep_float32():

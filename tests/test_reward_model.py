@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses, models, parallel
+from rlhf_jax import losses, models, parallel, train
 from rlhf_jax.algorithms import reward_data, reward_eval, reward_model, reward_objectives
 from rlhf_jax.algorithms import reward_scoring as rs
 from rlhf_jax.algorithms import reward_stats
@@ -421,7 +421,7 @@ def test_sigterm_during_an_evaluation_abandons_it_and_still_reaches_the_loop(mon
   seen = []
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
   try:
-    with reward_model.SigtermWatch() as watch:
+    with train.SigtermWatch() as watch:
       assert reward_eval.evaluate(params, held_out, scorer, eval_loss_fn, full=False,
                                   should_stop=lambda: watch.received)["eval_loss"] > 0
       os.kill(os.getpid(), signal.SIGTERM)

@@ -30,8 +30,6 @@ import functools
 import json
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -150,34 +148,6 @@ class EarlyStopping:
   def best_params(self, abstract_params: Any) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(self.params_dir, abstract_params)
-
-
-class SigtermWatch:
-  """Chains a SIGTERM handler for the duration of a block: ``received`` turns true on SIGTERM and
-  the handler that was installed before (the training loop's) is still called, so a periodic
-  evaluation can be abandoned instead of running to its end (minutes on a CPU) before the loop
-  reacts. With no Python handler before (default action), the signal is re-raised on exit."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-
-  def __enter__(self) -> "SigtermWatch":
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.getsignal(signal.SIGTERM)
-      signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.received = True
-    if callable(self._previous):
-      self._previous(signum, frame)
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      if self.received and self._previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGTERM)
 
 
 def _save_params_atomic(path: str, params: Any) -> None:
@@ -336,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              if rm_cfg.early_stopping_patience else None)
 
   def eval_fn(st: train.TrainState, step: int) -> dict[str, float]:
-    with SigtermWatch() as watch:
+    with train.SigtermWatch() as watch:
       try:
         metrics = reward_eval.evaluate(st.params, data.held_out, scorer, eval_loss_fn, full=False,
                                        ece_bins=eval_cfg.ece_bins, pair_loss_fn=pair_loss_fn,

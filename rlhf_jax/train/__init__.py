@@ -8,6 +8,7 @@
   ``atomic_write_json``, ``WorkdirMismatchError``.
 * :mod:`.metrics` — ``MetricsWriter`` (JSONL + TensorBoard), ``read_metrics``, ``plot_metrics``,
   ``Progress``; :mod:`.tensorboard` — event files without TensorFlow.
+* :mod:`.signals` — ``SigtermWatch`` (a SIGTERM seen during an evaluation, chained to the loop's).
 * :mod:`.config_dicts` — ``ml_collections`` sections for experiment configs and their conversion
   to the frozen dataclasses above.
 """
@@ -19,6 +20,7 @@ from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomi
 from rlhf_jax.train.loop import (CheckpointableIterator, LoopConfig, TrainResult, default_token_count,
                                  jit_train_step, make_train_step, train)
 from rlhf_jax.train.metrics import MetricsWriter, Progress, plot_metrics, read_metrics
+from rlhf_jax.train.signals import SigtermWatch
 from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
 from rlhf_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 
@@ -27,5 +29,5 @@ __all__ = [
     "restore_params", "latest_step", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
     "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "plot_metrics", "read_metrics",
     "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
-    "abstract_state", "create_train_state", "state_shardings", "loop", "config_dicts", "tensorboard",
+    "abstract_state", "create_train_state", "state_shardings", "SigtermWatch", "loop", "config_dicts", "tensorboard",
 ]
