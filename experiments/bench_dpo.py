@@ -183,13 +183,17 @@ def _trl_importable() -> bool:
     return False
 
 
+def check_trl_side(trl_python: str) -> None:
+  """Fails before any timing when neither this interpreter nor ``--trl_python`` can run TRL."""
+  if not _trl_importable() and not os.access(trl_python, os.X_OK):
+    raise SystemExit(f"trl is not importable here and --trl_python={trl_python} is not a Python "
+                     "executable; make it with: python -m venv --system-site-packages /tmp/trl_venv && "
+                     "/tmp/trl_venv/bin/pip install trl \"torch==2.13.0\"  (or pass --skip_trl)")
+
+
 def run_trl(shape: dict, trl_python: str) -> dict:
   if _trl_importable():
     return bench_trl(shape)
-  if not os.path.exists(trl_python):
-    raise SystemExit(f"trl is not importable here and --trl_python={trl_python} does not exist; "
-                     "make it with: python -m venv --system-site-packages /tmp/trl_venv && "
-                     "/tmp/trl_venv/bin/pip install trl \"torch==2.13.0\"")
   out = subprocess.run([trl_python, os.path.abspath(__file__), "--_trl_child", json.dumps(shape)],
                        capture_output=True, text=True, cwd=REPO)
   if out.returncode:
@@ -212,6 +216,8 @@ def main(argv=None) -> dict:
   if args._trl_child:  # pylint: disable=protected-access
     print(json.dumps(bench_trl(json.loads(args._trl_child))))  # pylint: disable=protected-access
     return {}
+  if not args.skip_trl:
+    check_trl_side(args.trl_python)
   shape = _shapes(args)
   print(f"shapes: {shape} -> {2 * shape['batch'] * (shape['prompt'] + shape['completion'])} "
         "tokens/step", flush=True)
