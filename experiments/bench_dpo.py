@@ -58,8 +58,8 @@ def bench_jax(shape: dict) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from rlhf_jax import models, parallel, train  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.algorithms import dpo  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.algorithms import preference_common as common  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.offline import dpo  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms import common  # pylint: disable=import-outside-toplevel
 
   b, p, c = shape["batch"], shape["prompt"], shape["completion"]
   t = p + c

@@ -54,7 +54,9 @@ def _jax_side(algorithm: str, n_layer: int, iterations: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from rlhf_jax import models, sampling, train  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.algorithms import ppo_config, ppo_update, rollout  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.online import config as ppo_config  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.online import update as ppo_update
+  from rlhf_jax.algorithms.online import rollout
 
   s = SHAPES
   grpo = algorithm == "grpo"

@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.algorithms import dpo
+from rlhf_jax.algorithms.offline import dpo
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "dpo_synthetic.py"),

@@ -22,7 +22,12 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.algorithms import best_of_n, dpo, listwise, raft, reward_model, sft
+from rlhf_jax.algorithms.offline import best_of_n
+from rlhf_jax.algorithms.offline import dpo
+from rlhf_jax.algorithms.offline import listwise
+from rlhf_jax.algorithms.offline import raft
+from rlhf_jax.algorithms.reward import trainer as reward_model
+from rlhf_jax.algorithms import sft
 from rlhf_jax.eval import frontier
 
 logger = logging.getLogger("pipeline")

@@ -22,7 +22,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.algorithms import reward_model, reward_sweep
+from rlhf_jax.algorithms.reward import trainer as reward_model
+from rlhf_jax.algorithms.reward import sweep as reward_sweep
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(

@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from rlhf_jax import train
 from rlhf_jax.algorithms import sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.
 def tiny_sft_workdir(tmp_path_factory) -> str:
   """A finished 6-step tiny SFT run (made once per session)."""
   workdir = os.path.join(str(tmp_path_factory.getbasetemp()), "offline_tiny_sft")
-  if not os.path.exists(os.path.join(workdir, sft.FINAL_METRICS_FILE)):
+  if not os.path.exists(os.path.join(workdir, train.FINAL_METRICS_FILE)):
     sft.train_and_evaluate(override(load_config("sft_synthetic"), SFT_OVERRIDES), workdir)
   return workdir
 
@@ -70,19 +71,19 @@ def tiny_rm_workdir(tmp_path_factory, sft_workdir: str) -> str:
   from flax.core import meta
 
   from rlhf_jax import models
-  from rlhf_jax.algorithms import reward_scoring
+  from rlhf_jax import scoring
 
   workdir = os.path.join(str(tmp_path_factory.getbasetemp()), "offline_tiny_rm")
-  if os.path.exists(os.path.join(workdir, reward_scoring.ARTIFACT_DIR)):
+  if os.path.exists(os.path.join(workdir, scoring.ARTIFACT_DIR)):
     return workdir
-  ckpt = sft.load_sft_params(sft_workdir)
+  ckpt = train.load_sft_params(sft_workdir)
   rm = models.RewardModel(ckpt.model_config)
   dummy = jnp.ones((1, 8), jnp.int32)
   head = meta.unbox(rm.init(jax.random.PRNGKey(7), dummy, dummy))["params"]
   params = models.with_backbone(head, ckpt.params)
-  info = reward_scoring.RewardModelInfo(
+  info = scoring.RewardModelInfo(
       model=dataclasses.asdict(ckpt.model_config), output_names=("reward",), tokenizer_spec="byte",
       tokenizer_fingerprint=ckpt.tokenizer.fingerprint(), max_prompt_len=32, max_response_len=48,
       mean=(0.0,), std=(1.0,), objective="untrained-test-head")
-  reward_scoring.save_reward_model(workdir, params, info)
+  scoring.save_reward_model(workdir, params, info)
   return workdir

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from offline_fixtures import load_config, override, tiny_rm_workdir, tiny_sft_workdir
-from rlhf_jax.algorithms import best_of_n
+from rlhf_jax.algorithms.offline import best_of_n
 
 
 def test_rows_select_by_reward_model_and_report_analytic_kl():

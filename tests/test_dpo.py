@@ -11,9 +11,9 @@ import pytest
 from flax.core import meta
 
 from offline_fixtures import TINY_RUN, load_config, override, tiny_sft_workdir
-from rlhf_jax import models, train
-from rlhf_jax.algorithms import dpo
-from rlhf_jax.algorithms import preference_common as common
+from rlhf_jax import models, parallel, train
+from rlhf_jax.algorithms.offline import dpo
+from rlhf_jax.algorithms import common
 from rlhf_jax.data import tokenizers as tok_lib
 
 DATA = {"data.batch_size": 8, "data.buckets": (80,), "data.num_eval_pairs": 8}
@@ -117,7 +117,7 @@ def test_reference_with_other_config_or_tokenizer_is_refused(sft_dir, tmp_path):
   fingerprint["model"]["rope_theta"] = 500.0
   json.dump(fingerprint, open(fp_path, "w"))
   sources = common.ModelSources(sft_workdir=sft_dir, reference_workdir=ref_dir)
-  mesh = common.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+  mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
   with pytest.raises(common.ReferenceMismatchError, match="rope_theta"):
     common.load_models(sources, mesh)
 

@@ -7,7 +7,8 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax.algorithms import iterated, ppo_config
+from rlhf_jax.algorithms.online import iterated
+from rlhf_jax.algorithms.online import config as ppo_config
 from rlhf_jax.data import synthetic
 
 from test_ppo import tiny_models  # noqa: E402  (tests/ is on sys.path under pytest)

@@ -8,7 +8,7 @@ import pytest
 
 from offline_fixtures import TINY_RUN, load_config, override, tiny_rm_workdir, tiny_sft_workdir
 from rlhf_jax import train
-from rlhf_jax.algorithms import listwise
+from rlhf_jax.algorithms.offline import listwise
 
 DATA = {"data.batch_size": 4, "data.buckets": (80,), "data.num_eval_lists": 4,
         "data.num_candidates": 4}

@@ -21,7 +21,12 @@ import numpy as np
 import pytest
 
 from rlhf_jax import losses, models, parallel, sampling, train
-from rlhf_jax.algorithms import ppo, ppo_config, ppo_models, ppo_update, reward_scoring, rollout
+from rlhf_jax.algorithms.online import ppo
+from rlhf_jax.algorithms.online import config as ppo_config
+from rlhf_jax.algorithms.online import models as ppo_models
+from rlhf_jax.algorithms.online import update as ppo_update
+from rlhf_jax import scoring
+from rlhf_jax.algorithms.online import rollout
 from rlhf_jax.data import tokenizers as tok_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +51,7 @@ def tiny_config(**extra):
 
 
 def rm_info(tokenizer, *, vocab_size=MODEL_CFG.vocab_size, fingerprint=None):
-  return reward_scoring.RewardModelInfo(
+  return scoring.RewardModelInfo(
       model=dataclasses.asdict(MODEL_CFG.replace(vocab_size=vocab_size)), output_names=("reward",),
       tokenizer_spec="byte", tokenizer_fingerprint=fingerprint or tokenizer.fingerprint(),
       max_prompt_len=32, max_response_len=48, mean=(0.1,), std=(2.0,))
@@ -61,7 +66,7 @@ def tiny_models(ppo_cfg, *, rm_bias=0.0, value_bias=None):
   rm_params = nn.meta.unbox(models.RewardModel(MODEL_CFG).init(jax.random.PRNGKey(1), dummy,
                                                                dummy))["params"]
   rm_params["head"]["bias"] = rm_params["head"]["bias"] + rm_bias
-  handle = reward_scoring.make_handle(rm_info(tok), rm_params)
+  handle = scoring.make_handle(rm_info(tok), rm_params)
   value_model, value_params = ppo_models.init_value_params(ppo_cfg, MODEL_CFG, params, handle,
                                                            jax.random.PRNGKey(2))
   if value_bias is not None:
@@ -162,7 +167,7 @@ def test_reference_or_reward_model_with_another_tokenizer_or_vocab_is_refused(tm
   tok = tok_lib.ByteTokenizer()
   ok = dict(reference_tokenizer=tok, reference_config=MODEL_CFG, reward_info=rm_info(tok))
   ppo_models.check_compatible(tok, MODEL_CFG, **ok)  # the compatible case passes
-  with pytest.raises(reward_scoring.TokenizerMismatchError, match="fingerprint"):
+  with pytest.raises(scoring.TokenizerMismatchError, match="fingerprint"):
     ppo_models.check_compatible(tok, MODEL_CFG, **{**ok, "reward_info": rm_info(tok, fingerprint="x")})
   with pytest.raises(ppo_models.IncompatibleModelsError, match="reward model's vocab_size=300"):
     ppo_models.check_compatible(tok, MODEL_CFG, **{**ok, "reward_info": rm_info(tok, vocab_size=300)})
@@ -355,7 +360,7 @@ def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, 
   rules = tuple((k, None) if k in ("vocab", "activation_vocab") else (k, v)
                 for k, v in parallel.DEFAULT_RULES)
   mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
-  placement = rollout.Placement(mesh, rules)
+  placement = parallel.Placement(mesh, rules)
   models_ = tiny_models(ppo_cfg)
   result = ppo.run(workdir=str(tmp_path), config=ppo_cfg, loop=loop_cfg, optim=optim_cfg,
                    eval_config=eval_cfg, data=data_cfg, models_=models_, seed=config.seed,

@@ -8,8 +8,8 @@ import pytest
 
 from offline_fixtures import TINY_RUN, load_config, override, tiny_rm_workdir, tiny_sft_workdir
 from rlhf_jax import train
-from rlhf_jax.algorithms import preference_common as common
-from rlhf_jax.algorithms import raft
+from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms.offline import raft
 
 
 def test_per_prompt_selection_takes_the_best_eligible_sample():

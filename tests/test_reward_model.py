@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from rlhf_jax import losses, models, parallel, train
-from rlhf_jax.algorithms import reward_data, reward_eval, reward_model, reward_objectives
-from rlhf_jax.algorithms import reward_scoring as rs
-from rlhf_jax.algorithms import reward_stats
+from rlhf_jax.algorithms.reward import data as reward_data
+from rlhf_jax.algorithms.reward import evaluation as reward_eval
+from rlhf_jax.algorithms.reward import trainer as reward_model
+from rlhf_jax.algorithms.reward import objectives as reward_objectives
+from rlhf_jax.scoring import reward_model as rs
+from rlhf_jax.algorithms.reward import stats as reward_stats
 from rlhf_jax.data import batching, records
 from rlhf_jax.data import tokenizers as tok_lib
 
@@ -290,10 +293,10 @@ def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
   sft_dir = tmp_path / "sft"
   (sft_dir / "checkpoints" / "5").mkdir(parents=True)
   (sft_dir / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
-  fake = reward_model.sft.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(),
+  fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(),
                                         step=5)
-  monkeypatch.setattr(reward_model.sft, "load_sft_params", lambda workdir: fake)
-  from rlhf_jax.algorithms.reward_scoring import TokenizerMismatchError
+  monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
+  from rlhf_jax.scoring.reward_model import TokenizerMismatchError
   rm_cfg = reward_model.RMConfig(sft_workdir=str(sft_dir))
   with pytest.raises(TokenizerMismatchError, match="differs from the SFT run"):
     reward_model.resolve_model_and_tokenizer(None, rm_cfg, reward_model.RMDataConfig())
@@ -306,8 +309,8 @@ def test_compute_dtype_overrides_only_the_sft_model_configs_dtype(tmp_path, monk
   sft_dir = tmp_path / "sft"
   (sft_dir / "checkpoints" / "5").mkdir(parents=True)
   (sft_dir / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
-  fake = reward_model.sft.SFTCheckpoint(params=None, model_config=CFG, tokenizer=TOK, step=5)
-  monkeypatch.setattr(reward_model.sft, "load_sft_params", lambda workdir: fake)
+  fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=TOK, step=5)
+  monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
   data_cfg = reward_model.RMDataConfig()
   kept, *_ = reward_model.resolve_model_and_tokenizer(
       None, reward_model.RMConfig(sft_workdir=str(sft_dir)), data_cfg)
@@ -359,7 +362,7 @@ def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resu
   (sft_dir / "config.json").write_text(json.dumps(reward_model.sft.default_config().to_dict()))
   result["preempted"] = False
   assert reward_model.ensure_sft_run(config) is True and len(calls) == 2
-  (sft_dir / reward_model.sft.FINAL_METRICS_FILE).write_text("{}")
+  (sft_dir / reward_model.train.FINAL_METRICS_FILE).write_text("{}")
   assert reward_model.ensure_sft_run(config) is True and len(calls) == 2  # finished: used as is
   other = tmp_path / "other_sft"  # an unfinished run of another config is the user's: used as is
   (other / "checkpoints" / "7").mkdir(parents=True)
@@ -371,7 +374,7 @@ def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resu
 
 def test_learning_curve_stops_at_a_point_stopped_by_sigterm(tmp_path, monkeypatch):
   """Regression: after SIGTERM stopped one curve point, the sweep went on training the next ones."""
-  from rlhf_jax.algorithms import reward_sweep  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.reward import sweep as reward_sweep  # pylint: disable=import-outside-toplevel
   calls = []
   monkeypatch.setattr(reward_sweep.reward_model, "train_and_evaluate",
                       lambda config, workdir: calls.append(workdir) or {"step": 5, "preempted": True})

@@ -9,7 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax.algorithms import reward_model, reward_stats, reward_sweep, sft
+from rlhf_jax import train
+from rlhf_jax.algorithms.reward import trainer as reward_model
+from rlhf_jax.algorithms.reward import stats as reward_stats
+from rlhf_jax.algorithms.reward import sweep as reward_sweep
+from rlhf_jax.algorithms import sft
 from rlhf_jax.eval import reward_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +75,7 @@ def test_rm_from_sft_writes_artifact_report_and_metrics(rm_run):
 @pytest.mark.slow
 def test_normalised_rewards_have_mean_0_std_1_on_the_sft_samples(rm_run):
   rm_dir, rm_cfg, _ = rm_run
-  ckpt = sft.load_sft_params(rm_cfg.rm.sft_workdir)
+  ckpt = train.load_sft_params(rm_cfg.rm.sft_workdir)
   handle = reward_model.load_reward_model(rm_dir, policy_tokenizer=ckpt.tokenizer)
   # Re-draw exactly the normalisation samples (same prompts, seed and sampler settings).
   data_cfg = reward_model.RMDataConfig(**{**rm_cfg.data.to_dict(), "buckets": (64,)})

@@ -65,7 +65,7 @@ def _seed_data(src_workdir, dst_workdir):
 
 def test_end_to_end_tiny_run(full_run):
   workdir, final = full_run
-  stored = json.load(open(os.path.join(workdir, sft.FINAL_METRICS_FILE)))
+  stored = json.load(open(os.path.join(workdir, train.FINAL_METRICS_FILE)))
   assert stored["step"] == 8 and not stored["preempted"]
   # 8 steps from a uniform start (ln 259 = 5.56 nats) must already cut the held-out NLL
   assert 0 < stored["eval_nll_per_token"] < 5.0
@@ -77,7 +77,7 @@ def test_end_to_end_tiny_run(full_run):
   samples = [json.loads(l) for l in open(os.path.join(workdir, "samples.jsonl"))]
   assert len(samples) == 4 and {"prompt", "response", "gold"} <= set(samples[0])
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["preset"] == "tiny"
-  ckpt = sft.load_sft_params(workdir)
+  ckpt = train.load_sft_params(workdir)
   assert ckpt.step == 8 and ckpt.model_config.d_model == 64 and ckpt.tokenizer.vocab_size == 259
   assert ckpt.params["embedding"].shape == (259, 64)
 
@@ -88,10 +88,10 @@ def test_resume_matches_uninterrupted_bit_for_bit(full_run, tmp_path):
   _seed_data(full_dir, workdir)
   first = sft.train_and_evaluate(tiny_config(**{"loop.stop_after_steps": 4}), workdir)
   assert first["preempted"] and first["step"] == 4
-  assert not os.path.exists(os.path.join(workdir, sft.FINAL_METRICS_FILE))
+  assert not os.path.exists(os.path.join(workdir, train.FINAL_METRICS_FILE))
   second = sft.train_and_evaluate(tiny_config(), workdir)
   assert second["step"] == 8
-  a, b = sft.load_sft_params(full_dir).params, sft.load_sft_params(workdir).params
+  a, b = train.load_sft_params(full_dir).params, train.load_sft_params(workdir).params
   for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a),
                                jax.tree_util.tree_leaves_with_path(b), strict=True):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
@@ -110,13 +110,13 @@ def test_workdir_with_other_model_config_is_refused(full_run, tmp_path):
 def test_loading_a_workdir_that_is_not_a_finished_sft_run_says_so(full_run, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"is not an SFT run's workdir \(missing "
                                               r"run_fingerprint.json, config.json\).*experiments/sft.py"):
-    sft.load_sft_params(str(tmp_path / "empty"))
+    train.load_sft_params(str(tmp_path / "empty"))
   started = tmp_path / "started"  # fingerprint and config written, no checkpoint committed yet
   started.mkdir()
   for name in ("run_fingerprint.json", "config.json"):
     shutil.copy(os.path.join(full_run[0], name), started / name)
   with pytest.raises(FileNotFoundError, match="saved no checkpoint yet"):
-    sft.load_sft_params(str(started))
+    train.load_sft_params(str(started))
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -193,7 +193,7 @@ def test_launcher_sigterm_then_kill9_then_resume(full_run, tmp_path):
   assert match, out
   stopped_at = int(match.group(1))
   assert stopped_at >= 6 and _committed(workdir)[-1] == stopped_at
-  assert not os.path.exists(os.path.join(workdir, sft.FINAL_METRICS_FILE))
+  assert not os.path.exists(os.path.join(workdir, train.FINAL_METRICS_FILE))
   # 2) Rerun resumes there; kill -9 after its next periodic checkpoint is committed.
   proc = _launch(workdir, *long_run)
   target = (stopped_at // 40 + 1) * 40

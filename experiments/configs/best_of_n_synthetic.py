@@ -3,8 +3,8 @@
 import ml_collections
 
 from rlhf_jax import parallel
-from rlhf_jax.algorithms import best_of_n
-from rlhf_jax.algorithms import preference_common as common
+from rlhf_jax.algorithms.offline import best_of_n
+from rlhf_jax.algorithms import common
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 

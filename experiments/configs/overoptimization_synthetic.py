@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
           --config.ppo.kl_coef=$beta --config.data.sft_workdir=workdirs/sft_synthetic \\
           --config.data.reward_model_workdir=workdirs/rm_proxy --workdir=workdirs/overopt_beta$beta
     done
-    python -m rlhf_jax.algorithms.ppo_plots --out=workdirs/overoptimization workdirs/overopt_beta*
+    python -m rlhf_jax.algorithms.online.plots --out=workdirs/overoptimization workdirs/overopt_beta*
 
   Evaluates every 5 iterations so the gold-vs-KL curve has points; the plot
   (``overoptimization.png``) and the gold peak per β (``overoptimization.json``) go to ``--out``.

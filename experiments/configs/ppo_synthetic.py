@@ -3,7 +3,7 @@
 import ml_collections
 
 from rlhf_jax import parallel, train
-from rlhf_jax.algorithms import ppo_config
+from rlhf_jax.algorithms.online import config as ppo_config
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 

@@ -17,7 +17,7 @@ Optional: --config.data.eval_pairwise_jsonl / eval_ranked_jsonl (extra held-out 
 import ml_collections
 
 from rlhf_jax import parallel, train
-from rlhf_jax.algorithms import reward_model
+from rlhf_jax.algorithms.reward import trainer as reward_model
 from rlhf_jax.train import config_dicts
 
 _BATCH = {"bradley_terry": 32, "all_pairs": 8, "plackett_luce": 8, "likert": 32, "multi_attribute": 32}

@@ -10,7 +10,7 @@
 import ml_collections
 
 from rlhf_jax import parallel, train
-from rlhf_jax.algorithms import reward_model
+from rlhf_jax.algorithms.reward import trainer as reward_model
 from rlhf_jax.train import config_dicts
 
 # Records per step: 32 pairs (64 sequences); ranked lists hold 4..9 responses (6.5 on average), so

@@ -3,6 +3,6 @@
 that the thin launcher in ``experiments/`` calls.
 
 Submodules are imported explicitly (``from rlhf_jax.algorithms import sft``) so that using one
-method does not import every other one. ``sft.load_sft_params(workdir)`` is how later stages start
+method does not import every other one. ``train.load_sft_params(workdir)`` is how later stages start
 from a supervised fine-tuning run.
 """

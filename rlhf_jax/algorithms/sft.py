@@ -13,7 +13,7 @@ reward is exact (``data.synthetic.gold_rewards``) and is compared with the refer
 SFT data was drawn from, which is what a perfect SFT model would match.
 
 Entry points: :func:`train_and_evaluate` (used by ``experiments/sft.py``) and
-:func:`load_sft_params`, which later stages (reward models, DPO, PPO) use to start from an SFT run.
+``train.load_sft_params``, which later stages (reward models, DPO, PPO) use to start from an SFT run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
 
-FINAL_METRICS_FILE = "final_metrics.json"
+FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
@@ -294,50 +294,6 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
   return eval_fn
 
 
-class SFTCheckpoint(NamedTuple):
-  params: Any
-  model_config: models.ModelConfig
-  tokenizer: tok_lib.Tokenizer
-  step: int
-
-
-def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
-  """Params, model config and tokenizer of an SFT run's checkpoint (default: the latest step).
-
-  The model config comes from the run's ``run_fingerprint.json`` and the tokenizer from its
-  ``config.json``, so ``Transformer(ckpt.model_config).apply({"params": ckpt.params}, ...)`` and
-  ``ckpt.tokenizer`` reproduce the SFT policy exactly.
-  """
-  needed = (train.checkpoint.FINGERPRINT_FILE, "config.json")
-  missing = [name for name in needed if not os.path.isfile(os.path.join(workdir, name))]
-  if missing:
-    raise FileNotFoundError(
-        f"{workdir!r} is not an SFT run's workdir (missing {', '.join(missing)}): train one with "
-        f"`python experiments/sft.py --workdir={workdir}` or point the config's sft_workdir at one")
-  fingerprint = train.read_json(os.path.join(workdir, train.checkpoint.FINGERPRINT_FILE))
-  run_config = train.read_json(os.path.join(workdir, "config.json"))
-  model_config = models.ModelConfig(**{
-      k: tuple(v) if isinstance(v, list) else v for k, v in fingerprint["model"].items()})
-  tokenizer = tok_lib.load_tokenizer(run_config["data"]["tokenizer"])
-  if tokenizer.fingerprint() != fingerprint["tokenizer"]:
-    raise train.WorkdirMismatchError(
-        f"{workdir}: tokenizer {run_config['data']['tokenizer']!r} now has fingerprint "
-        f"{tokenizer.fingerprint()}, the run used {fingerprint['tokenizer']}")
-  step = train.latest_step(workdir) if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir!r}: the SFT run saved no checkpoint yet; finish it first "
-                            f"(`python experiments/sft.py --workdir={workdir}` resumes it)")
-  params = train.restore_params(workdir, step)
-  return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer, step=int(step))
-
-
-def _make_mesh(section: Mapping[str, int]) -> jax.sharding.Mesh:
-  mesh_cfg = config_dicts.to_dataclass(parallel.MeshConfig, section, "mesh")
-  sizes = [getattr(mesh_cfg, a) for a in parallel.MESH_AXES]
-  devices = jax.devices() if -1 in sizes else jax.devices()[:int(np.prod(sizes))]
-  return parallel.make_mesh(mesh_cfg, devices=devices)
-
-
 def default_config() -> ml_collections.ConfigDict:
   """Every key ``train_and_evaluate`` reads, at the synthetic-task defaults.
 
@@ -384,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.aggregation not in AGGREGATIONS:
     raise ValueError(f"config.aggregation={config.aggregation!r} is invalid; allowed: "
                      f"{' | '.join(AGGREGATIONS)}")
-  mesh = _make_mesh(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
   if tokenizer.vocab_size > model_cfg.vocab_size:

@@ -19,6 +19,7 @@ from rlhf_jax.parallel.multihost import (
     process_count,
     process_index,
 )
+from rlhf_jax.parallel.placement import Placement, mesh_from_config
 from rlhf_jax.parallel.rules import (
     ACTIVATION_AXES,
     DEFAULT_RULES,
@@ -41,5 +42,5 @@ __all__ = [
     "ACTIVATION_AXES", "DEFAULT_RULES", "MESH_AXES", "PARAM_AXES", "MeshConfig", "Rules",
     "batch_axes", "create_sharded", "data_sharding", "initialize_distributed", "is_coordinator",
     "logical_partition_specs", "logical_shardings", "logical_to_spec", "make_global_batch",
-    "make_mesh", "process_count", "process_index", "shard_batch", "use_mesh", "validate_rules",
+    "make_mesh", "mesh_from_config", "Placement", "process_count", "process_index", "shard_batch", "use_mesh", "validate_rules",
 ]

@@ -8,6 +8,8 @@
   ``atomic_write_json``, ``WorkdirMismatchError``.
 * :mod:`.metrics` — ``MetricsWriter`` (JSONL + TensorBoard), ``read_metrics``, ``plot_metrics``,
   ``Progress``; :mod:`.tensorboard` — event files without TensorFlow.
+* :mod:`.runs` — ``load_sft_params`` (a finished policy run's params, model config, tokenizer),
+  ``write_final_metrics`` / ``is_finished`` (``final_metrics.json``), ``tokenizer_spec``.
 * :mod:`.signals` — ``SigtermWatch`` (a SIGTERM seen during an evaluation, chained to the loop's).
 * :mod:`.config_dicts` — ``ml_collections`` sections for experiment configs and their conversion
   to the frozen dataclasses above.
@@ -19,6 +21,8 @@ from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomi
                                        restore_params)
 from rlhf_jax.train.loop import (CheckpointableIterator, LoopConfig, TrainResult, default_token_count,
                                  jit_train_step, make_train_step, train)
+from rlhf_jax.train.runs import (FINAL_METRICS_FILE, SFTCheckpoint, is_finished, load_sft_params,
+                                 tokenizer_spec, write_final_metrics)
 from rlhf_jax.train.metrics import MetricsWriter, Progress, plot_metrics, read_metrics
 from rlhf_jax.train.signals import SigtermWatch
 from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
@@ -29,5 +33,6 @@ __all__ = [
     "restore_params", "latest_step", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
     "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "plot_metrics", "read_metrics",
     "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
-    "abstract_state", "create_train_state", "state_shardings", "SigtermWatch", "loop", "config_dicts", "tensorboard",
+    "abstract_state", "create_train_state", "state_shardings", "FINAL_METRICS_FILE", "SFTCheckpoint",
+    "is_finished", "load_sft_params", "tokenizer_spec", "write_final_metrics", "SigtermWatch", "loop", "config_dicts", "tensorboard",
 ]

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, sampling, train
-from rlhf_jax.algorithms import dpo
-from rlhf_jax.algorithms import preference_common as common
-from rlhf_jax.algorithms import reward_scoring
+from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax.algorithms.offline import dpo
+from rlhf_jax.algorithms import common
+from rlhf_jax import scoring
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import records as rec
@@ -209,7 +209,7 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
     enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
     out = sampling.sample(loaded.model, loaded.ref_params, enc.prompt_tokens, enc.prompt_mask,
                           jax.random.fold_in(jax.random.PRNGKey(seed), start), samp)
-    rewards = np.asarray(jax.device_get(reward_scoring.score(
+    rewards = np.asarray(jax.device_get(scoring.score(
         loaded.reward, out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR,
         out.response_mask_BxR)))
     tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
@@ -304,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
-  mesh = common.make_mesh(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),

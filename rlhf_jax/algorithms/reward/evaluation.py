@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.algorithms import reward_objectives as objectives
+from rlhf_jax.algorithms.reward import objectives
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.eval import ranking_metrics, reward_metrics

@@ -24,8 +24,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from rlhf_jax import train
-from rlhf_jax.algorithms import reward_eval
-from rlhf_jax.algorithms.reward_objectives import DATA_KIND
+from rlhf_jax.algorithms.reward import evaluation as reward_eval
+from rlhf_jax.algorithms.reward.objectives import DATA_KIND
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import tokenizers as tok_lib

@@ -24,9 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sampling
-from rlhf_jax.algorithms import preference_common as common
-from rlhf_jax.algorithms import reward_scoring
+from rlhf_jax import parallel, sampling
+from rlhf_jax.algorithms import common
+from rlhf_jax import scoring
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
@@ -97,7 +97,7 @@ def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestO
     enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
     out = sampling.sample(loaded.model, loaded.ref_params, enc.prompt_tokens, enc.prompt_mask,
                           jax.random.fold_in(jax.random.PRNGKey(cfg.seed), start), samp)
-    r = reward_scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
+    r = scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
                              out.response_tokens_BxR, out.response_mask_BxR)
     tokens, mask, r = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR, r))
     rows = n_real * n_max
@@ -123,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
   if not sources.sft_workdir:
     raise ValueError("config.sources.sft_workdir is empty; allowed: the SFT run best-of-n samples from")
-  mesh = common.make_mesh(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   loaded = common.load_models(sources, mesh, need_reward=True)
   task = cfg.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")

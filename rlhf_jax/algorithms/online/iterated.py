@@ -28,7 +28,10 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import models, sampling, train
-from rlhf_jax.algorithms import ppo, ppo_models, reward_model, reward_scoring, sft
+from rlhf_jax.algorithms.online import ppo
+from rlhf_jax.algorithms.online import models as ppo_models
+from rlhf_jax.algorithms.reward import trainer as reward_model
+from rlhf_jax import scoring
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 
 logger = logging.getLogger(__name__)
@@ -65,8 +68,8 @@ def rm_gold_accuracy(handle, tokenizer, rows: list[dict]) -> float:
   if not rows:
     return float("nan")
   prompts = [r["prompt"] for r in rows]
-  rc = reward_scoring.score_texts(handle, tokenizer, prompts, [r["chosen"] for r in rows])
-  rr = reward_scoring.score_texts(handle, tokenizer, prompts, [r["rejected"] for r in rows])
+  rc = scoring.score_texts(handle, tokenizer, prompts, [r["chosen"] for r in rows])
+  rr = scoring.score_texts(handle, tokenizer, prompts, [r["rejected"] for r in rows])
   gold_first = np.array([r["gold_chosen"] > r["gold_rejected"] for r in rows])
   return float(np.mean((rc > rr) == gold_first))
 
@@ -86,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   Keys: see ``experiments/configs/iterated_synthetic.py``."""
   os.makedirs(workdir, exist_ok=True)
   train.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  sft_ckpt = sft.load_sft_params(config.sft_workdir)
+  sft_ckpt = train.load_sft_params(config.sft_workdir)
   tok, policy_model = sft_ckpt.tokenizer, models.Transformer(sft_ckpt.model_config)
   task_dir = os.path.join(workdir, "data", "synthetic")
   if not os.path.exists(os.path.join(task_dir, "metadata.json")):
@@ -115,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       _write(all_pairs + f".round{r}", previous + rows[:split])
       _write(held_pairs, rows[split:])
     rm_dir = os.path.join(rdir, "rm")
-    if not os.path.exists(os.path.join(rm_dir, reward_scoring.ARTIFACT_DIR)):  # 2. RM_r
+    if not os.path.exists(os.path.join(rm_dir, scoring.ARTIFACT_DIR)):  # 2. RM_r
       rm_cfg = copy.deepcopy(config.rm)
       rm_cfg.rm.sft_workdir = config.sft_workdir
       rm_cfg.data.source = "jsonl"
@@ -125,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       reward_model.train_and_evaluate(rm_cfg, rm_dir)
     if os.path.exists(all_pairs + f".round{r}"):  # this round's data now backs a trained RM
       os.replace(all_pairs + f".round{r}", all_pairs)
-    handle = reward_scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
+    handle = scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
     ppo_dir = os.path.join(rdir, "ppo")  # 3. π_{r+1}
     ppo_cfg = copy.deepcopy(config.ppo)
     ppo_cfg.data.sft_workdir = config.sft_workdir

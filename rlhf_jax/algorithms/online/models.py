@@ -1,8 +1,8 @@
 """The four models of online RLHF and the checks that they fit together.
 
-* policy π_θ — starts from an SFT run (``sft.load_sft_params``), trained;
+* policy π_θ — starts from an SFT run (``train.load_sft_params``), trained;
 * reference π_ref — the SFT model (or ``reference_workdir``), frozen, for the KL penalty;
-* reward model r_φ — ``reward_scoring.load_reward_model`` (params + stored normalisation), frozen;
+* reward model r_φ — ``scoring.load_reward_model`` (params + stored normalisation), frozen;
 * value model V_ψ — ``ValueModel`` whose backbone and head start from the reward model
   (InstructGPT, ``critic_init="reward_model"``) or backbone from the SFT model with a fresh head
   (``critic_init="sft"``); only for ``algorithm="ppo"``.
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from rlhf_jax import models, parallel
-from rlhf_jax.algorithms import reward_scoring, sft
-from rlhf_jax.algorithms.ppo_config import PPOConfig, PPODataConfig
+from rlhf_jax import models, parallel, train
+from rlhf_jax import scoring
+from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig
 from rlhf_jax.data import tokenizers as tok_lib
 
 
@@ -35,15 +35,15 @@ class PPOModels(NamedTuple):
   policy: models.Transformer
   policy_params: Any
   ref_params: Any  # same architecture as the policy (one apply function)
-  reward: reward_scoring.RewardModelHandle
+  reward: scoring.RewardModelHandle
   value_model: models.ValueModel | None
   value_params: Any  # initial value params (None without a critic)
 
 
 def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.ModelConfig, *,
                      reference_tokenizer: tok_lib.Tokenizer, reference_config: models.ModelConfig,
-                     reward_info: reward_scoring.RewardModelInfo) -> None:
-  """Raises :class:`IncompatibleModelsError` (or ``reward_scoring.TokenizerMismatchError``) when the
+                     reward_info: scoring.RewardModelInfo) -> None:
+  """Raises :class:`IncompatibleModelsError` (or ``scoring.TokenizerMismatchError``) when the
   reference or the reward model would read the policy's token ids differently."""
   if reference_tokenizer.fingerprint() != policy_tokenizer.fingerprint():
     raise IncompatibleModelsError(
@@ -59,7 +59,7 @@ def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.
         f"the reference model's config differs from the policy's in {sorted(diff)} "
         f"(reference, policy) = {diff}; the reference must be the policy's architecture "
         "(normally the SFT model the policy starts from)")
-  reward_scoring.check_tokenizer(reward_info, policy_tokenizer, what="policy")
+  scoring.check_tokenizer(reward_info, policy_tokenizer, what="policy")
   rm_vocab = int(reward_info.model["vocab_size"])
   if rm_vocab != policy_config.vocab_size:
     raise IncompatibleModelsError(
@@ -72,7 +72,7 @@ def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.
 
 
 def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, policy_params: Any,
-                      reward: reward_scoring.RewardModelHandle, rng: jax.Array):
+                      reward: scoring.RewardModelHandle, rng: jax.Array):
   """``(value_model, value_params)`` for ``config.critic_init`` (``(None, None)`` without a critic)."""
   if not config.uses_critic:
     return None, None
@@ -97,13 +97,13 @@ def load_models(config: PPOConfig, data: PPODataConfig, rng: jax.Array, *, mesh=
     if not getattr(data, name):
       raise ValueError(f"config.data.{name} is empty; allowed: the workdir of a finished "
                        f"{'SFT' if name == 'sft_workdir' else 'reward-model'} run")
-  policy_ckpt = sft.load_sft_params(data.sft_workdir)
-  ref_ckpt = sft.load_sft_params(data.reference_workdir) if data.reference_workdir else policy_ckpt
-  info = reward_scoring.read_reward_model_info(data.reward_model_workdir)
+  policy_ckpt = train.load_sft_params(data.sft_workdir)
+  ref_ckpt = train.load_sft_params(data.reference_workdir) if data.reference_workdir else policy_ckpt
+  info = scoring.read_reward_model_info(data.reward_model_workdir)
   check_compatible(policy_ckpt.tokenizer, policy_ckpt.model_config,
                    reference_tokenizer=ref_ckpt.tokenizer, reference_config=ref_ckpt.model_config,
                    reward_info=info)
-  reward = reward_scoring.load_reward_model(data.reward_model_workdir,
+  reward = scoring.load_reward_model(data.reward_model_workdir,
                                             policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
                                             rules=rules)
   value_model, value_params = init_value_params(config, policy_ckpt.model_config,

@@ -31,57 +31,15 @@ exactly the shardings the next phase (and the next iteration) expects, and each 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import losses, models, parallel, sampling
-from rlhf_jax.algorithms.ppo_config import PPOConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-  """Where the trainer's arrays live: a (data, fsdp, tensor) mesh and the logical-axis rules.
-
-  Hashable, so it is part of the cache key of every phase builder.
-  """
-
-  mesh: Mesh
-  rules: tuple = parallel.DEFAULT_RULES
-
-  @property
-  def rows(self) -> NamedSharding:
-    """Rollout arrays: the leading (row) dimension over the batch axes, the rest replicated."""
-    return parallel.data_sharding(self.mesh, self.rules)
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec())
-
-  def params(self, module) -> Any:
-    """``NamedSharding`` tree of ``module``'s params (its logical axes through the rules)."""
-    return _param_shardings(module, self)
-
-  def jit(self, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
-    """``jax.jit`` with explicit shardings, traced and called inside ``parallel.use_mesh``."""
-    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
-
-    def call(*args):
-      with parallel.use_mesh(self.mesh, self.rules):
-        return jitted(*args)
-
-    call.jitted = jitted  # for inspection (``call.jitted._cache_size()``)
-    return call
-
-
-@functools.lru_cache(maxsize=32)
-def _param_shardings(module, placement: Placement) -> Any:
-  return parallel.logical_shardings(models.abstract_variables(module), placement.mesh,
-                                    placement.rules)["params"]
+from rlhf_jax import losses, models, sampling
+from rlhf_jax.parallel import Placement
+from rlhf_jax.algorithms.online.config import PPOConfig
 
 
 class Rollout(NamedTuple):
@@ -149,7 +107,7 @@ def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_
   """Jitted ``(rm_params, mean_K, std_K, tokens_BxT, mask_BxT, response_mask_BxR) -> (scores_B, rm_B)``.
 
   ``rm_B`` = (r_φ(x, y) - μ) / σ, the reward model's first output with its stored normalisation
-  (``reward_scoring.normalize_rewards``); ``scores_B`` is ``rm_B`` minus ``missing_eos_penalty`` for
+  (``scoring.normalize_rewards``); ``scores_B`` is ``rm_B`` minus ``missing_eos_penalty`` for
   responses that never emitted EOS (TRL's ``missing_eos_penalty``). Cached per (model, settings),
   so repeated runs in one process reuse the compiled function.
   """

@@ -23,15 +23,14 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax import models, parallel, train
-from rlhf_jax.algorithms import reward_scoring, sft
+from rlhf_jax import scoring
 from rlhf_jax.data import records as rec
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.eval import policy as policy_eval
@@ -39,7 +38,7 @@ from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
 
-FINAL_METRICS_FILE = "final_metrics.json"
+FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 
 
 class ReferenceMismatchError(ValueError):
@@ -60,7 +59,7 @@ class ModelSources:
       of ``config.model`` (benchmarks, tests), which is then also the reference.
     reference_workdir: another SFT run as the reference ('' = ``sft_workdir``); it must have the
       policy's model config and tokenizer.
-    reward_model_workdir: a trained reward model (``reward_scoring.load_reward_model``); evaluation
+    reward_model_workdir: a trained reward model (``scoring.load_reward_model``); evaluation
       then also reports ``rm_reward``. Required by RAFT, best-of-n and generated candidate lists.
   """
 
@@ -87,7 +86,7 @@ class LoadedModels(NamedTuple):
   model: models.Transformer
   policy_params: Any  # unboxed, placed on the mesh
   ref_params: Any  # unboxed, placed on the mesh (equal to, but not the buffers of, policy_params)
-  reward: reward_scoring.RewardModelHandle | None
+  reward: scoring.RewardModelHandle | None
   sft_step: int  # step of the SFT checkpoint (-1: fresh init)
 
 
@@ -121,14 +120,14 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
                 need_reward: bool = False) -> LoadedModels:
   """Loads policy, reference and (optionally) reward model; checks they read the same token ids."""
   if sources.sft_workdir:
-    policy = sft.load_sft_params(sources.sft_workdir)
+    policy = train.load_sft_params(sources.sft_workdir)
     model_config, tokenizer, sft_step = policy.model_config, policy.tokenizer, policy.step
     model = models.Transformer(model_config)
     policy_params = place_params(policy.params, model, mesh)
     ref_params = policy_params
     if sources.reference_workdir and (os.path.abspath(sources.reference_workdir)
                                       != os.path.abspath(sources.sft_workdir)):
-      ref = sft.load_sft_params(sources.reference_workdir)
+      ref = train.load_sft_params(sources.reference_workdir)
       check_reference(model_config, tokenizer, ref.model_config, ref.tokenizer,
                       where=f"reference ({sources.reference_workdir})")
       ref_params = place_params(ref.params, model, mesh)
@@ -152,7 +151,7 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
   policy_params = jax.tree.map(jnp.copy, policy_params)
   reward = None
   if sources.reward_model_workdir:
-    reward = reward_scoring.load_reward_model(sources.reward_model_workdir,
+    reward = scoring.load_reward_model(sources.reward_model_workdir,
                                               policy_tokenizer=tokenizer, mesh=mesh)
   elif need_reward:
     raise ValueError("config.sources.reward_model_workdir is empty; allowed: the workdir of a "
@@ -160,19 +159,12 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
   return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step)
 
 
-def rm_text_reward_fn(handle: reward_scoring.RewardModelHandle | None,
+def rm_text_reward_fn(handle: scoring.RewardModelHandle | None,
                       tokenizer: tok_lib.Tokenizer) -> policy_eval.TextRewardFn | None:
   """``(prompts, responses) -> [S]`` normalised RM rewards, for :class:`policy_eval.PolicyEvaluator`."""
   if handle is None:
     return None
-  return lambda prompts, responses: reward_scoring.score_texts(handle, tokenizer, prompts, responses)
-
-
-def make_mesh(section: Mapping[str, int]) -> jax.sharding.Mesh:
-  mesh_cfg = config_dicts.to_dataclass(parallel.MeshConfig, section, "mesh")
-  sizes = [getattr(mesh_cfg, a) for a in parallel.MESH_AXES]
-  devices = jax.devices() if -1 in sizes else jax.devices()[:int(np.prod(sizes))]
-  return parallel.make_mesh(mesh_cfg, devices=devices)
+  return lambda prompts, responses: scoring.score_texts(handle, tokenizer, prompts, responses)
 
 
 def check_config_keys(config: Any, known: set[str], method: str) -> None:

@@ -38,23 +38,27 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from rlhf_jax import fileio, losses, models, parallel, train
-from rlhf_jax.algorithms import reward_data, reward_eval, reward_objectives, reward_scoring, sft
-from rlhf_jax.algorithms.reward_data import RMDataConfig
-from rlhf_jax.algorithms.reward_objectives import DATA_KIND, OBJECTIVES
-from rlhf_jax.algorithms.reward_scoring import (RewardModelHandle, RewardModelInfo,  # noqa: F401
+from rlhf_jax.algorithms.reward import data as reward_data
+from rlhf_jax.algorithms.reward import evaluation as reward_eval
+from rlhf_jax.algorithms.reward import objectives as reward_objectives
+from rlhf_jax import scoring
+from rlhf_jax.algorithms import sft
+from rlhf_jax.algorithms.reward.data import RMDataConfig
+from rlhf_jax.algorithms.reward.objectives import DATA_KIND, OBJECTIVES
+from rlhf_jax.scoring.reward_model import (RewardModelHandle, RewardModelInfo,  # noqa: F401
                                                 TokenizerMismatchError, check_tokenizer,
                                                 encode_pairs, load_reward_model, make_handle,
                                                 normalize_rewards, read_reward_model_info,
                                                 reward_fn, save_reward_model, score,
                                                 score_sequences, score_texts)
-from rlhf_jax.algorithms.reward_stats import RMEvalConfig, normalization_and_gold
+from rlhf_jax.algorithms.reward.stats import RMEvalConfig, normalization_and_gold
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.eval import reward_report
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
 
-FINAL_METRICS_FILE = "final_metrics.json"
+FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 EARLY_STOPPING_FILE = "early_stopping.json"
 BEST_PARAMS_DIR = "best_params"
 INITS = ("sft", "scratch")
@@ -163,7 +167,7 @@ def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMCon
   """(model config, tokenizer, tokenizer spec, SFT checkpoint or None) for this run."""
   sft_ckpt = None
   if train.latest_step(rm_cfg.sft_workdir) is not None:
-    sft_ckpt = sft.load_sft_params(rm_cfg.sft_workdir)
+    sft_ckpt = train.load_sft_params(rm_cfg.sft_workdir)
   elif rm_cfg.init == "sft":
     raise FileNotFoundError(
         f"config.rm.sft_workdir={rm_cfg.sft_workdir!r} holds no SFT checkpoint. Run SFT first:\n"
@@ -208,7 +212,7 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
   if config.rm.init != "sft":
     return True
   has_ckpt = train.latest_step(sft_workdir) is not None
-  finished = os.path.exists(os.path.join(sft_workdir, sft.FINAL_METRICS_FILE))
+  finished = os.path.exists(os.path.join(sft_workdir, train.FINAL_METRICS_FILE))
   if config.data.source != "synthetic":
     if not has_ckpt:
       raise FileNotFoundError(
@@ -255,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_cfg = config_dicts.to_dataclass(RMEvalConfig, config.eval, "eval")
   if rm_cfg.early_stopping_patience and not loop_cfg.eval_every:
     raise ValueError("config.rm.early_stopping_patience > 0 needs config.loop.eval_every > 0")
-  mesh = sft._make_mesh(config.mesh)  # pylint: disable=protected-access
+  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
   model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(config, rm_cfg, data_cfg)
@@ -281,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   params = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy), mesh)
   params = params["params"]
   if rm_cfg.init == "sft":
-    params = reward_scoring.place_params(models.with_backbone(params, sft_ckpt.params), model, mesh)
+    params = scoring.place_params(models.with_backbone(params, sft_ckpt.params), model, mesh)
     # device_put may alias the SFT buffers; the train step donates its state, and the SFT params
     # are still needed afterwards for the normalisation samples.
     params = jax.tree.map(jnp.copy, params)

@@ -32,10 +32,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sampling, train
-from rlhf_jax.algorithms import dpo
-from rlhf_jax.algorithms import preference_common as common
-from rlhf_jax.algorithms import reward_scoring, sft
+from rlhf_jax import parallel, sampling, train
+from rlhf_jax.algorithms.offline import dpo
+from rlhf_jax.algorithms import common
+from rlhf_jax import scoring
+from rlhf_jax.algorithms import sft
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
@@ -157,7 +158,7 @@ def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], 
     enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
     out = sampling.sample(loaded.model, params, enc.prompt_tokens, enc.prompt_mask,
                           jax.random.fold_in(rng, start), samp)
-    rm = reward_scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
+    rm = scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
                               out.response_tokens_BxR, out.response_mask_BxR)
     tokens, mask, loss_mask = out.full_sequences()
     rows = n_real * cfg.samples_per_prompt
@@ -222,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError("config.loop.stop_after_steps is not supported by RAFT (it stops at round "
                      "boundaries only); allowed: 0")
   steps_per_round = loop_cfg.num_steps // cfg.num_rounds
-  mesh = common.make_mesh(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),

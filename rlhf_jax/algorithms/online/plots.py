@@ -1,6 +1,6 @@
 """Over-optimisation report: gold and proxy (reward-model) reward against KL to the SFT model.
 
-  python -m rlhf_jax.algorithms.ppo_plots --out=DIR WORKDIR [WORKDIR ...]
+  python -m rlhf_jax.algorithms.online.plots --out=DIR WORKDIR [WORKDIR ...]
 
 Reads each PPO run's held-out evaluations (``metrics.jsonl``, split ``eval``: ``kl_to_sft``,
 ``gold_reward``, ``rm_reward``), plots both rewards against KL, one colour per run (labelled with
@@ -60,7 +60,7 @@ def report(workdirs: Sequence[str], out_dir: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m rlhf_jax.algorithms.ppo_plots",
+  parser = argparse.ArgumentParser(prog="python -m rlhf_jax.algorithms.online.plots",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="folder for overoptimization.png / .json")
   parser.add_argument("workdirs", nargs="+", help="PPO run directories")

@@ -20,7 +20,7 @@ run before the first iteration (the SFT baseline), every ``eval_every`` iteratio
 Sharding: the run lives on the mesh of ``config.mesh`` (``parallel.MeshConfig``; default one
 device) with ``parallel.DEFAULT_RULES``: policy, reference, value and reward-model params are placed
 per the rules table, rollout rows are split over ``data`` × ``fsdp``, and every phase is jitted
-with explicit in/out shardings (``rollout.Placement``), so each compiles once per run (the
+with explicit in/out shardings (``parallel.Placement``), so each compiles once per run (the
 ``compiles`` metric counts XLA compilations inside each iteration's phases: 0 after the first).
 
 Faults: NaN/inf rewards, values, log-probs or loss raise :class:`NonFiniteError` before anything is
@@ -43,10 +43,12 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import losses, parallel, sampling, train
-from rlhf_jax.algorithms import ppo_models, reward_scoring
-from rlhf_jax.algorithms.ppo_config import PPOConfig, PPODataConfig, PPOLoopConfig
-from rlhf_jax.algorithms.ppo_update import PPOState, make_update_fn, place_state, state_shardings
-from rlhf_jax.algorithms.rollout import (Placement, Rollout, make_advantage_fn, make_generate_fn,
+from rlhf_jax.algorithms.online import models as ppo_models
+from rlhf_jax import scoring
+from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig, PPOLoopConfig
+from rlhf_jax.algorithms.online.update import PPOState, make_update_fn, place_state, state_shardings
+from rlhf_jax.parallel import Placement
+from rlhf_jax.algorithms.online.rollout import (Rollout, make_advantage_fn, make_generate_fn,
                                          make_logprob_fn, make_score_fn)
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
@@ -55,7 +57,7 @@ from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
 
-FINAL_METRICS_FILE = "final_metrics.json"
+FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 PHASES = ("generation", "scoring", "logprobs", "advantages", "update")
 
 
@@ -73,24 +75,6 @@ def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def default_placement() -> Placement:
-  """One device: a 1×1×1 mesh over ``jax.devices()[0]``."""
-  return Placement(parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1),
-                                      devices=jax.devices()[:1]))
-
-
-def make_placement(section: Mapping[str, int] | None,
-                   rules: parallel.Rules = parallel.DEFAULT_RULES) -> Placement:
-  """The ``config.mesh`` section (``parallel.MeshConfig`` fields) → :class:`Placement`; a mesh
-  smaller than the host's devices uses the first ones (``-1``: all of them)."""
-  if not section:
-    return Placement(default_placement().mesh, tuple(rules))
-  mesh_cfg = config_dicts.to_dataclass(parallel.MeshConfig, section, "mesh")
-  sizes = [getattr(mesh_cfg, a) for a in parallel.MESH_AXES]
-  devices = jax.devices() if -1 in sizes else jax.devices()[:int(np.prod(sizes))]
-  return Placement(parallel.make_mesh(mesh_cfg, devices=devices), tuple(rules))
 
 
 class RunResult(NamedTuple):
@@ -180,8 +164,8 @@ def _kl_controller(config: PPOConfig):
   return losses.FixedKLController(config.kl_coef)
 
 
-def _rm_text_fn(reward: reward_scoring.RewardModelHandle, tokenizer):
-  return lambda prompts, responses: reward_scoring.score_texts(reward, tokenizer, prompts, responses)
+def _rm_text_fn(reward: scoring.RewardModelHandle, tokenizer):
+  return lambda prompts, responses: scoring.score_texts(reward, tokenizer, prompts, responses)
 
 
 def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.OptimConfig,
@@ -211,7 +195,7 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
   # Everything the jitted phases read is placed (committed) with the shardings their jit declares,
   # and every phase returns exactly those shardings: jit's cache key includes each argument's
   # sharding and committed-ness, so anything looser compiles the phases again in iteration 2.
-  placement = placement or default_placement()
+  placement = placement or Placement(parallel.mesh_from_config(None))
   ways = int(np.prod([placement.mesh.shape[a] for a in np.atleast_1d(
       parallel.batch_axes(placement.rules))]))
   if config.rollout_batch_size % ways:
@@ -428,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``models_`` overrides loading the models from ``config.data`` workdirs; ``rules``: the
   logical-axis rules table on ``config.mesh``."""
   ppo_cfg, data_cfg, loop_cfg, optim_cfg, eval_cfg = parse_config(config)
-  placement = make_placement(config.get("mesh"), rules)
+  placement = Placement(parallel.mesh_from_config(config.get("mesh")), tuple(rules))
   if models_ is None:
     models_ = ppo_models.load_models(ppo_cfg, data_cfg, jax.random.PRNGKey(config.seed + 1),
                                      mesh=placement.mesh, rules=placement.rules)

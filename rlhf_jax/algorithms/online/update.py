@@ -13,7 +13,7 @@ key) of a ``lax.scan`` over minibatches of N / M rows, each one optimiser step o
 (``losses.ppo_policy_loss`` / ``ppo_value_loss`` / ``entropy_loss`` / ``kl_estimate``). Policy and
 value model are two param trees under one optimiser, as TRL's ``PolicyAndValueWrapper``: the
 value loss only reaches the value params, and gradient clipping is over the joint global norm.
-The state is donated, so the update reuses its own buffers. With a ``rollout.Placement`` the
+The state is donated, so the update reuses its own buffers. With a ``parallel.Placement`` the
 update is jitted with the state's shardings (:func:`state_shardings`) in and out and the rollout
 rows split over the batch axes, so iteration after iteration it sees the same input shardings.
 """
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses, models, train
-from rlhf_jax.algorithms.ppo_config import PPOConfig
-from rlhf_jax.algorithms.rollout import Placement, Rollout, response_logps, response_values
+from rlhf_jax.algorithms.online.config import PPOConfig
+from rlhf_jax.algorithms.online.rollout import Rollout, response_logps, response_values
+from rlhf_jax.parallel import Placement
 
 
 @flax.struct.dataclass

@@ -26,8 +26,8 @@ from typing import Sequence
 import ml_collections
 
 from rlhf_jax import train
-from rlhf_jax.algorithms import reward_model
-from rlhf_jax.algorithms.reward_objectives import DATA_KIND
+from rlhf_jax.algorithms.reward import trainer as reward_model
+from rlhf_jax.algorithms.reward.objectives import DATA_KIND
 from rlhf_jax.eval import reward_report
 
 logger = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import losses, models, parallel, train
-from rlhf_jax.algorithms import preference_common as common
+from rlhf_jax.algorithms import common
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import records as rec
@@ -436,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
-  mesh = common.make_mesh(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
