@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -334,6 +335,60 @@ def test_token_logprobs_and_entropy_match_numpy():
   assert got_bf16.dtype == jnp.float32
 
 
+def _tiny_batch():
+  cfg = get_model_config("tiny")
+  model = Transformer(cfg)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(B, T)), jnp.int32)
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  loss_mask = jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1, 1]], jnp.int32)
+  params = _init(model, tokens, mask)
+  return model, params, tokens, mask, loss_mask
+
+
+class ResponseLogpsTest(chex.TestCase):
+  """The one summed-log-prob function and its per-token response variant, with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_summed_logps_equal_masked_sum_of_token_logprobs(self):
+    model, params, tokens, mask, loss_mask = _tiny_batch()
+    fn = self.variant(lambda p, t, m, l: models.response_logps(model, p, t, m, l))
+    got_B = fn(params, tokens, mask, loss_mask)
+    chex.assert_shape(got_B, (B,))
+    chex.assert_type(got_B, jnp.float32)
+    expect_B = np.sum(np.asarray(_seq_logps(model, params, tokens, mask, loss_mask)), -1)
+    chex.assert_trees_all_close(got_B, expect_B, atol=ATOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_response_token_logps_match_full_forward_columns(self):
+    model, params, tokens, _, _ = _tiny_batch()
+    p = 3  # prompt block [0, 3): left-padded row 0, full row 1; response [3, T) right-padded
+    mask = jnp.asarray([[0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    fn = self.variant(lambda prm, t, m: models.response_token_logps(
+        model, prm, t, m, p, temperature=2.0, with_entropy=True))
+    logps_BxR, ent_BxR = fn(params, tokens, mask)
+    chex.assert_shape([logps_BxR, ent_BxR], (B, T - p))
+    logits = np.asarray(_logits(model, params, tokens, mask), np.float64) / 2.0
+    logp = _np_log_softmax(logits)
+    for b in range(B):
+      for r in range(T - p):
+        want = logp[b, p - 1 + r, int(tokens[b, p + r])] if mask[b, p + r] else 0.0
+        np.testing.assert_allclose(logps_BxR[b, r], want, atol=1e-4)
+        want_h = -(np.exp(logp[b, p - 1 + r]) * logp[b, p - 1 + r]).sum() if mask[b, p + r] else 0.
+        np.testing.assert_allclose(ent_BxR[b, r], want_h, atol=1e-4)
+
+
+def test_response_logps_on_a_mesh_equals_single_device():
+  model, params, tokens, mask, loss_mask = _tiny_batch()
+  from rlhf_jax import parallel
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=1, tensor=1), devices=jax.devices()[:2])
+  single_B = models.response_logps(model, params, tokens, mask, loss_mask)
+  sharded_B = models.response_logps(model, params, np.asarray(tokens), np.asarray(mask),
+                                    np.asarray(loss_mask), mesh=mesh)
+  assert len(sharded_B.sharding.device_set) == 2  # rows were split over the data axis
+  chex.assert_trees_all_close(sharded_B, single_B, atol=ATOL)
+
+
 # ------------------------------------------------------------------------------------------ heads
 
 
@@ -399,7 +454,8 @@ def test_head_models_init_layout():
 
 def test_public_names():
   for name in ("ModelConfig", "get_model_config", "Transformer", "TransformerOutput", "RewardModel",
-               "ValueModel", "token_logprobs", "sequence_logprobs", "token_entropy", "KVCache"):
+               "ValueModel", "token_logprobs", "sequence_logprobs", "token_entropy", "KVCache",
+               "response_logps", "response_token_logps"):
     assert hasattr(models, name)
   assert isinstance(get_model_config("small"), ModelConfig)
 

@@ -181,21 +181,9 @@ def check_config_keys(config: Any, known: set[str], method: str) -> None:
 
 def response_logps_fn(model: models.Transformer, mesh: jax.sharding.Mesh,
                       rules=parallel.DEFAULT_RULES) -> Callable:
-  """``fn(params, tokens_NxT, mask_NxT, loss_mask_NxT) -> [N]`` Σ_t log π over the loss mask.
-
-  Jitted once per shape; params are an explicit argument (never baked in as constants).
-  """
-
-  @jax.jit
-  def fn(params, tokens, mask, loss_mask):
-    return jnp.sum(models.sequence_logprobs(model, params, tokens, mask, loss_mask), axis=-1)
-
-  def run(params, tokens, mask, loss_mask):
-    with parallel.use_mesh(mesh, rules):
-      args = parallel.shard_batch({"t": tokens, "m": mask, "l": loss_mask}, mesh, rules)
-      return fn(params, args["t"], args["m"], args["l"])
-
-  return run
+  """``fn(params, tokens_NxT, mask_NxT, loss_mask_NxT) -> [N]``: ``models.response_logps`` on
+  ``mesh`` (the one summed-log-prob function; jitted once per shape, params an argument)."""
+  return functools.partial(models.response_logps, model, mesh=mesh, rules=rules)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -232,15 +232,6 @@ def make_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> 
   return loss_fn
 
 
-def _nll_sums_fn(model: models.Transformer):
-  @jax.jit
-  def nll_sums(params, tokens_BxT, mask_BxT, loss_mask_BxT):
-    logps_BxT = models.sequence_logprobs(model, params, tokens_BxT, mask_BxT, loss_mask_BxT)
-    return -jnp.sum(logps_BxT), jnp.sum(loss_mask_BxT.astype(jnp.float32))
-
-  return nll_sums
-
-
 def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_data: EvalData,
                  config: SFTEvalConfig, workdir: str, gold_reward_fn=None):
   """``eval_fn(state, step) -> metrics``: held-out NLL, and sampled responses (+ gold reward).
@@ -248,7 +239,6 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
   ``eval_nll_per_token = sum(-logp over response tokens) / #response tokens`` over the whole eval
   split (fixed-shape batches, so one compile). Samples go to ``<workdir>/samples.jsonl``.
   """
-  nll_sums = _nll_sums_fn(model)
   samp_cfg = sampling.SamplingConfig(
       max_new_tokens=eval_data.max_response_len, temperature=config.temperature,
       top_k=config.top_k, top_p=config.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -257,9 +247,10 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
     total_nll, total_tokens = 0.0, 0.0
     for batch in eval_data.batches:
-      nll, n = nll_sums(state.params, batch["tokens"], batch["mask"], batch["loss_mask"])
-      total_nll += float(nll)
-      total_tokens += float(n)
+      logps_B = models.response_logps(model, state.params, batch["tokens"], batch["mask"],
+                                      batch["loss_mask"])
+      total_nll -= float(jnp.sum(logps_B))
+      total_tokens += float(np.sum(batch["loss_mask"]))
     metrics = {"eval_nll_per_token": total_nll / max(total_tokens, 1.0)}
     metrics["eval_perplexity"] = float(np.exp(metrics["eval_nll_per_token"]))
     if config.num_sample_prompts == 0:

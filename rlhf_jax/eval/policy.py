@@ -149,17 +149,6 @@ def score_responses(tokenizer: tok_lib.Tokenizer, prompt_texts: Sequence[str],
   return ScoredResponses(responses, gold, rm, mask.sum(-1).astype(np.float32), eos)
 
 
-def _response_logps_fn(model: models.Transformer):
-  """Jitted ``(params, tokens, mask, loss_mask) -> [B]`` summed response log-probs (raw π)."""
-
-  @jax.jit
-  def fn(params, tokens_BxT, mask_BxT, loss_mask_BxT):
-    logps_BxT = models.sequence_logprobs(model, params, tokens_BxT, mask_BxT, loss_mask_BxT)
-    return jnp.sum(logps_BxT, axis=-1)
-
-  return fn
-
-
 class PolicyEvaluator:
   """``evaluator(params, step) -> metrics``: the module docstring's numbers for a policy.
 
@@ -186,7 +175,6 @@ class PolicyEvaluator:
     self.prompt_texts = list(prompts.texts[:s])
     self.reward_fn, self.gold_reward_fn, self.sample_path = reward_fn, gold_reward_fn, sample_path
     self.sampling_config = config.sampling_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    self._logps = _response_logps_fn(model)
     self._rng = jax.random.PRNGKey(config.seed)
     self._ref: ScoredResponses | None = None
 
@@ -207,8 +195,8 @@ class PolicyEvaluator:
   def kl_to_reference(self, params: Any, out: sampling.SampleOutput) -> np.ndarray:
     """``[S]`` Σ_t log π - log π_ref over each sampled response (full forwards of both models)."""
     tokens, mask, loss_mask = out.full_sequences()
-    policy = self._logps(params, tokens, mask, loss_mask)
-    ref = self._logps(self.ref_params, tokens, mask, loss_mask)
+    policy = models.response_logps(self.model, params, tokens, mask, loss_mask)
+    ref = models.response_logps(self.model, self.ref_params, tokens, mask, loss_mask)
     return np.asarray(jax.device_get(policy - ref), np.float64)
 
   def __call__(self, params: Any, step: int = 0) -> dict[str, float]:

@@ -55,26 +55,6 @@ class Rollout(NamedTuple):
   returns_BxR: jax.Array  # value targets (zeros without a critic)
 
 
-def response_logps(model: models.Transformer, params: Any, tokens_BxT: jax.Array, mask_BxT: jax.Array,
-                   prompt_len: int, temperature: float, with_entropy: bool = False):
-  """``(logps_BxR, entropy_BxR or None)`` of the response tokens under ``logits / temperature``.
-
-  Reuses ``models.token_logprobs`` / ``token_entropy`` on the logit columns ``P-1 .. T-1`` (the
-  ones that predict the response), so no float32 ``[B, P, V]`` is built for the prompt.
-  """
-  out = model.apply({"params": params}, tokens_BxT, mask_BxT)
-  logits_BxRxV = out.logits_BxTxV[:, prompt_len - 1:].astype(jnp.float32)
-  if temperature != 1.0:
-    logits_BxRxV = logits_BxRxV / temperature
-  targets = tokens_BxT[:, prompt_len - 1:]
-  response_mask = jnp.pad(mask_BxT[:, prompt_len:], ((0, 0), (1, 0)))
-  logps_BxR = models.token_logprobs(logits_BxRxV, targets, response_mask)[:, 1:]
-  entropy_BxR = None
-  if with_entropy:
-    entropy_BxR = models.token_entropy(logits_BxRxV, response_mask)[:, 1:]
-  return logps_BxR, entropy_BxR
-
-
 def response_values(value_model: models.ValueModel, params: Any, tokens_BxT: jax.Array,
                     mask_BxT: jax.Array, prompt_len: int) -> jax.Array:
   """``V(x, y_<r)`` for every response position r: ValueModel columns ``P-1 .. T-2`` → ``[B, R]``."""
@@ -136,9 +116,11 @@ def make_logprob_fn(policy: models.Transformer, value_model: models.ValueModel |
   reference shares the policy's architecture (``ppo_models.check_compatible``)."""
 
   def logprob_fn(policy_params, ref_params, value_params, tokens_BxT, mask_BxT):
-    old_BxR, ent_BxR = response_logps(policy, policy_params, tokens_BxT, mask_BxT, prompt_len,
-                                      temperature, with_entropy=True)
-    ref_BxR, _ = response_logps(policy, ref_params, tokens_BxT, mask_BxT, prompt_len, temperature)
+    old_BxR, ent_BxR = models.response_token_logps(policy, policy_params, tokens_BxT, mask_BxT,
+                                                   prompt_len, temperature=temperature,
+                                                   with_entropy=True)
+    ref_BxR, _ = models.response_token_logps(policy, ref_params, tokens_BxT, mask_BxT, prompt_len,
+                                             temperature=temperature)
     if value_model is None:
       values_BxR = jnp.zeros_like(old_BxR)
     else:

@@ -30,7 +30,7 @@ import optax
 
 from rlhf_jax import losses, models, train
 from rlhf_jax.algorithms.online.config import PPOConfig
-from rlhf_jax.algorithms.online.rollout import Rollout, response_logps, response_values
+from rlhf_jax.algorithms.online.rollout import Rollout, response_values
 from rlhf_jax.parallel import Placement
 
 
@@ -93,8 +93,9 @@ def make_loss_fn(config: PPOConfig, policy: models.Transformer, value_model: mod
 
   def loss_fn(params, mb: Rollout, kl_coef):
     mask = mb.response_mask_BxR
-    logps_BxR, ent_BxR = response_logps(policy, params["policy"], mb.tokens_BxT, mb.mask_BxT,
-                                        prompt_len, config.temperature, with_entropy=need_entropy)
+    logps_BxR, ent_BxR = models.response_token_logps(
+        policy, params["policy"], mb.tokens_BxT, mb.mask_BxT, prompt_len,
+        temperature=config.temperature, with_entropy=need_entropy)
     pg_B, pg_m = losses.ppo_policy_loss(
         logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask, clip_eps=config.clip_eps,
         clip_eps_high=config.clip_eps_high or None, aggregation=agg)
