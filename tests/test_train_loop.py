@@ -112,9 +112,9 @@ def test_training_reduces_loss_and_writes_eval(tmp_path):
   assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
   assert result.eval_metrics["accuracy"] > 0.8
   assert {"lr", "grad_norm", "accuracy"} <= set(rows[0])
-  events = os.listdir(tmp_path / "tensorboard")
-  scalars = train.tensorboard.read_scalars(str(tmp_path / "tensorboard" / events[0]))
-  assert (40, "eval/accuracy") in {(s, t) for s, t, _ in scalars}
+  events = train.read_tensorboard(str(tmp_path / "tensorboard"))
+  assert (40, "eval/accuracy") in {(s, t) for s, t, _ in events.scalars}
+  assert events.hparams["num_steps"] == 40  # the run config (config.json) as hparams
 
 
 def test_grad_accumulation_matches_full_batch():

@@ -1,6 +1,8 @@
 """OptimConfig validation, schedules, the weight-decay mask and the TensorBoard writer."""
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import train
-from rlhf_jax.train import tensorboard
+from rlhf_jax.train import metrics as metrics_lib
 
 
 @pytest.mark.parametrize("field,value,allowed", [
@@ -90,21 +92,36 @@ def test_clipping_bounds_the_first_update():
   np.testing.assert_allclose(u_huge["w"], u_clip["w"], rtol=1e-6)
 
 
-def test_tensorboard_events_roundtrip(tmp_path):
-  assert tensorboard.crc32c(b"123456789") == 0xE3069283  # CRC-32C check value
-  writer = tensorboard.EventFileWriter(str(tmp_path))
-  writer.scalars(3, {"train/loss": 1.5, "train/lr": 1e-3})
-  writer.scalars(2**40, {"eval/nll": -0.25})
+def test_tensorboard_events_roundtrip_purge_on_resume_samples_and_hparams(tmp_path):
+  workdir = str(tmp_path)
+  json.dump({"optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "seed": 3}, open(tmp_path / "config.json", "w"))
+  writer = metrics_lib.MetricsWriter(workdir)
+  for step in (1, 2, 3, 4):  # the run checkpoints at 2, then dies after logging 3 and 4
+    writer.write(step, {"loss": float(step)})
+  with open(tmp_path / "samples.jsonl", "a") as f:
+    f.write(json.dumps({"step": 4, "prompt": "a|b", "response": "c", "gold": 0.5}) + "\n")
+  writer.write(4, {"gold_reward": 0.5}, split="eval")
+  writer.write(2**40, {"nll": -0.25}, split="eval")
   writer.close()
-  got = tensorboard.read_scalars(writer.path)
-  assert got[0] == (3, "train/loss", 1.5)
-  assert got[1][:2] == (3, "train/lr") and math.isclose(got[1][2], 1e-3, rel_tol=1e-6)
-  assert got[2] == (2**40, "eval/nll", -0.25)
-  raw = bytearray(open(writer.path, "rb").read())
+  events = train.read_tensorboard(str(tmp_path / "tensorboard"))
+  assert events.scalars[:2] == [(1, "train/loss", 1.0), (2, "train/loss", 2.0)]
+  assert (2**40, "eval/nll", -0.25) in events.scalars
+  assert events.texts[0][:2] == (4, "eval/samples") and "a\\|b" in events.texts[0][2]
+  assert events.hparams == {"optim.lr": pytest.approx(1e-3), "optim.betas": "[0.9, 0.95]",
+                            "seed": 3}
+  resumed = metrics_lib.MetricsWriter(workdir, resume_step=2)  # restarts from the step-2 checkpoint
+  resumed.write(3, {"loss": 30.0})
+  resumed.close()
+  events = train.read_tensorboard(str(tmp_path / "tensorboard"))
+  assert [(s, v) for s, t, v in events.scalars if t == "train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  assert events.texts == [] and not any(t.startswith("eval/") for _, t, _ in events.scalars)
+  assert [r["step"] for r in train.read_metrics(workdir)] == [1, 2, 3]  # the JSONL agrees
+  path = os.path.join(tmp_path, "tensorboard", sorted(os.listdir(tmp_path / "tensorboard"))[0])
+  raw = bytearray(open(path, "rb").read())
   raw[-6] ^= 0xFF
-  open(writer.path, "wb").write(bytes(raw))
+  open(path, "wb").write(bytes(raw))
   with pytest.raises(ValueError, match="corrupt"):
-    tensorboard.read_scalars(writer.path)
+    train.read_tensorboard(str(tmp_path / "tensorboard"))
 
 
 def test_config_sections_roundtrip_and_name_bad_keys():

@@ -6,8 +6,8 @@
 * :mod:`.loop` — ``LoopConfig``, ``make_train_step``, ``jit_train_step``, ``train``.
 * :mod:`.checkpoint` — orbax ``Checkpointer`` guarded by a run fingerprint, ``restore_params``,
   ``atomic_write_json``, ``WorkdirMismatchError``.
-* :mod:`.metrics` — ``MetricsWriter`` (JSONL + TensorBoard), ``read_metrics``, ``plot_metrics``,
-  ``Progress``; :mod:`.tensorboard` — event files without TensorFlow.
+* :mod:`.metrics` — ``MetricsWriter`` (JSONL + tensorboardX events), ``read_metrics``,
+  ``read_tensorboard``, ``plot_metrics``, ``Progress``.
 * :mod:`.runs` — ``load_sft_params`` (a finished policy run's params, model config, tokenizer),
   ``write_final_metrics`` / ``is_finished`` (``final_metrics.json``), ``tokenizer_spec``.
 * :mod:`.signals` — ``SigtermWatch`` (a SIGTERM seen during an evaluation, chained to the loop's).
@@ -15,7 +15,7 @@
   to the frozen dataclasses above.
 """
 
-from rlhf_jax.train import config_dicts, loop, tensorboard
+from rlhf_jax.train import config_dicts, loop
 from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomic_write_json,
                                        check_fingerprint, latest_step, read_json,
                                        restore_params)
@@ -23,7 +23,8 @@ from rlhf_jax.train.loop import (CheckpointableIterator, LoopConfig, TrainResult
                                  jit_train_step, make_train_step, train)
 from rlhf_jax.train.runs import (FINAL_METRICS_FILE, SFTCheckpoint, is_finished, load_sft_params,
                                  tokenizer_spec, write_final_metrics)
-from rlhf_jax.train.metrics import MetricsWriter, Progress, plot_metrics, read_metrics
+from rlhf_jax.train.metrics import (MetricsWriter, Progress, plot_metrics, read_metrics,
+                                    read_tensorboard)
 from rlhf_jax.train.signals import SigtermWatch
 from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
 from rlhf_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
@@ -34,5 +35,6 @@ __all__ = [
     "jit_train_step", "make_train_step", "train", "MetricsWriter", "Progress", "plot_metrics", "read_metrics",
     "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
     "abstract_state", "create_train_state", "state_shardings", "FINAL_METRICS_FILE", "SFTCheckpoint",
-    "is_finished", "load_sft_params", "tokenizer_spec", "write_final_metrics", "SigtermWatch", "loop", "config_dicts", "tensorboard",
+    "is_finished", "load_sft_params", "tokenizer_spec", "write_final_metrics", "SigtermWatch", "loop", "config_dicts",
+    "read_tensorboard",
 ]

@@ -1,23 +1,36 @@
 """Metric sinks: JSON Lines + TensorBoard event files in the workdir, and a throttled console line.
 
 ``<workdir>/metrics.jsonl`` holds one object per write: ``{"step": s, "split": "train"|"eval"|...,
-"time": unix_seconds, <name>: value, ...}``; ``<workdir>/tensorboard/`` holds event files with tags
-``<split>/<name>``. On resume from step ``s`` lines with ``step > s`` (written after the last
-checkpoint by the interrupted run) are dropped, so the JSONL reads as one uninterrupted run.
+"time": unix_seconds, <name>: value, ...}``. On resume from step ``s`` lines with ``step > s``
+(written after the last checkpoint by the interrupted run) are dropped, so the JSONL reads as one
+uninterrupted run.
+
+``<workdir>/tensorboard/`` holds ``tensorboardX`` event files: scalars tagged ``<split>/<name>``,
+the run's config (``config.json``, flattened) as TensorBoard hparams at the start of every
+session, and the samples an evaluation appended to ``<workdir>/samples.jsonl`` as a text table
+(tag ``<split>/samples``). A run resumed from step ``s`` opens its writer with
+``purge_step=s + 1``, so TensorBoard hides what the interrupted run logged after its last
+checkpoint, like the JSONL truncation.
+:func:`read_tensorboard` reads the files back (TensorBoard's own reader is not a dependency).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
+import struct
 import time
-from typing import Mapping
-
-from rlhf_jax.train import tensorboard
+from typing import Any, Iterator, Mapping, NamedTuple
 
 logger = logging.getLogger(__name__)
+
+SAMPLES_FILE = "samples.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+MAX_TEXT_SAMPLES = 8  # rows of samples.jsonl shown per evaluation in TensorBoard's text tab
+_WRITER_IDS = itertools.count()
 
 
 def _clean(value):
@@ -25,17 +38,73 @@ def _clean(value):
   return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
 
 
-class MetricsWriter:
-  """Writes scalar metrics to ``metrics.jsonl`` and TensorBoard events under ``workdir``."""
+def flatten_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"optim.lr": 3e-3, ...}``: nested config values as TensorBoard hparams (bool/int/float/str)."""
+  out: dict[str, Any] = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten_hparams(value, name + "."))
+    elif value is None:
+      continue
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    else:  # tuples / lists: their JSON text
+      out[name] = json.dumps(value)
+  return out
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard_events: bool = True):
+
+def _samples_markdown(rows: list[dict]) -> str:
+  cols = [c for c in ("prompt", "response", "gold", "rm", "kl") if any(c in r for r in rows)]
+  cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+  lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+  lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+class MetricsWriter:
+  """Writes scalar metrics to ``metrics.jsonl`` and TensorBoard events under ``workdir``.
+
+  Args:
+    resume_step: the checkpoint step a resumed run restarts from: JSONL rows and TensorBoard
+      events after it are dropped (TensorBoard: ``purge_step=resume_step + 1``).
+    hparams: the run's config for TensorBoard's hparams tab (default: ``<workdir>/config.json``,
+      which the loop writes before opening the writer; ``{}`` writes none).
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard_events: bool = True,
+               hparams: Mapping[str, Any] | None = None):
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     if resume_step is not None and os.path.exists(self.jsonl_path):
       _truncate_after(self.jsonl_path, resume_step)
     self._jsonl = open(self.jsonl_path, "a")
-    self._tb = (tensorboard.EventFileWriter(os.path.join(workdir, "tensorboard"))
-                if tensorboard_events else None)
+    self._samples_path = os.path.join(workdir, SAMPLES_FILE)
+    self._samples_offset = (os.path.getsize(self._samples_path)
+                            if os.path.exists(self._samples_path) else 0)
+    self._tb = None
+    if tensorboard_events:
+      import tensorboardX  # pylint: disable=import-outside-toplevel
+
+      # pid + counter: two writers opened in the same second get distinct files (the name's
+      # timestamp has one-second resolution).
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30,
+          # rows of step <= resume_step were logged before the checkpoint and are kept (as in
+          # the JSONL); later ones were logged by the interrupted run after it.
+          purge_step=None if resume_step is None else resume_step + 1,
+          filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
+      if hparams is None:
+        config_path = os.path.join(workdir, "config.json")
+        hparams = json.load(open(config_path)) if os.path.exists(config_path) else {}
+      if hparams:
+        self._write_hparams(flatten_hparams(hparams))
+
+  def _write_hparams(self, hparams: dict[str, Any]) -> None:
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
+
+    for proto in summary.hparams(hparams, {}):  # experiment, session start, session end
+      self._tb.file_writer.add_summary(proto)
 
   def write(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
     row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
@@ -43,13 +112,106 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      self._tb.scalars(step, {f"{split}/{k}": float(v) for k, v in metrics.items()})
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+      if split != "train":
+        self._write_new_samples(int(step), split)
       self._tb.flush()
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """A markdown text summary (TensorBoard's text tab)."""
+    if self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+      self._tb.flush()
+
+  def _write_new_samples(self, step: int, split: str) -> None:
+    """The rows of ``samples.jsonl`` this evaluation appended, as a text table."""
+    if not os.path.exists(self._samples_path):
+      return
+    with open(self._samples_path, encoding="utf-8") as f:
+      f.seek(self._samples_offset)
+      lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):  # a row being written: read it next time
+      lines = lines[:-1]
+    self._samples_offset += sum(len(line.encode("utf-8")) for line in lines)
+    rows = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get("step") == step and len(rows) < MAX_TEXT_SAMPLES:
+        rows.append(row)
+    if rows:
+      self._tb.add_text(f"{split}/samples", _samples_markdown(rows), step)
 
   def close(self) -> None:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+class TensorBoardEvents(NamedTuple):
+  """What :func:`read_tensorboard` found: ``(step, tag, value)`` rows, in write order."""
+
+  scalars: list
+  texts: list
+  hparams: dict
+
+
+def _records(path: str) -> Iterator[bytes]:
+  """The payloads of a TFRecord file (``uint64 len | crc | data | crc``); CRCs are checked."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos + 12 <= len(data):
+    header = data[pos:pos + 8]
+    (n,) = struct.unpack("<Q", header)
+    body = data[pos + 12:pos + 12 + n]
+    crcs = struct.unpack("<II", data[pos + 8:pos + 12] + data[pos + 12 + n:pos + 16 + n])
+    if len(body) < n or crcs != (masked_crc32c(header), masked_crc32c(body)):
+      raise ValueError(f"{path}: corrupt record at byte {pos}")
+    yield body
+    pos += 16 + n
+
+
+def read_tensorboard(logdir: str) -> TensorBoardEvents:
+  """Scalars, texts and hparams of every event file in ``logdir``, with purges applied.
+
+  Files are read in the order they were opened; an event ``session_log: START`` at step ``s``
+  (a resumed writer's ``purge_step``) drops the earlier rows with step >= ``s``, as TensorBoard does.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=import-outside-toplevel
+
+  files = []
+  for name in os.listdir(logdir):
+    if ".tfevents." in name:
+      path = os.path.join(logdir, name)
+      first = next(_records(path), None)
+      wall = event_pb2.Event.FromString(first).wall_time if first else 0.0
+      files.append((wall, name, path))
+  scalars, texts, hparams = [], [], {}
+  for _, _, path in sorted(files):
+    for record in _records(path):
+      event = event_pb2.Event.FromString(record)
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        scalars = [r for r in scalars if r[0] < event.step]
+        texts = [r for r in texts if r[0] < event.step]
+      for value in event.summary.value:
+        plugin = value.metadata.plugin_data.plugin_name
+        if value.HasField("simple_value"):
+          scalars.append((event.step, value.tag, value.simple_value))
+        elif plugin == "text":
+          texts.append((event.step, value.tag.removesuffix("/text_summary"),
+                        value.tensor.string_val[0].decode("utf-8")))
+        elif plugin == "hparams" and value.tag.endswith("session_start_info"):
+          data = plugin_hparams_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+          for key, hp in data.session_start_info.hparams.items():
+            hparams[key] = getattr(hp, hp.WhichOneof("kind"))
+  return TensorBoardEvents(scalars, texts, hparams)
 
 
 class NullWriter:
