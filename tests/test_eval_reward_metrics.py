@@ -1,5 +1,6 @@
-"""Reward-model metrics (NumPy): hand-computed values and, where installed, scipy."""
+"""Reward-model metrics: hand-computed values and brute-force definitions of the rank statistics."""
 
+import itertools
 import math
 
 import numpy as np
@@ -9,45 +10,53 @@ from rlhf_jax.eval import ranking_metrics as rk
 from rlhf_jax.eval import reward_metrics as rm
 
 
-
-def _scipy():
-  try:
-    import scipy.stats  # pylint: disable=import-outside-toplevel
-    return scipy.stats
-  except ImportError:  # pragma: no cover - scipy is optional; hand values still run
-    return None
+def _tau_b_by_pairs(x, y):
+  """τ_b straight from its definition, one pair at a time."""
+  nc = nd = tx = ty = n0 = 0
+  for i, j in itertools.combinations(range(len(x)), 2):
+    n0 += 1
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    tx += sx == 0
+    ty += sy == 0
+    nc += sx * sy > 0
+    nd += sx * sy < 0
+  return (nc - nd) / math.sqrt((n0 - tx) * (n0 - ty))
 
 
 def test_rankdata_average_ties():
   np.testing.assert_allclose(rk.rankdata([3.0, 1.0, 3.0, 2.0, 3.0]), [4.0, 1.0, 4.0, 2.0, 4.0])
   x = np.random.default_rng(0).integers(0, 5, 40)
-  if _scipy():
-    np.testing.assert_allclose(rk.rankdata(x), _scipy().rankdata(x))
+  # average rank = 1 + (# smaller) + (# equal - 1) / 2
+  expected = [1 + np.sum(x < v) + (np.sum(x == v) - 1) / 2 for v in x]
+  np.testing.assert_allclose(rk.rankdata(x), expected)
 
 
-def test_kendall_tau_b_hand_and_scipy():
+def test_kendall_tau_b_hand_and_by_pairs():
   # x = (1, 2, 3), y = (1, 3, 2): pairs (12 +, 13 +, 23 -) -> (2 - 1) / 3.
   assert rk.kendall_tau_b([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
   # Ties: x = (1, 1, 2), y = (1, 2, 3): n0 = 3, n_x = 1, n_y = 0, nc = 2, nd = 0 -> 2 / sqrt(2 * 3).
   assert rk.kendall_tau_b([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(6))
   assert math.isnan(rk.kendall_tau_b([1, 1, 1], [1, 2, 3]))
+  assert math.isnan(rk.kendall_tau_b([1.0], [2.0]))
   rng = np.random.default_rng(1)
   for _ in range(5):
     x, y = rng.integers(0, 4, 12), rng.normal(size=12)
-    if _scipy():
-      assert rk.kendall_tau_b(x, y) == pytest.approx(_scipy().kendalltau(x, y)[0], abs=1e-12)
+    assert rk.kendall_tau_b(x, y) == pytest.approx(_tau_b_by_pairs(x, y), abs=1e-12)
 
 
 def test_pearson_spearman():
   x = np.array([1.0, 2.0, 3.0, 4.0])
   assert rk.pearson(x, 2 * x + 1) == pytest.approx(1.0)
   assert rk.spearman(x, x ** 3) == pytest.approx(1.0)
-  assert math.isnan(rk.pearson(x, np.ones(4)))
+  assert math.isnan(rk.pearson(x, np.ones(4))) and math.isnan(rk.spearman(np.ones(4), x))
+  with pytest.raises(ValueError, match="equal-length"):
+    rk.pearson(x, x[:3])
   rng = np.random.default_rng(2)
   a, b = rng.normal(size=30), rng.normal(size=30)
-  if _scipy():
-    assert rk.pearson(a, b) == pytest.approx(_scipy().pearsonr(a, b)[0], abs=1e-12)
-    assert rk.spearman(a, b) == pytest.approx(_scipy().spearmanr(a, b)[0], abs=1e-12)
+  assert rk.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-12)
+  b[:5] = b[5]  # ties: Spearman is Pearson of the average ranks
+  assert rk.spearman(a, b) == pytest.approx(
+      np.corrcoef(rk.rankdata(a), rk.rankdata(b))[0, 1], abs=1e-12)
 
 
 def test_roc_auc_hand_values():
@@ -130,9 +139,8 @@ def test_list_ranking_metrics_with_ties_and_padding():
   # pairs with distinct labels: 6 + 3 + 2 = 11; correct: 6 + 0 + 2 = 8; one tied-label pair.
   assert out["num_pairs"] == 11 and out["num_tied_label_pairs"] == 1
   assert out["pair_accuracy"] == pytest.approx(8 / 11)
-  if _scipy():
-    assert rk.kendall_tau_b(scores[2, :3], labels[2, :3]) == pytest.approx(
-        _scipy().kendalltau(scores[2, :3], labels[2, :3])[0])
+  assert rk.kendall_tau_b(scores[2, :3], labels[2, :3]) == pytest.approx(
+      _tau_b_by_pairs(scores[2, :3], labels[2, :3]))
 
 
 def test_regression_metrics():
