@@ -6,6 +6,7 @@ sampler's own cache path.
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,35 @@ def test_processors_on_hand_made_logits():
   assert finite(apply_top_k(logits, 0)) == [True, True, True, True]
   scaled = process_logits(logits, SamplingConfig(max_new_tokens=1, temperature=0.5))
   np.testing.assert_allclose(scaled, logits / 0.5, rtol=1e-6)
+
+
+class TopPTest(chex.TestCase):
+  """Top-p keeps the smallest prefix of the sorted tokens, also through a tie group."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_a_tie_group_at_the_boundary_is_cut(self):
+    # (.4, .2, .2, .2), p = 0.5: the masses before each sorted token are 0, .4, .6, .8, so the .4
+    # and the first .2 (lowest index) are kept. The old logit threshold kept all four.
+    logits = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2], [0.4, 0.2, 0.2, 0.2]], jnp.float32))
+    got = self.variant(apply_top_p, static_argnums=1)(logits, 0.5)
+    chex.assert_shape(got, (2, 4))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(got)),
+                                  [[True, True, False, False], [True, True, False, False]])
+    kept = np.isfinite(np.asarray(got))
+    chex.assert_trees_all_close(np.asarray(got)[kept], np.asarray(logits)[kept])
+
+  def test_matches_hugging_face_top_p_warper(self):
+    import torch  # pylint: disable=import-outside-toplevel  (the peer baseline; installed)
+    from transformers.generation import logits_process as warpers  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(16, 50)) * 2).astype(np.float32)
+    ties = np.log(np.array([[0.4, 0.2, 0.2, 0.2]], np.float32))
+    for p in (0.1, 0.5, 0.9, 0.99):
+      hf = warpers.TopPLogitsWarper(top_p=p)(None, torch.from_numpy(logits)).numpy()
+      ours = np.asarray(apply_top_p(jnp.asarray(logits), p))
+      np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(hf))
+      hf_ties = warpers.TopPLogitsWarper(top_p=0.5)(None, torch.from_numpy(ties)).numpy()
+      assert np.isfinite(hf_ties).sum() == np.isfinite(np.asarray(apply_top_p(ties, 0.5))).sum() == 2
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -13,8 +13,8 @@ class SamplingConfig:
     max_new_tokens: response length budget R (the response arrays are [B, R]).
     temperature: logits are divided by it before top-k / top-p (ignored when greedy).
     top_k: keep the k most likely tokens (0 disables).
-    top_p: nucleus sampling, keep the smallest set of tokens whose probability mass reaches top_p
-      (1.0 disables).
+    top_p: nucleus sampling, keep the smallest prefix of the tokens in descending order (ties by
+      index) whose probability mass reaches top_p (1.0 disables); see `apply_top_p`.
     greedy: argmax decoding (temperature / top-k / top-p are then irrelevant).
     num_samples: samples per prompt; output rows are prompt-major (row i * num_samples + j).
     eos_id: end-of-sequence id; a row stops after emitting it (None: only `stop_ids` stop).
