@@ -74,8 +74,7 @@ def bench_jax(shape: dict) -> dict:
       shape["steps"] + shape["warmup"])
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), mesh)
   loss_fn = dpo.make_loss_fn(model, dpo.DPOLossConfig(beta=0.1, loss_type="sigmoid"))
-  monitor = common.NonFiniteMonitor()
-  step_fn = monitor.guard(train.make_train_step(loss_fn, optimizer, schedule))
+  step_fn = train.guard_step(train.make_train_step(loss_fn, optimizer, schedule))
   logps_fn = common.response_logps_fn(model, mesh)
   prompts, chosen, rejected = _token_ids(shape)
 

@@ -75,7 +75,7 @@ def test_precomputed_reference_matches_on_the_fly_and_nan_guard_keeps_checkpoint
   np.savez(table_path, key=stored["key"], chosen=np.full_like(stored["chosen"], np.nan),
            rejected=stored["rejected"])
   resumed = dpo_config(sft_dir, **{"loss.reference_logps": "precomputed"})
-  with pytest.raises(common.NonFiniteLossError, match="non-finite loss or gradient at step 3"):
+  with pytest.raises(train.NonFiniteLossError, match="non-finite loss or gradient at step 3"):
     dpo.train_and_evaluate(resumed, workdir)
   latest = jax.tree.map(np.asarray, train.restore_params(workdir))
   jax.tree.map(np.testing.assert_array_equal, latest, good)  # the bad updates were never applied

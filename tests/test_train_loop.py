@@ -180,3 +180,161 @@ def test_finite_data_stops_checkpoints_and_evaluates(tmp_path):
   assert result.step == 5 and train.latest_step(str(tmp_path)) == 5
   assert evaluated == [4, 5]
   assert [r["step"] for r in train.read_metrics(str(tmp_path), "train")] == [2, 4, 5]
+
+
+# -- NaN guard, should_stop, host iterations, SIGTERM helper ----------------------------------------
+
+
+class _PoisonedToyData(ToyData):
+  """Batch ``nan_at`` (0-based) has NaN features: that step's loss is NaN."""
+
+  def __init__(self, nan_at, **kwargs):
+    super().__init__(**kwargs)
+    self.nan_at = nan_at
+
+  def __next__(self):
+    index = self.index
+    batch = super().__next__()
+    if index == self.nan_at:
+      batch["x"] = np.full_like(batch["x"], np.nan)
+    return batch
+
+
+def test_non_finite_step_is_never_applied_nor_checkpointed(tmp_path):
+  """Step 6 is NaN with checkpoint_every=1: the run stops naming step 6 and its cause, and the
+  latest checkpoint is step 5 (before the fix DPO's loop saved a checkpoint after the bad step)."""
+  good = run_toy(str(tmp_path / "good"), 12, stop_after=5, checkpoint_every=1)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite loss or gradient at step 6 \(loss=nan.*\) .*latest "
+                           r"checkpoint \(step 5\)") as err:
+    run_toy(str(tmp_path / "bad"), 12, checkpoint_every=1, data=_PoisonedToyData(5))
+  assert err.value.step == 6 and err.value.last_good == 5
+  assert train.latest_step(str(tmp_path / "bad")) == 5
+  jax.tree.map(np.testing.assert_array_equal, train.restore_params(str(tmp_path / "bad")),
+               train.restore_params(str(tmp_path / "good")))
+  assert all(r["step"] <= 5 for r in train.read_metrics(str(tmp_path / "bad"), "train"))
+
+
+def test_guard_step_keeps_params_on_a_non_finite_step():
+  opt, step_fn = _toy_step(4, 1)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
+  state = train.create_train_state(toy_params(), opt, jax.random.PRNGKey(1), mesh)
+  guarded = jax.jit(train.guard_step(step_fn))
+  new, metrics = guarded(state, _PoisonedToyData(0).__next__())
+  assert float(metrics["nonfinite"]) == 1.0 and int(new.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), jax.device_get(state.params))
+  new, metrics = guarded(new, next(ToyData()))
+  assert float(metrics["nonfinite"]) == 0.0
+
+
+def test_should_stop_ends_the_run_records_the_reason_and_a_rerun_returns_it(tmp_path):
+  seen = []
+
+  def should_stop(step, metrics):
+    seen.append((step, sorted(metrics)))
+    return "eval accuracy reached" if metrics.get("eval/accuracy", 0) >= 1.0 else None
+
+  eval_fn = lambda state, step: {"accuracy": 1.0 if step >= 8 else 0.5}  # noqa: E731
+  result = _run_toy_with(str(tmp_path), 40, eval_fn=eval_fn, should_stop=should_stop)
+  assert result.stop_reason == "eval accuracy reached" and not result.preempted
+  assert result.step == 8 and result.eval_metrics == {"accuracy": 1.0}
+  assert (2, ["train/accuracy", "train/grad_norm", "train/loss", "train/lr", "train/steps_per_s",
+              "train/tokens_per_s"]) in seen
+  assert (4, ["eval/accuracy"]) in seen
+  assert train.latest_step(str(tmp_path)) == 8
+  evals = [r["step"] for r in train.read_metrics(str(tmp_path), "eval")]
+  assert evals == [4, 8]  # no second "final" evaluation of the same step
+  again = _run_toy_with(str(tmp_path), 40, eval_fn=eval_fn, should_stop=should_stop)
+  assert again.stop_reason == "eval accuracy reached" and again.step == 8
+  assert again.eval_metrics == {"accuracy": 1.0}
+
+
+def _run_toy_with(workdir, num_steps, **kwargs):
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
+  opt, step_fn = _toy_step(num_steps, 1)
+  state = train.create_train_state(toy_params(), opt, jax.random.PRNGKey(1), mesh)
+  loop_cfg = train.LoopConfig(num_steps=num_steps, log_every=2, checkpoint_every=4,
+                              keep_checkpoints=2, eval_every=4, progress_every_secs=0.0)
+  return train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn, data=ToyData(),
+                     fingerprint={"model": {"hidden": 16}}, mesh=mesh, **kwargs)
+
+
+def _host_iteration(num_steps):
+  """The toy step as a non-jitted iteration (host metrics), like PPO's rollout + update."""
+  _, step_fn = _toy_step(num_steps, 1)
+  jitted = jax.jit(step_fn)
+
+  def iteration(state, batch):
+    state, metrics = jitted(state, batch)
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  return iteration
+
+
+def run_toy_iterations(workdir, num_steps, stop_after=0, data=None, eval_fn=None, **kwargs):
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
+  opt, _ = _toy_step(num_steps, 1)
+  state = train.create_train_state(toy_params(), opt, jax.random.PRNGKey(1), mesh)
+  loop_cfg = train.LoopConfig(num_steps=num_steps, log_every=1, checkpoint_every=2,
+                              keep_checkpoints=2, stop_after_steps=stop_after, eval_every=3,
+                              progress_every_secs=0.0)
+  return train.train(workdir=workdir, config=loop_cfg, state=state,
+                     iteration=_host_iteration(num_steps), data=data or ToyData(),
+                     fingerprint={"model": {"hidden": 16}}, eval_fn=eval_fn, **kwargs)
+
+
+def test_host_iterations_get_the_same_shell_resume_eval_and_initial_eval(tmp_path):
+  evals = []
+  eval_fn = lambda state, step: evals.append(step) or {"x": float(step)}  # noqa: E731
+  full = run_toy_iterations(str(tmp_path / "full"), 7, eval_fn=eval_fn, initial_eval=True)
+  assert evals == [0, 3, 6, 7] and full.initial_eval_metrics == {"x": 0.0}
+  part = run_toy_iterations(str(tmp_path / "split"), 7, stop_after=3, eval_fn=eval_fn,
+                            initial_eval=True)
+  assert part.preempted and part.step == 3 and train.latest_step(str(tmp_path / "split")) == 3
+  evals.clear()
+  resumed = run_toy_iterations(str(tmp_path / "split"), 7, eval_fn=eval_fn, initial_eval=True)
+  assert evals == [6, 7] and resumed.initial_eval_metrics == {"x": 0.0}  # the baseline is kept
+  for (path, a), (_, b) in zip(_leaves(full.state), _leaves(resumed.state), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  rows = train.read_metrics(str(tmp_path / "split"), "train")
+  assert [r["step"] for r in rows] == list(range(1, 8))  # log_every=1: one row per iteration
+  assert [r["loss"] for r in rows] == [r["loss"] for r in train.read_metrics(
+      str(tmp_path / "full"), "train")]
+  # the jitted path computes the same updates
+  jitted = run_toy(str(tmp_path / "jitted"), 7)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(jitted.state.params),
+               jax.device_get(full.state.params))
+
+
+def test_host_iteration_non_finite_metrics_or_rollout_stop_before_saving(tmp_path):
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 4 \(nan\) .*"
+                                                     r"latest checkpoint \(step 2\)"):
+    run_toy_iterations(str(tmp_path / "a"), 7, data=_PoisonedToyData(3))
+  assert train.latest_step(str(tmp_path / "a")) == 2
+
+  def bad_rollout(state, batch):
+    train.check_finite(rewards=np.array([0.0, np.inf, 1.0]))
+
+  opt, _ = _toy_step(7, 1)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
+  state = train.create_train_state(toy_params(), opt, jax.random.PRNGKey(1), mesh)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite rewards at step 1 \(NaN/inf in rows \[1\]\) .*\(none yet\)"):
+    train.train(workdir=str(tmp_path / "b"), config=train.LoopConfig(num_steps=2), state=state,
+                iteration=bad_rollout, data=ToyData(), fingerprint={"model": {}})
+  assert train.latest_step(str(tmp_path / "b")) is None
+
+
+def test_sigterm_watch_chains_and_handles():
+  import signal  # pylint: disable=import-outside-toplevel
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("outer"))
+  try:
+    with train.SigtermWatch(handles=True) as loop_watch:
+      with train.SigtermWatch() as eval_watch:
+        os.kill(os.getpid(), signal.SIGTERM)
+      assert eval_watch.received and loop_watch.received and seen == ["outer"]
+      assert loop_watch.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not loop_watch._handle  # restored
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -4,14 +4,6 @@
   reference is that run (or ``reference_workdir``), and an optional reward model scores samples.
   A reference whose model config or tokenizer differs from the policy's is refused
   (:class:`ReferenceMismatchError`): its log-probs would be of other token ids or another function.
-* :class:`NonFiniteMonitor` — the NaN guard. Inside the jitted step the update is applied only if
-  the loss and the gradient norm are finite (``where(ok, new, old)`` on params and optimiser
-  state, like ``optax.apply_if_finite``), so a non-finite step never reaches the params or a
-  checkpoint. A ``jax.debug.callback`` raises a host flag; the wrapped data iterator checks it
-  before handing out the next batch (without blocking the device, so the stop comes at most a
-  couple of steps later, each of them guarded too) and raises :class:`NonFiniteLossError`, which
-  stops the generic loop; its ``finally`` closes the checkpointer, so the last checkpoint — written
-  before or after the bad step, either way with finite params — stays intact.
 * :func:`response_logps_fn` — jitted summed response log-probs of a frozen model (the reference's
   on-the-fly / precomputed log-probs, candidate scoring).
 * Small I/O helpers: prompt lists, eval-prompt batches, ``final_metrics.json``.
@@ -23,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,10 +35,6 @@ FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 
 class ReferenceMismatchError(ValueError):
   """The reference checkpoint's model config or tokenizer differs from the policy's."""
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A step produced a non-finite loss or gradient; the run stopped without applying it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,83 +172,6 @@ def response_logps_fn(model: models.Transformer, mesh: jax.sharding.Mesh,
   """``fn(params, tokens_NxT, mask_NxT, loss_mask_NxT) -> [N]``: ``models.response_logps`` on
   ``mesh`` (the one summed-log-prob function; jitted once per shape, params an argument)."""
   return functools.partial(models.response_logps, model, mesh=mesh, rules=rules)
-
-
-# ----------------------------------------------------------------------------------------------------
-# NaN guard
-# ----------------------------------------------------------------------------------------------------
-
-
-class NonFiniteMonitor:
-  """Host side of the NaN guard (module docstring): ``guard`` the step, ``wrap`` the data."""
-
-  def __init__(self):
-    self.bad_steps: list[int] = []
-
-  def _record(self, ok, step) -> None:
-    if not bool(ok):
-      self.bad_steps.append(int(step) + 1)  # 1-based: the update that would have made step+1
-
-  def guard(self, step_fn: Callable) -> Callable:
-    """``step(state, batch)`` that keeps params and optimiser state when loss / grads are not finite."""
-
-    def guarded(state: train.TrainState, batch):
-      new_state, metrics = step_fn(state, batch)
-      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-      new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                    opt_state=keep(new_state.opt_state, state.opt_state))
-      metrics = dict(metrics)
-      metrics["skipped_nonfinite"] = 1.0 - ok.astype(jnp.float32)
-      jax.debug.callback(self._record, ok, state.step)
-      return new_state, metrics
-
-    return guarded
-
-  def check(self, workdir: str | None = None) -> None:
-    """Raises :class:`NonFiniteLossError` if any guarded step was non-finite."""
-    if self.bad_steps:
-      where = f" in {workdir}" if workdir else ""
-      raise NonFiniteLossError(
-          f"non-finite loss or gradient at step {self.bad_steps[0]}{where}: that update was not "
-          "applied and the run stopped; the checkpoints hold the last finite params. Lower the "
-          "learning rate / beta, check the data (e.g. empty responses) or the reference log-probs.")
-
-  def wrap(self, data: Any) -> "_GuardedIterator":
-    return _GuardedIterator(data, self)
-
-
-class _GuardedIterator:
-  """Delegates to the wrapped iterator; stops the loop once the monitor saw a non-finite step."""
-
-  def __init__(self, inner: Any, monitor: NonFiniteMonitor):
-    self.inner, self.monitor = inner, monitor
-
-  def __iter__(self) -> Iterator:
-    return self
-
-  def __next__(self):
-    self.monitor.check()
-    return next(self.inner)
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state) -> None:
-    self.inner.set_state(state)
-
-
-def run_guarded(*, monitor: NonFiniteMonitor, workdir: str, **train_kwargs) -> train.TrainResult:
-  """``train.train`` with the monitor's data wrapper, re-raising a non-finite stop after the loop."""
-  train_kwargs["data"] = monitor.wrap(train_kwargs["data"])
-  try:
-    result = train.train(workdir=workdir, **train_kwargs)
-  except NonFiniteLossError:
-    monitor.check(workdir)
-    raise
-  jax.effects_barrier()  # every step's callback has run
-  monitor.check(workdir)
-  return result
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The generic training loop every method uses: jitted step, metrics, eval, checkpoints, preemption.
+"""The one training loop every method uses: jitted step or host iteration, one shell around it.
 
-A method supplies ``loss_fn(params, batch, rng) -> (loss, metrics)`` (a scalar mean over the
-batch's examples and a dict of scalar metrics); :func:`make_train_step` turns it into
-``step(state, batch) -> (state, metrics)`` and :func:`train` runs it:
+A method supplies either ``loss_fn(params, batch, rng) -> (loss, metrics)`` (a scalar mean over
+the batch's examples and a dict of scalar metrics), which :func:`make_train_step` turns into
+``step(state, batch) -> (state, metrics)``, or a non-jitted ``iteration(state, batch) ->
+(state, metrics)`` (PPO: rollout, then update, over prompt batches). :func:`train` runs either:
 
 * ``step`` is jitted once with explicit in/out shardings (state as created, batch split over the
   mesh's batch axes, metrics replicated) and the state donated, inside ``parallel.use_mesh`` so the
@@ -13,14 +14,18 @@ batch's examples and a dict of scalar metrics); :func:`make_train_step` turns it
 * Every ``checkpoint_every`` steps, at the end, and on SIGTERM, the state and the data iterator's
   position are saved (orbax, asynchronous). Restarting in the same workdir restores both, so a
   resumed run computes exactly the updates an uninterrupted one would.
+* The NaN guard (``train.guard``) is on for every method: a non-finite step is never applied and
+  never checkpointed; :class:`NonFiniteLossError` names the step and the cause.
+* ``should_stop(step, metrics) -> reason | None`` ends a run early (e.g. the reward model's early
+  stopping on the held-out loss); the reason is logged, recorded and returned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import signal
-import threading
+import os
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
@@ -31,13 +36,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import parallel
 from rlhf_jax.train import checkpoint as ckpt_lib
+from rlhf_jax.train import guard
 from rlhf_jax.train import metrics as metrics_lib
+from rlhf_jax.train import signals
 from rlhf_jax.train.state import TrainState, abstract_state, state_shardings
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
-EvalFn = Callable[[TrainState, int], Mapping[str, float]]
+EvalFn = Callable[[Any, int], Mapping[str, float]]
+IterationFn = Callable[[Any, Mapping[str, np.ndarray]], tuple[Any, Mapping[str, Any]]]
+StopFn = Callable[[int, Mapping[str, float]], "str | None"]
+
+STOP_FILE = "stop_reason.json"  # {"step", "reason", "eval_metrics"} of a run should_stop ended
+INITIAL_EVAL_FILE = "initial_eval.json"  # the step-0 evaluation (train(initial_eval=True))
+NonFiniteLossError = guard.NonFiniteLossError
 
 
 class CheckpointableIterator(Protocol):
@@ -89,10 +102,12 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-  state: TrainState
-  step: int  # optimiser steps done
-  preempted: bool  # stopped early by SIGTERM or stop_after_steps
+  state: Any  # TrainState (or the iteration's own state pytree)
+  step: int  # steps (optimiser updates or iterations) done
+  preempted: bool  # stopped early by SIGTERM or stop_after_steps (a rerun resumes)
   eval_metrics: dict  # last evaluation's metrics ({} if none ran)
+  stop_reason: str | None = None  # why should_stop ended the run (the run is finished)
+  initial_eval_metrics: dict = dataclasses.field(default_factory=dict)  # initial_eval=True
 
 
 def _split_micro(x: jax.Array, n: int) -> jax.Array:
@@ -167,43 +182,62 @@ def default_token_count(batch: Mapping[str, np.ndarray]) -> float:
   return total
 
 
-class _StopFlag:
-  """Set by SIGTERM (or SIGINT) while the loop runs; handlers restored afterwards."""
 
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM,):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+def _read_stop(workdir: str, step: int) -> dict | None:
+  """The stop record of a run that ``should_stop`` ended at checkpoint ``step`` (else None)."""
+  path = os.path.join(workdir, STOP_FILE)
+  if not os.path.isfile(path):
+    return None
+  record = ckpt_lib.read_json(path)
+  return record if record.get("step") == step else None
 
 
-def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data: CheckpointableIterator,
-          fingerprint: Mapping[str, Any], mesh: Mesh, rules: Sequence = parallel.DEFAULT_RULES,
-          eval_fn: EvalFn | None = None, run_config: Mapping[str, Any] | None = None,
+def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableIterator,
+          fingerprint: Mapping[str, Any], mesh: Mesh | None = None,
+          rules: Sequence = parallel.DEFAULT_RULES, step_fn: Callable | None = None,
+          iteration: IterationFn | None = None, eval_fn: EvalFn | None = None,
+          initial_eval: bool = False, should_stop: StopFn | None = None,
+          run_config: Mapping[str, Any] | None = None,
           token_count: Callable[[Mapping[str, np.ndarray]], float] = default_token_count,
+          tokens_metric: str | None = None, nonfinite_guard: bool = True,
           tensorboard_events: bool = True) -> TrainResult:
-  """Runs (or resumes) ``step_fn`` for ``config.num_steps`` steps in ``workdir``.
+  """Runs (or resumes) ``config.num_steps`` steps in ``workdir``; the one loop of every method.
+
+  A step is either a jitted ``step_fn(state, batch)`` (:func:`make_train_step`; jitted here with
+  the state's shardings, the batch sharded over ``mesh``) or a non-jitted
+  ``iteration(state, batch) -> (state, metrics)`` over host batches (PPO: rollout, then update),
+  whose metrics are host floats. Either way the shell around it is the same: checkpoint + data
+  position every ``checkpoint_every`` steps, at the end and on SIGTERM; bit-identical resume; the
+  NaN guard (module ``train.guard``; on unless ``nonfinite_guard=False``); metrics (JSONL +
+  TensorBoard, averaged over ``log_every`` steps) and the console progress line; evaluations
+  every ``eval_every`` steps and at the end.
 
   Args:
-    state: a freshly initialised state; replaced by the latest checkpoint's if one exists.
-    step_fn: from :func:`make_train_step` (not yet jitted).
-    data: batches of host arrays, with a restorable position.
+    state: a freshly initialised state pytree (``TrainState``, or a method's own, e.g.
+      ``PPOState``); replaced by the latest checkpoint's if one exists.
+    data: host batches with a restorable position.
     fingerprint: JSON-able description of what checkpoints must match (model config, tokenizer).
-    eval_fn: ``eval_fn(state, step) -> metrics``, called every ``eval_every`` steps and at the end.
+    mesh: required with ``step_fn``; with ``iteration`` the steps run inside it when given.
+    eval_fn: ``eval_fn(state, step) -> metrics``; every ``eval_every`` steps and at the end
+      (unless an evaluation already ran at the last step).
+    initial_eval: also evaluate the initial state at step 0 (the starting model's baseline; kept
+      in ``<workdir>/initial_eval.json`` so a resumed run does not repeat it).
+    should_stop: ``should_stop(step, metrics) -> reason | None``, called with every train row
+      (keys ``train/<name>``) and every evaluation (``eval/<name>``). A reason ends the run: the
+      step is checkpointed, the reason logged, recorded in ``<workdir>/stop_reason.json`` (a rerun
+      returns at once; delete the file to train on) and returned as ``TrainResult.stop_reason``.
     run_config: written to ``<workdir>/config.json``.
+    token_count: tokens of a host batch (throughput); ``tokens_metric``: instead, the name of a
+      step metric counting them (e.g. PPO's generated tokens, known only after the step).
+
+  Raises:
+    NonFiniteLossError: a step was non-finite (its step and cause named); nothing after the last
+      checkpoint was saved.
   """
+  if (step_fn is None) == (iteration is None):
+    raise ValueError("train.train needs exactly one of step_fn (jitted) or iteration (host loop)")
+  if step_fn is not None and mesh is None:
+    raise ValueError("train.train(step_fn=...) needs the mesh the step is jitted on")
   is_main = parallel.is_coordinator()  # files other than orbax's are written by process 0 only
   if run_config is not None and is_main:
     ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
@@ -215,67 +249,151 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
     data.set_state(data_state)
   start = start or 0
   if start > config.num_steps:
+    checkpointer.close()
     raise ValueError(f"workdir {workdir!r} has a checkpoint at step {start} beyond "
                      f"num_steps={config.num_steps}; raise num_steps or use a fresh workdir")
+  stopped = _read_stop(workdir, start) if start else None
+  if stopped is not None:
+    checkpointer.close()
+    logger.info("this run already stopped at step %d (%s); delete %s to train on", start,
+                stopped["reason"], os.path.join(workdir, STOP_FILE))
+    return TrainResult(state=state, step=start, preempted=False,
+                       eval_metrics=dict(stopped.get("eval_metrics", {})),
+                       stop_reason=stopped["reason"])
   end = config.num_steps
   if config.stop_after_steps:
     end = min(end, start + config.stop_after_steps)
+  if nonfinite_guard and step_fn is not None:
+    step_fn = guard.guard_step(step_fn)
 
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start, tensorboard_events=tensorboard_events)
             if is_main else metrics_lib.NullWriter())
   progress = metrics_lib.Progress(config.num_steps, start, config.progress_every_secs)
   eval_metrics: dict = {}
+  initial_metrics: dict = {}
+  last_eval_step = -1
+  last_saved = start if start else None
+  unchecked: list = []  # (step, metrics on device) of jitted steps whose NaN flag is unread
+  stop_reason = None
 
-  def emit(item):  # reads back metrics of finished steps (host sync on those only)
+  def fail(found: tuple[str, str], at: int):
+    raise guard.NonFiniteLossError(*found, step=at, last_good=last_saved, workdir=workdir)
+
+  def check_flags(upto: int) -> None:
+    """Reads the NaN flags of the jitted steps <= ``upto`` (a sync on those steps only)."""
+    while unchecked and unchecked[0][0] <= upto:
+      at, flags = unchecked.pop(0)
+      host = jax.device_get(flags)
+      if host[guard.NONFINITE_METRIC] > 0:
+        fail(guard.step_cause(host), at)
+
+  def save(at: int) -> None:
+    nonlocal last_saved
+    check_flags(at)  # never checkpoint a state a non-finite step has touched
+    checkpointer.save(at, state, data.get_state())
+    last_saved = at
+
+  def emit(item) -> dict:  # reads back metrics of finished steps (host sync on those only)
     at_step, window, force = item
     host = jax.device_get(window)
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if tokens_metric is not None:
+      progress.add_tokens(float(np.sum([m.get(tokens_metric, 0.0) for m in host])))
     speed = progress.maybe_report(at_step, mean, force=force)
     if speed:
       mean.update(speed)
     writer.write(at_step, mean, split="train")
+    return mean
 
-  def evaluate(at_step):
-    nonlocal eval_metrics
-    eval_metrics = dict(eval_fn(state, at_step))
-    writer.write(at_step, eval_metrics, split="eval")
+  def evaluate(at_step: int) -> dict:
+    nonlocal last_eval_step
+    metrics = dict(eval_fn(state, at_step))
+    writer.write(at_step, metrics, split="eval")
     logger.info("eval at step %d: %s", at_step,
-                ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
+                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    last_eval_step = at_step
+    return metrics
+
+  def ask(at_step: int, metrics: Mapping[str, float], split: str) -> str | None:
+    if should_stop is None:
+      return None
+    return should_stop(at_step, {f"{split}/{k}": v for k, v in metrics.items()})
 
   preempted = False
+  step = start
+  mesh_ctx = parallel.use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext()
   try:
-    with parallel.use_mesh(mesh, rules), _StopFlag() as stop:
-      jitted = jit_train_step(step_fn, state, mesh, rules)
+    with mesh_ctx, signals.SigtermWatch(handles=True) as stop:
+      if initial_eval and eval_fn is not None:
+        initial_path = os.path.join(workdir, INITIAL_EVAL_FILE)
+        if os.path.exists(initial_path):
+          initial_metrics = ckpt_lib.read_json(initial_path)
+        elif start == 0:
+          initial_metrics = evaluate(0)
+          last_eval_step = -1  # the baseline is not the run's final evaluation
+          if is_main:
+            ckpt_lib.atomic_write_json(initial_path, initial_metrics)
+          progress.restart(0)
+      jitted = jit_train_step(step_fn, state, mesh, rules) if step_fn is not None else None
       ready, window = None, []
-      step = start
       while step < end:
         try:
           batch = next(data)
         except StopIteration:  # a finite iterator ran out: keep what was trained, then evaluate
           logger.warning("data exhausted after %d steps (num_steps=%d)", step, config.num_steps)
           if step > start:
-            checkpointer.save(step, state, data.get_state())
+            save(step)
           break
-        progress.add_tokens(token_count(batch))
-        state, metrics = jitted(state, parallel.shard_batch(batch, mesh, rules))
-        step += 1
+        if tokens_metric is None:
+          progress.add_tokens(token_count(batch))
+        if jitted is not None:
+          state, metrics = jitted(state, parallel.shard_batch(batch, mesh, rules))
+          step += 1
+          if nonfinite_guard:
+            metrics = dict(metrics)
+            flag = metrics.pop(guard.NONFINITE_METRIC)
+            unchecked.append((step, {guard.NONFINITE_METRIC: flag, **metrics}))
+            check_flags(step - 1)  # step `step` is queued: reading older flags keeps the device busy
+        else:
+          try:
+            new_state, metrics = iteration(state, batch)
+          except guard.NonFiniteLossError as err:
+            if err.step is None:
+              fail((err.cause, err.detail), step + 1)
+            raise
+          metrics = dict(metrics)
+          cause = guard.nonfinite_cause(**{k: metrics[k] for k in ("loss", "grad_norm")
+                                           if k in metrics}) if nonfinite_guard else None
+          if cause is not None:
+            fail(cause, step + 1)
+          state = new_state
+          step += 1
         window.append(metrics)
         if ready is not None:  # step `step` is queued: reading older metrics keeps the device busy
-          emit(ready)
+          stop_reason = ask(ready[0], emit(ready), "train")
           ready = None
         if step % config.log_every == 0 or step == end:
           ready, window = (step, window, step == end), []
-        signalled = stop.signum is not None
-        if step % config.checkpoint_every == 0 or step == end or signalled:
-          checkpointer.save(step, state, data.get_state())
+          if jitted is None:  # host metrics: nothing to overlap with, write the row now
+            stop_reason = stop_reason or ask(step, emit(ready), "train")
+            ready = None
+        signalled = stop.received
+        if step % config.checkpoint_every == 0 or step == end or signalled or stop_reason:
+          save(step)
         # A periodic eval is skipped only when a signal asks to stop now; the final one runs below.
         if eval_fn is not None and config.eval_every and step % config.eval_every == 0 \
-            and step < config.num_steps and not signalled:
+            and step < config.num_steps and not signalled and not stop_reason:
           if ready is not None:
-            emit(ready)
+            stop_reason = ask(ready[0], emit(ready), "train")
             ready = None
-          evaluate(step)
+          eval_metrics = evaluate(step)
+          stop_reason = ask(step, eval_metrics, "eval")
+          if stop_reason:
+            save(step)
           progress.restart(step)
+        if stop_reason:
+          logger.warning("stopping at step %d: %s", step, stop_reason)
+          break
         if signalled or (step == end and end < config.num_steps):
           preempted = True
           if signalled:
@@ -283,11 +401,16 @@ def train(*, workdir: str, config: LoopConfig, state: TrainState, step_fn, data:
           break
       if ready is not None:
         emit(ready)
-      if window:  # steps since the last log row (stopped early by a signal or the data)
+      if window:  # steps since the last log row (stopped early by a signal, the data or the hook)
         emit((step, window, True))
-      if not preempted and eval_fn is not None:
-        evaluate(step)
+      check_flags(step)
+      if not preempted and eval_fn is not None and last_eval_step != step:
+        eval_metrics = evaluate(step)
+      if stop_reason and is_main:
+        ckpt_lib.atomic_write_json(os.path.join(workdir, STOP_FILE), {
+            "step": step, "reason": stop_reason, "eval_metrics": eval_metrics})
   finally:
     checkpointer.close()
     writer.close()
-  return TrainResult(state=state, step=int(step), preempted=preempted, eval_metrics=eval_metrics)
+  return TrainResult(state=state, step=int(step), preempted=preempted, eval_metrics=eval_metrics,
+                     stop_reason=stop_reason, initial_eval_metrics=initial_metrics)

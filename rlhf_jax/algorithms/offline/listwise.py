@@ -315,9 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
   loss_fn = make_loss_fn(loaded.model, loss_cfg)
-  monitor = common.NonFiniteMonitor()
-  step_fn = monitor.guard(train.make_train_step(loss_fn, optimizer, schedule,
-                                                grad_accum_steps=optim_cfg.grad_accum_steps))
+  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
+                                  grad_accum_steps=optim_cfg.grad_accum_steps)
   evaluator = common.policy_evaluator(loaded, data.eval_prompts, data_cfg.max_prompt_len, eval_cfg,
                                       workdir)
   list_eval = dpo.make_pair_eval_fn(loss_fn, data.eval_batches, mesh)
@@ -328,10 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   fingerprint = {"method": loss_cfg.method, "model": dataclasses.asdict(loaded.model_config),
                  "tokenizer": loaded.tokenizer.fingerprint(), "loss": dataclasses.asdict(loss_cfg)}
-  result = common.run_guarded(monitor=monitor, workdir=workdir, config=loop_cfg, state=state,
-                              step_fn=step_fn, data=data.train, fingerprint=fingerprint, mesh=mesh,
-                              eval_fn=eval_fn, run_config=config.to_dict(),
-                              token_count=lambda batch: float(np.sum(batch["mask"])))
+  result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
+                       data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
+                       run_config=config.to_dict(),
+                       token_count=lambda batch: float(np.sum(batch["mask"])))
   final = {"method": loss_cfg.method, "step": result.step, "preempted": result.preempted,
            **result.eval_metrics, "num_train_lists": data.num_train_lists,
            "skipped_tied_lists": data.skipped_tied_lists, "candidates": data_cfg.candidates}

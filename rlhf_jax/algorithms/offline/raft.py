@@ -237,9 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
-  monitor = common.NonFiniteMonitor()
-  step_fn = monitor.guard(train.make_train_step(sft.make_loss_fn(loaded.model), optimizer, schedule,
-                                                grad_accum_steps=optim_cfg.grad_accum_steps))
+  step_fn = train.make_train_step(sft.make_loss_fn(loaded.model), optimizer, schedule,
+                                  grad_accum_steps=optim_cfg.grad_accum_steps)
   fingerprint = {"method": "raft", "model": dataclasses.asdict(loaded.model_config),
                  "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg)}
   latest = _latest_step(workdir)
@@ -264,8 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 stats["round_rm_reward"], stats["round_kept_rm_reward"])
     round_loop = dataclasses.replace(loop_cfg, num_steps=(r + 1) * steps_per_round, eval_every=0,
                                      checkpoint_every=steps_per_round)
-    result = common.run_guarded(
-        monitor=monitor, workdir=workdir, config=round_loop, state=state, step_fn=step_fn,
+    result = train.train(
+        workdir=workdir, config=round_loop, state=state, step_fn=step_fn,
         data=_RoundData(arrays, cfg.batch_size, config.seed, r), fingerprint=fingerprint, mesh=mesh,
         eval_fn=eval_fn, run_config=config.to_dict())
     if result.preempted:

@@ -308,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stopper = (EarlyStopping(workdir, rm_cfg.early_stopping_patience,
                            rm_cfg.early_stopping_min_delta)
              if rm_cfg.early_stopping_patience else None)
+  early_stop_reason: list = [None]
 
   def eval_fn(st: train.TrainState, step: int) -> dict[str, float]:
     with train.SigtermWatch() as watch:
@@ -321,7 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logger.warning("SIGTERM during the evaluation at step %d: evaluation abandoned", step)
         return {"eval_interrupted": 1.0}
     if stopper is not None:
-      stopper.update(step, metrics["eval_loss"], st.params)
+      try:
+        stopper.update(step, metrics["eval_loss"], st.params)
+      except EarlyStop as stop:  # ends the run through the loop's should_stop hook
+        early_stop_reason[0] = f"early stopping: {stop}"
     return metrics
 
   fingerprint = {"method": "reward_model", "objective": rm_cfg.objective,
@@ -333,16 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stopped_early = True
     logger.info("this run already stopped early at step %s; finalising", stopper.state["best_step"])
   else:
-    try:
-      result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                           data=data.train_batches, fingerprint=fingerprint, mesh=mesh,
-                           eval_fn=eval_fn, run_config=run_config)
-      if result.preempted:
-        return {"step": result.step, "preempted": True}
-      state, step = result.state, result.step
-    except EarlyStop as stop:
-      stopped_early, step = True, train.latest_step(workdir) or step
-      logger.info("early stopping: %s", stop)
+    result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
+                         data=data.train_batches, fingerprint=fingerprint, mesh=mesh,
+                         eval_fn=eval_fn, run_config=run_config,
+                         should_stop=lambda step, metrics: early_stop_reason[0])
+    if result.preempted:
+      return {"step": result.step, "preempted": True}
+    state, step, stopped_early = result.state, result.step, result.stop_reason is not None
   if stopper is not None:
     final_params, final_step = stopper.best_params(abstract_params), int(stopper.state["best_step"])
   else:
