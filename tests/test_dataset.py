@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import batching as B
+from rlhf_jax.data import kinds
 from rlhf_jax.data import dataset as D
 from rlhf_jax.data import records as rec
 from rlhf_jax.data import synthetic_files as sf
@@ -76,14 +77,28 @@ def test_roundtrip_every_kind(datasets, synthetic_dir):
     ds = datasets["ranked"]
     k = ds.metadata["max_candidates"]
     batch = B.collate(ds.get_batch([0, 1]), "ranked", ds.special_ids, 64, num_candidates=k)
-    assert batch["tokens"].shape == (2, k, 64)
+    assert batch["tokens"].shape == (2 * k, 64) and batch["candidate_mask"].shape == (2, k)
     for i in range(2):
         n = len(ranked_rows[i].responses)
         assert batch["candidate_mask"][i].tolist() == [1] * n + [0] * (k - n)
         assert batch["scores"][i, :n].tolist() == list(ranked_rows[i].scores)
-        for j in range(n):
-            assert _text(batch["tokens"][i, j], batch["loss_mask"][i, j]) == ranked_rows[i].responses[j]
-        assert batch["mask"][i, n:].sum() == 0
+        for j in range(n):  # candidate j of list i is row i*K + j
+            assert _text(batch["tokens"][i * k + j], batch["loss_mask"][i * k + j]) == ranked_rows[i].responses[j]
+        assert batch["mask"][i * k + n:(i + 1) * k].sum() == 0
+
+    pair_rows = rec.read_records(str(synthetic_dir / "pairwise.jsonl"), "pairwise")
+    ds = datasets["pairwise"]
+    batch = B.collate(ds.get_batch([0, 1]) + [None], "pairwise", ds.special_ids, 64)
+    assert batch["tokens"].shape == (6, 64) and batch["valid"].tolist() == [1, 1, 0]
+    chosen, rejected = kinds.pairwise.split(batch["loss_mask"])
+    tokens_c, tokens_r = kinds.pairwise.split(batch["tokens"])
+    for i in range(2):  # pair i: chosen in row 2i, rejected in row 2i+1
+        assert _text(tokens_c[i], chosen[i]) == pair_rows[i].chosen
+        assert _text(tokens_r[i], rejected[i]) == pair_rows[i].rejected
+        assert _text(batch["tokens"][2 * i + 1], batch["loss_mask"][2 * i + 1]) == pair_rows[i].rejected
+    assert batch["mask"][4:].sum() == 0  # the filler pair's two rows
+    kept = B.take_examples(batch, [1])
+    assert kept["tokens"].shape == (2, 64) and np.array_equal(kept["tokens"], batch["tokens"][2:4])
 
     ds = datasets["attributes"]
     attrs = B.collate(ds.get_batch([0]), "attributes", ds.special_ids, 64, num_attributes=2)["attributes"]
@@ -204,11 +219,11 @@ def test_iterator_epochs_shapes_and_determinism(datasets):
     it = B.BatchIterator(ds, 8, seed=3, process_index=0, process_count=1, num_epochs=2)
     batches = list(it)
     assert len(batches) == 2 * (45 // 8) and it.batches_per_epoch == 5
-    for batch in batches:
-        t = batch["chosen_tokens"].shape[1]
-        assert t in it.buckets and batch["rejected_tokens"].shape == (8, t)
-        longest = max(batch["chosen_mask"].sum(1).max(), batch["rejected_mask"].sum(1).max())
-        assert B.bucket_length(int(longest), it.buckets) == t
+    for b, batch in enumerate(batches):
+        t = batch["tokens"].shape[1]
+        assert t in it.buckets and batch["tokens"].shape == (16, t)
+        assert B.bucket_length(int(batch["mask"].sum(1).max()), it.buckets) == t
+        assert batch["index"].tolist() == it.global_indices(b // 5, b % 5).tolist()
     # Epoch orders differ but each is a permutation; the same seed reproduces them.
     epoch0 = np.concatenate([it.global_indices(0, b) for b in range(5)])
     epoch1 = np.concatenate([it.global_indices(1, b) for b in range(5)])
@@ -217,7 +232,7 @@ def test_iterator_epochs_shapes_and_determinism(datasets):
     for a, b in zip(batches, again):
         assert all(np.array_equal(a[k], b[k]) for k in a)
     other = next(B.BatchIterator(ds, 8, seed=4, process_index=0, process_count=1))
-    assert not np.array_equal(other["chosen_tokens"], batches[0]["chosen_tokens"])
+    assert not np.array_equal(other["tokens"], batches[0]["tokens"])
     ordered = B.BatchIterator(ds, 8, shuffle=False, process_index=0, process_count=1)
     assert ordered.global_indices(0, 1).tolist() == list(range(8, 16))
 
@@ -229,21 +244,31 @@ def test_no_drop_remainder_visits_everything_once(datasets):
     assert len(batches) == 6 and [int(b["valid"].sum()) for b in batches] == [8] * 5 + [5]
     last = batches[-1]
     assert last["tokens"].shape[0] == 8 and last["mask"][5:].sum() == 0 and np.all(last["rating"][5:] == 0)
+    assert last["index"][5:].tolist() == [-1] * 3 and np.all(last["index"][:5] >= 0)
+    seen = np.concatenate([b["index"][b["valid"] == 1] for b in batches])
+    assert sorted(seen.tolist()) == list(range(45))
+    for b in batches:  # the index names the example each row holds
+        for row in np.flatnonzero(b["valid"]):
+            assert b["rating"][row] == ds[int(b["index"][row])]["rating"]
     ratings = np.concatenate([b["rating"][b["valid"] == 1] for b in batches])
     expected = [ds[i]["rating"] for i in range(45)]
     assert sorted(ratings.tolist()) == sorted(float(r) for r in expected)
 
 
 def test_host_slicing_reassembles_global_batch(datasets):
+    # Sequence rows are example major, so the hosts' slices concatenate into the global batch
+    # (what parallel.shard_batch does on several processes) for lists and pairs alike.
+    for kind, rows in (("ranked", datasets["ranked"].metadata["max_candidates"]), ("pairwise", 2)):
+        ds = datasets[kind]
+        single = B.BatchIterator(ds, 8, seed=7, process_index=0, process_count=1)
+        hosts = [B.BatchIterator(ds, 8, seed=7, process_index=h, process_count=2) for h in range(2)]
+        for _ in range(3):
+            full = next(single)
+            parts = [next(h) for h in hosts]
+            assert parts[0]["tokens"].shape == (4 * rows,) + full["tokens"].shape[1:]
+            for key in full:
+                assert np.array_equal(np.concatenate([p[key] for p in parts]), full[key]), key
     ds = datasets["ranked"]
-    single = B.BatchIterator(ds, 8, seed=7, process_index=0, process_count=1)
-    hosts = [B.BatchIterator(ds, 8, seed=7, process_index=h, process_count=2) for h in range(2)]
-    for _ in range(3):
-        full = next(single)
-        parts = [next(h) for h in hosts]
-        assert parts[0]["tokens"].shape == (4,) + full["tokens"].shape[1:]
-        for key in full:
-            assert np.array_equal(np.concatenate([p[key] for p in parts]), full[key]), key
     with pytest.raises(ValueError, match="divisible by process_count=3"):
         B.BatchIterator(ds, 8, process_index=0, process_count=3)
     with pytest.raises(ValueError, match="process_index=2"):
@@ -286,3 +311,78 @@ def test_prompt_batches(datasets):
     assert enc["prompt_mask"][1].sum() == 20 and enc["prompt_tokens"][1, 0] == TOK.bos_id
     short = B.encode_prompts(TOK, ["hi"], max_prompt_len=64)
     assert short["prompt_tokens"].shape == (1, 16)
+
+
+def test_prepare_dataset_drops_uninformative_records_and_counts_them(tmp_path):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "name 1 fruits", "chosen": "fig!", "rejected": "fig!"},
+        {"prompt": "name 1 fruits", "chosen": "fig!", "rejected": "gun"},
+        {"prompt": "list 2 tools", "chosen": "saw", "rejected": "saw"}])
+    limits = dict(max_prompt_len=16, max_response_len=16)
+    ds = D.prepare_dataset(pairs, "pairwise", TOK, str(tmp_path / "p"), drop_uninformative=True, **limits)
+    assert len(ds) == 1 and ds.metadata["dropped_uninformative"] == 2 and ds.metadata["num_records"] == 1
+    assert _bytes(ds[0]["rejected"]) == b"gun"
+    kept_all = D.prepare_dataset(pairs, "pairwise", TOK, str(tmp_path / "all"), **limits)
+    assert len(kept_all) == 3 and kept_all.metadata["dropped_uninformative"] == 0
+    with pytest.raises(D.DatasetMismatchError, match="drop_uninformative: stored True != requested None"):
+        D.prepare_dataset(pairs, "pairwise", TOK, str(tmp_path / "p"), **limits)
+    ties = _jsonl(tmp_path / "ties.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}])
+    with pytest.raises(ValueError, match="every one of its 1 pairwise records has chosen == rejected"):
+        D.prepare_dataset(ties, "pairwise", TOK, str(tmp_path / "t"), drop_uninformative=True, **limits)
+
+    lists = _jsonl(tmp_path / "ranked.jsonl", [
+        {"prompt": "name 1 fruits", "responses": ["fig", "gun", "kiwi"], "scores": [1.0, 1.0, 1.0]},
+        {"prompt": "name 1 fruits", "responses": ["fig", "gun"], "ranks": [1, 2]},
+        {"prompt": "list 2 tools", "responses": ["saw", "rake", "gun"], "scores": [0.5, 0.5, 0.0]}])
+    ds = D.prepare_dataset(lists, "ranked", TOK, str(tmp_path / "r"), drop_uninformative=True, **limits)
+    assert len(ds) == 2 and ds.metadata["dropped_uninformative"] == 1 and ds.metadata["max_candidates"] == 3
+    # cut to 2 candidates first: the third list becomes a tie as well
+    cut = D.prepare_dataset(lists, "ranked", TOK, str(tmp_path / "r2"), drop_uninformative=True,
+                            max_candidates=2, **limits)
+    assert len(cut) == 1 and cut.metadata["dropped_uninformative"] == 2 and cut.metadata["max_candidates"] == 2
+    with pytest.raises(ValueError, match="num_candidates=2 < the dataset's longest list"):
+        B.BatchIterator(ds, 2, num_candidates=2, process_index=0, process_count=1)
+    batch = next(B.BatchIterator(ds, 2, num_candidates=4, shuffle=False, process_index=0, process_count=1))
+    assert batch["tokens"].shape[0] == 8 and batch["candidate_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+
+
+def test_a_new_kind_is_one_module_and_one_registration(tmp_path):
+    """KTO-style unpaired records through every reader and writer, registered from outside."""
+    import dataclasses
+
+    from rlhf_jax.data.kinds import base, sft
+
+    @dataclasses.dataclass(frozen=True)
+    class UnpairedRecord:
+        prompt: str
+        completion: str
+        label: bool
+
+    def parse(ctx, obj):
+        label = ctx.get(obj, "label")
+        if not isinstance(label, bool):
+            raise ctx.error("label", "true or false", label)
+        return UnpairedRecord(ctx.prompt(obj), ctx.string(obj, "completion", non_empty=True), label)
+
+    def collate(examples, specials, length, **_):
+        rows = [(ex["prompt"], ex["response"]) if ex is not None else None for ex in examples]
+        batch = base.pack_sequences(rows, specials, length)
+        batch["label"] = np.asarray([ex["label"] if ex is not None else 0 for ex in examples], np.int32)
+        return batch
+
+    kinds.register_kind(base.RecordKind(
+        name="test_unpaired", record_type=UnpairedRecord, parse=parse,
+        features={"response": base.INT_SEQ, "label": ((), np.int32)},
+        encode=lambda r, enc: {"response": enc.response(r.completion, "completion"), "label": np.int32(r.label)},
+        length=sft.response_length, collate=collate, file_stem="unpaired"))
+    src = _jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "yes", "label": True},
+                                        {"prompt": "q", "completion": "no", "label": False}])
+    ds = D.prepare_dataset(src, "test_unpaired", TOK, str(tmp_path / "u"), max_prompt_len=8, max_response_len=8)
+    batch = next(B.BatchIterator(ds, 2, shuffle=False, process_index=0, process_count=1))
+    assert batch["label"].tolist() == [1, 0] and batch["tokens"].shape == (2, 16)
+    assert _text(batch["tokens"][0], batch["loss_mask"][0]) == "yes"
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "yes", "label": "maybe"}])
+    with pytest.raises(rec.RecordError, match="bad.jsonl:1: field 'label': expected true or false"):
+        rec.read_records(bad, "test_unpaired")
+    with pytest.raises(ValueError, match="already registered"):
+        kinds.register_kind(dataclasses.replace(kinds.get_kind("test_unpaired")))

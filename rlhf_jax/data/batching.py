@@ -5,7 +5,9 @@ smallest entry of ``buckets`` that fits the longest row of the *global* batch. W
 (powers of two from 16, capped by the dataset's ``max_prompt_len + max_response_len``) jit compiles
 at most ``log2(max_len / 16) + 2`` shapes per kind.
 
-Batch keys (int32 unless noted; ``B`` is the per-host batch, ``T`` the bucket, ``K`` candidates):
+Batch keys (int32 unless noted; ``B`` is the per-host batch, ``T`` the bucket, ``K`` candidates).
+Each kind's module in :mod:`rlhf_jax.data.kinds` builds its keys; sequence arrays hold the rows of
+one example next to each other (example major), so host slices concatenate into the global batch:
 
 ==============  ===================================================================================
 kind            keys
@@ -13,12 +15,16 @@ kind            keys
 sft             ``tokens [B,T]``, ``mask`` (1 = real token), ``loss_mask`` (1 = response token incl. EOS)
 rated           the sft keys + ``rating [B]`` float32
 attributes      the sft keys + ``attributes [B,A]`` float32 (names in ``dataset.metadata``)
-pairwise        ``chosen_tokens/mask/loss_mask`` and ``rejected_*`` ``[B,T]`` (one ``T`` for both)
-ranked          ``tokens/mask/loss_mask [B,K,T]``, ``candidate_mask [B,K]``, ``scores [B,K]`` float32
-                (higher is better; 0 where ``candidate_mask`` is 0); ``K`` = the dataset's max
+pairwise        ``tokens/mask/loss_mask [2B,T]``: pair b's chosen in row 2b, its rejected in row
+                2b+1 (``kinds.pairwise.split`` separates them)
+ranked          ``tokens/mask/loss_mask [B·K,T]`` (candidate k of list b in row b·K+k),
+                ``candidate_mask [B,K]``, ``scores [B,K]`` float32 (higher is better; 0 where
+                ``candidate_mask`` is 0); ``K`` = the dataset's max unless the iterator sets it
 prompt          ``prompt_tokens [B,P]``, ``prompt_mask [B,P]``, **left**-padded ``[BOS] prompt`` for
                 generation (the sampler's convention)
-every kind      ``valid [B]``: 1 for real rows, 0 for the filler rows of a padded final batch
+every kind      ``valid [B]``: 1 for real rows, 0 for the filler rows of a padded final batch;
+                ``index [B]`` (from :class:`BatchIterator`): each row's dataset index, -1 for
+                filler rows, so a precomputed per-example table is ``table[batch["index"]]``
 ==============  ===================================================================================
 
 :class:`BatchIterator` order: epoch ``e`` visits ``permutation(N)`` drawn from
@@ -37,6 +43,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from rlhf_jax.data import kinds as kinds_lib
+from rlhf_jax.data.kinds.base import left_pad_prompts, take_examples
 from rlhf_jax.data.tokenizers import Tokenizer, check_token_ids
 
 __all__ = [
@@ -44,6 +52,7 @@ __all__ = [
     "bucket_length",
     "collate",
     "left_pad_prompts",
+    "take_examples",
     "encode_prompts",
     "BatchIterator",
 ]
@@ -66,46 +75,6 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
         if b >= length:
             return int(b)
     raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}; buckets={tuple(buckets)}")
-
-
-def _pack(prompt: np.ndarray, response: np.ndarray, bos: int, eos: int, length: int, pad: int):
-    """``[BOS] prompt response [EOS]`` right-padded to ``length`` -> tokens, mask, loss_mask rows."""
-    n_prompt, n = 1 + len(prompt), 2 + len(prompt) + len(response)
-    tokens = np.full(length, pad, np.int32)
-    tokens[0] = bos
-    tokens[1:n_prompt] = prompt
-    tokens[n_prompt:n - 1] = response
-    tokens[n - 1] = eos
-    mask = np.zeros(length, np.int32)
-    mask[:n] = 1
-    loss_mask = np.zeros(length, np.int32)
-    loss_mask[n_prompt:n] = 1
-    return tokens, mask, loss_mask
-
-
-def _sequences(rows: list[tuple[np.ndarray, np.ndarray] | None], specials: Mapping[str, int], length: int):
-    """Stacks packed rows; ``None`` rows (filler) are all padding with zero masks."""
-    tokens = np.full((len(rows), length), specials["pad_id"], np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    loss_mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        if row is not None:
-            tokens[i], mask[i], loss_mask[i] = _pack(row[0], row[1], specials["bos_id"], specials["eos_id"], length,
-                                                     specials["pad_id"])
-    return tokens, mask, loss_mask
-
-
-def left_pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads id lists to ``[B, length]``; returns ``(prompt_tokens, prompt_mask)`` int32."""
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, ids in enumerate(prompts):
-        if len(ids) > length:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens > length {length}")
-        if len(ids):
-            tokens[i, length - len(ids):] = ids
-            mask[i, length - len(ids):] = 1
-    return tokens, mask
 
 
 def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], *, max_prompt_len: int,
@@ -133,48 +102,10 @@ def collate(examples: Sequence[Mapping[str, np.ndarray] | None], kind: str, spec
     ``length`` is the bucket (``T``, or ``P`` for prompts). ``specials`` holds ``bos_id``, ``eos_id``,
     ``pad_id``. ``num_candidates`` (ranked) and ``num_attributes`` (attributes) fix those axes.
     """
-    valid = np.asarray([ex is not None for ex in examples], np.int32)
-    batch: dict[str, np.ndarray] = {"valid": valid}
-    if kind == "prompt":
-        rows = [[specials["bos_id"]] + ex["prompt"].tolist() if ex is not None else [] for ex in examples]
-        batch["prompt_tokens"], batch["prompt_mask"] = left_pad_prompts(rows, pad_id=specials["pad_id"], length=length)
-    elif kind in ("sft", "rated", "attributes"):
-        rows = [(ex["prompt"], ex["response"]) if ex is not None else None for ex in examples]
-        batch["tokens"], batch["mask"], batch["loss_mask"] = _sequences(rows, specials, length)
-        if kind == "rated":
-            batch["rating"] = np.asarray([ex["rating"] if ex is not None else 0.0 for ex in examples], np.float32)
-        if kind == "attributes":
-            attrs = np.zeros((len(examples), num_attributes), np.float32)
-            for i, ex in enumerate(examples):
-                if ex is not None:
-                    attrs[i] = ex["attributes"]
-            batch["attributes"] = attrs
-    elif kind == "pairwise":
-        for side in ("chosen", "rejected"):
-            rows = [(ex["prompt"], ex[side]) if ex is not None else None for ex in examples]
-            seqs = _sequences(rows, specials, length)
-            for name, array in zip(("tokens", "mask", "loss_mask"), seqs):
-                batch[f"{side}_{name}"] = array
-    elif kind == "ranked":
-        b, k = len(examples), num_candidates
-        tokens = np.full((b, k, length), specials["pad_id"], np.int32)
-        mask, loss_mask = np.zeros((b, k, length), np.int32), np.zeros((b, k, length), np.int32)
-        candidate_mask, scores = np.zeros((b, k), np.int32), np.zeros((b, k), np.float32)
-        for i, ex in enumerate(examples):
-            if ex is None:
-                continue
-            bounds = np.concatenate([[0], np.cumsum(ex["response_lengths"])])
-            n = len(ex["response_lengths"])
-            if n > k:
-                raise ValueError(f"ranked example has {n} candidates > num_candidates={k}")
-            rows = [(ex["prompt"], ex["responses_flat"][bounds[j]:bounds[j + 1]]) for j in range(n)]
-            tokens[i, :n], mask[i, :n], loss_mask[i, :n] = _sequences(rows, specials, length)
-            candidate_mask[i, :n] = 1
-            scores[i, :n] = ex["scores"]
-        batch.update(tokens=tokens, mask=mask, loss_mask=loss_mask, candidate_mask=candidate_mask, scores=scores)
-    else:
-        raise ValueError(f"collate: kind={kind!r}; expected prompt, sft, rated, attributes, pairwise or ranked")
-    return batch
+    spec = kinds_lib.get_kind(kind)
+    batch = spec.collate(examples, specials, length, num_candidates=num_candidates,
+                         num_attributes=num_attributes)
+    return {"valid": np.asarray([ex is not None for ex in examples], np.int32), **batch}
 
 
 class BatchIterator:
@@ -191,11 +122,13 @@ class BatchIterator:
         ``default_buckets(max_len)`` with ``max_len`` from the dataset's limits.
       process_index, process_count: this host's slice; default ``jax.process_index()`` / ``jax.process_count()``.
       vocab_size: if given, every batch's token ids are checked against the model vocabulary.
+      num_candidates: the candidate axis ``K`` of ranked batches (0 = the dataset's longest list).
     """
 
     def __init__(self, dataset: Any, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  drop_remainder: bool = True, num_epochs: int | None = None, buckets: Sequence[int] | None = None,
-                 process_index: int | None = None, process_count: int | None = None, vocab_size: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None, vocab_size: int | None = None,
+                 num_candidates: int = 0):
         if process_index is None or process_count is None:
             import jax  # only needed for the multi-host defaults
 
@@ -213,7 +146,7 @@ class BatchIterator:
         self.process_index, self.process_count = process_index, process_count
         self.host_batch_size = batch_size // process_count
         self.num_examples = len(dataset)
-        max_len = dataset.max_prompt_len if self.kind == "prompt" else dataset.max_seq_len
+        max_len = dataset.max_prompt_len if kinds_lib.get_kind(self.kind).prompt_only else dataset.max_seq_len
         self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(max_len)
         if self.buckets[-1] < max_len:
             raise ValueError(f"buckets={self.buckets}: the largest must be >= the dataset's max length {max_len}")
@@ -223,7 +156,10 @@ class BatchIterator:
             self.batches_per_epoch = -(-self.num_examples // batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"dataset has {self.num_examples} examples < batch_size={batch_size} with drop_remainder")
-        self.num_candidates = int(dataset.metadata.get("max_candidates", 0))
+        stored_k = int(dataset.metadata.get("max_candidates", 0))
+        if num_candidates and num_candidates < stored_k:
+            raise ValueError(f"num_candidates={num_candidates} < the dataset's longest list ({stored_k})")
+        self.num_candidates = int(num_candidates or stored_k)
         self.num_attributes = len(dataset.metadata.get("attribute_names", ()))
         self._specials = dataset.special_ids
         self._epoch, self._batch = 0, 0
@@ -280,6 +216,7 @@ class BatchIterator:
         examples = [next(fetched) if i >= 0 else None for i in host_rows]
         batch = collate(examples, self.kind, self._specials, length, num_candidates=self.num_candidates,
                         num_attributes=self.num_attributes)
+        batch["index"] = host_rows.astype(np.int32)
         if self.vocab_size is not None:
             for key, value in batch.items():
                 if key.endswith("tokens"):

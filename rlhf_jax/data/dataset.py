@@ -18,7 +18,9 @@ Atomicity: the dataset is built in a temporary sibling folder and renamed to ``o
 Layout of one example (token ids without specials; int32 unless noted)
 ---------------------------------------------------------------------
 ``prompt``        always; truncated to ``max_prompt_len - 1`` ids (one slot is BOS).
-``response``      sft / rated / attributes; truncated to ``max_response_len - 1`` ids (one slot is EOS).
+the kind's ``features`` (``rlhf_jax.data.kinds``), responses truncated to ``max_response_len - 1``
+ids (one slot is EOS):
+``response``      sft / rated / attributes.
 ``chosen``, ``rejected``                                   pairwise.
 ``responses_flat`` + ``response_lengths`` [K] + ``scores`` [K] float32    ranked (flattened ragged list).
 ``rating`` float32 scalar                                  rated.
@@ -31,6 +33,10 @@ multi-host job picks the same bucket for a global batch without reading the othe
 So a training sequence ``[BOS] prompt response [EOS]`` has at most ``max_prompt_len + max_response_len``
 tokens. Truncation is ``"left"`` (keep the end), ``"right"`` (keep the start), ``"error"`` or ``"drop"``
 (skip the record; counted in metadata); the defaults are prompts from the left, responses from the right.
+
+Filtering: ``prepare_dataset(drop_uninformative=True)`` drops the records the kind's
+``informative`` predicate rejects (pairs with chosen == rejected, ranked lists with all-equal
+scores) before tokenisation, and reports the count as ``metadata["dropped_uninformative"]``.
 
 The metadata records the tokenizer fingerprint, the length limits, the truncation policy, the record
 kind and the source file's SHA-256; :func:`open_dataset` refuses a tokenizer with another fingerprint
@@ -55,7 +61,9 @@ from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from rlhf_jax import fileio
+from rlhf_jax.data import kinds as kinds_lib
 from rlhf_jax.data import records as rec
+from rlhf_jax.data.kinds import base as kind_base
 from rlhf_jax.data.tokenizers import Tokenizer, check_token_ids
 
 __all__ = [
@@ -92,40 +100,14 @@ class DatasetMismatchError(ValueError):
     """An existing dataset was built with another tokenizer, source or settings."""
 
 
-class _Drop(Exception):
-    """Internal: a record exceeded a limit under the ``"drop"`` policy."""
-
-
-def _truncate(ids: list[int], limit: int, mode: str, what: str) -> tuple[list[int], bool]:
-    if len(ids) <= limit:
-        return ids, False
-    if mode == "left":
-        return ids[len(ids) - limit:], True
-    if mode == "right":
-        return ids[:limit], True
-    if mode == "drop":
-        raise _Drop()
-    raise ValueError(f"{what} has {len(ids)} tokens > limit {limit} and truncation is 'error'")
-
-
 # ----------------------------------------------------------------------------------------------------
 # The builder
 # ----------------------------------------------------------------------------------------------------
 
-_INT_SEQ = dict(shape=(None,), dtype=np.int32)
-_FLOAT_SEQ = dict(shape=(None,), dtype=np.float32)
-_FEATURES = {
-    "prompt": {"prompt": _INT_SEQ},
-    "sft": {"prompt": _INT_SEQ, "response": _INT_SEQ},
-    "pairwise": {"prompt": _INT_SEQ, "chosen": _INT_SEQ, "rejected": _INT_SEQ},
-    "ranked": {"prompt": _INT_SEQ, "responses_flat": _INT_SEQ, "response_lengths": _INT_SEQ, "scores": _FLOAT_SEQ},
-    "rated": {"prompt": _INT_SEQ, "response": _INT_SEQ, "rating": dict(shape=(), dtype=np.float32)},
-    "attributes": {"prompt": _INT_SEQ, "response": _INT_SEQ, "attributes": _FLOAT_SEQ},
-}
-
-
 def _features(kind: str) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({k: tfds.features.Tensor(**v) for k, v in _FEATURES[kind].items()})
+    specs = {"prompt": kind_base.INT_SEQ, **kinds_lib.get_kind(kind).features}
+    return tfds.features.FeaturesDict(
+        {k: tfds.features.Tensor(shape=shape, dtype=dtype) for k, (shape, dtype) in specs.items()})
 
 
 class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -257,55 +239,32 @@ def open_dataset(path: str, tokenizer: Tokenizer | None = None) -> TokenizedData
 def _encode_examples(records: Sequence[Any], kind: str, tokenizer: Tokenizer, max_prompt_len: int,
                      max_response_len: int, truncation: Truncation, where: str) -> tuple[list[dict], dict]:
     """Tokenises and truncates; returns examples and counts (truncated prompts/responses, dropped)."""
-    prompt_limit, response_limit = max_prompt_len - 1, max_response_len - 1
+    spec = kinds_lib.get_kind(kind)
+    prompt_limit = max_prompt_len - 1
     counts = {"truncated_prompts": 0, "truncated_responses": 0, "dropped": 0}
+    encoder = kind_base.Encoder(tokenizer, max_response_len - 1, truncation.response)
     prompts = tokenizer.encode_batch([r.prompt for r in records])
     examples = []
     for i, (record, prompt_ids) in enumerate(zip(records, prompts)):
-        loc = f"{where} record {i}"
+        loc = encoder.where = f"{where} record {i}"
+        before = encoder.truncated
         try:
-            prompt, cut = _truncate(prompt_ids, prompt_limit, truncation.prompt, f"{loc} prompt")
-            counts["truncated_prompts"] += cut
-            example: dict[str, Any] = {"prompt": np.asarray(prompt, np.int32)}
-
-            def response(text: str, name: str) -> np.ndarray:
-                ids, cut = _truncate(tokenizer.encode(text), response_limit, truncation.response, f"{loc} {name}")
-                counts["truncated_responses"] += cut
-                check_token_ids(ids, tokenizer.vocab_size, where=f"{loc} {name}")
-                return np.asarray(ids, np.int32)
-
-            if kind in ("sft", "rated", "attributes"):
-                example["response"] = response(record.response, "response")
-            if kind == "pairwise":
-                example["chosen"] = response(record.chosen, "chosen")
-                example["rejected"] = response(record.rejected, "rejected")
-            if kind == "ranked":
-                parts = [response(text, f"responses[{j}]") for j, text in enumerate(record.responses)]
-                example["responses_flat"] = np.concatenate(parts).astype(np.int32)
-                example["response_lengths"] = np.asarray([len(p) for p in parts], np.int32)
-                example["scores"] = np.asarray(record.scores, np.float32)
-            if kind == "rated":
-                example["rating"] = np.float32(record.rating)
-            if kind == "attributes":
-                example["attributes"] = np.asarray([value for _, value in record.attributes], np.float32)
-        except _Drop:
+            prompt, cut = kind_base.truncate(prompt_ids, prompt_limit, truncation.prompt, f"{loc} prompt")
+            example: dict[str, Any] = {"prompt": np.asarray(prompt, np.int32), **spec.encode(record, encoder)}
+        except kind_base.Drop:
+            encoder.truncated = before
             counts["dropped"] += 1
             continue
+        counts["truncated_prompts"] += cut
         check_token_ids(example["prompt"], tokenizer.vocab_size, where=f"{loc} prompt")
         examples.append(example)
+    counts["truncated_responses"] = encoder.truncated
     return examples, counts
 
 
 def sequence_length(example: Mapping[str, np.ndarray], kind: str) -> int:
     """Length of the padded sequence(s) an example becomes: ``[BOS] prompt response [EOS]``."""
-    prompt = len(example["prompt"]) + 1
-    if kind == "prompt":
-        return prompt
-    if kind == "pairwise":
-        return prompt + max(len(example["chosen"]), len(example["rejected"])) + 1
-    if kind == "ranked":
-        return prompt + int(np.max(example["response_lengths"])) + 1
-    return prompt + len(example["response"]) + 1
+    return int(kinds_lib.get_kind(kind).length(example))
 
 
 def _tokenizer_info(tokenizer: Tokenizer) -> dict:
@@ -324,8 +283,7 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
                   max_prompt_len: int, max_response_len: int, truncation: Truncation = Truncation(),
                   extra_metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> TokenizedDataset:
     """Tokenises validated ``records`` (from :mod:`rlhf_jax.data.records`) and writes them atomically."""
-    if kind not in _FEATURES:
-        raise ValueError(f"kind={kind!r}; expected one of {tuple(_FEATURES)}")
+    spec = kinds_lib.get_kind(kind)
     if max_prompt_len < 2 or max_response_len < 2:
         raise ValueError(
             f"max_prompt_len={max_prompt_len}, max_response_len={max_response_len}; both must be >= 2 "
@@ -334,10 +292,8 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True or choose another folder")
-    if kind == "attributes":
-        names = {tuple(name for name, _ in r.attributes) for r in records}
-        if len(names) != 1:
-            raise ValueError(f"attributes records must all name the same attributes; found {sorted(names)}")
+    if spec.check_records is not None:
+        spec.check_records(records)
     examples, counts = _encode_examples(records, kind, tokenizer, max_prompt_len, max_response_len, truncation,
                                         where=str((extra_metadata or {}).get("source", "<records>")))
     if not examples:
@@ -353,10 +309,8 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
         "num_examples": len(examples),
         **counts,
     }
-    if kind == "ranked":
-        metadata["max_candidates"] = max(len(ex["response_lengths"]) for ex in examples)
-    if kind == "attributes":
-        metadata["attribute_names"] = [name for name, _ in records[0].attributes]
+    if spec.metadata is not None:
+        metadata.update(spec.metadata(records, examples))
     metadata.update(extra_metadata or {})
 
     parent = os.path.dirname(out_dir)
@@ -387,14 +341,21 @@ def _sha256(path: str) -> str:
 def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: str, *, max_prompt_len: int,
                     max_response_len: int, truncation: Truncation = Truncation(), overwrite: bool = False,
                     scale: Sequence[float] | None = None,
-                    attribute_names: Sequence[str] | None = None) -> TokenizedDataset:
+                    attribute_names: Sequence[str] | None = None, max_candidates: int = 0,
+                    drop_uninformative: bool = False) -> TokenizedDataset:
     """Reads + validates ``jsonl_path``, builds the dataset at ``out_dir`` once, and opens it.
 
+    ``max_candidates`` keeps the first that many responses of each ranked list (0 = all);
+    ``drop_uninformative`` drops the records the kind's ``informative`` predicate rejects (after the
+    cut), counted in ``metadata["dropped_uninformative"]``; none left is an error.
+
     A later call with the same arguments reuses the folder. If the folder was built from another file
-    content, kind, tokenizer, chat template, length limits, truncation policy or scale, :class:`DatasetMismatchError` names
-    the differing settings (pass ``overwrite=True`` to rebuild). Several processes building the same
-    folder concurrently is safe: the rename is atomic and the loser reuses the winner's folder.
+    content, kind, tokenizer, chat template, length limits, truncation policy, scale or filter,
+    :class:`DatasetMismatchError` names the differing settings (pass ``overwrite=True`` to rebuild).
+    Several processes building the same folder concurrently is safe: the rename is atomic and the
+    loser reuses the winner's folder.
     """
+    spec = kinds_lib.get_kind(kind)
     settings = {
         "kind": kind,
         "source_sha256": _sha256(jsonl_path),
@@ -406,11 +367,25 @@ def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: s
         "scale": list(scale) if scale is not None else None,
         "attribute_names": list(attribute_names) if attribute_names is not None else None,
     }
+    # Only non-default new settings are stored, so folders built before they existed still match.
+    if max_candidates:
+        settings["max_candidates"] = int(max_candidates)
+    if drop_uninformative:
+        settings["drop_uninformative"] = True
     if os.path.exists(out_dir) and not overwrite:
         return _reuse(out_dir, tokenizer, settings)
     records = rec.read_records(jsonl_path, kind, chat_template=tokenizer.chat_template, scale=scale,
-                               attribute_names=attribute_names)
-    extra = {"source": os.path.abspath(jsonl_path), "settings": settings}
+                               attribute_names=attribute_names, max_candidates=max_candidates)
+    dropped = 0
+    if drop_uninformative and spec.informative is not None:
+        kept = [r for r in records if spec.informative(r)]
+        dropped = len(records) - len(kept)
+        if not kept:
+            raise ValueError(f"{jsonl_path}: every one of its {dropped} {kind} records has "
+                             f"{spec.uninformative}; nothing to learn from")
+        records = kept
+    extra = {"source": os.path.abspath(jsonl_path), "settings": settings,
+             "dropped_uninformative": dropped}
     try:
         return write_dataset(records, kind, tokenizer, out_dir, max_prompt_len=max_prompt_len,
                              max_response_len=max_response_len, truncation=truncation, extra_metadata=extra,
@@ -424,7 +399,9 @@ def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: s
 def _reuse(out_dir: str, tokenizer: Tokenizer, settings: dict) -> TokenizedDataset:
     dataset = open_dataset(out_dir, tokenizer)
     stored = dataset.metadata.get("settings", {})
-    diffs = [f"{k}: stored {stored.get(k)!r} != requested {v!r}" for k, v in settings.items() if stored.get(k) != v]
+    keys = list(settings) + [k for k in stored if k not in settings]
+    diffs = [f"{k}: stored {stored.get(k)!r} != requested {settings.get(k)!r}"
+             for k in keys if stored.get(k) != settings.get(k)]
     if diffs:
         raise DatasetMismatchError(
             f"{out_dir} was built with other settings ({'; '.join(diffs)}); use another folder or overwrite=True"

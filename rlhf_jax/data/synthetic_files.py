@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from rlhf_jax import fileio
+from rlhf_jax.data import kinds as kinds_lib
 from rlhf_jax.data import synthetic as syn
 from rlhf_jax.data.records import write_jsonl
 
@@ -204,8 +205,9 @@ def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(), overwr
     return metadata
 
 
-FILE_STEMS = {"prompt": "prompts", "sft": "sft", "pairwise": "pairwise", "ranked": "ranked", "rated": "rated",
-              "attributes": "attributes"}
+# kind -> file stem of the generated task (each kind module names its own stem).
+FILE_STEMS = {name: kinds_lib.get_kind(name).file_stem for name in
+              ("prompt", "sft", "pairwise", "ranked", "rated", "attributes")}
 
 
 def prepare_synthetic_datasets(root: str, tokenizer, *, config: SyntheticConfig = SyntheticConfig(),
@@ -237,7 +239,7 @@ def prepare_synthetic_datasets(root: str, tokenizer, *, config: SyntheticConfig 
     out = {"metadata": metadata}
     suffixes = [""] + (["_test"] if config.num_test_prompts else [])
     for kind in kinds:
-        scale = RATING_SCALE if kind in ("rated", "attributes") else None
+        scale = RATING_SCALE if "scale" in kinds_lib.get_kind(kind).options else None
         for suffix in suffixes:
             out[kind + suffix] = ds_lib.prepare_dataset(
                 os.path.join(task_dir, f"{FILE_STEMS[kind]}{suffix}.jsonl"), kind, tokenizer,

@@ -32,6 +32,7 @@ from rlhf_jax import models
 from rlhf_jax.algorithms.reward import objectives
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
+from rlhf_jax.data.kinds import pairwise as pairwise_kind
 from rlhf_jax.eval import ranking_metrics, reward_metrics
 
 
@@ -40,9 +41,9 @@ class HeldOut:
   """Materialised held-out data. Any field may be None when that split does not exist."""
 
   objective_batches: list  # fixed-shape batches of the objective's kind (with `valid`)
-  pairwise: dict | None = None  # chosen_tokens/_mask, rejected_tokens/_mask [N, T]
+  pairwise: dict | None = None  # tokens/mask [2N, T] (rows 2n, 2n+1: pair n's chosen, rejected)
   pairwise_gold: tuple | None = None  # (gold_chosen [N], gold_rejected [N], bt_temperature)
-  ranked: dict | None = None  # tokens/mask [N, K, T], candidate_mask, scores [N, K]
+  ranked: dict | None = None  # tokens/mask [N·K, T], candidate_mask, scores [N, K]
   rated: dict | None = None  # tokens/mask [N, T], targets [N, A] in [-1, 1], prompt_keys [N]
   output_names: tuple = ("reward",)
   objective_is_pairwise: bool = False  # objective_batches hold exactly the rows of `pairwise`
@@ -58,10 +59,11 @@ def materialize(dataset: ds_lib.TokenizedDataset, batch_size: int, max_examples:
 
 
 def concat_batches(batches: Sequence[dict], limit: int) -> dict:
-  """Concatenates materialised batches, keeping the first ``limit`` valid rows."""
+  """Concatenates materialised batches, keeping the first ``limit`` valid examples (of any kind:
+  a pair's or a list's sequence rows stay together, ``batching.take_examples``)."""
   out = {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
   keep = np.flatnonzero(out["valid"] > 0)[:limit]
-  return {k: v[keep] for k, v in out.items()}
+  return batching.take_examples(out, keep)
 
 
 def prompt_keys(dataset: ds_lib.TokenizedDataset, n: int) -> list[bytes]:
@@ -164,12 +166,9 @@ def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Cal
 
   if held_out.pairwise is not None:
     pw = held_out.pairwise
-    n = len(pw["chosen_tokens"])
-    raw = scorer(params, np.concatenate([pw["chosen_tokens"], pw["rejected_tokens"]]),
-                 np.concatenate([pw["chosen_mask"], pw["rejected_mask"]]), should_stop=should_stop)
+    raw = scorer(params, pw["tokens"], pw["mask"], should_stop=should_stop)
     # Multi-output RMs are compared on the sum of their (rescaled-rating) heads.
-    r_N = raw.sum(axis=1)
-    rc, rr = r_N[:n], r_N[n:]
+    rc, rr = pairwise_kind.split(raw.sum(axis=1))
     if reuse_pairs:
       metrics["eval_loss"] = float(np.mean(np.asarray(pair_loss_fn(rc, rr), np.float64)))
     pm = reward_metrics.pairwise_metrics(rc, rr, num_bins=ece_bins)
@@ -182,8 +181,8 @@ def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Cal
 
   if full and held_out.ranked is not None:
     rk = held_out.ranked
-    n, k, t = rk["tokens"].shape
-    raw = scorer(params, rk["tokens"].reshape(n * k, t), rk["mask"].reshape(n * k, t))
+    n, k = rk["candidate_mask"].shape
+    raw = scorer(params, rk["tokens"], rk["mask"])
     r_NxK = raw.sum(axis=1).reshape(n, k)
     rm = ranking_metrics.list_ranking_metrics(r_NxK, rk["scores"], rk["candidate_mask"])
     metrics.update({f"ranked/{name}": _num(v) for name, v in rm.items()})

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import losses, models
+from rlhf_jax.data.kinds import pairwise as pairwise_kind
 
 OBJECTIVES = ("bradley_terry", "all_pairs", "plackett_luce", "likert", "multi_attribute")
 DATA_KIND = {"bradley_terry": "pairwise", "all_pairs": "ranked", "plackett_luce": "ranked",
@@ -81,8 +82,8 @@ def make_objective(model: models.RewardModel, objective: str, *, center_coef: fl
                    ) -> Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]:
   """``f(params, batch, rng | None) -> (per_example_loss [B], metrics)``; ``rng=None`` = eval mode.
 
-  Pairwise batches run chosen and rejected as one forward of 2B rows; ranked batches flatten the
-  candidate axis (``[B, K, T] -> [B·K, T]``, padded candidates masked out of the loss).
+  Pairwise batches run chosen and rejected as one forward of their 2B rows; ranked batches run
+  their ``[B·K, T]`` candidate rows (padded candidates masked out of the loss).
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"objective={objective!r} is invalid; allowed: {' | '.join(OBJECTIVES)}")
@@ -90,16 +91,13 @@ def make_objective(model: models.RewardModel, objective: str, *, center_coef: fl
     raise ValueError(f"objective={objective!r} needs rating_scale=(low, high), got {rating_scale!r}")
 
   def f(params, batch, rng):
-    if objective == "bradley_terry":
-      b = batch["chosen_tokens"].shape[0]
-      tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
-      mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-      r_N = _rewards(model, params, tokens, mask, rng)[:, 0]
-      return losses.bradley_terry_loss(r_N[:b], r_N[b:], center_coef=center_coef)
-    if objective in ("all_pairs", "plackett_luce"):
-      b, k, t = batch["tokens"].shape
-      r_BxK = _rewards(model, params, batch["tokens"].reshape(b * k, t),
-                       batch["mask"].reshape(b * k, t), rng)[:, 0].reshape(b, k)
+    if objective == "bradley_terry":  # pairwise batches: [2B, T], rows 2b / 2b+1 = pair b
+      r_2B = _rewards(model, params, batch["tokens"], batch["mask"], rng)[:, 0]
+      r_chosen_B, r_rejected_B = pairwise_kind.split(r_2B)
+      return losses.bradley_terry_loss(r_chosen_B, r_rejected_B, center_coef=center_coef)
+    if objective in ("all_pairs", "plackett_luce"):  # ranked batches: [B·K, T]
+      b, k = batch["candidate_mask"].shape
+      r_BxK = _rewards(model, params, batch["tokens"], batch["mask"], rng)[:, 0].reshape(b, k)
       if objective == "all_pairs":
         return losses.all_pairs_ranking_loss(r_BxK, batch["scores"],
                                              candidate_mask=batch["candidate_mask"])

@@ -112,8 +112,7 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
     if pw is None:
       raise ValueError("no SFT checkpoint to sample from and no held-out pairs: cannot normalise; "
                        "set config.rm.sft_workdir to an SFT run")
-    raw = scorer(params, np.concatenate([pw["chosen_tokens"], pw["rejected_tokens"]]),
-                 np.concatenate([pw["chosen_mask"], pw["rejected_mask"]]))
+    raw = scorer(params, pw["tokens"], pw["mask"])  # every chosen and rejected response
     source = "held-out pairwise responses (no SFT checkpoint to sample from)"
     logger.warning("normalising over %s", source)
   mean_K = raw.mean(axis=0)
