@@ -39,9 +39,10 @@ def _evaluator(setup, **kwargs):
 def test_policy_equal_to_reference_gives_zero_kl_and_half_win_rate(setup, tmp_path):
   calls = []
 
-  def fake_rm(prompts, responses):
-    calls.append(list(responses))
-    return np.arange(len(responses), dtype=np.float32)
+  def fake_rm(prompt_tokens, prompt_mask, response_tokens, response_mask):
+    calls.append(np.asarray(response_tokens)[np.asarray(response_mask) > 0].tolist())
+    assert prompt_tokens.shape[0] == prompt_mask.shape[0] == response_tokens.shape[0]
+    return np.arange(len(response_tokens), dtype=np.float32)
 
   path = str(tmp_path / "samples.jsonl")
   evaluator = _evaluator(setup, reward_fn=fake_rm, sample_path=path)
@@ -57,7 +58,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_half_win_rate(setup, tmp_pa
   # the gold reward is the synthetic task's, on the decoded responses
   expected = synthetic.gold_rewards(PROMPTS, [r["response"] for r in rows])
   assert metrics["gold_reward"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
-  assert calls[0] == calls[1]  # reference and policy decoded the same responses
+  assert calls[0] == calls[1]  # reference and policy sampled the same response tokens
 
 
 def test_kl_matches_sampler_logprobs_and_is_positive_on_average(setup):

@@ -210,12 +210,17 @@ def test_multi_output_scores_and_weights(tmp_path):
   model, params = _init(num_outputs=2, seed=1)
   rs.save_reward_model(str(tmp_path), params, _info(2, mean=(0.0, 1.0), std=(1.0, 0.5)))
   handle = rs.load_reward_model(str(tmp_path))
-  both = rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3])
+  both = rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3], per_attribute=True)
   assert both.shape == (3, 2) and handle.output_names == ("a0", "a1")
   combined = rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3], attribute_weights=(1.0, 2.0))
   np.testing.assert_allclose(combined, both[:, 0] + 2 * both[:, 1], rtol=1e-5)
   with pytest.raises(ValueError, match="attribute_weights"):
     rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3], attribute_weights=(1.0,))
+  with pytest.raises(ValueError, match="attribute_weights"):  # K = 2 and no reduction configured
+    rs.score_texts(handle, None, PROMPTS[:3], RESPONSES[:3])
+  weighted = rs.load_reward_model(str(tmp_path), attribute_weights="a0:1,a1:2")
+  np.testing.assert_allclose(rs.score_texts(weighted, None, PROMPTS[:3], RESPONSES[:3]), combined,
+                             rtol=1e-5)
 
 
 def test_missing_artifact_and_bad_info(tmp_path):

@@ -147,13 +147,6 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
   return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step)
 
 
-def rm_text_reward_fn(handle: scoring.RewardModelHandle | None,
-                      tokenizer: tok_lib.Tokenizer) -> policy_eval.TextRewardFn | None:
-  """``(prompts, responses) -> [S]`` normalised RM rewards, for :class:`policy_eval.PolicyEvaluator`."""
-  if handle is None:
-    return None
-  return lambda prompts, responses: scoring.score_texts(handle, tokenizer, prompts, responses)
-
 
 def check_config_keys(config: Any, known: set[str], method: str) -> None:
   unknown = sorted(set(config.keys()) - known)
@@ -198,7 +191,7 @@ def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_l
                                           max_prompt_len=max_prompt_len)
   return policy_eval.PolicyEvaluator(
       loaded.model, loaded.ref_params, loaded.tokenizer, prompts, config,
-      reward_fn=rm_text_reward_fn(loaded.reward, loaded.tokenizer),
+      reward_fn=scoring.sample_reward_fn(loaded.reward) if loaded.reward is not None else None,
       gold_reward_fn=policy_eval.synthetic.gold_rewards if gold else None,
       sample_path=os.path.join(workdir, "samples.jsonl"))
 

@@ -6,7 +6,10 @@ and one sample y_i ~ π(·|x_i) per prompt (the sampler's settings; the KL estim
 temperature 1 and no top-k / top-p, i.e. samples from π itself):
 
     gold_reward      = (1/S) Σ_i g(x_i, y_i)                       g = exact synthetic gold reward
-    rm_reward        = (1/S) Σ_i r_φ(x_i, y_i)                     r_φ = the reward model (if given)
+    rm_reward        = (1/S) Σ_i r_φ(x_i, y_i)                     r_φ = the reward model (if given),
+                       on the sampled tokens as given (``scoring.sample_reward_fn``: EOS iff
+                       emitted, the configured attribute reduction), i.e. exactly the reward
+                       PPO / RAFT / best-of-n optimise or select by
     kl_to_sft        = (1/S) Σ_i Σ_t [log π(y_it | x_i, y_i<t) - log π_ref(y_it | x_i, y_i<t)]
                        the Monte-Carlo (k1) estimate of KL(π ‖ π_ref) of whole responses, both
                        log-probs under the raw temperature-1 distributions, recomputed by a full
@@ -22,6 +25,7 @@ measure the policy, not sampling noise between the two sides.
 
 Public names: :class:`PolicyEvalConfig`, :class:`EvalPrompts`, :func:`make_eval_prompts`,
 :class:`PolicyEvaluator` (``evaluator(params, step) -> metrics``), :func:`score_responses`,
+:data:`TextRewardFn`, :data:`SampleRewardFn`,
 :func:`win_rate`, :func:`best_of_n_kl`.
 """
 
@@ -35,7 +39,6 @@ import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models, sampling
@@ -44,9 +47,13 @@ from rlhf_jax.data import tokenizers as tok_lib
 
 logger = logging.getLogger(__name__)
 
-# (prompt_texts, response_texts) -> [S] float rewards. The reward-model adapter and the synthetic
-# gold reward (``data.synthetic.gold_rewards``) both have this signature.
+# (prompt_texts, response_texts) -> [S] float rewards: the synthetic gold reward
+# (``data.synthetic.gold_rewards``) has this signature.
 TextRewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+# (prompt_tokens_SxP, prompt_mask_SxP, response_tokens_SxR, response_mask_SxR) -> [S] float rewards
+# of sampled token ids: the reward model (``scoring.sample_reward_fn``) has this signature, so it
+# scores exactly the tokens the policy produced, the way training and selection score them.
+SampleRewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +145,25 @@ class ScoredResponses(NamedTuple):
 def score_responses(tokenizer: tok_lib.Tokenizer, prompt_texts: Sequence[str],
                     response_tokens_BxR: np.ndarray, response_mask_BxR: np.ndarray, *,
                     gold_reward_fn: TextRewardFn | None = synthetic.gold_rewards,
-                    reward_fn: TextRewardFn | None = None) -> ScoredResponses:
-  """Decodes sampled responses and scores them with the gold reward and the reward model."""
+                    reward_fn: SampleRewardFn | None = None,
+                    prompt_tokens_BxP: np.ndarray | None = None,
+                    prompt_mask_BxP: np.ndarray | None = None) -> ScoredResponses:
+  """Decodes sampled responses; scores them with the gold reward (on the texts) and the reward
+  model (on the tokens: ``reward_fn`` needs the prompt tokens the responses were sampled from)."""
   tokens, mask = np.asarray(response_tokens_BxR), np.asarray(response_mask_BxR)
   responses = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
   gold = None if gold_reward_fn is None else np.asarray(gold_reward_fn(prompt_texts, responses),
                                                         np.float32)
-  rm = None if reward_fn is None else np.asarray(reward_fn(prompt_texts, responses), np.float32)
+  rm = None
+  if reward_fn is not None:
+    if prompt_tokens_BxP is None or prompt_mask_BxP is None:
+      raise ValueError("score_responses: reward_fn scores tokens; pass prompt_tokens_BxP and "
+                       "prompt_mask_BxP (the prompts the responses were sampled from)")
+    rm = np.asarray(reward_fn(np.asarray(prompt_tokens_BxP), np.asarray(prompt_mask_BxP), tokens,
+                              mask), np.float32)
+    if rm.shape != (len(responses),):
+      raise ValueError(f"score_responses: reward_fn returned shape {rm.shape}; allowed: "
+                       f"({len(responses)},), one reward per response")
   eos = np.asarray([tokenizer.eos_id in t[m > 0] for t, m in zip(tokens, mask)], np.float32)
   return ScoredResponses(responses, gold, rm, mask.sum(-1).astype(np.float32), eos)
 
@@ -158,14 +177,15 @@ class PolicyEvaluator:
     tokenizer: decodes samples for the gold reward / reward model.
     prompts: :func:`make_eval_prompts` output (``config.num_prompts`` of them are used).
     config: :class:`PolicyEvalConfig`.
-    reward_fn: ``(prompts, responses) -> [S]`` reward-model scores, or None.
+    reward_fn: reward-model scores of the sampled tokens (:data:`SampleRewardFn`, e.g.
+      ``scoring.sample_reward_fn(handle)``), or None.
     gold_reward_fn: the exact gold reward (default: the synthetic task's), or None.
     sample_path: if set, every evaluation appends its samples there as JSON lines.
   """
 
   def __init__(self, model: models.Transformer, ref_params: Any, tokenizer: tok_lib.Tokenizer,
                prompts: EvalPrompts, config: PolicyEvalConfig, *,
-               reward_fn: TextRewardFn | None = None,
+               reward_fn: SampleRewardFn | None = None,
                gold_reward_fn: TextRewardFn | None = synthetic.gold_rewards,
                sample_path: str | None = None):
     s = min(config.num_prompts, len(prompts.texts))
@@ -186,11 +206,15 @@ class PolicyEvaluator:
   def reference(self) -> ScoredResponses:
     """The SFT model's samples and scores (computed once)."""
     if self._ref is None:
-      out = self.sample(self.ref_params)
-      tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
-      self._ref = score_responses(self.tokenizer, self.prompt_texts, tokens, mask,
-                                  gold_reward_fn=self.gold_reward_fn, reward_fn=self.reward_fn)
+      self._ref = self._score(self.sample(self.ref_params))
     return self._ref
+
+  def _score(self, out: sampling.SampleOutput) -> ScoredResponses:
+    prompt_tokens, prompt_mask, tokens, mask = jax.device_get(
+        (out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR, out.response_mask_BxR))
+    return score_responses(self.tokenizer, self.prompt_texts, tokens, mask,
+                           gold_reward_fn=self.gold_reward_fn, reward_fn=self.reward_fn,
+                           prompt_tokens_BxP=prompt_tokens, prompt_mask_BxP=prompt_mask)
 
   def kl_to_reference(self, params: Any, out: sampling.SampleOutput) -> np.ndarray:
     """``[S]`` Σ_t log π - log π_ref over each sampled response (full forwards of both models)."""
@@ -202,9 +226,7 @@ class PolicyEvaluator:
   def __call__(self, params: Any, step: int = 0) -> dict[str, float]:
     out = self.sample(params)
     kl_S = self.kl_to_reference(params, out)
-    tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
-    scored = score_responses(self.tokenizer, self.prompt_texts, tokens, mask,
-                             gold_reward_fn=self.gold_reward_fn, reward_fn=self.reward_fn)
+    scored = self._score(out)
     ref = self.reference()
     metrics = {
         "kl_to_sft": float(np.mean(kl_S)),

@@ -1,33 +1,54 @@
-"""Scoring API of trained reward models: what PPO, RAFT, best-of-n and RLAIF call.
+"""Scoring API of trained reward models: what PPO, RAFT, best-of-n, PRO lists and evaluation call.
 
     handle = load_reward_model("workdirs/rm_synthetic", policy_tokenizer=tok, mesh=mesh)
     rewards_B = score(handle, out.prompt_tokens, out.prompt_mask,
-                      out.response_tokens_BxR, out.response_mask_BxR)       # jax.Array [B] (K = 1)
+                      out.response_tokens_BxR, out.response_mask_BxR)       # jax.Array [B]
     rewards_B = score_texts(handle, tok, prompts, responses)                 # np.ndarray [B]
 
-A reward model maps a sequence ``x = [BOS] prompt response [EOS]`` to K float32 outputs read at the
-last real token (``models.RewardModel``). ``score`` returns the *normalised* rewards
+A reward model maps a sequence ``x = [BOS] prompt response`` to K float32 outputs read at the
+last real token (``models.RewardModel``). Every score is
 
-    r̃_k(x, y) = (r_k(x, y) - μ_k) / σ_k
+    r̃_k(x, y) = (r_k(x, y) - μ_k) / σ_k                 (normalise; ``normalize=False`` skips it)
+    r(x, y)    = Σ_k w_k r̃_k(x, y)                       (reduce the K outputs to one reward)
 
 where μ_k, σ_k are the mean and standard deviation of r_k over responses sampled from the SFT model
 (computed once after training, stored with the checkpoint), so a reward of +1 means "one standard
-deviation better than a typical SFT sample" whatever the RM's arbitrary offset and scale; pass
-``normalize=False`` for the raw head outputs. K = 1 gives ``[B]``; K > 1 (multi-attribute heads)
-gives ``[B, K]``, or ``[B]`` with ``attribute_weights`` (Σ_k w_k r̃_k).
+deviation better than a typical SFT sample" whatever the RM's arbitrary offset and scale.
 
-Sequences: ``score`` concatenates the sampler's left-padded prompt (with BOS) and right-padded
-response (with EOS when it stopped) exactly like ``SampleOutput.full_sequences``; real tokens are
-contiguous and positions come from the mask, so this is the training layout. A response cut at
-``max_new_tokens`` without EOS is scored at its last token, as given (penalising it is the caller's
-choice). ``score_texts`` tokenises with the dataset convention (prompt cut from the left to
-``max_prompt_len - 1`` ids, response from the right to ``max_response_len - 1``).
+The reduction (the attribute weights w) is explicit and the same everywhere: it is resolved once
+when the handle is made (``attribute_weights=``, from ``config.sources.attribute_weights``) and every
+function below applies it. A K = 1 model needs none (w = (1,)); for K > 1 weights must be given
+(``"helpful:1,harmless:0.5"``, a ``{name: w}`` mapping, K numbers, or ``"mean"`` = 1/K each), and
+asking a K > 1 handle without weights for a reward is an error naming the outputs: picking head 0,
+or averaging, silently would be a choice the user never made. ``per_attribute=True`` returns the
+normalised ``[B, K]`` outputs instead of the reduced ``[B]``.
+
+The sequence rule — one rule for every caller, training, selection and evaluation alike: a
+response is scored **as given**, i.e. exactly the tokens the policy produced: with its EOS when it
+stopped, without one when it was cut at the token budget. No EOS the policy never emitted is
+appended. Why: the RM reads the last real token, so appending an EOS to a cut response scores a
+different sequence (a finished one) than the policy wrote and than PPO / RAFT / best-of-n rank
+(measured 0.17 vs 0.90 for the same response); a cut response is a different (usually worse)
+thing, and ranking it as if it had finished would reward not stopping. Penalising unfinished
+responses is a separate, explicit choice (PPO's ``missing_eos_penalty``, RAFT's ``require_eos``).
+
+* Token path (:func:`score`): the sampler's left-padded prompt (with BOS) and right-padded response
+  (with EOS iff it stopped), concatenated exactly like ``SampleOutput.full_sequences``; real tokens
+  are contiguous and positions come from the mask, so this is the training layout.
+* Text path (:func:`score_texts`): ``finished[i]`` says whether response i ended (default: yes, a
+  text handed in as a response is complete, like the RM's training data). A finished response is
+  ``[BOS] prompt response [EOS]`` (prompt cut from the left to ``max_prompt_len - 1`` ids, response
+  from the right to ``max_response_len - 1``); an unfinished one gets no EOS and keeps up to
+  ``max_response_len`` ids. For the same response the two paths build the same ids, so they give
+  the same score; evaluation of sampled responses uses the token path itself (no decode / re-encode
+  round trip, which is lossy for invalid UTF-8).
 
 Sharding and batching: params are restored directly onto ``mesh`` with the same logical-axis rules
 as the policy (``parallel.logical_shardings``), the batch is split over the mesh's batch axes, and
 rows are processed in chunks of ``batch_size`` (the last chunk padded with zero-mask rows, so one
 compile per sequence length). ``reward_fn(handle)`` is the pure, jit-able function underneath for
-callers that want to fuse scoring into their own jitted step.
+callers that want to fuse scoring into their own jitted step; :func:`rewards_from_raw` is the
+normalise-and-reduce step alone (PPO's jitted scoring phase uses it).
 
 On-disk layout (``<rm workdir>/reward_model/``, written atomically by :func:`save_reward_model`):
 ``reward_model.json`` (model config, K and output names, tokenizer spec + fingerprint, length
@@ -132,6 +153,8 @@ class RewardModelHandle:
   rules: tuple
   batch_size: int  # rows per jitted call, a multiple of batch_ways
   batch_ways: int  # devices the batch dimension is split over
+  # w of the K -> 1 reduction (module docstring); None: K > 1 and no weights were given.
+  attribute_weights: tuple[float, ...] | None = None
   _score_jit: Callable = dataclasses.field(repr=False, default=None)
 
   @property
@@ -218,7 +241,8 @@ def place_params(params: Any, model: models.RewardModel, mesh: Mesh,
 
 def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | None = None,
                       mesh: Mesh | None = None, rules: Sequence = parallel.DEFAULT_RULES,
-                      batch_size: int = 64) -> RewardModelHandle:
+                      batch_size: int = 64,
+                      attribute_weights: AttributeWeights = None) -> RewardModelHandle:
   """Loads ``<workdir>/reward_model`` onto ``mesh`` (default: one device).
 
   Args:
@@ -228,6 +252,8 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
     mesh, rules: where the params live; use the policy's mesh and rules to shard them alike.
     batch_size: rows per jitted call in :func:`score` / :func:`score_texts` (rounded up to a
       multiple of the mesh's batch-axis size).
+    attribute_weights: the K -> 1 reduction (:func:`resolve_attribute_weights`); '' / None is
+      fine for K = 1 and leaves a K > 1 handle without a scalar reward.
   """
   if not (isinstance(batch_size, int) and batch_size >= 1):
     raise ValueError(f"load_reward_model: batch_size={batch_size!r}; allowed: an int >= 1")
@@ -244,13 +270,15 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR), abstract)
   return make_handle(info, params, mesh=mesh, rules=rules, batch_size=batch_size,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, attribute_weights=attribute_weights)
 
 
 def make_handle(info: RewardModelInfo, params: Any, *, mesh: Mesh | None = None,
                 rules: Sequence = parallel.DEFAULT_RULES, batch_size: int = 64,
-                tokenizer: tok_lib.Tokenizer | None = None) -> RewardModelHandle:
+                tokenizer: tok_lib.Tokenizer | None = None,
+                attribute_weights: AttributeWeights = None) -> RewardModelHandle:
   """A handle around in-memory params (e.g. right after training, before saving)."""
+  weights = _optional_weights(info, attribute_weights)
   mesh = mesh or default_mesh()
   model = models.RewardModel(info.model_config(), num_outputs=info.num_outputs)
   params = place_params(params, model, mesh, rules)
@@ -271,13 +299,94 @@ def make_handle(info: RewardModelInfo, params: Any, *, mesh: Mesh | None = None,
                    out_shardings=replicated)
   return RewardModelHandle(info=info, model=model, params=params, tokenizer=tokenizer, mesh=mesh,
                            rules=tuple(rules), batch_size=batch_size, batch_ways=ways,
-                           _score_jit=run)
+                           attribute_weights=weights, _score_jit=run)
 
 
 def _as_tuple(axes) -> tuple:
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The K -> 1 reduction
+# ----------------------------------------------------------------------------------------------------
+
+# '' / None, "mean", "name:w,name:w", {name: w}, or K numbers in output order.
+AttributeWeights = str | Mapping[str, float] | Sequence[float] | None
+
+
+def parse_attribute_weights(spec: str) -> dict[str, float] | str:
+  """``"helpful:1,harmless:0.5"`` -> ``{"helpful": 1.0, "harmless": 0.5}``; ``"mean"`` / '' as is.
+
+  The config form (a string, so it can be set from the command line); raises ``ValueError`` on a
+  malformed spec without needing the reward model.
+  """
+  spec = spec.strip()
+  if spec in ("", "mean"):
+    return spec
+  out: dict[str, float] = {}
+  for part in spec.split(","):
+    name, sep, value = part.partition(":")
+    name = name.strip()
+    try:
+      weight = float(value)
+    except ValueError:
+      weight = None
+    if not sep or not name or weight is None or not np.isfinite(weight) or name in out:
+      raise ValueError(f"attribute_weights={spec!r} is invalid at {part!r}; allowed: '' (a single-"
+                       "output RM), 'mean', or 'name:weight,name:weight' with each output name once")
+    out[name] = weight
+  return out
+
+
+def resolve_attribute_weights(info: RewardModelInfo, weights: AttributeWeights) -> tuple[float, ...]:
+  """The weight vector w (one entry per output, in ``info.output_names`` order).
+
+  ``weights``: '' / None (allowed only for K = 1: w = (1,)), ``"mean"`` (1/K each), a
+  ``"name:w,..."`` string or ``{name: w}`` mapping naming every output exactly once, or K numbers.
+  """
+  names, k = info.output_names, info.num_outputs
+  if isinstance(weights, str):
+    weights = parse_attribute_weights(weights)
+  if weights is None or (isinstance(weights, (str, Mapping, tuple, list)) and len(weights) == 0):
+    if k == 1:
+      return (1.0,)
+    raise ValueError(
+        f"the reward model has K={k} outputs {names}; a scalar reward needs explicit weights: set "
+        f"config.sources.attribute_weights, e.g. {','.join(f'{n}:1' for n in names)!r} (or 'mean')")
+  if weights == "mean":
+    return tuple(1.0 / k for _ in names)
+  if isinstance(weights, Mapping):
+    if set(weights) != set(names):
+      raise ValueError(f"attribute_weights names {sorted(weights)}; allowed: exactly the reward "
+                       f"model's outputs {list(names)}")
+    return tuple(float(weights[n]) for n in names)
+  w = tuple(float(x) for x in weights)
+  if len(w) != k:
+    raise ValueError(f"attribute_weights has {len(w)} entries; allowed: {k}, one weight per output "
+                     f"{names}")
+  return w
+
+
+def _optional_weights(info: RewardModelInfo, weights: AttributeWeights) -> tuple[float, ...] | None:
+  """Resolved weights, or None for a K > 1 model given none (an error only once a reward is asked)."""
+  empty = weights is None or (isinstance(weights, str) and not weights.strip())
+  if empty and info.num_outputs > 1:
+    return None
+  return resolve_attribute_weights(info, weights)
+
+
+def rewards_from_raw(raw_BxK: jax.Array, mean_K: jax.Array, std_K: jax.Array,
+                     weights_K: jax.Array | None) -> jax.Array:
+  """Σ_k w_k (r_k - μ_k) / σ_k ([B]), or the normalised ``[B, K]`` when ``weights_K`` is None.
+
+  Pure and jit-able (μ, σ, w may be traced); float32 whatever the head's dtype.
+  """
+  r_BxK = (raw_BxK.astype(jnp.float32) - mean_K) / std_K
+  if weights_K is None:
+    return r_BxK
+  return jnp.einsum("bk,k->b", r_BxK, jnp.asarray(weights_K, jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,46 +403,57 @@ def _raw_fn(model: models.RewardModel) -> Callable:
 
 def normalize_rewards(raw_BxK: jax.Array, info: RewardModelInfo) -> jax.Array:
   """(r - μ) / σ per output, float32."""
-  mean_K = jnp.asarray(info.mean, jnp.float32)
-  std_K = jnp.asarray(info.std, jnp.float32)
-  return (raw_BxK.astype(jnp.float32) - mean_K) / std_K
+  return rewards_from_raw(raw_BxK, jnp.asarray(info.mean, jnp.float32),
+                          jnp.asarray(info.std, jnp.float32), None)
 
 
-def _finish(rewards_BxK: jax.Array, info: RewardModelInfo, normalize: bool,
-            attribute_weights: Sequence[float] | None) -> jax.Array:
-  if normalize:
-    rewards_BxK = normalize_rewards(rewards_BxK, info)
+def _weights(handle: RewardModelHandle, attribute_weights: AttributeWeights,
+             per_attribute: bool) -> tuple[float, ...] | None:
+  if per_attribute:
+    if attribute_weights is not None:
+      raise ValueError("per_attribute=True returns the K outputs; attribute_weights does not apply")
+    return None
   if attribute_weights is not None:
-    w_K = jnp.asarray(attribute_weights, jnp.float32)
-    if w_K.shape != (info.num_outputs,):
-      raise ValueError(f"attribute_weights has shape {w_K.shape}; allowed: ({info.num_outputs},), one "
-                       f"weight per output {info.output_names}")
-    return jnp.einsum("bk,k->b", rewards_BxK, w_K)
-  return rewards_BxK[:, 0] if info.num_outputs == 1 else rewards_BxK
+    return resolve_attribute_weights(handle.info, attribute_weights)
+  if handle.attribute_weights is None:
+    resolve_attribute_weights(handle.info, None)  # raises: K > 1 without weights
+  return handle.attribute_weights
+
+
+def _finish(raw_BxK: jax.Array, info: RewardModelInfo, normalize: bool,
+            weights: tuple[float, ...] | None) -> jax.Array:
+  k = info.num_outputs
+  mean_K = jnp.asarray(info.mean if normalize else (0.0,) * k, jnp.float32)
+  std_K = jnp.asarray(info.std if normalize else (1.0,) * k, jnp.float32)
+  return rewards_from_raw(raw_BxK, mean_K, std_K, None if weights is None else jnp.asarray(weights))
 
 
 def reward_fn(handle: RewardModelHandle, *, normalize: bool = True,
-              attribute_weights: Sequence[float] | None = None) -> Callable:
-  """Pure ``f(params, tokens_BxT, mask_BxT) -> rewards`` ([B] or [B, K]) for use inside jit.
+              attribute_weights: AttributeWeights = None, per_attribute: bool = False) -> Callable:
+  """Pure ``f(params, tokens_BxT, mask_BxT) -> rewards`` ([B], or [B, K] with ``per_attribute``)
+  for use inside jit.
 
   ``params`` is ``handle.params`` (passed explicitly so it is not baked in as a constant).
   """
   raw = _raw_fn(handle.model)
   info = handle.info
+  weights = _weights(handle, attribute_weights, per_attribute)
 
   def f(params, tokens_BxT, mask_BxT):
-    return _finish(raw(params, tokens_BxT, mask_BxT), info, normalize, attribute_weights)
+    return _finish(raw(params, tokens_BxT, mask_BxT), info, normalize, weights)
 
   return f
 
 
 def score_sequences(handle: RewardModelHandle, tokens_BxT: Any, mask_BxT: Any, *,
-                    normalize: bool = True,
-                    attribute_weights: Sequence[float] | None = None) -> jax.Array:
-  """Rewards of full sequences ``[BOS] prompt response [EOS]`` (any padding; mask 1 = real token).
+                    normalize: bool = True, attribute_weights: AttributeWeights = None,
+                    per_attribute: bool = False) -> jax.Array:
+  """Rewards of full sequences ``[BOS] prompt response`` (any padding; mask 1 = real token).
 
-  Returns ``[B]`` float32 (K = 1 or with ``attribute_weights``) or ``[B, K]``.
+  Returns ``[B]`` float32 (the handle's reduction, or ``attribute_weights`` for this call), or the
+  normalised ``[B, K]`` with ``per_attribute=True``.
   """
+  weights = _weights(handle, attribute_weights, per_attribute)
   if not isinstance(tokens_BxT, jax.Array):
     tokens_BxT, mask_BxT = np.asarray(tokens_BxT), np.asarray(mask_BxT)
     tok_lib.check_token_ids(tokens_BxT[np.asarray(mask_BxT) > 0], handle.info.model["vocab_size"],
@@ -359,7 +479,7 @@ def score_sequences(handle: RewardModelHandle, tokens_BxT: Any, mask_BxT: Any, *
     raw = handle._score_jit(handle.params, jax.device_put(tok, data), jax.device_put(msk, data))
     outs.append(raw[:n])
   raw_BxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-  return _finish(raw_BxK, handle.info, normalize, attribute_weights)
+  return _finish(raw_BxK, handle.info, normalize, weights)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -368,11 +488,12 @@ def _round_up(n: int, m: int) -> int:
 
 def score(handle: RewardModelHandle, prompt_tokens_BxP: Any, prompt_mask_BxP: Any,
           response_tokens_BxR: Any, response_mask_BxR: Any, *, normalize: bool = True,
-          attribute_weights: Sequence[float] | None = None) -> jax.Array:
+          attribute_weights: AttributeWeights = None, per_attribute: bool = False) -> jax.Array:
   """Rewards of (prompt, response) token batches, e.g. a sampler's ``SampleOutput`` fields.
 
-  Prompts carry their BOS (``batching.encode_prompts`` / prompt datasets do); responses carry EOS
-  when generation stopped. Returns ``[B]`` (K = 1, or with ``attribute_weights``) or ``[B, K]``.
+  Prompts carry their BOS (``batching.encode_prompts`` / prompt datasets do); responses are scored
+  as given: with EOS when generation stopped, without when it was cut (module docstring).
+  Returns ``[B]``, or ``[B, K]`` with ``per_attribute=True``.
   """
   if np.shape(prompt_tokens_BxP)[0] != np.shape(response_tokens_BxR)[0]:
     raise ValueError(f"score: {np.shape(prompt_tokens_BxP)[0]} prompts but "
@@ -381,25 +502,32 @@ def score(handle: RewardModelHandle, prompt_tokens_BxP: Any, prompt_mask_BxP: An
   tokens = cat([prompt_tokens_BxP, response_tokens_BxR], axis=1)
   mask = cat([prompt_mask_BxP, response_mask_BxR], axis=1)
   return score_sequences(handle, tokens, mask, normalize=normalize,
-                         attribute_weights=attribute_weights)
+                         attribute_weights=attribute_weights, per_attribute=per_attribute)
 
 
 def encode_pairs(tokenizer: tok_lib.Tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-                 max_prompt_len: int, max_response_len: int) -> tuple[np.ndarray, np.ndarray]:
+                 max_prompt_len: int, max_response_len: int,
+                 finished: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``[BOS] prompt response [EOS]`` right-padded to the longest row: ``(tokens, mask)`` int32.
 
-  Prompts keep their last ``max_prompt_len - 1`` ids, responses their first ``max_response_len - 1``
-  (the dataset's default truncation), so text scores match what the RM was trained on.
+  Prompts keep their last ``max_prompt_len - 1`` ids. A finished response (``finished[i]``, default
+  all) keeps its first ``max_response_len - 1`` ids and gets the EOS; an unfinished one keeps up
+  to ``max_response_len`` ids and gets none (the module docstring's rule), so text scores match
+  what the RM was trained on and what the token path scores.
   """
   if len(prompts) != len(responses):
     raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+  finished = [True] * len(responses) if finished is None else [bool(f) for f in finished]
+  if len(finished) != len(responses):
+    raise ValueError(f"{len(finished)} finished flags but {len(responses)} responses")
   rows = []
   for i, (p_ids, r_ids) in enumerate(zip(tokenizer.encode_batch(list(prompts)),
                                          tokenizer.encode_batch(list(responses)))):
     p_ids = list(p_ids)[max(0, len(p_ids) - (max_prompt_len - 1)):]
-    r_ids = list(r_ids)[:max_response_len - 1]
+    end = [tokenizer.eos_id] if finished[i] else []
+    r_ids = list(r_ids)[:max_response_len - len(end)]
     tok_lib.check_token_ids(p_ids + r_ids, tokenizer.vocab_size, where=f"pair {i}")
-    rows.append([tokenizer.bos_id] + p_ids + r_ids + [tokenizer.eos_id])
+    rows.append([tokenizer.bos_id] + p_ids + r_ids + end)
   length = max(len(r) for r in rows)
   tokens = np.full((len(rows), length), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(rows), length), np.int32)
@@ -410,14 +538,16 @@ def encode_pairs(tokenizer: tok_lib.Tokenizer, prompts: Sequence[str], responses
 
 
 def score_texts(handle: RewardModelHandle, tokenizer: tok_lib.Tokenizer | None,
-                prompts: Sequence[str], responses: Sequence[str], *, normalize: bool = True,
-                attribute_weights: Sequence[float] | None = None,
+                prompts: Sequence[str], responses: Sequence[str], *,
+                finished: Sequence[bool] | None = None, normalize: bool = True,
+                attribute_weights: AttributeWeights = None, per_attribute: bool = False,
                 pad_to: int | None = None) -> np.ndarray:
-  """Rewards of text pairs as a host ``np.ndarray`` ([B] or [B, K]).
+  """Rewards of text pairs as a host ``np.ndarray`` ([B], or [B, K] with ``per_attribute``).
 
-  ``tokenizer`` (the caller's, e.g. the policy's) must match the RM's fingerprint; ``None`` uses the
-  RM's own. Rows are padded to ``pad_to`` (default: ``max_prompt_len + max_response_len``) so every
-  call compiles one shape.
+  ``finished[i]``: whether response i ended (gets the EOS); default all (complete responses, as
+  in datasets and comparisons). ``tokenizer`` (the caller's, e.g. the policy's) must match the
+  RM's fingerprint; ``None`` uses the RM's own. Rows are padded to ``pad_to`` (default:
+  ``max_prompt_len + max_response_len``) so every call compiles one shape.
   """
   if len(prompts) == 0:
     raise ValueError("score_texts: no prompts given")
@@ -426,12 +556,24 @@ def score_texts(handle: RewardModelHandle, tokenizer: tok_lib.Tokenizer | None,
   info = handle.info
   tokens, mask = encode_pairs(handle.tokenizer, prompts, responses,
                               max_prompt_len=info.max_prompt_len,
-                              max_response_len=info.max_response_len)
+                              max_response_len=info.max_response_len, finished=finished)
   width = pad_to or (info.max_prompt_len + info.max_response_len)
   if tokens.shape[1] < width:
     pad = ((0, 0), (0, width - tokens.shape[1]))
     tokens = np.pad(tokens, pad, constant_values=handle.tokenizer.pad_id)
     mask = np.pad(mask, pad)
   out = score_sequences(handle, tokens, mask, normalize=normalize,
-                        attribute_weights=attribute_weights)
+                        attribute_weights=attribute_weights, per_attribute=per_attribute)
   return np.asarray(jax.device_get(out))
+
+
+def sample_reward_fn(handle: RewardModelHandle) -> Callable[..., np.ndarray]:
+  """``(prompt_tokens_BxP, prompt_mask_BxP, response_tokens_BxR, response_mask_BxR) -> [B]`` host
+  rewards through :func:`score`: the evaluator's reward of sampled responses (the same rule and
+  reduction as training and selection, no text round trip)."""
+
+  def fn(prompt_tokens_BxP, prompt_mask_BxP, response_tokens_BxR, response_mask_BxR):
+    return np.asarray(jax.device_get(score(handle, prompt_tokens_BxP, prompt_mask_BxP,
+                                           response_tokens_BxR, response_mask_BxR)), np.float32)
+
+  return fn

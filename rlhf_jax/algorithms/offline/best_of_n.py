@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import parallel, sampling
+from rlhf_jax import parallel
 from rlhf_jax.algorithms import common
 from rlhf_jax import scoring
 from rlhf_jax.eval import policy as policy_eval
@@ -84,31 +84,19 @@ def best_of_n_rows(rm_SxN: np.ndarray, gold_SxN: np.ndarray, lengths_SxN: np.nda
 
 def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestOfNConfig,
                      max_new_tokens: int, temperature: float):
-  """n_max SFT samples per prompt: RM rewards, gold rewards and lengths, each ``[S, n_max]``."""
-  tok, n_max = loaded.tokenizer, max(cfg.ns)
-  samp = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                 num_samples=n_max, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  chunk = min(cfg.chunk_prompts, len(prompts))
-  rm, gold, lengths = [], [], []
-  for start in range(0, len(prompts), chunk):
-    texts = prompts[start:start + chunk]
-    n_real = len(texts)
-    texts = texts + [texts[-1]] * (chunk - n_real)
-    enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
-    out = sampling.sample(loaded.model, loaded.ref_params, enc.prompt_tokens, enc.prompt_mask,
-                          jax.random.fold_in(jax.random.PRNGKey(cfg.seed), start), samp)
-    r = scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
-                             out.response_tokens_BxR, out.response_mask_BxR)
-    tokens, mask, r = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR, r))
-    rows = n_real * n_max
-    prompt_rows = [t for t in texts[:n_real] for _ in range(n_max)]
-    scored = policy_eval.score_responses(tok, prompt_rows, tokens[:rows], mask[:rows])
-    rm.append(np.asarray(r)[:rows])
-    gold.append(scored.gold)
-    lengths.append(scored.lengths)
-  shape = (len(prompts), n_max)
-  return (np.concatenate(rm).reshape(shape), np.concatenate(gold).reshape(shape),
-          np.concatenate(lengths).reshape(shape))
+  """n_max SFT samples per prompt: RM rewards, gold rewards and lengths, each ``[S, n_max]``.
+
+  ``scoring.sample_candidates`` samples and scores (the RM reward of each response as sampled,
+  the rule the evaluator's ``sft_rm_reward`` uses too); the gold reward reads the decoded texts.
+  """
+  cands = scoring.sample_candidates(
+      loaded.model, loaded.ref_params, loaded.tokenizer, prompts, reward=loaded.reward,
+      num_samples=max(cfg.ns), max_prompt_len=cfg.max_prompt_len, max_new_tokens=max_new_tokens,
+      temperature=temperature, rng=jax.random.PRNGKey(cfg.seed), chunk_prompts=cfg.chunk_prompts)
+  prompt_rows = [p for p in prompts for _ in range(cands.num_samples)]
+  gold_N = policy_eval.synthetic.gold_rewards(prompt_rows, cands.texts)
+  lengths_N = cands.response_mask.sum(-1).astype(np.float32)
+  return cands.grid(cands.rewards_N), cands.grid(gold_N), cands.grid(lengths_N)
 
 
 KNOWN_KEYS = {"seed", "sources", "bon", "eval", "mesh"}

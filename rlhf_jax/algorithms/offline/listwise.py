@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax import losses, models, parallel, train
 from rlhf_jax.algorithms.offline import dpo
 from rlhf_jax.algorithms import common
 from rlhf_jax import scoring
@@ -195,34 +195,28 @@ def filter_lists(src: str, dst: str, max_candidates: int = 0) -> tuple[int, int]
 
 def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedDataConfig,
                    path: str, seed: int) -> None:
-  """K samples per prompt from the initial policy, scored by the reward model, as ranked JSONL."""
+  """K samples per prompt from the initial policy, scored by the reward model, as ranked JSONL.
+
+  Sampling and scoring are ``scoring.sample_candidates`` (the loop RAFT and best-of-n share); each
+  score is the RM reward of the response as sampled.
+  """
   if os.path.exists(path):
     return  # deterministic given the SFT checkpoint and seed; written atomically
-  tok = loaded.tokenizer
-  samp = sampling.SamplingConfig(max_new_tokens=cfg.max_response_len,
-                                 temperature=cfg.generation_temperature,
-                                 num_samples=cfg.num_candidates, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  rows, chunk, empty = [], min(64, len(prompts)), 0
-  for start in range(0, len(prompts), chunk):
-    texts = prompts[start:start + chunk]
-    texts = texts + [texts[-1]] * (chunk - len(texts))  # one compiled shape
-    enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
-    out = sampling.sample(loaded.model, loaded.ref_params, enc.prompt_tokens, enc.prompt_mask,
-                          jax.random.fold_in(jax.random.PRNGKey(seed), start), samp)
-    rewards = np.asarray(jax.device_get(scoring.score(
-        loaded.reward, out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR,
-        out.response_mask_BxR)))
-    tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
-    k = cfg.num_candidates
-    for i, prompt in enumerate(prompts[start:start + chunk]):
-      # Empty (immediate-EOS) samples cannot be stored as records; a list needs 2 candidates.
-      kept = [(text, float(rewards[j])) for j in range(i * k, (i + 1) * k)
-              if (text := tok.decode(tokens[j][mask[j] > 0])).strip()]
-      if len(kept) < 2:
-        empty += 1
-        continue
-      rows.append({"prompt": prompt, "responses": [t for t, _ in kept],
-                   "scores": [round(r, 5) for _, r in kept]})
+  tok, k = loaded.tokenizer, cfg.num_candidates
+  cands = scoring.sample_candidates(
+      loaded.model, loaded.ref_params, tok, prompts, reward=loaded.reward, num_samples=k,
+      max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_response_len,
+      temperature=cfg.generation_temperature, rng=jax.random.PRNGKey(seed))
+  rows, empty = [], 0
+  for i, prompt in enumerate(prompts):
+    # Empty (immediate-EOS) samples cannot be stored as records; a list needs 2 candidates.
+    kept = [(cands.texts[j], float(cands.rewards_N[j])) for j in range(i * k, (i + 1) * k)
+            if cands.texts[j].strip()]
+    if len(kept) < 2:
+      empty += 1
+      continue
+    rows.append({"prompt": prompt, "responses": [t for t, _ in kept],
+                 "scores": [round(r, 5) for _, r in kept]})
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   rec.write_jsonl(path, rows)
   if not rows:

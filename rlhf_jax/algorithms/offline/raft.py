@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import parallel, sampling, train
+from rlhf_jax import parallel, train
 from rlhf_jax.algorithms.offline import dpo
 from rlhf_jax.algorithms import common
 from rlhf_jax import scoring
@@ -144,44 +144,28 @@ class _RoundData:
 
 def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], cfg: RAFTConfig,
                   rng: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-  """Samples, scores and selects one round's training sequences ``[M, P + R]`` (+ statistics)."""
+  """Samples, scores and selects one round's training sequences ``[M, P + R]`` (+ statistics).
+
+  Sampling and scoring are ``scoring.sample_candidates`` (the loop best-of-n and generated PRO
+  lists share): K samples per prompt, RM rewards on the responses as sampled.
+  """
   tok = loaded.tokenizer
-  samp = sampling.SamplingConfig(max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
-                                 num_samples=cfg.samples_per_prompt, eos_id=tok.eos_id,
-                                 pad_id=tok.pad_id)
-  chunk = min(64, len(prompts))
-  parts: dict[str, list] = {"tokens": [], "mask": [], "loss_mask": [], "rm": [], "eligible": []}
-  for start in range(0, len(prompts), chunk):
-    texts = prompts[start:start + chunk]
-    n_real = len(texts)
-    texts = texts + [texts[-1]] * (chunk - n_real)  # one compiled shape
-    enc = policy_eval.make_eval_prompts(tok, texts, max_prompt_len=cfg.max_prompt_len)
-    out = sampling.sample(loaded.model, params, enc.prompt_tokens, enc.prompt_mask,
-                          jax.random.fold_in(rng, start), samp)
-    rm = scoring.score(loaded.reward, out.prompt_tokens, out.prompt_mask,
-                              out.response_tokens_BxR, out.response_mask_BxR)
-    tokens, mask, loss_mask = out.full_sequences()
-    rows = n_real * cfg.samples_per_prompt
-    tokens, mask, loss_mask, resp, resp_mask, rm = jax.device_get(
-        (tokens, mask, loss_mask, out.response_tokens_BxR, out.response_mask_BxR, rm))
-    finished = np.any((resp == tok.eos_id) & (resp_mask > 0), axis=1)
-    nonempty = np.sum((resp_mask > 0) & (resp != tok.eos_id), axis=1) > 0
-    eligible = nonempty & (finished | (not cfg.require_eos))
-    for key, value in (("tokens", tokens), ("mask", mask), ("loss_mask", loss_mask), ("rm", rm),
-                       ("eligible", eligible)):
-      parts[key].append(np.asarray(value)[:rows])
-  data = {k: np.concatenate(v) for k, v in parts.items()}
-  rm_NxK = data["rm"].reshape(len(prompts), cfg.samples_per_prompt)
-  eligible_NxK = data["eligible"].reshape(rm_NxK.shape)
-  kept = select(rm_NxK, eligible_NxK, cfg.selection, cfg.keep_fraction)
+  cands = scoring.sample_candidates(
+      loaded.model, params, tok, prompts, reward=loaded.reward, num_samples=cfg.samples_per_prompt,
+      max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_response_len,
+      temperature=cfg.temperature, rng=rng)
+  eligible_N = cands.nonempty_N(tok.eos_id) & (cands.finished_N | (not cfg.require_eos))
+  kept = select(cands.grid(cands.rewards_N), cands.grid(eligible_N), cfg.selection,
+                cfg.keep_fraction)
   if len(kept) == 0:
     raise ValueError("RAFT: no eligible sample this round (every sample is empty or never emitted "
                      "EOS); raise max_response_len or set require_eos=False")
-  arrays = {k: data[k][kept].astype(np.int32) for k in ("tokens", "mask", "loss_mask")}
-  stats = {"round_rm_reward": float(np.mean(data["rm"])),
-           "round_kept_rm_reward": float(np.mean(data["rm"][kept])),
+  tokens, mask, loss_mask = cands.full_sequences()
+  arrays = {"tokens": tokens[kept], "mask": mask[kept], "loss_mask": loss_mask[kept]}
+  stats = {"round_rm_reward": float(np.mean(cands.rewards_N)),
+           "round_kept_rm_reward": float(np.mean(cands.rewards_N[kept])),
            "round_kept": float(len(kept)),
-           "round_eligible_fraction": float(np.mean(data["eligible"]))}
+           "round_eligible_fraction": float(np.mean(eligible_N))}
   return arrays, stats
 
 

@@ -164,10 +164,6 @@ def _kl_controller(config: PPOConfig):
   return losses.FixedKLController(config.kl_coef)
 
 
-def _rm_text_fn(reward: scoring.RewardModelHandle, tokenizer):
-  return lambda prompts, responses: scoring.score_texts(reward, tokenizer, prompts, responses)
-
-
 def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.OptimConfig,
         eval_config: policy_eval.PolicyEvalConfig, data: PPODataConfig, models_: ppo_models.PPOModels,
         seed: int = 0, run_config: Mapping[str, Any] | None = None,
@@ -229,7 +225,8 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
   phases = _Phases(
       generate=make_generate_fn(policy, samp_cfg, placement),
       score=make_score_fn(models_.reward.model, eos_id=tok.eos_id,
-                          missing_eos_penalty=config.missing_eos_penalty, placement=placement),
+                          missing_eos_penalty=config.missing_eos_penalty,
+                          attribute_weights=models_.reward.attribute_weights, placement=placement),
       logprob=make_logprob_fn(policy, models_.value_model, prompt_len, config.temperature,
                               placement),
       advantage=make_advantage_fn(config, placement),
@@ -247,7 +244,7 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
     eval_prompts = policy_eval.make_eval_prompts(tok, prompts.eval_texts, max_prompt_len=prompt_len)
     evaluator = policy_eval.PolicyEvaluator(
         policy, ref_params, tok, eval_prompts, eval_config,
-        reward_fn=_rm_text_fn(models_.reward, tok), gold_reward_fn=prompts.gold_reward_fn,
+        reward_fn=scoring.sample_reward_fn(models_.reward), gold_reward_fn=prompts.gold_reward_fn,
         sample_path=os.path.join(workdir, "samples.jsonl"))
 
   writer = train.MetricsWriter(workdir, resume_step=start)

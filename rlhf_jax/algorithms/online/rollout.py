@@ -17,7 +17,8 @@ Phases (each one jitted function, timed by the trainer at its boundary):
 3. reference / old log-probs / values — three forwards over the full sequences.
 4. advantages (:func:`compute_advantages`):
    - ``ppo``:  r_t = -β KL_t + [t = last] · score (``losses.kl_penalized_rewards``),
-     A, R = GAE(r, V) (``losses.gae``), A whitened over the batch (``losses.masked_whiten``).
+     A, R = GAE(r, V) (``losses.gae``), A whitened over the batch (``losses.masked_whiten``;
+     ``whiten_advantages`` defaults per algorithm: on for ``ppo`` only).
    - ``rloo``: r = score - β Σ_t KL_t per sequence, A_i = r_i - mean_{j≠i} r_j in its group.
    - ``grpo``: A_i = (s_i - mean(s)) / (std(s) + 1e-4) per group; β · k3 is a loss term instead.
    - ``dr_grpo``: A_i = s_i - mean(s).
@@ -37,7 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, models, sampling
+from rlhf_jax import losses, models, sampling, scoring
 from rlhf_jax.parallel import Placement
 from rlhf_jax.algorithms.online.config import PPOConfig
 
@@ -83,18 +84,30 @@ def make_generate_fn(policy: models.Transformer, config: sampling.SamplingConfig
 
 @functools.lru_cache(maxsize=16)
 def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_penalty: float,
+                  attribute_weights: tuple[float, ...] | None = None,
                   placement: Placement | None = None):
   """Jitted ``(rm_params, mean_K, std_K, tokens_BxT, mask_BxT, response_mask_BxR) -> (scores_B, rm_B)``.
 
-  ``rm_B`` = (r_φ(x, y) - μ) / σ, the reward model's first output with its stored normalisation
-  (``scoring.normalize_rewards``); ``scores_B`` is ``rm_B`` minus ``missing_eos_penalty`` for
-  responses that never emitted EOS (TRL's ``missing_eos_penalty``). Cached per (model, settings),
-  so repeated runs in one process reuse the compiled function.
+  ``rm_B`` = Σ_k w_k (r_φ,k(x, y) - μ_k) / σ_k, computed by ``scoring.rewards_from_raw`` — the
+  normalisation and attribute reduction every other method applies — on the response as sampled
+  (EOS iff emitted). ``attribute_weights`` is the handle's resolved w
+  (``RewardModelHandle.attribute_weights``); None is allowed for a single-output RM only.
+  ``scores_B`` is ``rm_B`` minus ``missing_eos_penalty`` for responses that never emitted EOS
+  (TRL's ``missing_eos_penalty``). Cached per (model, settings), so repeated runs in one process
+  reuse the compiled function.
   """
+  k = reward_model.num_outputs
+  if attribute_weights is None and k == 1:
+    attribute_weights = (1.0,)
+  if attribute_weights is None or len(attribute_weights) != k:
+    raise ValueError(f"make_score_fn: the reward model has K={k} outputs and attribute_weights="
+                     f"{attribute_weights!r}; allowed: K weights (config.sources.attribute_weights,"
+                     " resolved by scoring.load_reward_model)")
+  weights_K = tuple(float(w) for w in attribute_weights)
 
   def score_fn(rm_params, mean_K, std_K, tokens_BxT, mask_BxT, response_mask_BxR):
-    raw_BxK = reward_model.apply({"params": rm_params}, tokens_BxT, mask_BxT).astype(jnp.float32)
-    rm_B = (raw_BxK[:, 0] - mean_K[0]) / std_K[0]
+    raw_BxK = reward_model.apply({"params": rm_params}, tokens_BxT, mask_BxT)
+    rm_B = scoring.rewards_from_raw(raw_BxK, mean_K, std_K, jnp.asarray(weights_K, jnp.float32))
     if not missing_eos_penalty:
       return rm_B, rm_B
     r = response_mask_BxR.shape[1]
@@ -179,7 +192,7 @@ def compute_advantages(config: PPOConfig, scores_B, old_logps_BxR, ref_logps_BxR
     metrics["rlhf_reward"] = jnp.mean(seq_rewards_B)
     advantages_BxR = jnp.where(mask > 0, adv_B[:, None], 0.0)
     returns_BxR = jnp.zeros_like(advantages_BxR)
-  if config.whiten_advantages:
+  if config.whitens_advantages:
     advantages_BxR = losses.masked_whiten(advantages_BxR, mask)
   return advantages_BxR, returns_BxR, metrics
 
