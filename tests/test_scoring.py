@@ -174,3 +174,10 @@ def test_sample_candidates_rows_are_prompt_major_and_scored_as_sampled():
   tokens, mask, loss_mask = cands.full_sequences()
   chex.assert_shape([tokens, mask, loss_mask], (n, P + 6))
   np.testing.assert_array_equal(loss_mask[:, :P], 0)
+
+
+def test_sources_attribute_weights_are_checked_when_the_config_is_parsed():
+  from rlhf_jax.algorithms import sections
+  assert sections.Sources(attribute_weights="helpful:1,harmless:0.5").attribute_weights
+  with pytest.raises(ValueError, match="Sources.attribute_weights='helpful=1'"):
+    sections.Sources(attribute_weights="helpful=1")

@@ -139,8 +139,9 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
   policy_params = jax.tree.map(jnp.copy, policy_params)
   reward = None
   if sources.reward_model_workdir:
-    reward = scoring.load_reward_model(sources.reward_model_workdir,
-                                              policy_tokenizer=tokenizer, mesh=mesh)
+    reward = scoring.load_reward_model(
+        sources.reward_model_workdir, policy_tokenizer=tokenizer, mesh=mesh,
+        attribute_weights=getattr(sources, "attribute_weights", ""))  # sections.Sources has it
   elif need_reward:
     raise ValueError("config.sources.reward_model_workdir is empty; allowed: the workdir of a "
                      "trained reward model (this method scores samples with it)")

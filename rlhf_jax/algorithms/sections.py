@@ -67,6 +67,11 @@ class Sources:
       ('' = ``reward_model_workdir``).
     tokenizer: ``data.tokenizers.load_tokenizer`` spec; '' = the tokenizer of ``sft_workdir``
       (``byte`` when starting fresh). Given together with ``sft_workdir`` it must match it.
+    attribute_weights: how a multi-output reward model's K outputs become one reward,
+      r = Σ_k w_k r̃_k (``scoring.resolve_attribute_weights``): ``'name:w,name:w'`` naming every
+      output once, or ``'mean'`` (1/K each); '' is allowed for a single-output RM only (a K > 1 RM
+      without weights is an error, never a silent choice of head). The same reduction applies in
+      training, selection and evaluation.
   """
 
   sft_workdir: str = ""
@@ -74,6 +79,7 @@ class Sources:
   reward_model_workdir: str = ""
   value_model_workdir: str = ""
   tokenizer: str = ""
+  attribute_weights: str = ""
 
   def __post_init__(self):
     for name in ("sft_workdir", "reference_workdir", "reward_model_workdir", "value_model_workdir"):
@@ -81,6 +87,14 @@ class Sources:
     if not isinstance(self.tokenizer, str):
       raise ValueError(f"Sources.tokenizer={self.tokenizer!r} is invalid; allowed: a tokenizer "
                        "spec string (byte | hf:PATH | spm:PATH) or ''")
+    if not isinstance(self.attribute_weights, str):
+      raise ValueError(f"Sources.attribute_weights={self.attribute_weights!r} is invalid; allowed: "
+                       "'' | 'mean' | 'name:weight,name:weight'")
+    from rlhf_jax.scoring import reward_model  # pylint: disable=import-outside-toplevel
+    try:
+      reward_model.parse_attribute_weights(self.attribute_weights)
+    except ValueError as err:
+      raise ValueError(f"Sources.{err}") from None
     if self.reference_workdir and not self.sft_workdir:
       raise ValueError("Sources.reference_workdir is set but sft_workdir is empty; allowed: a "
                        "reference only together with the SFT run that initialises the policy")
