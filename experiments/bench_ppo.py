@@ -65,7 +65,7 @@ def _jax_side(algorithm: str, n_layer: int, iterations: int) -> dict:
   cfg = ppo_config.PPOConfig(
       algorithm=algorithm, rollout_batch_size=b, num_samples=g, max_new_tokens=s["response_len"],
       num_ppo_epochs=s["epochs"], num_minibatches=s["minibatches"], kl_coef=0.05,
-      whiten_advantages=not grpo, critic_init="sft")
+      critic_init="sft")  # advantage whitening: the per-algorithm default (on for ppo only)
   optim = train.OptimConfig(lr=1e-6, schedule="constant", weight_decay=0.0, clip_norm=1.0)
   mcfg = models.get_model_config("gpt2", n_layers=n_layer)
   policy = models.Transformer(mcfg)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.online import ppo
 from rlhf_jax.algorithms.online import config as ppo_config
 from rlhf_jax.algorithms.online import models as ppo_models
@@ -35,9 +37,9 @@ import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 MODEL_CFG = models.get_model_config("tiny", n_layers=1, d_ff=64)
 TINY = {
-    "ppo.rollout_batch_size": 4, "ppo.max_new_tokens": 8, "ppo.num_ppo_epochs": 2,
+    "data.batch_size": 4, "limits.max_response_len": 8, "ppo.num_ppo_epochs": 2,
     "ppo.num_minibatches": 2, "data.synthetic_num_prompts": 16, "data.synthetic_num_test_prompts": 4,
-    "loop.num_iterations": 2, "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 1,
+    "loop.num_steps": 2, "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 1,
     "eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0, "optim.lr": 1e-3,
 }
 
@@ -77,7 +79,7 @@ def tiny_models(ppo_cfg, *, rm_bias=0.0, value_bias=None):
 
 def run_tiny(workdir, config=None, **model_kwargs):
   config = config or tiny_config()
-  ppo_cfg = ppo.parse_config(config)[0]
+  ppo_cfg = ppo.parse_config(config).ppo
   return ppo.train_and_evaluate(config, str(workdir), models_=tiny_models(ppo_cfg, **model_kwargs))
 
 
@@ -161,6 +163,50 @@ def test_unknown_and_bad_config_keys_are_named():
   config.model = {}
   with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.model'\]"):
     ppo.parse_config(config)
+  config = tiny_config()
+  config.ppo.max_new_tokens = 8  # one key per concept: the budget is limits.max_response_len
+  with pytest.raises(ValueError, match="config.ppo.max_new_tokens .* config.limits.max_response_len"):
+    ppo.parse_config(config)
+
+
+def test_config_uses_the_shared_vocabulary():
+  parsed = ppo.parse_config(tiny_config(**{"data.batch_size": 6, "limits.max_response_len": 12}))
+  assert parsed.ppo.rollout_batch_size == 6 and parsed.ppo.max_new_tokens == 12
+  assert isinstance(parsed.data, sections.DataSource) and parsed.data.source == "synthetic"
+  assert isinstance(parsed.sources, sections.Sources) and isinstance(parsed.loop, train.LoopConfig)
+  config = tiny_config()
+  config.data.source = "jsonl"  # the prompts file is required, held-out prompts are optional
+  with pytest.raises(ValueError, match="PPODataConfig.train_jsonl='' is invalid"):
+    ppo.parse_config(config)
+
+
+@pytest.mark.parametrize("algorithm, expect", [("ppo", True), ("rloo", False), ("grpo", False),
+                                               ("dr_grpo", False)])
+def test_advantage_whitening_defaults_per_algorithm(algorithm, expect):
+  """Bug 4: whitening defaulted to on for every algorithm, putting a std division back into
+  Dr. GRPO. Unset (None), it is on for PPO only; an explicit value still wins."""
+  agg = "seq_mean_token_sum_norm" if algorithm == "dr_grpo" else "token_mean"
+  kw = dict(algorithm=algorithm, num_samples=2, rollout_batch_size=2, num_minibatches=1,
+            aggregation=agg)
+  cfg = ppo_config.PPOConfig(**kw)
+  assert cfg.whiten_advantages is None and cfg.whitens_advantages is expect
+  assert ppo_config.PPOConfig(**kw, whiten_advantages=not expect).whitens_advantages is not expect
+  config = tiny_config(**{"ppo.algorithm": algorithm, "ppo.num_samples": 2,
+                          "ppo.aggregation": agg})
+  assert ppo.parse_config(config).ppo.whitens_advantages is expect
+  if algorithm == "dr_grpo":  # the default config's advantages are s - mean(s), unscaled
+    scores = np.array([3.0, 1.0, 0.0, 0.0], np.float32)
+    zeros, mask = np.zeros((4, 2), np.float32), np.ones((4, 2), np.int32)
+    adv, _, _ = rollout.compute_advantages(cfg, scores, zeros, zeros, zeros, mask, 0.0)
+    np.testing.assert_allclose(np.asarray(adv)[:, 0], [1.0, -1.0, 0.0, 0.0], rtol=1e-6)
+
+
+def test_importing_ppo_registers_no_jax_listener():
+  code = ("from jax._src import monitoring as m; n = len(m._event_duration_secs_listeners); "
+          "import rlhf_jax.algorithms.online.ppo; "
+          "assert len(m._event_duration_secs_listeners) == n, 'listener registered at import'")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_reference_or_reward_model_with_another_tokenizer_or_vocab_is_refused(tmp_path):
@@ -200,10 +246,15 @@ def test_response_logps_and_values_align_with_the_sampler():
   full_values = m.value_model.apply({"params": m.value_params}, tokens, mask)
   np.testing.assert_allclose(values, full_values[:, 31:39], atol=1e-6)
   assert np.all(np.asarray(ent)[np.asarray(out.response_mask_BxR) > 0] > 0)
-  # the critic starts as the reward model: V at the last real token == the RM's raw score
+  # Bug 1: the critic starts as the reward model on the scale PPO's rewards are paid in: V at the
+  # last real token == the *normalised* RM score (r - μ) / σ (it used to be the raw score).
   raw = m.reward.model.apply({"params": m.reward.params}, tokens, mask)[:, 0]
+  normalised = (np.asarray(raw) - 0.1) / 2.0  # rm_info: mean 0.1, std 2.0
   last = np.asarray(out.response_lengths_B) + 31
-  np.testing.assert_allclose(np.asarray(full_values)[np.arange(4), last], raw, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(full_values)[np.arange(4), last], normalised, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(
+      normalised, scoring.normalize_rewards(raw[:, None], m.reward.info)[:, 0], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,7 +301,7 @@ def test_ppo_end_to_end_metrics_checkpoint_and_final(ppo_run):
 
 def test_resume_reproduces_the_uninterrupted_run(ppo_run, tmp_path):
   workdir, _ = ppo_run
-  first = run_tiny(tmp_path, tiny_config(**{"loop.stop_after_iterations": 1}))
+  first = run_tiny(tmp_path, tiny_config(**{"loop.stop_after_steps": 1}))
   assert first["preempted"] and first["iteration"] == 1
   assert not (tmp_path / ppo.FINAL_METRICS_FILE).exists()
   second = run_tiny(tmp_path)
@@ -290,8 +341,10 @@ def test_non_finite_rewards_stop_and_keep_the_last_good_checkpoint(ppo_run, tmp_
   workdir, _ = ppo_run
   shutil.copytree(workdir, tmp_path / "run")
   before = final_params(tmp_path / "run")
-  with pytest.raises(ppo.NonFiniteError, match="iteration 3: non-finite rewards.*iteration 2"):
-    run_tiny(tmp_path / "run", tiny_config(**{"loop.num_iterations": 3}), rm_bias=float("nan"))
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite rewards at step 3 \(NaN/inf in rows \[0, .*latest "
+                           r"checkpoint \(step 2\)"):
+    run_tiny(tmp_path / "run", tiny_config(**{"loop.num_steps": 3}), rm_bias=float("nan"))
   ckpts = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
   assert ckpts[-1] == 2
   jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "run"), before)
@@ -313,9 +366,9 @@ def test_non_finite_loss_with_a_finite_rollout_stops_and_keeps_the_last_good_che
   monkeypatch.setattr(ppo_update.losses, "ppo_policy_loss", nan_policy_loss)
   ppo_update.make_update_fn.cache_clear()  # trace a fresh update with the poisoned term...
   try:
-    with pytest.raises(ppo.NonFiniteError,
-                       match=r"iteration 3: non-finite loss .*last good checkpoint \(iteration 2\)"):
-      run_tiny(tmp_path / "run", tiny_config(**{"loop.num_iterations": 3}))
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"non-finite loss at step 3 \(nan\) .*latest checkpoint \(step 2\)"):
+      run_tiny(tmp_path / "run", tiny_config(**{"loop.num_steps": 3}))
   finally:
     ppo_update.make_update_fn.cache_clear()  # ...and never hand it to another test
   ckpts = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
@@ -326,7 +379,8 @@ def test_non_finite_loss_with_a_finite_rollout_stops_and_keeps_the_last_good_che
 
 
 def test_non_finite_values_stop_before_anything_is_saved(tmp_path):
-  with pytest.raises(ppo.NonFiniteError, match="iteration 1: non-finite values.*iteration none"):
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite values at step 1 .*latest checkpoint \(none yet\)"):
     run_tiny(tmp_path, value_bias=float("inf"))
   ckpt_dir = tmp_path / "checkpoints"
   assert not ckpt_dir.exists() or not [d for d in os.listdir(ckpt_dir) if d.isdigit()]
@@ -336,8 +390,7 @@ def test_non_finite_values_stop_before_anything_is_saved(tmp_path):
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_critic_free_algorithms_run_without_a_value_model(tmp_path, algorithm):
   config = tiny_config(**{"ppo.algorithm": algorithm, "ppo.num_samples": 2,
-                          "ppo.rollout_batch_size": 2, "ppo.whiten_advantages": False,
-                          "loop.num_iterations": 1})
+                          "data.batch_size": 2, "loop.num_steps": 1})
   final = run_tiny(tmp_path, config)
   assert final["iteration"] == 1
   rows = train.read_metrics(str(tmp_path), split="train")
@@ -354,7 +407,8 @@ def test_critic_free_algorithms_run_without_a_value_model(tmp_path, algorithm):
 def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, tmp_path):
   workdir, single = ppo_run
   config = tiny_config()
-  ppo_cfg, data_cfg, loop_cfg, optim_cfg, eval_cfg = ppo.parse_config(config)
+  parsed = ppo.parse_config(config)
+  ppo_cfg, optim_cfg = parsed.ppo, parsed.optim
   # The byte vocabulary (259) does not split over `tensor`: keep it replicated; everything else
   # follows DEFAULT_RULES (embed -> fsdp, heads / kv_heads / mlp -> tensor, batch -> data × fsdp).
   rules = tuple((k, None) if k in ("vocab", "activation_vocab") else (k, v)
@@ -362,9 +416,9 @@ def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, 
   mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
   placement = parallel.Placement(mesh, rules)
   models_ = tiny_models(ppo_cfg)
-  result = ppo.run(workdir=str(tmp_path), config=ppo_cfg, loop=loop_cfg, optim=optim_cfg,
-                   eval_config=eval_cfg, data=data_cfg, models_=models_, seed=config.seed,
-                   placement=placement)
+  result = ppo.run(workdir=str(tmp_path), config=ppo_cfg, loop=parsed.loop, optim=optim_cfg,
+                   eval_config=parsed.eval, data=parsed.data, limits=parsed.limits,
+                   models_=models_, seed=config.seed, placement=placement)
   rows = train.read_metrics(str(tmp_path), split="train")
   assert [r["step"] for r in rows] == [1, 2]
   assert rows[0]["compiles"] <= 5 and rows[1]["compiles"] == 0  # ≤ once per phase, then never
@@ -385,7 +439,7 @@ def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, 
                jax.device_get(result.state.params), final_params(workdir))
   assert result.metrics["gold_reward"] == pytest.approx(single["gold_reward"], abs=1e-6)
   # Resume on the mesh (orbax restores onto the same shardings): bit-identical to the straight run.
-  for extra in ({"loop.stop_after_iterations": 1}, {}):
+  for extra in ({"loop.stop_after_steps": 1}, {}):
     config = tiny_config(**extra)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     ppo.train_and_evaluate(config, str(tmp_path / "resumed"), models_=models_, rules=rules)
@@ -394,8 +448,8 @@ def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, 
 
 
 def test_rollout_batch_not_divisible_by_the_mesh_batch_ways_is_refused(tmp_path):
-  config = tiny_config(**{"ppo.rollout_batch_size": 2, "ppo.num_minibatches": 1})
+  config = tiny_config(**{"data.batch_size": 2, "ppo.num_minibatches": 1})
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 1, 1
-  with pytest.raises(ValueError, match=r"rollout_batch_size=2 must be a multiple of the mesh's "
-                                       r"batch ways \(4"):
+  with pytest.raises(ValueError, match=r"config.data.batch_size=2 \(rollout_batch_size\) must be a "
+                                       r"multiple of the mesh's batch ways \(4"):
     run_tiny(tmp_path, config)

@@ -10,13 +10,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   Run (a proxy RM over-fit on 128 comparisons — no early stopping — then one PPO run per β):
     python experiments/reward_model.py --workdir=workdirs/rm_proxy \\
-        --config.rm.sft_workdir=workdirs/sft_synthetic --config.data.num_train_examples=128 \\
+        --config.sources.sft_workdir=workdirs/sft_synthetic --config.data.num_train_examples=128 \\
         --config.loop.num_steps=120 --config.loop.eval_every=40 \\
         --config.rm.early_stopping_patience=0
     for beta in 0.0 0.05; do
       python experiments/ppo.py --config=experiments/configs/overoptimization_synthetic.py \\
-          --config.ppo.kl_coef=$beta --config.data.sft_workdir=workdirs/sft_synthetic \\
-          --config.data.reward_model_workdir=workdirs/rm_proxy --workdir=workdirs/overopt_beta$beta
+          --config.ppo.kl_coef=$beta --config.sources.sft_workdir=workdirs/sft_synthetic \\
+          --config.sources.reward_model_workdir=workdirs/rm_proxy --workdir=workdirs/overopt_beta$beta
     done
     python -m rlhf_jax.algorithms.online.plots --out=workdirs/overoptimization workdirs/overopt_beta*
 
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = config_dicts.sibling_config(__file__, "ppo_synthetic")
   config.ppo.kl_coef = 0.0
   config.ppo.missing_eos_penalty = 0.0
-  config.loop.num_iterations = 40
+  config.loop.num_steps = 40
   config.loop.eval_every = 5
   config.eval.num_prompts = 96
   config.optim.lr = 5e-5

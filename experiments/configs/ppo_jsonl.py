@@ -10,9 +10,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   Run:
     python experiments/ppo.py --config=experiments/configs/ppo_jsonl.py \\
-        --config.data.prompts_jsonl=prompts.jsonl --config.data.eval_prompts_jsonl=heldout.jsonl \\
-        --config.data.sft_workdir=workdirs/my_sft --config.data.reward_model_workdir=workdirs/my_rm \\
-        --workdir=workdirs/my_ppo
+        --config.data.train_jsonl=prompts.jsonl --config.data.eval_prompts_jsonl=heldout.jsonl \\
+        --config.sources.sft_workdir=workdirs/my_sft \\
+        --config.sources.reward_model_workdir=workdirs/my_rm --workdir=workdirs/my_ppo
 
   The SFT run fixes the tokenizer and architecture; the reward model must use the same tokenizer
   (refused at start otherwise). There is no gold reward: ``eval`` reports the reward-model score,
@@ -20,13 +20,13 @@ def get_config() -> ml_collections.ConfigDict:
   model: one iteration is 64 prompts × 128 new tokens here.
   """
   config = config_dicts.sibling_config(__file__, "ppo_synthetic")
-  config.data.prompts = "jsonl"
-  config.data.max_prompt_len = 256
-  config.ppo.rollout_batch_size = 64
-  config.ppo.max_new_tokens = 128
+  config.data.source = "jsonl"
+  config.data.batch_size = 64
+  config.limits.max_prompt_len = 256
+  config.limits.max_response_len = 128
   config.ppo.num_ppo_epochs = 4
   config.ppo.num_minibatches = 4
-  config.loop.num_iterations = 200
+  config.loop.num_steps = 200
   config.loop.eval_every = 25
   config.eval.max_new_tokens = 128
   return config

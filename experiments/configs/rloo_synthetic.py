@@ -10,8 +10,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   Run:
     python experiments/ppo.py --config=experiments/configs/rloo_synthetic.py \\
-        --config.data.sft_workdir=workdirs/sft_synthetic \\
-        --config.data.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/rloo_synthetic
+        --config.sources.sft_workdir=workdirs/sft_synthetic \\
+        --config.sources.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/rloo_synthetic
 
   Updates use the clipped per-token surrogate with the sequence advantage broadcast over tokens
   (TRL's RLOOTrainer clips a sequence-level ratio instead). Measured (2-core CPU, load 2.5-7,
@@ -20,7 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
   """
   config = config_dicts.sibling_config(__file__, "ppo_synthetic")
   config.ppo.algorithm = "rloo"
-  config.ppo.rollout_batch_size = 8
-  config.ppo.num_samples = 4
-  config.ppo.whiten_advantages = False
+  config.data.batch_size = 8  # prompts per iteration
+  config.ppo.num_samples = 4  # advantages are not whitened (the per-algorithm default)
   return config

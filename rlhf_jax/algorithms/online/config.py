@@ -1,22 +1,30 @@
 """Frozen, validated configs of the online RL trainer (PPO, RLOO, GRPO, Dr. GRPO).
 
-``PPOConfig`` holds every hyperparameter that reaches jitted code; ``PPODataConfig`` says where the
-prompts and the models come from; ``PPOLoopConfig`` the iteration cadence. Errors name the field
-and the allowed values, and ``experiments/configs/ppo_*.py`` build their sections from these
-defaults (``train.config_dicts.dataclass_section``).
+``PPOConfig`` (``config.ppo``) holds every hyperparameter that reaches jitted code;
+``PPODataConfig`` (``config.data``, a ``sections.DataSource``) says where the prompts come from.
+The models come from ``config.sources`` (``sections.Sources``), the token limits from
+``config.limits`` (``sections.Limits``: ``max_prompt_len``, and ``max_response_len`` = the
+response budget), the iteration cadence from ``config.loop`` (``train.LoopConfig``, one step =
+one iteration). Errors name the field and the allowed values, and ``experiments/configs/ppo_*.py``
+build their sections from these defaults (``train.config_dicts.dataclass_section``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from typing import ClassVar
+
+from rlhf_jax.algorithms import sections
 
 ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
 CRITIC_INITS = ("reward_model", "sft")
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-PROMPT_SOURCES = ("synthetic", "jsonl")
+# Advantage whitening per algorithm when PPOConfig.whiten_advantages is None: on for PPO (GAE
+# advantages, as InstructGPT / TRL); off for the group baselines, whose advantages are already
+# centred per group; GRPO divides by the group std itself, and Dr. GRPO exists to drop it.
+WHITEN_ADVANTAGES_DEFAULT = {"ppo": True, "rloo": False, "grpo": False, "dr_grpo": False}
 
 
 def _bad(cls: str, field: str, value, allowed: str):
@@ -39,9 +47,11 @@ class PPOConfig:
       baseline over ``num_samples`` responses per prompt, KL penalty in the sequence reward),
       ``grpo`` (group-normalised advantages, KL as a k3 loss term) or ``dr_grpo`` (group-centred
       advantages without the std, constant token normaliser).
-    rollout_batch_size: prompts per iteration; each gets ``num_samples`` responses.
+    rollout_batch_size: prompts per iteration; each gets ``num_samples`` responses. In an
+      experiment config this is ``config.data.batch_size``.
     num_samples: responses per prompt (>= 2 for the critic-free algorithms).
-    max_new_tokens: response budget R.
+    max_new_tokens: response budget R (tokens incl. EOS); in an experiment config this is
+      ``config.limits.max_response_len``.
     temperature, top_k, top_p: sampling settings. Log-probs for the ratio and the KL are computed
       from ``logits / temperature`` (as TRL does); top-k / top-p only shape the sampler.
     num_ppo_epochs: passes over each rollout batch.
@@ -51,7 +61,10 @@ class PPOConfig:
     vf_coef: weight of the value loss (its gradient only reaches the value model's params).
     ent_coef: weight of the entropy bonus (0 disables it).
     gamma, lam: GAE discount and trace decay.
-    whiten_advantages: normalise advantages over the rollout batch (mean 0, std 1) before the update.
+    whiten_advantages: normalise advantages over the rollout batch (mean 0, std 1) before the
+      update; None (the default) = per algorithm (``WHITEN_ADVANTAGES_DEFAULT``: on for ``ppo``,
+      off for ``rloo`` / ``grpo`` / ``dr_grpo``; whitening Dr. GRPO's advantages would put back
+      the std division it removes).
     whiten_rewards: scale-only whitening of the shaped per-token rewards before GAE.
     kl_controller: ``fixed`` (β = ``kl_coef``) or ``adaptive`` (Ziegler et al. 2019, towards
       ``kl_target`` nats per sequence with horizon ``kl_horizon``).
@@ -81,7 +94,7 @@ class PPOConfig:
   ent_coef: float = 0.0
   gamma: float = 1.0
   lam: float = 0.95
-  whiten_advantages: bool = True
+  whiten_advantages: bool | None = None
   whiten_rewards: bool = False
   kl_controller: str = "fixed"
   kl_coef: float = 0.05
@@ -94,6 +107,8 @@ class PPOConfig:
 
   def __post_init__(self):
     c = "PPOConfig"
+    if not isinstance(self.whiten_advantages, (bool, type(None))):
+      _bad(c, "whiten_advantages", self.whiten_advantages, "True | False | None (per algorithm)")
     for name, allowed in (("algorithm", ALGORITHMS), ("critic_init", CRITIC_INITS),
                           ("kl_controller", KL_CONTROLLERS), ("kl_estimator", KL_ESTIMATORS),
                           ("aggregation", AGGREGATIONS)):
@@ -135,6 +150,13 @@ class PPOConfig:
     return self.rollout_batch_size * self.num_samples
 
   @property
+  def whitens_advantages(self) -> bool:
+    """``whiten_advantages`` resolved per algorithm (``WHITEN_ADVANTAGES_DEFAULT``) when None."""
+    if self.whiten_advantages is None:
+      return WHITEN_ADVANTAGES_DEFAULT[self.algorithm]
+    return self.whiten_advantages
+
+  @property
   def uses_critic(self) -> bool:
     return self.algorithm == "ppo"
 
@@ -148,69 +170,16 @@ class PPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PPODataConfig:
-  """Where prompts and models come from.
+class PPODataConfig(sections.DataSource):
+  """Where the prompts come from (``config.data``; the shared ``sections.DataSource`` fields).
 
-  Attributes:
-    sft_workdir: an ``experiments/sft.py`` run; the policy starts here and it is the frozen
-      reference unless ``reference_workdir`` is set.
-    reference_workdir: another SFT run to use as the KL reference ('' = ``sft_workdir``).
-    reward_model_workdir: an ``experiments/reward_model.py`` run (scoring + stored normalisation).
-    prompts: ``synthetic`` (the embedded task's prompts, generated under ``<workdir>/data``) or
-      ``jsonl`` (``prompts_jsonl``: ``{"prompt"}`` or chat ``messages`` records).
-    prompts_jsonl, eval_prompts_jsonl: prompt files for ``prompts="jsonl"`` (the eval file may be '').
-    synthetic_num_prompts, synthetic_num_test_prompts, synthetic_seed: size / seed of the task.
-    max_prompt_len: prompt tokens incl. BOS (left-truncated); every batch is padded to it.
-    shuffle_seed: seed of the per-epoch prompt order.
+  ``source="synthetic"``: the embedded task's prompts (``synthetic_dir``, or generated under
+  ``<workdir>/data/synthetic``), held-out ones from its ``prompts_test.jsonl``. ``source="jsonl"``:
+  ``train_jsonl`` holds the training prompts (``{"prompt"}`` or chat ``messages`` records; any
+  record kind with a prompt), ``eval_prompts_jsonl`` (or ``eval_jsonl``) the held-out ones.
+  ``batch_size`` is the number of prompts per iteration (each answered
+  ``ppo.num_samples`` times); ``shuffle_seed`` orders them per epoch. Held-out prompts are
+  optional with ``source="jsonl"`` (no evaluation without them).
   """
 
-  sft_workdir: str = ""
-  reference_workdir: str = ""
-  reward_model_workdir: str = ""
-  prompts: str = "synthetic"
-  prompts_jsonl: str = ""
-  eval_prompts_jsonl: str = ""
-  synthetic_num_prompts: int = 4000
-  synthetic_num_test_prompts: int = 500
-  synthetic_seed: int = 0
-  max_prompt_len: int = 32
-  shuffle_seed: int = 0
-
-  def __post_init__(self):
-    c = "PPODataConfig"
-    if self.prompts not in PROMPT_SOURCES:
-      _bad(c, "prompts", self.prompts, " | ".join(PROMPT_SOURCES))
-    if self.prompts == "jsonl" and not os.path.isfile(self.prompts_jsonl):
-      _bad(c, "prompts_jsonl", self.prompts_jsonl, "an existing JSONL file (required with prompts='jsonl')")
-    if self.eval_prompts_jsonl and not os.path.isfile(self.eval_prompts_jsonl):
-      _bad(c, "eval_prompts_jsonl", self.eval_prompts_jsonl, "'' or an existing JSONL file")
-    _int_at_least(c, self, ("synthetic_num_prompts", "synthetic_num_test_prompts"), 1)
-    _int_at_least(c, self, ("max_prompt_len",), 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOLoopConfig:
-  """Iteration cadence.
-
-  Attributes:
-    num_iterations: RL iterations (rollout + ``num_ppo_epochs × num_minibatches`` updates each).
-    log_every: iterations between console lines (every iteration is written to metrics.jsonl).
-    eval_every: iterations between held-out evaluations (0: only before the first and after the
-      last iteration; ``config.eval`` says how, see ``eval.policy.PolicyEvalConfig``).
-    checkpoint_every: iterations between checkpoints (also at the end and on SIGTERM).
-    keep_checkpoints: checkpoints kept.
-    stop_after_iterations: stop (checkpointing) after this many iterations in this invocation; a
-      later invocation resumes (0 = run to ``num_iterations``).
-  """
-
-  num_iterations: int = 100
-  log_every: int = 5
-  eval_every: int = 0
-  checkpoint_every: int = 20
-  keep_checkpoints: int = 2
-  stop_after_iterations: int = 0
-
-  def __post_init__(self):
-    c = "PPOLoopConfig"
-    _int_at_least(c, self, ("num_iterations", "log_every", "checkpoint_every", "keep_checkpoints"), 1)
-    _int_at_least(c, self, ("eval_every", "stop_after_iterations"), 0)
+  OPTIONAL_JSONL: ClassVar[tuple] = ("eval_jsonl",)

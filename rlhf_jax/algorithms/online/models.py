@@ -3,9 +3,12 @@
 * policy π_θ — starts from an SFT run (``train.load_sft_params``), trained;
 * reference π_ref — the SFT model (or ``reference_workdir``), frozen, for the KL penalty;
 * reward model r_φ — ``scoring.load_reward_model`` (params + stored normalisation), frozen;
-* value model V_ψ — ``ValueModel`` whose backbone and head start from the reward model
-  (InstructGPT, ``critic_init="reward_model"``) or backbone from the SFT model with a fresh head
-  (``critic_init="sft"``); only for ``algorithm="ppo"``.
+* value model V_ψ — ``ValueModel`` whose backbone and head start from a reward model
+  (InstructGPT, ``critic_init="reward_model"``: ``sources.value_model_workdir``, default the reward
+  model itself) or backbone from the SFT model with a fresh head (``critic_init="sft"``); only
+  for ``algorithm="ppo"``. PPO's rewards are the RM's *normalised* scores (r - μ) / σ, so the
+  copied head is put on that scale too (kernel / σ, (b - μ) / σ): V₀ at the last token then
+  predicts the reward PPO actually pays, not the raw score.
 
 All of them read the same token ids, so a reference or reward model built with another tokenizer
 or vocabulary is refused before any work (:func:`check_compatible`).
@@ -14,6 +17,7 @@ or vocabulary is refused before any work (:func:`check_compatible`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +26,8 @@ import flax.linen as nn
 
 from rlhf_jax import models, parallel, train
 from rlhf_jax import scoring
-from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig
+from rlhf_jax.algorithms import sections
+from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.data import tokenizers as tok_lib
 
 
@@ -71,9 +76,23 @@ def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.
         f"vocab_size={policy_config.vocab_size}")
 
 
+def normalized_head(params: Any, mean: float, std: float) -> Any:
+  """A one-output head's params on the normalised scale: ``w / σ``, ``(b - μ) / σ``, so that
+  ``head(h) = (w·h + b - μ) / σ`` (``scoring.normalize_rewards`` of the raw score)."""
+  head = params["head"]
+  kernel = jnp.asarray(head["kernel"], jnp.float32) / std
+  bias = (jnp.asarray(head["bias"], jnp.float32) - mean) / std
+  return {**params, "head": {**head, "kernel": kernel.astype(jnp.asarray(head["kernel"]).dtype),
+                             "bias": bias.astype(jnp.asarray(head["bias"]).dtype)}}
+
+
 def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, policy_params: Any,
                       reward: scoring.RewardModelHandle, rng: jax.Array):
-  """``(value_model, value_params)`` for ``config.critic_init`` (``(None, None)`` without a critic)."""
+  """``(value_model, value_params)`` for ``config.critic_init`` (``(None, None)`` without a critic).
+
+  With ``critic_init="reward_model"`` ``reward`` is the value-model run's handle: its backbone and
+  its head (normalised with its stored μ, σ: :func:`normalized_head`) start the critic.
+  """
   if not config.uses_critic:
     return None, None
   if config.critic_init == "reward_model":
@@ -81,33 +100,46 @@ def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, poli
       raise ValueError(f"PPOConfig.critic_init='reward_model' needs a reward model with one output, "
                        f"this one has {reward.output_names}; use critic_init='sft'")
     value_model = models.ValueModel(reward.info.model_config())
-    params = jax.device_get(reward.params)
-    return value_model, jax.tree.map(jnp.asarray, models.with_backbone(params, params))
+    params = jax.tree.map(jnp.asarray, jax.device_get(reward.params))
+    params = normalized_head(params, float(reward.info.mean[0]), float(reward.info.std[0]))
+    return value_model, models.with_backbone(params, params)
   value_model = models.ValueModel(policy_config)
   dummy = jnp.ones((1, 8), jnp.int32)
   fresh = nn.meta.unbox(value_model.init(rng, dummy, dummy))["params"]
   return value_model, models.with_backbone(fresh, policy_params)
 
 
-def load_models(config: PPOConfig, data: PPODataConfig, rng: jax.Array, *, mesh=None,
+def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *, mesh=None,
                 rules=parallel.DEFAULT_RULES) -> PPOModels:
-  """Loads policy / reference (SFT runs) and the reward model, checks them, builds the critic.
-  The reward model is restored onto ``mesh`` with ``rules`` (default: one device)."""
-  for name in ("sft_workdir", "reward_model_workdir"):
-    if not getattr(data, name):
-      raise ValueError(f"config.data.{name} is empty; allowed: the workdir of a finished "
-                       f"{'SFT' if name == 'sft_workdir' else 'reward-model'} run")
-  policy_ckpt = train.load_sft_params(data.sft_workdir)
-  ref_ckpt = train.load_sft_params(data.reference_workdir) if data.reference_workdir else policy_ckpt
-  info = scoring.read_reward_model_info(data.reward_model_workdir)
+  """Loads policy / reference (SFT runs) and the reward model of ``config.sources``, checks them,
+  builds the critic (from ``sources.value_model``). The reward models are restored onto ``mesh``
+  with ``rules`` (default: one device)."""
+  sft_dir = sources.require("sft_workdir", "ppo", "the policy starts from it")
+  rm_dir = sources.require("reward_model_workdir", "ppo", "it scores the rollouts")
+  policy_ckpt = train.load_sft_params(sft_dir)
+  if sources.tokenizer:
+    wanted = tok_lib.load_tokenizer(sources.tokenizer)
+    if wanted.fingerprint() != policy_ckpt.tokenizer.fingerprint():
+      raise IncompatibleModelsError(
+          f"config.sources.tokenizer={sources.tokenizer!r} (fingerprint {wanted.fingerprint()}) "
+          f"differs from the SFT run's ({policy_ckpt.tokenizer.fingerprint()}); leave it '' to "
+          "use the SFT run's tokenizer")
+  ref_ckpt = (train.load_sft_params(sources.reference_workdir)
+              if sources.reference_workdir else policy_ckpt)
+  info = scoring.read_reward_model_info(rm_dir)
   check_compatible(policy_ckpt.tokenizer, policy_ckpt.model_config,
                    reference_tokenizer=ref_ckpt.tokenizer, reference_config=ref_ckpt.model_config,
                    reward_info=info)
-  reward = scoring.load_reward_model(data.reward_model_workdir,
-                                            policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
-                                            rules=rules)
+  reward = scoring.load_reward_model(rm_dir, policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
+                                     rules=rules, attribute_weights=sources.attribute_weights)
+  value_source = reward
+  if (config.uses_critic and config.critic_init == "reward_model"
+      and os.path.abspath(sources.value_model) != os.path.abspath(rm_dir)):
+    value_source = scoring.load_reward_model(sources.value_model,
+                                             policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
+                                             rules=rules)
   value_model, value_params = init_value_params(config, policy_ckpt.model_config,
-                                                policy_ckpt.params, reward, rng)
+                                                policy_ckpt.params, value_source, rng)
   return PPOModels(tokenizer=policy_ckpt.tokenizer,
                    policy=models.Transformer(policy_ckpt.model_config),
                    policy_params=policy_ckpt.params, ref_params=ref_ckpt.params, reward=reward,

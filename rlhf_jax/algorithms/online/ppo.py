@@ -5,27 +5,32 @@ the whole answer, and a per-token KL penalty to the SFT model keeps the policy c
 
     R_t = -β (log π_θ(y_t|x, y_<t) - log π_ref(y_t|x, y_<t)) + [t = |y|] · (r_φ(x, y) - penalty·[no EOS])
 
-Each iteration (:func:`run`): draw ``rollout_batch_size`` prompts, sample ``num_samples`` answers
-each with the jitted KV-cache sampler, score them, compute old / reference log-probs and values,
-shape rewards and advantages (``rollout.compute_advantages``), then run ``num_ppo_epochs`` ×
-``num_minibatches`` clipped updates in one jitted call (``ppo_update.make_update_fn``); β follows a
-fixed or adaptive controller. Each phase ends with ``block_until_ready`` so its wall time is real.
+One iteration is one step of the one training loop (``train.train(iteration=...)``): it gets a
+batch of ``data.batch_size`` prompts, samples ``num_samples`` answers each with the jitted
+KV-cache sampler, scores them, computes old / reference log-probs and values, shapes rewards and
+advantages (``rollout.compute_advantages``), then runs ``num_ppo_epochs`` × ``num_minibatches``
+clipped updates in one jitted call (``update.make_update_fn``); β follows a fixed or adaptive
+controller. Each phase ends with ``block_until_ready`` so its wall time is real. Checkpoints,
+resume, SIGTERM, the NaN guard, metrics and the evaluation cadence are the loop's, as for every
+other method (``config.loop`` is a ``train.LoopConfig``; ``num_steps`` = iterations).
 
-Logged every iteration (``<workdir>/metrics.jsonl``, split ``train``): gold reward of the rollout
-samples (synthetic task), reward-model score, KL(π‖π_ref) per sequence, β, entropy, clip fraction,
-approx. KL(π_old‖π), value explained variance, response length, EOS fraction, losses, gradient
-norm, and per-phase seconds + tokens/s. Held-out evaluations (split ``eval``; ``eval.policy``)
-run before the first iteration (the SFT baseline), every ``eval_every`` iterations and at the end.
+Logged every iteration with ``loop.log_every=1`` (``<workdir>/metrics.jsonl``, split ``train``):
+gold reward of the rollout samples (synthetic task), reward-model score, KL(π‖π_ref) per sequence,
+β, entropy, clip fraction, approx. KL(π_old‖π), value explained variance, response length, EOS
+fraction, losses, gradient norm, per-phase seconds + tokens/s, and ``compiles`` (XLA compilations
+inside the iteration's phases: 0 after the first). Held-out evaluations (split ``eval``;
+``eval.policy``) run before the first iteration (the SFT baseline, step 0), every ``eval_every``
+iterations and at the end.
 
-Sharding: the run lives on the mesh of ``config.mesh`` (``parallel.MeshConfig``; default one
+Sharding: the run lives on the mesh of ``config.mesh`` (``parallel.mesh_from_config``; default one
 device) with ``parallel.DEFAULT_RULES``: policy, reference, value and reward-model params are placed
 per the rules table, rollout rows are split over ``data`` × ``fsdp``, and every phase is jitted
-with explicit in/out shardings (``parallel.Placement``), so each compiles once per run (the
-``compiles`` metric counts XLA compilations inside each iteration's phases: 0 after the first).
+with explicit in/out shardings (``parallel.Placement``), so each compiles once per run.
 
-Faults: NaN/inf rewards, values, log-probs or loss raise :class:`NonFiniteError` before anything is
-saved, so the last good checkpoint stays the latest; SIGTERM finishes the current iteration,
-checkpoints it and returns; rerunning resumes with the same prompt order and RNG stream.
+Faults: NaN/inf rewards, values, log-probs, advantages or loss raise ``train.NonFiniteLossError``
+(naming the iteration and the array) before anything is saved, so the last good checkpoint stays
+the latest; SIGTERM finishes the current iteration, checkpoints it and returns; rerunning resumes
+with the same prompt order and RNG stream.
 """
 
 from __future__ import annotations
@@ -33,8 +38,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Mapping, NamedTuple
 
@@ -42,17 +45,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, parallel, sampling, train
+from rlhf_jax import losses, parallel, sampling, scoring, train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.online import models as ppo_models
-from rlhf_jax import scoring
-from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig, PPOLoopConfig
-from rlhf_jax.algorithms.online.update import PPOState, make_update_fn, place_state, state_shardings
-from rlhf_jax.parallel import Placement
+from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig
 from rlhf_jax.algorithms.online.rollout import (Rollout, make_advantage_fn, make_generate_fn,
-                                         make_logprob_fn, make_score_fn)
+                                                make_logprob_fn, make_score_fn)
+from rlhf_jax.algorithms.online.update import PPOState, make_update_fn, place_state, state_shardings
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.parallel import Placement
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
@@ -60,26 +63,40 @@ logger = logging.getLogger(__name__)
 FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 PHASES = ("generation", "scoring", "logprobs", "advantages", "update")
 
-
-class NonFiniteError(FloatingPointError):
-  """A reward, value, log-prob or loss was NaN/inf; the run stopped before saving it."""
-
-
-_COMPILES = [0]  # XLA compilations in this process (jax.monitoring listener, registered once)
+# XLA compilations in this process, counted by a jax.monitoring listener that the first run
+# registers (never at import: importing a module must not change global JAX state).
+_COMPILES = {"count": 0, "listening": False}
 
 
 def _count_compile(event: str, duration_secs: float, **kwargs) -> None:
   del duration_secs, kwargs
   if event == "/jax/core/compile/backend_compile_duration":
-    _COMPILES[0] += 1
+    _COMPILES["count"] += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
+def compile_count() -> int:
+  """XLA compilations so far (registers the listener on first use, once per process)."""
+  if not _COMPILES["listening"]:
+    jax.monitoring.register_event_duration_secs_listener(_count_compile)
+    _COMPILES["listening"] = True
+  return _COMPILES["count"]
 
 
 class RunResult(NamedTuple):
   metrics: dict  # final_metrics.json content
   state: PPOState  # policy (and value) params after the last iteration
+
+
+class Sections(NamedTuple):
+  """The parsed experiment config (:func:`parse_config`)."""
+
+  ppo: PPOConfig
+  sources: sections.Sources
+  data: PPODataConfig
+  limits: sections.Limits
+  loop: train.LoopConfig
+  optim: train.OptimConfig
+  eval: policy_eval.PolicyEvalConfig
 
 
 @dataclasses.dataclass
@@ -89,13 +106,13 @@ class Prompts:
   gold_reward_fn: Any  # (prompts, responses) -> [B] or None
 
 
-def prepare_prompts(data: PPODataConfig, config: PPOConfig, tokenizer, workdir: str, *,
-                    vocab_size: int) -> Prompts:
+def prepare_prompts(data: PPODataConfig, limits: sections.Limits, config: PPOConfig, tokenizer,
+                    workdir: str, *, vocab_size: int) -> Prompts:
   """Train prompt iterator (TFDS prompt dataset under ``<workdir>/data``) and eval prompt texts."""
   data_dir = os.path.join(workdir, "data")
   gold_fn = None
-  if data.prompts == "synthetic":
-    task_dir = os.path.join(data_dir, "synthetic")
+  if data.source == "synthetic":
+    task_dir = data.synthetic_dir or os.path.join(data_dir, "synthetic")
     wanted = synthetic_files.SyntheticConfig(seed=data.synthetic_seed,
                                              num_prompts=data.synthetic_num_prompts,
                                              num_test_prompts=data.synthetic_num_test_prompts)
@@ -107,55 +124,21 @@ def prepare_prompts(data: PPODataConfig, config: PPOConfig, tokenizer, workdir: 
         raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, the "
                          f"config asks for {getattr(wanted, key)}; use a fresh --workdir")
     train_jsonl = os.path.join(task_dir, "prompts.jsonl")
-    eval_jsonl = os.path.join(task_dir, "prompts_test.jsonl")
+    eval_jsonl = data.eval_prompts_jsonl or os.path.join(task_dir, "prompts_test.jsonl")
     gold_fn = synthetic.gold_rewards
   else:
-    train_jsonl, eval_jsonl = data.prompts_jsonl, data.eval_prompts_jsonl
+    train_jsonl, eval_jsonl = data.train_jsonl, data.eval_prompts_jsonl or data.eval_jsonl
   dataset = ds_lib.prepare_dataset(train_jsonl, "prompt", tokenizer,
                                    os.path.join(data_dir, "prompts_train"),
-                                   max_prompt_len=data.max_prompt_len,
-                                   max_response_len=config.max_new_tokens + 1)
+                                   max_prompt_len=limits.max_prompt_len,
+                                   max_response_len=limits.max_response_len)
   iterator = batching.BatchIterator(dataset, config.rollout_batch_size, seed=data.shuffle_seed,
-                                    buckets=(data.max_prompt_len,), vocab_size=vocab_size)
+                                    buckets=(limits.max_prompt_len,), vocab_size=vocab_size)
   eval_texts = []
   if eval_jsonl:
     eval_texts = [r.prompt for r in records.read_records(eval_jsonl, "prompt",
                                                          chat_template=tokenizer.chat_template)]
   return Prompts(iterator, eval_texts, gold_fn)
-
-
-class _StopFlag:
-  """Records SIGTERM while the loop runs (main thread only); previous handler restored after."""
-
-  def __init__(self):
-    self.signum, self._previous = None, None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _check_finite(iteration: int, last_good: int | None, **arrays) -> None:
-  """Raises :class:`NonFiniteError` naming the first array with NaN/inf and its bad rows."""
-  for name, value in arrays.items():
-    array = np.asarray(value)
-    rows_BxX = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
-    bad = np.flatnonzero(~np.all(np.isfinite(rows_BxX), axis=1)).tolist()
-    if bad:
-      raise NonFiniteError(
-          f"iteration {iteration + 1}: non-finite {name} (NaN/inf in rows {bad[:8]}"
-          f"{'...' if len(bad) > 8 else ''}); stopping without saving this iteration. "
-          f"The last good checkpoint (iteration {last_good if last_good is not None else 'none'}) "
-          "is intact; lower the learning rate / check the reward model before resuming.")
 
 
 def _kl_controller(config: PPOConfig):
@@ -164,25 +147,27 @@ def _kl_controller(config: PPOConfig):
   return losses.FixedKLController(config.kl_coef)
 
 
-def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.OptimConfig,
-        eval_config: policy_eval.PolicyEvalConfig, data: PPODataConfig, models_: ppo_models.PPOModels,
-        seed: int = 0, run_config: Mapping[str, Any] | None = None,
+def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train.OptimConfig,
+        eval_config: policy_eval.PolicyEvalConfig, data: PPODataConfig, limits: sections.Limits,
+        models_: ppo_models.PPOModels, seed: int = 0,
+        run_config: Mapping[str, Any] | None = None,
         placement: Placement | None = None) -> RunResult:
-  """Runs (or resumes) online RL in ``workdir``; returns the final metrics (also written to
-  ``<workdir>/final_metrics.json``) and the final state. ``models_`` from :func:`ppo_models.load_models` or built
-  in-process (iterated RLHF); ``placement``: mesh + rules (default: one device)."""
+  """Runs (or resumes) ``loop.num_steps`` RL iterations in ``workdir``; returns the final metrics
+  (also written to ``<workdir>/final_metrics.json``) and the final state. ``models_`` from
+  :func:`ppo_models.load_models` or built in-process (iterated RLHF); ``placement``: mesh + rules
+  (default: one device)."""
   os.makedirs(workdir, exist_ok=True)
-  if run_config is not None:
-    train.atomic_write_json(os.path.join(workdir, "config.json"), dict(run_config))
   tok, policy = models_.tokenizer, models_.policy
-  prompts = prepare_prompts(data, config, tok, workdir, vocab_size=policy.config.vocab_size)
-  prompt_len = data.max_prompt_len
-  if prompt_len + config.max_new_tokens > policy.config.max_seq_len:
-    raise ValueError(f"config.data.max_prompt_len + config.ppo.max_new_tokens = "
-                     f"{prompt_len + config.max_new_tokens} exceeds the policy's max_seq_len="
-                     f"{policy.config.max_seq_len}")
+  if config.max_new_tokens != limits.max_response_len:
+    raise ValueError(f"PPOConfig.max_new_tokens={config.max_new_tokens} differs from "
+                     f"config.limits.max_response_len={limits.max_response_len}; allowed: equal "
+                     "(parse_config sets it from the limits)")
+  limits.check_model(policy.config.max_seq_len)
+  prompts = prepare_prompts(data, limits, config, tok, workdir, vocab_size=policy.config.vocab_size)
+  prompt_len = limits.max_prompt_len
+  compile_count()  # the listener must see the first iteration's compilations
 
-  total_updates = loop.num_iterations * config.updates_per_iteration
+  total_updates = loop.num_steps * config.updates_per_iteration
   optimizer, schedule = train.make_optimizer(optim, total_updates)
   params = {"policy": models_.policy_params}
   if models_.value_model is not None:
@@ -195,8 +180,8 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
   ways = int(np.prod([placement.mesh.shape[a] for a in np.atleast_1d(
       parallel.batch_axes(placement.rules))]))
   if config.rollout_batch_size % ways:
-    raise ValueError(f"config.ppo.rollout_batch_size={config.rollout_batch_size} must be a multiple "
-                     f"of the mesh's batch ways ({ways}: the product of the "
+    raise ValueError(f"config.data.batch_size={config.rollout_batch_size} (rollout_batch_size) must "
+                     f"be a multiple of the mesh's batch ways ({ways}: the product of the "
                      f"{parallel.batch_axes(placement.rules)} axes of config.mesh); prompts are "
                      "split over them")
   shardings = state_shardings(policy, models_.value_model, optim, total_updates, placement)
@@ -207,17 +192,6 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
                  "model": dataclasses.asdict(policy.config), "tokenizer": tok.fingerprint(),
                  "value_model": (dataclasses.asdict(models_.value_model.config)
                                  if models_.value_model is not None else None)}
-  checkpointer = train.Checkpointer(workdir, fingerprint=fingerprint, keep=loop.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is not None:
-    logger.info("resuming PPO from iteration %d in %s", start, workdir)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
-    state, data_state = checkpointer.restore(abstract)
-    prompts.train.set_state(data_state)
-  start = start or 0
-  end = loop.num_iterations if not loop.stop_after_iterations else min(
-      loop.num_iterations, start + loop.stop_after_iterations)
 
   samp_cfg = sampling.SamplingConfig(
       max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
@@ -225,8 +199,7 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
   phases = _Phases(
       generate=make_generate_fn(policy, samp_cfg, placement),
       score=make_score_fn(models_.reward.model, eos_id=tok.eos_id,
-                          missing_eos_penalty=config.missing_eos_penalty,
-                          attribute_weights=models_.reward.attribute_weights, placement=placement),
+                          missing_eos_penalty=config.missing_eos_penalty, placement=placement),
       logprob=make_logprob_fn(policy, models_.value_model, prompt_len, config.temperature,
                               placement),
       advantage=make_advantage_fn(config, placement),
@@ -239,81 +212,49 @@ def run(*, workdir: str, config: PPOConfig, loop: PPOLoopConfig, optim: train.Op
              jax.device_put(np.asarray(models_.reward.info.mean, np.float32), placement.replicated),
              jax.device_put(np.asarray(models_.reward.info.std, np.float32), placement.replicated))
 
-  evaluator = None
+  def iteration(state: PPOState, batch) -> tuple[PPOState, dict]:
+    """One RL iteration: rollout phases, then the update (the loop's non-jitted step)."""
+    compiles_before = compile_count()
+    it = int(jax.device_get(state.iteration))
+    rollout, metrics = _rollout(state, batch, prompts, tok, ref_params, rm_args, phases)
+    t0 = time.perf_counter()
+    state, upd = update_fn(state, rollout)
+    upd = jax.device_get(upd)
+    metrics["time_update"] = time.perf_counter() - t0
+    metrics["compiles"] = float(compile_count() - compiles_before)
+    metrics.update({k: float(v) for k, v in upd.items()})  # the loop checks loss / grad_norm
+    n_rows = config.rollout_size
+    new_beta = controller.update(state.kl_coef, metrics["kl"], n_rows)
+    state = state.replace(iteration=state.iteration + 1, kl_coef=new_beta)
+    metrics["lr"] = float(schedule((it + 1) * config.updates_per_iteration - 1))
+    tokens_seq = rollout.tokens_BxT.shape[1]
+    metrics["update_tokens_per_s"] = (n_rows * tokens_seq * config.num_ppo_epochs
+                                      / max(metrics["time_update"], 1e-9))
+    metrics["time_iteration"] = sum(metrics[f"time_{p}"] for p in PHASES)
+    metrics["tokens_per_s"] = metrics["generated_tokens"] / metrics["time_iteration"]
+    return state, metrics
+
+  eval_fn = None
   if prompts.eval_texts:
     eval_prompts = policy_eval.make_eval_prompts(tok, prompts.eval_texts, max_prompt_len=prompt_len)
     evaluator = policy_eval.PolicyEvaluator(
         policy, ref_params, tok, eval_prompts, eval_config,
         reward_fn=scoring.sample_reward_fn(models_.reward), gold_reward_fn=prompts.gold_reward_fn,
         sample_path=os.path.join(workdir, "samples.jsonl"))
+    eval_fn = lambda st, step: evaluator(st.params["policy"], step)  # noqa: E731
 
-  writer = train.MetricsWriter(workdir, resume_step=start)
-  eval_metrics: dict = {}
-  initial_metrics: dict = {}
-  initial_path = os.path.join(workdir, "initial_eval.json")
-
-  def evaluate(at: int, params_) -> dict:
-    metrics = dict(evaluator(params_, at))
-    writer.write(at, metrics, split="eval")
-    logger.info("eval @%d: %s", at, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
-
-  preempted, it = False, start
-  try:
-    if evaluator is not None:
-      if os.path.exists(initial_path):
-        initial_metrics = train.read_json(initial_path)
-      else:
-        initial_metrics = evaluate(0, ref_params if models_.policy_params is models_.ref_params
-                                   else state.params["policy"])
-        train.atomic_write_json(initial_path, initial_metrics)
-    with _StopFlag() as stop:
-      while it < end:
-        compiles_before = _COMPILES[0]
-        rollout, metrics = _rollout(it, state, prompts, tok, ref_params, rm_args, phases,
-                                    checkpointer.latest_step())
-        t0 = time.perf_counter()
-        state, upd = update_fn(state, rollout)
-        upd = jax.device_get(upd)
-        metrics["time_update"] = time.perf_counter() - t0
-        metrics["compiles"] = float(_COMPILES[0] - compiles_before)
-        _check_finite(it, checkpointer.latest_step(), loss=upd["loss"], grad_norm=upd["grad_norm"])
-        metrics.update({k: float(v) for k, v in upd.items()})
-        n_rows = config.rollout_size
-        new_beta = controller.update(state.kl_coef, metrics["kl"], n_rows)
-        state = state.replace(iteration=state.iteration + 1, kl_coef=new_beta)
-        metrics["lr"] = float(schedule((it + 1) * config.updates_per_iteration - 1))
-        tokens_seq = rollout.tokens_BxT.shape[1]
-        metrics["update_tokens_per_s"] = (n_rows * tokens_seq * config.num_ppo_epochs
-                                          / max(metrics["time_update"], 1e-9))
-        metrics["time_iteration"] = sum(metrics[f"time_{p}"] for p in PHASES)
-        metrics["tokens_per_s"] = metrics["generated_tokens"] / metrics["time_iteration"]
-        it += 1
-        writer.write(it, metrics, split="train")
-        if it % loop.log_every == 0 or it == end or it == start + 1:
-          _log_line(it, loop.num_iterations, metrics)
-        signalled = stop.signum is not None
-        if it % loop.checkpoint_every == 0 or it == end or signalled:
-          checkpointer.save(it, state, prompts.train.get_state())
-        if signalled:
-          logger.warning("SIGTERM received: checkpointed iteration %d, stopping", it)
-          preempted = True
-          break
-        if evaluator is not None and loop.eval_every and it % loop.eval_every == 0 \
-            and it < loop.num_iterations:
-          eval_metrics = evaluate(it, state.params["policy"])
-      if it < loop.num_iterations:
-        preempted = True
-      elif evaluator is not None:
-        eval_metrics = evaluate(it, state.params["policy"])
-  finally:
-    checkpointer.close()
-    writer.close()
-  final = {"iteration": it, "preempted": preempted, **eval_metrics,
-           **{f"initial_{k}": v for k, v in initial_metrics.items()},
+  result = train.train(workdir=workdir, config=loop, state=state, iteration=iteration,
+                       data=prompts.train, fingerprint=fingerprint, eval_fn=eval_fn,
+                       initial_eval=True, run_config=run_config,
+                       tokens_metric="generated_tokens")
+  state = result.state
+  final = {"iteration": result.step, "preempted": result.preempted, **result.eval_metrics,
+           **{f"initial_{k}": v for k, v in result.initial_eval_metrics.items()},
            "final_kl_coef": float(state.kl_coef)}
-  if not preempted:
-    train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+  if result.stop_reason:
+    final["stop_reason"] = result.stop_reason
+  if not result.preempted and parallel.is_coordinator():
+    train.write_final_metrics(workdir, final, method=config.algorithm)
   return RunResult(final, state)
 
 
@@ -325,11 +266,13 @@ class _Phases(NamedTuple):
   placement: Placement
 
 
-def _rollout(it, state: PPOState, prompts: Prompts, tok, ref_params, rm_args, phases: _Phases,
-             last_good):
-  """Rollout phases of iteration ``it`` → ``(rollout, metrics)`` (the update is not run here)."""
+def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args, phases: _Phases):
+  """Rollout phases on one prompt batch → ``(rollout, metrics)`` (the update is not run here).
+
+  Raises ``train.NonFiniteLossError`` (the loop adds the iteration) on NaN/inf rewards, values,
+  log-probs, advantages or returns, before anything of this iteration is kept.
+  """
   metrics: dict[str, float] = {}
-  batch = next(prompts.train)
   placement = phases.placement
   prompt_tokens, prompt_mask = parallel.shard_batch(
       (np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])), placement.mesh,
@@ -344,12 +287,12 @@ def _rollout(it, state: PPOState, prompts: Prompts, tok, ref_params, rm_args, ph
   old_logps, ref_logps, values, entropy = jax.block_until_ready(phases.logprob(
       state.params["policy"], ref_params, state.params.get("value"), tokens_BxT, mask_BxT))
   t3 = time.perf_counter()
-  _check_finite(it, last_good, rewards=scores_B, values=values, policy_logprobs=old_logps,
-                reference_logprobs=ref_logps)
+  train.check_finite(rewards=scores_B, values=values, policy_logprobs=old_logps,
+                     reference_logprobs=ref_logps)
   advantages, returns, adv_metrics = jax.block_until_ready(phases.advantage(
       scores_B, old_logps, ref_logps, values, response_mask, state.kl_coef))
   t4 = time.perf_counter()
-  _check_finite(it, last_good, advantages=advantages, returns=returns)
+  train.check_finite(advantages=advantages, returns=returns)
   rollout = Rollout(tokens_BxT, mask_BxT, response_mask, old_logps, ref_logps, values, advantages,
                     returns)
 
@@ -377,42 +320,52 @@ def _rollout(it, state: PPOState, prompts: Prompts, tok, ref_params, rm_args, ph
   return rollout, metrics
 
 
-def _log_line(it: int, total: int, m: Mapping[str, float]) -> None:
-  gold = f"gold {m['gold_reward']:+.3f} | " if "gold_reward" in m else ""
-  logger.info("iter %d/%d | %srm %+.3f | kl %.3f (β %.3g) | ent %.3f | clip %.3f | len %.1f | "
-              "gen %.2fs score %.2fs logp %.2fs upd %.2fs | %.0f tok/s", it, total, gold,
-              m["rm_score"], m["kl"], m["kl_coef"], m["entropy"], m["clipfrac"],
-              m["response_length"], m["time_generation"], m["time_scoring"], m["time_logprobs"],
-              m["time_update"], m["tokens_per_s"])
+KNOWN_KEYS = ("seed", "method", "sources", "data", "limits", "ppo", "loop", "optim", "eval", "mesh")
+# PPOConfig fields an experiment config sets in the shared sections instead (one key per concept).
+FROM_SECTIONS = {"rollout_batch_size": "config.data.batch_size (prompts per iteration)",
+                 "max_new_tokens": "config.limits.max_response_len (the response budget)"}
 
 
-KNOWN_KEYS = ("seed", "ppo", "data", "loop", "optim", "eval", "mesh")
+def parse_config(config: ml_collections.ConfigDict) -> Sections:
+  """The frozen sections of an experiment config (errors name the config keys).
 
-
-def parse_config(config: ml_collections.ConfigDict):
-  """``(ppo, data, loop, optim, eval)`` dataclasses from an experiment config (errors name keys)."""
+  ``PPOConfig.rollout_batch_size`` comes from ``config.data.batch_size`` and ``max_new_tokens``
+  from ``config.limits.max_response_len``; setting them in ``config.ppo`` is an error.
+  """
   unknown = sorted(set(config.keys()) - set(KNOWN_KEYS))
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
                      f"keys: {list(KNOWN_KEYS)}")
-  return (config_dicts.to_dataclass(PPOConfig, config.ppo, "ppo"),
-          config_dicts.to_dataclass(PPODataConfig, config.data, "data"),
-          config_dicts.to_dataclass(PPOLoopConfig, config.loop, "loop"),
-          config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim"),
-          config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval"))
+  if config.get("method", "ppo") != "ppo":
+    raise ValueError(f"config.method={config.method!r} is invalid for the online RL trainer; "
+                     "allowed: ppo (config.ppo.algorithm picks ppo | rloo | grpo | dr_grpo)")
+  for name, where in FROM_SECTIONS.items():
+    if name in config.ppo:
+      raise ValueError(f"config.ppo.{name} is not a key of its own; set {where}")
+  data = config_dicts.to_dataclass(PPODataConfig, config.data, "data")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
+  ppo_values = dict(config.ppo.to_dict(), rollout_batch_size=data.batch_size,
+                    max_new_tokens=limits.max_response_len)
+  return Sections(ppo=config_dicts.to_dataclass(PPOConfig, ppo_values, "ppo"),
+                  sources=config_dicts.to_dataclass(sections.Sources, config.sources, "sources"),
+                  data=data, limits=limits,
+                  loop=config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop"),
+                  optim=config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim"),
+                  eval=config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        models_: ppo_models.PPOModels | None = None,
                        rules: parallel.Rules = parallel.DEFAULT_RULES) -> dict[str, Any]:
   """Runs (or resumes) the experiment ``config`` (see ``experiments/configs/ppo_synthetic.py``);
-  ``models_`` overrides loading the models from ``config.data`` workdirs; ``rules``: the
-  logical-axis rules table on ``config.mesh``."""
-  ppo_cfg, data_cfg, loop_cfg, optim_cfg, eval_cfg = parse_config(config)
+  ``models_`` overrides loading the models from ``config.sources``; ``rules``: the logical-axis
+  rules table on ``config.mesh``."""
+  parsed = parse_config(config)
   placement = Placement(parallel.mesh_from_config(config.get("mesh")), tuple(rules))
   if models_ is None:
-    models_ = ppo_models.load_models(ppo_cfg, data_cfg, jax.random.PRNGKey(config.seed + 1),
-                                     mesh=placement.mesh, rules=placement.rules)
-  return run(workdir=workdir, config=ppo_cfg, loop=loop_cfg, optim=optim_cfg, eval_config=eval_cfg,
-             data=data_cfg, models_=models_, seed=config.seed, run_config=config.to_dict(),
-             placement=placement).metrics
+    models_ = ppo_models.load_models(parsed.ppo, parsed.sources,
+                                     jax.random.PRNGKey(config.seed + 1), mesh=placement.mesh,
+                                     rules=placement.rules)
+  return run(workdir=workdir, config=parsed.ppo, loop=parsed.loop, optim=parsed.optim,
+             eval_config=parsed.eval, data=parsed.data, limits=parsed.limits, models_=models_,
+             seed=config.seed, run_config=config.to_dict(), placement=placement).metrics
