@@ -58,8 +58,8 @@ def bench_jax(shape: dict) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from rlhf_jax import models, parallel, train  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms import reference  # pylint: disable=import-outside-toplevel
   from rlhf_jax.algorithms.offline import dpo  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.algorithms import common  # pylint: disable=import-outside-toplevel
 
   b, p, c = shape["batch"], shape["prompt"], shape["completion"]
   t = p + c
@@ -75,25 +75,23 @@ def bench_jax(shape: dict) -> dict:
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), mesh)
   loss_fn = dpo.make_loss_fn(model, dpo.DPOLossConfig(beta=0.1, loss_type="sigmoid"))
   step_fn = train.guard_step(train.make_train_step(loss_fn, optimizer, schedule))
-  logps_fn = common.response_logps_fn(model, mesh)
+  add_reference = reference.make_transform("on_the_fly", model=model, params=ref_params, mesh=mesh)
   prompts, chosen, rejected = _token_ids(shape)
 
   def batch_at(i):
+    """The collator's pairwise layout: pair j's chosen in row 2j, its rejected in row 2j+1."""
     sl = slice(i * b, (i + 1) * b)
-    mask = np.ones((b, t), np.int32)
-    loss_mask = np.concatenate([np.zeros((b, p), np.int32), np.ones((b, c), np.int32)], axis=1)
-    return {"chosen_tokens": np.concatenate([prompts[sl], chosen[sl]], 1).astype(np.int32),
-            "rejected_tokens": np.concatenate([prompts[sl], rejected[sl]], 1).astype(np.int32),
-            "chosen_mask": mask, "rejected_mask": mask, "chosen_loss_mask": loss_mask,
-            "rejected_loss_mask": loss_mask}
+    pair_rows = np.stack([np.concatenate([prompts[sl], chosen[sl]], 1),
+                          np.concatenate([prompts[sl], rejected[sl]], 1)], axis=1)  # [B, 2, T]
+    loss_mask = np.concatenate([np.zeros((2 * b, p), np.int32), np.ones((2 * b, c), np.int32)], axis=1)
+    return {"tokens": pair_rows.reshape(2 * b, t).astype(np.int32), "mask": np.ones((2 * b, t), np.int32),
+            "loss_mask": loss_mask}
 
   with parallel.use_mesh(mesh):
     jitted = train.jit_train_step(step_fn, state, mesh)
 
     def one_step(state, i):
-      batch = batch_at(i)
-      both = logps_fn(ref_params, *dpo.pair_arrays(batch))  # on-the-fly reference, as TRL
-      batch["ref_chosen_logps"], batch["ref_rejected_logps"] = jnp.split(both, 2)
+      batch = add_reference(batch_at(i))  # on-the-fly reference, as TRL
       return jitted(state, parallel.shard_batch(batch, mesh))
 
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""DPO-family trainer: end to end from a tiny SFT run, reference modes, bad input, the NaN guard."""
+"""DPO-family trainer: end to end from a tiny SFT run, reference modes and their cache key, eval
+mode / dropout, bad input, the NaN guard."""
 
 import json
 import os
@@ -13,10 +14,12 @@ from flax.core import meta
 from offline_fixtures import TINY_RUN, load_config, override, tiny_sft_workdir
 from rlhf_jax import models, parallel, train
 from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms import common, sections
+from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import tokenizers as tok_lib
 
-DATA = {"data.batch_size": 8, "data.buckets": (80,), "data.num_eval_pairs": 8}
+DATA = {"data.batch_size": 8, "limits.buckets": (80,), "data.num_eval_pairs": 8}
+MESH = {"data": 1, "fsdp": 1, "tensor": 1}
 
 
 def dpo_config(sft_dir, **extra):
@@ -47,7 +50,6 @@ def test_end_to_end_reports_policy_and_implicit_reward_metrics(on_the_fly_run):
   assert stored["skipped_identical_pairs"] == 0 and stored["num_train_pairs"] > 0
   rows = train.read_metrics(workdir, "train")
   assert [r["step"] for r in rows] == [2, 4]
-  assert all(r["skipped_nonfinite"] == 0.0 for r in rows)  # the NaN guard let every step through
   assert 0.0 <= rows[0]["rewards/accuracies"] <= 1.0 and "loss/sigmoid" in rows[0]
   # one step of a tiny lr away from the reference: the loss is still about log 2
   assert abs(rows[0]["loss"] - np.log(2.0)) < 0.05
@@ -69,32 +71,19 @@ def test_precomputed_reference_matches_on_the_fly_and_nan_guard_keeps_checkpoint
   np.testing.assert_allclose(pre["loss"], fly["loss"], rtol=1e-5)
   np.testing.assert_allclose(pre["rewards/margins"], fly["rewards/margins"], atol=1e-5)
 
-  # Poison the stored reference log-probs: the next step's loss is NaN.
+  # Poison the stored reference log-probs (column 0: the chosen rows): the next step's loss is NaN.
   good = jax.tree.map(np.asarray, train.restore_params(workdir, 2))
   stored = dict(np.load(table_path))
-  np.savez(table_path, key=stored["key"], chosen=np.full_like(stored["chosen"], np.nan),
-           rejected=stored["rejected"])
+  assert stored["table"].shape == (first["num_train_pairs"], 2)
+  poisoned = stored["table"].copy()
+  poisoned[:, 0] = np.nan
+  np.savez(table_path, key=stored["key"], table=poisoned)
   resumed = dpo_config(sft_dir, **{"loss.reference_logps": "precomputed"})
   with pytest.raises(train.NonFiniteLossError, match="non-finite loss or gradient at step 3"):
     dpo.train_and_evaluate(resumed, workdir)
   latest = jax.tree.map(np.asarray, train.restore_params(workdir))
   jax.tree.map(np.testing.assert_array_equal, latest, good)  # the bad updates were never applied
   assert not os.path.exists(os.path.join(workdir, common.FINAL_METRICS_FILE))
-
-
-def test_identical_pairs_are_skipped_and_counted(tmp_path):
-  src, dst = str(tmp_path / "pairs.jsonl"), str(tmp_path / "kept.jsonl")
-  rows = [{"prompt": "name 1 fruits", "chosen": "fig!", "rejected": "fig!"},
-          {"prompt": "name 1 fruits", "chosen": "fig!", "rejected": "gun"},
-          {"prompt": "list 2 tools", "chosen": "saw", "rejected": "saw"}]
-  with open(src, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  assert dpo.drop_identical_pairs(src, dst) == (1, 2)
-  assert [json.loads(l)["rejected"] for l in open(dst)] == ["gun"]
-  with open(src, "w") as f:
-    f.write(json.dumps(rows[0]) + "\n")
-  with pytest.raises(ValueError, match="every one of its 1 pairs has chosen == rejected"):
-    dpo.drop_identical_pairs(src, dst)
 
 
 def test_reference_with_other_config_or_tokenizer_is_refused(sft_dir, tmp_path):
@@ -117,42 +106,82 @@ def test_reference_with_other_config_or_tokenizer_is_refused(sft_dir, tmp_path):
   fingerprint["model"]["rope_theta"] = 500.0
   json.dump(fingerprint, open(fp_path, "w"))
   sources = common.ModelSources(sft_workdir=sft_dir, reference_workdir=ref_dir)
-  mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
+  mesh = parallel.mesh_from_config(MESH)
   with pytest.raises(common.ReferenceMismatchError, match="rope_theta"):
     common.load_models(sources, mesh)
 
 
 def _hand_batch():
+  """Two pairs in the collator's layout: pair b's chosen in row 2b, its rejected in row 2b+1."""
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 259, size=(4, 12)).astype(np.int32)
-  mask = np.ones((4, 12), np.int32)
   loss_mask = np.zeros((4, 12), np.int32)
   loss_mask[:, 6:] = 1
-  return {"chosen_tokens": tokens[:2], "rejected_tokens": tokens[2:], "chosen_mask": mask[:2],
-          "rejected_mask": mask[2:], "chosen_loss_mask": loss_mask[:2],
-          "rejected_loss_mask": loss_mask[2:]}
+  return {"tokens": tokens, "mask": np.ones((4, 12), np.int32), "loss_mask": loss_mask,
+          "valid": np.ones(2, np.int32), "index": np.arange(2, dtype=np.int32)}
+
+
+def _tiny(dropout_rate=0.0):
+  model = models.Transformer(models.get_model_config("tiny").replace(dropout_rate=dropout_rate))
+  dummy = jnp.ones((1, 8), jnp.int32)
+  return model, meta.unbox(model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
 
 
 @pytest.mark.parametrize("method,extra", [("dpo", {"loss_type": "ipo,sigmoid", "sft_weight": 0.5}),
                                           ("simpo", {}), ("orpo", {})])
 def test_loss_fn_one_forward_matches_separate_forwards(method, extra):
-  model = models.Transformer(models.get_model_config("tiny"))
-  dummy = jnp.ones((1, 8), jnp.int32)
-  params = meta.unbox(model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
+  model, params = _tiny()
   cfg = dpo.DPOLossConfig(method=method, **extra)
   batch = _hand_batch()
   if cfg.uses_reference:
-    batch["ref_chosen_logps"] = jnp.array([-40.0, -35.0])
-    batch["ref_rejected_logps"] = jnp.array([-38.0, -36.0])
+    batch["ref_logps"] = jnp.array([-40.0, -38.0, -35.0, -36.0])  # (c0, r0, c1, r1)
   loss, metrics = dpo.make_loss_fn(model, cfg)(params, batch, jax.random.PRNGKey(1))
-  side = lambda s: models.sequence_logprobs(model, params, batch[f"{s}_tokens"], batch[f"{s}_mask"],
-                                            batch[f"{s}_loss_mask"]).sum(-1)
+  row = lambda rows: models.sequence_logprobs(model, params, batch["tokens"][rows],  # noqa: E731
+                                              batch["mask"][rows], batch["loss_mask"][rows]).sum(-1)
   n = jnp.full((2,), 6.0)
-  expected, _ = dpo.pair_loss(cfg, side("chosen"), side("rejected"), n, n,
-                              batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"))
+  ref_c, ref_r = (jnp.array([-40.0, -35.0]), jnp.array([-38.0, -36.0])) if cfg.uses_reference \
+      else (None, None)
+  expected, _ = dpo.pair_loss(cfg, row([0, 2]), row([1, 3]), n, n, ref_c, ref_r)
   np.testing.assert_allclose(loss, jnp.mean(expected), rtol=1e-5)
   assert np.isfinite(float(metrics["rewards/margins"]))
   assert cfg.uses_reference == (method == "dpo")
+
+
+def test_heldout_metrics_are_deterministic_with_dropout_in_the_model():
+  """Bug: held-out pair metrics ran the policy with dropout on (a fixed dropout key) when the model
+  has dropout_rate > 0; they must be the eval-mode (deterministic) numbers."""
+  model, params = _tiny(dropout_rate=0.5)
+  plain, _ = _tiny()
+  batch = _hand_batch()
+  batch["ref_logps"] = jnp.array([-40.0, -38.0, -35.0, -36.0])
+  cfg = dpo.DPOLossConfig(disable_dropout=False)  # dropout stays on in training
+  mesh = parallel.mesh_from_config(MESH)
+  got = common.make_heldout_eval_fn(dpo.make_loss_fn(model, cfg), [batch], mesh)(params)
+  _, want = dpo.make_loss_fn(plain, cfg)(params, batch, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(got["pairs/rewards/margins"], want["rewards/margins"], rtol=1e-5)
+  np.testing.assert_allclose(got["pairs/loss"], want["loss"], rtol=1e-5)
+  # training with disable_dropout=False does use dropout (the loss depends on the key)
+  train_loss = dpo.make_loss_fn(model, cfg)
+  assert not np.isclose(float(train_loss(params, batch, jax.random.PRNGKey(1))[0]),
+                        float(train_loss(params, batch, jax.random.PRNGKey(2))[0]))
+
+
+def test_dropout_is_disabled_in_preference_training_by_default():
+  """Bug: training kept dropout in the policy while the reference is deterministic; by default
+  (TRL's disable_dropout) the training forward is deterministic too."""
+  model, params = _tiny(dropout_rate=0.5)
+  plain, _ = _tiny()
+  batch = _hand_batch()
+  batch["ref_logps"] = jnp.array([-40.0, -38.0, -35.0, -36.0])
+  assert dpo.DPOLossConfig().disable_dropout
+  loss_fn = dpo.make_loss_fn(model, dpo.DPOLossConfig())
+  a = loss_fn(params, batch, jax.random.PRNGKey(1))[0]
+  b = loss_fn(params, batch, jax.random.PRNGKey(2))[0]
+  c = dpo.make_loss_fn(plain, dpo.DPOLossConfig())(params, batch, jax.random.PRNGKey(1))[0]
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  np.testing.assert_allclose(a, c, rtol=1e-5)
+  with pytest.raises(ValueError, match="DPOLossConfig.disable_dropout"):
+    dpo.DPOLossConfig(disable_dropout="yes")
 
 
 def test_loss_config_errors_name_the_field():
@@ -165,3 +194,25 @@ def test_loss_config_errors_name_the_field():
   with pytest.raises(ValueError, match="loss_weights"):
     dpo.DPOLossConfig(loss_type="sigmoid,ipo", loss_weights=(1.0,))
   assert dpo.DPOLossConfig(loss_type="sigmoid,bco_pair", sft_weight=1.0).label == "dpo:sigmoid+bco_pair+rpo"
+
+
+def test_precomputed_reference_table_is_keyed_on_the_reference_run_and_its_step(sft_dir, tmp_path):
+  """Bug: the table's key held the *policy's* SFT step even with a separate reference run, so a
+  reference run that moved to a later checkpoint reused a stale table."""
+  ref_dir = str(tmp_path / "ref")
+  shutil.copytree(sft_dir, ref_dir, ignore=shutil.ignore_patterns("data"))
+  os.rename(os.path.join(ref_dir, "checkpoints", "6"), os.path.join(ref_dir, "checkpoints", "9"))
+  mesh = parallel.mesh_from_config(MESH)
+  own = common.load_models(sections.Sources(sft_workdir=sft_dir), mesh)
+  other = common.load_models(sections.Sources(sft_workdir=sft_dir, reference_workdir=ref_dir), mesh)
+  assert (own.sft_step, own.ref_step, own.ref_workdir) == (6, 6, os.path.abspath(sft_dir))
+  assert (other.sft_step, other.ref_step, other.ref_workdir) == (6, 9, os.path.abspath(ref_dir))
+  pairs = os.path.join(sft_dir, "data", "synthetic", "pairwise_test.jsonl")
+  ds = ds_lib.prepare_dataset(pairs, "pairwise", own.tokenizer, str(tmp_path / "ds"), max_prompt_len=32,
+                              max_response_len=48, drop_uninformative=True)
+  key_own, key_other = (dpo.reference_cache_key(m, ds, seed=0) for m in (own, other))
+  assert key_other["reference_run"] == os.path.abspath(ref_dir) and key_other["reference_step"] == 9
+  assert key_own["reference_step"] == 6 and key_own != key_other
+  later = dpo.reference_cache_key(other._replace(ref_step=12), ds, seed=0)
+  assert later != key_other  # same reference folder, a newer checkpoint: another table
+  assert key_own["dataset"] == ds.metadata["settings"] and key_own["tokenizer"] == own.tokenizer.fingerprint()

@@ -3,8 +3,8 @@
 import ml_collections
 
 from rlhf_jax import parallel, train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms import common
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
@@ -19,18 +19,21 @@ def get_config(loss: str = "sigmoid") -> ml_collections.ConfigDict:
 
   Any TRL loss: ``--config.loss.loss_type=ipo`` (or ``"sigmoid,bco_pair"``), SimPO / ORPO with
   ``--config.loss.method=simpo|orpo``; reference log-probs once up front with
-  ``--config.loss.reference_logps=precomputed``. The pipeline (``experiments/pipeline.py``) runs
+  ``--config.loss.reference_logps=precomputed``; a separate reference run with
+  ``--config.sources.reference_workdir=...``. The pipeline (``experiments/pipeline.py``) runs
   this with fewer steps; see BUILD_NOTES.md for measured results.
   """
   config = ml_collections.ConfigDict()
+  config.method = "dpo"
   config.seed = 0
-  config.sources = config_dicts.dataclass_section(common.ModelSources)
+  # tokenizer '' = the SFT run's (byte when starting fresh)
+  config.sources = config_dicts.dataclass_section(sections.Sources)
   config.model = config_dicts.model_section("small")  # used only without sources.sft_workdir
-  config.tokenizer = "byte"  # likewise; otherwise the SFT run's tokenizer
   config.loss = config_dicts.dataclass_section(dpo.DPOLossConfig, method="dpo", loss_type=loss,
                                                beta=0.1)
-  config.data = config_dicts.dataclass_section(dpo.PairwiseDataConfig, batch_size=32,
-                                               buckets=(64, 80), num_eval_pairs=256)
+  config.data = config_dicts.dataclass_section(dpo.PairwiseData, batch_size=32, num_eval_pairs=256)
+  config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
+                                                 max_response_len=48, buckets=(64, 80))
   config.optim = config_dicts.dataclass_section(
       train.OptimConfig, lr=5e-4, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1,
       weight_decay=0.0, clip_norm=1.0)

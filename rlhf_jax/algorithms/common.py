@@ -6,6 +6,11 @@
   (:class:`ReferenceMismatchError`): its log-probs would be of other token ids or another function.
 * :func:`response_logps_fn` — jitted summed response log-probs of a frozen model (the reference's
   on-the-fly / precomputed log-probs, candidate scoring).
+* :func:`resolve_files` — a method's (train, eval, eval-prompts) record files from its
+  ``config.data`` section (the synthetic task, generated when missing, or JSONL files).
+* :func:`make_heldout_eval_fn` — a loss's metrics averaged over fixed held-out batches, in eval
+  mode (``loss_fn(params, batch, rng=None)``: deterministic, no dropout).
+* :func:`nll_loss_fn` — SFT's prompt-masked NLL as a ``train`` loss function (SFT, RAFT).
 * Small I/O helpers: prompt lists, eval-prompt batches, ``final_metrics.json``.
 """
 
@@ -21,8 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import models, parallel, train
+from rlhf_jax import losses, models, parallel, train
 from rlhf_jax import scoring
+from rlhf_jax.algorithms import sections
 from rlhf_jax.data import records as rec
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.eval import policy as policy_eval
@@ -31,6 +37,7 @@ from rlhf_jax.train import config_dicts
 logger = logging.getLogger(__name__)
 
 FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
+SOURCES = sections.DATA_SOURCES  # where records come from: synthetic | jsonl
 
 
 class ReferenceMismatchError(ValueError):
@@ -76,6 +83,8 @@ class LoadedModels(NamedTuple):
   ref_params: Any  # unboxed, placed on the mesh (equal to, but not the buffers of, policy_params)
   reward: scoring.RewardModelHandle | None
   sft_step: int  # step of the SFT checkpoint (-1: fresh init)
+  ref_workdir: str = ""  # the run the reference params came from ('' = fresh init)
+  ref_step: int = -1  # that run's checkpoint step (-1: fresh init); reference caches key on both
 
 
 def check_reference(policy_config: models.ModelConfig, policy_tokenizer: tok_lib.Tokenizer,
@@ -112,13 +121,19 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
     model_config, tokenizer, sft_step = policy.model_config, policy.tokenizer, policy.step
     model = models.Transformer(model_config)
     policy_params = place_params(policy.params, model, mesh)
-    ref_params = policy_params
+    spec = getattr(sources, "tokenizer", "")  # sections.Sources: must match the SFT run's
+    if spec and tok_lib.load_tokenizer(spec).fingerprint() != tokenizer.fingerprint():
+      raise ReferenceMismatchError(
+          f"config.sources.tokenizer={spec!r} differs from the tokenizer of the SFT run "
+          f"{sources.sft_workdir} ({tokenizer!r}); allowed: '' (use the run's) or the same one")
+    ref_params, ref_workdir, ref_step = policy_params, sources.sft_workdir, sft_step
     if sources.reference_workdir and (os.path.abspath(sources.reference_workdir)
                                       != os.path.abspath(sources.sft_workdir)):
       ref = train.load_sft_params(sources.reference_workdir)
       check_reference(model_config, tokenizer, ref.model_config, ref.tokenizer,
                       where=f"reference ({sources.reference_workdir})")
       ref_params = place_params(ref.params, model, mesh)
+      ref_workdir, ref_step = sources.reference_workdir, ref.step
   else:
     if model_section is None:
       raise ValueError("config.sources.sft_workdir is empty and there is no config.model section; "
@@ -130,7 +145,7 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
     rng = jax.random.PRNGKey(0) if rng is None else rng
     policy_params = parallel.create_sharded(
         functools.partial(model.init, rng, dummy, dummy), mesh)["params"]
-    ref_params, sft_step = policy_params, -1
+    ref_params, sft_step, ref_workdir, ref_step = policy_params, -1, "", -1
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ValueError(f"the model's vocab_size={model_config.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")
@@ -145,7 +160,8 @@ def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
   elif need_reward:
     raise ValueError("config.sources.reward_model_workdir is empty; allowed: the workdir of a "
                      "trained reward model (this method scores samples with it)")
-  return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step)
+  return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step,
+                      os.path.abspath(ref_workdir) if ref_workdir else "", ref_step)
 
 
 
@@ -166,6 +182,92 @@ def response_logps_fn(model: models.Transformer, mesh: jax.sharding.Mesh,
   """``fn(params, tokens_NxT, mask_NxT, loss_mask_NxT) -> [N]``: ``models.response_logps`` on
   ``mesh`` (the one summed-log-prob function; jitted once per shape, params an argument)."""
   return functools.partial(models.response_logps, model, mesh=mesh, rules=rules)
+
+
+def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> train.loop.LossFn:
+  """The prompt-masked NLL of SFT and RAFT: ``loss_fn(params, batch, rng) -> (loss, metrics)``.
+
+  With ``logp_t = log π_θ(x_t | x_<t)`` and ``m_t`` = ``batch["loss_mask"]`` (1 on response
+  tokens, EOS included), ``losses.sft_loss`` reduces ``-m_t logp_t`` by ``aggregation``
+  (``losses.TOKEN_AGGREGATIONS``; ``token_mean`` = Σ m (-logp) / Σ m). Dropout is on when the model
+  has ``dropout_rate > 0`` and ``rng`` is a key; ``rng=None`` is eval mode (deterministic).
+  """
+  if aggregation not in losses.TOKEN_AGGREGATIONS:
+    raise ValueError(f"aggregation={aggregation!r} is invalid; allowed: "
+                     f"{' | '.join(losses.TOKEN_AGGREGATIONS)}")
+  dropout = model.config.dropout_rate > 0
+
+  def loss_fn(params, batch, rng):
+    if dropout and rng is not None:
+      out = model.apply({"params": params}, batch["tokens"], batch["mask"], deterministic=False,
+                        rngs={"dropout": rng})
+      logps_BxT = models.token_logprobs(out.logits_BxTxV, batch["tokens"], batch["loss_mask"])
+    else:
+      logps_BxT = models.sequence_logprobs(model, params, batch["tokens"], batch["mask"],
+                                           batch["loss_mask"])
+    per_example_B, metrics = losses.sft_loss(logps_BxT, batch["loss_mask"], aggregation=aggregation)
+    return jnp.mean(per_example_B), {"nll_per_token": metrics["nll_per_token"],
+                                     "num_tokens": metrics["num_tokens"]}
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Record files and held-out metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tuple[str, str, str]:
+  """(train, eval, eval-prompts) JSONL paths of record files ``stem`` (``pairwise``, ``ranked``, ...).
+
+  ``data`` is a ``sections.DataSource`` (or a section with its fields). ``synthetic``: the task in
+  ``data.synthetic_dir``, else ``<sources.sft_workdir>/data/synthetic`` (the SFT run's), else it is
+  generated into ``<workdir>/data/synthetic`` from ``data.synthetic_*``. ``jsonl``: the files given
+  (eval prompts default to the prompts of ``eval_jsonl``).
+  """
+  if data.source != "synthetic":
+    return data.train_jsonl, data.eval_jsonl, data.eval_prompts_jsonl or data.eval_jsonl
+  from rlhf_jax.data import synthetic_files  # pylint: disable=import-outside-toplevel
+
+  candidates = [data.synthetic_dir] if data.synthetic_dir else [
+      os.path.join(sources.sft_workdir, "data", "synthetic") if sources.sft_workdir else "",
+      os.path.join(workdir, "data", "synthetic") if workdir else ""]
+  task = next((c for c in candidates if c and os.path.isfile(os.path.join(c, "metadata.json"))), "")
+  if not task:
+    if data.synthetic_dir or not workdir:
+      raise ValueError(f"config.data.synthetic_dir={data.synthetic_dir!r}: no synthetic task there; "
+                       "allowed: the folder `python -m rlhf_jax.data.synthetic --out DIR` wrote "
+                       "(default: the SFT run's <sft_workdir>/data/synthetic)")
+    task = candidates[-1]
+    logger.info("no synthetic task found; generating one into %s", task)
+    synthetic_files.write_task(task, synthetic_files.SyntheticConfig(
+        seed=data.synthetic_seed, num_prompts=data.synthetic_num_prompts,
+        num_test_prompts=data.synthetic_num_test_prompts), overwrite=True)
+  prompts = data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
+  return os.path.join(task, f"{stem}.jsonl"), os.path.join(task, f"{stem}_test.jsonl"), prompts
+
+
+def make_heldout_eval_fn(loss_fn: Callable, batches: list, mesh: jax.sharding.Mesh,
+                         prefix: str = "pairs", rules=parallel.DEFAULT_RULES) -> Callable:
+  """``fn(params) -> {f"{prefix}/<metric>": mean over the held-out batches}``.
+
+  ``loss_fn(params, batch, rng) -> (loss, metrics)`` runs in eval mode (``rng=None``: dropout
+  off), so the held-out numbers are a deterministic function of the params.
+  """
+  if not batches:
+    return lambda params: {}
+  jitted = jax.jit(lambda params, batch: loss_fn(params, batch, None)[1])
+
+  def fn(params):
+    sums: dict[str, float] = {}
+    with parallel.use_mesh(mesh, rules):
+      for batch in batches:
+        metrics = jax.device_get(jitted(params, parallel.shard_batch(batch, mesh, rules)))
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+    return {f"{prefix}/{k}": v / len(batches) for k, v in sums.items()}
+
+  return fn
 
 
 # ----------------------------------------------------------------------------------------------------
