@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """GRPO: 8 prompts × 4 samples per iteration, A = (s - mean_group) / (std_group + 1e-4).
 
   Run:
-    python experiments/ppo.py --config=experiments/configs/grpo_synthetic.py \\
+    python experiments/run.py --config=experiments/configs/grpo_synthetic.py \\
         --config.sources.sft_workdir=workdirs/sft_synthetic \\
         --config.sources.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/grpo_synthetic
 

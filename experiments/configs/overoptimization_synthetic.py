@@ -9,12 +9,13 @@ def get_config() -> ml_collections.ConfigDict:
   """Proxy reward up, gold reward peaks then falls (Gao et al., 2022, arXiv:2210.10760).
 
   Run (a proxy RM over-fit on 128 comparisons — no early stopping — then one PPO run per β):
-    python experiments/reward_model.py --workdir=workdirs/rm_proxy \\
+    python experiments/run.py --config=experiments/configs/rm_synthetic.py \\
+        --workdir=workdirs/rm_proxy \\
         --config.sources.sft_workdir=workdirs/sft_synthetic --config.data.num_train_examples=128 \\
         --config.loop.num_steps=120 --config.loop.eval_every=40 \\
         --config.rm.early_stopping_patience=0
     for beta in 0.0 0.05; do
-      python experiments/ppo.py --config=experiments/configs/overoptimization_synthetic.py \\
+      python experiments/run.py --config=experiments/configs/overoptimization_synthetic.py \\
           --config.ppo.kl_coef=$beta --config.sources.sft_workdir=workdirs/sft_synthetic \\
           --config.sources.reward_model_workdir=workdirs/rm_proxy --workdir=workdirs/overopt_beta$beta
     done

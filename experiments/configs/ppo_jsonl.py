@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """PPO on ``{"prompt"}`` (or chat ``messages``) JSONL prompts.
 
   Run:
-    python experiments/ppo.py --config=experiments/configs/ppo_jsonl.py \\
+    python experiments/run.py --config=experiments/configs/ppo_jsonl.py \\
         --config.data.train_jsonl=prompts.jsonl --config.data.eval_prompts_jsonl=heldout.jsonl \\
         --config.sources.sft_workdir=workdirs/my_sft \\
         --config.sources.reward_model_workdir=workdirs/my_rm --workdir=workdirs/my_ppo

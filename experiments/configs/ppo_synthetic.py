@@ -1,4 +1,4 @@
-"""PPO on the embedded synthetic task (the default of ``experiments/ppo.py``)."""
+"""PPO on the embedded synthetic task (``experiments/run.py``)."""
 
 import ml_collections
 from ml_collections import config_dict
@@ -29,10 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
   """PPO (critic from the reward model, per-token KL penalty β = 0.05) on the synthetic task.
 
   Needs a finished SFT run and reward-model run on the synthetic task:
-    python experiments/sft.py --workdir=workdirs/sft_synthetic
-    python experiments/reward_model.py --config.sources.sft_workdir=workdirs/sft_synthetic \\
+    python experiments/run.py --config=experiments/configs/sft_synthetic.py \\
+        --workdir=workdirs/sft_synthetic
+    python experiments/run.py --config=experiments/configs/rm_synthetic.py \\
+        --config.sources.sft_workdir=workdirs/sft_synthetic \\
         --workdir=workdirs/rm_synthetic
-    python experiments/ppo.py --workdir=workdirs/ppo_synthetic \\
+    python experiments/run.py --config=experiments/configs/ppo_synthetic.py \\
+        --workdir=workdirs/ppo_synthetic \\
         --config.sources.sft_workdir=workdirs/sft_synthetic \\
         --config.sources.reward_model_workdir=workdirs/rm_synthetic
 

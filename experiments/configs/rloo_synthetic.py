@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """RLOO: 8 prompts × 4 samples, r_i = s_i - β Σ_t KL_t, A_i = r_i - mean_{j≠i} r_j.
 
   Run:
-    python experiments/ppo.py --config=experiments/configs/rloo_synthetic.py \\
+    python experiments/run.py --config=experiments/configs/rloo_synthetic.py \\
         --config.sources.sft_workdir=workdirs/sft_synthetic \\
         --config.sources.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/rloo_synthetic
 

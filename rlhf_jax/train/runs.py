@@ -1,7 +1,8 @@
 """Readers and writers of finished runs: what a later stage needs from an earlier one.
 
 * :func:`load_sft_params` — params, model config and tokenizer of a policy run's checkpoint
-  (an SFT run, or any run written by the one loop with a ``model`` fingerprint).
+  (an SFT run, or any run written by the one loop with a ``model`` fingerprint, e.g. a PPO run,
+  whose ``policy`` params are returned).
 * :func:`tokenizer_spec` — the tokenizer a run was trained with, from its ``config.json``.
 * :data:`FINAL_METRICS_FILE` / :func:`write_final_metrics` / :func:`is_finished` — a run is
   finished once its ``final_metrics.json`` exists (written atomically, last).
@@ -63,7 +64,8 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
   if missing:
     raise FileNotFoundError(
         f"{workdir!r} is not an SFT run's workdir (missing {', '.join(missing)}): train one with "
-        f"`python experiments/sft.py --workdir={workdir}` or point the config's sft_workdir at one")
+        "`python experiments/run.py --config=experiments/configs/sft_synthetic.py "
+        f"--workdir={workdir}` or point the config's sources.sft_workdir at one")
   fingerprint = ckpt_lib.read_json(os.path.join(workdir, ckpt_lib.FINGERPRINT_FILE))
   run_config = ckpt_lib.read_json(os.path.join(workdir, "config.json"))
   model_config = models.ModelConfig(**{
@@ -77,6 +79,11 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
   step = ckpt_lib.latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir!r}: the SFT run saved no checkpoint yet; finish it first "
-                            f"(`python experiments/sft.py --workdir={workdir}` resumes it)")
+                            "(rerunning its `python experiments/run.py --config=... "
+                            f"--workdir={workdir}` resumes it)")
   params = ckpt_lib.restore_params(workdir, step)
+  # A run whose state holds several models keeps the policy under "policy" (PPO: policy + value),
+  # so a later stage (iterated RLHF's next round) can start from it like from an SFT run.
+  if isinstance(params, dict) and "policy" in params:
+    params = params["policy"]
   return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer, step=int(step))

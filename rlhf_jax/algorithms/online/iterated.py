@@ -3,12 +3,16 @@ repeated steps 2–3) on the synthetic task.
 
 Round r = 0, 1, ... with policy π_r (π_0 = SFT):
 
-1. comparisons — ``pairs_per_round`` prompts, two samples each from π_r, labelled by the simulated
-   Bradley–Terry annotator (``synthetic.sample_preference``, temperature ``bt_temperature``);
-   appended to ``all_pairs.jsonl``. ``eval_pairs`` more prompts give held-out pairs of π_r.
-2. reward model RM_r — retrained from the SFT backbone on *all* comparisons so far
-   (``reward_model.train_and_evaluate`` with ``data.source="jsonl"``).
-3. policy π_{r+1} — PPO from π_r against RM_r; the KL reference stays the SFT model.
+1. comparisons — ``pairs_per_round`` prompts, two samples each from π_r, labelled by the annotator
+   of ``config.annotator`` (``rlhf_jax.feedback``: ``label_fn(prompts, a, b) -> P(a ≻ b)``, the
+   label drawn from it; default the simulated Bradley–Terry human at temperature 0.25); appended
+   to ``all_pairs.jsonl``. ``eval_pairs`` more prompts give held-out pairs of π_r.
+2. reward model RM_r — retrained from the SFT backbone on *all* comparisons so far (the
+   ``config.rm`` experiment with ``data.source="jsonl"``, run as ``config.rm.method`` through
+   ``algorithms.registry``).
+3. policy π_{r+1} — PPO (``config.ppo``, through the registry) from π_r (the previous round's PPO
+   run is its ``sources.sft_workdir``) against RM_r; the KL reference stays the SFT model
+   (``sources.reference_workdir``).
 4. report — gold reward of π_{r+1} and its KL to SFT (``eval.policy`` on held-out prompts), and
    RM_r's accuracy on comparisons between π_{r+1}'s own samples (gold order, ties dropped): the
    distribution shift each round's new data is meant to repair.
@@ -23,25 +27,29 @@ import copy
 import json
 import logging
 import os
+from typing import Any
+
 import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import models, sampling, train
-from rlhf_jax.algorithms.online import ppo
-from rlhf_jax.algorithms.online import models as ppo_models
-from rlhf_jax.algorithms.reward import trainer as reward_model
-from rlhf_jax import scoring
+from rlhf_jax import feedback, models, sampling, scoring, train
+from rlhf_jax.algorithms import registry, sections
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
+from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
+
+KNOWN_KEYS = ("method", "seed", "sources", "rounds", "pairs_per_round", "eval_pairs", "annotator",
+              "rm", "ppo")
 
 
 def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.random.Generator,
                        key: jax.Array, *, max_prompt_len: int, max_new_tokens: int,
-                       bt_temperature: float) -> list[dict]:
-  """Two samples per prompt from ``params``, labelled by the simulated annotator. Rows carry the
-  gold rewards for inspection (the record reader ignores them); identical pairs are dropped."""
+                       label_fn: feedback.LabelFn) -> list[dict]:
+  """Two samples per prompt from ``params``, labelled by ``label_fn``: the label is drawn from its
+  ``P(a ≻ b)`` (``feedback.sample_labels``). Rows carry that probability and the gold rewards for
+  inspection (the record reader ignores them); identical pairs are dropped before labelling."""
   batch = batching.encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len,
                                   buckets=(max_prompt_len,))
   cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, num_samples=2,
@@ -49,16 +57,20 @@ def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.ra
   out = sampling.sample(policy, params, batch["prompt_tokens"], batch["prompt_mask"], key, cfg)
   tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
   texts = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
+  pairs = [(prompt, texts[2 * i], texts[2 * i + 1]) for i, prompt in enumerate(prompts)
+           if texts[2 * i] != texts[2 * i + 1]]
+  if not pairs:
+    return []
+  ps, as_, bs = (list(x) for x in zip(*pairs))
+  p_a_N = np.asarray(label_fn(ps, as_, bs), np.float64)
+  prefer_a_N = feedback.sample_labels(rng, p_a_N)
   rows = []
-  for i, prompt in enumerate(prompts):
-    a, b = texts[2 * i], texts[2 * i + 1]
-    if a == b:
-      continue
-    ga, gb = synthetic.gold_reward(prompt, a), synthetic.gold_reward(prompt, b)
-    prefer_a = synthetic.sample_preference(rng, ga, gb, bt_temperature)
-    chosen, rejected, gc, gr = (a, b, ga, gb) if prefer_a else (b, a, gb, ga)
+  for prompt, a, b, p_a, prefer_a in zip(ps, as_, bs, p_a_N, prefer_a_N):
+    chosen, rejected = (a, b) if prefer_a else (b, a)
     rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                 "gold_chosen": round(gc, 4), "gold_rejected": round(gr, 4)})
+                 "p_chosen": round(float(p_a if prefer_a else 1.0 - p_a), 4),
+                 "gold_chosen": round(synthetic.gold_reward(prompt, chosen), 4),
+                 "gold_rejected": round(synthetic.gold_reward(prompt, rejected), 4)})
   return rows
 
 
@@ -84,21 +96,39 @@ def _read(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def _round_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs one stage's experiment config through the registry (``cfg.method``)."""
+  return registry.run(cfg.method, cfg, workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) ``config.rounds`` rounds; returns one row per round (also ``rounds.json``).
   Keys: see ``experiments/configs/iterated_synthetic.py``."""
+  unknown = sorted(set(config.keys()) - set(KNOWN_KEYS))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
+                     f"keys: {list(KNOWN_KEYS)}")
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  sft_dir = sources.require("sft_workdir", "iterated_rlhf", "π_0, the RM backbone and the KL "
+                            "reference")
+  annotator = config_dicts.to_dataclass(feedback.AnnotatorConfig, config.annotator, "annotator")
   os.makedirs(workdir, exist_ok=True)
   train.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  sft_ckpt = train.load_sft_params(config.sft_workdir)
+  sft_ckpt = train.load_sft_params(sft_dir)
   tok, policy_model = sft_ckpt.tokenizer, models.Transformer(sft_ckpt.model_config)
+  tok_spec = train.tokenizer_spec(train.read_json(os.path.join(sft_dir, "config.json")))
+  label_fn = feedback.make_label_fn(annotator, tok)
+  ppo_data, ppo_limits = config.ppo.data, config.ppo.limits
   task_dir = os.path.join(workdir, "data", "synthetic")
   if not os.path.exists(os.path.join(task_dir, "metadata.json")):
     synthetic_files.write_task(task_dir, synthetic_files.SyntheticConfig(
-        seed=config.ppo.data.synthetic_seed, num_prompts=config.ppo.data.synthetic_num_prompts,
-        num_test_prompts=config.ppo.data.synthetic_num_test_prompts), overwrite=True)
+        seed=ppo_data.synthetic_seed, num_prompts=ppo_data.synthetic_num_prompts,
+        num_test_prompts=ppo_data.synthetic_num_test_prompts), overwrite=True)
   prompt_pool = [r["prompt"] for r in _read(os.path.join(task_dir, "prompts.jsonl"))]
+  sample_kw = dict(max_prompt_len=ppo_limits.max_prompt_len,
+                   max_new_tokens=ppo_limits.max_response_len, label_fn=label_fn)
   all_pairs = os.path.join(workdir, "all_pairs.jsonl")
-  params, table = sft_ckpt.params, []
+  params, policy_dir, table = sft_ckpt.params, sft_dir, []
   for r in range(config.rounds):
     rdir = os.path.join(workdir, f"round_{r}")
     os.makedirs(rdir, exist_ok=True)
@@ -108,10 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if not os.path.exists(held_pairs):  # 1. comparisons of π_r
       chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs, replace=False)
       prompts = [prompt_pool[i] for i in chosen]
-      rows = sample_comparisons(policy_model, params, tok, prompts, rng, key,
-                                max_prompt_len=config.ppo.data.max_prompt_len,
-                                max_new_tokens=config.ppo.ppo.max_new_tokens,
-                                bt_temperature=config.bt_temperature)
+      rows = sample_comparisons(policy_model, params, tok, prompts, rng, key, **sample_kw)
       split = int(len(rows) * config.pairs_per_round / (config.pairs_per_round + config.eval_pairs))
       previous = _read(all_pairs) if r > 0 else []
       _write(new_pairs, rows[:split])
@@ -120,37 +147,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rm_dir = os.path.join(rdir, "rm")
     if not os.path.exists(os.path.join(rm_dir, scoring.ARTIFACT_DIR)):  # 2. RM_r
       rm_cfg = copy.deepcopy(config.rm)
-      rm_cfg.rm.sft_workdir = config.sft_workdir
+      rm_cfg.sources.sft_workdir = sft_dir
       rm_cfg.data.source = "jsonl"
       rm_cfg.data.train_jsonl = all_pairs + f".round{r}"
       rm_cfg.data.eval_jsonl = held_pairs
       rm_cfg.data.prompts_jsonl = os.path.join(task_dir, "prompts.jsonl")
-      reward_model.train_and_evaluate(rm_cfg, rm_dir)
+      if _round_stage(rm_cfg, rm_dir).get("preempted"):
+        logger.warning("round %d: reward model preempted; rerun to resume", r)
+        return table
     if os.path.exists(all_pairs + f".round{r}"):  # this round's data now backs a trained RM
       os.replace(all_pairs + f".round{r}", all_pairs)
     handle = scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
-    ppo_dir = os.path.join(rdir, "ppo")  # 3. π_{r+1}
-    ppo_cfg = copy.deepcopy(config.ppo)
-    ppo_cfg.data.sft_workdir = config.sft_workdir
-    ppo_cfg.data.reward_model_workdir = rm_dir
-    parsed = ppo.parse_config(ppo_cfg)
-    value_model, value_params = ppo_models.init_value_params(
-        parsed[0], sft_ckpt.model_config, params, handle, jax.random.PRNGKey(config.seed + r))
-    models_ = ppo_models.PPOModels(tok, policy_model, params, sft_ckpt.params, handle, value_model,
-                                   value_params)
-    final = ppo.train_and_evaluate(ppo_cfg, ppo_dir, models_=models_)
+    ppo_dir = os.path.join(rdir, "ppo")  # 3. π_{r+1}: PPO from π_r, KL to the SFT model
+    if train.is_finished(ppo_dir):
+      final = train.read_json(os.path.join(ppo_dir, train.FINAL_METRICS_FILE))
+    else:
+      ppo_cfg = copy.deepcopy(config.ppo)
+      ppo_cfg.sources.sft_workdir = policy_dir
+      ppo_cfg.sources.reference_workdir = sft_dir if policy_dir != sft_dir else ""
+      ppo_cfg.sources.reward_model_workdir = rm_dir
+      ppo_cfg.sources.tokenizer = tok_spec
+      ppo_cfg.data.synthetic_dir = task_dir
+      final = _round_stage(ppo_cfg, ppo_dir)
     if final.get("preempted"):
       logger.warning("round %d preempted; rerun to resume", r)
       return table
-    params = train.restore_params(ppo_dir)["policy"]
+    params, policy_dir = train.restore_params(ppo_dir)["policy"], ppo_dir
     # 4. RM_r on π_{r+1}'s own comparisons (they also seed the next round's data)
-    probe = sample_comparisons(policy_model, params, tok,
-                               [prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs,
-                                                                   replace=False)],
-                               rng, jax.random.fold_in(key, 7),
-                               max_prompt_len=config.ppo.data.max_prompt_len,
-                               max_new_tokens=config.ppo.ppo.max_new_tokens,
-                               bt_temperature=config.bt_temperature)
+    probe_prompts = [prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs,
+                                                        replace=False)]
+    probe = sample_comparisons(policy_model, params, tok, probe_prompts, rng,
+                               jax.random.fold_in(key, 7), **sample_kw)
     row = {"round": r, "num_comparisons": len(_read(all_pairs)),
            "gold_reward": final.get("gold_reward"), "initial_gold_reward": final.get("initial_gold_reward"),
            "sft_gold_reward": final.get("sft_gold_reward"), "kl_to_sft": final.get("kl_to_sft"),
