@@ -453,3 +453,11 @@ def test_rollout_batch_not_divisible_by_the_mesh_batch_ways_is_refused(tmp_path)
   with pytest.raises(ValueError, match=r"config.data.batch_size=2 \(rollout_batch_size\) must be a "
                                        r"multiple of the mesh's batch ways \(4"):
     run_tiny(tmp_path, config)
+
+
+def test_a_finished_ppo_run_is_a_policy_source_for_a_later_stage(ppo_run):
+  """Iterated RLHF starts round r+1's PPO from round r's run (``sources.sft_workdir``)."""
+  workdir, _ = ppo_run
+  ckpt = train.load_sft_params(str(workdir))
+  assert ckpt.model_config == MODEL_CFG and ckpt.step == 2
+  jax.tree.map(np.testing.assert_array_equal, ckpt.params, final_params(workdir)["policy"])
