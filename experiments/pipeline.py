@@ -2,9 +2,13 @@ r"""The full offline pipeline on the synthetic default, one command:
 
   python experiments/pipeline.py                     # -> workdirs/pipeline/{results.md,results.csv,frontier.png}
 
-SFT -> reward model -> DPO, IPO, PRO, RRHF, RAFT, best-of-n, each in ``<workdir>/<stage>`` (the
-same code and configs as the per-method launchers), then one table and one gold-reward-vs-KL
-frontier plot. A stage whose workdir holds ``final_metrics.json`` is reused, so rerunning after an
+(``rlhf-pipeline`` once installed with ``pip install -e .``). SFT -> reward model -> DPO, IPO, PRO,
+RRHF, RAFT, best-of-n, each in ``<workdir>/<stage>``: every stage's section is that method's own
+experiment config (``config.<stage>.method`` names it) and runs through the method registry, as
+``experiments/run.py`` would run it, then one table and one gold-reward-vs-KL frontier plot.
+Stages are linked through their ``sources`` section alone: a stage after ``sft`` gets
+``sources.sft_workdir = <workdir>/sft``, a stage after ``rm`` gets
+``sources.reward_model_workdir = <workdir>/rm`` (when that run finished). A stage whose workdir holds ``final_metrics.json`` is reused, so rerunning after an
 interruption (or after deleting one stage's folder) only redoes what is missing; an interrupted
 stage resumes from its checkpoint. Progress: a banner per stage with elapsed / total time, and the
 training loops' step / loss / tokens-per-second / ETA lines in between.
@@ -22,12 +26,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.algorithms.offline import best_of_n
-from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms.offline import listwise
-from rlhf_jax.algorithms.offline import raft
-from rlhf_jax.algorithms.reward import trainer as reward_model
-from rlhf_jax.algorithms import sft
+from rlhf_jax import train
+from rlhf_jax.algorithms import registry
 from rlhf_jax.eval import frontier
 
 logger = logging.getLogger("pipeline")
@@ -38,25 +38,36 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Pipeline config (default: experiments/configs/pipeline_synthetic.py).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/pipeline", "Root folder of every stage's run.")
 
-RUNNERS = {"sft": sft.train_and_evaluate, "rm": reward_model.train_and_evaluate,
-           "dpo": dpo.train_and_evaluate, "ipo": dpo.train_and_evaluate,
-           "pro": listwise.train_and_evaluate, "rrhf": listwise.train_and_evaluate,
-           "raft": raft.train_and_evaluate, "best_of_n": best_of_n.train_and_evaluate}
 STAGE_TIMES_FILE = "pipeline_stage_time.json"
-POLICY_STAGES = ("dpo", "ipo", "pro", "rrhf", "raft", "best_of_n")
+# (stage, sources key): a finished run of the stage is linked into every stage after it.
+LINKS = (("sft", "sft_workdir"), ("rm", "reward_model_workdir"))
+REQUIRED_STAGES = ("sft", "rm")  # a later stage needs them: the pipeline stops if one fails
 COLUMNS = ("method", "gold_reward", "gold_gain_vs_sft", "kl_to_sft", "win_rate_vs_sft", "rm_reward",
            "response_length", "steps", "stage_seconds", "stage_cpu_seconds", "status")
 
 
 def _link(name: str, cfg, root: str) -> None:
-  """Points a stage's config at the SFT and RM runs of this pipeline."""
-  sft_dir, rm_dir = os.path.join(root, "sft"), os.path.join(root, "rm")
-  if name == "rm":
-    cfg.rm.sft_workdir = sft_dir
-  elif name in POLICY_STAGES:
-    cfg.sources.sft_workdir = sft_dir
-    if name in ("raft", "best_of_n") or os.path.isdir(os.path.join(rm_dir, "reward_model")):
-      cfg.sources.reward_model_workdir = rm_dir
+  """Points a stage's ``sources`` at the finished SFT / RM runs of this pipeline before it."""
+  for producer, key in LINKS:
+    if producer == name:  # a stage links only the runs before it
+      break
+    run_dir = os.path.join(root, producer)
+    if train.is_finished(run_dir):
+      cfg.sources[key] = run_dir
+
+
+def stage_names(config) -> list[str]:
+  """``config.stages`` checked against the stage sections of the config."""
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  known = [k for k in config.keys() if k != "stages"]
+  unknown = [s for s in stages if s not in known]
+  if unknown:
+    raise ValueError(f"config.stages has unknown stage(s) {unknown}; allowed: {known}")
+  for name in stages:
+    if "method" not in config[name]:
+      raise ValueError(f"config.{name} has no `method` key; allowed: {' | '.join(registry.METHODS)}")
+    registry.get(config[name].method)  # an unknown method names the allowed ones
+  return stages
 
 
 def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -> dict:
@@ -76,7 +87,7 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
   _link(name, cfg, root)
   t0, c0 = time.time(), time.process_time()
   try:
-    final = RUNNERS[name](cfg, workdir)
+    final = registry.get(cfg.method)(cfg, workdir)
   except Exception as err:  # the table reports a failed stage instead of hiding it
     logger.exception("%s failed", banner)
     return {"_status": f"failed: {type(err).__name__}: {err}"[:200], "_seconds": time.time() - t0}
@@ -124,7 +135,8 @@ def summarize(results: dict, root: str, total_seconds: float, command: str,
   """Writes results.csv / results.md / frontier.png under ``root``; returns the markdown table."""
   sft_final = results.get("sft", {})
   baseline = None
-  for name in POLICY_STAGES:  # every policy stage evaluates the same SFT samples
+  policy_stages = [name for name in results if name not in REQUIRED_STAGES]
+  for name in policy_stages:  # every policy stage evaluates the same SFT samples
     if isinstance(results.get(name, {}).get("sft_gold_reward"), float):
       baseline = results[name]["sft_gold_reward"]
       break
@@ -138,9 +150,7 @@ def summarize(results: dict, root: str, total_seconds: float, command: str,
                  "stage_seconds": rm_final.get("_seconds"),
                  "stage_cpu_seconds": rm_final.get("_cpu_seconds"), "status": rm_final.get("_status")})
   curves, points = {}, []
-  for name in POLICY_STAGES:
-    if name not in results:
-      continue
+  for name in policy_stages:
     final = results[name]
     label = final.get("method", name) if name != "ipo" else "ipo"
     gold = final.get("gold_reward")
@@ -177,16 +187,13 @@ def summarize(results: dict, root: str, total_seconds: float, command: str,
 
 
 def run_pipeline(config, root: str, command: str = "") -> dict:
-  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-  unknown = [s for s in stages if s not in RUNNERS]
-  if unknown:
-    raise ValueError(f"config.stages has unknown stage(s) {unknown}; allowed: {list(RUNNERS)}")
+  stages = stage_names(config)
   os.makedirs(root, exist_ok=True)
   start, cpu_start = time.time(), time.process_time()
   results = {}
   for i, name in enumerate(stages, 1):
     results[name] = run_stage(name, config[name], root, i, len(stages), start)
-    if name in ("sft", "rm") and results[name]["_status"].startswith("failed"):
+    if name in REQUIRED_STAGES and results[name]["_status"].startswith("failed"):
       logger.error("stage %s failed; the later stages need it, stopping", name)
       break
   table = summarize(results, root, time.time() - start, command or " ".join(sys.argv),

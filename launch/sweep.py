@@ -1,6 +1,6 @@
-r"""Grid sweeps over config overrides of any experiments launcher, with one results table and plot.
+r"""Grid sweeps over config overrides of any method's config, with one results table and plot.
 
-  python launch/sweep.py --launcher=experiments/dpo.py --config=experiments/configs/dpo_synthetic.py \
+  python launch/sweep.py --config=experiments/configs/dpo_synthetic.py \
       --grid=loss.loss_type=sigmoid,ipo,hinge --grid=loss.beta=0.05,0.1,0.3 --grid=seed=0,1 \
       --set=sources.sft_workdir=workdirs/sft_synthetic --sweep_dir=workdirs/sweep_dpo --parallel=2
 
@@ -8,7 +8,7 @@ r"""Grid sweeps over config overrides of any experiments launcher, with one resu
   between values when a value itself holds commas (``--grid='loss.loss_type=sigmoid,bco_pair;ipo'``).
   ``--set key=value`` applies to every run.
 * Each run is ``python <launcher> --config=<config> --workdir=<sweep_dir>/<run> --config.<key>=<v>``
-  in its own workdir (``<run>`` is built from the grid values), its output in ``<run>/sweep.log``.
+  (``--launcher`` defaults to the one launcher, ``experiments/run.py``) in its own workdir (``<run>`` is built from the grid values), its output in ``<run>/sweep.log``.
   Runs go sequentially, or ``--parallel N`` at a time as local subprocesses.
 * A run whose workdir holds ``final_metrics.json`` is finished and skipped on a rerun; a failed or
   interrupted one is run again (the launchers resume from their checkpoints).
@@ -162,7 +162,8 @@ def write_results(rows: list[dict], grid_keys: Sequence[str], sweep_dir: str, co
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(prog="launch/sweep.py", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--launcher", required=True, help="an experiments/*.py launcher")
+  parser.add_argument("--launcher", default=os.path.join(REPO, "experiments", "run.py"),
+                      help="the launcher script (default: experiments/run.py)")
   parser.add_argument("--config", default="", help="config file passed as --config (optional)")
   parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
   parser.add_argument("--set", action="append", default=[], dest="fixed",

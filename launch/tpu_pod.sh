@@ -14,7 +14,7 @@
 #
 # Example (one training run over the whole pod):
 #   TPU_NAME=pod ZONE=us-central2-b SYNC=1 launch/tpu_pod.sh \
-#     "python experiments/train_sft.py --config=experiments/configs/sft.py --workdir=gs://bucket/sft"
+#     "python experiments/run.py --config=experiments/configs/sft_synthetic.py --workdir=gs://bucket/sft"
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then

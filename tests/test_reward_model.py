@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import losses, models, parallel, train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import data as reward_data
 from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward import trainer as reward_model
@@ -125,6 +126,11 @@ def test_config_errors_name_the_field():
     reward_model.RMDataConfig(source="jsonl")
   with pytest.raises(ValueError, match="num_train_examples"):
     reward_model.RMDataConfig(num_train_examples=4, batch_size=8)
+  with pytest.raises(ValueError, match="RMDataConfig.batch_size=0"):  # DataSource's validators
+    reward_model.RMDataConfig(batch_size=0)
+  with pytest.raises(ValueError, match="RMDataConfig.eval_prompts_jsonl"):
+    reward_model.RMDataConfig(source="jsonl", train_jsonl=__file__, eval_jsonl=__file__,
+                              eval_prompts_jsonl=__file__)
   with pytest.raises(ValueError, match="RMEvalConfig.temperature"):
     reward_stats.RMEvalConfig(temperature=0.0)
 
@@ -224,7 +230,7 @@ def test_multi_output_scores_and_weights(tmp_path):
 
 
 def test_missing_artifact_and_bad_info(tmp_path):
-  with pytest.raises(FileNotFoundError, match="experiments/reward_model.py"):
+  with pytest.raises(FileNotFoundError, match="experiments/run.py --config=experiments/configs/rm_synthetic.py"):
     rs.load_reward_model(str(tmp_path))
   with pytest.raises(ValueError, match="std"):
     _info(mean=(0.0,), std=(0.0,))
@@ -246,9 +252,9 @@ def _prepare(tmp_path, objective, train_rows, eval_rows=None, **overrides):
   train = _write(tmp_path / "train.jsonl", train_rows)
   evaluation = _write(tmp_path / "eval.jsonl", eval_rows or train_rows)
   cfg = reward_model.RMDataConfig(source="jsonl", train_jsonl=train, eval_jsonl=evaluation,
-                                  max_prompt_len=12, max_response_len=20, batch_size=2,
-                                  eval_batch_size=8, **overrides)
-  return reward_data.prepare(cfg, objective, TOK, str(tmp_path / "work"), vocab_size=259)
+                                  batch_size=2, eval_batch_size=8, **overrides)
+  limits = sections.Limits(max_prompt_len=12, max_response_len=20)
+  return reward_data.prepare(cfg, limits, objective, TOK, str(tmp_path / "work"), vocab_size=259)
 
 
 def test_ranked_bad_input_errors(tmp_path):
@@ -297,31 +303,34 @@ def test_rating_pairs_for_per_attribute_metrics():
 def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
   sft_dir = tmp_path / "sft"
   (sft_dir / "checkpoints" / "5").mkdir(parents=True)
-  (sft_dir / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
+  (sft_dir / "config.json").write_text(json.dumps({"sources": {"tokenizer": "byte"}}))
   fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(),
                                         step=5)
   monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
   from rlhf_jax.scoring.reward_model import TokenizerMismatchError
-  rm_cfg = reward_model.RMConfig(sft_workdir=str(sft_dir))
   with pytest.raises(TokenizerMismatchError, match="differs from the SFT run"):
-    reward_model.resolve_model_and_tokenizer(None, rm_cfg, reward_model.RMDataConfig())
-  with pytest.raises(FileNotFoundError, match="python experiments/sft.py"):
+    reward_model.resolve_model_and_tokenizer(None, reward_model.RMConfig(),
+                                             sections.Sources(sft_workdir=str(sft_dir)))
+  with pytest.raises(TokenizerMismatchError, match="config.sources.tokenizer='byte'"):
     reward_model.resolve_model_and_tokenizer(
-        None, reward_model.RMConfig(sft_workdir=str(tmp_path / "none")), reward_model.RMDataConfig())
+        None, reward_model.RMConfig(), sections.Sources(sft_workdir=str(sft_dir), tokenizer="byte"))
+  (tmp_path / "none").mkdir()
+  with pytest.raises(FileNotFoundError, match="experiments/run.py --config=experiments/configs/sft"):
+    reward_model.resolve_model_and_tokenizer(
+        None, reward_model.RMConfig(), sections.Sources(sft_workdir=str(tmp_path / "none")))
 
 
 def test_compute_dtype_overrides_only_the_sft_model_configs_dtype(tmp_path, monkeypatch):
   sft_dir = tmp_path / "sft"
   (sft_dir / "checkpoints" / "5").mkdir(parents=True)
-  (sft_dir / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
+  (sft_dir / "config.json").write_text(json.dumps({"sources": {"tokenizer": "byte"}}))
   fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=TOK, step=5)
   monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
-  data_cfg = reward_model.RMDataConfig()
-  kept, *_ = reward_model.resolve_model_and_tokenizer(
-      None, reward_model.RMConfig(sft_workdir=str(sft_dir)), data_cfg)
+  sources = sections.Sources(sft_workdir=str(sft_dir))
+  kept, *_ = reward_model.resolve_model_and_tokenizer(None, reward_model.RMConfig(), sources)
   assert kept == CFG
   bf16, *_ = reward_model.resolve_model_and_tokenizer(
-      None, reward_model.RMConfig(sft_workdir=str(sft_dir), compute_dtype="bfloat16"), data_cfg)
+      None, reward_model.RMConfig(compute_dtype="bfloat16"), sources)
   assert bf16 == CFG.replace(dtype="bfloat16") and bf16.param_dtype == CFG.param_dtype
 
 
@@ -347,7 +356,7 @@ def _rm_config(sft_dir, source="synthetic"):
                                   "experiments", "configs"))
   import rm_synthetic  # pylint: disable=import-outside-toplevel
   config = rm_synthetic.get_config("bradley_terry")
-  config.rm.sft_workdir = str(sft_dir)
+  config.sources.sft_workdir = str(sft_dir)
   config.data.source = source
   return config
 
@@ -357,14 +366,14 @@ def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resu
   the half-trained SFT checkpoint (and every later run reused that checkpoint)."""
   calls = []
   result = {"preempted": True, "step": 3}
-  monkeypatch.setattr(reward_model.sft, "train_and_evaluate",
+  monkeypatch.setattr(reward_model, "_train_sft",
                       lambda config, workdir: calls.append(workdir) or dict(result))
   sft_dir = tmp_path / "sft"
   config = _rm_config(sft_dir)
   assert reward_model.ensure_sft_run(config) is False and len(calls) == 1  # preempted: no RM
   # The preempted run left a checkpoint of the default config but no final metrics: resume it.
   (sft_dir / "checkpoints" / "3").mkdir(parents=True)
-  (sft_dir / "config.json").write_text(json.dumps(reward_model.sft.default_config().to_dict()))
+  (sft_dir / "config.json").write_text(json.dumps(reward_model._sft_default_config().to_dict()))
   result["preempted"] = False
   assert reward_model.ensure_sft_run(config) is True and len(calls) == 2
   (sft_dir / reward_model.train.FINAL_METRICS_FILE).write_text("{}")
@@ -375,6 +384,19 @@ def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resu
   assert reward_model.ensure_sft_run(_rm_config(other)) is True and len(calls) == 2
   with pytest.raises(FileNotFoundError, match="holds no SFT run"):
     reward_model.ensure_sft_run(_rm_config(tmp_path / "none", source="jsonl"))
+  # The RM method itself runs this first, and a preempted SFT stage trains no RM.
+  result["preempted"] = True
+  fresh = _rm_config(tmp_path / "fresh_sft")
+  assert reward_model.train_and_evaluate(fresh, str(tmp_path / "rm")) == {
+      "step": 0, "preempted": True, "stage": "sft"}
+  assert calls[-1] == str(tmp_path / "fresh_sft") and not (tmp_path / "rm").exists()
+
+
+def test_rm_trainer_reaches_sft_through_the_registry_only():
+  import inspect  # pylint: disable=import-outside-toplevel
+  source = inspect.getsource(reward_model)
+  assert "algorithms import sft" not in source and "algorithms.sft" not in source
+  assert reward_model._sft_default_config().get("method", "sft") == "sft"
 
 
 def test_learning_curve_stops_at_a_point_stopped_by_sigterm(tmp_path, monkeypatch):
@@ -387,6 +409,25 @@ def test_learning_curve_stops_at_a_point_stopped_by_sigterm(tmp_path, monkeypatc
                                      ["bradley_terry", "all_pairs"])
   assert rows == [] and len(calls) == 1
   assert not (tmp_path / "learning_curve.json").exists()
+
+
+def test_learning_curve_method_runs_every_point_through_the_rm_trainer(tmp_path, monkeypatch):
+  from rlhf_jax.algorithms import registry  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.reward import sweep as reward_sweep  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(reward_sweep.reward_model, "ensure_sft_run", lambda config: True)
+  monkeypatch.setattr(reward_sweep.reward_model, "train_and_evaluate",
+                      lambda config, workdir: seen.append(config) or {"step": 5, "preempted": True})
+  config = _rm_config(tmp_path / "sft")
+  config.method = "rm_learning_curve"
+  config.curve = {"sizes": (100,), "objectives": ("all_pairs",)}
+  out = registry.get("rm_learning_curve")(config, str(tmp_path))
+  assert out == {"points": [], "preempted": True}
+  assert seen[0].method == "reward_model" and "curve" not in seen[0]
+  assert (seen[0].rm.objective, seen[0].data.num_train_examples) == ("all_pairs", 100)
+  config.curve.typo = 1
+  with pytest.raises(ValueError, match=r"config.curve.typo"):
+    registry.get("rm_learning_curve")(config, str(tmp_path))
 
 
 def test_pairwise_eval_loss_from_the_scored_pairs_equals_the_objective_pass():

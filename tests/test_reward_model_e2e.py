@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import trainer as reward_model
 from rlhf_jax.algorithms.reward import stats as reward_stats
 from rlhf_jax.algorithms.reward import sweep as reward_sweep
@@ -25,6 +26,12 @@ DATA = {"synthetic_num_prompts": 64, "synthetic_num_test_prompts": 16, "max_prom
         "max_response_len": 40, "buckets": (64,)}
 
 
+def _split_limits(values):
+  """``DATA`` as ``data.*`` / ``limits.*`` overrides (the shared config vocabulary)."""
+  limits = ("max_prompt_len", "max_response_len", "buckets")
+  return {f"{'limits' if k in limits else 'data'}.{k}": v for k, v in values.items()}
+
+
 def _set(config, overrides):
   for key, value in overrides.items():
     section, name = key.split(".")
@@ -37,12 +44,12 @@ def rm_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("rm_e2e")
   sft_dir, rm_dir = str(root / "sft"), str(root / "rm")
   sft_cfg = _set(sft_synthetic.get_config(), {
-      "model.preset": "tiny", **{f"data.{k}": v for k, v in DATA.items()}, "data.batch_size": 8,
+      "model.preset": "tiny", **_split_limits(DATA), "data.batch_size": 8,
       "data.eval_batch_size": 16, "eval.num_sample_prompts": 4, "loop.num_steps": 4,
       "loop.eval_every": 0, "loop.checkpoint_every": 4, "optim.warmup_steps": 1})
   sft.train_and_evaluate(sft_cfg, sft_dir)
   rm_cfg = _set(rm_synthetic.get_config("bradley_terry"), {
-      "rm.sft_workdir": sft_dir, "rm.early_stopping_patience": 1, **{f"data.{k}": v for k, v in DATA.items()},
+      "sources.sft_workdir": sft_dir, "rm.early_stopping_patience": 1, **_split_limits(DATA),
       "data.batch_size": 8, "data.eval_batch_size": 16, "loop.num_steps": 8, "loop.eval_every": 2,
       "loop.checkpoint_every": 2, "loop.log_every": 2, "optim.warmup_steps": 1, "optim.lr": 3e-3,
       "eval.num_normalization_prompts": 8, "eval.samples_per_prompt": 2, "eval.num_gold_prompts": 8,
@@ -75,11 +82,12 @@ def test_rm_from_sft_writes_artifact_report_and_metrics(rm_run):
 @pytest.mark.slow
 def test_normalised_rewards_have_mean_0_std_1_on_the_sft_samples(rm_run):
   rm_dir, rm_cfg, _ = rm_run
-  ckpt = train.load_sft_params(rm_cfg.rm.sft_workdir)
+  ckpt = train.load_sft_params(rm_cfg.sources.sft_workdir)
   handle = reward_model.load_reward_model(rm_dir, policy_tokenizer=ckpt.tokenizer)
   # Re-draw exactly the normalisation samples (same prompts, seed and sampler settings).
-  data_cfg = reward_model.RMDataConfig(**{**rm_cfg.data.to_dict(), "buckets": (64,)})
-  data = reward_model.reward_data.prepare(data_cfg, "bradley_terry", ckpt.tokenizer, rm_dir,
+  data_cfg = reward_model.RMDataConfig(**rm_cfg.data.to_dict())
+  limits = sections.Limits(**{**rm_cfg.limits.to_dict(), "buckets": (64,)})
+  data = reward_model.reward_data.prepare(data_cfg, limits, "bradley_terry", ckpt.tokenizer, rm_dir,
                                           vocab_size=259)
   eval_cfg = reward_stats.RMEvalConfig(**rm_cfg.eval.to_dict())
   prompts = data.normalization_prompts
@@ -120,18 +128,19 @@ def test_learning_curve_configs_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_launcher_stops_promptly_on_sigterm_with_a_checkpoint(rm_run, tmp_path):
-  """``experiments/reward_model.py`` under SIGTERM mid-training: checkpoint, exit 0 within seconds,
+  """``experiments/run.py`` (RM config) under SIGTERM mid-training: checkpoint, exit 0 within seconds,
   no report (the run is unfinished); rerunning would resume from the checkpoint."""
   import signal  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   sft_dir = os.path.join(os.path.dirname(rm_run[0]), "sft")
   workdir = tmp_path / "rm_sigterm"
-  overrides = {"rm.sft_workdir": sft_dir, **{f"data.{k}": v for k, v in DATA.items()},
+  overrides = {"sources.sft_workdir": sft_dir, **_split_limits(DATA),
                "data.batch_size": 8, "data.eval_batch_size": 16, "loop.num_steps": 100_000,
                "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 100_000,
                "rm.early_stopping_patience": 0}
-  args = [sys.executable, os.path.join(REPO, "experiments", "reward_model.py"), f"--workdir={workdir}"]
+  args = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
+          f"--config={os.path.join(REPO, 'experiments', 'configs', 'rm_synthetic.py')}"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   with open(tmp_path / "launcher.log", "w") as log:
     proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -109,7 +109,8 @@ def test_workdir_with_other_model_config_is_refused(full_run, tmp_path):
 
 def test_loading_a_workdir_that_is_not_a_finished_sft_run_says_so(full_run, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"is not an SFT run's workdir \(missing "
-                                              r"run_fingerprint.json, config.json\).*experiments/sft.py"):
+                                              r"run_fingerprint.json, config.json\).*"
+                                              r"experiments/run.py --config=experiments/configs/sft"):
     train.load_sft_params(str(tmp_path / "empty"))
   started = tmp_path / "started"  # fingerprint and config written, no checkpoint committed yet
   started.mkdir()

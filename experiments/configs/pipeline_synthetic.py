@@ -3,8 +3,9 @@
 Each stage's section is that method's own experiment config (``sft_synthetic.py``,
 ``rm_synthetic.py``, ``dpo_synthetic.py``, ...) with shorter schedules, so any key can be overridden
 from the command line, e.g. ``--config.dpo.loss.beta=0.2`` or ``--config.stages=sft,rm,dpo``.
-The runner (``experiments/pipeline.py``) fills in the workdir links between stages
-(``sources.sft_workdir``, ``sources.reward_model_workdir``, ``rm.sft_workdir``).
+Each section names its method (``config.<stage>.method``); the runner (``experiments/pipeline.py``)
+runs it through the method registry and fills in the links between stages, the same two keys for
+every stage: ``sources.sft_workdir`` and ``sources.reward_model_workdir``.
 """
 
 import ml_collections
@@ -26,6 +27,8 @@ def _load(name: str, *args) -> ml_collections.ConfigDict:
 
 def _set(section: ml_collections.ConfigDict, values: dict) -> None:
   for key, value in values.items():
+    if key.startswith("limits.") and "limits" not in section:  # a config not yet on the vocabulary
+      key = "data." + key[len("limits."):]
     *path, name = key.split(".")
     target = section
     for part in path:
@@ -96,20 +99,20 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     _set(config.sft, {"model.preset": "tiny", "model.d_model": None, "model.n_layers": None,
                       "model.n_heads": None, "model.n_kv_heads": None, "model.d_ff": None,
                       "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
-                      "data.batch_size": 8, "data.eval_batch_size": 16, "data.buckets": (80,),
+                      "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
                       "eval.num_sample_prompts": 4, **_loop(2)})
-    _set(config.rm, {"data.batch_size": 8, "data.eval_batch_size": 16, "data.buckets": (80,),
+    _set(config.rm, {"data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
                      "data.max_eval_examples": 16, "eval.num_normalization_prompts": 4,
                      "eval.num_gold_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
     small_eval = {"eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0}
     for name in ("dpo", "ipo"):
-      _set(config[name], {**small_eval, "data.batch_size": 8, "data.buckets": (80,),
+      _set(config[name], {**small_eval, "data.batch_size": 8, "limits.buckets": (80,),
                           "data.num_eval_pairs": 8, **_loop(2)})
     for name in ("pro", "rrhf"):
-      _set(config[name], {**small_eval, "data.batch_size": 4, "data.buckets": (80,),
+      _set(config[name], {**small_eval, "data.batch_size": 4, "limits.buckets": (80,),
                           "data.num_eval_lists": 4, **_loop(2)})
     _set(config.raft, {**small_eval, "raft.num_rounds": 1, "raft.prompts_per_round": 4,
-                       "raft.samples_per_prompt": 2, "raft.batch_size": 4,
+                       "raft.samples_per_prompt": 2, "data.batch_size": 4,
                        "raft.require_eos": False, **_loop(1)})
     _set(config.best_of_n, {**small_eval, "bon.ns": (1, 2)})
   return config

@@ -1,15 +1,19 @@
-"""Reward model on the embedded synthetic task, one objective per config string.
+r"""Reward model on the embedded synthetic task, one objective per config string.
 
-  python experiments/reward_model.py                                         # bradley_terry (pairs)
-  python experiments/reward_model.py --config=experiments/configs/rm_synthetic.py:all_pairs
-  python experiments/reward_model.py --config=experiments/configs/rm_synthetic.py:plackett_luce
-  python experiments/reward_model.py --config=experiments/configs/rm_synthetic.py:likert
-  python experiments/reward_model.py --config=experiments/configs/rm_synthetic.py:multi_attribute
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py --workdir=workdirs/rm_synthetic
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:all_pairs --workdir=workdirs/rm_all_pairs
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:plackett_luce --workdir=...
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:likert --workdir=...
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:multi_attribute --workdir=...
+  # learning curve (accuracy vs annotated prompts, one line per objective) -> <workdir>/learning_curve.png
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:learning_curve \
+      --workdir=workdirs/rm_curve --config.curve.sizes="(250, 500, 1000, 2000)"
 """
 
 import ml_collections
 
 from rlhf_jax import parallel, train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import trainer as reward_model
 from rlhf_jax.train import config_dicts
 
@@ -21,9 +25,14 @@ _BATCH = {"bradley_terry": 32, "all_pairs": 8, "plackett_luce": 8, "likert": 32,
 def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   """Reward model from the synthetic SFT run (``small`` preset, byte tokenizer).
 
-  Run (the SFT run in workdirs/sft_synthetic is trained first if it is missing):
-    python experiments/reward_model.py --config=experiments/configs/rm_synthetic.py:<objective> \
+  Run (the SFT run in ``sources.sft_workdir``, default workdirs/sft_synthetic, is trained first
+  with experiments/configs/sft_synthetic.py if it is missing):
+    python experiments/run.py --config=experiments/configs/rm_synthetic.py:<objective> \
         --workdir=workdirs/rm_<objective>
+
+  ``learning_curve``: the ``rm_learning_curve`` method over this Bradley-Terry config: one RM per
+  objective in ``curve.objectives`` and number of annotated prompts in ``curve.sizes`` under
+  <workdir>/curve/, then learning_curve.{md,json,png}.
 
   Objectives: bradley_terry (pairwise.jsonl, 16000 pairs), all_pairs / plackett_luce (ranked.jsonl,
   16000 lists of 4..9), likert (rated.jsonl, 1..7), multi_attribute (attributes.jsonl: harmless,
@@ -42,14 +51,24 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   LM-loss regulariser (0.785), a longer-trained SFT backbone (0.783) nor a 5.9x larger one (0.781)
   moves it past ~0.79: the RM does not learn which listed words belong to the requested category.
   """
+  if objective == "learning_curve":
+    config = get_config("bradley_terry")
+    config.method = "rm_learning_curve"
+    config.curve = ml_collections.ConfigDict({"sizes": (250, 500, 1000, 2000),
+                                              "objectives": ("bradley_terry", "all_pairs")})
+    return config
   if objective not in reward_model.OBJECTIVES:
-    raise ValueError(f"rm_synthetic.py:{objective}: allowed objectives: {reward_model.OBJECTIVES}")
+    raise ValueError(f"rm_synthetic.py:{objective}: allowed: {' | '.join(reward_model.OBJECTIVES)} "
+                     "| learning_curve")
   config = ml_collections.ConfigDict()
+  config.method = "reward_model"
   config.seed = 0
   config.model = config_dicts.model_section("small")  # used only with rm.init=scratch
+  config.sources = config_dicts.dataclass_section(sections.Sources,
+                                                  sft_workdir="workdirs/sft_synthetic")
   config.rm = config_dicts.dataclass_section(
-      reward_model.RMConfig, objective=objective, init="sft", sft_workdir="workdirs/sft_synthetic",
-      dropout_rate=0.0, compute_dtype="bfloat16", early_stopping_patience=3)
+      reward_model.RMConfig, objective=objective, init="sft", dropout_rate=0.0,
+      compute_dtype="bfloat16", early_stopping_patience=3)
   config.optim = config_dicts.dataclass_section(
       train.OptimConfig, lr=5e-4, warmup_steps=20, schedule="cosine", end_lr_ratio=0.1,
       weight_decay=0.01, clip_norm=1.0)
@@ -57,10 +76,11 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
       train.LoopConfig, num_steps=600, log_every=20, eval_every=100, checkpoint_every=100,
       keep_checkpoints=1, progress_every_secs=15.0)
   config.data = config_dicts.dataclass_section(
-      reward_model.RMDataConfig, source="synthetic", max_prompt_len=32, max_response_len=48,
-      synthetic_num_prompts=16000, synthetic_num_test_prompts=2000, batch_size=_BATCH[objective],
-      eval_batch_size=128,
-      max_eval_examples=2000, buckets=(64, 80))
+      reward_model.RMDataConfig, source="synthetic", synthetic_num_prompts=16000,
+      synthetic_num_test_prompts=2000, batch_size=_BATCH[objective], eval_batch_size=128,
+      max_eval_examples=2000)
+  config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
+                                                 max_response_len=48, buckets=(64, 80))
   config.eval = config_dicts.dataclass_section(
       reward_model.RMEvalConfig, num_normalization_prompts=256, samples_per_prompt=2,
       num_gold_prompts=256)

@@ -19,6 +19,7 @@ import ml_collections
 METHODS = {
     "sft": "rlhf_jax.algorithms.sft",
     "reward_model": "rlhf_jax.algorithms.reward.trainer",
+    "rm_learning_curve": "rlhf_jax.algorithms.reward.sweep",
     "dpo": "rlhf_jax.algorithms.offline.dpo",
     "listwise": "rlhf_jax.algorithms.offline.listwise",
     "raft": "rlhf_jax.algorithms.offline.raft",
@@ -35,6 +36,15 @@ def get(name: str) -> TrainFn:
   if name not in METHODS:
     raise ValueError(f"config.method={name!r} is invalid; allowed: {' | '.join(METHODS)}")
   return importlib.import_module(METHODS[name]).train_and_evaluate
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The ``default_config()`` of method ``name`` (e.g. the RM trains the default SFT run first)."""
+  get(name)
+  module = importlib.import_module(METHODS[name])
+  if not hasattr(module, "default_config"):
+    raise ValueError(f"method {name!r} has no default_config()")
+  return module.default_config()
 
 
 def run(name: str, config: ml_collections.ConfigDict, workdir: str) -> Any:

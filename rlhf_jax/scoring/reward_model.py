@@ -208,8 +208,8 @@ def _artifact_dir(workdir: str) -> str:
       return os.path.abspath(candidate)
   raise FileNotFoundError(
       f"no trained reward model under {workdir!r} ({ARTIFACT_DIR}/{INFO_FILE} is missing); train "
-      "one with `python experiments/reward_model.py --workdir=...` (it is written when training and "
-      "normalisation finish)")
+      "one with `python experiments/run.py --config=experiments/configs/rm_synthetic.py "
+      "--workdir=...` (it is written when training and normalisation finish)")
 
 
 def check_tokenizer(info: RewardModelInfo, tokenizer: tok_lib.Tokenizer, what: str = "policy") -> None:

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from rlhf_jax import train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
@@ -32,17 +33,18 @@ from rlhf_jax.data import tokenizers as tok_lib
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "jsonl")
-
-
 @dataclasses.dataclass(frozen=True)
-class RMDataConfig:
-  """Where the preference data comes from and how it is batched.
+class RMDataConfig(sections.DataSource):
+  """Where the preference data comes from and how it is batched (``sections.DataSource`` plus
+  the reward model's own fields; token limits are ``config.limits``, the tokenizer
+  ``config.sources.tokenizer``).
 
   Attributes:
-    source: ``synthetic`` (the embedded task, generated into ``<workdir>/data/synthetic``) or
-      ``jsonl`` (``train_jsonl`` / ``eval_jsonl`` of the objective's record kind).
-    train_jsonl, eval_jsonl: paths for ``source="jsonl"``.
+    source: ``synthetic`` (the embedded task, generated into ``<workdir>/data/synthetic``, or into
+      ``synthetic_dir`` when set) or ``jsonl`` (``train_jsonl`` / ``eval_jsonl`` of the
+      objective's record kind).
+    eval_prompts_jsonl: held-out ``{"prompt"}`` records for the fresh-sample gold correlation
+      (synthetic task only; '' = its ``prompts_test.jsonl``).
     eval_pairwise_jsonl, eval_ranked_jsonl: optional extra held-out pairwise / ranked files
       (jsonl source) for the pairwise and ranking metrics of any objective.
     prompts_jsonl: optional ``{"prompt"}`` file whose prompts the SFT model answers to normalise
@@ -50,61 +52,35 @@ class RMDataConfig:
     synthetic_num_prompts, synthetic_num_test_prompts, synthetic_seed, synthetic_bt_temperature:
       the generated task (the defaults equal the SFT run's, so both see the same prompts).
     num_train_examples: train on the first N records only (0 = all): learning curves.
-    tokenizer: ``load_tokenizer`` spec; empty = the SFT run's (required to match it when
-      initialising from SFT).
-    max_prompt_len, max_response_len: token limits incl. BOS / EOS.
     rating_scale: ``(low, high)`` of Likert ratings / attribute values (rating objectives; the
       synthetic task uses (1, 7)); values outside it are errors.
     attribute_names: attributes a ``multi_attribute`` record must rate (empty = those of the data).
     batch_size: global batch in records (pairs, ranked lists or rated responses) per step.
     eval_batch_size: sequences per evaluation forward; max_eval_examples caps each held-out split.
-    shuffle_seed: seed of the per-epoch shuffling; buckets: allowed padded lengths.
   """
 
-  source: str = "synthetic"
-  train_jsonl: str = ""
-  eval_jsonl: str = ""
   eval_pairwise_jsonl: str = ""
   eval_ranked_jsonl: str = ""
   prompts_jsonl: str = ""
-  synthetic_num_prompts: int = 4000
-  synthetic_num_test_prompts: int = 500
-  synthetic_seed: int = 0
   synthetic_bt_temperature: float = 0.25
   num_train_examples: int = 0
-  tokenizer: str = ""
-  max_prompt_len: int = 32
-  max_response_len: int = 48
   rating_scale: tuple[float, ...] = ()
   attribute_names: tuple[str, ...] = ()
-  batch_size: int = 32
   eval_batch_size: int = 128
   max_eval_examples: int = 512
-  shuffle_seed: int = 0
-  buckets: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if self.source not in SOURCES:
-      raise ValueError(f"RMDataConfig.source={self.source!r} is invalid; allowed: {' | '.join(SOURCES)}")
-    if self.source == "jsonl":
-      for name in ("train_jsonl", "eval_jsonl"):
-        path = getattr(self, name)
-        if not path or not os.path.isfile(path):
-          raise ValueError(f"RMDataConfig.{name}={path!r} is invalid; allowed: an existing JSONL "
-                           "file (required with source='jsonl')")
+    super().__post_init__()
     for name in ("eval_pairwise_jsonl", "eval_ranked_jsonl", "prompts_jsonl"):
-      path = getattr(self, name)
-      if path and not os.path.isfile(path):
-        raise ValueError(f"RMDataConfig.{name}={path!r} is invalid; allowed: '' or an existing file")
-    for name in ("synthetic_num_prompts", "synthetic_num_test_prompts", "max_prompt_len",
-                 "max_response_len", "batch_size", "eval_batch_size", "max_eval_examples"):
-      value = getattr(self, name)
-      low = 2 if "len" in name else 1
-      if not (isinstance(value, int) and value >= low):
-        raise ValueError(f"RMDataConfig.{name}={value!r} is invalid; allowed: an int >= {low}")
-    if not (isinstance(self.num_train_examples, int) and self.num_train_examples >= 0):
-      raise ValueError(f"RMDataConfig.num_train_examples={self.num_train_examples!r} is invalid; "
-                       "allowed: an int >= 0 (0 = all)")
+      sections.check_file("RMDataConfig", name, getattr(self, name), required=False)
+    if self.eval_prompts_jsonl and self.source != "synthetic":
+      raise ValueError(f"RMDataConfig.eval_prompts_jsonl={self.eval_prompts_jsonl!r} is invalid "
+                       "with source='jsonl'; allowed: '' (the gold correlation needs the synthetic "
+                       "task's gold reward; prompts_jsonl sets the normalisation prompts)")
+    for name in ("eval_batch_size", "max_eval_examples"):
+      sections.check_int("RMDataConfig", name, getattr(self, name), 1)
+    sections.check_int("RMDataConfig", "num_train_examples", self.num_train_examples, 0,
+                       " (0 = all)")
     if self.num_train_examples and self.num_train_examples < self.batch_size:
       raise ValueError(f"RMDataConfig.num_train_examples={self.num_train_examples} is invalid; "
                        f"allowed: 0 or >= batch_size={self.batch_size}")
@@ -115,10 +91,6 @@ class RMDataConfig:
                               or not self.rating_scale[0] < self.rating_scale[1]):
       raise ValueError(f"RMDataConfig.rating_scale={self.rating_scale!r} is invalid; allowed: () or "
                        "(low, high) with low < high")
-    max_len = self.max_prompt_len + self.max_response_len
-    if self.buckets and (any(b < 1 for b in self.buckets) or max(self.buckets) < max_len):
-      raise ValueError(f"RMDataConfig.buckets={self.buckets!r} is invalid; allowed: () or positive "
-                       f"lengths whose largest is >= max_prompt_len + max_response_len = {max_len}")
 
 
 class RMData(NamedTuple):
@@ -170,8 +142,8 @@ def tie_statistics(dataset: ds_lib.TokenizedDataset) -> dict:
   return {}
 
 
-def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, workdir: str, *,
-            vocab_size: int) -> RMData:
+def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
+            tokenizer: tok_lib.Tokenizer, workdir: str, *, vocab_size: int) -> RMData:
   """Builds (once) the datasets under ``<workdir>/data`` and materialises the held-out splits."""
   kind = DATA_KIND[objective]
   data_dir = os.path.join(workdir, "data")
@@ -180,7 +152,7 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
   gold_prompts, gold_fn, bt_temperature = None, None, None
   rating_scale, attribute_names = tuple(config.rating_scale), tuple(config.attribute_names)
   if config.source == "synthetic":
-    task_dir = os.path.join(data_dir, "synthetic")
+    task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
     wanted = synthetic_files.SyntheticConfig(
         seed=config.synthetic_seed, num_prompts=config.synthetic_num_prompts,
         num_test_prompts=config.synthetic_num_test_prompts,
@@ -200,8 +172,8 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
     files = {k: os.path.join(task_dir, v) for k, v in files.items()}
     rating_scale = rating_scale or tuple(synthetic_files.RATING_SCALE)
     bt_temperature = config.synthetic_bt_temperature
-    texts = [r.prompt for r in records.read_records(os.path.join(task_dir, "prompts_test.jsonl"),
-                                                     "prompt")]
+    gold_path = config.eval_prompts_jsonl or os.path.join(task_dir, "prompts_test.jsonl")
+    texts = [r.prompt for r in records.read_records(gold_path, "prompt")]
     gold_prompts = {"texts": texts}
     gold_fn = synthetic.gold_attribute_arrays
   else:
@@ -223,7 +195,7 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
     files["train"] = _subset(files["train"], config.num_train_examples,
                              os.path.join(data_dir, f"{kind}_train_first{config.num_train_examples}.jsonl"))
 
-  limits = dict(max_prompt_len=config.max_prompt_len, max_response_len=config.max_response_len)
+  lengths = dict(max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len)
   scale = rating_scale if kind in ("rated", "attributes") else None
   names = attribute_names or None
 
@@ -231,7 +203,7 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
     suffix = f"_first{config.num_train_examples}" if name == "train" and config.num_train_examples else ""
     return ds_lib.prepare_dataset(path, k, tokenizer, os.path.join(data_dir, f"{k}_{name}{suffix}"),
                                   scale=scale if k == kind else None,
-                                  attribute_names=names if k == "attributes" else None, **limits)
+                                  attribute_names=names if k == "attributes" else None, **lengths)
 
   train_ds, eval_ds = build("train", files["train"], kind), build("eval", files["eval"], kind)
   if kind == "attributes":
@@ -240,8 +212,8 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
       raise ValueError(f"{files['eval']} rates {eval_ds.metadata['attribute_names']} but the training "
                        f"data rates {list(attribute_names)}")
   batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
-                                   buckets=config.buckets or None, vocab_size=vocab_size)
-  max_len = config.max_prompt_len + config.max_response_len
+                                   buckets=limits.buckets or None, vocab_size=vocab_size)
+  max_len = limits.max_len
   eb, cap = config.eval_batch_size, config.max_eval_examples
   # Ranked eval batches hold K sequences per row: keep the forward at ~eval_batch_size sequences.
   row_batch = max(1, eb // max(1, int(eval_ds.metadata.get("max_candidates", 1)))) \
@@ -276,11 +248,11 @@ def prepare(config: RMDataConfig, objective: str, tokenizer: tok_lib.Tokenizer, 
   else:
     prompt_ds = train_ds
   examples = prompt_ds.get_batch(range(len(prompt_ds)))
-  norm_prompts = batching.collate(examples, "prompt", prompt_ds.special_ids, config.max_prompt_len)
+  norm_prompts = batching.collate(examples, "prompt", prompt_ds.special_ids, limits.max_prompt_len)
   if gold_prompts is not None:
     gold_prompts.update(batching.encode_prompts(tokenizer, gold_prompts["texts"],
-                                                max_prompt_len=config.max_prompt_len,
-                                                buckets=(config.max_prompt_len,)))
+                                                max_prompt_len=limits.max_prompt_len,
+                                                buckets=(limits.max_prompt_len,)))
   stats = {"data/train_examples": len(train_ds), "data/eval_examples": len(eval_ds),
            "data/train_truncated_responses": int(train_ds.metadata.get("truncated_responses", 0)),
            **tie_statistics(train_ds)}

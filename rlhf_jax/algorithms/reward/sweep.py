@@ -11,6 +11,12 @@ Curve points skip the gold correlation on fresh samples and normalise over at mo
 Ranked objectives use ``batch_size // 4`` lists per step (a list holds 6.5 responses on average
 versus 2 for a pair), so a step costs about the same compute.
 
+Run through the launcher as the method ``rm_learning_curve`` (``config.curve.sizes``,
+``config.curve.objectives``; every other section is the reward-model config of each point)::
+
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:learning_curve \
+      --workdir=workdirs/rm_curve --config.curve.sizes="(250, 500, 1000, 2000)"
+
 Outputs: ``learning_curve.json`` / ``learning_curve.md`` (table) and ``learning_curve.png``
 (``pairwise/accuracy``; ``learning_curve_expected.png`` plots ``gold/expected_accuracy``, the same
 accuracy without the label-sampling noise, when the task is synthetic).
@@ -37,6 +43,9 @@ def sub_config(config: ml_collections.ConfigDict, objective: str, size: int) -> 
   """The config of one curve point (unlocked copy with objective, size and batch size set)."""
   sub = copy.deepcopy(config)
   with sub.unlocked():
+    if "curve" in sub:
+      del sub["curve"]
+    sub.method = "reward_model"
     base_kind = DATA_KIND[config.rm.objective]
     base_batch = config.data.batch_size * (4 if base_kind == "ranked" else 1)
     batch = max(1, base_batch // 4) if DATA_KIND[objective] == "ranked" else base_batch
@@ -105,3 +114,26 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
                                       bayes_optimal=bayes, metric="gold/expected_accuracy")
   print(table, flush=True)
   return rows
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The ``rm_learning_curve`` method: :func:`learning_curve` over ``config.curve``.
+
+  Returns ``{"points": rows, "preempted": bool}`` (preempted when SIGTERM stopped a point).
+  """
+  if "curve" not in config:
+    raise ValueError("config.curve is missing; rm_learning_curve needs config.curve.sizes and "
+                     "config.curve.objectives (see experiments/configs/rm_synthetic.py:learning_curve)")
+  unknown = sorted(set(config.curve.keys()) - {"sizes", "objectives"})
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'config.curve.{k}' for k in unknown]}; allowed: "
+                     "['objectives', 'sizes']")
+  sizes, objectives = tuple(config.curve.sizes), tuple(config.curve.objectives)
+  if any(isinstance(n, bool) or not isinstance(n, int) for n in sizes):
+    raise ValueError(f"config.curve.sizes={sizes!r} is invalid; allowed: positive ints")
+  # The points train their SFT backbone first if needed (one run, shared by every point).
+  if not reward_model.ensure_sft_run(config):
+    return {"points": [], "preempted": True}
+  total = len(sizes) * len(objectives)
+  rows = learning_curve(config, workdir, sizes, objectives)
+  return {"points": rows, "preempted": len(rows) < total}

@@ -2,8 +2,8 @@
 
     r_θ(x, y) = w_kᵀ h_θ(x, y)_last + b_k,   k = 1..K     (``models.RewardModel``)
 
-initialised from an SFT checkpoint (backbone = the SFT params, head ~ N(0, 1/(D+1))) or from
-scratch, and trained with one objective of :mod:`.reward_objectives` (Bradley–Terry pairs,
+initialised from an SFT checkpoint (``config.sources.sft_workdir``: backbone = the SFT params,
+head ~ N(0, 1/(D+1))) or from scratch, and trained with one objective of :mod:`.reward_objectives` (Bradley–Terry pairs,
 InstructGPT all-pairs or Plackett–Luce over K-way rankings, Likert regression, multi-attribute
 heads) through the generic loop. Regularisation: dropout (``rm.dropout_rate``), decoupled weight
 decay (``optim.weight_decay``), and early stopping on the held-out objective loss (every
@@ -42,7 +42,7 @@ from rlhf_jax.algorithms.reward import data as reward_data
 from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward import objectives as reward_objectives
 from rlhf_jax import scoring
-from rlhf_jax.algorithms import sft
+from rlhf_jax.algorithms import registry, sections
 from rlhf_jax.algorithms.reward.data import RMDataConfig
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND, OBJECTIVES
 from rlhf_jax.scoring.reward_model import (RewardModelHandle, RewardModelInfo,  # noqa: F401
@@ -66,14 +66,13 @@ INITS = ("sft", "scratch")
 
 @dataclasses.dataclass(frozen=True)
 class RMConfig:
-  """The reward-model method.
+  """The reward-model method (the SFT run it starts from is ``config.sources.sft_workdir``).
 
   Attributes:
     objective: one of ``OBJECTIVES`` (``reward_objectives`` docstring); fixes the data kind.
-    init: ``sft`` (backbone from ``sft_workdir``'s latest checkpoint, same model config and
-      tokenizer) or ``scratch`` (``config.model``; normalisation still samples from ``sft_workdir``
-      if it holds a checkpoint, else uses held-out responses).
-    sft_workdir: the SFT run to start from.
+    init: ``sft`` (backbone from ``sources.sft_workdir``'s latest checkpoint, same model config and
+      tokenizer) or ``scratch`` (``config.model``; normalisation still samples from
+      ``sources.sft_workdir`` if it holds a checkpoint, else uses held-out responses).
     dropout_rate: dropout of the backbone while training the RM (overrides the model config's).
     compute_dtype: activation / matmul dtype of the RM (overrides the model config's ``dtype``;
       empty = keep it). Params, norms, softmax and the head stay float32. ``bfloat16`` halves the
@@ -87,7 +86,6 @@ class RMConfig:
 
   objective: str = "bradley_terry"
   init: str = "sft"
-  sft_workdir: str = "workdirs/sft_synthetic"
   dropout_rate: float = 0.0
   compute_dtype: str = ""
   center_coef: float = 0.0
@@ -163,30 +161,33 @@ def _save_params_atomic(path: str, params: Any) -> None:
 
 
 def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMConfig,
-                                data_cfg: RMDataConfig):
+                                sources: sections.Sources):
   """(model config, tokenizer, tokenizer spec, SFT checkpoint or None) for this run."""
   sft_ckpt = None
-  if train.latest_step(rm_cfg.sft_workdir) is not None:
-    sft_ckpt = train.load_sft_params(rm_cfg.sft_workdir)
+  sft_workdir = sources.sft_workdir
+  if sft_workdir and train.latest_step(sft_workdir) is not None:
+    sft_ckpt = train.load_sft_params(sft_workdir)
   elif rm_cfg.init == "sft":
     raise FileNotFoundError(
-        f"config.rm.sft_workdir={rm_cfg.sft_workdir!r} holds no SFT checkpoint. Run SFT first:\n"
-        f"  python experiments/sft.py --workdir={rm_cfg.sft_workdir}\n"
-        "(experiments/reward_model.py does this for you), point config.rm.sft_workdir at an SFT run, "
-        "or set config.rm.init=scratch.")
+        f"config.sources.sft_workdir={sft_workdir!r} holds no SFT checkpoint. Run SFT first:\n"
+        "  python experiments/run.py --config=experiments/configs/sft_synthetic.py "
+        f"--workdir={sft_workdir or 'workdirs/sft_synthetic'}\n"
+        "(the synthetic RM config does this for you), point config.sources.sft_workdir at an SFT "
+        "run, or set config.rm.init=scratch.")
   if rm_cfg.init == "sft":
-    spec = train.read_json(os.path.join(rm_cfg.sft_workdir, "config.json"))["data"]["tokenizer"]
+    spec = train.tokenizer_spec(train.read_json(os.path.join(sft_workdir, "config.json")))
     model_cfg = sft_ckpt.model_config
   else:
-    spec = data_cfg.tokenizer or "byte"
+    spec = sources.tokenizer or "byte"
     model_cfg = config_dicts.build_model_config(config.model)
-  if data_cfg.tokenizer and rm_cfg.init == "sft":
-    requested = tok_lib.load_tokenizer(data_cfg.tokenizer)
+  if sources.tokenizer and rm_cfg.init == "sft":
+    requested = tok_lib.load_tokenizer(sources.tokenizer)
     if requested.fingerprint() != sft_ckpt.tokenizer.fingerprint():
       raise TokenizerMismatchError(
-          f"config.data.tokenizer={data_cfg.tokenizer!r} (fingerprint {requested.fingerprint()}) "
+          f"config.sources.tokenizer={sources.tokenizer!r} (fingerprint {requested.fingerprint()}) "
           f"differs from the SFT run's {spec!r} ({sft_ckpt.tokenizer.fingerprint()}); a reward "
-          "model initialised from SFT must use the SFT tokenizer (leave config.data.tokenizer empty)")
+          "model initialised from SFT must use the SFT tokenizer (leave config.sources.tokenizer "
+          "empty)")
   tokenizer = tok_lib.load_tokenizer(spec)
   if sft_ckpt is not None and tokenizer.fingerprint() != sft_ckpt.tokenizer.fingerprint():
     raise TokenizerMismatchError(
@@ -198,31 +199,44 @@ def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMCon
   return model_cfg, tokenizer, spec, sft_ckpt
 
 
-def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
-  """Makes sure ``config.rm.sft_workdir`` holds a finished SFT run; False if SFT was preempted.
+def _train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The SFT stage, through the registry (no method module imports another)."""
+  return registry.get("sft")(config, workdir)
 
-  With ``rm.init=sft`` and the synthetic source, the default synthetic SFT run
-  (``sft.default_config()``, i.e. ``experiments/configs/sft_synthetic.py``) is trained when the
-  workdir has no checkpoint, and *resumed* when it holds an unfinished run of that same config (no
-  ``final_metrics.json``: e.g. a SIGTERM during SFT), so a reward model never starts from a
-  half-trained SFT model. When SFT itself is stopped by SIGTERM this returns False and the caller
-  must not train the reward model (a re-run resumes SFT). Other sources need an existing SFT run.
+
+def _sft_default_config() -> ml_collections.ConfigDict:
+  """The synthetic SFT default (``experiments/configs/sft_synthetic.py``)."""
+  return registry.default_config("sft")
+
+
+def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
+  """Makes sure ``config.sources.sft_workdir`` holds a finished SFT run; False if SFT was preempted.
+
+  With ``rm.init=sft`` and the synthetic source, the default synthetic SFT run (the SFT method's
+  ``default_config()``, i.e. ``experiments/configs/sft_synthetic.py``, run through the registry) is
+  trained when the workdir has no checkpoint, and *resumed* when it holds an unfinished run of
+  that same config (no ``final_metrics.json``: e.g. a SIGTERM during SFT), so a reward model
+  never starts from a half-trained SFT model. When SFT itself is stopped by SIGTERM this returns
+  False and the reward model is not trained (a re-run resumes SFT). Other sources need an
+  existing SFT run.
   """
-  sft_workdir = config.rm.sft_workdir
+  sft_workdir = config.sources.sft_workdir
   if config.rm.init != "sft":
     return True
+  if not sft_workdir:
+    raise ValueError("config.sources.sft_workdir is empty; rm.init=sft needs the SFT run the reward "
+                     "model starts from (or set config.rm.init=scratch)")
   has_ckpt = train.latest_step(sft_workdir) is not None
-  finished = os.path.exists(os.path.join(sft_workdir, train.FINAL_METRICS_FILE))
   if config.data.source != "synthetic":
     if not has_ckpt:
       raise FileNotFoundError(
-          f"config.rm.sft_workdir={sft_workdir!r} holds no SFT run; train one first "
-          "(python experiments/sft.py --config=... --workdir=...)")
+          f"config.sources.sft_workdir={sft_workdir!r} holds no SFT run; train one first "
+          "(python experiments/run.py --config=experiments/configs/sft_jsonl.py --workdir=...)")
     return True
-  sft_config = sft.default_config()
+  if has_ckpt and train.is_finished(sft_workdir):
+    return True
+  sft_config = _sft_default_config()
   if has_ckpt:
-    if finished:
-      return True
     config_path = os.path.join(sft_workdir, "config.json")
     stored = train.read_json(config_path) if os.path.exists(config_path) else None
     if stored != json.loads(json.dumps(sft_config.to_dict())):
@@ -233,7 +247,7 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
   else:
     logger.info("no SFT run in %s: training it first (experiments/configs/sft_synthetic.py)",
                 sft_workdir)
-  result = sft.train_and_evaluate(sft_config, sft_workdir)
+  result = _train_sft(sft_config, sft_workdir)
   if result.get("preempted"):
     logger.warning("SFT was stopped at step %s (signal); not training the reward model. Re-run the "
                    "same command to resume.", result.get("step"))
@@ -244,15 +258,25 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) a reward model, normalises it, evaluates it and writes the report.
 
+  With ``rm.init=sft`` on the synthetic task a missing (or unfinished default) SFT run in
+  ``sources.sft_workdir`` is trained first (:func:`ensure_sft_run`); if that SFT stage is stopped
+  by SIGTERM this returns ``{"preempted": True, "stage": "sft"}`` without training the RM.
   Returns the final metrics (also ``<workdir>/final_metrics.json``). Keys of ``config``: see
   ``experiments/configs/rm_synthetic.py``.
   """
-  known = {"seed", "model", "rm", "optim", "loop", "data", "eval", "mesh"}
+  known = {"method", "seed", "model", "sources", "rm", "optim", "loop", "data", "limits", "eval",
+           "mesh"}
   unknown = sorted(set(config.keys()) - known)
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
                      f"keys: {sorted(known)}")
+  if config.get("method", "reward_model") != "reward_model":
+    raise ValueError(f"config.method={config.method!r} is invalid here; allowed: reward_model")
   rm_cfg = config_dicts.to_dataclass(RMConfig, config.rm, "rm")
+  if not ensure_sft_run(config):
+    return {"step": 0, "preempted": True, "stage": "sft"}
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   data_cfg = config_dicts.to_dataclass(RMDataConfig, config.data, "data")
@@ -262,15 +286,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
-  model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(config, rm_cfg, data_cfg)
-  max_len = data_cfg.max_prompt_len + data_cfg.max_response_len
-  if max_len > model_cfg.max_seq_len:
-    raise ValueError(f"config.data.max_prompt_len + max_response_len = {max_len} exceeds the model's "
-                     f"max_seq_len={model_cfg.max_seq_len}")
+  model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(config, rm_cfg, sources)
+  limits.check_model(model_cfg.max_seq_len)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer's vocab_size={tokenizer.vocab_size} exceeds the model's "
                      f"vocab_size={model_cfg.vocab_size}")
-  data = reward_data.prepare(data_cfg, rm_cfg.objective, tokenizer, workdir,
+  data = reward_data.prepare(data_cfg, limits, rm_cfg.objective, tokenizer, workdir,
                              vocab_size=model_cfg.vocab_size)
   output_names = tuple(data.attribute_names) if rm_cfg.objective == "multi_attribute" else ("reward",)
   if rm_cfg.attribute_weights and len(rm_cfg.attribute_weights) != len(output_names):
@@ -355,11 +376,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     ece_bins=eval_cfg.ece_bins, pair_loss_fn=pair_loss_fn)
   policy = (models.Transformer(sft_ckpt.model_config), sft_ckpt.params) if sft_ckpt else None
   stats = normalization_and_gold(eval_cfg, scorer, final_params, policy, tokenizer, data,
-                                 output_names, max_response_len=data_cfg.max_response_len)
+                                 output_names, max_response_len=limits.max_response_len)
   info = RewardModelInfo(
       model=dataclasses.asdict(model_cfg.replace(dropout_rate=0.0)), output_names=output_names,
       tokenizer_spec=tok_spec, tokenizer_fingerprint=tokenizer.fingerprint(),
-      max_prompt_len=data_cfg.max_prompt_len, max_response_len=data_cfg.max_response_len,
+      max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
       mean=stats["mean"], std=stats["std"], normalization=stats["normalization"],
       objective=rm_cfg.objective, step=final_step)
   save_reward_model(workdir, final_params, info)
