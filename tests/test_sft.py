@@ -145,7 +145,8 @@ def test_unknown_config_keys_are_named(tmp_path):
 
 
 def _launch(workdir, *flags):
-  cmd = [sys.executable, os.path.join(REPO, "experiments", "sft.py"), f"--workdir={workdir}"]
+  cmd = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
+         f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}"]
   cmd += [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
           for k, v in TINY_OVERRIDES.items() if k != "data.buckets"]
   cmd += ["--config.data.buckets=(80,)", *flags]
