@@ -1,6 +1,8 @@
-"""PRO / RRHF trainer: data lists and RM-generated lists from a tiny SFT run, tied lists."""
+"""PRO / RRHF trainer: data lists and RM-generated lists from a tiny SFT run, the generated-lists
+cache key, the loss terms."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from offline_fixtures import TINY_RUN, load_config, override, tiny_rm_workdir, t
 from rlhf_jax import train
 from rlhf_jax.algorithms.offline import listwise
 
-DATA = {"data.batch_size": 4, "data.buckets": (80,), "data.num_eval_lists": 4,
+DATA = {"data.batch_size": 4, "limits.buckets": (80,), "data.num_eval_lists": 4,
         "data.num_candidates": 4}
 
 
@@ -41,6 +43,8 @@ def test_rrhf_on_generated_lists_scored_by_the_reward_model(sft_dir, tmp_path_fa
       "data.candidates": "generated", "data.num_generation_prompts": 8, "loop.num_steps": 2})
   final = listwise.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == 2 and final["method"] == "rrhf" and "rm_reward" in final
+  key = json.load(open(tmp_path / "data" / "generated_ranked.key.json"))
+  assert key["num_candidates"] == 4 and key["temperature"] == 1.0 and key["policy_step"] == 6
   rows = [json.loads(l) for l in open(tmp_path / "data" / "generated_ranked.jsonl")]
   # empty samples are dropped from a list (a list needs 2 non-empty candidates)
   assert 1 <= len(rows) <= 8
@@ -48,20 +52,26 @@ def test_rrhf_on_generated_lists_scored_by_the_reward_model(sft_dir, tmp_path_fa
   assert 0.0 <= final["lists/violation_rate"] <= 1.0
 
 
-def test_tied_lists_are_skipped_and_counted(tmp_path):
-  src, dst = str(tmp_path / "ranked.jsonl"), str(tmp_path / "kept.jsonl")
-  rows = [{"prompt": "name 1 fruits", "responses": ["fig", "gun", "kiwi"], "scores": [1.0, 1.0, 1.0]},
-          {"prompt": "name 1 fruits", "responses": ["fig", "gun"], "ranks": [1, 2]},
-          {"prompt": "list 2 tools", "responses": ["saw", "rake", "gun"], "scores": [0.5, 0.5, 0.0]}]
-  with open(src, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  assert listwise.filter_lists(src, dst) == (2, 1)
-  # cut to 2 candidates, the third list becomes a tie as well
-  assert listwise.filter_lists(src, dst, max_candidates=2) == (1, 2)
-  with open(src, "w") as f:
-    f.write(json.dumps(rows[0]) + "\n")
-  with pytest.raises(ValueError, match="all-equal scores"):
-    listwise.filter_lists(src, dst)
+def test_generated_lists_are_reused_only_when_everything_that_made_them_matches(tmp_path):
+  """Bug: generated PRO lists were reused whatever K, temperature or policy asked for them."""
+  path = str(tmp_path / "generated_ranked.jsonl")
+  calls = []
+
+  def generate():
+    calls.append(1)
+    with open(path, "w") as f:
+      f.write(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}) + "\n")
+
+  key = {"num_candidates": 4, "temperature": 1.0, "policy_run": "/runs/sft", "policy_step": 6}
+  assert not listwise.cached_generated_lists(path, key, generate) and len(calls) == 1
+  assert listwise.cached_generated_lists(path, dict(key), generate) and len(calls) == 1
+  for change in ({"num_candidates": 8}, {"temperature": 0.7}, {"policy_step": 9},
+                 {"policy_run": "/runs/other"}):
+    assert not listwise.cached_generated_lists(path, {**key, **change}, generate), change
+  assert len(calls) == 5
+  # lists without their key file (e.g. written by an older version) are never trusted
+  os.remove(str(tmp_path / "generated_ranked.key.json"))
+  assert not listwise.cached_generated_lists(path, key, generate) and len(calls) == 6
 
 
 def test_list_loss_terms():
@@ -80,5 +90,7 @@ def test_list_loss_terms():
   np.testing.assert_allclose(metrics["sft_loss"], (8.0 + 3.0) / 2, rtol=1e-6)
   with pytest.raises(ValueError, match="ListwiseLossConfig.method"):
     listwise.ListwiseLossConfig(method="kto")
-  with pytest.raises(ValueError, match="RankedDataConfig.candidates"):
-    listwise.RankedDataConfig(candidates="sampled")
+  with pytest.raises(ValueError, match="RankedData.candidates"):
+    listwise.RankedData(candidates="sampled")
+  with pytest.raises(ValueError, match="RankedData.num_candidates"):
+    listwise.RankedData(candidates="generated", num_candidates=0)

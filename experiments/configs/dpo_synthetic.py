@@ -12,9 +12,9 @@ from rlhf_jax.train import config_dicts
 def get_config(loss: str = "sigmoid") -> ml_collections.ConfigDict:
   """DPO from a finished SFT run on the synthetic task's 4000 Bradley-Terry-labelled pairs.
 
-  Run (after ``python experiments/sft.py --workdir=workdirs/sft_synthetic``):
-    python experiments/dpo.py --workdir=workdirs/dpo_synthetic \
-        --config.sources.sft_workdir=workdirs/sft_synthetic \
+  Run (after SFT, ``experiments/configs/sft_synthetic.py``):
+    python experiments/run.py --config=experiments/configs/dpo_synthetic.py \
+        --workdir=workdirs/dpo_synthetic --config.sources.sft_workdir=workdirs/sft_synthetic \
         [--config.sources.reward_model_workdir=workdirs/rm_synthetic]   # adds rm_reward
 
   Any TRL loss: ``--config.loss.loss_type=ipo`` (or ``"sigmoid,bco_pair"``), SimPO / ORPO with

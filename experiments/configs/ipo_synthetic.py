@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """IPO (TRL loss_type='ipo', length-normalised log-ratios) on the synthetic task's pairs.
 
   Run (after SFT):
-    python experiments/dpo.py --config=experiments/configs/ipo_synthetic.py \
+    python experiments/run.py --config=experiments/configs/ipo_synthetic.py \
         --workdir=workdirs/ipo_synthetic --config.sources.sft_workdir=workdirs/sft_synthetic
 
   Everything else is experiments/configs/dpo_synthetic.py.

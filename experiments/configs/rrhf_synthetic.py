@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """RRHF: experiments/configs/pro_synthetic.py with method='rrhf' (SFT weight 1, token-mean NLL).
 
   Run (after SFT):
-    python experiments/pro_rrhf.py --config=experiments/configs/rrhf_synthetic.py \
+    python experiments/run.py --config=experiments/configs/rrhf_synthetic.py \
         --workdir=workdirs/rrhf_synthetic --config.sources.sft_workdir=workdirs/sft_synthetic
   """
   return config_dicts.sibling_config(__file__, "pro_synthetic", "rrhf")

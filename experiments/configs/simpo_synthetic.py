@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """SimPO (reference-free, length-normalised, target margin gamma) on the synthetic task's pairs.
 
   Run (after SFT):
-    python experiments/dpo.py --config=experiments/configs/simpo_synthetic.py \
+    python experiments/run.py --config=experiments/configs/simpo_synthetic.py \
         --workdir=workdirs/simpo_synthetic --config.sources.sft_workdir=workdirs/sft_synthetic
 
   Everything else is experiments/configs/dpo_synthetic.py.

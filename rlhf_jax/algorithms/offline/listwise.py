@@ -1,8 +1,9 @@
 """Listwise preference optimisation on ranked candidate lists: PRO and RRHF.
 
-A batch holds B prompts with up to K candidates each (``tokens [B, K, T]``, ``candidate_mask
-[B, K]``, ``scores [B, K]``, higher is better). All B·K sequences go through the policy in one
-forward pass (reshaped to ``[B·K, T]``):
+A batch holds B prompts with up to K candidates each, stacked once by the collator: ``tokens
+[B·K, T]`` (candidate k of list b in row b·K + k), ``candidate_mask [B, K]``, ``scores [B, K]``
+(higher is better). All B·K sequences go through the policy in one forward pass (deterministic:
+PRO / RRHF train without dropout, like DPO's ``disable_dropout``):
 
     s_BxK = Σ_t log π_θ(y_bk,t | x_b, y_bk,<t),   n_BxK = |y_bk| (response tokens incl. EOS)
     p_BxK = s / n^α                          (losses.length_normalized_scores, α = length_penalty)
@@ -14,18 +15,22 @@ forward pass (reshaped to ``[B·K, T]``):
     RRHF  ℓ_b = losses.rrhf_loss(p, scores)_b + w · (-s_b,best / n_b,best)
           (Yuan et al., 2023, Eq. 3: rank hinge + token-mean NLL of the best candidate, w = 1)
 
-The lists come from the data (``ranked.jsonl``: ``scores`` or ``ranks``) or are generated
-(``candidates = "generated"``): K samples per training prompt from the initial (SFT) policy, scored
-by the reward model, written as a ranked JSONL file in the workdir and then read like data. Lists
-whose scores are all equal carry no ranking (the rank terms are constant) and would only add SFT
-on an arbitrary candidate, so they are dropped before tokenisation and counted
-(``skipped_tied_lists``). Each evaluation reports the policy metrics of ``rlhf_jax.eval.policy`` and,
+The lists come from the data (``ranked.jsonl``: ``scores`` or ``ranks``, cut to their first
+``num_candidates``) or are generated (``candidates = "generated"``): K samples per training prompt
+from the initial (SFT) policy, scored by the reward model, written as a ranked JSONL file in the
+workdir and then read like data; the file is reused only while everything that made it matches
+(``generated_ranked.key.json``: K, temperature, length limits, the policy run and its step, the
+reward model, the prompts and the seed). Lists whose scores are all equal carry no ranking (the
+rank terms are constant) and would only add SFT on an arbitrary candidate, so
+``prepare_dataset(drop_uninformative=True)`` drops them and counts them (``skipped_tied_lists``). Each evaluation reports the policy metrics of ``rlhf_jax.eval.policy`` and,
 on held-out ranked lists, the loss's metrics (``lists/top1_accuracy``, ``lists/violation_rate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from typing import Any, NamedTuple
@@ -36,8 +41,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import losses, models, parallel, train
-from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms import common, sections
 from rlhf_jax import scoring
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
@@ -100,14 +104,14 @@ def list_loss(cfg: ListwiseLossConfig, sums_BxK, lens_BxK, rewards_BxK, cand_mas
 
 
 def make_loss_fn(model: models.Transformer, cfg: ListwiseLossConfig) -> train.loop.LossFn:
+  """``loss_fn(params, batch, rng)`` over the batch's ``[B·K, T]`` rows in one forward."""
+
   def loss_fn(params, batch, rng):
-    del rng
-    b, k, t = batch["tokens"].shape
-    flat = lambda x: x.reshape(b * k, t)  # noqa: E731
-    logps = models.sequence_logprobs(model, params, flat(batch["tokens"]), flat(batch["mask"]),
-                                     flat(batch["loss_mask"]))
-    sums_BxK = jnp.sum(logps, axis=-1).reshape(b, k)
-    lens_BxK = jnp.sum(batch["loss_mask"], axis=-1).astype(jnp.float32)
+    del rng  # deterministic in training and evaluation
+    b, k = batch["candidate_mask"].shape
+    sums_BxK = models.response_logps(model, params, batch["tokens"], batch["mask"],
+                                     batch["loss_mask"]).reshape(b, k)
+    lens_BxK = jnp.sum(batch["loss_mask"], axis=-1).astype(jnp.float32).reshape(b, k)
     per_B, metrics = list_loss(cfg, sums_BxK, lens_BxK, batch["scores"], batch["candidate_mask"])
     return jnp.mean(per_B), metrics
 
@@ -115,86 +119,46 @@ def make_loss_fn(model: models.Transformer, cfg: ListwiseLossConfig) -> train.lo
 
 
 @dataclasses.dataclass(frozen=True)
-class RankedDataConfig:
-  """Ranked lists and batching.
+class RankedData(sections.DataSource):
+  """``sections.DataSource`` (files ``ranked.jsonl`` / ``ranked_test.jsonl`` of the synthetic task, or
+  ``train_jsonl`` / optional ``eval_jsonl``; ``train_jsonl`` may hold prompts only when
+  ``candidates = "generated"``) plus:
 
   Attributes:
-    source, synthetic_dir, train_jsonl, eval_jsonl, eval_prompts_jsonl: as ``dpo.PairwiseDataConfig``
-      (files ``ranked.jsonl`` / ``ranked_test.jsonl``; ``train_jsonl`` may hold prompts only when
-      ``candidates = "generated"``).
     candidates: ``data`` (the lists in the file) or ``generated`` (K policy samples scored by the RM).
     num_candidates: K of generated lists; for data lists, keep at most this many (0 = all).
     num_generation_prompts: training prompts that get a generated list.
     generation_temperature: sampling temperature of the generated candidates.
-    max_prompt_len, max_response_len, batch_size, shuffle_seed, buckets: as for pairs.
     num_eval_lists: held-out lists for the loss metrics (whole batches).
   """
 
-  source: str = "synthetic"
-  synthetic_dir: str = ""
-  train_jsonl: str = ""
-  eval_jsonl: str = ""
-  eval_prompts_jsonl: str = ""
+  batch_size: int = 8
   candidates: str = "data"
   num_candidates: int = 4
   num_generation_prompts: int = 512
   generation_temperature: float = 1.0
-  max_prompt_len: int = 32
-  max_response_len: int = 48
-  batch_size: int = 8
-  shuffle_seed: int = 0
-  buckets: tuple = ()
   num_eval_lists: int = 64
 
+  OPTIONAL_JSONL = ("eval_jsonl",)
+
   def __post_init__(self):
-    if self.source not in dpo.SOURCES:
-      raise ValueError(f"RankedDataConfig.source={self.source!r} is invalid; allowed: "
-                       f"{' | '.join(dpo.SOURCES)}")
-    if self.candidates not in CANDIDATES:
-      raise ValueError(f"RankedDataConfig.candidates={self.candidates!r} is invalid; allowed: "
-                       f"{' | '.join(CANDIDATES)}")
-    if self.source == "jsonl" and not os.path.isfile(self.train_jsonl):
-      raise ValueError(f"RankedDataConfig.train_jsonl={self.train_jsonl!r} is invalid; allowed: an "
-                       "existing JSONL file (required with source='jsonl')")
-    for name in ("max_prompt_len", "max_response_len", "batch_size", "num_eval_lists",
-                 "num_generation_prompts"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < (2 if "len" in name else 1):
-        raise ValueError(f"RankedDataConfig.{name}={value!r} is invalid; allowed: an int >= "
-                         f"{2 if 'len' in name else 1}")
-    if self.num_candidates < (2 if self.candidates == "generated" else 0) or self.num_candidates == 1:
-      raise ValueError(f"RankedDataConfig.num_candidates={self.num_candidates!r} is invalid; allowed: "
-                       "an int >= 2 (or 0 = all, for data lists)")
+    super().__post_init__()
+    owner = type(self).__name__
+    sections.check_choice(owner, "candidates", self.candidates, CANDIDATES)
+    sections.check_int(owner, "num_eval_lists", self.num_eval_lists, 1)
+    sections.check_int(owner, "num_generation_prompts", self.num_generation_prompts, 1)
+    low = 2 if self.candidates == "generated" else 0
+    if isinstance(self.num_candidates, bool) or not isinstance(self.num_candidates, int) or (
+        self.num_candidates < low or self.num_candidates == 1):
+      raise ValueError(f"{owner}.num_candidates={self.num_candidates!r} is invalid; allowed: an int "
+                       ">= 2 (or 0 = all, for data lists)")
     if not self.generation_temperature > 0:
-      raise ValueError(f"RankedDataConfig.generation_temperature={self.generation_temperature!r} is "
-                       "invalid; allowed: > 0")
+      raise ValueError(f"{owner}.generation_temperature={self.generation_temperature!r} is invalid; "
+                       "allowed: > 0")
 
 
-def filter_lists(src: str, dst: str, max_candidates: int = 0) -> tuple[int, int]:
-  """Copies ranked records to ``dst`` (at most ``max_candidates`` each), dropping all-tied lists.
-
-  Returns (kept, skipped_tied). A list cut to its first ``max_candidates`` is checked for ties after
-  the cut.
-  """
-  kept, skipped = [], 0
-  for record in rec.iter_records(src, "ranked"):
-    responses, scores = list(record.responses), list(record.scores)
-    if max_candidates:
-      responses, scores = responses[:max_candidates], scores[:max_candidates]
-    if len(set(scores)) < 2:
-      skipped += 1
-      continue
-    kept.append({"prompt": record.prompt, "responses": responses, "scores": scores})
-  if not kept:
-    raise ValueError(f"{src}: all {skipped} candidate lists have all-equal scores; nothing to rank")
-  rec.write_jsonl(dst, kept)
-  if skipped:
-    logger.warning("%s: skipped %d candidate list(s) whose scores are all equal", src, skipped)
-  return len(kept), skipped
-
-
-def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedDataConfig,
-                   path: str, seed: int) -> None:
+def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedData,
+                   limits: sections.Limits, path: str, seed: int) -> None:
   """K samples per prompt from the initial policy, scored by the reward model, as ranked JSONL.
 
   Sampling and scoring are ``scoring.sample_candidates`` (the loop RAFT and best-of-n share); each
@@ -205,7 +169,7 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
   tok, k = loaded.tokenizer, cfg.num_candidates
   cands = scoring.sample_candidates(
       loaded.model, loaded.ref_params, tok, prompts, reward=loaded.reward, num_samples=k,
-      max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_response_len,
+      max_prompt_len=limits.max_prompt_len, max_new_tokens=limits.max_response_len,
       temperature=cfg.generation_temperature, rng=jax.random.PRNGKey(seed))
   rows, empty = [], 0
   for i, prompt in enumerate(prompts):
@@ -225,6 +189,51 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
               "samples)", len(rows), cfg.num_candidates, path, empty)
 
 
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def generated_lists_key(loaded: common.LoadedModels, sources: sections.Sources, cfg: RankedData,
+                        limits: sections.Limits, prompts_path: str, seed: int) -> dict:
+  """Everything the generated lists depend on (they are reused only when all of it matches)."""
+  reward = loaded.reward
+  return json.loads(json.dumps({
+      "policy_run": loaded.ref_workdir, "policy_step": loaded.ref_step,  # lists sample the reference
+      "model": dataclasses.asdict(loaded.model_config), "tokenizer": loaded.tokenizer.fingerprint(),
+      "reward_model": os.path.abspath(sources.reward_model_workdir) if sources.reward_model_workdir
+                      else "",
+      "reward_info": dataclasses.asdict(reward.info) if reward is not None else None,
+      "attribute_weights": list(reward.attribute_weights or ()) if reward is not None else None,
+      "num_candidates": cfg.num_candidates, "temperature": cfg.generation_temperature,
+      "max_prompt_len": limits.max_prompt_len, "max_new_tokens": limits.max_response_len,
+      "num_generation_prompts": cfg.num_generation_prompts, "prompts_sha256": _sha256(prompts_path),
+      "seed": seed,
+  }, sort_keys=True, default=str))
+
+
+def cached_generated_lists(path: str, key: dict, generate) -> bool:
+  """Runs ``generate()`` (which writes ``path``) unless ``path`` was made with ``key``; True = reused.
+
+  The key is written next to the lists (``<path stem>.key.json``) after them, so a crash in
+  between means regenerating, never reusing unverified lists.
+  """
+  key_path = os.path.splitext(path)[0] + ".key.json"
+  if os.path.exists(path) and os.path.exists(key_path):
+    with open(key_path) as f:
+      stored = json.load(f)
+    if stored == key:
+      return True
+    diff = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
+    logger.warning("%s was generated with other settings (%s); regenerating", path, diff)
+  for stale in (key_path, path):
+    if os.path.exists(stale):
+      os.remove(stale)
+  generate()
+  train.atomic_write_json(key_path, key)
+  return False
+
+
 class ListData(NamedTuple):
   train: batching.BatchIterator
   eval_batches: list
@@ -233,9 +242,9 @@ class ListData(NamedTuple):
   skipped_tied_lists: int
 
 
-def prepare_lists(cfg: RankedDataConfig, sources: common.ModelSources, loaded: common.LoadedModels,
-                  workdir: str, num_prompts: int, seed: int) -> ListData:
-  train_src, eval_src, prompts_src = dpo.resolve_files(cfg, sources, "ranked")
+def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.Sources,
+                  loaded: common.LoadedModels, workdir: str, num_prompts: int, seed: int) -> ListData:
+  train_src, eval_src, prompts_src = common.resolve_files(cfg, sources, "ranked", workdir)
   data_dir = os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
   if cfg.candidates == "generated":
@@ -243,58 +252,46 @@ def prepare_lists(cfg: RankedDataConfig, sources: common.ModelSources, loaded: c
       raise ValueError("config.data.candidates='generated' needs config.sources.reward_model_workdir")
     gen_prompts = cfg.train_jsonl or (os.path.join(os.path.dirname(train_src), "prompts.jsonl"))
     generated = os.path.join(data_dir, "generated_ranked.jsonl")
-    generate_lists(loaded, common.read_prompts(gen_prompts, cfg.num_generation_prompts), cfg,
-                   generated, seed)
+    key = generated_lists_key(loaded, sources, cfg, limits, gen_prompts, seed)
+    cached_generated_lists(generated, key, lambda: generate_lists(
+        loaded, common.read_prompts(gen_prompts, cfg.num_generation_prompts), cfg, limits,
+        generated, seed))
     train_src = generated
-  limits = dict(max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len)
-  datasets, skipped = {}, 0
+  datasets = {}
   for split, src in (("train", train_src), ("eval", eval_src)):
     if split == "eval" and not (src and os.path.isfile(src)):
       continue
-    filtered = os.path.join(data_dir, f"ranked_{split}.jsonl")
-    _, n_skipped = filter_lists(src, filtered, cfg.num_candidates)
-    skipped += n_skipped if split == "train" else 0
-    datasets[split] = ds_lib.prepare_dataset(filtered, "ranked", loaded.tokenizer,
-                                             os.path.join(data_dir, f"ranked_{split}"), **limits)
+    datasets[split] = ds_lib.prepare_dataset(
+        src, "ranked", loaded.tokenizer, os.path.join(data_dir, f"ranked_{split}"),
+        max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
+        max_candidates=cfg.num_candidates, drop_uninformative=True)
+  skipped = int(datasets["train"].metadata.get("dropped_uninformative", 0))
+  if skipped:
+    logger.warning("%s: skipped %d candidate list(s) whose scores are all equal", train_src, skipped)
   train_it = batching.BatchIterator(datasets["train"], cfg.batch_size, seed=cfg.shuffle_seed,
-                                    buckets=cfg.buckets or None,
+                                    buckets=limits.buckets or None,
                                     vocab_size=loaded.model_config.vocab_size)
   eval_batches = []
   if "eval" in datasets:
     n_eval = min(cfg.num_eval_lists, len(datasets["eval"])) // cfg.batch_size
     eval_it = batching.BatchIterator(datasets["eval"], cfg.batch_size, shuffle=False, num_epochs=1,
-                                     buckets=(cfg.max_prompt_len + cfg.max_response_len,),
-                                     process_index=0, process_count=1)
+                                     buckets=(limits.max_len,), process_index=0, process_count=1)
     eval_batches = [next(eval_it) for _ in range(n_eval)]
-    # one candidate axis for train and eval (the eval file may hold longer lists): pad / cut to K
-    k = train_it.num_candidates
-    eval_batches = [_fit_candidates(b, k) for b in eval_batches]
   prompts = common.read_prompts(prompts_src, num_prompts)
   return ListData(train_it, eval_batches, prompts, len(datasets["train"]), skipped)
 
 
-def _fit_candidates(batch: dict, k: int) -> dict:
-  out = {}
-  for key, value in batch.items():
-    if value.ndim >= 2 and key != "valid":
-      if value.shape[1] >= k:
-        value = value[:, :k]
-      else:
-        pad = [(0, 0), (0, k - value.shape[1])] + [(0, 0)] * (value.ndim - 2)
-        value = np.pad(value, pad)
-    out[key] = value
-  return out
-
-
-KNOWN_KEYS = {"seed", "sources", "model", "tokenizer", "loss", "data", "optim", "loop", "eval", "mesh"}
+KNOWN_KEYS = {"method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval",
+              "mesh"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) PRO / RRHF; see ``experiments/configs/pro_synthetic.py`` for the keys."""
   common.check_config_keys(config, KNOWN_KEYS, "pro/rrhf")
-  sources = config_dicts.to_dataclass(common.ModelSources, config.sources, "sources")
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
   loss_cfg = config_dicts.to_dataclass(ListwiseLossConfig, config.loss, "loss")
-  data_cfg = config_dicts.to_dataclass(RankedDataConfig, config.data, "data")
+  data_cfg = config_dicts.to_dataclass(RankedData, config.data, "data")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
@@ -302,22 +299,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
-                              tokenizer_spec=config.get("tokenizer", "byte"), rng=init_rng,
+                              tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,
                               need_reward=data_cfg.candidates == "generated")
-  data = prepare_lists(data_cfg, sources, loaded, workdir, eval_cfg.num_prompts, config.seed)
+  limits.check_model(loaded.model_config.max_seq_len)
+  data = prepare_lists(data_cfg, limits, sources, loaded, workdir, eval_cfg.num_prompts, config.seed)
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
   loss_fn = make_loss_fn(loaded.model, loss_cfg)
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
-  evaluator = common.policy_evaluator(loaded, data.eval_prompts, data_cfg.max_prompt_len, eval_cfg,
+  evaluator = common.policy_evaluator(loaded, data.eval_prompts, limits.max_prompt_len, eval_cfg,
                                       workdir)
-  list_eval = dpo.make_pair_eval_fn(loss_fn, data.eval_batches, mesh)
+  list_eval = common.make_heldout_eval_fn(loss_fn, data.eval_batches, mesh, prefix="lists")
 
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
-    extra = {k.replace("pairs/", "lists/", 1): v for k, v in list_eval(state.params).items()}
-    return {**evaluator(state.params, step), **extra}
+    return {**evaluator(state.params, step), **list_eval(state.params)}
 
   fingerprint = {"method": loss_cfg.method, "model": dataclasses.asdict(loaded.model_config),
                  "tokenizer": loaded.tokenizer.fingerprint(), "loss": dataclasses.asdict(loss_cfg)}
