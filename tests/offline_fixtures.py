@@ -19,7 +19,7 @@ CONFIGS = os.path.join(REPO, "experiments", "configs")
 
 SFT_OVERRIDES = {
     "model.preset": "tiny", "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
-    "data.batch_size": 8, "data.eval_batch_size": 16, "data.buckets": (80,),
+    "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
     "eval.num_sample_prompts": 4, "eval.print_samples": 0, "loop.num_steps": 6, "loop.log_every": 3,
     "loop.eval_every": 0, "loop.checkpoint_every": 6, "loop.progress_every_secs": 0.0,
     "optim.warmup_steps": 1,

@@ -25,6 +25,8 @@ def test_rows_select_by_reward_model_and_report_analytic_kl():
   assert two["win_rate_vs_sft"] == pytest.approx(0.25)  # a loss and a tie
   with pytest.raises(ValueError, match="BestOfNConfig.ns"):
     best_of_n.BestOfNConfig(ns=(0, 2))
+  with pytest.raises(ValueError, match="BestOfNDataConfig.eval_jsonl"):
+    best_of_n.BestOfNDataConfig(source="jsonl")
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ sft_synthetic = _load_config_module("sft_synthetic")
 
 TINY_OVERRIDES = {
     "model.preset": "tiny", "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
-    "data.batch_size": 8, "data.eval_batch_size": 16, "data.buckets": (80,),
+    "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
     "eval.num_sample_prompts": 4, "eval.print_samples": 1, "loop.num_steps": 8, "loop.log_every": 2,
     "loop.eval_every": 0, "loop.checkpoint_every": 4, "loop.progress_every_secs": 0.0,
     "optim.warmup_steps": 2,
@@ -148,8 +148,8 @@ def _launch(workdir, *flags):
   cmd = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
          f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}"]
   cmd += [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-          for k, v in TINY_OVERRIDES.items() if k != "data.buckets"]
-  cmd += ["--config.data.buckets=(80,)", *flags]
+          for k, v in TINY_OVERRIDES.items() if k != "limits.buckets"]
+  cmd += ["--config.limits.buckets=(80,)", *flags]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env["XLA_FLAGS"] = ""  # one CPU device, as a user would have
   return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -224,7 +224,7 @@ def test_launcher_rejects_unknown_flag_key(tmp_path):
 
 def _jsonl_config(train_jsonl, eval_jsonl, **extra):
   config = _load_config_module("sft_jsonl").get_config()
-  values = {**TINY_OVERRIDES, "data.max_prompt_len": 32, "data.max_response_len": 48,
+  values = {**TINY_OVERRIDES, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
             "loop.num_steps": 2, "loop.checkpoint_every": 2, "data.train_jsonl": train_jsonl,
             "data.eval_jsonl": eval_jsonl, **extra}
   for key, value in values.items():
@@ -235,7 +235,7 @@ def _jsonl_config(train_jsonl, eval_jsonl, **extra):
 
 def test_jsonl_config_requires_existing_files(tmp_path):
   with pytest.raises(ValueError, match=r"config.data: SFTDataConfig.train_jsonl='/nonexistent.jsonl' "
-                                       r"is invalid; allowed: an existing JSONL file"):
+                                       r"is invalid; allowed: an existing file"):
     sft.train_and_evaluate(_jsonl_config("/nonexistent.jsonl", "/nonexistent.jsonl"), str(tmp_path))
 
 

@@ -3,7 +3,7 @@
 import ml_collections
 
 from rlhf_jax import parallel, train
-from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.offline import raft
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
@@ -13,22 +13,29 @@ def get_config() -> ml_collections.ConfigDict:
   """RAFT from a finished SFT run with a trained reward model.
 
   Run:
-    python experiments/raft.py --workdir=workdirs/raft_synthetic \
+    python experiments/run.py --config=experiments/configs/raft_synthetic.py \
+        --workdir=workdirs/raft_synthetic \
         --config.sources.sft_workdir=workdirs/sft_synthetic \
         --config.sources.reward_model_workdir=workdirs/rm_synthetic
 
-  4 rounds x 25 steps: each round samples 8 responses for 256 training prompts, keeps the best
-  per prompt and fine-tunes on them; an evaluation closes every round. Global top-fraction
-  selection: ``--config.raft.selection=global --config.raft.keep_fraction=0.125``.
+  4 rounds x 25 steps: each round samples 8 responses for 256 training prompts (the SFT run's
+  synthetic ``prompts.jsonl``), keeps the best per prompt and fine-tunes on them in batches of
+  ``data.batch_size``; an evaluation closes every round. Global top-fraction selection:
+  ``--config.raft.selection=global --config.raft.keep_fraction=0.125``. Your own prompts:
+  ``--config.data.source=jsonl --config.data.train_jsonl=prompts.jsonl``. A multi-attribute RM
+  needs ``--config.sources.attribute_weights=helpful:1,harmless:1``.
   See BUILD_NOTES.md for measured results.
   """
   config = ml_collections.ConfigDict()
+  config.method = "raft"
   config.seed = 0
-  config.sources = config_dicts.dataclass_section(common.ModelSources)
+  config.sources = config_dicts.dataclass_section(sections.Sources)
+  config.data = config_dicts.dataclass_section(raft.RAFTDataConfig, batch_size=32)
+  config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
+                                                 max_response_len=48)
   config.model = config_dicts.model_section("small")  # used only without sources.sft_workdir
-  config.tokenizer = "byte"
   config.raft = config_dicts.dataclass_section(raft.RAFTConfig, num_rounds=4, prompts_per_round=256,
-                                               samples_per_prompt=8, batch_size=32)
+                                               samples_per_prompt=8)
   config.optim = config_dicts.dataclass_section(
       train.OptimConfig, lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0,
       clip_norm=1.0)

@@ -1,4 +1,4 @@
-"""SFT of the ``small`` model on the embedded synthetic task (the default of ``experiments/sft.py``)."""
+"""SFT of the ``small`` model on the embedded synthetic task."""
 
 import ml_collections
 
@@ -9,11 +9,12 @@ def get_config() -> ml_collections.ConfigDict:
   """SFT on the synthetic gold-reward task: byte tokenizer, ``small`` preset (~1.6M params).
 
   Run:
-    python experiments/sft.py --workdir=workdirs/sft_synthetic
+    python experiments/run.py --config=experiments/configs/sft_synthetic.py \
+        --workdir=workdirs/sft_synthetic
 
   Generates the task into ``<workdir>/data/synthetic`` (4000 train / 500 held-out prompts), builds
   the TFDS datasets next to it, trains 400 steps of 16 sequences (AdamW, cosine lr 3e-3, 1.6
-  epochs), evaluates at steps 200 and 400 (held-out NLL over the 500 held-out responses; 128
+  epochs; token limits and buckets in ``config.limits``), evaluates at steps 200 and 400 (held-out NLL over the 500 held-out responses; 128
   responses sampled at temperature 1 and scored by the exact gold reward) and writes
   ``<workdir>/final_metrics.json``.
 

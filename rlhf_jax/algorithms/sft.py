@@ -12,8 +12,9 @@ responses for held-out prompts with the KV-cache sampler; on the synthetic task 
 reward is exact (``data.synthetic.gold_rewards``) and is compared with the reference policy the
 SFT data was drawn from, which is what a perfect SFT model would match.
 
-Entry points: :func:`train_and_evaluate` (used by ``experiments/sft.py``) and
-``train.load_sft_params``, which later stages (reward models, DPO, PPO) use to start from an SFT run.
+Entry points: :func:`train_and_evaluate` (registry name ``sft``) and ``train.load_sft_params``,
+which later stages (reward models, DPO, PPO) use to start from an SFT run. The loss is
+``common.nll_loss_fn`` (RAFT fine-tunes with the same one).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax import models, parallel, sampling, train
+from rlhf_jax.algorithms import common, sections
 from rlhf_jax.data import batching, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import tokenizers as tok_lib
@@ -39,7 +41,6 @@ from rlhf_jax.train import config_dicts
 logger = logging.getLogger(__name__)
 
 FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,65 +73,31 @@ class SFTEvalConfig:
                             top_p=self.top_p)
 
 
-SOURCES = ("synthetic", "jsonl")
-
-
 @dataclasses.dataclass(frozen=True)
-class SFTDataConfig:
-  """Where the SFT records come from and how they are batched.
+class SFTDataConfig(sections.DataSource):
+  """Where the SFT records come from and how they are batched (``config.data``).
+
+  The shared :class:`sections.DataSource` fields, with: ``source="synthetic"`` uses the task in
+  ``synthetic_dir`` if given, else generates it (``synthetic_*``) into ``<workdir>/data/synthetic``;
+  ``source="jsonl"`` reads ``train_jsonl`` / ``eval_jsonl`` (``{"prompt", "response"}`` or chat
+  ``messages`` records). Held-out prompts for the samples come from the eval split, so
+  ``eval_prompts_jsonl`` must stay ''. ``batch_size`` is the global training batch (sequences per
+  optimiser step). Limits (and padding buckets) are ``config.limits``.
 
   Attributes:
-    source: ``synthetic`` (the embedded task, generated into ``<workdir>/data/synthetic`` if
-      missing) or ``jsonl`` (``train_jsonl`` / ``eval_jsonl`` with ``{"prompt", "response"}`` or
-      chat ``messages`` records).
-    train_jsonl, eval_jsonl: paths for ``source="jsonl"``.
-    synthetic_num_prompts, synthetic_num_test_prompts, synthetic_seed: size/seed of the generated task.
-    tokenizer: ``data.tokenizers.load_tokenizer`` spec (``byte``, ``hf:PATH``, ``spm:PATH``).
-    max_prompt_len, max_response_len: token limits incl. BOS / EOS (prompts cut from the left,
-      responses from the right).
-    batch_size: global training batch (sequences per optimiser step).
     eval_batch_size: batch of the held-out NLL pass; max_eval_examples caps the eval split.
-    shuffle_seed: seed of the per-epoch shuffling.
-    buckets: allowed padded lengths (one jit compile each); empty = powers of two up to the max.
   """
 
-  source: str = "synthetic"
-  train_jsonl: str = ""
-  eval_jsonl: str = ""
-  synthetic_num_prompts: int = 4000
-  synthetic_num_test_prompts: int = 500
-  synthetic_seed: int = 0
-  tokenizer: str = "byte"
-  max_prompt_len: int = 32
-  max_response_len: int = 48
-  batch_size: int = 32
   eval_batch_size: int = 64
   max_eval_examples: int = 512
-  shuffle_seed: int = 0
-  buckets: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if self.source not in SOURCES:
-      raise ValueError(f"SFTDataConfig.source={self.source!r} is invalid; allowed: {' | '.join(SOURCES)}")
-    if self.source == "jsonl":
-      for name in ("train_jsonl", "eval_jsonl"):
-        path = getattr(self, name)
-        if not path or not os.path.isfile(path):
-          raise ValueError(f"SFTDataConfig.{name}={path!r} is invalid; allowed: an existing JSONL file "
-                           "(required with source='jsonl')")
-    for name in ("synthetic_num_prompts", "max_prompt_len", "max_response_len", "batch_size",
-                 "eval_batch_size", "max_eval_examples"):
-      value = getattr(self, name)
-      if not (isinstance(value, int) and value >= (2 if "len" in name else 1)):
-        raise ValueError(f"SFTDataConfig.{name}={value!r} is invalid; allowed: an int >= "
-                         f"{2 if 'len' in name else 1}")
-    if self.source == "synthetic" and self.synthetic_num_test_prompts < 1:
-      raise ValueError(f"SFTDataConfig.synthetic_num_test_prompts={self.synthetic_num_test_prompts!r} "
-                       "is invalid; allowed: an int >= 1 (the held-out split)")
-    max_len = self.max_prompt_len + self.max_response_len
-    if self.buckets and (any(b < 1 for b in self.buckets) or max(self.buckets) < max_len):
-      raise ValueError(f"SFTDataConfig.buckets={self.buckets!r} is invalid; allowed: () or positive "
-                       f"lengths whose largest is >= max_prompt_len + max_response_len = {max_len}")
+    super().__post_init__()
+    for name in ("eval_batch_size", "max_eval_examples"):
+      sections.check_int("SFTDataConfig", name, getattr(self, name), 1)
+    if self.eval_prompts_jsonl:
+      raise ValueError(f"SFTDataConfig.eval_prompts_jsonl={self.eval_prompts_jsonl!r} is invalid; "
+                       "allowed: '' (SFT samples held-out prompts from the eval split)")
 
 
 class SFTData(NamedTuple):
@@ -140,25 +107,29 @@ class SFTData(NamedTuple):
   reference_metrics: dict  # what the data's own policy scores (synthetic task), for comparison
 
 
-def prepare_data(config: SFTDataConfig, tokenizer: tok_lib.Tokenizer, workdir: str, *,
-                 vocab_size: int) -> SFTData:
+def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_lib.Tokenizer,
+                 workdir: str, *, vocab_size: int) -> SFTData:
   """Builds (once) the train / eval TFDS datasets under ``<workdir>/data`` and the train iterator."""
   data_dir = os.path.join(workdir, "data")
   gold_fn, reference = None, {}
   if config.source == "synthetic":
-    task_dir = os.path.join(data_dir, "synthetic")
+    task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
+    meta_path = os.path.join(task_dir, "metadata.json")
     wanted = synthetic_files.SyntheticConfig(seed=config.synthetic_seed,
                                              num_prompts=config.synthetic_num_prompts,
                                              num_test_prompts=config.synthetic_num_test_prompts)
-    meta_path = os.path.join(task_dir, "metadata.json")
+    if config.synthetic_dir and not os.path.exists(meta_path):
+      raise ValueError(f"config.data.synthetic_dir={config.synthetic_dir!r}: no synthetic task there; "
+                       "allowed: a folder `python -m rlhf_jax.data.synthetic --out DIR` wrote, or ''")
     if not os.path.exists(meta_path):
       logger.info("generating the synthetic task into %s", task_dir)
       synthetic_files.write_task(task_dir, wanted, overwrite=True)
     meta = train.read_json(meta_path)
-    for key in ("seed", "num_prompts", "num_test_prompts"):
-      if meta["config"][key] != getattr(wanted, key):
-        raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, the "
-                         f"config asks for {getattr(wanted, key)}; use a fresh --workdir")
+    if not config.synthetic_dir:  # a task this run generated must be the one configured
+      for key in ("seed", "num_prompts", "num_test_prompts"):
+        if meta["config"][key] != getattr(wanted, key):
+          raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, "
+                           f"the config asks for {getattr(wanted, key)}; use a fresh --workdir")
     train_jsonl, eval_jsonl = (os.path.join(task_dir, f) for f in ("sft.jsonl", "sft_test.jsonl"))
     gold_fn = synthetic.gold_rewards
     test = meta["splits"]["test"]
@@ -166,13 +137,13 @@ def prepare_data(config: SFTDataConfig, tokenizer: tok_lib.Tokenizer, workdir: s
                  "best_response_gold_reward": test["best_response_mean_gold"]}
   else:
     train_jsonl, eval_jsonl = config.train_jsonl, config.eval_jsonl
-  limits = dict(max_prompt_len=config.max_prompt_len, max_response_len=config.max_response_len)
+  lengths = dict(max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len)
   train_ds = ds_lib.prepare_dataset(train_jsonl, "sft", tokenizer,
-                                    os.path.join(data_dir, "sft_train"), **limits)
+                                    os.path.join(data_dir, "sft_train"), **lengths)
   eval_ds = ds_lib.prepare_dataset(eval_jsonl, "sft", tokenizer, os.path.join(data_dir, "sft_eval"),
-                                   **limits)
+                                   **lengths)
   batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
-                                   buckets=config.buckets or None, vocab_size=vocab_size)
+                                   buckets=limits.buckets or None, vocab_size=vocab_size)
   return SFTData(batches, eval_ds, gold_fn, reference)
 
 
@@ -184,8 +155,8 @@ class EvalData(NamedTuple):
   max_response_len: int
 
 
-def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, num_sample_prompts: int,
-                   tokenizer: tok_lib.Tokenizer) -> EvalData:
+def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, limits: sections.Limits,
+                   num_sample_prompts: int, tokenizer: tok_lib.Tokenizer) -> EvalData:
   """Materialises the eval batches and the sampling prompts.
 
   Every eval batch is padded to the longest sequence of the evaluated examples (rounded up to a
@@ -204,32 +175,11 @@ def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, num_
              for _, b in zip(range(num_batches), it)]
   examples = [eval_ds[i] for i in range(min(num_sample_prompts, len(eval_ds)))]
   width = batching.bucket_length(1 + max((len(ex["prompt"]) for ex in examples), default=0),
-                                 batching.default_buckets(config.max_prompt_len))
+                                 batching.default_buckets(limits.max_prompt_len))
   prompts = batching.collate(examples, "prompt", eval_ds.special_ids, width)
   texts = [tokenizer.decode(ex["prompt"]) for ex in examples]
   return EvalData(batches, prompts["prompt_tokens"], prompts["prompt_mask"], texts,
-                  config.max_response_len)
-
-
-def make_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> train.loop.LossFn:
-  """``loss_fn(params, batch, rng) -> (loss, metrics)`` for ``train.make_train_step``."""
-  if aggregation not in AGGREGATIONS:
-    raise ValueError(f"aggregation={aggregation!r} is invalid; allowed: {' | '.join(AGGREGATIONS)}")
-  dropout = model.config.dropout_rate > 0
-
-  def loss_fn(params, batch, rng):
-    if dropout:
-      out = model.apply({"params": params}, batch["tokens"], batch["mask"], deterministic=False,
-                        rngs={"dropout": rng})
-      logps_BxT = models.token_logprobs(out.logits_BxTxV, batch["tokens"], batch["loss_mask"])
-    else:
-      logps_BxT = models.sequence_logprobs(model, params, batch["tokens"], batch["mask"],
-                                           batch["loss_mask"])
-    per_example_B, metrics = losses.sft_loss(logps_BxT, batch["loss_mask"], aggregation=aggregation)
-    return jnp.mean(per_example_B), {"nll_per_token": metrics["nll_per_token"],
-                                     "num_tokens": metrics["num_tokens"]}
-
-  return loss_fn
+                  limits.max_response_len)
 
 
 def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_data: EvalData,
@@ -288,14 +238,18 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
 def default_config() -> ml_collections.ConfigDict:
   """Every key ``train_and_evaluate`` reads, at the synthetic-task defaults.
 
-  Sections: ``model`` (preset + ``ModelConfig`` overrides; ``vocab_size`` follows the tokenizer
-  unless set), ``optim`` (``train.OptimConfig``), ``loop`` (``train.LoopConfig``), ``data``
-  (:class:`SFTDataConfig`), ``eval`` (:class:`SFTEvalConfig`), ``mesh`` (``parallel.MeshConfig``),
-  plus ``seed`` and ``aggregation`` (``losses.sft_loss``'s token aggregation).
+  Sections: ``sources`` (``sections.Sources``: only ``tokenizer`` applies, SFT starts from a fresh
+  ``config.model``), ``data`` (:class:`SFTDataConfig`), ``limits`` (``sections.Limits``),
+  ``model`` (preset + ``ModelConfig`` overrides; ``vocab_size`` follows the tokenizer unless set),
+  ``optim`` (``train.OptimConfig``), ``loop`` (``train.LoopConfig``), ``eval``
+  (:class:`SFTEvalConfig`), ``mesh`` (``parallel.MeshConfig``), plus ``method`` ("sft"), ``seed``
+  and ``aggregation`` (``losses.sft_loss``'s token aggregation, ``losses.TOKEN_AGGREGATIONS``).
   """
   config = ml_collections.ConfigDict()
+  config.method = "sft"
   config.seed = 0
   config.aggregation = "token_mean"
+  config.sources = config_dicts.dataclass_section(sections.Sources, tokenizer="byte")
   config.model = config_dicts.model_section("small")
   config.optim = config_dicts.dataclass_section(
       train.OptimConfig, lr=3e-3, warmup_steps=20, schedule="cosine", end_lr_ratio=0.05,
@@ -304,22 +258,33 @@ def default_config() -> ml_collections.ConfigDict:
       train.LoopConfig, num_steps=400, log_every=20, eval_every=200, checkpoint_every=200,
       keep_checkpoints=2, progress_every_secs=10.0)
   config.data = config_dicts.dataclass_section(
-      SFTDataConfig, source="synthetic", max_prompt_len=32, max_response_len=48,
-      batch_size=16, eval_batch_size=128, max_eval_examples=512, buckets=(64, 80))
+      SFTDataConfig, source="synthetic", batch_size=16, eval_batch_size=128,
+      max_eval_examples=512)
+  config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
+                                                 max_response_len=48, buckets=(64, 80))
   config.eval = config_dicts.dataclass_section(SFTEvalConfig, num_sample_prompts=128)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
   return config
 
 
+KNOWN_KEYS = {"method", "seed", "sources", "model", "optim", "loop", "data", "limits", "eval",
+              "mesh", "aggregation"}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) SFT as configured and returns the final metrics (also written to
   ``<workdir>/final_metrics.json``). See ``experiments/configs/sft_synthetic.py`` for the keys."""
-  known = {"seed", "model", "optim", "loop", "data", "eval", "mesh", "aggregation"}
-  unknown = sorted(set(config.keys()) - known)
-  if unknown:
-    raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
-                     f"keys: {sorted(known)}")
-  tokenizer = tok_lib.load_tokenizer(config.data.tokenizer)
+  common.check_config_keys(config, KNOWN_KEYS, "sft")
+  if config.get("method", "sft") != "sft":
+    raise ValueError(f"config.method={config.method!r} is invalid for sft.train_and_evaluate; "
+                     "allowed: 'sft'")
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  for name in ("sft_workdir", "reference_workdir", "reward_model_workdir", "value_model_workdir",
+               "attribute_weights"):
+    if getattr(sources, name):
+      raise ValueError(f"config.sources.{name}={getattr(sources, name)!r} is invalid for SFT; "
+                       "allowed: '' (SFT trains a fresh config.model; only sources.tokenizer applies)")
+  tokenizer = tok_lib.load_tokenizer(sources.tokenizer or "byte")
   model_section = config.model.to_dict()
   if model_section.get("vocab_size") is None:  # follow the tokenizer unless set explicitly
     model_section["vocab_size"] = tokenizer.vocab_size
@@ -327,10 +292,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   data_cfg = config_dicts.to_dataclass(SFTDataConfig, config.data, "data")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   eval_cfg = config_dicts.to_dataclass(SFTEvalConfig, config.eval, "eval")
-  if config.aggregation not in AGGREGATIONS:
-    raise ValueError(f"config.aggregation={config.aggregation!r} is invalid; allowed: "
-                     f"{' | '.join(AGGREGATIONS)}")
+  try:
+    loss_fn = common.nll_loss_fn(models.Transformer(model_cfg), config.aggregation)
+  except ValueError as err:
+    raise ValueError(f"config.{err}") from None
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
@@ -340,12 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = {"method": "sft", "model": dataclasses.asdict(model_cfg),
                  "tokenizer": tokenizer.fingerprint()}
   train.check_fingerprint(workdir, fingerprint)  # refuse a foreign workdir before any work
-  max_seq_len = data_cfg.max_prompt_len + data_cfg.max_response_len
-  if max_seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"config.data.max_prompt_len + max_response_len = {max_seq_len} exceeds "
-                     f"config.model.max_seq_len={model_cfg.max_seq_len}")
-  data = prepare_data(data_cfg, tokenizer, workdir, vocab_size=model_cfg.vocab_size)
-  eval_data = make_eval_data(data.eval_dataset, data_cfg, eval_cfg.num_sample_prompts, tokenizer)
+  limits.check_model(model_cfg.max_seq_len)
+  data = prepare_data(data_cfg, limits, tokenizer, workdir, vocab_size=model_cfg.vocab_size)
+  eval_data = make_eval_data(data.eval_dataset, data_cfg, limits, eval_cfg.num_sample_prompts,
+                             tokenizer)
 
   model = models.Transformer(model_cfg)
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
@@ -353,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dummy = jnp.ones((1, 8), jnp.int32)
   variables = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy), mesh)
   state = train.create_train_state(variables["params"], optimizer, state_rng, mesh)
-  step_fn = train.make_train_step(make_loss_fn(model, config.aggregation), optimizer, schedule,
+  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   eval_fn = make_eval_fn(model, tokenizer, eval_data, eval_cfg, workdir,
                          gold_reward_fn=data.gold_reward_fn)

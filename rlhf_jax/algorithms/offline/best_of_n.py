@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import ml_collections
 import numpy as np
 
 from rlhf_jax import parallel
-from rlhf_jax.algorithms import common
+from rlhf_jax.algorithms import common, sections
 from rlhf_jax import scoring
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
@@ -37,18 +37,15 @@ CURVE_FILE = "best_of_n.csv"
 
 @dataclasses.dataclass(frozen=True)
 class BestOfNConfig:
-  """Attributes:
+  """The method's own settings (``config.bon``).
+
+  Attributes:
     ns: the n values to report (each >= 1); n_max = max(ns) samples are drawn per prompt.
-    synthetic_dir, eval_prompts_jsonl: held-out prompts (default: the SFT run's synthetic
-      ``prompts_test.jsonl``).
-    max_prompt_len: prompt width. chunk_prompts: prompts per sampler call (n_max rows each).
+    chunk_prompts: prompts per sampler call (n_max rows each).
     seed: sampling seed (independent of the evaluator's SFT samples).
   """
 
   ns: tuple = (1, 2, 4, 8, 16)
-  synthetic_dir: str = ""
-  eval_prompts_jsonl: str = ""
-  max_prompt_len: int = 32
   chunk_prompts: int = 32
   seed: int = 7
 
@@ -57,9 +54,26 @@ class BestOfNConfig:
     if not self.ns or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ns):
       raise ValueError(f"BestOfNConfig.ns={self.ns!r} is invalid; allowed: a non-empty tuple of "
                        "ints >= 1")
-    for name in ("max_prompt_len", "chunk_prompts"):
-      if getattr(self, name) < (2 if name == "max_prompt_len" else 1):
-        raise ValueError(f"BestOfNConfig.{name}={getattr(self, name)!r} is invalid")
+    sections.check_int("BestOfNConfig", "chunk_prompts", self.chunk_prompts, 1)
+    sections.check_int("BestOfNConfig", "seed", self.seed, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfNDataConfig(sections.DataSource):
+  """Held-out prompts (``config.data``, the shared :class:`sections.DataSource`); nothing is trained.
+
+  ``synthetic``: the task's ``prompts_test.jsonl`` (the task in ``synthetic_dir``, default the SFT
+  run's ``<sft_workdir>/data/synthetic``); ``jsonl``: ``eval_prompts_jsonl``, else ``eval_jsonl``
+  (any records with a ``prompt``). ``eval_prompts_jsonl`` overrides both. ``batch_size`` is unused.
+  """
+
+  OPTIONAL_JSONL: ClassVar[tuple] = ("train_jsonl", "eval_jsonl")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.source == "jsonl" and not (self.eval_prompts_jsonl or self.eval_jsonl):
+      raise ValueError("BestOfNDataConfig.eval_jsonl='' is invalid with source='jsonl'; allowed: "
+                       "an existing file of prompts (or set eval_prompts_jsonl)")
 
 
 def best_of_n_rows(rm_SxN: np.ndarray, gold_SxN: np.ndarray, lengths_SxN: np.ndarray,
@@ -83,7 +97,7 @@ def best_of_n_rows(rm_SxN: np.ndarray, gold_SxN: np.ndarray, lengths_SxN: np.nda
 
 
 def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestOfNConfig,
-                     max_new_tokens: int, temperature: float):
+                     max_prompt_len: int, max_new_tokens: int, temperature: float):
   """n_max SFT samples per prompt: RM rewards, gold rewards and lengths, each ``[S, n_max]``.
 
   ``scoring.sample_candidates`` samples and scores (the RM reward of each response as sampled,
@@ -91,7 +105,7 @@ def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestO
   """
   cands = scoring.sample_candidates(
       loaded.model, loaded.ref_params, loaded.tokenizer, prompts, reward=loaded.reward,
-      num_samples=max(cfg.ns), max_prompt_len=cfg.max_prompt_len, max_new_tokens=max_new_tokens,
+      num_samples=max(cfg.ns), max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
       temperature=temperature, rng=jax.random.PRNGKey(cfg.seed), chunk_prompts=cfg.chunk_prompts)
   prompt_rows = [p for p in prompts for _ in range(cands.num_samples)]
   gold_N = policy_eval.synthetic.gold_rewards(prompt_rows, cands.texts)
@@ -99,28 +113,50 @@ def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestO
   return cands.grid(cands.rewards_N), cands.grid(gold_N), cands.grid(lengths_N)
 
 
-KNOWN_KEYS = {"seed", "sources", "bon", "eval", "mesh"}
+KNOWN_KEYS = {"method", "seed", "sources", "data", "limits", "bon", "eval", "mesh"}
+
+
+def _prompts_file(data: BestOfNDataConfig, sources: sections.Sources) -> str:
+  if data.eval_prompts_jsonl:
+    return data.eval_prompts_jsonl
+  if data.source == "jsonl":
+    return data.eval_jsonl
+  task = data.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
+  if not os.path.isfile(os.path.join(task, "metadata.json")):
+    raise ValueError(f"config.data.synthetic_dir={task!r}: no synthetic task there; allowed: the "
+                     "folder `python -m rlhf_jax.data.synthetic --out DIR` wrote (default: the SFT "
+                     "run's <sft_workdir>/data/synthetic)")
+  return os.path.join(task, "prompts_test.jsonl")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates best-of-n for every n in ``config.bon.ns``; writes ``best_of_n.csv`` and
-  ``final_metrics.json`` (the n_max row, flat, plus ``curve``). Nothing is trained."""
+  ``final_metrics.json`` (the n_max row, flat, plus ``curve``). Nothing is trained.
+
+  The n samples per prompt use the evaluation's sampler settings (``eval.max_new_tokens``,
+  ``eval.temperature``) so they are draws of the same SFT distribution the evaluator's baseline
+  comes from; prompts are ``limits.max_prompt_len`` wide.
+  """
   common.check_config_keys(config, KNOWN_KEYS, "best_of_n")
-  sources = config_dicts.to_dataclass(common.ModelSources, config.sources, "sources")
+  if config.get("method", "best_of_n") != "best_of_n":
+    raise ValueError(f"config.method={config.method!r} is invalid for best_of_n.train_and_evaluate; "
+                     "allowed: 'best_of_n'")
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  sources.require("sft_workdir", "best-of-n", "the SFT run it samples from")
+  sources.require("reward_model_workdir", "best-of-n", "the reward model that picks the best")
   cfg = config_dicts.to_dataclass(BestOfNConfig, config.bon, "bon")
+  data_cfg = config_dicts.to_dataclass(BestOfNDataConfig, config.data, "data")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
-  if not sources.sft_workdir:
-    raise ValueError("config.sources.sft_workdir is empty; allowed: the SFT run best-of-n samples from")
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   loaded = common.load_models(sources, mesh, need_reward=True)
-  task = cfg.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
-  prompts_path = cfg.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
-  prompts = common.read_prompts(prompts_path, eval_cfg.num_prompts)
-  evaluator = common.policy_evaluator(loaded, prompts, cfg.max_prompt_len, eval_cfg, workdir)
+  prompts = common.read_prompts(_prompts_file(data_cfg, sources), eval_cfg.num_prompts)
+  evaluator = common.policy_evaluator(loaded, prompts, limits.max_prompt_len, eval_cfg, workdir)
   sft_ref = evaluator.reference()  # the SFT model's own samples (win-rate baseline)
   rm_SxN, gold_SxN, len_SxN = sample_and_score(loaded, evaluator.prompt_texts, cfg,
-                                               eval_cfg.max_new_tokens, eval_cfg.temperature)
+                                               limits.max_prompt_len, eval_cfg.max_new_tokens,
+                                               eval_cfg.temperature)
   rows = best_of_n_rows(rm_SxN, gold_SxN, len_SxN, sft_ref.gold, cfg.ns)
   for row in rows:
     logger.info("best-of-%d: gold %.3f (oracle %.3f), RM %.3f, KL %.3f, win rate %.3f",

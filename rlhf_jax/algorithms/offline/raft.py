@@ -26,17 +26,14 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import parallel, train
-from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms import common
-from rlhf_jax import scoring
-from rlhf_jax.algorithms import sft
+from rlhf_jax import parallel, scoring, train
+from rlhf_jax.algorithms import common, sections
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
@@ -47,7 +44,9 @@ SELECTIONS = ("per_prompt", "global")
 
 @dataclasses.dataclass(frozen=True)
 class RAFTConfig:
-  """Attributes:
+  """The method's own settings (``config.raft``).
+
+  Attributes:
     num_rounds: R; ``loop.num_steps`` must be a multiple (S = num_steps / R steps per round).
     prompts_per_round: N prompts sampled per round.
     samples_per_prompt: K samples per prompt.
@@ -55,10 +54,6 @@ class RAFTConfig:
     keep_fraction: f of the global selection.
     temperature: sampling temperature of the candidates.
     require_eos: only samples that emitted EOS are eligible.
-    batch_size: fine-tuning sequences per step.
-    source, synthetic_dir, prompts_jsonl, eval_prompts_jsonl: prompts (synthetic: the SFT run's
-      task, ``prompts.jsonl`` / ``prompts_test.jsonl``; jsonl: any records with a ``prompt``).
-    max_prompt_len, max_response_len: prompt width and sampling budget (incl. BOS / EOS).
   """
 
   num_rounds: int = 4
@@ -68,34 +63,29 @@ class RAFTConfig:
   keep_fraction: float = 0.125
   temperature: float = 1.0
   require_eos: bool = True
-  batch_size: int = 32
-  source: str = "synthetic"
-  synthetic_dir: str = ""
-  prompts_jsonl: str = ""
-  eval_prompts_jsonl: str = ""
-  max_prompt_len: int = 32
-  max_response_len: int = 48
 
   def __post_init__(self):
-    for name in ("num_rounds", "prompts_per_round", "samples_per_prompt", "batch_size"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"RAFTConfig.{name}={value!r} is invalid; allowed: an int >= 1")
-    if self.selection not in SELECTIONS:
-      raise ValueError(f"RAFTConfig.selection={self.selection!r} is invalid; allowed: "
-                       f"{' | '.join(SELECTIONS)}")
+    for name in ("num_rounds", "prompts_per_round", "samples_per_prompt"):
+      sections.check_int("RAFTConfig", name, getattr(self, name), 1)
+    sections.check_choice("RAFTConfig", "selection", self.selection, SELECTIONS)
     if not 0.0 < self.keep_fraction <= 1.0:
       raise ValueError(f"RAFTConfig.keep_fraction={self.keep_fraction!r} is invalid; allowed: (0, 1]")
     if not self.temperature > 0:
       raise ValueError(f"RAFTConfig.temperature={self.temperature!r} is invalid; allowed: > 0")
-    if self.source not in dpo.SOURCES:
-      raise ValueError(f"RAFTConfig.source={self.source!r} is invalid; allowed: {' | '.join(dpo.SOURCES)}")
-    if self.source == "jsonl" and not os.path.isfile(self.prompts_jsonl):
-      raise ValueError(f"RAFTConfig.prompts_jsonl={self.prompts_jsonl!r} is invalid; allowed: an "
-                       "existing JSONL file (required with source='jsonl')")
-    for name in ("max_prompt_len", "max_response_len"):
-      if getattr(self, name) < 2:
-        raise ValueError(f"RAFTConfig.{name}={getattr(self, name)!r} is invalid; allowed: an int >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RAFTDataConfig(sections.DataSource):
+  """Prompts and the fine-tuning batch (``config.data``, the shared :class:`sections.DataSource`).
+
+  ``synthetic``: training prompts are the task's ``prompts.jsonl`` and held-out prompts its
+  ``prompts_test.jsonl`` (the task in ``synthetic_dir``, default the SFT run's
+  ``<sft_workdir>/data/synthetic``). ``jsonl``: training prompts from ``train_jsonl`` (any records
+  with a ``prompt``), held-out prompts from ``eval_prompts_jsonl``, else ``eval_jsonl``, else
+  ``train_jsonl``. ``batch_size``: fine-tuning sequences per optimiser step.
+  """
+
+  OPTIONAL_JSONL: ClassVar[tuple] = ("eval_jsonl",)
 
 
 def select(rewards_NxK: np.ndarray, eligible_NxK: np.ndarray, selection: str,
@@ -143,6 +133,7 @@ class _RoundData:
 
 
 def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], cfg: RAFTConfig,
+                  limits: sections.Limits,
                   rng: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, float]]:
   """Samples, scores and selects one round's training sequences ``[M, P + R]`` (+ statistics).
 
@@ -152,7 +143,7 @@ def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], 
   tok = loaded.tokenizer
   cands = scoring.sample_candidates(
       loaded.model, params, tok, prompts, reward=loaded.reward, num_samples=cfg.samples_per_prompt,
-      max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_response_len,
+      max_prompt_len=limits.max_prompt_len, max_new_tokens=limits.max_response_len,
       temperature=cfg.temperature, rng=rng)
   eligible_N = cands.nonempty_N(tok.eos_id) & (cands.finished_N | (not cfg.require_eos))
   kept = select(cands.grid(cands.rewards_N), cands.grid(eligible_N), cfg.selection,
@@ -169,34 +160,34 @@ def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], 
   return arrays, stats
 
 
-def _latest_step(workdir: str) -> int | None:
-  directory = os.path.join(os.path.abspath(workdir), train.checkpoint.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-  return max(steps) if steps else None
-
-
-def _prompt_files(cfg: RAFTConfig, sources: common.ModelSources) -> tuple[str, str]:
-  if cfg.source == "jsonl":
-    return cfg.prompts_jsonl, cfg.eval_prompts_jsonl or cfg.prompts_jsonl
-  task = cfg.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
+def _prompt_files(data: RAFTDataConfig, sources: sections.Sources) -> tuple[str, str]:
+  """(training prompts, held-out prompts) files (:class:`RAFTDataConfig`)."""
+  if data.source == "jsonl":
+    return data.train_jsonl, data.eval_prompts_jsonl or data.eval_jsonl or data.train_jsonl
+  task = data.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
   if not os.path.isfile(os.path.join(task, "metadata.json")):
-    raise ValueError(f"config.raft.synthetic_dir={task!r}: no synthetic task there; allowed: the "
+    raise ValueError(f"config.data.synthetic_dir={task!r}: no synthetic task there; allowed: the "
                      "folder `python -m rlhf_jax.data.synthetic --out DIR` wrote (default: the SFT "
                      "run's <sft_workdir>/data/synthetic)")
   return (os.path.join(task, "prompts.jsonl"),
-          cfg.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl"))
+          data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl"))
 
 
-KNOWN_KEYS = {"seed", "sources", "model", "tokenizer", "raft", "optim", "loop", "eval", "mesh"}
+KNOWN_KEYS = {"method", "seed", "sources", "data", "limits", "model", "raft", "optim", "loop",
+              "eval", "mesh"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) RAFT; see ``experiments/configs/raft_synthetic.py`` for the keys."""
   common.check_config_keys(config, KNOWN_KEYS, "raft")
-  sources = config_dicts.to_dataclass(common.ModelSources, config.sources, "sources")
+  if config.get("method", "raft") != "raft":
+    raise ValueError(f"config.method={config.method!r} is invalid for raft.train_and_evaluate; "
+                     "allowed: 'raft'")
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  sources.require("reward_model_workdir", "RAFT", "it ranks the samples of every round")
   cfg = config_dicts.to_dataclass(RAFTConfig, config.raft, "raft")
+  data_cfg = config_dicts.to_dataclass(RAFTDataConfig, config.data, "data")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
@@ -211,21 +202,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
-                              tokenizer_spec=config.get("tokenizer", "byte"), rng=init_rng,
+                              tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,
                               need_reward=True)
-  train_prompts_path, eval_prompts_path = _prompt_files(cfg, sources)
+  limits.check_model(loaded.model_config.max_seq_len)
+  train_prompts_path, eval_prompts_path = _prompt_files(data_cfg, sources)
   train_prompts = common.read_prompts(train_prompts_path)
   evaluator = common.policy_evaluator(loaded, common.read_prompts(eval_prompts_path,
                                                                   eval_cfg.num_prompts),
-                                      cfg.max_prompt_len, eval_cfg, workdir)
+                                      limits.max_prompt_len, eval_cfg, workdir)
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
-  step_fn = train.make_train_step(sft.make_loss_fn(loaded.model), optimizer, schedule,
+  step_fn = train.make_train_step(common.nll_loss_fn(loaded.model), optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   fingerprint = {"method": "raft", "model": dataclasses.asdict(loaded.model_config),
-                 "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg)}
-  latest = _latest_step(workdir)
+                 "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg),
+                 "limits": dataclasses.asdict(limits), "batch_size": data_cfg.batch_size}
+  latest = train.latest_step(workdir)
   params = loaded.policy_params
   if latest:
     params = common.place_params(train.restore_params(workdir, latest), loaded.model, mesh)
@@ -238,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for r in range((latest or 0) // steps_per_round, cfg.num_rounds):
     order = np.random.default_rng([config.seed, r]).permutation(len(train_prompts))
     prompts = [train_prompts[i] for i in order[:cfg.prompts_per_round]]
-    arrays, stats = collect_round(loaded, params, prompts, cfg,
+    arrays, stats = collect_round(loaded, params, prompts, cfg, limits,
                                   jax.random.fold_in(jax.random.PRNGKey(config.seed), r))
     round_stats.clear()
     round_stats.update(stats, round=float(r + 1))
@@ -249,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      checkpoint_every=steps_per_round)
     result = train.train(
         workdir=workdir, config=round_loop, state=state, step_fn=step_fn,
-        data=_RoundData(arrays, cfg.batch_size, config.seed, r), fingerprint=fingerprint, mesh=mesh,
+        data=_RoundData(arrays, data_cfg.batch_size, config.seed, r), fingerprint=fingerprint,
+        mesh=mesh,
         eval_fn=eval_fn, run_config=config.to_dict())
     if result.preempted:
       return {"method": "raft", "step": result.step, "preempted": True}
