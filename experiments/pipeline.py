@@ -208,7 +208,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger().setLevel(logging.INFO)
-  command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+  program = sys.argv[0]  # the script, or the rlhf-pipeline console script
+  program = f"python {os.path.relpath(program)}" if program.endswith(".py") else \
+      os.path.basename(program)
+  command = " ".join([program] + sys.argv[1:])
   run_pipeline(_CONFIG.value, _WORKDIR.value, command)
 
 
