@@ -199,7 +199,8 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   phases = _Phases(
       generate=make_generate_fn(policy, samp_cfg, placement),
       score=make_score_fn(models_.reward.model, eos_id=tok.eos_id,
-                          missing_eos_penalty=config.missing_eos_penalty, placement=placement),
+                          missing_eos_penalty=config.missing_eos_penalty,
+                          attribute_weights=models_.reward.attribute_weights, placement=placement),
       logprob=make_logprob_fn(policy, models_.value_model, prompt_len, config.temperature,
                               placement),
       advantage=make_advantage_fn(config, placement),
