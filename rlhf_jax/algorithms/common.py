@@ -4,8 +4,6 @@
   reference is that run (or ``reference_workdir``), and an optional reward model scores samples.
   A reference whose model config or tokenizer differs from the policy's is refused
   (:class:`ReferenceMismatchError`): its log-probs would be of other token ids or another function.
-* :func:`response_logps_fn` — jitted summed response log-probs of a frozen model (the reference's
-  on-the-fly / precomputed log-probs, candidate scoring).
 * :func:`resolve_files` — a method's (train, eval, eval-prompts) record files from its
   ``config.data`` section (the synthetic task, generated when missing, or JSONL files).
 * :func:`make_heldout_eval_fn` — a loss's metrics averaged over fixed held-out batches, in eval
@@ -175,13 +173,6 @@ def check_config_keys(config: Any, known: set[str], method: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Log-probs of frozen models
 # ----------------------------------------------------------------------------------------------------
-
-
-def response_logps_fn(model: models.Transformer, mesh: jax.sharding.Mesh,
-                      rules=parallel.DEFAULT_RULES) -> Callable:
-  """``fn(params, tokens_NxT, mask_NxT, loss_mask_NxT) -> [N]``: ``models.response_logps`` on
-  ``mesh`` (the one summed-log-prob function; jitted once per shape, params an argument)."""
-  return functools.partial(models.response_logps, model, mesh=mesh, rules=rules)
 
 
 def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> train.loop.LossFn:
