@@ -27,8 +27,6 @@ def _load(name: str, *args) -> ml_collections.ConfigDict:
 
 def _set(section: ml_collections.ConfigDict, values: dict) -> None:
   for key, value in values.items():
-    if key.startswith("limits.") and "limits" not in section:  # a config not yet on the vocabulary
-      key = "data." + key[len("limits."):]
     *path, name = key.split(".")
     target = section
     for part in path:
