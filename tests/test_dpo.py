@@ -216,3 +216,21 @@ def test_precomputed_reference_table_is_keyed_on_the_reference_run_and_its_step(
   later = dpo.reference_cache_key(other._replace(ref_step=12), ds, seed=0)
   assert later != key_other  # same reference folder, a newer checkpoint: another table
   assert key_own["dataset"] == ds.metadata["settings"] and key_own["tokenizer"] == own.tokenizer.fingerprint()
+
+
+def test_resolve_files_finds_or_generates_the_synthetic_task(sft_dir, tmp_path):
+  sources = sections.Sources(sft_workdir=sft_dir)
+  data = dpo.PairwiseData(num_eval_pairs=8)
+  train_f, eval_f, prompts = common.resolve_files(data, sources, "pairwise", str(tmp_path / "w"))
+  assert train_f == os.path.join(sft_dir, "data", "synthetic", "pairwise.jsonl")
+  assert eval_f.endswith("pairwise_test.jsonl") and prompts.endswith("prompts_test.jsonl")
+  # no SFT run (a fresh policy): the task is generated into the workdir, as config.data says
+  small = dpo.PairwiseData(synthetic_num_prompts=8, synthetic_num_test_prompts=4, synthetic_seed=3)
+  workdir = str(tmp_path / "fresh")
+  train_f, _, _ = common.resolve_files(small, sections.Sources(), "ranked", workdir)
+  assert train_f == os.path.join(workdir, "data", "synthetic", "ranked.jsonl")
+  assert sum(1 for _ in open(train_f)) == 8
+  with pytest.raises(ValueError, match="config.data.synthetic_dir='/nonexistent'"):
+    common.resolve_files(dpo.PairwiseData(synthetic_dir="/nonexistent"), sources, "pairwise", workdir)
+  with pytest.raises(ValueError, match="PairwiseData.num_eval_pairs=0"):
+    dpo.PairwiseData(num_eval_pairs=0)
