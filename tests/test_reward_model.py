@@ -425,6 +425,9 @@ def test_learning_curve_method_runs_every_point_through_the_rm_trainer(tmp_path,
   assert out == {"points": [], "preempted": True}
   assert seen[0].method == "reward_model" and "curve" not in seen[0]
   assert (seen[0].rm.objective, seen[0].data.num_train_examples) == ("all_pairs", 100)
+  config.curve.objectives = ("all_pairs,bradley_terry",)  # as the command line passes it
+  registry.get("rm_learning_curve")(config, str(tmp_path))
+  assert [c.rm.objective for c in seen[1:]] == ["all_pairs"]  # stopped at the preempted point
   config.curve.typo = 1
   with pytest.raises(ValueError, match=r"config.curve.typo"):
     registry.get("rm_learning_curve")(config, str(tmp_path))

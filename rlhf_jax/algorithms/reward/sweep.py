@@ -15,7 +15,8 @@ Run through the launcher as the method ``rm_learning_curve`` (``config.curve.siz
 ``config.curve.objectives``; every other section is the reward-model config of each point)::
 
   python experiments/run.py --config=experiments/configs/rm_synthetic.py:learning_curve \
-      --workdir=workdirs/rm_curve --config.curve.sizes="(250, 500, 1000, 2000)"
+      --workdir=workdirs/rm_curve --config.curve.sizes="(250, 500, 1000, 2000)" \
+      --config.curve.objectives=bradley_terry,all_pairs
 
 Outputs: ``learning_curve.json`` / ``learning_curve.md`` (table) and ``learning_curve.png``
 (``pairwise/accuracy``; ``learning_curve_expected.png`` plots ``gold/expected_accuracy``, the same
@@ -128,7 +129,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.curve.{k}' for k in unknown]}; allowed: "
                      "['objectives', 'sizes']")
-  sizes, objectives = tuple(config.curve.sizes), tuple(config.curve.objectives)
+  sizes = tuple(config.curve.sizes)
+  # A tuple of names, or the command line's "bradley_terry,all_pairs" (one string in the tuple).
+  raw = config.curve.objectives
+  objectives = tuple(name.strip(" ()'\"") for item in ((raw,) if isinstance(raw, str) else raw)
+                     for name in str(item).split(",") if name.strip(" ()'\""))
   if any(isinstance(n, bool) or not isinstance(n, int) for n in sizes):
     raise ValueError(f"config.curve.sizes={sizes!r} is invalid; allowed: positive ints")
   # The points train their SFT backbone first if needed (one run, shared by every point).
