@@ -71,9 +71,10 @@ def sample_responses(policy_model: Any, policy_params: Any, prompt_tokens: np.nd
   padded by repeating its final prompt, so one compile); returns host ``tokens`` / ``mask`` of the
   full sequences (prompt + response) and ``prompt_*`` / ``response_*`` parts, prompt-major."""
   samp_cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=config.temperature,
-                                     num_samples=config.samples_per_prompt,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  n, chunk, s = len(prompt_tokens), min(config.sample_batch, len(prompt_tokens)), config.samples_per_prompt
+                                     num_samples=config.samples_per_prompt, eos_id=tokenizer.eos_id,
+                                     pad_id=tokenizer.pad_id)
+  n, chunk, s = len(prompt_tokens), min(config.sample_batch,
+                                        len(prompt_tokens)), config.samples_per_prompt
   parts = []
   for i, start in enumerate(range(0, n, chunk)):
     tok, msk = prompt_tokens[start:start + chunk], prompt_mask[start:start + chunk]
@@ -81,7 +82,8 @@ def sample_responses(policy_model: Any, policy_params: Any, prompt_tokens: np.nd
     if real < chunk:
       tok = np.concatenate([tok, np.repeat(tok[-1:], chunk - real, axis=0)])
       msk = np.concatenate([msk, np.repeat(msk[-1:], chunk - real, axis=0)])
-    out = sampling.sample(policy_model, policy_params, tok, msk, jax.random.fold_in(rng, i), samp_cfg)
+    out = sampling.sample(policy_model, policy_params, tok, msk, jax.random.fold_in(rng, i),
+                          samp_cfg)
     host = jax.device_get(out._asdict())
     parts.append({k: v[:real * s] for k, v in host.items()})
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -111,18 +113,21 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
     pw = data.held_out.pairwise
     if pw is None:
       raise ValueError("no SFT checkpoint to sample from and no held-out pairs: cannot normalise; "
-                       "set config.rm.sft_workdir to an SFT run")
+                       "set config.sources.sft_workdir to an SFT run")
     raw = scorer(params, pw["tokens"], pw["mask"])  # every chosen and rejected response
     source = "held-out pairwise responses (no SFT checkpoint to sample from)"
     logger.warning("normalising over %s", source)
   mean_K = raw.mean(axis=0)
   std_K = raw.std(axis=0)
   if np.any(std_K < 1e-6):
-    logger.warning("reward std over the normalisation samples is %s (a constant reward model); "
-                   "clamping to 1e-6", std_K)
+    logger.warning(
+        "reward std over the normalisation samples is %s (a constant reward model); "
+        "clamping to 1e-6", std_K)
     std_K = np.maximum(std_K, 1e-6)
-  normalization = {"source": source, "num_samples": int(len(raw)),
-                   "raw_mean": mean_K.tolist(), "raw_std": std_K.tolist()}
+  normalization = {
+      "source": source, "num_samples": int(len(raw)), "raw_mean": mean_K.tolist(),
+      "raw_std": std_K.tolist()
+  }
   for k, name in enumerate(output_names):
     metrics[f"norm/{name}/raw_mean"] = float(mean_K[k])
     metrics[f"norm/{name}/raw_std"] = float(std_K[k])
@@ -134,8 +139,10 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
                              tokenizer, config, max_response_len, jax.random.fold_in(rng, 1))
     reward_NxK = (scorer(params, fresh["tokens"], fresh["mask"]) - mean_K) / std_K
     prompts = [t for t in gp["texts"][:g] for _ in range(config.samples_per_prompt)]
-    responses = [tokenizer.decode(t[m > 0]) for t, m in
-                 zip(fresh["response_tokens_BxR"], fresh["response_mask_BxR"])]
+    responses = [
+        tokenizer.decode(t[m > 0])
+        for t, m in zip(fresh["response_tokens_BxR"], fresh["response_mask_BxR"])
+    ]
     gold = data.gold_fn(prompts, responses)
     targets = {"gold": reward_NxK.sum(axis=1)}
     for k, name in enumerate(output_names):
@@ -149,5 +156,7 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
     metrics["gold_corr/num_samples"] = int(len(reward_NxK))
     metrics["gold_corr/sft_sample_mean_gold"] = float(np.mean(gold["gold"]))
     metrics["gold_corr/mean_normalized_reward"] = float(reward_NxK.sum(axis=1).mean())
-  return {"mean": mean_K.tolist(), "std": std_K.tolist(), "normalization": normalization,
-          "metrics": metrics}
+  return {
+      "mean": mean_K.tolist(), "std": std_K.tolist(), "normalization": normalization,
+      "metrics": metrics
+  }
