@@ -14,7 +14,7 @@ from flax.core import meta
 from offline_fixtures import TINY_RUN, load_config, override, tiny_sft_workdir
 from rlhf_jax import models, parallel, train
 from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms import common, sections
+from rlhf_jax.algorithms import common, pairwise_shell, sections
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import tokenizers as tok_lib
 
@@ -63,7 +63,7 @@ def test_precomputed_reference_matches_on_the_fly_and_nan_guard_keeps_checkpoint
   config = dpo_config(sft_dir, **{"loss.reference_logps": "precomputed", "loop.stop_after_steps": 2})
   first = dpo.train_and_evaluate(config, workdir)
   assert first["preempted"] and first["step"] == 2
-  table_path = os.path.join(workdir, "data", dpo.REF_LOGPS_FILE)
+  table_path = os.path.join(workdir, "data", pairwise_shell.REF_LOGPS_FILE)
   assert os.path.exists(table_path)
   # same batches, same reference: the same loss as computing the reference log-probs per batch
   fly, pre = train.read_metrics(fly_dir, "train")[0], train.read_metrics(workdir, "train")[0]
@@ -210,27 +210,27 @@ def test_precomputed_reference_table_is_keyed_on_the_reference_run_and_its_step(
   pairs = os.path.join(sft_dir, "data", "synthetic", "pairwise_test.jsonl")
   ds = ds_lib.prepare_dataset(pairs, "pairwise", own.tokenizer, str(tmp_path / "ds"), max_prompt_len=32,
                               max_response_len=48, drop_uninformative=True)
-  key_own, key_other = (dpo.reference_cache_key(m, ds, seed=0) for m in (own, other))
+  key_own, key_other = (pairwise_shell.reference_cache_key(m, ds, seed=0) for m in (own, other))
   assert key_other["reference_run"] == os.path.abspath(ref_dir) and key_other["reference_step"] == 9
   assert key_own["reference_step"] == 6 and key_own != key_other
-  later = dpo.reference_cache_key(other._replace(ref_step=12), ds, seed=0)
+  later = pairwise_shell.reference_cache_key(other._replace(ref_step=12), ds, seed=0)
   assert later != key_other  # same reference folder, a newer checkpoint: another table
   assert key_own["dataset"] == ds.metadata["settings"] and key_own["tokenizer"] == own.tokenizer.fingerprint()
 
 
 def test_resolve_files_finds_or_generates_the_synthetic_task(sft_dir, tmp_path):
   sources = sections.Sources(sft_workdir=sft_dir)
-  data = dpo.PairwiseData(num_eval_pairs=8)
+  data = pairwise_shell.PairwiseData(num_eval_pairs=8)
   train_f, eval_f, prompts = common.resolve_files(data, sources, "pairwise", str(tmp_path / "w"))
   assert train_f == os.path.join(sft_dir, "data", "synthetic", "pairwise.jsonl")
   assert eval_f.endswith("pairwise_test.jsonl") and prompts.endswith("prompts_test.jsonl")
   # no SFT run (a fresh policy): the task is generated into the workdir, as config.data says
-  small = dpo.PairwiseData(synthetic_num_prompts=8, synthetic_num_test_prompts=4, synthetic_seed=3)
+  small = pairwise_shell.PairwiseData(synthetic_num_prompts=8, synthetic_num_test_prompts=4, synthetic_seed=3)
   workdir = str(tmp_path / "fresh")
   train_f, _, _ = common.resolve_files(small, sections.Sources(), "ranked", workdir)
   assert train_f == os.path.join(workdir, "data", "synthetic", "ranked.jsonl")
   assert sum(1 for _ in open(train_f)) == 8
   with pytest.raises(ValueError, match="config.data.synthetic_dir='/nonexistent'"):
-    common.resolve_files(dpo.PairwiseData(synthetic_dir="/nonexistent"), sources, "pairwise", workdir)
+    common.resolve_files(pairwise_shell.PairwiseData(synthetic_dir="/nonexistent"), sources, "pairwise", workdir)
   with pytest.raises(ValueError, match="PairwiseData.num_eval_pairs=0"):
-    dpo.PairwiseData(num_eval_pairs=0)
+    pairwise_shell.PairwiseData(num_eval_pairs=0)

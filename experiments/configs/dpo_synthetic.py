@@ -3,7 +3,7 @@
 import ml_collections
 
 from rlhf_jax import parallel, train
-from rlhf_jax.algorithms import sections
+from rlhf_jax.algorithms import pairwise_shell, sections
 from rlhf_jax.algorithms.offline import dpo
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
@@ -31,7 +31,7 @@ def get_config(loss: str = "sigmoid") -> ml_collections.ConfigDict:
   config.model = config_dicts.model_section("small")  # used only without sources.sft_workdir
   config.loss = config_dicts.dataclass_section(dpo.DPOLossConfig, method="dpo", loss_type=loss,
                                                beta=0.1)
-  config.data = config_dicts.dataclass_section(dpo.PairwiseData, batch_size=32, num_eval_pairs=256)
+  config.data = config_dicts.dataclass_section(pairwise_shell.PairwiseData, batch_size=32, num_eval_pairs=256)
   config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
                                                  max_response_len=48, buckets=(64, 80))
   config.optim = config_dicts.dataclass_section(

@@ -39,27 +39,19 @@ them and counts them (``skipped_identical_pairs``). Each evaluation reports the 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import losses, models, parallel, train
-from rlhf_jax.algorithms import common, reference, sections
-from rlhf_jax.data import batching
-from rlhf_jax.data import dataset as ds_lib
+from rlhf_jax import losses, models, train
+from rlhf_jax.algorithms import pairwise_shell, reference
 from rlhf_jax.data.kinds import pairwise
-from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
-logger = logging.getLogger(__name__)
 
 METHODS = ("dpo", "simpo", "orpo")
 REFERENCE_MODES = reference.MODES
-REF_LOGPS_FILE = "reference_logps.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,130 +192,15 @@ def make_loss_fn(model: models.Transformer, cfg: DPOLossConfig) -> train.loop.Lo
   return loss_fn
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PairwiseData(sections.DataSource):
-  """``sections.DataSource`` (files ``pairwise.jsonl`` / ``pairwise_test.jsonl`` of the synthetic
-  task, or ``train_jsonl`` / ``eval_jsonl`` of ``{"prompt", "chosen", "rejected"}``) plus:
-
-  Attributes:
-    num_eval_pairs: held-out pairs for the implicit-reward metrics (whole batches of batch_size).
-  """
-
-  num_eval_pairs: int = 256
-
-  def __post_init__(self):
-    super().__post_init__()
-    sections.check_int(type(self).__name__, "num_eval_pairs", self.num_eval_pairs, 1)
-
-
-class PairData(NamedTuple):
-  train: Any  # resumable iterator of batches (with ref_logps when the loss needs them)
-  eval_batches: list  # fixed held-out batches (with ref_logps when the loss needs them)
-  eval_prompts: list
-  num_train_pairs: int
-  skipped_identical_pairs: int
-
-
-def reference_cache_key(loaded: common.LoadedModels, dataset: ds_lib.TokenizedDataset,
-                        seed: int) -> dict:
-  """What a precomputed table of ``dataset`` under ``loaded``'s reference depends on."""
-  return reference.cache_key(
-      reference_run=loaded.ref_workdir, reference_step=loaded.ref_step,
-      model_config=loaded.model_config, tokenizer=loaded.tokenizer, dataset=dataset,
-      rows_per_example=pairwise.ROWS, init_seed=seed if not loaded.ref_workdir else None)
-
-
-def prepare_pairs(data: PairwiseData, limits: sections.Limits, loss_cfg: DPOLossConfig,
-                  sources: sections.Sources, loaded: common.LoadedModels, mesh, workdir: str,
-                  num_prompts: int, seed: int = 0) -> PairData:
-  train_src, eval_src, prompts_src = common.resolve_files(data, sources, "pairwise", workdir)
-  data_dir = os.path.join(workdir, "data")
-  splits = {split: ds_lib.prepare_dataset(
-      src, "pairwise", loaded.tokenizer, os.path.join(data_dir, f"pairwise_{split}"),
-      max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
-      drop_uninformative=True) for split, src in (("train", train_src), ("eval", eval_src))}
-  skipped = int(splits["train"].metadata.get("dropped_uninformative", 0))
-  if skipped:
-    logger.warning("%s: skipped %d pair(s) whose chosen and rejected are identical", train_src,
-                   skipped)
-  vocab = loaded.model_config.vocab_size
-  train_it = batching.BatchIterator(splits["train"], data.batch_size, seed=data.shuffle_seed,
-                                    buckets=limits.buckets or None, vocab_size=vocab)
-  n_eval = min(data.num_eval_pairs, len(splits["eval"])) // data.batch_size
-  eval_it = batching.BatchIterator(splits["eval"], data.batch_size, shuffle=False, num_epochs=1,
-                                   buckets=(limits.max_len,), process_index=0, process_count=1)
-  eval_batches = [next(eval_it) for _ in range(n_eval)]
-  train_data: Any = train_it
-  if loss_cfg.uses_reference:
-    # Held-out batches are fixed: their reference log-probs are computed once, here.
-    fly = reference.make_transform("on_the_fly", model=loaded.model, params=loaded.ref_params,
-                                   mesh=mesh)
-    eval_batches = [fly(b) for b in eval_batches]
-    transform = reference.make_transform(
-        loss_cfg.reference_logps, model=loaded.model, params=loaded.ref_params, mesh=mesh,
-        dataset=splits["train"], path=os.path.join(data_dir, REF_LOGPS_FILE),
-        key=reference_cache_key(loaded, splits["train"], seed), batch_size=data.batch_size,
-        buckets=limits.buckets)
-    train_data = reference.WithReference(train_it, transform)
-  prompts = common.read_prompts(prompts_src, num_prompts)
-  return PairData(train_data, eval_batches, prompts, len(splits["train"]), skipped)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-
-KNOWN_KEYS = {"method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval",
-              "mesh"}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) DPO / SimPO / ORPO as configured; returns and writes the final metrics.
 
-  See ``experiments/configs/dpo_synthetic.py`` for every key.
+  See ``experiments/configs/dpo_synthetic.py`` for every key; the shell (data, reference log-probs,
+  loop, evaluation) is ``algorithms.pairwise_shell``.
   """
-  common.check_config_keys(config, KNOWN_KEYS, "dpo")
-  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
   loss_cfg = config_dicts.to_dataclass(DPOLossConfig, config.loss, "loss")
-  data_cfg = config_dicts.to_dataclass(PairwiseData, config.data, "data")
-  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
-  optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
-  loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
-  eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
-  mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  loaded = common.load_models(sources, mesh, model_section=config.get("model"),
-                              tokenizer_spec=sources.tokenizer or "byte", rng=init_rng)
-  limits.check_model(loaded.model_config.max_seq_len)
-  data = prepare_pairs(data_cfg, limits, loss_cfg, sources, loaded, mesh, workdir,
-                       eval_cfg.num_prompts, config.seed)
-
-  optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
-  state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
-  loss_fn = make_loss_fn(loaded.model, loss_cfg)
-  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
-                                  grad_accum_steps=optim_cfg.grad_accum_steps)
-  evaluator = common.policy_evaluator(loaded, data.eval_prompts, limits.max_prompt_len, eval_cfg,
-                                      workdir)
-  pair_eval = common.make_heldout_eval_fn(loss_fn, data.eval_batches, mesh, prefix="pairs")
-
-  def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
-    return {**evaluator(state.params, step), **pair_eval(state.params)}
-
-  fingerprint = {"method": "dpo", "model": dataclasses.asdict(loaded.model_config),
-                 "tokenizer": loaded.tokenizer.fingerprint(), "loss": dataclasses.asdict(loss_cfg)}
-  result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                       data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
-                       run_config=config.to_dict())
-  final = {"method": loss_cfg.label, "step": result.step, "preempted": result.preempted,
-           **result.eval_metrics, "num_train_pairs": data.num_train_pairs,
-           "skipped_identical_pairs": data.skipped_identical_pairs}
-  if result.preempted:
-    return final
-  return common.write_final(workdir, final, loss_cfg.label)
+  return pairwise_shell.train_pairwise(
+      config, workdir, method="dpo", label=loss_cfg.label,
+      make_loss_fn=lambda model: make_loss_fn(model, loss_cfg),
+      uses_reference=loss_cfg.uses_reference, reference_logps=loss_cfg.reference_logps,
+      fingerprint_extra={"loss": dataclasses.asdict(loss_cfg)})
