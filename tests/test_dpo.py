@@ -105,7 +105,7 @@ def test_reference_with_other_config_or_tokenizer_is_refused(sft_dir, tmp_path):
   fingerprint = json.load(open(fp_path))
   fingerprint["model"]["rope_theta"] = 500.0
   json.dump(fingerprint, open(fp_path, "w"))
-  sources = common.ModelSources(sft_workdir=sft_dir, reference_workdir=ref_dir)
+  sources = sections.Sources(sft_workdir=sft_dir, reference_workdir=ref_dir)
   mesh = parallel.mesh_from_config(MESH)
   with pytest.raises(common.ReferenceMismatchError, match="rope_theta"):
     common.load_models(sources, mesh)

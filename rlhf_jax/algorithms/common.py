@@ -1,6 +1,6 @@
 """Pieces shared by the offline trainers (DPO family, PRO / RRHF, RAFT, best-of-n).
 
-* :class:`ModelSources` / :func:`load_models` — the policy starts from an SFT run, the frozen
+* :func:`load_models` (from a ``sections.Sources``) — the policy starts from an SFT run, the frozen
   reference is that run (or ``reference_workdir``), and an optional reward model scores samples.
   A reference whose model config or tokenizer differs from the policy's is refused
   (:class:`ReferenceMismatchError`): its log-probs would be of other token ids or another function.
@@ -42,37 +42,6 @@ class ReferenceMismatchError(ValueError):
   """The reference checkpoint's model config or tokenizer differs from the policy's."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSources:
-  """Where the models come from.
-
-  Attributes:
-    sft_workdir: finished SFT run; the policy is initialised from its latest checkpoint and it is
-      the frozen reference unless ``reference_workdir`` is set. Empty: a freshly initialised policy
-      of ``config.model`` (benchmarks, tests), which is then also the reference.
-    reference_workdir: another SFT run as the reference ('' = ``sft_workdir``); it must have the
-      policy's model config and tokenizer.
-    reward_model_workdir: a trained reward model (``scoring.load_reward_model``); evaluation
-      then also reports ``rm_reward``. Required by RAFT, best-of-n and generated candidate lists.
-  """
-
-  sft_workdir: str = ""
-  reference_workdir: str = ""
-  reward_model_workdir: str = ""
-
-  def __post_init__(self):
-    for name in ("sft_workdir", "reference_workdir", "reward_model_workdir"):
-      path = getattr(self, name)
-      if not isinstance(path, str):
-        raise ValueError(f"ModelSources.{name}={path!r} is invalid; allowed: a path string or ''")
-      if path and not os.path.isdir(path):
-        raise ValueError(f"ModelSources.{name}={path!r} is invalid; allowed: an existing run "
-                         "directory or '' (no such directory)")
-    if self.reference_workdir and not self.sft_workdir:
-      raise ValueError("ModelSources.reference_workdir is set but sft_workdir is empty; allowed: "
-                       "a reference only together with the SFT run that initialises the policy")
-
-
 class LoadedModels(NamedTuple):
   model_config: models.ModelConfig
   tokenizer: tok_lib.Tokenizer
@@ -110,7 +79,7 @@ def place_params(params: Any, model: models.Transformer, mesh: jax.sharding.Mesh
   return jax.device_put(nn.meta.unbox(params), shardings)
 
 
-def load_models(sources: ModelSources, mesh: jax.sharding.Mesh, *,
+def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *,
                 model_section: Any = None, tokenizer_spec: str = "byte", rng: jax.Array | None = None,
                 need_reward: bool = False) -> LoadedModels:
   """Loads policy, reference and (optionally) reward model; checks they read the same token ids."""
