@@ -8,10 +8,12 @@ experiment config (``config.<stage>.method`` names it) and runs through the meth
 ``experiments/run.py`` would run it, then one table and one gold-reward-vs-KL frontier plot.
 Stages are linked through their ``sources`` section alone: a stage after ``sft`` gets
 ``sources.sft_workdir = <workdir>/sft``, a stage after ``rm`` gets
-``sources.reward_model_workdir = <workdir>/rm`` (when that run finished). A stage whose workdir holds ``final_metrics.json`` is reused, so rerunning after an
-interruption (or after deleting one stage's folder) only redoes what is missing; an interrupted
-stage resumes from its checkpoint. Progress: a banner per stage with elapsed / total time, and the
-training loops' step / loss / tokens-per-second / ETA lines in between.
+``sources.reward_model_workdir = <workdir>/rm`` (when that run finished).
+
+A stage whose workdir holds ``final_metrics.json`` is reused, so rerunning after an interruption
+(or after deleting one stage's folder) only redoes what is missing; an interrupted stage resumes
+from its checkpoint. Progress: a banner per stage with elapsed / total time, and the training
+loops' step / loss / tokens-per-second / ETA lines in between.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def stage_names(config) -> list[str]:
     raise ValueError(f"config.stages has unknown stage(s) {unknown}; allowed: {known}")
   for name in stages:
     if "method" not in config[name]:
-      raise ValueError(f"config.{name} has no `method` key; allowed: {' | '.join(registry.METHODS)}")
+      raise ValueError(f"config.{name} has no `method` key; allowed: "
+                       f"{' | '.join(registry.METHODS)}")
     registry.get(config[name].method)  # an unknown method names the allowed ones
   return stages
 

@@ -8,8 +8,8 @@ rm_learning_curve, dpo, listwise, raft, best_of_n, ppo, iterated_rlhf); this cal
 ``train_and_evaluate(config, workdir)``. Installed with ``pip install -e .`` it is also the console
 script ``rlhf-run``. Every config's docstring gives its command, e.g.
 
-  python experiments/run.py --config=experiments/configs/sft_synthetic.py --workdir=workdirs/sft_synthetic
-  python experiments/run.py --config=experiments/configs/rm_synthetic.py --workdir=workdirs/rm_synthetic
+  python experiments/run.py --config=experiments/configs/sft_synthetic.py --workdir=workdirs/sft
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py --workdir=workdirs/rm
   python experiments/run.py --config=experiments/configs/dpo_synthetic.py --workdir=workdirs/dpo \
       --config.sources.sft_workdir=workdirs/sft_synthetic
 

@@ -8,7 +8,8 @@ r"""Grid sweeps over config overrides of any method's config, with one results t
   between values when a value itself holds commas (``--grid='loss.loss_type=sigmoid,bco_pair;ipo'``).
   ``--set key=value`` applies to every run.
 * Each run is ``python <launcher> --config=<config> --workdir=<sweep_dir>/<run> --config.<key>=<v>``
-  (``--launcher`` defaults to the one launcher, ``experiments/run.py``) in its own workdir (``<run>`` is built from the grid values), its output in ``<run>/sweep.log``.
+  (``--launcher`` defaults to the one launcher, ``experiments/run.py``) in its own workdir
+  (``<run>`` is built from the grid values), its output in ``<run>/sweep.log``.
   Runs go sequentially, or ``--parallel N`` at a time as local subprocesses.
 * A run whose workdir holds ``final_metrics.json`` is finished and skipped on a rerun; a failed or
   interrupted one is run again (the launchers resume from their checkpoints).

@@ -38,7 +38,8 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = config_dicts.model_section("small")  # used only with rm.init=scratch
   # The SFT run is a placeholder that fails validation until you set it.
-  config.sources = config_dicts.dataclass_section(sections.Sources, sft_workdir="workdirs/sft_jsonl")
+  config.sources = config_dicts.dataclass_section(sections.Sources,
+                                                  sft_workdir="workdirs/sft_jsonl")
   config.rm = config_dicts.dataclass_section(
       reward_model.RMConfig, objective=objective, init="sft", early_stopping_patience=3)
   config.optim = config_dicts.dataclass_section(

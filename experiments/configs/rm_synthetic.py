@@ -1,13 +1,13 @@
 r"""Reward model on the embedded synthetic task, one objective per config string.
 
-  python experiments/run.py --config=experiments/configs/rm_synthetic.py --workdir=workdirs/rm_synthetic
-  python experiments/run.py --config=experiments/configs/rm_synthetic.py:all_pairs --workdir=workdirs/rm_all_pairs
-  python experiments/run.py --config=experiments/configs/rm_synthetic.py:plackett_luce --workdir=...
-  python experiments/run.py --config=experiments/configs/rm_synthetic.py:likert --workdir=...
-  python experiments/run.py --config=experiments/configs/rm_synthetic.py:multi_attribute --workdir=...
-  # learning curve (accuracy vs annotated prompts, one line per objective) -> <workdir>/learning_curve.png
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py \
+      --workdir=workdirs/rm_synthetic                                        # bradley_terry (pairs)
+  python experiments/run.py --config=experiments/configs/rm_synthetic.py:all_pairs \
+      --workdir=workdirs/rm_all_pairs          # also :plackett_luce, :likert, :multi_attribute
+  # learning curve (accuracy vs annotated prompts, one line per objective) -> learning_curve.png
   python experiments/run.py --config=experiments/configs/rm_synthetic.py:learning_curve \
-      --workdir=workdirs/rm_curve --config.curve.sizes="(250, 500, 1000, 2000)"
+      --workdir=workdirs/rm_curve --config.curve.sizes="(250, 500, 1000, 2000)" \
+      --config.curve.objectives=bradley_terry,all_pairs
 """
 
 import ml_collections

@@ -72,8 +72,8 @@ class MetricsWriter:
       which the loop writes before opening the writer; ``{}`` writes none).
   """
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard_events: bool = True,
-               hparams: Mapping[str, Any] | None = None):
+  def __init__(self, workdir: str, *, resume_step: int | None = None,
+               tensorboard_events: bool = True, hparams: Mapping[str, Any] | None = None):
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     if resume_step is not None and os.path.exists(self.jsonl_path):
@@ -181,7 +181,8 @@ def read_tensorboard(logdir: str) -> TensorBoardEvents:
   """Scalars, texts and hparams of every event file in ``logdir``, with purges applied.
 
   Files are read in the order they were opened; an event ``session_log: START`` at step ``s``
-  (a resumed writer's ``purge_step``) drops the earlier rows with step >= ``s``, as TensorBoard does.
+  (a resumed writer's ``purge_step``) drops the earlier rows with step >= ``s``, as TensorBoard
+  does.
   """
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
   from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=import-outside-toplevel
