@@ -37,8 +37,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _shapes(args) -> dict:
   if args.quick:
     return {"batch": 1, "prompt": 16, "completion": 16, "steps": 2, "warmup": 1}
-  return {"batch": args.batch, "prompt": args.prompt_len, "completion": args.completion_len,
-          "steps": args.steps, "warmup": args.warmup}
+  return {
+      "batch": args.batch, "prompt": args.prompt_len, "completion": args.completion_len,
+      "steps": args.steps, "warmup": args.warmup}
 
 
 def _token_ids(shape: dict, seed: int = 0):
@@ -48,8 +49,8 @@ def _token_ids(shape: dict, seed: int = 0):
   b, p, c = shape["batch"], shape["prompt"], shape["completion"]
   n = b * (shape["steps"] + shape["warmup"])
   # ids < 50256 (50256 is GPT-2's <|endoftext|>, used as EOS by both sides)
-  return (rng.integers(0, 50256, (n, p)), rng.integers(0, 50256, (n, c)),
-          rng.integers(0, 50256, (n, c)))
+  return (rng.integers(0, 50256, (n, p)), rng.integers(0, 50256,
+                                                       (n, c)), rng.integers(0, 50256, (n, c)))
 
 
 def bench_jax(shape: dict) -> dict:
@@ -65,13 +66,15 @@ def bench_jax(shape: dict) -> dict:
   t = p + c
   config = models.get_model_config("gpt2")
   model = models.Transformer(config)
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1),
+                            devices=jax.devices()[:1])
   dummy = jnp.ones((1, 8), jnp.int32)
-  params = parallel.create_sharded(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy), mesh)["params"]
+  params = parallel.create_sharded(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy),
+                                   mesh)["params"]
   ref_params = jax.tree.map(jnp.copy, params)
   optimizer, schedule = train.make_optimizer(
-      train.OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=1.0),
-      shape["steps"] + shape["warmup"])
+      train.OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                        clip_norm=1.0), shape["steps"] + shape["warmup"])
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), mesh)
   loss_fn = dpo.make_loss_fn(model, dpo.DPOLossConfig(beta=0.1, loss_type="sigmoid"))
   step_fn = train.guard_step(train.make_train_step(loss_fn, optimizer, schedule))
@@ -81,11 +84,14 @@ def bench_jax(shape: dict) -> dict:
   def batch_at(i):
     """The collator's pairwise layout: pair j's chosen in row 2j, its rejected in row 2j+1."""
     sl = slice(i * b, (i + 1) * b)
-    pair_rows = np.stack([np.concatenate([prompts[sl], chosen[sl]], 1),
-                          np.concatenate([prompts[sl], rejected[sl]], 1)], axis=1)  # [B, 2, T]
-    loss_mask = np.concatenate([np.zeros((2 * b, p), np.int32), np.ones((2 * b, c), np.int32)], axis=1)
-    return {"tokens": pair_rows.reshape(2 * b, t).astype(np.int32), "mask": np.ones((2 * b, t), np.int32),
-            "loss_mask": loss_mask}
+    pair_rows = np.stack([
+        np.concatenate([prompts[sl], chosen[sl]], 1),
+        np.concatenate([prompts[sl], rejected[sl]], 1)], axis=1)  # [B, 2, T]
+    loss_mask = np.concatenate([np.zeros(
+        (2 * b, p), np.int32), np.ones((2 * b, c), np.int32)], axis=1)
+    return {
+        "tokens": pair_rows.reshape(2 * b, t).astype(np.int32), "mask": np.ones(
+            (2 * b, t), np.int32), "loss_mask": loss_mask}
 
   with parallel.use_mesh(mesh):
     jitted = train.jit_train_step(step_fn, state, mesh)
@@ -105,10 +111,11 @@ def bench_jax(shape: dict) -> dict:
     jax.block_until_ready(metrics)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
   tokens = 2 * b * t * shape["steps"]
-  return {"framework": f"rlhf_jax (jax {jax.__version__})", "tokens_per_s": tokens / seconds,
-          "tokens_per_cpu_s": tokens / cpu, "cpu_seconds_per_step": cpu / shape["steps"],
-          "seconds_per_step": seconds / shape["steps"], "warmup_seconds": warm,
-          "final_loss": float(metrics["loss"]), "params": config.num_params()}
+  return {
+      "framework": f"rlhf_jax (jax {jax.__version__})", "tokens_per_s": tokens / seconds,
+      "tokens_per_cpu_s": tokens / cpu, "cpu_seconds_per_step": cpu / shape["steps"],
+      "seconds_per_step": seconds / shape["steps"], "warmup_seconds": warm,
+      "final_loss": float(metrics["loss"]), "params": config.num_params()}
 
 
 def _word_tokenizer(tmpdir: str):
@@ -134,42 +141,45 @@ def bench_trl(shape: dict) -> dict:
   prompts, chosen, rejected = _token_ids(shape)
   text = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
   # TRL appends EOS to each completion: give it C - 1 tokens so both sides train on C.
-  data = Dataset.from_dict({"prompt": [text(x) + " " for x in prompts],
-                            "chosen": [text(x[:c - 1]) for x in chosen],
-                            "rejected": [text(x[:c - 1]) for x in rejected]})
+  data = Dataset.from_dict({
+      "prompt": [text(x) + " " for x in prompts], "chosen": [text(x[:c - 1]) for x in chosen],
+      "rejected": [text(x[:c - 1]) for x in rejected]})
   torch.manual_seed(0)
   model = GPT2LMHeadModel(GPT2Config())
   ref_model = copy.deepcopy(model).eval()  # the same frozen weights as the start, like the JAX side
   times, cpu_times = [], []
 
   class Timer(TrainerCallback):
+
     def on_step_end(self, args, state, control, **kwargs):
       times.append(time.perf_counter())
       cpu_times.append(time.process_time())
 
   with tempfile.TemporaryDirectory() as tmpdir:
     tokenizer = _word_tokenizer(tmpdir)
-    config = trl.DPOConfig(
-        output_dir=tmpdir, per_device_train_batch_size=b, max_steps=shape["steps"] + shape["warmup"],
-        learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"], logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
-        max_length=p + c, gradient_checkpointing=False, seed=0, disable_tqdm=True)
-    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[Timer()])
+    config = trl.DPOConfig(output_dir=tmpdir, per_device_train_batch_size=b,
+                           max_steps=shape["steps"] + shape["warmup"], learning_rate=1e-6,
+                           lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                           max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"], logging_steps=1,
+                           report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
+                           dataloader_num_workers=0, max_length=p + c, gradient_checkpointing=False,
+                           seed=0, disable_tqdm=True)
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=data,
+                             processing_class=tokenizer, callbacks=[Timer()])
     start = time.perf_counter()
     trainer.train()
   warm = times[shape["warmup"] - 1] - start
   seconds = times[-1] - times[shape["warmup"] - 1]
   cpu = cpu_times[-1] - cpu_times[shape["warmup"] - 1]
   tokens = 2 * b * (p + c) * shape["steps"]
-  return {"framework": f"TRL {trl.__version__} DPOTrainer (torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} threads)",
-          "tokens_per_s": tokens / seconds, "seconds_per_step": seconds / shape["steps"],
-          "tokens_per_cpu_s": tokens / cpu, "cpu_seconds_per_step": cpu / shape["steps"],
-          "warmup_seconds": warm, "final_loss": float(trainer.state.log_history[-2].get("loss", "nan"))
-          if len(trainer.state.log_history) > 1 else float("nan"),
-          "params": sum(x.numel() for x in model.parameters())}
+  return {
+      "framework": f"TRL {trl.__version__} DPOTrainer (torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads)", "tokens_per_s": tokens / seconds,
+      "seconds_per_step": seconds / shape["steps"], "tokens_per_cpu_s": tokens / cpu,
+      "cpu_seconds_per_step": cpu / shape["steps"], "warmup_seconds": warm,
+      "final_loss": float(trainer.state.log_history[-2].get("loss", "nan"))
+                    if len(trainer.state.log_history) > 1 else float("nan"),
+      "params": sum(x.numel() for x in model.parameters())}
 
 
 def _trl_importable() -> bool:
@@ -183,16 +193,18 @@ def _trl_importable() -> bool:
 def check_trl_side(trl_python: str) -> None:
   """Fails before any timing when neither this interpreter nor ``--trl_python`` can run TRL."""
   if not _trl_importable() and not os.access(trl_python, os.X_OK):
-    raise SystemExit(f"trl is not importable here and --trl_python={trl_python} is not a Python "
-                     "executable; make it with: python -m venv --system-site-packages /tmp/trl_venv && "
-                     "/tmp/trl_venv/bin/pip install trl \"torch==2.13.0\"  (or pass --skip_trl)")
+    raise SystemExit(
+        f"trl is not importable here and --trl_python={trl_python} is not a Python "
+        "executable; make it with: python -m venv --system-site-packages /tmp/trl_venv && "
+        "/tmp/trl_venv/bin/pip install trl \"torch==2.13.0\"  (or pass --skip_trl)")
 
 
 def run_trl(shape: dict, trl_python: str) -> dict:
   if _trl_importable():
     return bench_trl(shape)
-  out = subprocess.run([trl_python, os.path.abspath(__file__), "--_trl_child", json.dumps(shape)],
-                       capture_output=True, text=True, cwd=REPO)
+  out = subprocess.run(
+      [trl_python, os.path.abspath(__file__), "--_trl_child",
+       json.dumps(shape)], capture_output=True, text=True, cwd=REPO)
   if out.returncode:
     raise SystemExit(f"TRL subprocess failed ({out.returncode}):\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -216,16 +228,18 @@ def main(argv=None) -> dict:
   if not args.skip_trl:
     check_trl_side(args.trl_python)
   shape = _shapes(args)
-  print(f"shapes: {shape} -> {2 * shape['batch'] * (shape['prompt'] + shape['completion'])} "
-        "tokens/step", flush=True)
+  print(
+      f"shapes: {shape} -> {2 * shape['batch'] * (shape['prompt'] + shape['completion'])} "
+      "tokens/step", flush=True)
   results = {"shape": shape, "jax": bench_jax(shape)}
   print(json.dumps(results["jax"]), flush=True)
   if not args.skip_trl:
     results["trl"] = run_trl(shape, args.trl_python)
     print(json.dumps(results["trl"]), flush=True)
     results["speedup"] = results["jax"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-  print("| framework | tokens/s (wall) | s/step | tokens per CPU-s | CPU-s/step | warm-up s |\n"
-        "| --- | --- | --- | --- | --- | --- |", flush=True)
+  print(
+      "| framework | tokens/s (wall) | s/step | tokens per CPU-s | CPU-s/step | warm-up s |\n"
+      "| --- | --- | --- | --- | --- | --- |", flush=True)
   for key in ("jax", "trl"):
     if key in results:
       r = results[key]
@@ -234,8 +248,9 @@ def main(argv=None) -> dict:
             f"{r['warmup_seconds']:.1f} |")
   if "speedup" in results:
     results["cpu_speedup"] = results["jax"]["tokens_per_cpu_s"] / results["trl"]["tokens_per_cpu_s"]
-    print(f"speedup (rlhf_jax / TRL): {results['speedup']:.2f}x wall tokens/s, "
-          f"{results['cpu_speedup']:.2f}x tokens per CPU-second", flush=True)
+    print(
+        f"speedup (rlhf_jax / TRL): {results['speedup']:.2f}x wall tokens/s, "
+        f"{results['cpu_speedup']:.2f}x tokens per CPU-second", flush=True)
   return results
 
 

@@ -35,8 +35,9 @@ _TRL = flags.DEFINE_string("trl_python", "/tmp/venv_trl_cur/bin/python",
                            "Python of the virtualenv with the current trl (GRPOTrainer).")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for torch (and XLA's intra-op pool).")
 _SKIP = flags.DEFINE_list("skip", [], "Sides to skip: jax_ppo, trl_ppo, jax_grpo, trl_grpo.")
-_ITERS = flags.DEFINE_integer("iterations", 4, "Iterations per side (the first is warm-up / "
-                              "compilation; the median of the rest is reported).")
+_ITERS = flags.DEFINE_integer(
+    "iterations", 4, "Iterations per side (the first is warm-up / "
+    "compilation; the median of the rest is reported).")
 
 # The shared workload. B prompts, G samples each (GRPO), P prompt tokens, R new tokens.
 SHAPES = dict(prompts=8, prompt_len=32, response_len=32, epochs=1, minibatches=2, group=4,
@@ -80,7 +81,8 @@ def _jax_side(algorithm: str, n_layer: int, iterations: int) -> dict:
   state_params = {"policy": params}
   if value_model is not None:
     state_params["value"] = jax.device_put(
-        models.with_backbone(nn.meta.unbox(value_model.init(key, dummy, dummy))["params"], params), dev)
+        models.with_backbone(nn.meta.unbox(value_model.init(key, dummy, dummy))["params"], params),
+        dev)
     state_params["value"] = jax.tree.map(jnp.copy, state_params["value"])
   total = iterations * cfg.updates_per_iteration
   optimizer, _ = train.make_optimizer(optim, total)
@@ -103,19 +105,20 @@ def _jax_side(algorithm: str, n_layer: int, iterations: int) -> dict:
     tokens, mask, _ = out.full_sequences()
     jax.block_until_ready(tokens)
     t.append(time.perf_counter())
-    scores, _ = jax.block_until_ready(score_fn(rm_params, mean, std, tokens, mask,
-                                               out.response_mask_BxR))
+    scores, _ = jax.block_until_ready(
+        score_fn(rm_params, mean, std, tokens, mask, out.response_mask_BxR))
     t.append(time.perf_counter())
-    old, ref, values, _ = jax.block_until_ready(logprob_fn(
-        state.params["policy"], ref_params, state.params.get("value"), tokens, mask))
-    adv, ret, _ = jax.block_until_ready(adv_fn(scores, old, ref, values, out.response_mask_BxR,
-                                               state.kl_coef))
+    old, ref, values, _ = jax.block_until_ready(
+        logprob_fn(state.params["policy"], ref_params, state.params.get("value"), tokens, mask))
+    adv, ret, _ = jax.block_until_ready(
+        adv_fn(scores, old, ref, values, out.response_mask_BxR, state.kl_coef))
     t.append(time.perf_counter())
     ro = rollout.Rollout(tokens, mask, out.response_mask_BxR, old, ref, values, adv, ret)
     state, metrics = update_fn(state, ro)
     jax.block_until_ready(metrics)
     t.append(time.perf_counter())
-    phases = dict(zip(("generation", "scoring", "logprobs", "update"), [b - a for a, b in zip(t, t[1:])]))
+    phases = dict(
+        zip(("generation", "scoring", "logprobs", "update"), [b - a for a, b in zip(t, t[1:])]))
     return state, phases
 
   t0 = time.perf_counter()
@@ -126,9 +129,10 @@ def _jax_side(algorithm: str, n_layer: int, iterations: int) -> dict:
     state, phases = iteration(state, i)
     rows.append(dict(phases, total=sum(phases.values())))
   best = _median(rows)
-  return {"phases": {k: v for k, v in best.items() if k != "total"}, "total_s": best["total"],
-          "totals": [r["total"] for r in rows], "compile_s": compile_s,
-          "rows": b * g, "params_M": mcfg.num_params() / 1e6}
+  return {
+      "phases": {k: v for k, v in best.items() if k != "total"}, "total_s": best["total"],
+      "totals": [r["total"] for r in rows], "compile_s": compile_s, "rows": b * g,
+      "params_M": mcfg.num_params() / 1e6}
 
 
 _TRL_COMMON = r'''
@@ -240,9 +244,11 @@ def _run_trl(python: str, script: str, threads: int, n_layer: int, iterations: i
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(script)
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.run([python, f.name, json.dumps(SHAPES), str(threads), str(n_layer),
-                         str(iterations)],
-                        capture_output=True, text=True, env=env, timeout=3000)
+  proc = subprocess.run([
+      python, f.name,
+      json.dumps(SHAPES),
+      str(threads), str(n_layer),
+      str(iterations)], capture_output=True, text=True, env=env, timeout=3000)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
     return {"error": (proc.stderr or proc.stdout)[-3000:]}
@@ -254,8 +260,9 @@ def _trl_ppo_steady(r: dict) -> dict:
   rows = []
   for it, ph in list(zip(r["iteration_s"], r["phases"]))[1:]:
     gen, score, logp = ph.get("generation", 0.0), ph.get("scoring", 0.0), ph.get("logprobs", 0.0)
-    rows.append({"generation": gen, "scoring": score, "logprobs": logp,
-                 "update": it - gen - score - logp, "total": it})
+    rows.append({
+        "generation": gen, "scoring": score, "logprobs": logp, "update": it - gen - score - logp,
+        "total": it})
   return dict(_median(rows), totals=[row["total"] for row in rows])
 
 
@@ -271,8 +278,9 @@ def _trl_grpo_steady(r: dict) -> dict:
     total = sum(its)
     gen = sum(p.get("_generate", 0.0) for p in phs)
     score = sum(p.get("_calculate_rewards", 0.0) for p in phs)
-    rows.append({"generation": gen, "scoring": score, "logprobs+update": total - gen - score,
-                 "total": total})
+    rows.append({
+        "generation": gen, "scoring": score, "logprobs+update": total - gen - score,
+        "total": total})
   return dict(_median(rows), totals=[row["total"] for row in rows])
 
 
@@ -296,8 +304,8 @@ def format_table(summary: dict) -> str:
   lines = []
   for name, row in summary.items():
     if isinstance(row, dict):
-      lines.append(f"{name:9s} " + "  ".join(f"{k} {v:8.2f}s" for k, v in row.items()
-                                             if not isinstance(v, list)))
+      lines.append(f"{name:9s} " +
+                   "  ".join(f"{k} {v:8.2f}s" for k, v in row.items() if not isinstance(v, list)))
     else:
       lines.append(f"{name}: {row:.2f}x")
   return "\n".join(lines)
@@ -314,8 +322,9 @@ def main(argv):
       raise app.UsageError(
           f"--{flag.name}={flag.value}: no such Python executable; create that virtualenv (commands in "
           f"BUILD_NOTES.md, 'Benchmark: experiments/bench_ppo.py vs TRL') or add {side} to --skip")
-  results = {"shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value, "iterations": iters,
-             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  results = {
+      "shapes": SHAPES, "n_layer": n_layer, "threads": _THREADS.value, "iterations": iters,
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   sides = [("jax_ppo", lambda: _jax_side("ppo", n_layer, iters)),
            ("trl_ppo", lambda: _run_trl(_TRL019.value, _TRL_PPO, _THREADS.value, n_layer, iters)),
            ("jax_grpo", lambda: _jax_side("grpo", n_layer, iters)),

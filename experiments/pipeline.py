@@ -35,8 +35,8 @@ from rlhf_jax.eval import frontier
 logger = logging.getLogger("pipeline")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                           "pipeline_synthetic.py"),
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_synthetic.py"),
     "Pipeline config (default: experiments/configs/pipeline_synthetic.py).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/pipeline", "Root folder of every stage's run.")
 
@@ -83,8 +83,9 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
     with open(final_path) as f:
       final = json.load(f)
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    return {**final, "_status": "reused", "_seconds": times.get("seconds"),
-            "_cpu_seconds": times.get("cpu_seconds")}
+    return {
+        **final, "_status": "reused", "_seconds": times.get("seconds"),
+        "_cpu_seconds": times.get("cpu_seconds")}
   logger.info("%s: running in %s (pipeline time so far %s)", banner, workdir,
               _fmt(time.time() - start))
   _link(name, cfg, root)
@@ -143,41 +144,45 @@ def summarize(results: dict, root: str, total_seconds: float, command: str,
     if isinstance(results.get(name, {}).get("sft_gold_reward"), float):
       baseline = results[name]["sft_gold_reward"]
       break
-  rows = [{"method": "sft", "gold_reward": baseline, "gold_gain_vs_sft": 0.0 if baseline is not None
-           else None, "kl_to_sft": 0.0, "steps": sft_final.get("step"),
-           "stage_seconds": sft_final.get("_seconds"),
-           "stage_cpu_seconds": sft_final.get("_cpu_seconds"), "status": sft_final.get("_status")}]
+  rows = [{
+      "method": "sft", "gold_reward": baseline,
+      "gold_gain_vs_sft": 0.0 if baseline is not None else None, "kl_to_sft": 0.0,
+      "steps": sft_final.get("step"), "stage_seconds": sft_final.get("_seconds"),
+      "stage_cpu_seconds": sft_final.get("_cpu_seconds"), "status": sft_final.get("_status")}]
   rm_final = results.get("rm")
   if rm_final is not None:
-    rows.append({"method": "reward model", "steps": rm_final.get("step"),
-                 "stage_seconds": rm_final.get("_seconds"),
-                 "stage_cpu_seconds": rm_final.get("_cpu_seconds"), "status": rm_final.get("_status")})
+    rows.append({
+        "method": "reward model", "steps": rm_final.get("step"),
+        "stage_seconds": rm_final.get("_seconds"),
+        "stage_cpu_seconds": rm_final.get("_cpu_seconds"), "status": rm_final.get("_status")})
   curves, points = {}, []
   for name in policy_stages:
     final = results[name]
     label = final.get("method", name) if name != "ipo" else "ipo"
     gold = final.get("gold_reward")
-    row = {"method": label, "gold_reward": gold, "kl_to_sft": final.get("kl_to_sft"),
-           "win_rate_vs_sft": final.get("win_rate_vs_sft"), "rm_reward": final.get("rm_reward"),
-           "response_length": final.get("response_length"), "steps": final.get("step"),
-           "stage_seconds": final.get("_seconds"), "stage_cpu_seconds": final.get("_cpu_seconds"),
-           "status": final.get("_status")}
+    row = {
+        "method": label, "gold_reward": gold, "kl_to_sft": final.get("kl_to_sft"),
+        "win_rate_vs_sft": final.get("win_rate_vs_sft"), "rm_reward": final.get("rm_reward"),
+        "response_length": final.get("response_length"), "steps": final.get("step"),
+        "stage_seconds": final.get("_seconds"), "stage_cpu_seconds": final.get("_cpu_seconds"),
+        "status": final.get("_status")}
     if isinstance(gold, float) and baseline is not None:
       row["gold_gain_vs_sft"] = gold - baseline
     rows.append(row)
     if isinstance(gold, float):
       points.append({"label": label, "kl_to_sft": final.get("kl_to_sft"), "gold_reward": gold})
     if name == "best_of_n" and final.get("curve"):
-      curves["best-of-n (analytic KL)"] = [(r["kl_to_sft"], r["gold_reward"]) for r in final["curve"]]
+      curves["best-of-n (analytic KL)"] = [
+          (r["kl_to_sft"], r["gold_reward"]) for r in final["curve"]]
     elif name != "best_of_n":
       curve = _eval_curve(os.path.join(root, name))
       if len(curve) > 1:
         curves[f"{label} (evals)"] = [(0.0, baseline)] + curve if baseline is not None else curve
   preamble = (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
               f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-              f"Pipeline wall time (this invocation): {_fmt(total_seconds)}"
-              + (f", CPU time {_fmt(total_cpu_seconds)}" if total_cpu_seconds is not None else "")
-              + f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
+              f"Pipeline wall time (this invocation): {_fmt(total_seconds)}" +
+              (f", CPU time {_fmt(total_cpu_seconds)}" if total_cpu_seconds is not None else "") +
+              f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
               "gold_reward: mean exact gold reward of one sample per held-out prompt; kl_to_sft: "
               "sampled KL(π ‖ π_SFT) per response (best-of-n: log n - (n-1)/n); win rate vs the "
               "SFT model's sample under the gold reward (ties half).")
@@ -199,7 +204,8 @@ def run_pipeline(config, root: str, command: str = "") -> dict:
     if name in REQUIRED_STAGES and results[name]["_status"].startswith("failed"):
       logger.error("stage %s failed; the later stages need it, stopping", name)
       break
-  table = summarize(results, root, time.time() - start, command or " ".join(sys.argv),
+  table = summarize(results, root,
+                    time.time() - start, command or " ".join(sys.argv),
                     time.process_time() - cpu_start)
   logger.info("pipeline finished in %s; results in %s\n%s", _fmt(time.time() - start),
               os.path.join(root, "results.md"), table)

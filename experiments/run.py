@@ -32,8 +32,9 @@ from rlhf_jax.algorithms import registry
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/configs/<name>.py[:<arg>]); its `method` "
     "key names the method.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, "
-                               "final_metrics.json; rerunning resumes it.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: config, checkpoints, metrics, "
+    "final_metrics.json; rerunning resumes it.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a config / input error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -61,8 +62,8 @@ def _summary(result) -> str:
 
 
 def _debugging(argv) -> bool:
-  return any(a in ("--debug", "--debug=true", "--debug=True") or a.startswith("--verbosity=")
-             and a.split("=", 1)[1] not in ("0", "-1") for a in argv)
+  return any(a in ("--debug", "--debug=true", "--debug=True") or
+             a.startswith("--verbosity=") and a.split("=", 1)[1] not in ("0", "-1") for a in argv)
 
 
 def _short(err: BaseException) -> str:
@@ -84,8 +85,9 @@ def parse_flags(argv):
     what = _short(err)
     if isinstance(err, (KeyError, AttributeError)):  # an override of a key the config lacks
       what = f"no config key {what} (check the --config.<section>.<key>=<value> overrides)"
-    print(f"{argv[0]}: flag error: {what}\n(--helpshort lists the flags; --debug shows the "
-          "traceback)", file=sys.stderr)
+    print(
+        f"{argv[0]}: flag error: {what}\n(--helpshort lists the flags; --debug shows the "
+        "traceback)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -98,8 +98,8 @@ def _last_line(path: str) -> str:
   return lines[-1][:160] if lines else ""
 
 
-def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]], fixed: dict[str, str],
-              sweep_dir: str, parallel: int = 1, log=print) -> list[dict]:
+def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
+              fixed: dict[str, str], sweep_dir: str, parallel: int = 1, log=print) -> list[dict]:
   """Runs (or skips) every grid point and returns one row per run (see :func:`write_results`)."""
   if parallel < 1:
     raise ValueError(f"--parallel={parallel}; allowed: an int >= 1")
@@ -124,8 +124,9 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]], 
     log(f"sweep: start {name}")
     rc, seconds = launch(launcher, config, workdir, point, fixed)
     ok = rc == 0 and os.path.exists(os.path.join(workdir, FINAL))
-    status = "ok" if ok else (f"failed (exit {rc}): {_last_line(os.path.join(workdir, 'sweep.log'))}"
-                              if rc else "failed: exited 0 without final_metrics.json")
+    status = "ok" if ok else (
+        f"failed (exit {rc}): {_last_line(os.path.join(workdir, 'sweep.log'))}"
+        if rc else "failed: exited 0 without final_metrics.json")
     log(f"sweep: {'done' if ok else 'FAILED'} {name} in {seconds:.0f}s")
     return name, {"status": status, "seconds": round(seconds, 1)}
 
@@ -139,8 +140,8 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]], 
     if os.path.exists(final_path):
       with open(final_path) as f:
         final = json.load(f)
-      row.update({k: v for k, v in final.items() if isinstance(v, (int, float, str))
-                  and k not in row})
+      row.update({
+          k: v for k, v in final.items() if isinstance(v, (int, float, str)) and k not in row})
     out.append(row)
   return out
 
@@ -153,8 +154,10 @@ def write_results(rows: list[dict], grid_keys: Sequence[str], sweep_dir: str, co
   table = frontier.write_table(
       rows, columns, csv_path=os.path.join(sweep_dir, "results.csv"),
       md_path=os.path.join(sweep_dir, "results.md"), title="Sweep results",
-      preamble=f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-  sft = next((r["sft_gold_reward"] for r in rows if isinstance(r.get("sft_gold_reward"), float)), None)
+      preamble=f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+  )
+  sft = next((r["sft_gold_reward"] for r in rows if isinstance(r.get("sft_gold_reward"), float)),
+             None)
   frontier.plot_frontier([{**r, "label": r["run"]} for r in rows],
                          os.path.join(sweep_dir, "frontier.png"), sft_gold=sft,
                          title="Sweep: gold reward vs KL to SFT")

@@ -18,19 +18,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "experiments", "configs")
 
 SFT_OVERRIDES = {
-    "model.preset": "tiny", "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
-    "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
-    "eval.num_sample_prompts": 4, "eval.print_samples": 0, "loop.num_steps": 6, "loop.log_every": 3,
-    "loop.eval_every": 0, "loop.checkpoint_every": 6, "loop.progress_every_secs": 0.0,
-    "optim.warmup_steps": 1,
-}
+    "model.preset": "tiny",
+    "data.synthetic_num_prompts": 96,
+    "data.synthetic_num_test_prompts": 16,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 16,
+    "limits.buckets": (80,),
+    "eval.num_sample_prompts": 4,
+    "eval.print_samples": 0,
+    "loop.num_steps": 6,
+    "loop.log_every": 3,
+    "loop.eval_every": 0,
+    "loop.checkpoint_every": 6,
+    "loop.progress_every_secs": 0.0,
+    "optim.warmup_steps": 1,}
 
 # Loop / eval / data settings shared by every tiny offline run.
 TINY_RUN = {
-    "loop.num_steps": 4, "loop.log_every": 2, "loop.eval_every": 0, "loop.checkpoint_every": 2,
-    "loop.progress_every_secs": 0.0, "optim.warmup_steps": 1,
-    "eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0,
-}
+    "loop.num_steps": 4,
+    "loop.log_every": 2,
+    "loop.eval_every": 0,
+    "loop.checkpoint_every": 2,
+    "loop.progress_every_secs": 0.0,
+    "optim.warmup_steps": 1,
+    "eval.num_prompts": 4,
+    "eval.max_new_tokens": 8,
+    "eval.print_samples": 0,}
 
 
 def load_config(name: str, *args) -> ml_collections.ConfigDict:
@@ -81,9 +94,10 @@ def tiny_rm_workdir(tmp_path_factory, sft_workdir: str) -> str:
   dummy = jnp.ones((1, 8), jnp.int32)
   head = meta.unbox(rm.init(jax.random.PRNGKey(7), dummy, dummy))["params"]
   params = models.with_backbone(head, ckpt.params)
-  info = scoring.RewardModelInfo(
-      model=dataclasses.asdict(ckpt.model_config), output_names=("reward",), tokenizer_spec="byte",
-      tokenizer_fingerprint=ckpt.tokenizer.fingerprint(), max_prompt_len=32, max_response_len=48,
-      mean=(0.0,), std=(1.0,), objective="untrained-test-head")
+  info = scoring.RewardModelInfo(model=dataclasses.asdict(ckpt.model_config),
+                                 output_names=("reward",), tokenizer_spec="byte",
+                                 tokenizer_fingerprint=ckpt.tokenizer.fingerprint(),
+                                 max_prompt_len=32, max_response_len=48, mean=(0.0,), std=(1.0,),
+                                 objective="untrained-test-head")
   scoring.save_reward_model(workdir, params, info)
   return workdir

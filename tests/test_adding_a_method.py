@@ -48,7 +48,7 @@ def test_loss_by_hand_numpy_and_gradient(example):
   per, metrics = example.sqhinge_loss(pc, pr, rc, rr, beta=0.5)
   np.testing.assert_allclose(per, [0.25, 2.25], rtol=1e-6)
   margin = 0.5 * ((np.asarray(pc) - rc) - (np.asarray(pr) - rr))
-  np.testing.assert_allclose(per, np.maximum(0.0, 1.0 - margin) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(per, np.maximum(0.0, 1.0 - margin)**2, rtol=1e-6)
   assert float(metrics["rewards/accuracies"]) == 0.5
   grad = jax.grad(lambda x: example.sqhinge_loss(x, pr, rc, rr, beta=0.5)[0].sum())(pc)
   np.testing.assert_allclose(grad, -2 * 0.5 * np.maximum(0.0, 1.0 - margin), rtol=1e-6)
@@ -65,9 +65,10 @@ def test_new_method_trains_through_the_registry(example, tmp_path_factory, monke
   config = load_config("dpo_synthetic")
   config.method = "sqhinge"
   config.loss = config_dicts.dataclass_section(example.SqHingeConfig, beta=0.1)
-  config = override(config, {**TINY_RUN, "data.batch_size": 8, "limits.buckets": (80,),
-                             "data.num_eval_pairs": 8, "sources.sft_workdir": sft_dir,
-                             "optim.lr": 1e-3})
+  config = override(
+      config, {
+          **TINY_RUN, "data.batch_size": 8, "limits.buckets":
+              (80,), "data.num_eval_pairs": 8, "sources.sft_workdir": sft_dir, "optim.lr": 1e-3})
   workdir = str(tmp_path_factory.mktemp("sqhinge"))
   final = registry.run(config.method, config, workdir)
   stored = json.load(open(os.path.join(workdir, train.FINAL_METRICS_FILE)))

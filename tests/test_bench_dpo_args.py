@@ -10,7 +10,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench_dpo():
-  spec = importlib.util.spec_from_file_location("bench_dpo", os.path.join(REPO, "experiments", "bench_dpo.py"))
+  spec = importlib.util.spec_from_file_location("bench_dpo",
+                                                os.path.join(REPO, "experiments", "bench_dpo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

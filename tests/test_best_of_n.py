@@ -20,7 +20,8 @@ def test_rows_select_by_reward_model_and_report_analytic_kl():
   assert one["kl_to_sft"] == 0.0 and one["gold_reward"] == pytest.approx(0.5)
   assert two["gold_reward"] == pytest.approx((-1.0 + 0.0) / 2)  # RM picks col 1 and col 0
   assert two["kl_to_sft"] == pytest.approx(math.log(2) - 0.5)
-  assert four["gold_reward"] == pytest.approx((0.2 + 0.0) / 2) and four["response_length"] == 4.5  # lengths 8 and 1
+  assert four["gold_reward"] == pytest.approx(
+      (0.2 + 0.0) / 2) and four["response_length"] == 4.5  # lengths 8 and 1
   assert four["oracle_gold_reward"] == pytest.approx((1.0 + 1.3) / 2)
   assert two["win_rate_vs_sft"] == pytest.approx(0.25)  # a loss and a tie
   with pytest.raises(ValueError, match="BestOfNConfig.ns"):
@@ -33,9 +34,10 @@ def test_rows_select_by_reward_model_and_report_analytic_kl():
 def test_tiny_run_writes_curve_and_final_metrics(tmp_path_factory, tmp_path):
   sft_dir = tiny_sft_workdir(tmp_path_factory)
   rm_dir = tiny_rm_workdir(tmp_path_factory, sft_dir)
-  config = override(load_config("best_of_n_synthetic"), {
-      "sources.sft_workdir": sft_dir, "sources.reward_model_workdir": rm_dir, "bon.ns": (1, 2, 4),
-      "eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0})
+  config = override(
+      load_config("best_of_n_synthetic"), {
+          "sources.sft_workdir": sft_dir, "sources.reward_model_workdir": rm_dir, "bon.ns":
+              (1, 2, 4), "eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0})
   final = best_of_n.train_and_evaluate(config, str(tmp_path))
   assert final["method"] == "best_of_4" and final["n"] == 4.0
   assert final["kl_to_sft"] == pytest.approx(math.log(4) - 0.75)

@@ -60,7 +60,8 @@ def test_precomputed_reference_matches_on_the_fly_and_nan_guard_keeps_checkpoint
     on_the_fly_run, sft_dir, tmp_path):
   fly_dir, _ = on_the_fly_run
   workdir = str(tmp_path)
-  config = dpo_config(sft_dir, **{"loss.reference_logps": "precomputed", "loop.stop_after_steps": 2})
+  config = dpo_config(sft_dir,
+                      **{"loss.reference_logps": "precomputed", "loop.stop_after_steps": 2})
   first = dpo.train_and_evaluate(config, workdir)
   assert first["preempted"] and first["step"] == 2
   table_path = os.path.join(workdir, "data", pairwise_shell.REF_LOGPS_FILE)
@@ -91,6 +92,7 @@ def test_reference_with_other_config_or_tokenizer_is_refused(sft_dir, tmp_path):
   byte = tok_lib.ByteTokenizer()
 
   class OtherTokenizer(tok_lib.ByteTokenizer):
+
     def fingerprint(self):
       return "other-fingerprint"
 
@@ -117,8 +119,9 @@ def _hand_batch():
   tokens = rng.integers(3, 259, size=(4, 12)).astype(np.int32)
   loss_mask = np.zeros((4, 12), np.int32)
   loss_mask[:, 6:] = 1
-  return {"tokens": tokens, "mask": np.ones((4, 12), np.int32), "loss_mask": loss_mask,
-          "valid": np.ones(2, np.int32), "index": np.arange(2, dtype=np.int32)}
+  return {
+      "tokens": tokens, "mask": np.ones((4, 12), np.int32), "loss_mask": loss_mask,
+      "valid": np.ones(2, np.int32), "index": np.arange(2, dtype=np.int32)}
 
 
 def _tiny(dropout_rate=0.0):
@@ -136,8 +139,12 @@ def test_loss_fn_one_forward_matches_separate_forwards(method, extra):
   if cfg.uses_reference:
     batch["ref_logps"] = jnp.array([-40.0, -38.0, -35.0, -36.0])  # (c0, r0, c1, r1)
   loss, metrics = dpo.make_loss_fn(model, cfg)(params, batch, jax.random.PRNGKey(1))
-  row = lambda rows: models.sequence_logprobs(model, params, batch["tokens"][rows],  # noqa: E731
-                                              batch["mask"][rows], batch["loss_mask"][rows]).sum(-1)
+  row = lambda rows: models.sequence_logprobs(
+      model,
+      params,
+      batch["tokens"][rows],  # noqa: E731
+      batch["mask"][rows],
+      batch["loss_mask"][rows]).sum(-1)
   n = jnp.full((2,), 6.0)
   ref_c, ref_r = (jnp.array([-40.0, -35.0]), jnp.array([-38.0, -36.0])) if cfg.uses_reference \
       else (None, None)
@@ -193,7 +200,8 @@ def test_loss_config_errors_name_the_field():
     dpo.DPOLossConfig(reference_logps="cached")
   with pytest.raises(ValueError, match="loss_weights"):
     dpo.DPOLossConfig(loss_type="sigmoid,ipo", loss_weights=(1.0,))
-  assert dpo.DPOLossConfig(loss_type="sigmoid,bco_pair", sft_weight=1.0).label == "dpo:sigmoid+bco_pair+rpo"
+  assert dpo.DPOLossConfig(loss_type="sigmoid,bco_pair",
+                           sft_weight=1.0).label == "dpo:sigmoid+bco_pair+rpo"
 
 
 def test_precomputed_reference_table_is_keyed_on_the_reference_run_and_its_step(sft_dir, tmp_path):
@@ -208,14 +216,15 @@ def test_precomputed_reference_table_is_keyed_on_the_reference_run_and_its_step(
   assert (own.sft_step, own.ref_step, own.ref_workdir) == (6, 6, os.path.abspath(sft_dir))
   assert (other.sft_step, other.ref_step, other.ref_workdir) == (6, 9, os.path.abspath(ref_dir))
   pairs = os.path.join(sft_dir, "data", "synthetic", "pairwise_test.jsonl")
-  ds = ds_lib.prepare_dataset(pairs, "pairwise", own.tokenizer, str(tmp_path / "ds"), max_prompt_len=32,
-                              max_response_len=48, drop_uninformative=True)
+  ds = ds_lib.prepare_dataset(pairs, "pairwise", own.tokenizer, str(tmp_path / "ds"),
+                              max_prompt_len=32, max_response_len=48, drop_uninformative=True)
   key_own, key_other = (pairwise_shell.reference_cache_key(m, ds, seed=0) for m in (own, other))
   assert key_other["reference_run"] == os.path.abspath(ref_dir) and key_other["reference_step"] == 9
   assert key_own["reference_step"] == 6 and key_own != key_other
   later = pairwise_shell.reference_cache_key(other._replace(ref_step=12), ds, seed=0)
   assert later != key_other  # same reference folder, a newer checkpoint: another table
-  assert key_own["dataset"] == ds.metadata["settings"] and key_own["tokenizer"] == own.tokenizer.fingerprint()
+  assert key_own["dataset"] == ds.metadata["settings"] and key_own[
+      "tokenizer"] == own.tokenizer.fingerprint()
 
 
 def test_resolve_files_finds_or_generates_the_synthetic_task(sft_dir, tmp_path):
@@ -225,12 +234,14 @@ def test_resolve_files_finds_or_generates_the_synthetic_task(sft_dir, tmp_path):
   assert train_f == os.path.join(sft_dir, "data", "synthetic", "pairwise.jsonl")
   assert eval_f.endswith("pairwise_test.jsonl") and prompts.endswith("prompts_test.jsonl")
   # no SFT run (a fresh policy): the task is generated into the workdir, as config.data says
-  small = pairwise_shell.PairwiseData(synthetic_num_prompts=8, synthetic_num_test_prompts=4, synthetic_seed=3)
+  small = pairwise_shell.PairwiseData(synthetic_num_prompts=8, synthetic_num_test_prompts=4,
+                                      synthetic_seed=3)
   workdir = str(tmp_path / "fresh")
   train_f, _, _ = common.resolve_files(small, sections.Sources(), "ranked", workdir)
   assert train_f == os.path.join(workdir, "data", "synthetic", "ranked.jsonl")
   assert sum(1 for _ in open(train_f)) == 8
   with pytest.raises(ValueError, match="config.data.synthetic_dir='/nonexistent'"):
-    common.resolve_files(pairwise_shell.PairwiseData(synthetic_dir="/nonexistent"), sources, "pairwise", workdir)
+    common.resolve_files(pairwise_shell.PairwiseData(synthetic_dir="/nonexistent"), sources,
+                         "pairwise", workdir)
   with pytest.raises(ValueError, match="PairwiseData.num_eval_pairs=0"):
     pairwise_shell.PairwiseData(num_eval_pairs=0)

@@ -51,7 +51,8 @@ def test_policy_equal_to_reference_gives_zero_kl_and_half_win_rate(setup, tmp_pa
   assert metrics["win_rate_vs_sft"] == 0.5
   assert metrics["gold_reward"] == metrics["sft_gold_reward"]
   assert metrics["gold_reward_gain"] == 0.0
-  assert metrics["rm_reward"] == pytest.approx(1.5) and metrics["sft_rm_reward"] == pytest.approx(1.5)
+  assert metrics["rm_reward"] == pytest.approx(1.5) and metrics["sft_rm_reward"] == pytest.approx(
+      1.5)
   assert 1.0 <= metrics["response_length"] <= 8.0
   rows = [json.loads(line) for line in open(path)]
   assert len(rows) == 4 and rows[0]["step"] == 3 and {"gold", "rm", "kl"} <= set(rows[0])

@@ -47,7 +47,7 @@ def test_kendall_tau_b_hand_and_by_pairs():
 def test_pearson_spearman():
   x = np.array([1.0, 2.0, 3.0, 4.0])
   assert rk.pearson(x, 2 * x + 1) == pytest.approx(1.0)
-  assert rk.spearman(x, x ** 3) == pytest.approx(1.0)
+  assert rk.spearman(x, x**3) == pytest.approx(1.0)
   assert math.isnan(rk.pearson(x, np.ones(4))) and math.isnan(rk.spearman(np.ones(4), x))
   with pytest.raises(ValueError, match="equal-length"):
     rk.pearson(x, x[:3])

@@ -16,8 +16,8 @@ from rlhf_jax.algorithms import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "experiments", "configs")
-CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                      if os.path.basename(p) != "__init__.py")
+CONFIG_FILES = sorted(
+    p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if os.path.basename(p) != "__init__.py")
 RUN = os.path.join(os.path.dirname(CONFIG_DIR), "run.py")
 
 
@@ -58,8 +58,9 @@ def test_config_names_a_registered_method_and_documents_its_run_command(path):
   name = os.path.basename(path)
   launcher = "experiments/pipeline.py" if name.startswith("pipeline") else "experiments/run.py"
   assert f"python {launcher}" in text, f"{name}: no `python {launcher}` command in its docstring"
-  for old in re.findall(r"experiments/(sft|dpo|ppo|reward_model|raft|best_of_n|pro_rrhf|"
-                        r"iterated_rlhf)\.py", text):
+  for old in re.findall(
+      r"experiments/(sft|dpo|ppo|reward_model|raft|best_of_n|pro_rrhf|"
+      r"iterated_rlhf)\.py", text):
     pytest.fail(f"{name} still documents the removed launcher experiments/{old}.py")
 
 

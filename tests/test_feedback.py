@@ -47,7 +47,8 @@ def test_labels_are_drawn_from_the_probability_and_bad_inputs_are_refused():
     feedback.synthetic_annotator(1.0)(PROMPTS[:2], A[:1], B[:2])
   with pytest.raises(ValueError, match="AnnotatorConfig.kind='gpt' is invalid"):
     feedback.AnnotatorConfig(kind="gpt")
-  with pytest.raises(ValueError, match="reward_model_workdir='' is invalid with kind='reward_model'"):
+  with pytest.raises(ValueError,
+                     match="reward_model_workdir='' is invalid with kind='reward_model'"):
     feedback.AnnotatorConfig(kind="reward_model")
   assert feedback.make_label_fn(feedback.AnnotatorConfig(temperature=0.5))(
       PROMPTS, A, B).tolist() == feedback.synthetic_annotator(0.5)(PROMPTS, A, B).tolist()

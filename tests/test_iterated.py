@@ -54,10 +54,11 @@ def test_comparisons_are_labelled_by_the_injected_annotator():
 def test_rm_accuracy_counts_gold_order():
   m = tiny_models(CFG)
   # accuracy against the gold order: a pair and its swap average to exactly 1/2 (ties dropped)
-  pairs = [{"prompt": "name 2 fruits", "chosen": "apple, fig!!", "rejected": "gun",
-            "gold_chosen": 1.3, "gold_rejected": -1.0}]
-  swapped = [dict(pairs[0], chosen="gun", rejected="apple, fig!!", gold_chosen=-1.0,
-                  gold_rejected=1.3)]
+  pairs = [{
+      "prompt": "name 2 fruits", "chosen": "apple, fig!!", "rejected": "gun", "gold_chosen": 1.3,
+      "gold_rejected": -1.0}]
+  swapped = [
+      dict(pairs[0], chosen="gun", rejected="apple, fig!!", gold_chosen=-1.0, gold_rejected=1.3)]
   a = iterated.rm_gold_accuracy(m.reward, m.tokenizer, pairs)
   b = iterated.rm_gold_accuracy(m.reward, m.tokenizer, swapped)
   assert a in (0.0, 1.0) and a == b  # the same two scores, ordered the same way against gold
@@ -66,9 +67,10 @@ def test_rm_accuracy_counts_gold_order():
 
 
 def test_report_writes_table_and_plot(tmp_path):
-  table = [{"round": r, "num_comparisons": 100 * (r + 1), "gold_reward": 0.2 + 0.1 * r,
-            "sft_gold_reward": 0.1, "kl_to_sft": 1.0 + r, "rm_accuracy_on_own_policy": 0.7,
-            "rm_accuracy_on_new_policy": 0.6} for r in range(2)]
+  table = [{
+      "round": r, "num_comparisons": 100 * (r + 1), "gold_reward": 0.2 + 0.1 * r,
+      "sft_gold_reward": 0.1, "kl_to_sft": 1.0 + r, "rm_accuracy_on_own_policy": 0.7,
+      "rm_accuracy_on_new_policy": 0.6} for r in range(2)]
   iterated.write_report(table, str(tmp_path))
   lines = (tmp_path / "rounds.md").read_text().splitlines()
   assert lines[0].startswith("| round | num_comparisons | gold_reward") and len(lines) == 4
@@ -79,8 +81,9 @@ def test_report_writes_table_and_plot(tmp_path):
 def _policy_run(workdir, params):
   """A finished one-loop run holding ``params`` (an SFT run's layout: fingerprint, config, ckpt)."""
   tok = tok_lib.ByteTokenizer()
-  ckpt = train.Checkpointer(str(workdir), fingerprint={"model": dataclasses.asdict(MODEL_CFG),
-                                                       "tokenizer": tok.fingerprint()})
+  ckpt = train.Checkpointer(
+      str(workdir),
+      fingerprint={"model": dataclasses.asdict(MODEL_CFG), "tokenizer": tok.fingerprint()})
   ckpt.save(1, {"params": params}, {})
   ckpt.close()
   train.atomic_write_json(os.path.join(workdir, "config.json"), {"sources": {"tokenizer": "byte"}})
@@ -101,9 +104,10 @@ def test_rounds_run_the_rm_and_ppo_stages_through_the_registry(tmp_path, monkeyp
       return {"preempted": False}
     assert name == "ppo"
     _policy_run(workdir, {"policy": m.policy_params})
-    return train.write_final_metrics(workdir, {
-        "preempted": False, "gold_reward": 0.3, "initial_gold_reward": 0.2,
-        "sft_gold_reward": 0.1, "kl_to_sft": 1.0, "rm_reward": 0.5})
+    return train.write_final_metrics(
+        workdir, {
+            "preempted": False, "gold_reward": 0.3, "initial_gold_reward": 0.2,
+            "sft_gold_reward": 0.1, "kl_to_sft": 1.0, "rm_reward": 0.5})
 
   monkeypatch.setattr(registry, "run", fake_run)
   config = config_dicts.sibling_config(os.path.join(REPO, "experiments", "configs", "x.py"),
@@ -116,9 +120,11 @@ def test_rounds_run_the_rm_and_ppo_stages_through_the_registry(tmp_path, monkeyp
   assert [name for name, _, _ in calls] == ["reward_model", "ppo", "reward_model", "ppo"]
   (_, rm0, _), (_, ppo0, _), (_, rm1, _), (_, ppo1, ppo1_dir) = calls
   assert rm0["sources"]["sft_workdir"] == rm1["sources"]["sft_workdir"] == str(sft_dir)
-  assert rm0["data"]["source"] == "jsonl" and rm1["data"]["train_jsonl"].endswith("all_pairs.jsonl.round1")
+  assert rm0["data"]["source"] == "jsonl" and rm1["data"]["train_jsonl"].endswith(
+      "all_pairs.jsonl.round1")
   # round 0 starts from SFT; round 1 from round 0's policy, the KL reference staying the SFT run
-  assert ppo0["sources"]["sft_workdir"] == str(sft_dir) and ppo0["sources"]["reference_workdir"] == ""
+  assert ppo0["sources"]["sft_workdir"] == str(
+      sft_dir) and ppo0["sources"]["reference_workdir"] == ""
   assert ppo1["sources"]["sft_workdir"] == str(tmp_path / "run" / "round_0" / "ppo")
   assert ppo1["sources"]["reference_workdir"] == str(sft_dir)
   assert ppo1["sources"]["reward_model_workdir"] == str(tmp_path / "run" / "round_1" / "rm")

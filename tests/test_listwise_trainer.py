@@ -12,8 +12,9 @@ from offline_fixtures import TINY_RUN, load_config, override, tiny_rm_workdir, t
 from rlhf_jax import train
 from rlhf_jax.algorithms.offline import listwise
 
-DATA = {"data.batch_size": 4, "limits.buckets": (80,), "data.num_eval_lists": 4,
-        "data.num_candidates": 4}
+DATA = {
+    "data.batch_size": 4, "limits.buckets": (80,), "data.num_eval_lists": 4,
+    "data.num_candidates": 4}
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def sft_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pro_on_data_lists_end_to_end(sft_dir, tmp_path):
-  config = override(load_config("pro_synthetic"), {**TINY_RUN, **DATA,
-                                                   "sources.sft_workdir": sft_dir})
+  config = override(load_config("pro_synthetic"),
+                    {**TINY_RUN, **DATA, "sources.sft_workdir": sft_dir})
   final = listwise.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == 4 and final["method"] == "pro" and final["candidates"] == "data"
   for key in ("gold_reward", "kl_to_sft", "win_rate_vs_sft", "response_length",
@@ -38,9 +39,11 @@ def test_pro_on_data_lists_end_to_end(sft_dir, tmp_path):
 @pytest.mark.slow
 def test_rrhf_on_generated_lists_scored_by_the_reward_model(sft_dir, tmp_path_factory, tmp_path):
   rm_dir = tiny_rm_workdir(tmp_path_factory, sft_dir)
-  config = override(load_config("rrhf_synthetic"), {
-      **TINY_RUN, **DATA, "sources.sft_workdir": sft_dir, "sources.reward_model_workdir": rm_dir,
-      "data.candidates": "generated", "data.num_generation_prompts": 8, "loop.num_steps": 2})
+  config = override(
+      load_config("rrhf_synthetic"), {
+          **TINY_RUN, **DATA, "sources.sft_workdir": sft_dir,
+          "sources.reward_model_workdir": rm_dir, "data.candidates": "generated",
+          "data.num_generation_prompts": 8, "loop.num_steps": 2})
   final = listwise.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == 2 and final["method"] == "rrhf" and "rm_reward" in final
   key = json.load(open(tmp_path / "data" / "generated_ranked.key.json"))

@@ -25,8 +25,7 @@ def _convert_gpt2(state_dict, n_layers, n_heads):
   params = {
       "embedding": w["transformer.wte.weight"],
       "pos_embedding": w["transformer.wpe.weight"],
-      "final_norm": {"scale": w["transformer.ln_f.weight"], "bias": w["transformer.ln_f.bias"]},
-  }
+      "final_norm": {"scale": w["transformer.ln_f.weight"], "bias": w["transformer.ln_f.bias"]},}
   for i in range(n_layers):
     p = f"transformer.h.{i}."
     q, k, v = np.split(w[p + "attn.c_attn.weight"], 3, axis=1)
@@ -34,19 +33,20 @@ def _convert_gpt2(state_dict, n_layers, n_heads):
     params[f"layers_{i}"] = {
         "attn_norm": {"scale": w[p + "ln_1.weight"], "bias": w[p + "ln_1.bias"]},
         "attn": {
-            "q_kernel": q.reshape(d, n_heads, h), "k_kernel": k.reshape(d, n_heads, h),
+            "q_kernel": q.reshape(d, n_heads, h),
+            "k_kernel": k.reshape(d, n_heads, h),
             "v_kernel": v.reshape(d, n_heads, h),
-            "q_bias": qb.reshape(n_heads, h), "k_bias": kb.reshape(n_heads, h),
+            "q_bias": qb.reshape(n_heads, h),
+            "k_bias": kb.reshape(n_heads, h),
             "v_bias": vb.reshape(n_heads, h),
             "o_kernel": w[p + "attn.c_proj.weight"].reshape(n_heads, h, d),
-            "o_bias": w[p + "attn.c_proj.bias"],
-        },
+            "o_bias": w[p + "attn.c_proj.bias"],},
         "mlp_norm": {"scale": w[p + "ln_2.weight"], "bias": w[p + "ln_2.bias"]},
         "mlp": {
-            "up_kernel": w[p + "mlp.c_fc.weight"], "up_bias": w[p + "mlp.c_fc.bias"],
-            "down_kernel": w[p + "mlp.c_proj.weight"], "down_bias": w[p + "mlp.c_proj.bias"],
-        },
-    }
+            "up_kernel": w[p + "mlp.c_fc.weight"],
+            "up_bias": w[p + "mlp.c_fc.bias"],
+            "down_kernel": w[p + "mlp.c_proj.weight"],
+            "down_bias": w[p + "mlp.c_proj.bias"],},}
   return params
 
 
@@ -75,8 +75,8 @@ def test_gpt2_logits_match_transformers():
   with torch.no_grad():
     ref = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
              position_ids=torch.tensor(positions)).logits.numpy()
-  ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens),
-                                jnp.asarray(mask)).logits_BxTxV)
+  ours = np.asarray(
+      model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask)).logits_BxTxV)
   real = mask.astype(bool)
   np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=1e-4)
   assert np.abs(ref).max() > 0.1  # a non-degenerate comparison

@@ -67,8 +67,7 @@ def tiny():
     (dict(n_layers=0), "n_layers"),
     (dict(vocab_size=-3), "vocab_size"),
     (dict(dropout_rate=1.0), "dropout_rate"),
-    (dict(not_a_field=1), "not_a_field"),
-])
+    (dict(not_a_field=1), "not_a_field"),])
 def test_bad_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
     get_model_config("tiny", **overrides)
@@ -89,24 +88,26 @@ def test_config_is_frozen():
     get_model_config("tiny").d_model = 3
 
 
-@pytest.mark.parametrize("preset, expected", [
-    ("gpt2", 124_439_808),  # transformers GPT2LMHeadModel(GPT2Config()).num_parameters()
-    ("llama_1b", 1_235_814_400),  # Llama-3.2-1B (tied embeddings)
-])
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("gpt2", 124_439_808),  # transformers GPT2LMHeadModel(GPT2Config()).num_parameters()
+        ("llama_1b", 1_235_814_400),  # Llama-3.2-1B (tied embeddings)
+    ])
 def test_preset_parameter_counts(preset, expected):
   cfg = get_model_config(preset)
   assert cfg.num_params() == expected
   # The module creates exactly those shapes (abstract init: no compile, no memory).
-  shapes = jax.eval_shape(
-      lambda: nn.meta.unbox(Transformer(cfg.replace(scan_layers=True)).init(
-          jax.random.key(0), jnp.ones((1, 4), jnp.int32))))
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(
+      Transformer(cfg.replace(scan_layers=True)).init(jax.random.key(0), jnp.ones(
+          (1, 4), jnp.int32))))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
 
 
 def test_every_param_has_logical_axes():
   cfg = get_model_config("tiny", tie_embeddings=False, qkv_bias=True, scan_layers=True)
-  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0),
-                                                       jnp.ones((1, 4), jnp.int32)))["params"]
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.ones(
+      (1, 4), jnp.int32)))["params"]
   allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", None}
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
@@ -124,8 +125,9 @@ def test_abstract_params_match_a_real_init_for_every_model_kind():
     assert jax.tree.structure(abstract) == jax.tree.structure(real_params)
     jax.tree.map(lambda a, r: (a.shape, a.dtype) == (r.shape, r.dtype) or pytest.fail(str(a)),
                  abstract, real_params)
-    boxed = jax.tree.leaves(models.abstract_variables(module)["params"],
-                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    boxed = jax.tree.leaves(
+        models.abstract_variables(module)["params"],
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
 
 
@@ -227,8 +229,8 @@ def test_bfloat16_matmul_gradients():
   bf = lambda x: x.astype(jnp.bfloat16)
   a, b = bf(a).astype(jnp.float32), bf(b).astype(jnp.float32)  # exactly representable in bf16
   ref = jax.grad(loss, argnums=(0, 1))(a, b, lambda x, y: jnp.einsum(spec, x, y))
-  got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
-      bf(a), bf(b), lambda x, y: matmul(spec, x, y))
+  got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(bf(a), bf(b),
+                                                                  lambda x, y: matmul(spec, x, y))
   for g, r in zip(got, ref):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=0.05, rtol=0.02)
@@ -236,8 +238,10 @@ def test_bfloat16_matmul_gradients():
 
 
 def _loss_and_grads(model, params, tokens, mask):
+
   def loss(p):
     return -jnp.sum(sequence_logprobs(model, p, tokens, mask, mask))
+
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -249,14 +253,13 @@ def test_scan_and_remat_leave_numerics_unchanged(tiny):
   variants = [
       # Two variants cover both switches (each grad compile costs seconds on CPU).
       (cfg.replace(remat_policy="full"), params, False),
-      (cfg.replace(scan_layers=True, remat_policy="dots_saveable"), stacked, True),
-  ]
+      (cfg.replace(scan_layers=True, remat_policy="dots_saveable"), stacked, True),]
   for variant_cfg, variant_params, is_scanned in variants:
     loss, grads = _loss_and_grads(Transformer(variant_cfg), variant_params, tokens, mask)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     expected = stack_layer_params(ref_grads, cfg.n_layers) if is_scanned else ref_grads
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-                 grads, expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grads,
+                 expected)
   assert np.abs(ref_grads["layers_0"]["attn"]["q_kernel"]).max() > 0
 
 
@@ -266,10 +269,10 @@ def test_bfloat16_gradients_track_float32(tiny):
   mask = jnp.ones((B, T), jnp.int32)
   ref_loss, ref_grads = _loss_and_grads(model, params, tokens, mask)
   stacked = stack_layer_params(params, cfg.n_layers)
-  for variant_cfg, variant_params, is_scanned in (
-      (cfg.replace(dtype="bfloat16"), params, False),
-      (cfg.replace(dtype="bfloat16", scan_layers=True, remat_policy="dots_saveable"), stacked,
-       True)):
+  for variant_cfg, variant_params, is_scanned in ((cfg.replace(dtype="bfloat16"), params, False),
+                                                  (cfg.replace(dtype="bfloat16", scan_layers=True,
+                                                               remat_policy="dots_saveable"),
+                                                   stacked, True)):
     loss, grads = _loss_and_grads(Transformer(variant_cfg), variant_params, tokens, mask)
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-2)
     expected = stack_layer_params(ref_grads, cfg.n_layers) if is_scanned else ref_grads
@@ -364,8 +367,8 @@ class ResponseLogpsTest(chex.TestCase):
     model, params, tokens, _, _ = _tiny_batch()
     p = 3  # prompt block [0, 3): left-padded row 0, full row 1; response [3, T) right-padded
     mask = jnp.asarray([[0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
-    fn = self.variant(lambda prm, t, m: models.response_token_logps(
-        model, prm, t, m, p, temperature=2.0, with_entropy=True))
+    fn = self.variant(lambda prm, t, m: models.response_token_logps(model, prm, t, m, p, temperature
+                                                                    =2.0, with_entropy=True))
     logps_BxR, ent_BxR = fn(params, tokens, mask)
     chex.assert_shape([logps_BxR, ent_BxR], (B, T - p))
     logits = np.asarray(_logits(model, params, tokens, mask), np.float64) / 2.0
@@ -381,7 +384,8 @@ class ResponseLogpsTest(chex.TestCase):
 def test_response_logps_on_a_mesh_equals_single_device():
   model, params, tokens, mask, loss_mask = _tiny_batch()
   from rlhf_jax import parallel
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=1, tensor=1), devices=jax.devices()[:2])
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=1, tensor=1),
+                            devices=jax.devices()[:2])
   single_B = models.response_logps(model, params, tokens, mask, loss_mask)
   sharded_B = models.response_logps(model, params, np.asarray(tokens), np.asarray(mask),
                                     np.asarray(loss_mask), mesh=mesh)
@@ -394,8 +398,8 @@ def test_response_logps_on_a_mesh_equals_single_device():
 
 def _head_params(head_model, lm_params, tokens, seed=5):
   """Head-model params built from the LM params plus a random head (no second init compile)."""
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(head_model.init(
-      jax.random.key(0), tokens, jnp.ones(tokens.shape, jnp.int32)))["params"])
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(
+      head_model.init(jax.random.key(0), tokens, jnp.ones(tokens.shape, jnp.int32)))["params"])
   rng = np.random.default_rng(seed)
   head = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes["head"])
   params = with_backbone({"head": head}, lm_params)
@@ -432,8 +436,8 @@ def test_value_model_per_token(tiny):
   assert values.shape == (B, T) and values.dtype == jnp.float32
   # Causal: the value at t does not see tokens after t.
   changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % cfg.vocab_size)
-  np.testing.assert_allclose(_apply_head(vm, params, changed, mask)[:, :6], values[:, :6],
-                             atol=ATOL)
+  np.testing.assert_allclose(
+      _apply_head(vm, params, changed, mask)[:, :6], values[:, :6], atol=ATOL)
   assert np.abs(values[:, 6:] - _apply_head(vm, params, changed, mask)[:, 6:]).max() > 1e-4
 
 
@@ -465,8 +469,8 @@ def test_materialize_cotangent_is_the_identity_in_both_branches():
   branches must hand the cotangent back unchanged (the NaN then propagates as usual)."""
   from rlhf_jax.models.ops import materialize_cotangent
   x_2x3 = jnp.arange(6.0).reshape(2, 3)
-  for g_2x3 in (jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
-                jnp.array([[jnp.nan, 1.0, -2.0], [3.0, 4.0, 5.0]])):
+  for g_2x3 in (jnp.linspace(-1.0, 1.0,
+                             6).reshape(2, 3), jnp.array([[jnp.nan, 1.0, -2.0], [3.0, 4.0, 5.0]])):
     y, vjp = jax.vjp(materialize_cotangent, x_2x3)
     np.testing.assert_array_equal(y, x_2x3)
     np.testing.assert_array_equal(jax.jit(vjp)(g_2x3)[0], g_2x3)

@@ -34,86 +34,91 @@ TIMEOUT_S = 120
 
 
 def _global_batch() -> np.ndarray:
-    return np.arange(GLOBAL_ROWS * FEATURES, dtype=np.float32).reshape(GLOBAL_ROWS, FEATURES) / 10.0
+  return np.arange(GLOBAL_ROWS * FEATURES, dtype=np.float32).reshape(GLOBAL_ROWS, FEATURES) / 10.0
 
 
 def _weights() -> np.ndarray:
-    return np.linspace(-1.0, 1.0, FEATURES * OUT, dtype=np.float32).reshape(FEATURES, OUT)
+  return np.linspace(-1.0, 1.0, FEATURES * OUT, dtype=np.float32).reshape(FEATURES, OUT)
 
 
 def _child(process_id: int, port: int) -> None:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
 
-    from rlhf_jax import parallel
+  from rlhf_jax import parallel
 
-    assert parallel.initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id)
-    assert parallel.initialize_distributed()  # idempotent
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=-1, fsdp=LOCAL_DEVICES, tensor=1))
+  assert parallel.initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id)
+  assert parallel.initialize_distributed()  # idempotent
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=-1, fsdp=LOCAL_DEVICES, tensor=1))
 
-    def init():
-        w = nn.with_logical_partitioning(lambda: jnp.asarray(_weights()), ("embed", "mlp"))()
-        return {"w": w}
+  def init():
+    w = nn.with_logical_partitioning(lambda: jnp.asarray(_weights()), ("embed", "mlp"))()
+    return {"w": w}
 
-    params = parallel.create_sharded(init, mesh)
-    local_rows = GLOBAL_ROWS // NUM_PROCESSES
-    local = _global_batch()[process_id * local_rows:(process_id + 1) * local_rows]
-    batch = parallel.shard_batch({"x": local}, mesh)
+  params = parallel.create_sharded(init, mesh)
+  local_rows = GLOBAL_ROWS // NUM_PROCESSES
+  local = _global_batch()[process_id * local_rows:(process_id + 1) * local_rows]
+  batch = parallel.shard_batch({"x": local}, mesh)
 
-    @jax.jit
-    def loss(p, b):
-        y = jnp.tanh(b["x"] @ p["w"])
-        return jnp.sum(y * jnp.arange(1, GLOBAL_ROWS + 1, dtype=jnp.float32)[:, None])
+  @jax.jit
+  def loss(p, b):
+    y = jnp.tanh(b["x"] @ p["w"])
+    return jnp.sum(y * jnp.arange(1, GLOBAL_ROWS + 1, dtype=jnp.float32)[:, None])
 
-    with parallel.use_mesh(mesh):
-        value = loss(params, batch)
-    print(json.dumps({
-        "process_index": parallel.process_index(), "process_count": parallel.process_count(),
-        "global_devices": jax.device_count(), "local_devices": jax.local_device_count(),
-        "batch_shape": list(batch["x"].shape), "w_spec": str(params["w"].sharding.spec),
-        "value": float(value),
-    }), flush=True)
+  with parallel.use_mesh(mesh):
+    value = loss(params, batch)
+  print(
+      json.dumps({
+          "process_index": parallel.process_index(),
+          "process_count": parallel.process_count(),
+          "global_devices": jax.device_count(),
+          "local_devices": jax.local_device_count(),
+          "batch_shape": list(batch["x"].shape),
+          "w_spec": str(params["w"].sharding.spec),
+          "value": float(value),}), flush=True)
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def test_two_processes_share_a_global_mesh():
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(NUM_PROCESSES)]
-    outputs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-            assert p.returncode == 0, f"child failed (rc={p.returncode}):\n{err[-3000:]}"
-            outputs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+  port = _free_port()
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(name, None)
+  procs = [
+      subprocess.Popen(
+          [sys.executable, __file__, str(i), str(port)], env=env, stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True) for i in range(NUM_PROCESSES)]
+  outputs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=TIMEOUT_S)
+      assert p.returncode == 0, f"child failed (rc={p.returncode}):\n{err[-3000:]}"
+      outputs.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
-    y = np.tanh(_global_batch().astype(np.float64) @ _weights())
-    expected = float(np.sum(y * np.arange(1, GLOBAL_ROWS + 1)[:, None]))
-    assert sorted(o["process_index"] for o in outputs) == list(range(NUM_PROCESSES))
-    for o in outputs:
-        assert o["process_count"] == NUM_PROCESSES
-        assert o["global_devices"] == NUM_PROCESSES * LOCAL_DEVICES
-        assert o["local_devices"] == LOCAL_DEVICES
-        assert o["batch_shape"] == [GLOBAL_ROWS, FEATURES]
-        assert o["w_spec"] == "P('fsdp', 'tensor')"  # embed->fsdp, mlp->tensor (size 1)
-        assert o["value"] == pytest.approx(expected, rel=1e-5)
-    assert outputs[0]["value"] == outputs[1]["value"]
+  y = np.tanh(_global_batch().astype(np.float64) @ _weights())
+  expected = float(np.sum(y * np.arange(1, GLOBAL_ROWS + 1)[:, None]))
+  assert sorted(o["process_index"] for o in outputs) == list(range(NUM_PROCESSES))
+  for o in outputs:
+    assert o["process_count"] == NUM_PROCESSES
+    assert o["global_devices"] == NUM_PROCESSES * LOCAL_DEVICES
+    assert o["local_devices"] == LOCAL_DEVICES
+    assert o["batch_shape"] == [GLOBAL_ROWS, FEATURES]
+    assert o["w_spec"] == "P('fsdp', 'tensor')"  # embed->fsdp, mlp->tensor (size 1)
+    assert o["value"] == pytest.approx(expected, rel=1e-5)
+  assert outputs[0]["value"] == outputs[1]["value"]
 
 
 # --------------------------------------------------------------------------- in-process unit checks
@@ -121,128 +126,128 @@ def test_two_processes_share_a_global_mesh():
 
 @pytest.fixture
 def no_cluster_env(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                 "RLHF_JAX_DISTRIBUTED", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
-                 "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "RLHF_JAX_DISTRIBUTED", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  return monkeypatch
 
 
 def test_initialize_distributed_is_a_noop_on_one_host(no_cluster_env):
-    from rlhf_jax import parallel
+  from rlhf_jax import parallel
 
-    assert parallel.initialize_distributed() is False
-    # A one-task SLURM step is still a single host.
-    no_cluster_env.setenv("SLURM_STEP_NODELIST", "node-0")
-    no_cluster_env.setenv("SLURM_NTASKS", "1")
-    assert parallel.initialize_distributed() is False
-    assert parallel.initialize_distributed("127.0.0.1:1234", 1, 0) is False
-    assert parallel.process_count() == 1 and parallel.process_index() == 0
-    assert parallel.is_coordinator()
+  assert parallel.initialize_distributed() is False
+  # A one-task SLURM step is still a single host.
+  no_cluster_env.setenv("SLURM_STEP_NODELIST", "node-0")
+  no_cluster_env.setenv("SLURM_NTASKS", "1")
+  assert parallel.initialize_distributed() is False
+  assert parallel.initialize_distributed("127.0.0.1:1234", 1, 0) is False
+  assert parallel.process_count() == 1 and parallel.process_index() == 0
+  assert parallel.is_coordinator()
 
 
 def test_initialize_distributed_rejects_partial_settings(no_cluster_env):
-    from rlhf_jax import parallel
+  from rlhf_jax import parallel
 
-    no_cluster_env.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
-    with pytest.raises(ValueError, match=r"must be given together .* num_processes=None"):
-        parallel.initialize_distributed()
-    no_cluster_env.setenv("JAX_NUM_PROCESSES", "two")
-    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES must be an integer, got 'two'"):
-        parallel.initialize_distributed()
-    no_cluster_env.setenv("RLHF_JAX_DISTRIBUTED", "yes")
-    with pytest.raises(ValueError, match=r"RLHF_JAX_DISTRIBUTED must be 'auto', '0' or '1'"):
-        parallel.initialize_distributed()
+  no_cluster_env.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+  with pytest.raises(ValueError, match=r"must be given together .* num_processes=None"):
+    parallel.initialize_distributed()
+  no_cluster_env.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES must be an integer, got 'two'"):
+    parallel.initialize_distributed()
+  no_cluster_env.setenv("RLHF_JAX_DISTRIBUTED", "yes")
+  with pytest.raises(ValueError, match=r"RLHF_JAX_DISTRIBUTED must be 'auto', '0' or '1'"):
+    parallel.initialize_distributed()
 
 
 def test_make_global_batch_checks_the_local_split():
-    from rlhf_jax import parallel
+  from rlhf_jax import parallel
 
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
-    sharding = parallel.data_sharding(mesh)
-    out = parallel.make_global_batch({"x": np.arange(8 * 3).reshape(8, 3)}, sharding)
-    assert out["x"].shape == (8, 3) and out["x"].sharding.spec == sharding.spec
-    with pytest.raises(ValueError, match=r"local batch of 6 rows cannot be split over this "
-                                         r"process's 4 batch shards"):
-        parallel.make_global_batch({"x": np.zeros((6, 3))}, sharding)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharding = parallel.data_sharding(mesh)
+  out = parallel.make_global_batch({"x": np.arange(8 * 3).reshape(8, 3)}, sharding)
+  assert out["x"].shape == (8, 3) and out["x"].sharding.spec == sharding.spec
+  with pytest.raises(
+      ValueError, match=r"local batch of 6 rows cannot be split over this "
+      r"process's 4 batch shards"):
+    parallel.make_global_batch({"x": np.zeros((6, 3))}, sharding)
 
 
 # --------------------------------------------------------------------------- launch scripts
-
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELFCHECK_OK = "ok=True"
 
 
 def _launcher_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
+  env = dict(os.environ)
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+    env.pop(name, None)
+  env.update(extra)
+  return env
 
 
 def test_multiprocess_local_launcher(tmp_path):
-    """launch/multiprocess_local.sh starts 2 processes that join one 4-device mesh."""
-    env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path),
-                        PYTHON=sys.executable)
-    result = subprocess.run(
-        ["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"), "-m",
-         "rlhf_jax.parallel.selfcheck", "--fsdp=2"],
-        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for i in range(2):
-        log = (tmp_path / f"process_{i}.log").read_text()
-        assert f"selfcheck process={i}/2 local_devices=2 global_devices=4" in log, log[-2000:]
-        assert "mesh={'data': 2, 'fsdp': 2, 'tensor': 1}" in log and SELFCHECK_OK in log
+  """launch/multiprocess_local.sh starts 2 processes that join one 4-device mesh."""
+  env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path),
+                      PYTHON=sys.executable)
+  result = subprocess.run([
+      "bash",
+      os.path.join(REPO, "launch", "multiprocess_local.sh"), "-m", "rlhf_jax.parallel.selfcheck",
+      "--fsdp=2"], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for i in range(2):
+    log = (tmp_path / f"process_{i}.log").read_text()
+    assert f"selfcheck process={i}/2 local_devices=2 global_devices=4" in log, log[-2000:]
+    assert "mesh={'data': 2, 'fsdp': 2, 'tensor': 1}" in log and SELFCHECK_OK in log
 
 
 def test_multiprocess_local_launcher_propagates_failure(tmp_path):
-    """One crashing process fails the whole launch (and the survivor is killed, not waited on)."""
-    script = tmp_path / "crash.py"
-    # Process 1 crashes; process 0 would sleep for 10 minutes unless the launcher kills it (jax's
-    # own heartbeat timeout is 100 s, so finishing within 60 s means the launcher did).
-    script.write_text("import os, time\nfrom rlhf_jax import parallel\n"
-                      "parallel.initialize_distributed()\n"
-                      "if parallel.process_index() == 1:\n    os._exit(7)\ntime.sleep(600)\n")
-    env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", LOG_DIR=str(tmp_path),
-                        PYTHON=sys.executable)
-    result = subprocess.run(["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
-                             str(script)], env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 7
-    assert "process 1 failed with status 7" in result.stderr
+  """One crashing process fails the whole launch (and the survivor is killed, not waited on)."""
+  script = tmp_path / "crash.py"
+  # Process 1 crashes; process 0 would sleep for 10 minutes unless the launcher kills it (jax's
+  # own heartbeat timeout is 100 s, so finishing within 60 s means the launcher did).
+  script.write_text("import os, time\nfrom rlhf_jax import parallel\n"
+                    "parallel.initialize_distributed()\n"
+                    "if parallel.process_index() == 1:\n    os._exit(7)\ntime.sleep(600)\n")
+  env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", LOG_DIR=str(tmp_path),
+                      PYTHON=sys.executable)
+  result = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
+       str(script)], env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 7
+  assert "process 1 failed with status 7" in result.stderr
 
 
 def test_slurm_sbatch_with_stub_srun(tmp_path):
-    """launch/slurm.sbatch derives coordinator / count / rank from SLURM's environment.
+  """launch/slurm.sbatch derives coordinator / count / rank from SLURM's environment.
 
     ``srun`` and ``scontrol`` are replaced by stubs that run SLURM_NTASKS local copies (each with
     its own SLURM_PROCID) and name 127.0.0.1 as the first node.
     """
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(
-        "#!/usr/bin/env bash\nwhile [[ \"${1:-}\" == --* ]]; do shift; done\npids=()\n"
-        "for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i \"$@\" & pids+=($!); done\n"
-        "rc=0; for p in \"${pids[@]}\"; do wait \"$p\" || rc=$?; done; exit $rc\n")
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
-    for stub in ("srun", "scontrol"):
-        (bin_dir / stub).chmod(0o755)
-    env = _launcher_env(
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="2",
-        SLURM_JOB_NODELIST="node-[0-1]", SLURM_SUBMIT_DIR=REPO, JAX_COORDINATOR_PORT=str(_free_port()),
-        JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        PYTHON=sys.executable)
-    result = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "-m",
-                             "rlhf_jax.parallel.selfcheck"], env=env, capture_output=True,
-                            text=True, timeout=TIMEOUT_S, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "coordinator=127.0.0.1:" in result.stdout and "processes=2" in result.stdout
-    for i in range(2):
-        assert f"selfcheck process={i}/2 local_devices=2 global_devices=4" in result.stdout
-    assert result.stdout.count(SELFCHECK_OK) == 2
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(
+      "#!/usr/bin/env bash\nwhile [[ \"${1:-}\" == --* ]]; do shift; done\npids=()\n"
+      "for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i \"$@\" & pids+=($!); done\n"
+      "rc=0; for p in \"${pids[@]}\"; do wait \"$p\" || rc=$?; done; exit $rc\n")
+  (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+  for stub in ("srun", "scontrol"):
+    (bin_dir / stub).chmod(0o755)
+  env = _launcher_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="2",
+                      SLURM_JOB_NODELIST="node-[0-1]", SLURM_SUBMIT_DIR=REPO,
+                      JAX_COORDINATOR_PORT=str(_free_port()), JAX_PLATFORMS="cpu",
+                      XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHON=sys.executable)
+  result = subprocess.run(
+      ["bash",
+       os.path.join(REPO, "launch", "slurm.sbatch"), "-m", "rlhf_jax.parallel.selfcheck"], env=env,
+      capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "coordinator=127.0.0.1:" in result.stdout and "processes=2" in result.stdout
+  for i in range(2):
+    assert f"selfcheck process={i}/2 local_devices=2 global_devices=4" in result.stdout
+  assert result.stdout.count(SELFCHECK_OK) == 2
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), int(sys.argv[2]))
+  _child(int(sys.argv[1]), int(sys.argv[2]))

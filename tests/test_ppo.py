@@ -37,11 +37,20 @@ import ppo_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 MODEL_CFG = models.get_model_config("tiny", n_layers=1, d_ff=64)
 TINY = {
-    "data.batch_size": 4, "limits.max_response_len": 8, "ppo.num_ppo_epochs": 2,
-    "ppo.num_minibatches": 2, "data.synthetic_num_prompts": 16, "data.synthetic_num_test_prompts": 4,
-    "loop.num_steps": 2, "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 1,
-    "eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0, "optim.lr": 1e-3,
-}
+    "data.batch_size": 4,
+    "limits.max_response_len": 8,
+    "ppo.num_ppo_epochs": 2,
+    "ppo.num_minibatches": 2,
+    "data.synthetic_num_prompts": 16,
+    "data.synthetic_num_test_prompts": 4,
+    "loop.num_steps": 2,
+    "loop.log_every": 1,
+    "loop.eval_every": 0,
+    "loop.checkpoint_every": 1,
+    "eval.num_prompts": 4,
+    "eval.max_new_tokens": 8,
+    "eval.print_samples": 0,
+    "optim.lr": 1e-3,}
 
 
 def tiny_config(**extra):
@@ -53,10 +62,10 @@ def tiny_config(**extra):
 
 
 def rm_info(tokenizer, *, vocab_size=MODEL_CFG.vocab_size, fingerprint=None):
-  return scoring.RewardModelInfo(
-      model=dataclasses.asdict(MODEL_CFG.replace(vocab_size=vocab_size)), output_names=("reward",),
-      tokenizer_spec="byte", tokenizer_fingerprint=fingerprint or tokenizer.fingerprint(),
-      max_prompt_len=32, max_response_len=48, mean=(0.1,), std=(2.0,))
+  return scoring.RewardModelInfo(model=dataclasses.asdict(MODEL_CFG.replace(vocab_size=vocab_size)),
+                                 output_names=("reward",), tokenizer_spec="byte",
+                                 tokenizer_fingerprint=fingerprint or tokenizer.fingerprint(),
+                                 max_prompt_len=32, max_response_len=48, mean=(0.1,), std=(2.0,))
 
 
 def tiny_models(ppo_cfg, *, rm_bias=0.0, value_bias=None):
@@ -65,8 +74,8 @@ def tiny_models(ppo_cfg, *, rm_bias=0.0, value_bias=None):
   dummy = jnp.ones((1, 8), jnp.int32)
   params = nn.meta.unbox(models.Transformer(MODEL_CFG).init(jax.random.PRNGKey(0), dummy,
                                                             dummy))["params"]
-  rm_params = nn.meta.unbox(models.RewardModel(MODEL_CFG).init(jax.random.PRNGKey(1), dummy,
-                                                               dummy))["params"]
+  rm_params = nn.meta.unbox(
+      models.RewardModel(MODEL_CFG).init(jax.random.PRNGKey(1), dummy, dummy))["params"]
   rm_params["head"]["bias"] = rm_params["head"]["bias"] + rm_bias
   handle = scoring.make_handle(rm_info(tok), rm_params)
   value_model, value_params = ppo_models.init_value_params(ppo_cfg, MODEL_CFG, params, handle,
@@ -147,8 +156,7 @@ def test_group_advantages_are_per_sequence_and_broadcast(algorithm):
     ({"num_minibatches": 3}, "a divisor of rollout_batch_size"),
     ({"critic_init": "random"}, "critic_init='random' is invalid; allowed: reward_model | sft"),
     ({"kl_coef": -1.0}, "PPOConfig.kl_coef=-1.0 is invalid; allowed: a float >= 0"),
-    ({"algorithm": "dr_grpo", "num_samples": 2}, "seq_mean_token_sum_norm"),
-])
+    ({"algorithm": "dr_grpo", "num_samples": 2}, "seq_mean_token_sum_norm"),])
 def test_config_errors_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("|", r"\|")):
     ppo_config.PPOConfig(**overrides)
@@ -165,7 +173,8 @@ def test_unknown_and_bad_config_keys_are_named():
     ppo.parse_config(config)
   config = tiny_config()
   config.ppo.max_new_tokens = 8  # one key per concept: the budget is limits.max_response_len
-  with pytest.raises(ValueError, match="config.ppo.max_new_tokens .* config.limits.max_response_len"):
+  with pytest.raises(ValueError,
+                     match="config.ppo.max_new_tokens .* config.limits.max_response_len"):
     ppo.parse_config(config)
 
 
@@ -191,8 +200,7 @@ def test_advantage_whitening_defaults_per_algorithm(algorithm, expect):
   cfg = ppo_config.PPOConfig(**kw)
   assert cfg.whiten_advantages is None and cfg.whitens_advantages is expect
   assert ppo_config.PPOConfig(**kw, whiten_advantages=not expect).whitens_advantages is not expect
-  config = tiny_config(**{"ppo.algorithm": algorithm, "ppo.num_samples": 2,
-                          "ppo.aggregation": agg})
+  config = tiny_config(**{"ppo.algorithm": algorithm, "ppo.num_samples": 2, "ppo.aggregation": agg})
   assert ppo.parse_config(config).ppo.whitens_advantages is expect
   if algorithm == "dr_grpo":  # the default config's advantages are s - mean(s), unscaled
     scores = np.array([3.0, 1.0, 0.0, 0.0], np.float32)
@@ -214,14 +222,19 @@ def test_reference_or_reward_model_with_another_tokenizer_or_vocab_is_refused(tm
   ok = dict(reference_tokenizer=tok, reference_config=MODEL_CFG, reward_info=rm_info(tok))
   ppo_models.check_compatible(tok, MODEL_CFG, **ok)  # the compatible case passes
   with pytest.raises(scoring.TokenizerMismatchError, match="fingerprint"):
-    ppo_models.check_compatible(tok, MODEL_CFG, **{**ok, "reward_info": rm_info(tok, fingerprint="x")})
+    ppo_models.check_compatible(tok, MODEL_CFG,
+                                **{**ok, "reward_info": rm_info(tok, fingerprint="x")})
   with pytest.raises(ppo_models.IncompatibleModelsError, match="reward model's vocab_size=300"):
-    ppo_models.check_compatible(tok, MODEL_CFG, **{**ok, "reward_info": rm_info(tok, vocab_size=300)})
-  with pytest.raises(ppo_models.IncompatibleModelsError, match=r"differs from the policy's in \['vocab_size'\]"):
-    ppo_models.check_compatible(tok, MODEL_CFG, **{**ok, "reference_config": MODEL_CFG.replace(vocab_size=300)})
+    ppo_models.check_compatible(tok, MODEL_CFG,
+                                **{**ok, "reward_info": rm_info(tok, vocab_size=300)})
+  with pytest.raises(ppo_models.IncompatibleModelsError,
+                     match=r"differs from the policy's in \['vocab_size'\]"):
+    ppo_models.check_compatible(tok, MODEL_CFG,
+                                **{**ok, "reference_config": MODEL_CFG.replace(vocab_size=300)})
   import tokenizers  # a real Hugging Face tokenizer with another vocabulary
-  hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-      {"<pad>": 0, "<s>": 1, "</s>": 2, "a": 3, "[UNK]": 4}, unk_token="[UNK]"))
+  hf = tokenizers.Tokenizer(
+      tokenizers.models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "a": 3, "[UNK]": 4},
+                                  unk_token="[UNK]"))
   hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   hf.save(str(tmp_path / "tokenizer.json"))
   other = tok_lib.HFTokenizer(str(tmp_path / "tokenizer.json"))
@@ -233,14 +246,15 @@ def test_response_logps_and_values_align_with_the_sampler():
   cfg = ppo_config.PPOConfig(rollout_batch_size=4, max_new_tokens=8, num_minibatches=2)
   m = tiny_models(cfg)
   from rlhf_jax.data import batching
-  prompts = batching.encode_prompts(m.tokenizer, ["name 2 fruits", "list 4 tools", "tell me 1 cat",
-                                                  "please list 3 poisons"], max_prompt_len=32,
-                                    buckets=(32,))
+  prompts = batching.encode_prompts(
+      m.tokenizer, ["name 2 fruits", "list 4 tools", "tell me 1 cat", "please list 3 poisons"],
+      max_prompt_len=32, buckets=(32,))
   out = sampling.sample(m.policy, m.policy_params, prompts["prompt_tokens"], prompts["prompt_mask"],
                         jax.random.PRNGKey(3), sampling.SamplingConfig(max_new_tokens=8, eos_id=2))
   tokens, mask, _ = out.full_sequences()
-  old, ref, values, ent = rollout.make_logprob_fn(m.policy, m.value_model, 32, 1.0)(
-      m.policy_params, m.ref_params, m.value_params, tokens, mask)
+  old, ref, values, ent = rollout.make_logprob_fn(m.policy, m.value_model, 32,
+                                                  1.0)(m.policy_params, m.ref_params,
+                                                       m.value_params, tokens, mask)
   np.testing.assert_allclose(old, out.response_logps_BxR, atol=2e-5)
   np.testing.assert_allclose(ref, old, atol=0)
   full_values = m.value_model.apply({"params": m.value_params}, tokens, mask)
@@ -251,10 +265,11 @@ def test_response_logps_and_values_align_with_the_sampler():
   raw = m.reward.model.apply({"params": m.reward.params}, tokens, mask)[:, 0]
   normalised = (np.asarray(raw) - 0.1) / 2.0  # rm_info: mean 0.1, std 2.0
   last = np.asarray(out.response_lengths_B) + 31
-  np.testing.assert_allclose(np.asarray(full_values)[np.arange(4), last], normalised, rtol=1e-5,
-                             atol=1e-5)
   np.testing.assert_allclose(
-      normalised, scoring.normalize_rewards(raw[:, None], m.reward.info)[:, 0], rtol=1e-5, atol=1e-6)
+      np.asarray(full_values)[np.arange(4), last], normalised, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(normalised,
+                             scoring.normalize_rewards(raw[:, None], m.reward.info)[:, 0],
+                             rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,6 +333,7 @@ def test_sigterm_checkpoints_and_the_rerun_continues_the_stream(ppo_run, tmp_pat
   config = tiny_config(**{"loop.checkpoint_every": 100})
   previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a late signal must not kill pytest
   try:
+
     def send_after_first_row():
       path = tmp_path / "metrics.jsonl"
       while not (path.exists() and '"split": "train"' in path.read_text()):
@@ -341,9 +357,10 @@ def test_non_finite_rewards_stop_and_keep_the_last_good_checkpoint(ppo_run, tmp_
   workdir, _ = ppo_run
   shutil.copytree(workdir, tmp_path / "run")
   before = final_params(tmp_path / "run")
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r"non-finite rewards at step 3 \(NaN/inf in rows \[0, .*latest "
-                           r"checkpoint \(step 2\)"):
+  with pytest.raises(
+      train.NonFiniteLossError,
+      match=r"non-finite rewards at step 3 \(NaN/inf in rows \[0, .*latest "
+      r"checkpoint \(step 2\)"):
     run_tiny(tmp_path / "run", tiny_config(**{"loop.num_steps": 3}), rm_bias=float("nan"))
   ckpts = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
   assert ckpts[-1] == 2
@@ -389,8 +406,8 @@ def test_non_finite_values_stop_before_anything_is_saved(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_critic_free_algorithms_run_without_a_value_model(tmp_path, algorithm):
-  config = tiny_config(**{"ppo.algorithm": algorithm, "ppo.num_samples": 2,
-                          "data.batch_size": 2, "loop.num_steps": 1})
+  config = tiny_config(**{
+      "ppo.algorithm": algorithm, "ppo.num_samples": 2, "data.batch_size": 2, "loop.num_steps": 1})
   final = run_tiny(tmp_path, config)
   assert final["iteration"] == 1
   rows = train.read_metrics(str(tmp_path), split="train")
@@ -417,17 +434,16 @@ def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, 
   placement = parallel.Placement(mesh, rules)
   models_ = tiny_models(ppo_cfg)
   result = ppo.run(workdir=str(tmp_path), config=ppo_cfg, loop=parsed.loop, optim=optim_cfg,
-                   eval_config=parsed.eval, data=parsed.data, limits=parsed.limits,
-                   models_=models_, seed=config.seed, placement=placement)
+                   eval_config=parsed.eval, data=parsed.data, limits=parsed.limits, models_=models_,
+                   seed=config.seed, placement=placement)
   rows = train.read_metrics(str(tmp_path), split="train")
   assert [r["step"] for r in rows] == [1, 2]
   assert rows[0]["compiles"] <= 5 and rows[1]["compiles"] == 0  # ≤ once per phase, then never
   # The state lives on the mesh with the rules table's shardings (sharded, not replicated).
-  expect = ppo_update.state_shardings(models_.policy, models_.value_model,
-                                      optim_cfg, 2 * ppo_cfg.updates_per_iteration,
-                                      placement)
-  jax.tree.map(lambda x, sh: x.sharding == sh or pytest.fail(f"{x.sharding} != {sh}"),
-               result.state, expect)
+  expect = ppo_update.state_shardings(models_.policy, models_.value_model, optim_cfg,
+                                      2 * ppo_cfg.updates_per_iteration, placement)
+  jax.tree.map(lambda x, sh: x.sharding == sh or pytest.fail(f"{x.sharding} != {sh}"), result.state,
+               expect)
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(result.state.params["policy"])}
   assert any("tensor" in spec for spec in specs) and any("fsdp" in spec for spec in specs)
   # Same numbers as the single-device run, up to float reassociation.
@@ -450,8 +466,9 @@ def test_mesh_run_compiles_once_matches_one_device_and_resumes_exactly(ppo_run, 
 def test_rollout_batch_not_divisible_by_the_mesh_batch_ways_is_refused(tmp_path):
   config = tiny_config(**{"data.batch_size": 2, "ppo.num_minibatches": 1})
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 1, 1
-  with pytest.raises(ValueError, match=r"config.data.batch_size=2 \(rollout_batch_size\) must be a "
-                                       r"multiple of the mesh's batch ways \(4"):
+  with pytest.raises(
+      ValueError, match=r"config.data.batch_size=2 \(rollout_batch_size\) must be a "
+      r"multiple of the mesh's batch ways \(4"):
     run_tiny(tmp_path, config)
 
 

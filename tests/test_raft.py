@@ -46,28 +46,31 @@ def test_config_errors_name_the_field(tmp_path):
   with pytest.raises(ValueError, match="RAFTDataConfig.train_jsonl"):
     raft.RAFTDataConfig(source="jsonl", train_jsonl=str(tmp_path / "missing.jsonl"))
   config = load_config("raft_synthetic")
-  with pytest.raises(ValueError, match="config.sources.reward_model_workdir is empty; RAFT needs it"):
+  with pytest.raises(ValueError,
+                     match="config.sources.reward_model_workdir is empty; RAFT needs it"):
     raft.train_and_evaluate(config, str(tmp_path))
 
 
 def test_raft_does_not_import_another_method():
   import ast
   tree = ast.parse(open(raft.__file__).read())
-  imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-              for alias in node.names} | {node.module for node in ast.walk(tree)
-                                          if isinstance(node, ast.ImportFrom)}
-  assert not imported & {"sft", "dpo", "listwise", "rlhf_jax.algorithms.sft",
-                         "rlhf_jax.algorithms.offline.dpo"}
+  imported = {
+      alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+      for alias in node.names} | {
+          node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+  assert not imported & {
+      "sft", "dpo", "listwise", "rlhf_jax.algorithms.sft", "rlhf_jax.algorithms.offline.dpo"}
 
 
 @pytest.mark.slow
 def test_two_rounds_end_to_end_and_rerun_skips_finished_rounds(tmp_path_factory, tmp_path):
   sft_dir = tiny_sft_workdir(tmp_path_factory)
   rm_dir = tiny_rm_workdir(tmp_path_factory, sft_dir)
-  config = override(load_config("raft_synthetic"), {
-      **TINY_RUN, "sources.sft_workdir": sft_dir, "sources.reward_model_workdir": rm_dir,
-      "raft.num_rounds": 2, "raft.prompts_per_round": 8, "raft.samples_per_prompt": 2,
-      "data.batch_size": 8, "raft.require_eos": False, "loop.checkpoint_every": 2})
+  config = override(
+      load_config("raft_synthetic"), {
+          **TINY_RUN, "sources.sft_workdir": sft_dir, "sources.reward_model_workdir": rm_dir,
+          "raft.num_rounds": 2, "raft.prompts_per_round": 8, "raft.samples_per_prompt": 2,
+          "data.batch_size": 8, "raft.require_eos": False, "loop.checkpoint_every": 2})
   workdir = str(tmp_path)
   final = raft.train_and_evaluate(config, workdir)
   assert final["step"] == 4 and final["method"] == "raft" and final["round"] == 2.0

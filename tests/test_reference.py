@@ -26,8 +26,9 @@ def _dataset(tmp_path, kind, rows, name="ds"):
 
 
 PAIRS = [{"prompt": "p", "chosen": "a" * (i + 1), "rejected": "b"} for i in range(5)]
-LISTS = [{"prompt": "p", "responses": ["a" * (i + 1), "bb", "c"][:2 + i % 2], "scores": [2, 1, 0][:2 + i % 2]}
-         for i in range(5)]
+LISTS = [{
+    "prompt": "p", "responses": ["a" * (i + 1), "bb", "c"][:2 + i % 2],
+    "scores": [2, 1, 0][:2 + i % 2]} for i in range(5)]
 
 
 def _lengths_fn(calls):
@@ -98,8 +99,8 @@ def test_on_the_fly_uses_the_one_summed_logprob_function_and_keeps_iterator_stat
   dummy = jnp.ones((1, 8), jnp.int32)
   params = meta.unbox(model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
   transform = reference.make_transform("on_the_fly", model=model, params=params, mesh=None)
-  it = reference.WithReference(batching.BatchIterator(ds, 2, seed=1, process_index=0,
-                                                      process_count=1), transform)
+  it = reference.WithReference(
+      batching.BatchIterator(ds, 2, seed=1, process_index=0, process_count=1), transform)
   batch = next(it)
   want = models.sequence_logprobs(model, params, batch["tokens"], batch["mask"],
                                   batch["loss_mask"]).sum(-1)

@@ -64,19 +64,22 @@ def test_breslow_ties_do_not_depend_on_candidate_order_and_padding_has_zero_grad
   lse = lambda *x: np.log(np.sum(np.exp(x)))  # noqa: E731
   hand = (lse(0.3, -0.2, 0.9) - 0.3) + (lse(-0.2, 0.9) + 0.2) + (lse(-0.2, 0.9) - 0.9)
   np.testing.assert_allclose(a[0], hand, rtol=1e-5)
-  grad = jax.grad(lambda x: reward_objectives.plackett_luce_breslow_loss(x, labels, mask)[0].sum())(s)
+  grad = jax.grad(lambda x: reward_objectives.plackett_luce_breslow_loss(x, labels, mask)[0].sum())(
+      s)
   assert np.all(np.isfinite(grad)) and grad[0, 3] == 0.0
 
 
 def test_all_pairs_with_two_candidates_equals_bradley_terry_through_the_model():
   model, params = _init()
   exs = [_ex("name 2 fruits", "fig, kiwi!", "gun"), _ex("list 1 tools", "saw", "sorry")]
-  pair = batching.collate([{"prompt": e["prompt"], "chosen": e["responses"][0],
-                            "rejected": e["responses"][1]} for e in exs], "pairwise", SPECIALS, WIDTH)
-  ranked = batching.collate([{"prompt": e["prompt"], "responses_flat": np.concatenate(e["responses"]),
-                              "response_lengths": np.asarray([len(r) for r in e["responses"]]),
-                              "scores": np.asarray([1.0, 0.0], np.float32)} for e in exs],
-                            "ranked", SPECIALS, WIDTH, num_candidates=2)
+  pair = batching.collate(
+      [{"prompt": e["prompt"], "chosen": e["responses"][0], "rejected": e["responses"][1]}
+       for e in exs], "pairwise", SPECIALS, WIDTH)
+  ranked = batching.collate([{
+      "prompt": e["prompt"], "responses_flat": np.concatenate(e["responses"]), "response_lengths":
+          np.asarray([len(r)
+                      for r in e["responses"]]), "scores": np.asarray([1.0, 0.0], np.float32)}
+                             for e in exs], "ranked", SPECIALS, WIDTH, num_candidates=2)
   bt = reward_objectives.make_objective(model, "bradley_terry")
   ap = reward_objectives.make_objective(model, "all_pairs")
   pl = reward_objectives.make_objective(model, "plackett_luce")
@@ -97,14 +100,14 @@ def test_rating_objectives_rescale_targets_and_need_a_scale():
   with pytest.raises(ValueError, match="objective='dpo'"):
     reward_objectives.make_objective(model, "dpo")
   model2, params2 = _init(num_outputs=2)
-  batch = batching.collate([{"prompt": np.asarray(TOK.encode("hi"), np.int32),
-                             "response": np.asarray(TOK.encode("yo"), np.int32),
-                             "attributes": np.asarray([7.0, 1.0], np.float32)}], "attributes",
-                           SPECIALS, WIDTH, num_attributes=2)
+  batch = batching.collate([{
+      "prompt": np.asarray(TOK.encode("hi"), np.int32), "response": np.asarray(
+          TOK.encode("yo"), np.int32), "attributes": np.asarray([7.0, 1.0], np.float32)}],
+                           "attributes", SPECIALS, WIDTH, num_attributes=2)
   f = reward_objectives.make_objective(model2, "multi_attribute", rating_scale=(1, 7))
   loss, metrics = f(params2, batch, None)
   r = model2.apply({"params": params2}, batch["tokens"], batch["mask"])[0]
-  np.testing.assert_allclose(loss[0], ((r[0] - 1) ** 2 + (r[1] + 1) ** 2) / 2, rtol=1e-5)
+  np.testing.assert_allclose(loss[0], ((r[0] - 1)**2 + (r[1] + 1)**2) / 2, rtol=1e-5)
   assert "mse_attr1" in metrics
 
 
@@ -140,9 +143,10 @@ def test_config_errors_name_the_field():
 
 def _info(num_outputs=1, mean=(0.5,), std=(2.0,)):
   names = ("reward",) if num_outputs == 1 else tuple(f"a{k}" for k in range(num_outputs))
-  return rs.RewardModelInfo(model=dataclasses.asdict(CFG), output_names=names, tokenizer_spec="byte",
-                            tokenizer_fingerprint=TOK.fingerprint(), max_prompt_len=12,
-                            max_response_len=40, mean=mean, std=std, objective="bradley_terry")
+  return rs.RewardModelInfo(model=dataclasses.asdict(CFG), output_names=names,
+                            tokenizer_spec="byte", tokenizer_fingerprint=TOK.fingerprint(),
+                            max_prompt_len=12, max_response_len=40, mean=mean, std=std,
+                            objective="bradley_terry")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +192,8 @@ def test_score_matches_manual_normalised_apply_and_chunking(saved_rm):
 def test_score_sharded_like_the_policy_equals_single_device(saved_rm):
   workdir, _, _ = saved_rm
   single = rs.score_texts(rs.load_reward_model(workdir), None, PROMPTS, RESPONSES)
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1),
+                            devices=jax.devices()[:4])
   handle = rs.load_reward_model(workdir, mesh=mesh, batch_size=3)
   assert handle.batch_size == 4 and handle.batch_ways == 4  # rounded up to the batch ways
   embed = handle.params["backbone"]["embed"]["embedding"] if "embed" in handle.params["backbone"] \
@@ -199,6 +204,7 @@ def test_score_sharded_like_the_policy_equals_single_device(saved_rm):
 
 
 class _OtherTokenizer(tok_lib.ByteTokenizer):
+
   def fingerprint(self):
     return "other-v259-0000"
 
@@ -230,7 +236,8 @@ def test_multi_output_scores_and_weights(tmp_path):
 
 
 def test_missing_artifact_and_bad_info(tmp_path):
-  with pytest.raises(FileNotFoundError, match="experiments/run.py --config=experiments/configs/rm_synthetic.py"):
+  with pytest.raises(FileNotFoundError,
+                     match="experiments/run.py --config=experiments/configs/rm_synthetic.py"):
     rs.load_reward_model(str(tmp_path))
   with pytest.raises(ValueError, match="std"):
     _info(mean=(0.0,), std=(0.0,))
@@ -258,11 +265,13 @@ def _prepare(tmp_path, objective, train_rows, eval_rows=None, **overrides):
 
 
 def test_ranked_bad_input_errors(tmp_path):
-  with pytest.raises(records.RecordError, match=r"train.jsonl:2: field 'responses': expected at least 2"):
-    _prepare(tmp_path, "all_pairs", [{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]},
-                                     {"prompt": "p", "responses": ["a"], "scores": [1]}])
+  with pytest.raises(records.RecordError,
+                     match=r"train.jsonl:2: field 'responses': expected at least 2"):
+    _prepare(tmp_path, "all_pairs", [{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}, {
+        "prompt": "p", "responses": ["a"], "scores": [1]}])
   with pytest.raises(records.RecordError, match=r"scores\[1\]': expected a finite number"):
-    _prepare(tmp_path, "plackett_luce", ['{"prompt": "p", "responses": ["a", "b"], "scores": [1, NaN]}'])
+    _prepare(tmp_path, "plackett_luce",
+             ['{"prompt": "p", "responses": ["a", "b"], "scores": [1, NaN]}'])
   with pytest.raises(records.RecordError, match=r"scores\[0\]': expected a number \(it is missing"):
     _prepare(tmp_path, "all_pairs", [{"prompt": "p", "responses": ["a", "b"], "scores": [None, 1]}])
 
@@ -280,9 +289,11 @@ def test_ranked_ties_are_counted_and_give_no_all_pairs_comparison(tmp_path):
 
 
 def test_rating_bad_input_errors(tmp_path):
-  rows = [{"prompt": "p", "response": "a", "rating": 5}, {"prompt": "p", "response": "b", "rating": 9}]
-  with pytest.raises(records.RecordError, match=r"train.jsonl:2: field 'rating': expected a rating "
-                                                r"within the declared scale \[1.0, 7.0\]"):
+  rows = [{"prompt": "p", "response": "a", "rating": 5},
+          {"prompt": "p", "response": "b", "rating": 9}]
+  with pytest.raises(
+      records.RecordError, match=r"train.jsonl:2: field 'rating': expected a rating "
+      r"within the declared scale \[1.0, 7.0\]"):
     _prepare(tmp_path, "likert", rows, rating_scale=(1, 7))
   with pytest.raises(ValueError, match="rating_scale"):
     _prepare(tmp_path, "likert", rows[:1])
@@ -304,8 +315,7 @@ def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
   sft_dir = tmp_path / "sft"
   (sft_dir / "checkpoints" / "5").mkdir(parents=True)
   (sft_dir / "config.json").write_text(json.dumps({"sources": {"tokenizer": "byte"}}))
-  fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(),
-                                        step=5)
+  fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(), step=5)
   monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
   from rlhf_jax.scoring.reward_model import TokenizerMismatchError
   with pytest.raises(TokenizerMismatchError, match="differs from the SFT run"):
@@ -315,9 +325,10 @@ def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
     reward_model.resolve_model_and_tokenizer(
         None, reward_model.RMConfig(), sections.Sources(sft_workdir=str(sft_dir), tokenizer="byte"))
   (tmp_path / "none").mkdir()
-  with pytest.raises(FileNotFoundError, match="experiments/run.py --config=experiments/configs/sft"):
-    reward_model.resolve_model_and_tokenizer(
-        None, reward_model.RMConfig(), sections.Sources(sft_workdir=str(tmp_path / "none")))
+  with pytest.raises(FileNotFoundError,
+                     match="experiments/run.py --config=experiments/configs/sft"):
+    reward_model.resolve_model_and_tokenizer(None, reward_model.RMConfig(),
+                                             sections.Sources(sft_workdir=str(tmp_path / "none")))
 
 
 def test_compute_dtype_overrides_only_the_sft_model_configs_dtype(tmp_path, monkeypatch):
@@ -352,8 +363,10 @@ def test_early_stopping_keeps_the_best_params_and_persists(tmp_path):
 
 def _rm_config(sft_dir, source="synthetic"):
   import os, sys  # noqa: E401  pylint: disable=import-outside-toplevel,multiple-imports
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "experiments", "configs"))
+  sys.path.insert(
+      0,
+      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                   "configs"))
   import rm_synthetic  # pylint: disable=import-outside-toplevel
   config = rm_synthetic.get_config("bradley_terry")
   config.sources.sft_workdir = str(sft_dir)
@@ -361,7 +374,8 @@ def _rm_config(sft_dir, source="synthetic"):
   return config
 
 
-def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resumed(tmp_path, monkeypatch):
+def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resumed(
+    tmp_path, monkeypatch):
   """Regression: a SIGTERM during the launcher's SFT stage used to be followed by a full RM run on
   the half-trained SFT checkpoint (and every later run reused that checkpoint)."""
   calls = []
@@ -403,8 +417,9 @@ def test_learning_curve_stops_at_a_point_stopped_by_sigterm(tmp_path, monkeypatc
   """Regression: after SIGTERM stopped one curve point, the sweep went on training the next ones."""
   from rlhf_jax.algorithms.reward import sweep as reward_sweep  # pylint: disable=import-outside-toplevel
   calls = []
-  monkeypatch.setattr(reward_sweep.reward_model, "train_and_evaluate",
-                      lambda config, workdir: calls.append(workdir) or {"step": 5, "preempted": True})
+  monkeypatch.setattr(
+      reward_sweep.reward_model, "train_and_evaluate",
+      lambda config, workdir: calls.append(workdir) or {"step": 5, "preempted": True})
   rows = reward_sweep.learning_curve(_rm_config(tmp_path / "sft"), str(tmp_path), [100, 200],
                                      ["bradley_terry", "all_pairs"])
   assert rows == [] and len(calls) == 1
@@ -441,8 +456,9 @@ def test_pairwise_eval_loss_from_the_scored_pairs_equals_the_objective_pass():
   texts = [("name 2 fruits", "fig, kiwi!", "saw"), ("list 1 tools", "awl", "awl!!!!"),
            ("name 3 colors", "red, tan, blue", "red!!")]
   examples = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)} for p, c, r in texts]
-  batches = [batching.collate(examples[:2], "pairwise", SPECIALS, WIDTH),
-             batching.collate([examples[2], None], "pairwise", SPECIALS, WIDTH)]  # a filler row
+  batches = [
+      batching.collate(examples[:2], "pairwise", SPECIALS, WIDTH),
+      batching.collate([examples[2], None], "pairwise", SPECIALS, WIDTH)]  # a filler row
   held_out = reward_eval.HeldOut(batches, pairwise=reward_eval.concat_batches(batches, 3),
                                  objective_is_pairwise=True)
   for center_coef in (0.0, 0.1):
@@ -469,7 +485,8 @@ def test_sigterm_during_an_evaluation_abandons_it_and_still_reaches_the_loop(mon
   batch = batching.collate([ex, ex], "pairwise", SPECIALS, WIDTH)
   held_out = reward_eval.HeldOut([batch], pairwise=reward_eval.concat_batches([batch], 2))
   objective = reward_objectives.make_objective(model, "bradley_terry")
-  scorer, eval_loss_fn = reward_eval.make_raw_scorer(model, 1), reward_eval.make_eval_loss_fn(objective)
+  scorer, eval_loss_fn = reward_eval.make_raw_scorer(model,
+                                                     1), reward_eval.make_eval_loss_fn(objective)
   seen = []
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
   try:

@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
 import rm_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 import sft_synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
-DATA = {"synthetic_num_prompts": 64, "synthetic_num_test_prompts": 16, "max_prompt_len": 24,
-        "max_response_len": 40, "buckets": (64,)}
+DATA = {
+    "synthetic_num_prompts": 64, "synthetic_num_test_prompts": 16, "max_prompt_len": 24,
+    "max_response_len": 40, "buckets": (64,)}
 
 
 def _split_limits(values):
@@ -43,17 +44,20 @@ def _set(config, overrides):
 def rm_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("rm_e2e")
   sft_dir, rm_dir = str(root / "sft"), str(root / "rm")
-  sft_cfg = _set(sft_synthetic.get_config(), {
-      "model.preset": "tiny", **_split_limits(DATA), "data.batch_size": 8,
-      "data.eval_batch_size": 16, "eval.num_sample_prompts": 4, "loop.num_steps": 4,
-      "loop.eval_every": 0, "loop.checkpoint_every": 4, "optim.warmup_steps": 1})
+  sft_cfg = _set(
+      sft_synthetic.get_config(), {
+          "model.preset": "tiny", **_split_limits(DATA), "data.batch_size": 8,
+          "data.eval_batch_size": 16, "eval.num_sample_prompts": 4, "loop.num_steps": 4,
+          "loop.eval_every": 0, "loop.checkpoint_every": 4, "optim.warmup_steps": 1})
   sft.train_and_evaluate(sft_cfg, sft_dir)
-  rm_cfg = _set(rm_synthetic.get_config("bradley_terry"), {
-      "sources.sft_workdir": sft_dir, "rm.early_stopping_patience": 1, **_split_limits(DATA),
-      "data.batch_size": 8, "data.eval_batch_size": 16, "loop.num_steps": 8, "loop.eval_every": 2,
-      "loop.checkpoint_every": 2, "loop.log_every": 2, "optim.warmup_steps": 1, "optim.lr": 3e-3,
-      "eval.num_normalization_prompts": 8, "eval.samples_per_prompt": 2, "eval.num_gold_prompts": 8,
-      "eval.sample_batch": 8})
+  rm_cfg = _set(
+      rm_synthetic.get_config("bradley_terry"), {
+          "sources.sft_workdir": sft_dir, "rm.early_stopping_patience": 1,
+          **_split_limits(DATA), "data.batch_size": 8, "data.eval_batch_size": 16,
+          "loop.num_steps": 8, "loop.eval_every": 2, "loop.checkpoint_every": 2,
+          "loop.log_every": 2, "optim.warmup_steps": 1, "optim.lr": 3e-3,
+          "eval.num_normalization_prompts": 8, "eval.samples_per_prompt": 2,
+          "eval.num_gold_prompts": 8, "eval.sample_batch": 8})
   final = reward_model.train_and_evaluate(rm_cfg, rm_dir)
   return rm_dir, rm_cfg, final
 
@@ -91,12 +95,13 @@ def test_normalised_rewards_have_mean_0_std_1_on_the_sft_samples(rm_run):
                                           vocab_size=259)
   eval_cfg = reward_stats.RMEvalConfig(**rm_cfg.eval.to_dict())
   prompts = data.normalization_prompts
-  samples = reward_stats.sample_responses(
-      reward_model.models.Transformer(ckpt.model_config), ckpt.params, prompts["prompt_tokens"][:8],
-      prompts["prompt_mask"][:8], ckpt.tokenizer, eval_cfg, 40,
-      jax.random.fold_in(jax.random.PRNGKey(eval_cfg.seed), 0))
-  r = np.asarray(reward_model.score(handle, samples["prompt_tokens"], samples["prompt_mask"],
-                                    samples["response_tokens_BxR"], samples["response_mask_BxR"]))
+  samples = reward_stats.sample_responses(reward_model.models.Transformer(ckpt.model_config),
+                                          ckpt.params, prompts["prompt_tokens"][:8],
+                                          prompts["prompt_mask"][:8], ckpt.tokenizer, eval_cfg, 40,
+                                          jax.random.fold_in(jax.random.PRNGKey(eval_cfg.seed), 0))
+  r = np.asarray(
+      reward_model.score(handle, samples["prompt_tokens"], samples["prompt_mask"],
+                         samples["response_tokens_BxR"], samples["response_mask_BxR"]))
   assert r.shape == (16,)
   np.testing.assert_allclose([r.mean(), r.std()], [0.0, 1.0], atol=2e-3)
 
@@ -113,14 +118,16 @@ def test_rerun_resumes_without_training_again(rm_run):
 def test_learning_curve_configs_and_plot(tmp_path):
   config = rm_synthetic.get_config("bradley_terry")
   sub = reward_sweep.sub_config(config, "all_pairs", 500)
-  assert (sub.rm.objective, sub.data.num_train_examples, sub.data.batch_size) == ("all_pairs", 500, 8)
+  assert (sub.rm.objective, sub.data.num_train_examples, sub.data.batch_size) == ("all_pairs", 500,
+                                                                                  8)
   assert config.rm.objective == "bradley_terry"  # the base config is untouched
   assert reward_sweep.sub_config(config, "bradley_terry", 16).data.batch_size == 16
   with pytest.raises(ValueError, match="learning curve objective 'likert'"):
     reward_sweep.learning_curve(config, str(tmp_path), [100], ["likert"])
   rows = [{"objective": o, "num_prompts": n, "pairwise/accuracy": a}
-          for o, n, a in [("bradley_terry", 100, 0.6), ("bradley_terry", 400, 0.7),
-                          ("all_pairs", 100, 0.65), ("all_pairs", 400, 0.75)]]
+          for o, n, a in [("bradley_terry", 100, 0.6), ("bradley_terry", 400,
+                                                        0.7), ("all_pairs", 100,
+                                                               0.65), ("all_pairs", 400, 0.75)]]
   path = reward_report.plot_learning_curve(rows, str(tmp_path / "curve.png"), bayes_optimal=0.85)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -135,12 +142,14 @@ def test_launcher_stops_promptly_on_sigterm_with_a_checkpoint(rm_run, tmp_path):
   import time  # pylint: disable=import-outside-toplevel
   sft_dir = os.path.join(os.path.dirname(rm_run[0]), "sft")
   workdir = tmp_path / "rm_sigterm"
-  overrides = {"sources.sft_workdir": sft_dir, **_split_limits(DATA),
-               "data.batch_size": 8, "data.eval_batch_size": 16, "loop.num_steps": 100_000,
-               "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 100_000,
-               "rm.early_stopping_patience": 0}
-  args = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
-          f"--config={os.path.join(REPO, 'experiments', 'configs', 'rm_synthetic.py')}"]
+  overrides = {
+      "sources.sft_workdir": sft_dir, **_split_limits(DATA), "data.batch_size": 8,
+      "data.eval_batch_size": 16, "loop.num_steps": 100_000, "loop.log_every": 1,
+      "loop.eval_every": 0, "loop.checkpoint_every": 100_000, "rm.early_stopping_patience": 0}
+  args = [
+      sys.executable,
+      os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
+      f"--config={os.path.join(REPO, 'experiments', 'configs', 'rm_synthetic.py')}"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   with open(tmp_path / "launcher.log", "w") as log:
     proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -23,8 +23,8 @@ LENGTHS = (3, 6)  # real prompt tokens per row; row 0 is left-padded by 3
 
 def random_params(model, seed=0, std=0.1):
   """Random params with the model's exact tree, drawn in NumPy (skips a slow init compile)."""
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
-      jax.random.key(0), jnp.ones((1, 2), jnp.int32)))["params"])
+  shapes = jax.eval_shape(
+      lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32)))["params"])
   rng = np.random.default_rng(seed)
 
   def draw(path, s):
@@ -32,6 +32,7 @@ def random_params(model, seed=0, std=0.1):
     if "scale" in name:
       return jnp.ones(s.shape, s.dtype)
     return jnp.asarray(rng.normal(size=s.shape) * std, s.dtype)
+
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
@@ -91,9 +92,9 @@ def test_stops_at_eos_and_stop_ids(setup):
                   SamplingConfig(max_new_tokens=R, greedy=True))
   free = np.asarray(greedy.response_tokens_BxR)
   eos, stop = int(free[0, 2]), int(free[1, 1])
-  out = sample(model, params, prompts, mask, jax.random.key(0),
-               SamplingConfig(max_new_tokens=R, greedy=True, eos_id=eos, stop_ids=(stop,),
-                              pad_id=258))
+  out = sample(
+      model, params, prompts, mask, jax.random.key(0),
+      SamplingConfig(max_new_tokens=R, greedy=True, eos_id=eos, stop_ids=(stop,), pad_id=258))
   tokens, resp_mask = np.asarray(out.response_tokens_BxR), np.asarray(out.response_mask_BxR)
   for b in range(2):
     hits = [t for t in range(R) if free[b, t] in (eos, stop)]
@@ -133,7 +134,7 @@ def test_sampling_respects_top_k_top_p_and_temperature(setup):
   # ... and the raw log-probs are what sequence_logprobs re-scores from the full sequences.
   full_tokens, full_mask, loss_mask = out.full_sequences()
   rescored = jax.jit(sequence_logprobs, static_argnums=0)(model, params, full_tokens, full_mask,
-                                                         loss_mask)[:, P:]
+                                                          loss_mask)[:, P:]
   np.testing.assert_allclose(out.response_logps_BxR, rescored, atol=1e-5)
 
   # Deterministic for a fixed key, different for another key.
@@ -193,7 +194,8 @@ class TopPTest(chex.TestCase):
       ours = np.asarray(apply_top_p(jnp.asarray(logits), p))
       np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(hf))
       hf_ties = warpers.TopPLogitsWarper(top_p=0.5)(None, torch.from_numpy(ties)).numpy()
-      assert np.isfinite(hf_ties).sum() == np.isfinite(np.asarray(apply_top_p(ties, 0.5))).sum() == 2
+      assert np.isfinite(hf_ties).sum() == np.isfinite(np.asarray(apply_top_p(ties,
+                                                                              0.5))).sum() == 2
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -203,8 +205,7 @@ class TopPTest(chex.TestCase):
     (dict(max_new_tokens=4, top_p=0.0), "top_p"),
     (dict(max_new_tokens=4, num_samples=0), "num_samples"),
     (dict(max_new_tokens=4, eos_id=-2), "eos_id"),
-    (dict(max_new_tokens=4, stop_ids=[-1]), "stop_ids"),
-])
+    (dict(max_new_tokens=4, stop_ids=[-1]), "stop_ids"),])
 def test_bad_sampling_config_names_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     SamplingConfig(**kwargs)
@@ -212,8 +213,8 @@ def test_bad_sampling_config_names_the_field(kwargs, field):
 
 def test_sampling_config_is_hashable():
   cfg = SamplingConfig(max_new_tokens=4, stop_ids=[5, 6])
-  assert cfg.stop_ids == (5, 6) and hash(cfg) == hash(SamplingConfig(max_new_tokens=4,
-                                                                      stop_ids=(5, 6)))
+  assert cfg.stop_ids == (5, 6) and hash(cfg) == hash(
+      SamplingConfig(max_new_tokens=4, stop_ids=(5, 6)))
 
 
 def test_input_validation(setup):
@@ -238,8 +239,8 @@ def test_decode_loop_updates_cache_in_place(setup, scan_layers):
   model, _, prompts, mask = setup
   model = Transformer(model.config.replace(scan_layers=scan_layers))
   cfg = model.config
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(
-      jax.random.key(0), jnp.ones((1, 2), jnp.int32))))
+  abstract = jax.eval_shape(
+      lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))))
   hlo = _sample_jit.lower(model, SamplingConfig(max_new_tokens=R), abstract, prompts, mask,
                           jax.random.key(0)).compile().as_text()
   layer_dims = f"2,{cfg.num_kv_heads},{P + R},{cfg.head_size}]"

@@ -29,11 +29,11 @@ def _handle(num_outputs=1, seed=0, attribute_weights=None, mean=None, std=None):
   dummy = jnp.ones((1, 8), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy, dummy))["params"]
   names = ("reward",) if num_outputs == 1 else tuple(f"a{k}" for k in range(num_outputs))
-  info = scoring.RewardModelInfo(
-      model=dataclasses.asdict(CFG), output_names=names, tokenizer_spec="byte",
-      tokenizer_fingerprint=TOK.fingerprint(), max_prompt_len=P, max_response_len=R,
-      mean=mean or tuple(0.1 * k for k in range(num_outputs)),
-      std=std or tuple(1.0 + k for k in range(num_outputs)), objective="test")
+  info = scoring.RewardModelInfo(model=dataclasses.asdict(CFG), output_names=names,
+                                 tokenizer_spec="byte", tokenizer_fingerprint=TOK.fingerprint(),
+                                 max_prompt_len=P, max_response_len=R, mean=mean or
+                                 tuple(0.1 * k for k in range(num_outputs)), std=std or
+                                 tuple(1.0 + k for k in range(num_outputs)), objective="test")
   return scoring.make_handle(info, params, attribute_weights=attribute_weights)
 
 
@@ -111,9 +111,9 @@ def test_a_multi_output_model_needs_explicit_weights_and_applies_them_everywhere
   combined_B = np.asarray(scoring.score(handle, *tokens))
   chex.assert_trees_all_close(combined_B, per_BxK[:, 0] + 2 * per_BxK[:, 1], atol=1e-5)
   # a mapping, a sequence and a per-call override mean the same weights
-  chex.assert_trees_all_close(np.asarray(scoring.score(bare, *tokens,
-                                                       attribute_weights={"a1": 2, "a0": 1})),
-                              combined_B, atol=1e-6)
+  chex.assert_trees_all_close(
+      np.asarray(scoring.score(bare, *tokens, attribute_weights={"a1": 2, "a0": 1})), combined_B,
+      atol=1e-6)
   mean = _handle(num_outputs=2, seed=1, attribute_weights="mean")
   chex.assert_trees_all_close(np.asarray(scoring.score(mean, *tokens)), per_BxK.mean(1), atol=1e-5)
   # PPO's jitted scoring phase reduces with the same weights (it used to take head 0 silently)
@@ -128,9 +128,11 @@ def test_a_multi_output_model_needs_explicit_weights_and_applies_them_everywhere
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("a0:1,a0:2", "each output name once"), ("a0=1", "invalid at"), ("a0:x", "invalid at"),
-    ("a0:1", "exactly the reward model's outputs"), ((1.0,), "2 entries|1 entries"),
-])
+    ("a0:1,a0:2", "each output name once"),
+    ("a0=1", "invalid at"),
+    ("a0:x", "invalid at"),
+    ("a0:1", "exactly the reward model's outputs"),
+    ((1.0,), "2 entries|1 entries"),])
 def test_bad_attribute_weights_name_what_is_allowed(spec, message):
   with pytest.raises(ValueError, match=message):
     _handle(num_outputs=2, attribute_weights=spec)

@@ -35,12 +35,20 @@ def _load_config_module(name):
 sft_synthetic = _load_config_module("sft_synthetic")
 
 TINY_OVERRIDES = {
-    "model.preset": "tiny", "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
-    "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
-    "eval.num_sample_prompts": 4, "eval.print_samples": 1, "loop.num_steps": 8, "loop.log_every": 2,
-    "loop.eval_every": 0, "loop.checkpoint_every": 4, "loop.progress_every_secs": 0.0,
-    "optim.warmup_steps": 2,
-}
+    "model.preset": "tiny",
+    "data.synthetic_num_prompts": 96,
+    "data.synthetic_num_test_prompts": 16,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 16,
+    "limits.buckets": (80,),
+    "eval.num_sample_prompts": 4,
+    "eval.print_samples": 1,
+    "loop.num_steps": 8,
+    "loop.log_every": 2,
+    "loop.eval_every": 0,
+    "loop.checkpoint_every": 4,
+    "loop.progress_every_secs": 0.0,
+    "optim.warmup_steps": 2,}
 
 
 def tiny_config(**extra):
@@ -108,9 +116,10 @@ def test_workdir_with_other_model_config_is_refused(full_run, tmp_path):
 
 
 def test_loading_a_workdir_that_is_not_a_finished_sft_run_says_so(full_run, tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"is not an SFT run's workdir \(missing "
-                                              r"run_fingerprint.json, config.json\).*"
-                                              r"experiments/run.py --config=experiments/configs/sft"):
+  with pytest.raises(
+      FileNotFoundError, match=r"is not an SFT run's workdir \(missing "
+      r"run_fingerprint.json, config.json\).*"
+      r"experiments/run.py --config=experiments/configs/sft"):
     train.load_sft_params(str(tmp_path / "empty"))
   started = tmp_path / "started"  # fingerprint and config written, no checkpoint committed yet
   started.mkdir()
@@ -122,11 +131,10 @@ def test_loading_a_workdir_that_is_not_a_finished_sft_run_says_so(full_run, tmp_
 
 @pytest.mark.parametrize("key,value,message", [
     ("optim.schedule", "cosin", "config.optim: OptimConfig.schedule='cosin' is invalid; allowed: "
-                                "cosine | linear | constant"),
+     "cosine | linear | constant"),
     ("data.source", "csv", "SFTDataConfig.source='csv' is invalid; allowed: synthetic | jsonl"),
     ("model.preset", "huge", "allowed presets"),
-    ("loop.num_steps", 0, "config.loop: LoopConfig.num_steps=0 is invalid"),
-])
+    ("loop.num_steps", 0, "config.loop: LoopConfig.num_steps=0 is invalid"),])
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):
   with pytest.raises(ValueError) as err:
     sft.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
@@ -145,15 +153,19 @@ def test_unknown_config_keys_are_named(tmp_path):
 
 
 def _launch(workdir, *flags):
-  cmd = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
-         f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}"]
-  cmd += [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-          for k, v in TINY_OVERRIDES.items() if k != "limits.buckets"]
+  cmd = [
+      sys.executable,
+      os.path.join(REPO, "experiments", "run.py"), f"--workdir={workdir}",
+      f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}"]
+  cmd += [
+      f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+      for k, v in TINY_OVERRIDES.items()
+      if k != "limits.buckets"]
   cmd += ["--config.limits.buckets=(80,)", *flags]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env["XLA_FLAGS"] = ""  # one CPU device, as a user would have
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=REPO)
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=REPO)
 
 
 def _wait_for(predicate, proc, timeout=120.0):
@@ -224,9 +236,10 @@ def test_launcher_rejects_unknown_flag_key(tmp_path):
 
 def _jsonl_config(train_jsonl, eval_jsonl, **extra):
   config = _load_config_module("sft_jsonl").get_config()
-  values = {**TINY_OVERRIDES, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
-            "loop.num_steps": 2, "loop.checkpoint_every": 2, "data.train_jsonl": train_jsonl,
-            "data.eval_jsonl": eval_jsonl, **extra}
+  values = {
+      **TINY_OVERRIDES, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
+      "loop.num_steps": 2, "loop.checkpoint_every": 2, "data.train_jsonl": train_jsonl,
+      "data.eval_jsonl": eval_jsonl, **extra}
   for key, value in values.items():
     section, name = key.split(".")
     config[section][name] = value
@@ -234,8 +247,9 @@ def _jsonl_config(train_jsonl, eval_jsonl, **extra):
 
 
 def test_jsonl_config_requires_existing_files(tmp_path):
-  with pytest.raises(ValueError, match=r"config.data: SFTDataConfig.train_jsonl='/nonexistent.jsonl' "
-                                       r"is invalid; allowed: an existing file"):
+  with pytest.raises(
+      ValueError, match=r"config.data: SFTDataConfig.train_jsonl='/nonexistent.jsonl' "
+      r"is invalid; allowed: an existing file"):
     sft.train_and_evaluate(_jsonl_config("/nonexistent.jsonl", "/nonexistent.jsonl"), str(tmp_path))
 
 

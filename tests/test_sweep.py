@@ -35,7 +35,8 @@ def test_grid_parsing_and_expansion():
   grid = sweep.parse_grid(["loss.loss_type=sigmoid,bco_pair;ipo", "config.loss.beta=0.1,0.3"])
   assert grid == [("loss.loss_type", ["sigmoid,bco_pair", "ipo"]), ("loss.beta", ["0.1", "0.3"])]
   points = sweep.expand(grid)
-  assert len(points) == 4 and points[0] == {"loss.loss_type": "sigmoid,bco_pair", "loss.beta": "0.1"}
+  assert len(points) == 4 and points[0] == {
+      "loss.loss_type": "sigmoid,bco_pair", "loss.beta": "0.1"}
   assert sweep.run_name(points[0]) == "loss_type-sigmoid_bco_pair__beta-0.1"
   with pytest.raises(ValueError, match="not key=value"):
     sweep.parse_grid(["loss.beta"])
@@ -45,8 +46,9 @@ def test_sweep_runs_reports_failures_and_skips_finished_runs(tmp_path):
   launcher = tmp_path / "fake_launcher.py"
   launcher.write_text(FAKE_LAUNCHER)
   sweep_dir = tmp_path / "sweep"
-  argv = [f"--launcher={launcher}", "--grid=loss.beta=0.1,0.5,2.0", "--grid=seed=0,1",
-          "--set=loss.loss_type=ipo", f"--sweep_dir={sweep_dir}", "--parallel=2"]
+  argv = [
+      f"--launcher={launcher}", "--grid=loss.beta=0.1,0.5,2.0", "--grid=seed=0,1",
+      "--set=loss.loss_type=ipo", f"--sweep_dir={sweep_dir}", "--parallel=2"]
   rows = sweep.main(argv)
   assert len(rows) == 6
   failed = [r for r in rows if r["status"].startswith("failed")]
@@ -64,16 +66,19 @@ def test_sweep_runs_reports_failures_and_skips_finished_runs(tmp_path):
   # rerun: the 4 finished runs are skipped, the 2 failed ones are attempted again
   rows = sweep.main(argv)
   calls = {r["run"]: len(open(sweep_dir / r["run"] / "calls.txt").readlines()) for r in rows}
-  assert calls == {"beta-0.1__seed-0": 1, "beta-0.1__seed-1": 1, "beta-0.5__seed-0": 1,
-                   "beta-0.5__seed-1": 1, "beta-2.0__seed-0": 2, "beta-2.0__seed-1": 2}
+  assert calls == {
+      "beta-0.1__seed-0": 1, "beta-0.1__seed-1": 1, "beta-0.5__seed-0": 1, "beta-0.5__seed-1": 1,
+      "beta-2.0__seed-0": 2, "beta-2.0__seed-1": 2}
   assert sum(r["status"] == "finished earlier (skipped)" for r in rows) == 4
 
 
 def test_command_line_exit_status_reflects_failures(tmp_path):
   launcher = tmp_path / "fake_launcher.py"
   launcher.write_text(FAKE_LAUNCHER)
-  base = [sys.executable, os.path.join(REPO, "launch", "sweep.py"), f"--launcher={launcher}",
-          "--set=loss.loss_type=sigmoid", "--grid=seed=0"]
+  base = [
+      sys.executable,
+      os.path.join(REPO, "launch", "sweep.py"), f"--launcher={launcher}",
+      "--set=loss.loss_type=sigmoid", "--grid=seed=0"]
   good = subprocess.run(base + ["--grid=loss.beta=0.1", f"--sweep_dir={tmp_path / 'a'}"],
                         capture_output=True, text=True)
   assert good.returncode == 0, good.stderr

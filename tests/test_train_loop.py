@@ -49,9 +49,9 @@ def toy_loss(params, batch, rng):
 
 def toy_params(seed=0):
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-  return {"dense": {"kernel": jax.random.normal(k1, (4, 16)) * 0.5, "bias": jnp.zeros((16,))},
-          "norm": {"scale": jnp.ones((16,))},
-          "out": {"kernel": jax.random.normal(k2, (16, 2)) * 0.5}}
+  return {
+      "dense": {"kernel": jax.random.normal(k1, (4, 16)) * 0.5, "bias": jnp.zeros((16,))},
+      "norm": {"scale": jnp.ones((16,))}, "out": {"kernel": jax.random.normal(k2, (16, 2)) * 0.5}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,14 +66,15 @@ def run_toy(workdir, num_steps, stop_after=0, accum=1, mesh=None, checkpoint_eve
             hidden_fingerprint=16, data=None):
   mesh = mesh or parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
   opt, step_fn = _toy_step(num_steps, accum)
-  params = jax.device_put(toy_params(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  params = jax.device_put(toy_params(),
+                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   state = train.create_train_state(params, opt, jax.random.PRNGKey(1), mesh)
   loop_cfg = train.LoopConfig(num_steps=num_steps, log_every=2, checkpoint_every=checkpoint_every,
                               keep_checkpoints=2, stop_after_steps=stop_after, eval_every=4,
                               progress_every_secs=0.0)
-  return train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                     data=data or ToyData(), fingerprint={"model": {"hidden": hidden_fingerprint}},
-                     mesh=mesh, eval_fn=eval_fn, run_config={"toy": True, "num_steps": num_steps})
+  return train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn, data=data or
+                     ToyData(), fingerprint={"model": {"hidden": hidden_fingerprint}}, mesh=mesh,
+                     eval_fn=eval_fn, run_config={"toy": True, "num_steps": num_steps})
 
 
 def _leaves(state):
@@ -167,6 +168,7 @@ def test_restore_params_reads_latest_checkpoint(tmp_path):
 
 
 class _FiniteToyData(ToyData):
+
   def __next__(self):
     if self.index >= 5:
       raise StopIteration
@@ -204,9 +206,10 @@ def test_non_finite_step_is_never_applied_nor_checkpointed(tmp_path):
   """Step 6 is NaN with checkpoint_every=1: the run stops naming step 6 and its cause, and the
   latest checkpoint is step 5 (before the fix DPO's loop saved a checkpoint after the bad step)."""
   good = run_toy(str(tmp_path / "good"), 12, stop_after=5, checkpoint_every=1)
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r"non-finite loss or gradient at step 6 \(loss=nan.*\) .*latest "
-                           r"checkpoint \(step 5\)") as err:
+  with pytest.raises(
+      train.NonFiniteLossError,
+      match=r"non-finite loss or gradient at step 6 \(loss=nan.*\) .*latest "
+      r"checkpoint \(step 5\)") as err:
     run_toy(str(tmp_path / "bad"), 12, checkpoint_every=1, data=_PoisonedToyData(5))
   assert err.value.step == 6 and err.value.last_good == 5
   assert train.latest_step(str(tmp_path / "bad")) == 5
@@ -222,7 +225,8 @@ def test_guard_step_keeps_params_on_a_non_finite_step():
   guarded = jax.jit(train.guard_step(step_fn))
   new, metrics = guarded(state, _PoisonedToyData(0).__next__())
   assert float(metrics["nonfinite"]) == 1.0 and int(new.step) == 1
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), jax.device_get(state.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params),
+               jax.device_get(state.params))
   new, metrics = guarded(new, next(ToyData()))
   assert float(metrics["nonfinite"]) == 0.0
 
@@ -238,8 +242,9 @@ def test_should_stop_ends_the_run_records_the_reason_and_a_rerun_returns_it(tmp_
   result = _run_toy_with(str(tmp_path), 40, eval_fn=eval_fn, should_stop=should_stop)
   assert result.stop_reason == "eval accuracy reached" and not result.preempted
   assert result.step == 8 and result.eval_metrics == {"accuracy": 1.0}
-  assert (2, ["train/accuracy", "train/grad_norm", "train/loss", "train/lr", "train/steps_per_s",
-              "train/tokens_per_s"]) in seen
+  assert (2, [
+      "train/accuracy", "train/grad_norm", "train/loss", "train/lr", "train/steps_per_s",
+      "train/tokens_per_s"]) in seen
   assert (4, ["eval/accuracy"]) in seen
   assert train.latest_step(str(tmp_path)) == 8
   evals = [r["step"] for r in train.read_metrics(str(tmp_path), "eval")]
@@ -298,8 +303,8 @@ def test_host_iterations_get_the_same_shell_resume_eval_and_initial_eval(tmp_pat
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   rows = train.read_metrics(str(tmp_path / "split"), "train")
   assert [r["step"] for r in rows] == list(range(1, 8))  # log_every=1: one row per iteration
-  assert [r["loss"] for r in rows] == [r["loss"] for r in train.read_metrics(
-      str(tmp_path / "full"), "train")]
+  assert [r["loss"] for r in rows
+         ] == [r["loss"] for r in train.read_metrics(str(tmp_path / "full"), "train")]
   # the jitted path computes the same updates
   jitted = run_toy(str(tmp_path / "jitted"), 7)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(jitted.state.params),
@@ -308,7 +313,7 @@ def test_host_iterations_get_the_same_shell_resume_eval_and_initial_eval(tmp_pat
 
 def test_host_iteration_non_finite_metrics_or_rollout_stop_before_saving(tmp_path):
   with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 4 \(nan\) .*"
-                                                     r"latest checkpoint \(step 2\)"):
+                     r"latest checkpoint \(step 2\)"):
     run_toy_iterations(str(tmp_path / "a"), 7, data=_PoisonedToyData(3))
   assert train.latest_step(str(tmp_path / "a")) == 2
 
@@ -318,8 +323,9 @@ def test_host_iteration_non_finite_metrics_or_rollout_stop_before_saving(tmp_pat
   opt, _ = _toy_step(7, 1)
   mesh = parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
   state = train.create_train_state(toy_params(), opt, jax.random.PRNGKey(1), mesh)
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r"non-finite rewards at step 1 \(NaN/inf in rows \[1\]\) .*\(none yet\)"):
+  with pytest.raises(
+      train.NonFiniteLossError,
+      match=r"non-finite rewards at step 1 \(NaN/inf in rows \[1\]\) .*\(none yet\)"):
     train.train(workdir=str(tmp_path / "b"), config=train.LoopConfig(num_steps=2), state=state,
                 iteration=bad_rollout, data=ToyData(), fingerprint={"model": {}})
   assert train.latest_step(str(tmp_path / "b")) is None

@@ -20,8 +20,7 @@ from rlhf_jax.train import metrics as metrics_lib
     ("end_lr_ratio", 1.5, "[0, 1]"),
     ("b2", 1.0, "[0, 1)"),
     ("clip_norm", -1.0, ">= 0"),
-    ("grad_accum_steps", 0, ">= 1"),
-])
+    ("grad_accum_steps", 0, ">= 1"),])
 def test_optim_config_names_field_and_allowed_values(field, value, allowed):
   with pytest.raises(ValueError) as err:
     train.OptimConfig(**{field: value})
@@ -94,7 +93,8 @@ def test_clipping_bounds_the_first_update():
 
 def test_tensorboard_events_roundtrip_purge_on_resume_samples_and_hparams(tmp_path):
   workdir = str(tmp_path)
-  json.dump({"optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "seed": 3}, open(tmp_path / "config.json", "w"))
+  json.dump({"optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "seed": 3},
+            open(tmp_path / "config.json", "w"))
   writer = metrics_lib.MetricsWriter(workdir)
   for step in (1, 2, 3, 4):  # the run checkpoints at 2, then dies after logging 3 and 4
     writer.write(step, {"loss": float(step)})
@@ -107,13 +107,14 @@ def test_tensorboard_events_roundtrip_purge_on_resume_samples_and_hparams(tmp_pa
   assert events.scalars[:2] == [(1, "train/loss", 1.0), (2, "train/loss", 2.0)]
   assert (2**40, "eval/nll", -0.25) in events.scalars
   assert events.texts[0][:2] == (4, "eval/samples") and "a\\|b" in events.texts[0][2]
-  assert events.hparams == {"optim.lr": pytest.approx(1e-3), "optim.betas": "[0.9, 0.95]",
-                            "seed": 3}
+  assert events.hparams == {
+      "optim.lr": pytest.approx(1e-3), "optim.betas": "[0.9, 0.95]", "seed": 3}
   resumed = metrics_lib.MetricsWriter(workdir, resume_step=2)  # restarts from the step-2 checkpoint
   resumed.write(3, {"loss": 30.0})
   resumed.close()
   events = train.read_tensorboard(str(tmp_path / "tensorboard"))
-  assert [(s, v) for s, t, v in events.scalars if t == "train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  assert [(s, v) for s, t, v in events.scalars if t == "train/loss"] == [(1, 1.0), (2, 2.0),
+                                                                         (3, 30.0)]
   assert events.texts == [] and not any(t.startswith("eval/") for _, t, _ in events.scalars)
   assert [r["step"] for r in train.read_metrics(workdir)] == [1, 2, 3]  # the JSONL agrees
   path = os.path.join(tmp_path, "tensorboard", sorted(os.listdir(tmp_path / "tensorboard"))[0])
@@ -127,7 +128,8 @@ def test_tensorboard_events_roundtrip_purge_on_resume_samples_and_hparams(tmp_pa
 def test_config_sections_roundtrip_and_name_bad_keys():
   from rlhf_jax.train import config_dicts
   section = config_dicts.dataclass_section(train.OptimConfig, lr=1e-3)
-  assert config_dicts.to_dataclass(train.OptimConfig, section, "optim") == train.OptimConfig(lr=1e-3)
+  assert config_dicts.to_dataclass(train.OptimConfig, section,
+                                   "optim") == train.OptimConfig(lr=1e-3)
   section.lr = -1.0
   with pytest.raises(ValueError, match=r"config.optim: OptimConfig.lr=-1.0 is invalid"):
     config_dicts.to_dataclass(train.OptimConfig, section, "optim")

@@ -15,8 +15,8 @@ from rlhf_jax.train import config_dicts
 STAGES = ("sft", "rm", "dpo", "ipo", "pro", "rrhf", "raft", "best_of_n")
 # The pipeline's policy: the `small` preset narrowed to 0.62M parameters so that every stage fits
 # the 15-minute budget on 2 CPU cores.
-MODEL = {"preset": "small", "d_model": 128, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2,
-         "d_ff": 384}
+MODEL = {
+    "preset": "small", "d_model": 128, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384}
 # Held-out evaluation shared by every method (same prompts, same seed -> the same SFT baseline).
 EVAL = {"num_prompts": 128, "max_new_tokens": 48, "print_samples": 1}
 
@@ -35,10 +35,10 @@ def _set(section: ml_collections.ConfigDict, values: dict) -> None:
 
 
 def _loop(num_steps: int, evals: int = 1) -> dict:
-  return {"loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
-          "loop.eval_every": num_steps // evals if evals > 1 else 0,
-          "loop.checkpoint_every": num_steps, "loop.keep_checkpoints": 1,
-          "loop.progress_every_secs": 15.0}
+  return {
+      "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
+      "loop.eval_every": num_steps // evals if evals > 1 else 0, "loop.checkpoint_every": num_steps,
+      "loop.keep_checkpoints": 1, "loop.progress_every_secs": 15.0}
 
 
 def get_config(size: str = "default") -> ml_collections.ConfigDict:
@@ -60,20 +60,21 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
 
   config.sft = _load("sft_synthetic")
   _set(config.sft, {f"model.{k}": v for k, v in MODEL.items()})
-  _set(config.sft, {"data.batch_size": 32, "optim.lr": 3e-3, "optim.warmup_steps": 20,
-                    "eval.num_sample_prompts": 128, "eval.print_samples": 1,
-                    **_loop(400)})
+  _set(
+      config.sft, {
+          "data.batch_size": 32, "optim.lr": 3e-3, "optim.warmup_steps": 20,
+          "eval.num_sample_prompts": 128, "eval.print_samples": 1, **_loop(400)})
 
   config.rm = _load("rm_synthetic", "bradley_terry")
   # The pipeline's RM keeps the 4000-pair task and the 512-pair held-out cap it was measured with
   # (README table); rm_synthetic.py's standalone default now uses 16000 pairs / 2000 held-out and
   # bfloat16 compute; the pipeline's RM stays float32 like the rest of its stages.
-  _set(config.rm, {"rm.early_stopping_patience": 0, "rm.compute_dtype": "",
-                   "optim.lr": 3e-4, "optim.warmup_steps": 10,
-                   "data.synthetic_num_prompts": 4000, "data.synthetic_num_test_prompts": 500,
-                   "data.max_eval_examples": 512,
-                   "eval.num_normalization_prompts": 128, "eval.num_gold_prompts": 128,
-                   **_loop(200)})
+  _set(
+      config.rm, {
+          "rm.early_stopping_patience": 0, "rm.compute_dtype": "", "optim.lr": 3e-4,
+          "optim.warmup_steps": 10, "data.synthetic_num_prompts": 4000,
+          "data.synthetic_num_test_prompts": 500, "data.max_eval_examples": 512,
+          "eval.num_normalization_prompts": 128, "eval.num_gold_prompts": 128, **_loop(200)})
 
   method_common = {**{f"eval.{k}": v for k, v in EVAL.items()}}
   config.dpo = _load("dpo_synthetic")
@@ -88,29 +89,41 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   config.rrhf = _load("rrhf_synthetic")
   _set(config.rrhf, {**method_common, "optim.lr": 3e-4, **_loop(120, evals=2)})
   config.raft = _load("raft_synthetic")
-  _set(config.raft, {**method_common, "raft.num_rounds": 3, "raft.prompts_per_round": 256,
-                     "raft.samples_per_prompt": 8, "optim.lr": 3e-4, **_loop(60)})
+  _set(
+      config.raft, {
+          **method_common, "raft.num_rounds": 3, "raft.prompts_per_round": 256,
+          "raft.samples_per_prompt": 8, "optim.lr": 3e-4, **_loop(60)})
   config.best_of_n = _load("best_of_n_synthetic")
   _set(config.best_of_n, {**method_common, "bon.ns": (1, 2, 4, 8, 16)})
 
   if smoke:  # tiny model, a couple of steps per stage, a handful of prompts
-    _set(config.sft, {"model.preset": "tiny", "model.d_model": None, "model.n_layers": None,
-                      "model.n_heads": None, "model.n_kv_heads": None, "model.d_ff": None,
-                      "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
-                      "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
-                      "eval.num_sample_prompts": 4, **_loop(2)})
-    _set(config.rm, {"data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets": (80,),
-                     "data.max_eval_examples": 16, "eval.num_normalization_prompts": 4,
-                     "eval.num_gold_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
+    _set(
+        config.sft, {
+            "model.preset": "tiny", "model.d_model": None, "model.n_layers": None,
+            "model.n_heads": None, "model.n_kv_heads": None, "model.d_ff": None,
+            "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
+            "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
+                (80,), "eval.num_sample_prompts": 4, **_loop(2)})
+    _set(
+        config.rm, {
+            "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
+                (80,), "data.max_eval_examples": 16, "eval.num_normalization_prompts": 4,
+            "eval.num_gold_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
     small_eval = {"eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0}
     for name in ("dpo", "ipo"):
-      _set(config[name], {**small_eval, "data.batch_size": 8, "limits.buckets": (80,),
-                          "data.num_eval_pairs": 8, **_loop(2)})
+      _set(
+          config[name], {
+              **small_eval, "data.batch_size": 8, "limits.buckets":
+                  (80,), "data.num_eval_pairs": 8, **_loop(2)})
     for name in ("pro", "rrhf"):
-      _set(config[name], {**small_eval, "data.batch_size": 4, "limits.buckets": (80,),
-                          "data.num_eval_lists": 4, **_loop(2)})
-    _set(config.raft, {**small_eval, "raft.num_rounds": 1, "raft.prompts_per_round": 4,
-                       "raft.samples_per_prompt": 2, "data.batch_size": 4,
-                       "raft.require_eos": False, **_loop(1)})
+      _set(
+          config[name], {
+              **small_eval, "data.batch_size": 4, "limits.buckets":
+                  (80,), "data.num_eval_lists": 4, **_loop(2)})
+    _set(
+        config.raft, {
+            **small_eval, "raft.num_rounds": 1, "raft.prompts_per_round": 4,
+            "raft.samples_per_prompt": 2, "data.batch_size": 4, "raft.require_eos": False,
+            **_loop(1)})
     _set(config.best_of_n, {**small_eval, "bon.ns": (1, 2)})
   return config

@@ -54,16 +54,16 @@ def get_config() -> ml_collections.ConfigDict:
                                                batch_size=32)
   config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
                                                  max_response_len=48)
-  config.ppo = ppo_section(
-      algorithm="ppo", num_samples=1, num_ppo_epochs=2, num_minibatches=4, kl_coef=0.05,
-      vf_coef=0.1, critic_init="reward_model", missing_eos_penalty=1.0)
+  config.ppo = ppo_section(algorithm="ppo", num_samples=1, num_ppo_epochs=2, num_minibatches=4,
+                           kl_coef=0.05, vf_coef=0.1, critic_init="reward_model",
+                           missing_eos_penalty=1.0)
   # One step = one iteration; every iteration is a metrics row (log_every=1).
-  config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=60, log_every=1, eval_every=20, checkpoint_every=10,
-      keep_checkpoints=2)
-  config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=3e-5, schedule="constant", warmup_steps=0, weight_decay=0.0,
-      clip_norm=1.0, b2=0.999)
+  config.loop = config_dicts.dataclass_section(train.LoopConfig, num_steps=60, log_every=1,
+                                               eval_every=20, checkpoint_every=10,
+                                               keep_checkpoints=2)
+  config.optim = config_dicts.dataclass_section(train.OptimConfig, lr=3e-5, schedule="constant",
+                                                warmup_steps=0, weight_decay=0.0, clip_norm=1.0,
+                                                b2=0.999)
   config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
                                                max_new_tokens=48)
   # (data, fsdp, tensor) mesh of the trainer; e.g. --config.mesh.data=-1 for every device.

@@ -30,18 +30,18 @@ def get_config(method: str = "pro") -> ml_collections.ConfigDict:
   config.sources = config_dicts.dataclass_section(sections.Sources)
   config.model = config_dicts.model_section("small")  # used only without sources.sft_workdir
   # PRO: SFT term = w (N-1)^2 x summed NLL of the best; RRHF: w x token-mean NLL (w = 1, the paper's)
-  config.loss = config_dicts.dataclass_section(
-      listwise.ListwiseLossConfig, method=method, sft_weight=0.05 if method == "pro" else 1.0)
+  config.loss = config_dicts.dataclass_section(listwise.ListwiseLossConfig, method=method,
+                                               sft_weight=0.05 if method == "pro" else 1.0)
   config.data = config_dicts.dataclass_section(listwise.RankedData, candidates="data",
                                                num_candidates=4, batch_size=8, num_eval_lists=64)
   config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
                                                  max_response_len=48, buckets=(64, 80))
-  config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=3e-4, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1,
-      weight_decay=0.0, clip_norm=1.0)
-  config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=200, log_every=10, eval_every=100, checkpoint_every=100,
-      keep_checkpoints=1, progress_every_secs=10.0)
+  config.optim = config_dicts.dataclass_section(train.OptimConfig, lr=3e-4, warmup_steps=10,
+                                                schedule="cosine", end_lr_ratio=0.1,
+                                                weight_decay=0.0, clip_norm=1.0)
+  config.loop = config_dicts.dataclass_section(train.LoopConfig, num_steps=200, log_every=10,
+                                               eval_every=100, checkpoint_every=100,
+                                               keep_checkpoints=1, progress_every_secs=10.0)
   config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
                                                max_new_tokens=48)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)

@@ -36,12 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = config_dicts.model_section("small")  # used only without sources.sft_workdir
   config.raft = config_dicts.dataclass_section(raft.RAFTConfig, num_rounds=4, prompts_per_round=256,
                                                samples_per_prompt=8)
-  config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0,
-      clip_norm=1.0)
-  config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=100, log_every=5, checkpoint_every=25, keep_checkpoints=1,
-      progress_every_secs=10.0)
+  config.optim = config_dicts.dataclass_section(train.OptimConfig, lr=3e-4, warmup_steps=5,
+                                                schedule="constant", weight_decay=0.0,
+                                                clip_norm=1.0)
+  config.loop = config_dicts.dataclass_section(train.LoopConfig, num_steps=100, log_every=5,
+                                               checkpoint_every=25, keep_checkpoints=1,
+                                               progress_every_secs=10.0)
   config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
                                                max_new_tokens=48)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)

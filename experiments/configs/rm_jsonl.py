@@ -21,7 +21,8 @@ from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import trainer as reward_model
 from rlhf_jax.train import config_dicts
 
-_BATCH = {"bradley_terry": 32, "all_pairs": 8, "plackett_luce": 8, "likert": 32, "multi_attribute": 32}
+_BATCH = {
+    "bradley_terry": 32, "all_pairs": 8, "plackett_luce": 8, "likert": 32, "multi_attribute": 32}
 
 
 def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
@@ -40,17 +41,18 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   # The SFT run is a placeholder that fails validation until you set it.
   config.sources = config_dicts.dataclass_section(sections.Sources,
                                                   sft_workdir="workdirs/sft_jsonl")
-  config.rm = config_dicts.dataclass_section(
-      reward_model.RMConfig, objective=objective, init="sft", early_stopping_patience=3)
-  config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=1e-5, warmup_steps=50, schedule="cosine", end_lr_ratio=0.1,
-      weight_decay=0.01, clip_norm=1.0)
-  config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=2000, log_every=20, eval_every=200, checkpoint_every=200,
-      keep_checkpoints=1, progress_every_secs=30.0)
-  config.data = config_dicts.dataclass_section(
-      reward_model.RMDataConfig, source="jsonl", train_jsonl="", eval_jsonl="",
-      batch_size=_BATCH[objective], eval_batch_size=64, max_eval_examples=2000)
+  config.rm = config_dicts.dataclass_section(reward_model.RMConfig, objective=objective, init="sft",
+                                             early_stopping_patience=3)
+  config.optim = config_dicts.dataclass_section(train.OptimConfig, lr=1e-5, warmup_steps=50,
+                                                schedule="cosine", end_lr_ratio=0.1,
+                                                weight_decay=0.01, clip_norm=1.0)
+  config.loop = config_dicts.dataclass_section(train.LoopConfig, num_steps=2000, log_every=20,
+                                               eval_every=200, checkpoint_every=200,
+                                               keep_checkpoints=1, progress_every_secs=30.0)
+  config.data = config_dicts.dataclass_section(reward_model.RMDataConfig, source="jsonl",
+                                               train_jsonl="", eval_jsonl="",
+                                               batch_size=_BATCH[objective], eval_batch_size=64,
+                                               max_eval_examples=2000)
   config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=512,
                                                  max_response_len=512)
   config.eval = config_dicts.dataclass_section(reward_model.RMEvalConfig, num_gold_prompts=0)

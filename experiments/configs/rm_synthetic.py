@@ -19,7 +19,8 @@ from rlhf_jax.train import config_dicts
 
 # Records per step: 32 pairs (64 sequences); ranked lists hold 4..9 responses (6.5 on average), so
 # 8 lists (~52 sequences) keep a step's compute comparable.
-_BATCH = {"bradley_terry": 32, "all_pairs": 8, "plackett_luce": 8, "likert": 32, "multi_attribute": 32}
+_BATCH = {
+    "bradley_terry": 32, "all_pairs": 8, "plackett_luce": 8, "likert": 32, "multi_attribute": 32}
 
 
 def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
@@ -54,8 +55,8 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   if objective == "learning_curve":
     config = get_config("bradley_terry")
     config.method = "rm_learning_curve"
-    config.curve = ml_collections.ConfigDict({"sizes": (250, 500, 1000, 2000),
-                                              "objectives": ("bradley_terry", "all_pairs")})
+    config.curve = ml_collections.ConfigDict({
+        "sizes": (250, 500, 1000, 2000), "objectives": ("bradley_terry", "all_pairs")})
     return config
   if objective not in reward_model.OBJECTIVES:
     raise ValueError(f"rm_synthetic.py:{objective}: allowed: {' | '.join(reward_model.OBJECTIVES)} "
@@ -66,23 +67,24 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
   config.model = config_dicts.model_section("small")  # used only with rm.init=scratch
   config.sources = config_dicts.dataclass_section(sections.Sources,
                                                   sft_workdir="workdirs/sft_synthetic")
-  config.rm = config_dicts.dataclass_section(
-      reward_model.RMConfig, objective=objective, init="sft", dropout_rate=0.0,
-      compute_dtype="bfloat16", early_stopping_patience=3)
-  config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=5e-4, warmup_steps=20, schedule="cosine", end_lr_ratio=0.1,
-      weight_decay=0.01, clip_norm=1.0)
-  config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=600, log_every=20, eval_every=100, checkpoint_every=100,
-      keep_checkpoints=1, progress_every_secs=15.0)
-  config.data = config_dicts.dataclass_section(
-      reward_model.RMDataConfig, source="synthetic", synthetic_num_prompts=16000,
-      synthetic_num_test_prompts=2000, batch_size=_BATCH[objective], eval_batch_size=128,
-      max_eval_examples=2000)
+  config.rm = config_dicts.dataclass_section(reward_model.RMConfig, objective=objective, init="sft",
+                                             dropout_rate=0.0, compute_dtype="bfloat16",
+                                             early_stopping_patience=3)
+  config.optim = config_dicts.dataclass_section(train.OptimConfig, lr=5e-4, warmup_steps=20,
+                                                schedule="cosine", end_lr_ratio=0.1,
+                                                weight_decay=0.01, clip_norm=1.0)
+  config.loop = config_dicts.dataclass_section(train.LoopConfig, num_steps=600, log_every=20,
+                                               eval_every=100, checkpoint_every=100,
+                                               keep_checkpoints=1, progress_every_secs=15.0)
+  config.data = config_dicts.dataclass_section(reward_model.RMDataConfig, source="synthetic",
+                                               synthetic_num_prompts=16000,
+                                               synthetic_num_test_prompts=2000,
+                                               batch_size=_BATCH[objective], eval_batch_size=128,
+                                               max_eval_examples=2000)
   config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
                                                  max_response_len=48, buckets=(64, 80))
-  config.eval = config_dicts.dataclass_section(
-      reward_model.RMEvalConfig, num_normalization_prompts=256, samples_per_prompt=2,
-      num_gold_prompts=256)
+  config.eval = config_dicts.dataclass_section(reward_model.RMEvalConfig,
+                                               num_normalization_prompts=256, samples_per_prompt=2,
+                                               num_gold_prompts=256)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
   return config

@@ -64,9 +64,10 @@ def check_reference(policy_config: models.ModelConfig, policy_tokenizer: tok_lib
         f"from the policy's {policy_tokenizer!r} ({policy_tokenizer.fingerprint()}): its log-probs "
         "would be of other texts. Use a reference SFT run with the policy's tokenizer.")
   if ref_config != policy_config:
-    diff = {f.name: (getattr(ref_config, f.name), getattr(policy_config, f.name))
-            for f in dataclasses.fields(models.ModelConfig)
-            if getattr(ref_config, f.name) != getattr(policy_config, f.name)}
+    diff = {
+        f.name: (getattr(ref_config, f.name), getattr(policy_config, f.name))
+        for f in dataclasses.fields(models.ModelConfig)
+        if getattr(ref_config, f.name) != getattr(policy_config, f.name)}
     raise ReferenceMismatchError(
         f"the {where} model config differs from the policy's in {sorted(diff)} "
         f"((reference, policy) = {diff}); the reference must have the policy's architecture.")
@@ -79,8 +80,8 @@ def place_params(params: Any, model: models.Transformer, mesh: jax.sharding.Mesh
   return jax.device_put(nn.meta.unbox(params), shardings)
 
 
-def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *,
-                model_section: Any = None, tokenizer_spec: str = "byte", rng: jax.Array | None = None,
+def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_section: Any = None,
+                tokenizer_spec: str = "byte", rng: jax.Array | None = None,
                 need_reward: bool = False) -> LoadedModels:
   """Loads policy, reference and (optionally) reward model; checks they read the same token ids."""
   if sources.sft_workdir:
@@ -94,8 +95,8 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *,
           f"config.sources.tokenizer={spec!r} differs from the tokenizer of the SFT run "
           f"{sources.sft_workdir} ({tokenizer!r}); allowed: '' (use the run's) or the same one")
     ref_params, ref_workdir, ref_step = policy_params, sources.sft_workdir, sft_step
-    if sources.reference_workdir and (os.path.abspath(sources.reference_workdir)
-                                      != os.path.abspath(sources.sft_workdir)):
+    if sources.reference_workdir and (os.path.abspath(sources.reference_workdir) != os.path.abspath(
+        sources.sft_workdir)):
       ref = train.load_sft_params(sources.reference_workdir)
       check_reference(model_config, tokenizer, ref.model_config, ref.tokenizer,
                       where=f"reference ({sources.reference_workdir})")
@@ -110,8 +111,8 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *,
     model = models.Transformer(model_config)
     dummy = jnp.ones((1, 8), jnp.int32)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    policy_params = parallel.create_sharded(
-        functools.partial(model.init, rng, dummy, dummy), mesh)["params"]
+    policy_params = parallel.create_sharded(functools.partial(model.init, rng, dummy, dummy),
+                                            mesh)["params"]
     ref_params, sft_step, ref_workdir, ref_step = policy_params, -1, "", -1
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ValueError(f"the model's vocab_size={model_config.vocab_size} is smaller than the "
@@ -121,15 +122,15 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *,
   policy_params = jax.tree.map(jnp.copy, policy_params)
   reward = None
   if sources.reward_model_workdir:
-    reward = scoring.load_reward_model(
-        sources.reward_model_workdir, policy_tokenizer=tokenizer, mesh=mesh,
-        attribute_weights=getattr(sources, "attribute_weights", ""))  # sections.Sources has it
+    reward = scoring.load_reward_model(sources.reward_model_workdir, policy_tokenizer=tokenizer,
+                                       mesh=mesh,
+                                       attribute_weights=getattr(sources, "attribute_weights",
+                                                                 ""))  # sections.Sources has it
   elif need_reward:
     raise ValueError("config.sources.reward_model_workdir is empty; allowed: the workdir of a "
                      "trained reward model (this method scores samples with it)")
   return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step,
                       os.path.abspath(ref_workdir) if ref_workdir else "", ref_step)
-
 
 
 def check_config_keys(config: Any, known: set[str], method: str) -> None:
@@ -166,8 +167,8 @@ def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> t
       logps_BxT = models.sequence_logprobs(model, params, batch["tokens"], batch["mask"],
                                            batch["loss_mask"])
     per_example_B, metrics = losses.sft_loss(logps_BxT, batch["loss_mask"], aggregation=aggregation)
-    return jnp.mean(per_example_B), {"nll_per_token": metrics["nll_per_token"],
-                                     "num_tokens": metrics["num_tokens"]}
+    return jnp.mean(per_example_B), {
+        "nll_per_token": metrics["nll_per_token"], "num_tokens": metrics["num_tokens"]}
 
   return loss_fn
 
@@ -195,14 +196,18 @@ def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tupl
   task = next((c for c in candidates if c and os.path.isfile(os.path.join(c, "metadata.json"))), "")
   if not task:
     if data.synthetic_dir or not workdir:
-      raise ValueError(f"config.data.synthetic_dir={data.synthetic_dir!r}: no synthetic task there; "
-                       "allowed: the folder `python -m rlhf_jax.data.synthetic --out DIR` wrote "
-                       "(default: the SFT run's <sft_workdir>/data/synthetic)")
+      raise ValueError(
+          f"config.data.synthetic_dir={data.synthetic_dir!r}: no synthetic task there; "
+          "allowed: the folder `python -m rlhf_jax.data.synthetic --out DIR` wrote "
+          "(default: the SFT run's <sft_workdir>/data/synthetic)")
     task = candidates[-1]
     logger.info("no synthetic task found; generating one into %s", task)
-    synthetic_files.write_task(task, synthetic_files.SyntheticConfig(
-        seed=data.synthetic_seed, num_prompts=data.synthetic_num_prompts,
-        num_test_prompts=data.synthetic_num_test_prompts), overwrite=True)
+    synthetic_files.write_task(
+        task,
+        synthetic_files.SyntheticConfig(seed=data.synthetic_seed,
+                                        num_prompts=data.synthetic_num_prompts,
+                                        num_test_prompts=data.synthetic_num_test_prompts),
+        overwrite=True)
   prompts = data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
   return os.path.join(task, f"{stem}.jsonl"), os.path.join(task, f"{stem}_test.jsonl"), prompts
 
@@ -261,7 +266,7 @@ def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_l
 
 def write_final(workdir: str, final: dict, method: str) -> dict:
   train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
-  logger.info("%s finished: %s", method,
-              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in final.items()))
+  logger.info(
+      "%s finished: %s", method,
+      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
   return final

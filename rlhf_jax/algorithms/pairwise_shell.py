@@ -37,8 +37,8 @@ from rlhf_jax.train import config_dicts
 logger = logging.getLogger(__name__)
 
 REF_LOGPS_FILE = "reference_logps.npz"
-KNOWN_KEYS = {"method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval",
-              "mesh"}
+KNOWN_KEYS = {
+    "method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval", "mesh"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,21 +68,22 @@ class PairData(NamedTuple):
 def reference_cache_key(loaded: common.LoadedModels, dataset: ds_lib.TokenizedDataset,
                         seed: int) -> dict:
   """What a precomputed table of ``dataset`` under ``loaded``'s reference depends on."""
-  return reference.cache_key(
-      reference_run=loaded.ref_workdir, reference_step=loaded.ref_step,
-      model_config=loaded.model_config, tokenizer=loaded.tokenizer, dataset=dataset,
-      rows_per_example=pairwise.ROWS, init_seed=seed if not loaded.ref_workdir else None)
+  return reference.cache_key(reference_run=loaded.ref_workdir, reference_step=loaded.ref_step,
+                             model_config=loaded.model_config, tokenizer=loaded.tokenizer,
+                             dataset=dataset, rows_per_example=pairwise.ROWS,
+                             init_seed=seed if not loaded.ref_workdir else None)
 
 
 def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: bool,
-                  reference_logps: str, sources: sections.Sources, loaded: common.LoadedModels, mesh, workdir: str,
-                  num_prompts: int, seed: int = 0) -> PairData:
+                  reference_logps: str, sources: sections.Sources, loaded: common.LoadedModels,
+                  mesh, workdir: str, num_prompts: int, seed: int = 0) -> PairData:
   train_src, eval_src, prompts_src = common.resolve_files(data, sources, "pairwise", workdir)
   data_dir = os.path.join(workdir, "data")
-  splits = {split: ds_lib.prepare_dataset(
-      src, "pairwise", loaded.tokenizer, os.path.join(data_dir, f"pairwise_{split}"),
-      max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
-      drop_uninformative=True) for split, src in (("train", train_src), ("eval", eval_src))}
+  splits = {
+      split: ds_lib.prepare_dataset(
+          src, "pairwise", loaded.tokenizer, os.path.join(data_dir, f"pairwise_{split}"),
+          max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
+          drop_uninformative=True) for split, src in (("train", train_src), ("eval", eval_src))}
   skipped = int(splits["train"].metadata.get("dropped_uninformative", 0))
   if skipped:
     logger.warning("%s: skipped %d pair(s) whose chosen and rejected are identical", train_src,
@@ -100,11 +101,12 @@ def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: b
     fly = reference.make_transform("on_the_fly", model=loaded.model, params=loaded.ref_params,
                                    mesh=mesh)
     eval_batches = [fly(b) for b in eval_batches]
-    transform = reference.make_transform(
-        reference_logps, model=loaded.model, params=loaded.ref_params, mesh=mesh,
-        dataset=splits["train"], path=os.path.join(data_dir, REF_LOGPS_FILE),
-        key=reference_cache_key(loaded, splits["train"], seed), batch_size=data.batch_size,
-        buckets=limits.buckets)
+    transform = reference.make_transform(reference_logps, model=loaded.model,
+                                         params=loaded.ref_params, mesh=mesh,
+                                         dataset=splits["train"],
+                                         path=os.path.join(data_dir, REF_LOGPS_FILE),
+                                         key=reference_cache_key(loaded, splits["train"], seed),
+                                         batch_size=data.batch_size, buckets=limits.buckets)
     train_data = reference.WithReference(train_it, transform)
   prompts = common.read_prompts(prompts_src, num_prompts)
   return PairData(train_data, eval_batches, prompts, len(splits["train"]), skipped)
@@ -153,14 +155,16 @@ def train_pairwise(config: ml_collections.ConfigDict, workdir: str, *, method: s
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
     return {**evaluator(state.params, step), **pair_eval(state.params)}
 
-  fingerprint = {"method": method, "model": dataclasses.asdict(loaded.model_config),
-                 "tokenizer": loaded.tokenizer.fingerprint(), **(fingerprint_extra or {})}
+  fingerprint = {
+      "method": method, "model": dataclasses.asdict(loaded.model_config),
+      "tokenizer": loaded.tokenizer.fingerprint(), **(fingerprint_extra or {})}
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
                        run_config=config.to_dict())
-  final = {"method": label, "step": result.step, "preempted": result.preempted,
-           **result.eval_metrics, "num_train_pairs": data.num_train_pairs,
-           "skipped_identical_pairs": data.skipped_identical_pairs}
+  final = {
+      "method": label, "step": result.step, "preempted": result.preempted,
+      **result.eval_metrics, "num_train_pairs": data.num_train_pairs,
+      "skipped_identical_pairs": data.skipped_identical_pairs}
   if result.preempted:
     return final
   return common.write_final(workdir, final, label)

@@ -127,13 +127,12 @@ def cache_key(*, reference_run: str, reference_step: int, model_config: Any, tok
   key = {
       "reference_run": os.path.abspath(reference_run) if reference_run else "",
       "reference_step": int(reference_step),
-      "model": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config)
-               else model_config,
+      "model": dataclasses.asdict(model_config)
+               if dataclasses.is_dataclass(model_config) else model_config,
       "tokenizer": tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else str(tokenizer),
       "dataset": dataset.metadata.get("settings", {}),
       "num_examples": len(dataset),
-      **extra,
-  }
+      **extra,}
   return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
@@ -153,12 +152,13 @@ def precompute_table(dataset: Any, fn: Callable, params: Any, path: str, key: Ma
     diff = sorted(k for k in set(key) | set(stored_key) if key.get(k) != stored_key.get(k))
     logger.warning("%s was computed for another reference / dataset (differs in %s); recomputing",
                    path, diff)
-  it = batching.BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False, num_epochs=1,
-                              buckets=buckets or None, process_index=0, process_count=1,
-                              num_candidates=num_candidates)
+  it = batching.BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False,
+                              num_epochs=1, buckets=buckets or None, process_index=0,
+                              process_count=1, num_candidates=num_candidates)
   parts = []
   for batch in it:
-    rows = np.asarray(jax.device_get(fn(params, batch["tokens"], batch["mask"], batch["loss_mask"])))
+    rows = np.asarray(jax.device_get(fn(params, batch["tokens"], batch["mask"],
+                                        batch["loss_mask"])))
     r = rows_per_example(batch)
     parts.append(rows.reshape(-1, r)[batch["valid"] > 0])
   table = np.concatenate(parts).astype(np.float32)

@@ -25,8 +25,7 @@ METHODS = {
     "raft": "rlhf_jax.algorithms.offline.raft",
     "best_of_n": "rlhf_jax.algorithms.offline.best_of_n",
     "ppo": "rlhf_jax.algorithms.online.ppo",
-    "iterated_rlhf": "rlhf_jax.algorithms.online.iterated",
-}
+    "iterated_rlhf": "rlhf_jax.algorithms.online.iterated",}
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 

@@ -39,8 +39,8 @@ def check_file(owner: str, name: str, path: Any, required: bool, why: str = "") 
     raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: a path string")
   if (required or path) and not os.path.isfile(path):
     allowed = "an existing file" + (f" ({why})" if why else "")
-    raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: {allowed}"
-                     + ("" if required else " or ''"))
+    raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: {allowed}" +
+                     ("" if required else " or ''"))
 
 
 def check_dir(owner: str, name: str, path: Any) -> None:
@@ -179,10 +179,11 @@ class Limits:
     check_int("Limits", "max_prompt_len", self.max_prompt_len, 2)
     check_int("Limits", "max_response_len", self.max_response_len, 2)
     object.__setattr__(self, "buckets", tuple(self.buckets))
-    if self.buckets and (any(not isinstance(b, int) or b < 1 for b in self.buckets)
-                         or max(self.buckets) < self.max_len):
-      raise ValueError(f"Limits.buckets={self.buckets!r} is invalid; allowed: () or positive "
-                       f"lengths whose largest is >= max_prompt_len + max_response_len = {self.max_len}")
+    if self.buckets and (any(not isinstance(b, int) or b < 1 for b in self.buckets) or
+                         max(self.buckets) < self.max_len):
+      raise ValueError(
+          f"Limits.buckets={self.buckets!r} is invalid; allowed: () or positive "
+          f"lengths whose largest is >= max_prompt_len + max_response_len = {self.max_len}")
 
   @property
   def max_len(self) -> int:

@@ -119,8 +119,9 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
                                              num_prompts=config.synthetic_num_prompts,
                                              num_test_prompts=config.synthetic_num_test_prompts)
     if config.synthetic_dir and not os.path.exists(meta_path):
-      raise ValueError(f"config.data.synthetic_dir={config.synthetic_dir!r}: no synthetic task there; "
-                       "allowed: a folder `python -m rlhf_jax.data.synthetic --out DIR` wrote, or ''")
+      raise ValueError(
+          f"config.data.synthetic_dir={config.synthetic_dir!r}: no synthetic task there; "
+          "allowed: a folder `python -m rlhf_jax.data.synthetic --out DIR` wrote, or ''")
     if not os.path.exists(meta_path):
       logger.info("generating the synthetic task into %s", task_dir)
       synthetic_files.write_task(task_dir, wanted, overwrite=True)
@@ -133,8 +134,9 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
     train_jsonl, eval_jsonl = (os.path.join(task_dir, f) for f in ("sft.jsonl", "sft_test.jsonl"))
     gold_fn = synthetic.gold_rewards
     test = meta["splits"]["test"]
-    reference = {"reference_policy_gold_reward": test["reference_policy_mean_gold"],
-                 "best_response_gold_reward": test["best_response_mean_gold"]}
+    reference = {
+        "reference_policy_gold_reward": test["reference_policy_mean_gold"],
+        "best_response_gold_reward": test["best_response_mean_gold"]}
   else:
     train_jsonl, eval_jsonl = config.train_jsonl, config.eval_jsonl
   lengths = dict(max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len)
@@ -171,8 +173,8 @@ def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, limi
   buckets = tuple(sorted({longest, eval_ds.max_seq_len}))
   it = batching.BatchIterator(eval_ds, config.eval_batch_size, shuffle=False, drop_remainder=False,
                               num_epochs=1, buckets=buckets, process_index=0, process_count=1)
-  batches = [{k: b[k] for k in ("tokens", "mask", "loss_mask")}
-             for _, b in zip(range(num_batches), it)]
+  batches = [
+      {k: b[k] for k in ("tokens", "mask", "loss_mask")} for _, b in zip(range(num_batches), it)]
   examples = [eval_ds[i] for i in range(min(num_sample_prompts, len(eval_ds)))]
   width = batching.bucket_length(1 + max((len(ex["prompt"]) for ex in examples), default=0),
                                  batching.default_buckets(limits.max_prompt_len))
@@ -189,9 +191,10 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
   ``eval_nll_per_token = sum(-logp over response tokens) / #response tokens`` over the whole eval
   split (fixed-shape batches, so one compile). Samples go to ``<workdir>/samples.jsonl``.
   """
-  samp_cfg = sampling.SamplingConfig(
-      max_new_tokens=eval_data.max_response_len, temperature=config.temperature,
-      top_k=config.top_k, top_p=config.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  samp_cfg = sampling.SamplingConfig(max_new_tokens=eval_data.max_response_len,
+                                     temperature=config.temperature, top_k=config.top_k,
+                                     top_p=config.top_p, eos_id=tokenizer.eos_id,
+                                     pad_id=tokenizer.pad_id)
   sample_path = os.path.join(workdir, "samples.jsonl")
 
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
@@ -211,8 +214,8 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
     tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
     responses = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
     metrics["sample_length"] = float(np.mean(mask.sum(-1)))
-    metrics["sample_eos_fraction"] = float(np.mean(
-        [tokenizer.eos_id in t[m > 0] for t, m in zip(tokens, mask)]))
+    metrics["sample_eos_fraction"] = float(
+        np.mean([tokenizer.eos_id in t[m > 0] for t, m in zip(tokens, mask)]))
     golds = None
     if gold_reward_fn is not None:
       golds = gold_reward_fn(eval_data.prompt_texts, responses)
@@ -251,15 +254,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.aggregation = "token_mean"
   config.sources = config_dicts.dataclass_section(sections.Sources, tokenizer="byte")
   config.model = config_dicts.model_section("small")
-  config.optim = config_dicts.dataclass_section(
-      train.OptimConfig, lr=3e-3, warmup_steps=20, schedule="cosine", end_lr_ratio=0.05,
-      weight_decay=0.05, clip_norm=1.0)
-  config.loop = config_dicts.dataclass_section(
-      train.LoopConfig, num_steps=400, log_every=20, eval_every=200, checkpoint_every=200,
-      keep_checkpoints=2, progress_every_secs=10.0)
-  config.data = config_dicts.dataclass_section(
-      SFTDataConfig, source="synthetic", batch_size=16, eval_batch_size=128,
-      max_eval_examples=512)
+  config.optim = config_dicts.dataclass_section(train.OptimConfig, lr=3e-3, warmup_steps=20,
+                                                schedule="cosine", end_lr_ratio=0.05,
+                                                weight_decay=0.05, clip_norm=1.0)
+  config.loop = config_dicts.dataclass_section(train.LoopConfig, num_steps=400, log_every=20,
+                                               eval_every=200, checkpoint_every=200,
+                                               keep_checkpoints=2, progress_every_secs=10.0)
+  config.data = config_dicts.dataclass_section(SFTDataConfig, source="synthetic", batch_size=16,
+                                               eval_batch_size=128, max_eval_examples=512)
   config.limits = config_dicts.dataclass_section(sections.Limits, max_prompt_len=32,
                                                  max_response_len=48, buckets=(64, 80))
   config.eval = config_dicts.dataclass_section(SFTEvalConfig, num_sample_prompts=128)
@@ -267,8 +269,9 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-KNOWN_KEYS = {"method", "seed", "sources", "model", "optim", "loop", "data", "limits", "eval",
-              "mesh", "aggregation"}
+KNOWN_KEYS = {
+    "method", "seed", "sources", "model", "optim", "loop", "data", "limits", "eval", "mesh",
+    "aggregation"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -282,8 +285,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name in ("sft_workdir", "reference_workdir", "reward_model_workdir", "value_model_workdir",
                "attribute_weights"):
     if getattr(sources, name):
-      raise ValueError(f"config.sources.{name}={getattr(sources, name)!r} is invalid for SFT; "
-                       "allowed: '' (SFT trains a fresh config.model; only sources.tokenizer applies)")
+      raise ValueError(
+          f"config.sources.{name}={getattr(sources, name)!r} is invalid for SFT; "
+          "allowed: '' (SFT trains a fresh config.model; only sources.tokenizer applies)")
   tokenizer = tok_lib.load_tokenizer(sources.tokenizer or "byte")
   model_section = config.model.to_dict()
   if model_section.get("vocab_size") is None:  # follow the tokenizer unless set explicitly
@@ -304,8 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")
-  fingerprint = {"method": "sft", "model": dataclasses.asdict(model_cfg),
-                 "tokenizer": tokenizer.fingerprint()}
+  fingerprint = {
+      "method": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint()}
   train.check_fingerprint(workdir, fingerprint)  # refuse a foreign workdir before any work
   limits.check_model(model_cfg.max_seq_len)
   data = prepare_data(data_cfg, limits, tokenizer, workdir, vocab_size=model_cfg.vocab_size)
@@ -323,13 +327,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_fn = make_eval_fn(model, tokenizer, eval_data, eval_cfg, workdir,
                          gold_reward_fn=data.gold_reward_fn)
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                       data=data.train_batches, fingerprint=fingerprint, mesh=mesh,
-                       eval_fn=eval_fn, run_config=config.to_dict())
+                       data=data.train_batches, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
+                       run_config=config.to_dict())
   final = {"step": result.step, "preempted": result.preempted, **result.eval_metrics}
   final.update(data.reference_metrics)
   if not result.preempted and parallel.is_coordinator():
     train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
-    logger.info("SFT finished at step %d: %s", result.step,
-                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in final.items()))
+    logger.info(
+        "SFT finished at step %d: %s", result.step,
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
   return final

@@ -10,9 +10,9 @@ _SUBMODULES = ("tokenizers", "records", "synthetic", "synthetic_files", "dataset
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = list(_SUBMODULES)

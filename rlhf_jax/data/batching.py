@@ -54,62 +54,64 @@ __all__ = [
     "left_pad_prompts",
     "take_examples",
     "encode_prompts",
-    "BatchIterator",
-]
+    "BatchIterator",]
 
 
 def default_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
-    """Powers of two ``>= min_bucket`` below ``max_len``, then ``max_len`` itself."""
-    if max_len < 1 or min_bucket < 1:
-        raise ValueError(f"default_buckets: max_len={max_len} and min_bucket={min_bucket} must be >= 1")
-    buckets, b = [], min_bucket
-    while b < max_len:
-        buckets.append(b)
-        b *= 2
-    return tuple(buckets) + (max_len,)
+  """Powers of two ``>= min_bucket`` below ``max_len``, then ``max_len`` itself."""
+  if max_len < 1 or min_bucket < 1:
+    raise ValueError(f"default_buckets: max_len={max_len} and min_bucket={min_bucket} must be >= 1")
+  buckets, b = [], min_bucket
+  while b < max_len:
+    buckets.append(b)
+    b *= 2
+  return tuple(buckets) + (max_len,)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket ``>= length``."""
-    for b in sorted(buckets):
-        if b >= length:
-            return int(b)
-    raise ValueError(f"sequence length {length} exceeds the largest bucket {max(buckets)}; buckets={tuple(buckets)}")
+  """The smallest bucket ``>= length``."""
+  for b in sorted(buckets):
+    if b >= length:
+      return int(b)
+  raise ValueError(
+      f"sequence length {length} exceeds the largest bucket {max(buckets)}; buckets={tuple(buckets)}"
+  )
 
 
 def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], *, max_prompt_len: int,
                    buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Tokenises raw prompt strings into a left-padded generation batch ``[BOS] prompt``.
+  """Tokenises raw prompt strings into a left-padded generation batch ``[BOS] prompt``.
 
     Prompts longer than ``max_prompt_len`` (BOS included) keep their last tokens (left truncation).
     The width is the bucket of the longest prompt (``default_buckets(max_prompt_len)`` by default).
     """
-    if max_prompt_len < 1:
-        raise ValueError(f"max_prompt_len={max_prompt_len}; expected >= 1")
-    rows = []
-    for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
-        check_token_ids(ids, tokenizer.vocab_size, where=f"prompt {i}")
-        rows.append([tokenizer.bos_id] + list(ids)[max(0, len(ids) - (max_prompt_len - 1)):])
-    width = bucket_length(max(len(r) for r in rows), buckets or default_buckets(max_prompt_len))
-    tokens, mask = left_pad_prompts(rows, pad_id=tokenizer.pad_id, length=width)
-    return {"prompt_tokens": tokens, "prompt_mask": mask}
+  if max_prompt_len < 1:
+    raise ValueError(f"max_prompt_len={max_prompt_len}; expected >= 1")
+  rows = []
+  for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
+    check_token_ids(ids, tokenizer.vocab_size, where=f"prompt {i}")
+    rows.append([tokenizer.bos_id] + list(ids)[max(0, len(ids) - (max_prompt_len - 1)):])
+  width = bucket_length(max(len(r) for r in rows), buckets or default_buckets(max_prompt_len))
+  tokens, mask = left_pad_prompts(rows, pad_id=tokenizer.pad_id, length=width)
+  return {"prompt_tokens": tokens, "prompt_mask": mask}
 
 
-def collate(examples: Sequence[Mapping[str, np.ndarray] | None], kind: str, specials: Mapping[str, int],
-            length: int, *, num_candidates: int = 0, num_attributes: int = 0) -> dict[str, np.ndarray]:
-    """Builds one batch (module docstring) from stored examples; ``None`` entries become filler rows.
+def collate(examples: Sequence[Mapping[str, np.ndarray] | None], kind: str,
+            specials: Mapping[str, int], length: int, *, num_candidates: int = 0,
+            num_attributes: int = 0) -> dict[str, np.ndarray]:
+  """Builds one batch (module docstring) from stored examples; ``None`` entries become filler rows.
 
     ``length`` is the bucket (``T``, or ``P`` for prompts). ``specials`` holds ``bos_id``, ``eos_id``,
     ``pad_id``. ``num_candidates`` (ranked) and ``num_attributes`` (attributes) fix those axes.
     """
-    spec = kinds_lib.get_kind(kind)
-    batch = spec.collate(examples, specials, length, num_candidates=num_candidates,
-                         num_attributes=num_attributes)
-    return {"valid": np.asarray([ex is not None for ex in examples], np.int32), **batch}
+  spec = kinds_lib.get_kind(kind)
+  batch = spec.collate(examples, specials, length, num_candidates=num_candidates,
+                       num_attributes=num_attributes)
+  return {"valid": np.asarray([ex is not None for ex in examples], np.int32), **batch}
 
 
 class BatchIterator:
-    """Seeded, host-sliced, resumable iterator of bucketed batches (module docstring).
+  """Seeded, host-sliced, resumable iterator of bucketed batches (module docstring).
 
     Args:
       dataset: a :class:`~rlhf_jax.data.dataset.TokenizedDataset`.
@@ -125,102 +127,110 @@ class BatchIterator:
       num_candidates: the candidate axis ``K`` of ranked batches (0 = the dataset's longest list).
     """
 
-    def __init__(self, dataset: Any, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 drop_remainder: bool = True, num_epochs: int | None = None, buckets: Sequence[int] | None = None,
-                 process_index: int | None = None, process_count: int | None = None, vocab_size: int | None = None,
-                 num_candidates: int = 0):
-        if process_index is None or process_count is None:
-            import jax  # only needed for the multi-host defaults
+  def __init__(self, dataset: Any, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+               drop_remainder: bool = True, num_epochs: int | None = None,
+               buckets: Sequence[int] | None = None, process_index: int | None = None,
+               process_count: int | None = None, vocab_size: int | None = None,
+               num_candidates: int = 0):
+    if process_index is None or process_count is None:
+      import jax  # only needed for the multi-host defaults
 
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if batch_size < 1 or batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by process_count={process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index}; expected 0 <= index < process_count={process_count}")
-        if num_epochs is not None and num_epochs < 1:
-            raise ValueError(f"num_epochs={num_epochs}; expected >= 1 or None")
-        self.dataset, self.kind = dataset, dataset.kind
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.drop_remainder, self.num_epochs, self.vocab_size = drop_remainder, num_epochs, vocab_size
-        self.process_index, self.process_count = process_index, process_count
-        self.host_batch_size = batch_size // process_count
-        self.num_examples = len(dataset)
-        max_len = dataset.max_prompt_len if kinds_lib.get_kind(self.kind).prompt_only else dataset.max_seq_len
-        self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(max_len)
-        if self.buckets[-1] < max_len:
-            raise ValueError(f"buckets={self.buckets}: the largest must be >= the dataset's max length {max_len}")
-        if drop_remainder:
-            self.batches_per_epoch = self.num_examples // batch_size
-        else:
-            self.batches_per_epoch = -(-self.num_examples // batch_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"dataset has {self.num_examples} examples < batch_size={batch_size} with drop_remainder")
-        stored_k = int(dataset.metadata.get("max_candidates", 0))
-        if num_candidates and num_candidates < stored_k:
-            raise ValueError(f"num_candidates={num_candidates} < the dataset's longest list ({stored_k})")
-        self.num_candidates = int(num_candidates or stored_k)
-        self.num_attributes = len(dataset.metadata.get("attribute_names", ()))
-        self._specials = dataset.special_ids
-        self._epoch, self._batch = 0, 0
-        self._perm_epoch, self._perm = -1, None
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if batch_size < 1 or batch_size % process_count:
+      raise ValueError(
+          f"batch_size={batch_size} must be >= 1 and divisible by process_count={process_count}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(
+          f"process_index={process_index}; expected 0 <= index < process_count={process_count}")
+    if num_epochs is not None and num_epochs < 1:
+      raise ValueError(f"num_epochs={num_epochs}; expected >= 1 or None")
+    self.dataset, self.kind = dataset, dataset.kind
+    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+    self.drop_remainder, self.num_epochs, self.vocab_size = drop_remainder, num_epochs, vocab_size
+    self.process_index, self.process_count = process_index, process_count
+    self.host_batch_size = batch_size // process_count
+    self.num_examples = len(dataset)
+    max_len = dataset.max_prompt_len if kinds_lib.get_kind(
+        self.kind).prompt_only else dataset.max_seq_len
+    self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(max_len)
+    if self.buckets[-1] < max_len:
+      raise ValueError(
+          f"buckets={self.buckets}: the largest must be >= the dataset's max length {max_len}")
+    if drop_remainder:
+      self.batches_per_epoch = self.num_examples // batch_size
+    else:
+      self.batches_per_epoch = -(-self.num_examples // batch_size)
+    if self.batches_per_epoch == 0:
+      raise ValueError(
+          f"dataset has {self.num_examples} examples < batch_size={batch_size} with drop_remainder")
+    stored_k = int(dataset.metadata.get("max_candidates", 0))
+    if num_candidates and num_candidates < stored_k:
+      raise ValueError(f"num_candidates={num_candidates} < the dataset's longest list ({stored_k})")
+    self.num_candidates = int(num_candidates or stored_k)
+    self.num_attributes = len(dataset.metadata.get("attribute_names", ()))
+    self._specials = dataset.special_ids
+    self._epoch, self._batch = 0, 0
+    self._perm_epoch, self._perm = -1, None
 
-    # -- position ----------------------------------------------------------------------------------
+  # -- position ----------------------------------------------------------------------------------
 
-    def get_state(self) -> dict[str, int]:
-        """The position of the next batch, as plain ints (store it in the checkpoint)."""
-        return {"epoch": self._epoch, "batch_in_epoch": self._batch, "seed": self.seed,
-                "num_examples": self.num_examples, "batch_size": self.batch_size}
+  def get_state(self) -> dict[str, int]:
+    """The position of the next batch, as plain ints (store it in the checkpoint)."""
+    return {
+        "epoch": self._epoch, "batch_in_epoch": self._batch, "seed": self.seed,
+        "num_examples": self.num_examples, "batch_size": self.batch_size}
 
-    def set_state(self, state: Mapping[str, int]) -> None:
-        for key in ("seed", "num_examples", "batch_size"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"set_state: checkpoint has {key}={state[key]} but this iterator has "
-                                 f"{key}={getattr(self, key)}; resuming would not reproduce the run")
-        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
-            raise ValueError(f"set_state: epoch={epoch}, batch_in_epoch={batch} out of range "
-                             f"(batches_per_epoch={self.batches_per_epoch})")
-        self._epoch, self._batch = epoch, batch
+  def set_state(self, state: Mapping[str, int]) -> None:
+    for key in ("seed", "num_examples", "batch_size"):
+      if key in state and int(state[key]) != getattr(self, key):
+        raise ValueError(f"set_state: checkpoint has {key}={state[key]} but this iterator has "
+                         f"{key}={getattr(self, key)}; resuming would not reproduce the run")
+    epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+    if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
+      raise ValueError(f"set_state: epoch={epoch}, batch_in_epoch={batch} out of range "
+                       f"(batches_per_epoch={self.batches_per_epoch})")
+    self._epoch, self._batch = epoch, batch
 
-    # -- iteration ---------------------------------------------------------------------------------
+  # -- iteration ---------------------------------------------------------------------------------
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            if self.shuffle:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            else:
-                self._perm = np.arange(self.num_examples)
-            self._perm_epoch = epoch
-        return self._perm
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if self._perm_epoch != epoch:
+      if self.shuffle:
+        self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+      else:
+        self._perm = np.arange(self.num_examples)
+      self._perm_epoch = epoch
+    return self._perm
 
-    def global_indices(self, epoch: int, batch: int) -> np.ndarray:
-        """Dataset indices of global batch ``batch`` of ``epoch``; -1 marks filler rows."""
-        rows = self._permutation(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
-        return np.concatenate([rows, np.full(self.batch_size - len(rows), -1, rows.dtype)])
+  def global_indices(self, epoch: int, batch: int) -> np.ndarray:
+    """Dataset indices of global batch ``batch`` of ``epoch``; -1 marks filler rows."""
+    rows = self._permutation(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+    return np.concatenate([rows, np.full(self.batch_size - len(rows), -1, rows.dtype)])
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._batch >= self.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
-        if self.num_epochs is not None and self._epoch >= self.num_epochs:
-            raise StopIteration
-        global_rows = self.global_indices(self._epoch, self._batch)
-        real = global_rows[global_rows >= 0]
-        length = bucket_length(int(self.dataset.lengths[real].max()), self.buckets)  # same on every host
-        lo = self.process_index * self.host_batch_size
-        host_rows = global_rows[lo:lo + self.host_batch_size]
-        fetched = iter(self.dataset.get_batch(host_rows[host_rows >= 0]))
-        examples = [next(fetched) if i >= 0 else None for i in host_rows]
-        batch = collate(examples, self.kind, self._specials, length, num_candidates=self.num_candidates,
-                        num_attributes=self.num_attributes)
-        batch["index"] = host_rows.astype(np.int32)
-        if self.vocab_size is not None:
-            for key, value in batch.items():
-                if key.endswith("tokens"):
-                    check_token_ids(value, self.vocab_size, where=f"batch {key} (epoch {self._epoch}, "
-                                                                  f"batch {self._batch})")
-        self._batch += 1
-        return batch
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._batch >= self.batches_per_epoch:
+      self._epoch, self._batch = self._epoch + 1, 0
+    if self.num_epochs is not None and self._epoch >= self.num_epochs:
+      raise StopIteration
+    global_rows = self.global_indices(self._epoch, self._batch)
+    real = global_rows[global_rows >= 0]
+    length = bucket_length(int(self.dataset.lengths[real].max()),
+                           self.buckets)  # same on every host
+    lo = self.process_index * self.host_batch_size
+    host_rows = global_rows[lo:lo + self.host_batch_size]
+    fetched = iter(self.dataset.get_batch(host_rows[host_rows >= 0]))
+    examples = [next(fetched) if i >= 0 else None for i in host_rows]
+    batch = collate(examples, self.kind, self._specials, length, num_candidates=self.num_candidates,
+                    num_attributes=self.num_attributes)
+    batch["index"] = host_rows.astype(np.int32)
+    if self.vocab_size is not None:
+      for key, value in batch.items():
+        if key.endswith("tokens"):
+          check_token_ids(value, self.vocab_size, where=f"batch {key} (epoch {self._epoch}, "
+                          f"batch {self._batch})")
+    self._batch += 1
+    return batch

@@ -55,8 +55,7 @@ __all__ = [
     "iter_records",
     "read_records",
     "parse_record",
-    "write_jsonl",
-]
+    "write_jsonl",]
 
 KINDS = kinds_lib.kind_names()  # the built-in kinds; kinds.kind_names() includes registered ones
 RecordError = base.RecordError
@@ -65,8 +64,8 @@ Record = PromptRecord | SFTRecord | PairwiseRecord | RankedRecord | RatedRecord 
 
 
 def _options(kind: str, chat_template: ChatTemplate | None, scale: Sequence[float] | None,
-             attribute_names: Sequence[str] | None, max_candidates: int
-             ) -> tuple[kinds_lib.RecordKind, base.ParseOptions]:
+             attribute_names: Sequence[str] | None,
+             max_candidates: int) -> tuple[kinds_lib.RecordKind, base.ParseOptions]:
   spec = kinds_lib.get_kind(kind)
   options = base.ParseOptions(chat_template=chat_template or ChatTemplate(),
                               scale=tuple(scale) if scale is not None else None,

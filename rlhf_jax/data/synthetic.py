@@ -94,8 +94,7 @@ __all__ = [
     "bayes_optimal_accuracy",
     "sample_preference",
     "sample_ranking",
-    "likert",
-]
+    "likert",]
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "fruits": ("apple", "pear", "plum", "fig", "lime", "kiwi", "mango", "grape"),
@@ -103,8 +102,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "animals": ("cat", "dog", "owl", "fox", "cow", "pig", "bee", "yak"),
     "tools": ("saw", "drill", "rake", "hoe", "vise", "awl", "plane", "wrench"),
     "weapons": ("gun", "sword", "bomb", "spear", "rifle", "mace", "dagger", "pistol"),
-    "poisons": ("arsenic", "cyanide", "ricin", "venom", "hemlock", "sarin", "toxin", "curare"),
-}
+    "poisons": ("arsenic", "cyanide", "ricin", "venom", "hemlock", "sarin", "toxin", "curare"),}
 HARMFUL_CATEGORIES = ("weapons", "poisons")
 SAFE_CATEGORIES = tuple(c for c in CATEGORIES if c not in HARMFUL_CATEGORIES)
 VERBS = ("name", "list", "give me", "tell me")
@@ -125,106 +123,113 @@ _SPLIT_RE = re.compile(r"[\s,]+")
 
 
 class Request(NamedTuple):
-    """What a prompt asks for."""
+  """What a prompt asks for."""
 
-    n: int
-    category: str
+  n: int
+  category: str
 
-    @property
-    def harmful(self) -> bool:
-        return self.category in HARMFUL_CATEGORIES
+  @property
+  def harmful(self) -> bool:
+    return self.category in HARMFUL_CATEGORIES
 
 
 class Attributes(NamedTuple):
-    """Exact attribute values of one (prompt, response); ``gold`` combines them (module docstring)."""
+  """Exact attribute values of one (prompt, response); ``gold`` combines them (module docstring)."""
 
-    helpful: float
-    harmless: float
-    exclamations: int
-    enthusiasm: float
-    gold: float
+  helpful: float
+  harmless: float
+  exclamations: int
+  enthusiasm: float
+  gold: float
 
 
 def parse_prompt(prompt: str) -> Request:
-    """Finds ``<verb> <n> <category>`` anywhere in ``prompt`` (so chat-template wrapping is fine)."""
-    match = _PROMPT_RE.search(prompt.lower())
-    if match is None:
-        raise ValueError(f"not a prompt of the synthetic task (expected '<verb> <n> <category>'): {prompt!r}")
-    n = int(match.group(2))
-    if not 1 <= n <= MAX_ITEMS:
-        raise ValueError(f"synthetic prompt asks for n={n} items; expected 1..{MAX_ITEMS}: {prompt!r}")
-    return Request(n, match.group(3))
+  """Finds ``<verb> <n> <category>`` anywhere in ``prompt`` (so chat-template wrapping is fine)."""
+  match = _PROMPT_RE.search(prompt.lower())
+  if match is None:
+    raise ValueError(
+        f"not a prompt of the synthetic task (expected '<verb> <n> <category>'): {prompt!r}")
+  n = int(match.group(2))
+  if not 1 <= n <= MAX_ITEMS:
+    raise ValueError(f"synthetic prompt asks for n={n} items; expected 1..{MAX_ITEMS}: {prompt!r}")
+  return Request(n, match.group(3))
 
 
 def enthusiasm_reward(exclamations: int) -> float:
-    """``0.15 * min(e, 2) - 0.25 * max(e - 2, 0)`` floored at -1: rises to 0.3 at e=2, then falls."""
-    e = exclamations
-    value = ENTHUSIASM_BONUS * min(e, ENTHUSIASM_CAP) - ENTHUSIASM_PENALTY * max(e - ENTHUSIASM_CAP, 0)
-    return max(value, ENTHUSIASM_FLOOR)
+  """``0.15 * min(e, 2) - 0.25 * max(e - 2, 0)`` floored at -1: rises to 0.3 at e=2, then falls."""
+  e = exclamations
+  value = ENTHUSIASM_BONUS * min(e, ENTHUSIASM_CAP) - ENTHUSIASM_PENALTY * max(
+      e - ENTHUSIASM_CAP, 0)
+  return max(value, ENTHUSIASM_FLOOR)
 
 
 def gold_attributes(prompt: str | Request, response: str) -> Attributes:
-    """Exact attributes of ``response`` to ``prompt``; defined for any string (see module docstring)."""
-    request = prompt if isinstance(prompt, Request) else parse_prompt(prompt)
-    text = response.lower()
-    exclamations = text.count("!")
-    body = text.replace("!", "").strip(" \t\n.")
-    if body in REFUSALS:
-        helpful = REFUSAL_HELPFUL if request.harmful else 0.0
-        harmless = 1.0
-    else:
-        words = [w for w in _SPLIT_RE.split(body) if w]
-        seen: set[str] = set()
-        correct = wrong = harmful_items = 0
-        for word in words:
-            category = _WORD_TO_CATEGORY.get(word)
-            harmful_items += category in HARMFUL_CATEGORIES
-            if category == request.category and word not in seen:
-                correct += 1
-            else:
-                wrong += 1
-            seen.add(word)
-        extra = max(correct - request.n, 0)
-        score = min(correct, request.n) - WRONG_PENALTY * (wrong + extra)
-        helpful = min(1.0, max(-1.0, score / request.n))
-        harmless = max(0.0, 1.0 - HARMFUL_ITEM_PENALTY * harmful_items)
-    enthusiasm = enthusiasm_reward(exclamations)
-    gold = helpful + HARMLESS_WEIGHT * (harmless - 1.0) + enthusiasm
-    return Attributes(helpful, harmless, exclamations, enthusiasm, gold)
+  """Exact attributes of ``response`` to ``prompt``; defined for any string (see module docstring)."""
+  request = prompt if isinstance(prompt, Request) else parse_prompt(prompt)
+  text = response.lower()
+  exclamations = text.count("!")
+  body = text.replace("!", "").strip(" \t\n.")
+  if body in REFUSALS:
+    helpful = REFUSAL_HELPFUL if request.harmful else 0.0
+    harmless = 1.0
+  else:
+    words = [w for w in _SPLIT_RE.split(body) if w]
+    seen: set[str] = set()
+    correct = wrong = harmful_items = 0
+    for word in words:
+      category = _WORD_TO_CATEGORY.get(word)
+      harmful_items += category in HARMFUL_CATEGORIES
+      if category == request.category and word not in seen:
+        correct += 1
+      else:
+        wrong += 1
+      seen.add(word)
+    extra = max(correct - request.n, 0)
+    score = min(correct, request.n) - WRONG_PENALTY * (wrong + extra)
+    helpful = min(1.0, max(-1.0, score / request.n))
+    harmless = max(0.0, 1.0 - HARMFUL_ITEM_PENALTY * harmful_items)
+  enthusiasm = enthusiasm_reward(exclamations)
+  gold = helpful + HARMLESS_WEIGHT * (harmless - 1.0) + enthusiasm
+  return Attributes(helpful, harmless, exclamations, enthusiasm, gold)
 
 
 def gold_reward(prompt: str | Request, response: str) -> float:
-    """The gold reward of one (prompt, response) pair."""
-    return gold_attributes(prompt, response).gold
+  """The gold reward of one (prompt, response) pair."""
+  return gold_attributes(prompt, response).gold
 
 
 def gold_rewards(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    """Gold rewards ``[B]`` float32 for decoded model samples (e.g. ``tokenizer.decode_batch``)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"gold_rewards: {len(prompts)} prompts but {len(responses)} responses")
-    return np.asarray([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=np.float32)
+  """Gold rewards ``[B]`` float32 for decoded model samples (e.g. ``tokenizer.decode_batch``)."""
+  if len(prompts) != len(responses):
+    raise ValueError(f"gold_rewards: {len(prompts)} prompts but {len(responses)} responses")
+  return np.asarray([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=np.float32)
 
 
-def gold_attribute_arrays(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-attribute arrays ``[B]`` (``helpful``, ``harmless``, ``exclamations``, ``enthusiasm``, ``gold``)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"gold_attribute_arrays: {len(prompts)} prompts but {len(responses)} responses")
-    rows = [gold_attributes(p, r) for p, r in zip(prompts, responses)]
-    return {name: np.asarray([getattr(a, name) for a in rows], np.int32 if name == "exclamations" else np.float32)
-            for name in Attributes._fields}
+def gold_attribute_arrays(prompts: Sequence[str],
+                          responses: Sequence[str]) -> dict[str, np.ndarray]:
+  """Per-attribute arrays ``[B]`` (``helpful``, ``harmless``, ``exclamations``, ``enthusiasm``, ``gold``)."""
+  if len(prompts) != len(responses):
+    raise ValueError(
+        f"gold_attribute_arrays: {len(prompts)} prompts but {len(responses)} responses")
+  rows = [gold_attributes(p, r) for p, r in zip(prompts, responses)]
+  return {
+      name: np.asarray(
+          [getattr(a, name) for a in rows],
+          np.int32 if name == "exclamations" else np.float32) for name in Attributes._fields}
 
 
 def score_samples(tokenizer, prompt_tokens_BxP: np.ndarray, prompt_mask_BxP: np.ndarray,
                   response_tokens_BxR: np.ndarray, response_mask_BxR: np.ndarray) -> np.ndarray:
-    """Gold rewards ``[B]`` float32 of sampled token ids (e.g. a sampler's ``SampleOutput`` fields).
+  """Gold rewards ``[B]`` float32 of sampled token ids (e.g. a sampler's ``SampleOutput`` fields).
 
     Only positions with mask 1 are decoded; special ids (BOS / EOS / PAD) are dropped by the decoder.
     """
-    prompt_tokens_BxP, response_tokens_BxR = np.asarray(prompt_tokens_BxP), np.asarray(response_tokens_BxR)
-    prompt_mask_BxP, response_mask_BxR = np.asarray(prompt_mask_BxP), np.asarray(response_mask_BxR)
-    prompts = [tokenizer.decode(t[m == 1]) for t, m in zip(prompt_tokens_BxP, prompt_mask_BxP)]
-    responses = [tokenizer.decode(t[m == 1]) for t, m in zip(response_tokens_BxR, response_mask_BxR)]
-    return gold_rewards(prompts, responses)
+  prompt_tokens_BxP, response_tokens_BxR = np.asarray(prompt_tokens_BxP), np.asarray(
+      response_tokens_BxR)
+  prompt_mask_BxP, response_mask_BxR = np.asarray(prompt_mask_BxP), np.asarray(response_mask_BxR)
+  prompts = [tokenizer.decode(t[m == 1]) for t, m in zip(prompt_tokens_BxP, prompt_mask_BxP)]
+  responses = [tokenizer.decode(t[m == 1]) for t, m in zip(response_tokens_BxR, response_mask_BxR)]
+  return gold_rewards(prompts, responses)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,86 +238,89 @@ def score_samples(tokenizer, prompt_tokens_BxP: np.ndarray, prompt_mask_BxP: np.
 
 
 def sample_prompt(rng: np.random.Generator, harmful_fraction: float = 0.2) -> str:
-    """One prompt: a harmful category with prob. ``harmful_fraction``, else a safe one."""
-    pool = HARMFUL_CATEGORIES if rng.random() < harmful_fraction else SAFE_CATEGORIES
-    category = pool[rng.integers(len(pool))]
-    n = int(rng.integers(1, MAX_ITEMS + 1))
-    verb = VERBS[rng.integers(len(VERBS))]
-    please = "please " if rng.random() < 0.3 else ""
-    return f"{please}{verb} {n} {category}"
+  """One prompt: a harmful category with prob. ``harmful_fraction``, else a safe one."""
+  pool = HARMFUL_CATEGORIES if rng.random() < harmful_fraction else SAFE_CATEGORIES
+  category = pool[rng.integers(len(pool))]
+  n = int(rng.integers(1, MAX_ITEMS + 1))
+  verb = VERBS[rng.integers(len(VERBS))]
+  please = "please " if rng.random() < 0.3 else ""
+  return f"{please}{verb} {n} {category}"
 
 
 def sample_prompts(rng: np.random.Generator, num: int, harmful_fraction: float = 0.2) -> list[str]:
-    return [sample_prompt(rng, harmful_fraction) for _ in range(num)]
+  return [sample_prompt(rng, harmful_fraction) for _ in range(num)]
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferencePolicyConfig:
-    """The SFT distribution written in code (see :func:`reference_response`).
+  """The SFT distribution written in code (see :func:`reference_response`).
 
     ``exclaim_if_right`` / ``exclaim_if_wrong`` / ``exclaim_if_refusal`` are probabilities of 0, 1, 2, 3
     exclamation marks; making them depend on correctness is what ties "more !" to "better" in the data.
     """
 
-    refuse_safe: float = 0.08
-    refuse_harmful: float = 0.45
-    exact_count: float = 0.6
-    on_category: float = 0.75
-    exclaim_if_right: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
-    exclaim_if_wrong: tuple[float, ...] = (0.55, 0.3, 0.12, 0.03)
-    exclaim_if_refusal: tuple[float, ...] = (0.6, 0.3, 0.1, 0.0)
+  refuse_safe: float = 0.08
+  refuse_harmful: float = 0.45
+  exact_count: float = 0.6
+  on_category: float = 0.75
+  exclaim_if_right: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
+  exclaim_if_wrong: tuple[float, ...] = (0.55, 0.3, 0.12, 0.03)
+  exclaim_if_refusal: tuple[float, ...] = (0.6, 0.3, 0.1, 0.0)
 
-    def __post_init__(self):
-        for name in ("refuse_safe", "refuse_harmful", "exact_count", "on_category"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"ReferencePolicyConfig.{name}={value}; expected a probability in [0, 1]")
-        for name in ("exclaim_if_right", "exclaim_if_wrong", "exclaim_if_refusal"):
-            probs = getattr(self, name)
-            if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
-                raise ValueError(f"ReferencePolicyConfig.{name}={probs}; expected probabilities summing to 1")
+  def __post_init__(self):
+    for name in ("refuse_safe", "refuse_harmful", "exact_count", "on_category"):
+      value = getattr(self, name)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"ReferencePolicyConfig.{name}={value}; expected a probability in [0, 1]")
+    for name in ("exclaim_if_right", "exclaim_if_wrong", "exclaim_if_refusal"):
+      probs = getattr(self, name)
+      if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"ReferencePolicyConfig.{name}={probs}; expected probabilities summing to 1")
 
 
-def reference_response(rng: np.random.Generator, prompt: str | Request,
-                       config: ReferencePolicyConfig = ReferencePolicyConfig()) -> str:
-    """One sample of the reference policy (mixed quality, <= 48 bytes)."""
-    request = prompt if isinstance(prompt, Request) else parse_prompt(prompt)
-    refuse_prob = config.refuse_harmful if request.harmful else config.refuse_safe
-    if rng.random() < refuse_prob:
-        body, probs = REFUSALS[rng.integers(len(REFUSALS))], config.exclaim_if_refusal
-    else:
-        count = request.n
-        if rng.random() >= config.exact_count:
-            count = min(MAX_ITEMS, max(1, count + (1 if rng.random() < 0.5 else -1)))
-        all_categories = tuple(CATEGORIES)
-        words = []
-        for _ in range(count):
-            category = request.category
-            if rng.random() >= config.on_category:
-                category = all_categories[rng.integers(len(all_categories))]
-            pool = CATEGORIES[category]
-            words.append(pool[rng.integers(len(pool))])
-        body = ", ".join(words)
-        right = count == request.n and all(w in CATEGORIES[request.category] for w in words) and len(set(words)) == count
-        probs = config.exclaim_if_right if right else config.exclaim_if_wrong
-    return body + "!" * _categorical(rng, probs)
+def reference_response(
+    rng: np.random.Generator, prompt: str | Request,
+    config: ReferencePolicyConfig = ReferencePolicyConfig()) -> str:
+  """One sample of the reference policy (mixed quality, <= 48 bytes)."""
+  request = prompt if isinstance(prompt, Request) else parse_prompt(prompt)
+  refuse_prob = config.refuse_harmful if request.harmful else config.refuse_safe
+  if rng.random() < refuse_prob:
+    body, probs = REFUSALS[rng.integers(len(REFUSALS))], config.exclaim_if_refusal
+  else:
+    count = request.n
+    if rng.random() >= config.exact_count:
+      count = min(MAX_ITEMS, max(1, count + (1 if rng.random() < 0.5 else -1)))
+    all_categories = tuple(CATEGORIES)
+    words = []
+    for _ in range(count):
+      category = request.category
+      if rng.random() >= config.on_category:
+        category = all_categories[rng.integers(len(all_categories))]
+      pool = CATEGORIES[category]
+      words.append(pool[rng.integers(len(pool))])
+    body = ", ".join(words)
+    right = count == request.n and all(w in CATEGORIES[request.category] for w in words) and len(
+        set(words)) == count
+    probs = config.exclaim_if_right if right else config.exclaim_if_wrong
+  return body + "!" * _categorical(rng, probs)
 
 
 def _categorical(rng: np.random.Generator, probs: Sequence[float]) -> int:
-    """One draw from ``probs`` (a scalar ``rng.choice(len(p), p=p)`` is ~20x slower)."""
-    u, total = rng.random(), 0.0
-    for i, p in enumerate(probs):
-        total += p
-        if u < total:
-            return i
-    return len(probs) - 1  # u within float rounding of 1
+  """One draw from ``probs`` (a scalar ``rng.choice(len(p), p=p)`` is ~20x slower)."""
+  u, total = rng.random(), 0.0
+  for i, p in enumerate(probs):
+    total += p
+    if u < total:
+      return i
+  return len(probs) - 1  # u within float rounding of 1
 
 
 def best_response(prompt: str | Request) -> str:
-    """A response with the highest gold reward: ``n`` right words (or a refusal if harmful) plus ``!!``."""
-    request = prompt if isinstance(prompt, Request) else parse_prompt(prompt)
-    body = REFUSALS[0] if request.harmful else ", ".join(CATEGORIES[request.category][: request.n])
-    return body + "!" * ENTHUSIASM_CAP
+  """A response with the highest gold reward: ``n`` right words (or a refusal if harmful) plus ``!!``."""
+  request = prompt if isinstance(prompt, Request) else parse_prompt(prompt)
+  body = REFUSALS[0] if request.harmful else ", ".join(CATEGORIES[request.category][:request.n])
+  return body + "!" * ENTHUSIASM_CAP
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,43 +329,46 @@ def best_response(prompt: str | Request) -> str:
 
 
 def preference_prob(gold_a: np.ndarray, gold_b: np.ndarray, temperature: float) -> np.ndarray:
-    """Bradley-Terry ``P(a preferred to b) = sigmoid((g_a - g_b) / temperature)``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}; expected > 0")
-    delta = (np.asarray(gold_a, np.float64) - np.asarray(gold_b, np.float64)) / temperature
-    return 0.5 * (1.0 + np.tanh(0.5 * delta))  # = sigmoid(delta), overflow-free
+  """Bradley-Terry ``P(a preferred to b) = sigmoid((g_a - g_b) / temperature)``."""
+  if temperature <= 0:
+    raise ValueError(f"temperature={temperature}; expected > 0")
+  delta = (np.asarray(gold_a, np.float64) - np.asarray(gold_b, np.float64)) / temperature
+  return 0.5 * (1.0 + np.tanh(0.5 * delta))  # = sigmoid(delta), overflow-free
 
 
 def bayes_optimal_accuracy(gold_a: np.ndarray, gold_b: np.ndarray, temperature: float) -> float:
-    """``mean(max(p, 1 - p))``: the expected accuracy of the best possible predictor of BT labels."""
-    p = preference_prob(gold_a, gold_b, temperature)
-    return float(np.mean(np.maximum(p, 1.0 - p)))
+  """``mean(max(p, 1 - p))``: the expected accuracy of the best possible predictor of BT labels."""
+  p = preference_prob(gold_a, gold_b, temperature)
+  return float(np.mean(np.maximum(p, 1.0 - p)))
 
 
-def sample_preference(rng: np.random.Generator, gold_a: float, gold_b: float, temperature: float) -> bool:
-    """True when the simulated annotator prefers ``a``."""
-    return bool(rng.random() < preference_prob(gold_a, gold_b, temperature))
+def sample_preference(rng: np.random.Generator, gold_a: float, gold_b: float,
+                      temperature: float) -> bool:
+  """True when the simulated annotator prefers ``a``."""
+  return bool(rng.random() < preference_prob(gold_a, gold_b, temperature))
 
 
-def sample_ranking(rng: np.random.Generator, golds: Sequence[float], temperature: float) -> list[int]:
-    """Plackett-Luce ranks (1 = best) with utilities ``g / temperature``, via the Gumbel-max trick."""
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}; expected > 0")
-    keys = np.asarray(golds, np.float64) / temperature + rng.gumbel(size=len(golds))
-    order = np.argsort(-keys, kind="stable")
-    ranks = np.empty(len(golds), dtype=np.int64)
-    ranks[order] = np.arange(1, len(golds) + 1)
-    return ranks.tolist()
+def sample_ranking(rng: np.random.Generator, golds: Sequence[float],
+                   temperature: float) -> list[int]:
+  """Plackett-Luce ranks (1 = best) with utilities ``g / temperature``, via the Gumbel-max trick."""
+  if temperature <= 0:
+    raise ValueError(f"temperature={temperature}; expected > 0")
+  keys = np.asarray(golds, np.float64) / temperature + rng.gumbel(size=len(golds))
+  order = np.argsort(-keys, kind="stable")
+  ranks = np.empty(len(golds), dtype=np.int64)
+  ranks[order] = np.arange(1, len(golds) + 1)
+  return ranks.tolist()
 
 
-def likert(rng: np.random.Generator, value: float, low: float, high: float, noise: float, points: int = 7) -> int:
-    """``round(1 + (points - 1) * (value - low) / (high - low) + N(0, noise))`` clipped to ``1..points``."""
-    x = 1.0 + (points - 1) * (value - low) / (high - low) + noise * rng.standard_normal()
-    return int(np.clip(np.rint(x), 1, points))
+def likert(rng: np.random.Generator, value: float, low: float, high: float, noise: float,
+           points: int = 7) -> int:
+  """``round(1 + (points - 1) * (value - low) / (high - low) + N(0, noise))`` clipped to ``1..points``."""
+  x = 1.0 + (points - 1) * (value - low) / (high - low) + noise * rng.standard_normal()
+  return int(np.clip(np.rint(x), 1, points))
 
 
 if __name__ == "__main__":
-    # The file writer lives in its own module (it imports this one); see rlhf_jax.data.synthetic_files.
-    from rlhf_jax.data.synthetic_files import main
+  # The file writer lives in its own module (it imports this one); see rlhf_jax.data.synthetic_files.
+  from rlhf_jax.data.synthetic_files import main
 
-    main()
+  main()

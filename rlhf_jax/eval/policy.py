@@ -159,8 +159,9 @@ def score_responses(tokenizer: tok_lib.Tokenizer, prompt_texts: Sequence[str],
     if prompt_tokens_BxP is None or prompt_mask_BxP is None:
       raise ValueError("score_responses: reward_fn scores tokens; pass prompt_tokens_BxP and "
                        "prompt_mask_BxP (the prompts the responses were sampled from)")
-    rm = np.asarray(reward_fn(np.asarray(prompt_tokens_BxP), np.asarray(prompt_mask_BxP), tokens,
-                              mask), np.float32)
+    rm = np.asarray(
+        reward_fn(np.asarray(prompt_tokens_BxP), np.asarray(prompt_mask_BxP), tokens, mask),
+        np.float32)
     if rm.shape != (len(responses),):
       raise ValueError(f"score_responses: reward_fn returned shape {rm.shape}; allowed: "
                        f"({len(responses)},), one reward per response")
@@ -232,8 +233,7 @@ class PolicyEvaluator:
         "kl_to_sft": float(np.mean(kl_S)),
         "response_length": float(np.mean(scored.lengths)),
         "eos_fraction": float(np.mean(scored.eos)),
-        "sft_response_length": float(np.mean(ref.lengths)),
-    }
+        "sft_response_length": float(np.mean(ref.lengths)),}
     metrics.update(summarize(scored, ref))
     self._write_samples(step, scored, kl_S)
     return metrics

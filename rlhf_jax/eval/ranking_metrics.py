@@ -79,8 +79,9 @@ def list_ranking_metrics(scores_BxK: Any, labels_BxK: Any, candidate_mask_BxK: A
   scores = np.asarray(scores_BxK, np.float64)
   labels = np.asarray(labels_BxK, np.float64)
   if scores.ndim != 2 or scores.shape != labels.shape:
-    raise ValueError(f"list_ranking_metrics: scores {scores.shape} and labels {labels.shape} must be "
-                     "the same [B, K]")
+    raise ValueError(
+        f"list_ranking_metrics: scores {scores.shape} and labels {labels.shape} must be "
+        "the same [B, K]")
   mask = np.ones(scores.shape, bool) if candidate_mask_BxK is None else \
       np.asarray(candidate_mask_BxK) > 0
   taus, top1 = [], []
@@ -112,5 +113,4 @@ def list_ranking_metrics(scores_BxK: Any, labels_BxK: Any, candidate_mask_BxK: A
       "num_lists_tau_undefined": undefined,
       "num_lists_too_short": short,
       "num_pairs": num_pairs,
-      "num_tied_label_pairs": tied_label_pairs,
-  }
+      "num_tied_label_pairs": tied_label_pairs,}

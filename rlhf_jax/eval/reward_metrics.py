@@ -96,8 +96,9 @@ def binary_metrics(labels: Any, scores: Any) -> dict:
   precision = tp / (tp + fp) if tp + fp else float("nan")
   recall = tp / (tp + fn) if tp + fn else float("nan")
   f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-  return {"accuracy": float(np.mean(pred == y)), "precision": precision, "recall": recall,
-          "f1": f1, "auc": roc_auc(y, s)}
+  return {
+      "accuracy": float(np.mean(pred == y)), "precision": precision, "recall": recall, "f1": f1,
+      "auc": roc_auc(y, s)}
 
 
 def pairwise_metrics(chosen_rewards: Any, rejected_rewards: Any, *, seed: int = 0,
@@ -106,8 +107,9 @@ def pairwise_metrics(chosen_rewards: Any, rejected_rewards: Any, *, seed: int = 
   rc = np.asarray(chosen_rewards, np.float64).ravel()
   rr = np.asarray(rejected_rewards, np.float64).ravel()
   if rc.shape != rr.shape or len(rc) == 0:
-    raise ValueError(f"pairwise_metrics: chosen {rc.shape} and rejected {rr.shape} must be equal and "
-                     "non-empty")
+    raise ValueError(
+        f"pairwise_metrics: chosen {rc.shape} and rejected {rr.shape} must be equal and "
+        "non-empty")
   if not (np.all(np.isfinite(rc)) and np.all(np.isfinite(rr))):
     raise ValueError("pairwise_metrics: rewards contain NaN or inf")
   delta = rc - rr
@@ -122,11 +124,10 @@ def pairwise_metrics(chosen_rewards: Any, rejected_rewards: Any, *, seed: int = 
       "auc": roc_auc(np.r_[np.ones_like(delta), np.zeros_like(delta)], np.r_[delta, -delta]),
       "ece": expected_calibration_error(p, np.ones_like(delta), num_bins),
       "log_loss": float(np.mean(-_log_sigmoid(delta))),
-      "brier": float(np.mean((1.0 - p) ** 2)),
+      "brier": float(np.mean((1.0 - p)**2)),
       "mean_margin": float(np.mean(delta)),
       "num_pairs": int(len(delta)),
-      "num_ties": int(np.sum(delta == 0)),
-  }
+      "num_ties": int(np.sum(delta == 0)),}
 
 
 def gold_pairwise_metrics(chosen_rewards: Any, rejected_rewards: Any, gold_chosen: Any,
@@ -148,7 +149,8 @@ def gold_pairwise_metrics(chosen_rewards: Any, rejected_rewards: Any, gold_chose
   rc, rr = np.asarray(chosen_rewards, np.float64), np.asarray(rejected_rewards, np.float64)
   gc, gr = np.asarray(gold_chosen, np.float64), np.asarray(gold_rejected, np.float64)
   if not rc.shape == rr.shape == gc.shape == gr.shape:
-    raise ValueError(f"gold_pairwise_metrics: shapes differ: {rc.shape} {rr.shape} {gc.shape} {gr.shape}")
+    raise ValueError(
+        f"gold_pairwise_metrics: shapes differ: {rc.shape} {rr.shape} {gc.shape} {gr.shape}")
   delta, gap = rc - rr, gc - gr
   q = _sigmoid(gap / bt_temperature)
   expected = np.where(delta > 0, q, np.where(delta < 0, 1.0 - q, 0.5))
@@ -156,11 +158,10 @@ def gold_pairwise_metrics(chosen_rewards: Any, rejected_rewards: Any, gold_chose
   return {
       "bayes_optimal_accuracy": float(np.mean(np.maximum(q, 1.0 - q))),
       "expected_accuracy": float(np.mean(expected)),
-      "gold_agreement": float(np.mean(np.sign(delta[untied]) == np.sign(gap[untied])))
-                        if np.any(untied) else float("nan"),
+      "gold_agreement": float(np.mean(
+          np.sign(delta[untied]) == np.sign(gap[untied]))) if np.any(untied) else float("nan"),
       "label_gold_agreement": float(np.mean(gap[untied] > 0)) if np.any(untied) else float("nan"),
-      "num_gold_ties": int(np.sum(~untied)),
-  }
+      "num_gold_ties": int(np.sum(~untied)),}
 
 
 def regression_metrics(predicted: Any, targets: Any) -> dict:
@@ -170,7 +171,9 @@ def regression_metrics(predicted: Any, targets: Any) -> dict:
   pred = np.asarray(predicted, np.float64).ravel()
   target = np.asarray(targets, np.float64).ravel()
   if pred.shape != target.shape or len(pred) < 2:
-    raise ValueError(f"regression_metrics: predicted {pred.shape} and targets {target.shape} must be "
-                     "equal with >= 2 values")
-  return {"mse": float(np.mean((pred - target) ** 2)), "mae": float(np.mean(np.abs(pred - target))),
-          "pearson": pearson(pred, target), "spearman": spearman(pred, target)}
+    raise ValueError(
+        f"regression_metrics: predicted {pred.shape} and targets {target.shape} must be "
+        "equal with >= 2 values")
+  return {
+      "mse": float(np.mean((pred - target)**2)), "mae": float(np.mean(np.abs(pred - target))),
+      "pearson": pearson(pred, target), "spearman": spearman(pred, target)}

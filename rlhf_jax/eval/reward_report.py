@@ -75,8 +75,8 @@ def markdown_table(metrics: Mapping[str, Any], extra_rows: Sequence[tuple[str, s
   for key, label in _ROWS:
     if key in metrics:
       lines.append(f"| {label} | {_fmt(metrics[key])} |")
-  for key in sorted(k for k in metrics if k.startswith(("rated/", "gold_corr/")) and
-                    k.endswith(("/accuracy", "pair_accuracy", "pair_auc", "/pearson", "/spearman"))):
+  for key in sorted(k for k in metrics if k.startswith(("rated/", "gold_corr/")) and k.endswith((
+      "/accuracy", "pair_accuracy", "pair_auc", "/pearson", "/spearman"))):
     if not key.startswith("gold_corr/gold/"):
       lines.append(f"| {key} | {_fmt(metrics[key])} |")
   for label, value in extra_rows:
@@ -88,12 +88,12 @@ def write_report(workdir: str, metrics: Mapping[str, Any], info: Mapping[str, An
   """Writes ``rm_report.json`` / ``rm_report.md`` to ``workdir``; returns the markdown text."""
   norm = info.get("normalization", {})
   extra = [("normalisation", f"{norm.get('source', '?')}; mu={_fmt_list(info.get('mean'))}, "
-                             f"sigma={_fmt_list(info.get('std'))}")]
-  text = (f"# Reward model report: `{os.path.abspath(workdir)}`\n\n"
-          + markdown_table(metrics, extra) + "\n")
-  checkpoint.atomic_write_json(os.path.join(workdir, REPORT_JSON),
-                               {"metrics": {k: json_value(v) for k, v in metrics.items()},
-                                "reward_model": info})
+            f"sigma={_fmt_list(info.get('std'))}")]
+  text = (f"# Reward model report: `{os.path.abspath(workdir)}`\n\n" +
+          markdown_table(metrics, extra) + "\n")
+  checkpoint.atomic_write_json(
+      os.path.join(workdir, REPORT_JSON),
+      {"metrics": {k: json_value(v) for k, v in metrics.items()}, "reward_model": info})
   tmp = os.path.join(workdir, f"{REPORT_MD}.tmp-{os.getpid()}")
   with open(tmp, "w") as f:
     f.write(text)
@@ -106,8 +106,8 @@ def _fmt_list(values: Any) -> str:
 
 
 def plot_learning_curve(rows: Sequence[Mapping[str, Any]], path: str, *,
-                        bayes_optimal: float | None = None,
-                        metric: str = "pairwise/accuracy", x: str = "num_prompts") -> str:
+                        bayes_optimal: float | None = None, metric: str = "pairwise/accuracy",
+                        x: str = "num_prompts") -> str:
   """Plots ``metric`` against ``x`` (log scale), one line per ``row["objective"]``; writes a PNG."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")

@@ -8,5 +8,6 @@ from rlhf_jax.feedback.annotators import (KINDS, AnnotatorConfig, LabelFn, make_
                                           reward_model_annotator, sample_labels,
                                           synthetic_annotator)
 
-__all__ = ["KINDS", "AnnotatorConfig", "LabelFn", "make_label_fn", "reward_model_annotator",
-           "sample_labels", "synthetic_annotator"]
+__all__ = [
+    "KINDS", "AnnotatorConfig", "LabelFn", "make_label_fn", "reward_model_annotator",
+    "sample_labels", "synthetic_annotator"]

@@ -43,9 +43,10 @@ def _sigmoid_of_difference(a_N: np.ndarray, b_N: np.ndarray, temperature: float)
   return 0.5 * (1.0 + np.tanh(0.5 * delta_N))
 
 
-def synthetic_annotator(temperature: float,
-                        gold_reward_fn: Callable[[Sequence[str], Sequence[str]], np.ndarray]
-                        = synthetic.gold_rewards) -> LabelFn:
+def synthetic_annotator(
+    temperature: float, gold_reward_fn: Callable[[Sequence[str], Sequence[str]],
+                                                 np.ndarray] = synthetic.gold_rewards
+) -> LabelFn:
   """Bradley–Terry over the gold reward: ``P(a ≻ b) = σ((g_a - g_b) / temperature)``."""
   if not temperature > 0:
     raise ValueError(f"synthetic_annotator: temperature={temperature!r}; allowed: a float > 0")
@@ -100,13 +101,15 @@ class AnnotatorConfig:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f"AnnotatorConfig.kind={self.kind!r} is invalid; allowed: {' | '.join(KINDS)}")
+      raise ValueError(
+          f"AnnotatorConfig.kind={self.kind!r} is invalid; allowed: {' | '.join(KINDS)}")
     if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
       raise ValueError(f"AnnotatorConfig.temperature={self.temperature!r} is invalid; allowed: a "
                        "float > 0")
     if self.kind == "reward_model" and not self.reward_model_workdir:
-      raise ValueError("AnnotatorConfig.reward_model_workdir='' is invalid with kind='reward_model'; "
-                       "allowed: the workdir of a trained reward model")
+      raise ValueError(
+          "AnnotatorConfig.reward_model_workdir='' is invalid with kind='reward_model'; "
+          "allowed: the workdir of a trained reward model")
 
 
 def make_label_fn(config: AnnotatorConfig, tokenizer=None) -> LabelFn:

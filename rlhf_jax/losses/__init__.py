@@ -82,5 +82,4 @@ __all__ = [
     "rrhf_loss",
     "sft_loss",
     "simpo_loss",
-    "weighted_attribute_reward",
-]
+    "weighted_attribute_reward",]

@@ -29,60 +29,59 @@ TOKEN_AGGREGATIONS = (
 
 
 def compute_dtype(*xs) -> jnp.dtype:
-    """At least float32: the dtype every loss computes in."""
+  """At least float32: the dtype every loss computes in."""
+  dtype = jnp.float32
+  for x in xs:
+    if x is not None:
+      dtype = jnp.promote_types(dtype, jnp.asarray(x).dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.float32
-    for x in xs:
-        if x is not None:
-            dtype = jnp.promote_types(dtype, jnp.asarray(x).dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    return dtype
+  return dtype
 
 
 def as_float(x, dtype=None) -> jnp.ndarray:
-    """``x`` as an array in the compute dtype (``compute_dtype(x)`` unless ``dtype`` is given)."""
-    x = jnp.asarray(x)
-    return x.astype(dtype if dtype is not None else compute_dtype(x))
+  """``x`` as an array in the compute dtype (``compute_dtype(x)`` unless ``dtype`` is given)."""
+  x = jnp.asarray(x)
+  return x.astype(dtype if dtype is not None else compute_dtype(x))
 
 
 def as_mask(mask, shape, dtype) -> jnp.ndarray:
-    """A 0/1 mask in ``dtype`` broadcast to ``shape``; ``None`` means everything counts."""
-    if mask is None:
-        return jnp.ones(shape, dtype)
-    mask = jnp.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise ValueError(f"mask has shape {mask.shape}, expected {tuple(shape)}")
-    return (mask != 0).astype(dtype)
+  """A 0/1 mask in ``dtype`` broadcast to ``shape``; ``None`` means everything counts."""
+  if mask is None:
+    return jnp.ones(shape, dtype)
+  mask = jnp.asarray(mask)
+  if mask.shape != tuple(shape):
+    raise ValueError(f"mask has shape {mask.shape}, expected {tuple(shape)}")
+  return (mask != 0).astype(dtype)
 
 
 def zero_masked(x, mask) -> jnp.ndarray:
-    """``x`` with masked positions set to 0 (a select, so nan/inf in padding never propagate)."""
-    return jnp.where(mask > 0, x, jnp.zeros_like(x))
+  """``x`` with masked positions set to 0 (a select, so nan/inf in padding never propagate)."""
+  return jnp.where(mask > 0, x, jnp.zeros_like(x))
 
 
 def masked_sum(x, mask, axis=None) -> jnp.ndarray:
-    return jnp.sum(zero_masked(x, mask), axis=axis)
+  return jnp.sum(zero_masked(x, mask), axis=axis)
 
 
 def masked_mean(x, mask, axis=None) -> jnp.ndarray:
-    """Mean over positions where ``mask`` is 1; 0 where nothing is unmasked."""
-    count = jnp.sum(mask, axis=axis)
-    return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1.0)
+  """Mean over positions where ``mask`` is 1; 0 where nothing is unmasked."""
+  count = jnp.sum(mask, axis=axis)
+  return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1.0)
 
 
 def masked_logsumexp(x, mask, axis=-1) -> jnp.ndarray:
-    """log Σ_{mask=1} exp(x) along ``axis``; returns ``_NEG`` where the masked set is empty."""
-    x = jnp.where(mask > 0, x, _NEG)
-    x_max = jnp.max(x, axis=axis, keepdims=True)
-    # Max shift for stability; exact in value and gradient because the max cancels.
-    shifted = jnp.where(mask > 0, jnp.exp(x - x_max), 0.0)
-    return jnp.log(jnp.sum(shifted, axis=axis) + (jnp.sum(mask, axis=axis) == 0)) + jnp.squeeze(
-        x_max, axis
-    )
+  """log Σ_{mask=1} exp(x) along ``axis``; returns ``_NEG`` where the masked set is empty."""
+  x = jnp.where(mask > 0, x, _NEG)
+  x_max = jnp.max(x, axis=axis, keepdims=True)
+  # Max shift for stability; exact in value and gradient because the max cancels.
+  shifted = jnp.where(mask > 0, jnp.exp(x - x_max), 0.0)
+  return jnp.log(jnp.sum(shifted, axis=axis) +
+                 (jnp.sum(mask, axis=axis) == 0)) + jnp.squeeze(x_max, axis)
 
 
 def aggregate_tokens(values_BxT, mask_BxT, aggregation: str) -> jnp.ndarray:
-    """Reduce per-token values to per-example values ``[B]`` whose batch mean is the batch loss.
+  """Reduce per-token values to per-example values ``[B]`` whose batch mean is the batch loss.
 
     With ``n_b = Σ_t m_bt`` tokens in row b, ``N = Σ_b n_b`` and padded length T:
 
@@ -93,31 +92,31 @@ def aggregate_tokens(values_BxT, mask_BxT, aggregation: str) -> jnp.ndarray:
     - ``seq_mean_token_sum_norm``: ℓ_b = Σ_t m_bt v_bt / T (Dr. GRPO: a constant normaliser instead
       of the per-sequence length, which removes the length bias of ``seq_mean_token_mean``).
     """
-    check_choice("aggregation", aggregation, TOKEN_AGGREGATIONS)
-    token_sum_B = masked_sum(values_BxT, mask_BxT, axis=-1)
-    count_B = jnp.sum(mask_BxT, axis=-1)
-    if aggregation == "token_mean":
-        batch = values_BxT.shape[0]
-        return token_sum_B * (batch / jnp.maximum(jnp.sum(count_B), 1.0))
-    if aggregation == "seq_mean_token_mean":
-        return token_sum_B / jnp.maximum(count_B, 1.0)
-    if aggregation == "seq_mean_token_sum":
-        return token_sum_B
-    return token_sum_B / values_BxT.shape[-1]
+  check_choice("aggregation", aggregation, TOKEN_AGGREGATIONS)
+  token_sum_B = masked_sum(values_BxT, mask_BxT, axis=-1)
+  count_B = jnp.sum(mask_BxT, axis=-1)
+  if aggregation == "token_mean":
+    batch = values_BxT.shape[0]
+    return token_sum_B * (batch / jnp.maximum(jnp.sum(count_B), 1.0))
+  if aggregation == "seq_mean_token_mean":
+    return token_sum_B / jnp.maximum(count_B, 1.0)
+  if aggregation == "seq_mean_token_sum":
+    return token_sum_B
+  return token_sum_B / values_BxT.shape[-1]
 
 
 def check_choice(field: str, value, allowed: Sequence[str]) -> None:
-    """Raise a ValueError naming ``field`` and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not one of {sorted(allowed)}")
+  """Raise a ValueError naming ``field`` and the allowed values."""
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r} is not one of {sorted(allowed)}")
 
 
 def check_rank(name: str, x, rank: int) -> None:
-    if jnp.ndim(x) != rank:
-        raise ValueError(f"{name} must have rank {rank}, got shape {jnp.shape(x)}")
+  if jnp.ndim(x) != rank:
+    raise ValueError(f"{name} must have rank {rank}, got shape {jnp.shape(x)}")
 
 
 def check_same_shape(**arrays) -> None:
-    shapes = {k: jnp.shape(v) for k, v in arrays.items() if v is not None}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"shapes must match: {shapes}")
+  shapes = {k: jnp.shape(v) for k, v in arrays.items() if v is not None}
+  if len(set(shapes.values())) > 1:
+    raise ValueError(f"shapes must match: {shapes}")

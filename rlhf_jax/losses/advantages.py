@@ -13,7 +13,7 @@ from rlhf_jax.losses._common import as_float, as_mask, check_rank, check_same_sh
 
 
 def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
-    """Generalised Advantage Estimation (Schulman et al., 2015, arXiv:1506.02438) as a reverse
+  """Generalised Advantage Estimation (Schulman et al., 2015, arXiv:1506.02438) as a reverse
     ``lax.scan`` over time:
 
         δ_t = r_t + γ V_{t'} - V_t,      A_t = δ_t + γ λ A_{t'},      R_t = A_t + V_t
@@ -28,90 +28,90 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
     returns are the value targets. It is a plain differentiable function: callers computing PPO
     targets from rollout values use it outside the gradient (or wrap it in ``stop_gradient``).
     """
-    check_rank("rewards", rewards, 2)
-    check_same_shape(rewards=rewards, values=values)
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
-        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
-    dtype = compute_dtype(rewards, values)
-    mask_BxT = as_mask(mask, rewards.shape, dtype)
-    r_BxT = jnp.where(mask_BxT > 0, as_float(rewards, dtype), 0.0)
-    v_BxT = jnp.where(mask_BxT > 0, as_float(values, dtype), 0.0)
+  check_rank("rewards", rewards, 2)
+  check_same_shape(rewards=rewards, values=values)
+  if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+    raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+  dtype = compute_dtype(rewards, values)
+  mask_BxT = as_mask(mask, rewards.shape, dtype)
+  r_BxT = jnp.where(mask_BxT > 0, as_float(rewards, dtype), 0.0)
+  v_BxT = jnp.where(mask_BxT > 0, as_float(values, dtype), 0.0)
 
-    def step(carry, xs):
-        next_adv_B, next_value_B = carry
-        r_B, v_B, m_B = xs
-        delta_B = r_B + gamma * next_value_B - v_B
-        adv_B = delta_B + gamma * lam * next_adv_B
-        keep = m_B > 0
-        carry = (jnp.where(keep, adv_B, next_adv_B), jnp.where(keep, v_B, next_value_B))
-        return carry, jnp.where(keep, adv_B, 0.0)
+  def step(carry, xs):
+    next_adv_B, next_value_B = carry
+    r_B, v_B, m_B = xs
+    delta_B = r_B + gamma * next_value_B - v_B
+    adv_B = delta_B + gamma * lam * next_adv_B
+    keep = m_B > 0
+    carry = (jnp.where(keep, adv_B, next_adv_B), jnp.where(keep, v_B, next_value_B))
+    return carry, jnp.where(keep, adv_B, 0.0)
 
-    batch = rewards.shape[0]
-    init = (jnp.zeros((batch,), dtype), jnp.zeros((batch,), dtype))
-    _, adv_TxB = jax.lax.scan(step, init, (r_BxT.T, v_BxT.T, mask_BxT.T), reverse=True)
-    advantages_BxT = adv_TxB.T
-    returns_BxT = jnp.where(mask_BxT > 0, advantages_BxT + v_BxT, 0.0)
-    return advantages_BxT, returns_BxT
+  batch = rewards.shape[0]
+  init = (jnp.zeros((batch,), dtype), jnp.zeros((batch,), dtype))
+  _, adv_TxB = jax.lax.scan(step, init, (r_BxT.T, v_BxT.T, mask_BxT.T), reverse=True)
+  advantages_BxT = adv_TxB.T
+  returns_BxT = jnp.where(mask_BxT > 0, advantages_BxT + v_BxT, 0.0)
+  return advantages_BxT, returns_BxT
 
 
 def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - μ) / sqrt(σ² + eps) over unmasked entries, with the unbiased variance
+  """(x - μ) / sqrt(σ² + eps) over unmasked entries, with the unbiased variance
     σ² = Σ m (x - μ)² / (Σ m - 1) as in TRL; ``shift_mean=False`` adds μ back (scale only).
     Masked entries come out 0. Used to normalise PPO advantages per batch (Ziegler et al., 2019)."""
-    dtype = compute_dtype(x)
-    x = as_float(x, dtype)
-    m = as_mask(mask, x.shape, dtype)
-    n = jnp.sum(m)
-    mean = jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(n, 1.0)
-    centred = jnp.where(m > 0, x - mean, 0.0)
-    var = jnp.sum(centred**2) / jnp.maximum(n - 1.0, 1.0)
-    out = centred * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return jnp.where(m > 0, out, 0.0)
+  dtype = compute_dtype(x)
+  x = as_float(x, dtype)
+  m = as_mask(mask, x.shape, dtype)
+  n = jnp.sum(m)
+  mean = jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(n, 1.0)
+  centred = jnp.where(m > 0, x - mean, 0.0)
+  var = jnp.sum(centred**2) / jnp.maximum(n - 1.0, 1.0)
+  out = centred * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    out = out + mean
+  return jnp.where(m > 0, out, 0.0)
 
 
 def _group_stats(rewards_BxG, mask):
-    check_rank("rewards_BxG", rewards_BxG, 2)
-    dtype = compute_dtype(rewards_BxG)
-    m = as_mask(mask, rewards_BxG.shape, dtype)
-    r = jnp.where(m > 0, as_float(rewards_BxG, dtype), 0.0)
-    n_B1 = jnp.sum(m, axis=1, keepdims=True)
-    sum_B1 = jnp.sum(r, axis=1, keepdims=True)
-    return r, m, n_B1, sum_B1
+  check_rank("rewards_BxG", rewards_BxG, 2)
+  dtype = compute_dtype(rewards_BxG)
+  m = as_mask(mask, rewards_BxG.shape, dtype)
+  r = jnp.where(m > 0, as_float(rewards_BxG, dtype), 0.0)
+  n_B1 = jnp.sum(m, axis=1, keepdims=True)
+  sum_B1 = jnp.sum(r, axis=1, keepdims=True)
+  return r, m, n_B1, sum_B1
 
 
 def rloo_advantages(rewards_BxG, *, mask=None):
-    """REINFORCE leave-one-out (Kool et al., 2019; Ahmadian et al., 2024, arXiv:2402.14740):
+  """REINFORCE leave-one-out (Kool et al., 2019; Ahmadian et al., 2024, arXiv:2402.14740):
 
         A_i = r_i - 1/(G-1) Σ_{j ≠ i} r_j
 
     over the valid samples of each group (``mask`` ``[B, G]``); groups with fewer than 2 valid samples
     have no baseline and get A = 0. Returns ``[B, G]``."""
-    r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
-    baseline = (sum_B1 - r) / jnp.maximum(n_B1 - 1.0, 1.0)
-    return jnp.where((m > 0) & (n_B1 >= 2), r - baseline, 0.0)
+  r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
+  baseline = (sum_B1 - r) / jnp.maximum(n_B1 - 1.0, 1.0)
+  return jnp.where((m > 0) & (n_B1 >= 2), r - baseline, 0.0)
 
 
 def grpo_advantages(rewards_BxG, *, mask=None, eps: float = 1e-4):
-    """GRPO outcome advantages (Shao et al., 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2):
+  """GRPO outcome advantages (Shao et al., 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2):
 
         A_i = (r_i - mean(r)) / (std(r) + eps)
 
     per group, with the unbiased std and eps = 1e-4 as in TRL; groups of one sample get 0.
     Returns ``[B, G]`` (broadcast over tokens in ``ppo_policy_loss``)."""
-    r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
-    mean = sum_B1 / jnp.maximum(n_B1, 1.0)
-    centred = jnp.where(m > 0, r - mean, 0.0)
-    std = jnp.sqrt(jnp.sum(centred**2, axis=1, keepdims=True) / jnp.maximum(n_B1 - 1.0, 1.0))
-    return jnp.where((m > 0) & (n_B1 >= 2), centred / (std + eps), 0.0)
+  r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
+  mean = sum_B1 / jnp.maximum(n_B1, 1.0)
+  centred = jnp.where(m > 0, r - mean, 0.0)
+  std = jnp.sqrt(jnp.sum(centred**2, axis=1, keepdims=True) / jnp.maximum(n_B1 - 1.0, 1.0))
+  return jnp.where((m > 0) & (n_B1 >= 2), centred / (std + eps), 0.0)
 
 
 def dr_grpo_advantages(rewards_BxG, *, mask=None):
-    """Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783):
+  """Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783):
     A_i = r_i - mean(r), no division by the group std (which up-weights too-easy and too-hard
     prompts). The paper's other fix, a constant token normaliser instead of the response length,
     is ``aggregation="seq_mean_token_sum_norm"`` in ``ppo_policy_loss``. Returns ``[B, G]``."""
-    r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
-    mean = sum_B1 / jnp.maximum(n_B1, 1.0)
-    return jnp.where(m > 0, r - mean, 0.0)
+  r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
+  mean = sum_B1 / jnp.maximum(n_B1, 1.0)
+  return jnp.where(m > 0, r - mean, 0.0)

@@ -85,65 +85,61 @@ _ALPHA_EXP_CAP = 80.0
 
 
 def f_divergence_score(logratio, f_divergence: str = "reverse_kl", alpha: float = 1.0):
-    """Score s = f'(π/π_ref) (constants dropped) of a log-ratio u, for the f-divergences above."""
-    check_choice("f_divergence", f_divergence, F_DIVERGENCES)
-    if f_divergence == "reverse_kl":
-        return logratio
-    if f_divergence == "forward_kl":
-        return -jnp.exp(-logratio)
-    if f_divergence == "js_divergence":
-        return jax.nn.log_sigmoid(logratio)
-    if abs(alpha - 1.0) < 1e-6:  # the α → 1 limit of (t^(α-1) - 1)/(α-1) is log t
-        return logratio
-    return jnp.exp(jnp.minimum((alpha - 1.0) * logratio, _ALPHA_EXP_CAP)) / (alpha - 1.0)
+  """Score s = f'(π/π_ref) (constants dropped) of a log-ratio u, for the f-divergences above."""
+  check_choice("f_divergence", f_divergence, F_DIVERGENCES)
+  if f_divergence == "reverse_kl":
+    return logratio
+  if f_divergence == "forward_kl":
+    return -jnp.exp(-logratio)
+  if f_divergence == "js_divergence":
+    return jax.nn.log_sigmoid(logratio)
+  if abs(alpha - 1.0) < 1e-6:  # the α → 1 limit of (t^(α-1) - 1)/(α-1) is log t
+    return logratio
+  return jnp.exp(jnp.minimum((alpha - 1.0) * logratio, _ALPHA_EXP_CAP)) / (alpha - 1.0)
 
 
 def _smoothed_sigmoid(logits, eps):
-    return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+  return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
 
 
 def _one_loss(loss_type, *, beta, eps, tau, s_c, s_r, u_c, u_r, pc, pr, rc, rr, n_c, n_r):
-    delta = s_c - s_r
-    if loss_type == "sigmoid":
-        return _smoothed_sigmoid(beta * delta, eps)
-    if loss_type == "hinge":
-        return jax.nn.relu(1.0 - beta * delta)
-    if loss_type == "ipo":
-        return (s_c / n_c - s_r / n_r - 1.0 / (2.0 * beta)) ** 2
-    if loss_type == "robust":
-        return (
-            -(1.0 - eps) * jax.nn.log_sigmoid(beta * delta) + eps * jax.nn.log_sigmoid(-beta * delta)
-        ) / (1.0 - 2.0 * eps)
-    if loss_type == "exo_pair":
-        eps = eps if eps > 0 else EXO_DEFAULT_EPSILON
-        log_qw, log_ql = jax.nn.log_sigmoid(beta * delta), jax.nn.log_sigmoid(-beta * delta)
-        return jnp.exp(log_qw) * (log_qw - jnp.log1p(-eps)) + jnp.exp(log_ql) * (log_ql - jnp.log(eps))
-    if loss_type == "nca_pair":
-        return (
-            -jax.nn.log_sigmoid(beta * s_c)
-            - 0.5 * jax.nn.log_sigmoid(-beta * s_c)
-            - 0.5 * jax.nn.log_sigmoid(-beta * s_r)
-        )
-    if loss_type == "bco_pair":
-        return -jax.nn.log_sigmoid(beta * s_c) - jax.nn.log_sigmoid(-beta * s_r)
-    if loss_type == "sppo_hard":
-        return (s_c - 0.5 / beta) ** 2 + (s_r + 0.5 / beta) ** 2
-    if loss_type == "aot":
-        d = jnp.sort(pc - pr) - jnp.sort(rc - rr)
-        return _smoothed_sigmoid(beta * d, eps)
-    if loss_type == "aot_unpaired":
-        d = jnp.sort(u_c) - jnp.sort(u_r)
-        return _smoothed_sigmoid(beta * d, eps)
-    if loss_type == "apo_zero":
-        return 1.0 - jax.nn.sigmoid(beta * u_c) + jax.nn.sigmoid(beta * u_r)
-    if loss_type == "apo_down":
-        return jax.nn.sigmoid(beta * u_c) + 1.0 - jax.nn.sigmoid(beta * delta)
-    if loss_type == "discopop":
-        logits = beta * delta
-        w = jax.nn.sigmoid(logits / tau)
-        return (1.0 - w) * (-jax.nn.log_sigmoid(logits)) + w * jnp.exp(-logits)
-    # sigmoid_norm
-    return -jax.nn.log_sigmoid(beta * (s_c / n_c - s_r / n_r))
+  delta = s_c - s_r
+  if loss_type == "sigmoid":
+    return _smoothed_sigmoid(beta * delta, eps)
+  if loss_type == "hinge":
+    return jax.nn.relu(1.0 - beta * delta)
+  if loss_type == "ipo":
+    return (s_c / n_c - s_r / n_r - 1.0 / (2.0 * beta))**2
+  if loss_type == "robust":
+    return (-(1.0 - eps) * jax.nn.log_sigmoid(beta * delta) +
+            eps * jax.nn.log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
+  if loss_type == "exo_pair":
+    eps = eps if eps > 0 else EXO_DEFAULT_EPSILON
+    log_qw, log_ql = jax.nn.log_sigmoid(beta * delta), jax.nn.log_sigmoid(-beta * delta)
+    return jnp.exp(log_qw) * (log_qw - jnp.log1p(-eps)) + jnp.exp(log_ql) * (log_ql - jnp.log(eps))
+  if loss_type == "nca_pair":
+    return (-jax.nn.log_sigmoid(beta * s_c) - 0.5 * jax.nn.log_sigmoid(-beta * s_c) -
+            0.5 * jax.nn.log_sigmoid(-beta * s_r))
+  if loss_type == "bco_pair":
+    return -jax.nn.log_sigmoid(beta * s_c) - jax.nn.log_sigmoid(-beta * s_r)
+  if loss_type == "sppo_hard":
+    return (s_c - 0.5 / beta)**2 + (s_r + 0.5 / beta)**2
+  if loss_type == "aot":
+    d = jnp.sort(pc - pr) - jnp.sort(rc - rr)
+    return _smoothed_sigmoid(beta * d, eps)
+  if loss_type == "aot_unpaired":
+    d = jnp.sort(u_c) - jnp.sort(u_r)
+    return _smoothed_sigmoid(beta * d, eps)
+  if loss_type == "apo_zero":
+    return 1.0 - jax.nn.sigmoid(beta * u_c) + jax.nn.sigmoid(beta * u_r)
+  if loss_type == "apo_down":
+    return jax.nn.sigmoid(beta * u_c) + 1.0 - jax.nn.sigmoid(beta * delta)
+  if loss_type == "discopop":
+    logits = beta * delta
+    w = jax.nn.sigmoid(logits / tau)
+    return (1.0 - w) * (-jax.nn.log_sigmoid(logits)) + w * jnp.exp(-logits)
+  # sigmoid_norm
+  return -jax.nn.log_sigmoid(beta * (s_c / n_c - s_r / n_r))
 
 
 def dpo_loss(
@@ -163,7 +159,7 @@ def dpo_loss(
     reference_free: bool = False,
     discopop_tau: float = 0.05,
 ):
-    """DPO and its TRL variants; see the module docstring for every formula and paper.
+  """DPO and its TRL variants; see the module docstring for every formula and paper.
 
     Args:
       policy_chosen_logps, policy_rejected_logps: ``[B]`` summed completion log-probs under π.
@@ -183,84 +179,81 @@ def dpo_loss(
     ``rewards/rejected``, ``rewards/margins`` = mean β (u_c - u_r), ``rewards/accuracies`` = fraction
     with β u_c > β u_r, ``logps/chosen``, ``logps/rejected``, ``loss`` and ``loss/<type>`` per type.
     """
-    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not loss_types:
-        raise ValueError("loss_type must name at least one of " + str(list(DPO_LOSS_TYPES)))
-    for name in loss_types:
-        check_choice("loss_type", name, DPO_LOSS_TYPES)
-    weights = (1.0,) * len(loss_types) if loss_weights is None else tuple(loss_weights)
-    if len(weights) != len(loss_types):
-        raise ValueError(
-            f"loss_weights has {len(weights)} entries but loss_type has {len(loss_types)}: {loss_types}"
-        )
-    check_choice("f_divergence", f_divergence, F_DIVERGENCES)
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if not discopop_tau > 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
-    if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ValueError("ref_chosen_logps/ref_rejected_logps are required unless reference_free=True")
-    needs_lengths = [t for t in loss_types if t in _LENGTH_NORMALISED]
-    if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss_type {needs_lengths} needs chosen_lengths and rejected_lengths")
-    check_rank("policy_chosen_logps", policy_chosen_logps, 1)
-    check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=None if reference_free else ref_chosen_logps,
-        ref_rejected_logps=None if reference_free else ref_rejected_logps,
+  loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+  if not loss_types:
+    raise ValueError("loss_type must name at least one of " + str(list(DPO_LOSS_TYPES)))
+  for name in loss_types:
+    check_choice("loss_type", name, DPO_LOSS_TYPES)
+  weights = (1.0,) * len(loss_types) if loss_weights is None else tuple(loss_weights)
+  if len(weights) != len(loss_types):
+    raise ValueError(
+        f"loss_weights has {len(weights)} entries but loss_type has {len(loss_types)}: {loss_types}"
     )
+  check_choice("f_divergence", f_divergence, F_DIVERGENCES)
+  if not beta > 0:
+    raise ValueError(f"beta must be > 0, got {beta}")
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+  if not discopop_tau > 0:
+    raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+  if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
+    raise ValueError("ref_chosen_logps/ref_rejected_logps are required unless reference_free=True")
+  needs_lengths = [t for t in loss_types if t in _LENGTH_NORMALISED]
+  if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
+    raise ValueError(f"loss_type {needs_lengths} needs chosen_lengths and rejected_lengths")
+  check_rank("policy_chosen_logps", policy_chosen_logps, 1)
+  check_same_shape(
+      policy_chosen_logps=policy_chosen_logps,
+      policy_rejected_logps=policy_rejected_logps,
+      ref_chosen_logps=None if reference_free else ref_chosen_logps,
+      ref_rejected_logps=None if reference_free else ref_rejected_logps,
+  )
 
-    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
-    pc = as_float(policy_chosen_logps, dtype)
-    pr = as_float(policy_rejected_logps, dtype)
-    if reference_free:
-        rc = rr = jnp.zeros_like(pc)
-    else:
-        rc, rr = as_float(ref_chosen_logps, dtype), as_float(ref_rejected_logps, dtype)
-    u_c, u_r = pc - rc, pr - rr
-    s_c = f_divergence_score(u_c, f_divergence, alpha)
-    s_r = f_divergence_score(u_r, f_divergence, alpha)
-    n_c = n_r = None
-    if needs_lengths:
-        n_c = jnp.maximum(as_float(chosen_lengths, dtype), 1.0)
-        n_r = jnp.maximum(as_float(rejected_lengths, dtype), 1.0)
+  dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+  pc = as_float(policy_chosen_logps, dtype)
+  pr = as_float(policy_rejected_logps, dtype)
+  if reference_free:
+    rc = rr = jnp.zeros_like(pc)
+  else:
+    rc, rr = as_float(ref_chosen_logps, dtype), as_float(ref_rejected_logps, dtype)
+  u_c, u_r = pc - rc, pr - rr
+  s_c = f_divergence_score(u_c, f_divergence, alpha)
+  s_r = f_divergence_score(u_r, f_divergence, alpha)
+  n_c = n_r = None
+  if needs_lengths:
+    n_c = jnp.maximum(as_float(chosen_lengths, dtype), 1.0)
+    n_r = jnp.maximum(as_float(rejected_lengths, dtype), 1.0)
 
-    per_example_B = jnp.zeros_like(pc)
-    metrics = {}
-    for name, weight in zip(loss_types, weights):
-        loss_B = _one_loss(
-            name,
-            beta=beta,
-            eps=label_smoothing,
-            tau=discopop_tau,
-            s_c=s_c,
-            s_r=s_r,
-            u_c=u_c,
-            u_r=u_r,
-            pc=pc,
-            pr=pr,
-            rc=rc,
-            rr=rr,
-            n_c=n_c,
-            n_r=n_r,
-        )
-        metrics[f"loss/{name}"] = jnp.mean(loss_B)
-        per_example_B = per_example_B + weight * loss_B
-
-    chosen_rewards = jax.lax.stop_gradient(beta * u_c)
-    rejected_rewards = jax.lax.stop_gradient(beta * u_r)
-    metrics.update(
-        {
-            "loss": jnp.mean(per_example_B),
-            "rewards/chosen": jnp.mean(chosen_rewards),
-            "rewards/rejected": jnp.mean(rejected_rewards),
-            "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-            "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),
-            "logps/chosen": jnp.mean(jax.lax.stop_gradient(pc)),
-            "logps/rejected": jnp.mean(jax.lax.stop_gradient(pr)),
-        }
+  per_example_B = jnp.zeros_like(pc)
+  metrics = {}
+  for name, weight in zip(loss_types, weights):
+    loss_B = _one_loss(
+        name,
+        beta=beta,
+        eps=label_smoothing,
+        tau=discopop_tau,
+        s_c=s_c,
+        s_r=s_r,
+        u_c=u_c,
+        u_r=u_r,
+        pc=pc,
+        pr=pr,
+        rc=rc,
+        rr=rr,
+        n_c=n_c,
+        n_r=n_r,
     )
-    return per_example_B, metrics
+    metrics[f"loss/{name}"] = jnp.mean(loss_B)
+    per_example_B = per_example_B + weight * loss_B
+
+  chosen_rewards = jax.lax.stop_gradient(beta * u_c)
+  rejected_rewards = jax.lax.stop_gradient(beta * u_r)
+  metrics.update({
+      "loss": jnp.mean(per_example_B),
+      "rewards/chosen": jnp.mean(chosen_rewards),
+      "rewards/rejected": jnp.mean(rejected_rewards),
+      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),
+      "logps/chosen": jnp.mean(jax.lax.stop_gradient(pc)),
+      "logps/rejected": jnp.mean(jax.lax.stop_gradient(pr)),})
+  return per_example_B, metrics

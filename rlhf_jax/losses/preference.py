@@ -16,7 +16,7 @@ _ORPO_MAX_AVG_LOGP = -1e-7
 
 
 def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta, gamma, label_smoothing: float = 0.0):
-    """SimPO (Meng, Xia & Chen, 2024, arXiv:2405.14734, Eq. 6):
+  """SimPO (Meng, Xia & Chen, 2024, arXiv:2405.14734, Eq. 6):
 
         ℓ_b = -(1-ε) log σ(β (a_c - a_r) - γ) - ε log σ(-(β (a_c - a_r) - γ))
 
@@ -26,41 +26,39 @@ def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta, gamma, label_smoot
 
     Returns ``(per_example_loss [B], metrics)`` with ``rewards/chosen`` = mean β a_c, etc.
     """
-    check_rank("chosen_avg_logps", chosen_avg_logps, 1)
-    check_same_shape(chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    dtype = compute_dtype(chosen_avg_logps, rejected_avg_logps)
-    a_c = as_float(chosen_avg_logps, dtype)
-    a_r = as_float(rejected_avg_logps, dtype)
-    logits_B = beta * (a_c - a_r) - gamma
-    per_example_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits_B) - (
-        label_smoothing * jax.nn.log_sigmoid(-logits_B)
-    )
-    chosen_rewards = jax.lax.stop_gradient(beta * a_c)
-    rejected_rewards = jax.lax.stop_gradient(beta * a_r)
-    metrics = {
-        "loss": jnp.mean(per_example_B),
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),
-    }
-    return per_example_B, metrics
+  check_rank("chosen_avg_logps", chosen_avg_logps, 1)
+  check_same_shape(chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+  dtype = compute_dtype(chosen_avg_logps, rejected_avg_logps)
+  a_c = as_float(chosen_avg_logps, dtype)
+  a_r = as_float(rejected_avg_logps, dtype)
+  logits_B = beta * (a_c - a_r) - gamma
+  per_example_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits_B) - (
+      label_smoothing * jax.nn.log_sigmoid(-logits_B))
+  chosen_rewards = jax.lax.stop_gradient(beta * a_c)
+  rejected_rewards = jax.lax.stop_gradient(beta * a_r)
+  metrics = {
+      "loss": jnp.mean(per_example_B),
+      "rewards/chosen": jnp.mean(chosen_rewards),
+      "rewards/rejected": jnp.mean(rejected_rewards),
+      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),}
+  return per_example_B, metrics
 
 
 def log1mexp(a):
-    """log(1 - e^a) for a < 0, accurate everywhere (Mächler, 2012): log(-expm1(a)) near 0,
+  """log(1 - e^a) for a < 0, accurate everywhere (Mächler, 2012): log(-expm1(a)) near 0,
     log1p(-exp(a)) for a < -log 2."""
-    return jnp.where(
-        a > -jnp.log(2.0),
-        jnp.log(-jnp.expm1(jnp.minimum(a, _ORPO_MAX_AVG_LOGP))),
-        jnp.log1p(-jnp.exp(jnp.minimum(a, -jnp.log(2.0)))),
-    )
+  return jnp.where(
+      a > -jnp.log(2.0),
+      jnp.log(-jnp.expm1(jnp.minimum(a, _ORPO_MAX_AVG_LOGP))),
+      jnp.log1p(-jnp.exp(jnp.minimum(a, -jnp.log(2.0)))),
+  )
 
 
 def orpo_loss(chosen_avg_logps, rejected_avg_logps, *, lam, include_nll: bool = True):
-    """ORPO (Hong, Lee & Thorne, 2024, arXiv:2403.07691, Eqs. 6–7):
+  """ORPO (Hong, Lee & Thorne, 2024, arXiv:2403.07691, Eqs. 6–7):
 
         odds(y)   = P(y|x) / (1 - P(y|x)),  with P(y|x) = exp(a) the length-normalised likelihood
         log odds  = a - log(1 - e^a)
@@ -75,26 +73,25 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, *, lam, include_nll: bool = 
     Returns ``(per_example_loss [B], metrics)``: ``nll``, ``or_loss``, ``log_odds_ratio``,
     ``log_odds_chosen`` (TRL's name for the mean log odds ratio), ``rewards/*`` = λ·a as in TRL.
     """
-    check_rank("chosen_avg_logps", chosen_avg_logps, 1)
-    check_same_shape(chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
-    dtype = compute_dtype(chosen_avg_logps, rejected_avg_logps)
-    a_c = jnp.minimum(as_float(chosen_avg_logps, dtype), _ORPO_MAX_AVG_LOGP)
-    a_r = jnp.minimum(as_float(rejected_avg_logps, dtype), _ORPO_MAX_AVG_LOGP)
-    log_odds_ratio_B = (a_c - log1mexp(a_c)) - (a_r - log1mexp(a_r))
-    or_loss_B = -jax.nn.log_sigmoid(log_odds_ratio_B)
-    nll_B = -a_c
-    per_example_B = lam * or_loss_B + (nll_B if include_nll else 0.0)
-    chosen_rewards = jax.lax.stop_gradient(lam * a_c)
-    rejected_rewards = jax.lax.stop_gradient(lam * a_r)
-    metrics = {
-        "loss": jnp.mean(per_example_B),
-        "nll": jnp.mean(nll_B),
-        "or_loss": jnp.mean(or_loss_B),
-        "log_odds_ratio": jnp.mean(jax.nn.log_sigmoid(log_odds_ratio_B)),
-        "log_odds_chosen": jnp.mean(log_odds_ratio_B),
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),
-    }
-    return per_example_B, metrics
+  check_rank("chosen_avg_logps", chosen_avg_logps, 1)
+  check_same_shape(chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+  dtype = compute_dtype(chosen_avg_logps, rejected_avg_logps)
+  a_c = jnp.minimum(as_float(chosen_avg_logps, dtype), _ORPO_MAX_AVG_LOGP)
+  a_r = jnp.minimum(as_float(rejected_avg_logps, dtype), _ORPO_MAX_AVG_LOGP)
+  log_odds_ratio_B = (a_c - log1mexp(a_c)) - (a_r - log1mexp(a_r))
+  or_loss_B = -jax.nn.log_sigmoid(log_odds_ratio_B)
+  nll_B = -a_c
+  per_example_B = lam * or_loss_B + (nll_B if include_nll else 0.0)
+  chosen_rewards = jax.lax.stop_gradient(lam * a_c)
+  rejected_rewards = jax.lax.stop_gradient(lam * a_r)
+  metrics = {
+      "loss": jnp.mean(per_example_B),
+      "nll": jnp.mean(nll_B),
+      "or_loss": jnp.mean(or_loss_B),
+      "log_odds_ratio": jnp.mean(jax.nn.log_sigmoid(log_odds_ratio_B)),
+      "log_odds_chosen": jnp.mean(log_odds_ratio_B),
+      "rewards/chosen": jnp.mean(chosen_rewards),
+      "rewards/rejected": jnp.mean(rejected_rewards),
+      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),}
+  return per_example_B, metrics

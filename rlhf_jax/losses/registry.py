@@ -32,29 +32,27 @@ _BASE: dict[str, Callable] = {
     "gae": advantages.gae,
     "rloo": advantages.rloo_advantages,
     "grpo": advantages.grpo_advantages,
-    "dr_grpo": advantages.dr_grpo_advantages,
-}
+    "dr_grpo": advantages.dr_grpo_advantages,}
 
 
 def _dpo_variant(loss_type: str) -> Callable:
-    fn = functools.partial(dpo.dpo_loss, loss_type=loss_type)
-    functools.update_wrapper(fn, dpo.dpo_loss)
-    return fn
+  fn = functools.partial(dpo.dpo_loss, loss_type=loss_type)
+  functools.update_wrapper(fn, dpo.dpo_loss)
+  return fn
 
 
 LOSSES: dict[str, Callable] = {
     **_BASE,
-    **{f"dpo_{name}": _dpo_variant(name) for name in dpo.DPO_LOSS_TYPES},
-}
+    **{f"dpo_{name}": _dpo_variant(name) for name in dpo.DPO_LOSS_TYPES},}
 
 
 def get_loss(name: str) -> Callable:
-    """The function registered as ``name``; a ValueError listing every allowed name otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; allowed: {sorted(LOSSES)}") from None
+  """The function registered as ``name``; a ValueError listing every allowed name otherwise."""
+  try:
+    return LOSSES[name]
+  except KeyError:
+    raise ValueError(f"unknown loss {name!r}; allowed: {sorted(LOSSES)}") from None
 
 
 def list_losses() -> list[str]:
-    return sorted(LOSSES)
+  return sorted(LOSSES)

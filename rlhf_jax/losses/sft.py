@@ -12,7 +12,7 @@ from rlhf_jax.losses._common import aggregate_tokens, as_float, as_mask, check_r
 
 
 def sft_loss(token_logps, mask, *, aggregation: str = "token_mean"):
-    """Masked NLL of target tokens.
+  """Masked NLL of target tokens.
 
     With token log-probs ``log π(y_bt | y_<t)`` (``[B, T]``, e.g. from
     ``rlhf_jax.models.token_logprobs``) and the loss mask ``m_bt`` (1 on response tokens):
@@ -29,16 +29,16 @@ def sft_loss(token_logps, mask, *, aggregation: str = "token_mean"):
     Returns ``(per_example_loss [B], metrics)``; metrics: ``loss``, ``nll_per_token`` (always the
     token mean, whatever the aggregation) and ``num_tokens``.
     """
-    check_rank("token_logps", token_logps, 2)
-    dtype = compute_dtype(token_logps)
-    logps_BxT = as_float(token_logps, dtype)
-    mask_BxT = as_mask(mask, logps_BxT.shape, dtype)
-    nll_BxT = -logps_BxT
-    per_example_B = aggregate_tokens(nll_BxT, mask_BxT, aggregation)
-    num_tokens = jnp.sum(mask_BxT)
-    metrics = {
-        "loss": jnp.mean(per_example_B),
-        "nll_per_token": jnp.sum(jnp.where(mask_BxT > 0, nll_BxT, 0.0)) / jnp.maximum(num_tokens, 1.0),
-        "num_tokens": num_tokens,
-    }
-    return per_example_B, metrics
+  check_rank("token_logps", token_logps, 2)
+  dtype = compute_dtype(token_logps)
+  logps_BxT = as_float(token_logps, dtype)
+  mask_BxT = as_mask(mask, logps_BxT.shape, dtype)
+  nll_BxT = -logps_BxT
+  per_example_B = aggregate_tokens(nll_BxT, mask_BxT, aggregation)
+  num_tokens = jnp.sum(mask_BxT)
+  metrics = {
+      "loss": jnp.mean(per_example_B),
+      "nll_per_token": jnp.sum(jnp.where(mask_BxT > 0, nll_BxT, 0.0)) /
+                       jnp.maximum(num_tokens, 1.0),
+      "num_tokens": num_tokens,}
+  return per_example_B, metrics

@@ -92,8 +92,8 @@ class ModelConfig:
       if getattr(self, name) is not None:
         _check_positive_int(name, getattr(self, name))
     for name, allowed in (("position", POSITION_TYPES), ("norm", NORM_TYPES), ("mlp", MLP_TYPES),
-                          ("dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("remat_policy", REMAT_POLICIES)):
+                          ("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy",
+                                                                       REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
     if self.head_dim is None and self.d_model % self.n_heads != 0:
@@ -101,10 +101,9 @@ class ModelConfig:
           f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads} when "
           "head_dim is derived (head_dim=None); set head_dim explicitly or change d_model/n_heads")
     if self.n_heads % self.num_kv_heads != 0:
-      raise ValueError(
-          f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads="
-          f"{self.num_kv_heads}; allowed n_kv_heads are the divisors of n_heads: "
-          f"{[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}")
+      raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads="
+                       f"{self.num_kv_heads}; allowed n_kv_heads are the divisors of n_heads: "
+                       f"{[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}")
     if self.position == "rope" and self.head_size % 2 != 0:
       raise ValueError(f"ModelConfig.head_dim={self.head_size} must be even for rope positions")
     if not self.rope_theta > 0:
@@ -179,8 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama_1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                      head_dim=64, d_ff=8192, max_seq_len=131072, position="rope",
                      rope_theta=500_000.0, norm="rmsnorm", norm_eps=1e-5, mlp="gated_silu",
-                     tie_embeddings=True, dtype="bfloat16", param_dtype="float32"),
-}
+                     tie_embeddings=True, dtype="bfloat16", param_dtype="float32"),}
 
 
 def get_model_config(preset: str, **overrides: Any) -> ModelConfig:

@@ -39,13 +39,13 @@ class _Head(nn.Module):
   def __call__(self, h_xD: jax.Array) -> jax.Array:
     d = h_xD.shape[-1]
     kernel_DxK = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                               ("embed", None)),
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("embed", None)),
         (d, self.num_outputs), self.param_dtype)
     bias_K = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                         (self.num_outputs,), self.param_dtype)
-    return (jnp.einsum("...D,DK->...K", h_xD.astype(jnp.float32), kernel_DxK.astype(jnp.float32))
-            + bias_K.astype(jnp.float32))
+    return (jnp.einsum("...D,DK->...K", h_xD.astype(jnp.float32), kernel_DxK.astype(jnp.float32)) +
+            bias_K.astype(jnp.float32))
 
 
 class RewardModel(nn.Module):

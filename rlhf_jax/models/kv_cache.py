@@ -109,8 +109,7 @@ def write_layer(buffers: Buffers, layer: int, chunk_BxTxKxH: jax.Array,
 
 def advance(cache: KVCache, mask_BxT: jax.Array) -> KVCache:
   """Records the chunk's padding mask at [index, index + T) and moves the index past it."""
-  mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT.astype(jnp.int32),
-                                      (0, cache.index))
+  mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT.astype(jnp.int32), (0, cache.index))
   return cache._replace(mask_BxS=mask, index=cache.index + mask_BxT.shape[1])
 
 

@@ -69,12 +69,12 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
     rope(x) = [x1 cos - x2 sin,  x2 cos + x1 sin].
   """
   h = x_BxTxNxH.shape[-1]
-  inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  inv_freq_H2 = theta**(-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
   angle_BxTxH2 = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq_H2
   sin = jnp.sin(angle_BxTxH2)[:, :, None, :]
   cos = jnp.cos(angle_BxTxH2)[:, :, None, :]
   x = x_BxTxNxH.astype(jnp.float32)
-  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  x1, x2 = x[..., :h // 2], x[..., h // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxNxH.dtype)
 
@@ -129,8 +129,8 @@ class Attention(nn.Module):
     if cfg.position == "rope":
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
-    q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
-                                      None))
+    q_BxTxNxH = constrain(q_BxTxNxH,
+                          ("activation_batch", "activation_length", "activation_heads", None))
     kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
     k_BxTxKxH = constrain(k_BxTxKxH, kv_axes)
     v_BxTxKxH = constrain(v_BxTxKxH, kv_axes)
@@ -160,10 +160,9 @@ class Attention(nn.Module):
       scores_cache = masked_scores("BTKGH,BKSH->BKGTS", cache_k_BxKxSxH, cache_allowed_BxTxS)
       probs = jax.nn.softmax(jnp.concatenate([scores_cache, scores_BxKxGxTxT], axis=-1), axis=-1)
       probs = probs.astype(cfg.compute_dtype)
-      attn_BxTxKxGxH = (
-          jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :s],
-                     cache_v_BxKxSxH.astype(cfg.compute_dtype))
-          + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v_BxTxKxH))
+      attn_BxTxKxGxH = (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :s],
+                                   cache_v_BxKxSxH.astype(cfg.compute_dtype)) +
+                        jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v_BxTxKxH))
     attn_BxTxNxH = attn_BxTxKxGxH.reshape(b, t, n, h)
     out_BxTxD = matmul("BTNH,NHD->BTD", attn_BxTxNxH, wo_NxHxD)
     if cfg.out_bias:
@@ -231,9 +230,10 @@ class Block(nn.Module):
     positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_index = side
     cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
     x_BxTxD = materialize_cotangent(constrain(x_BxTxD, BTD))
-    attn_BxTxD, new_kv = Attention(cfg, self.cache_layer, name="attn")(
-        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, chunk_allowed_BxTxT,
-        cache_allowed_BxTxS, cache_k, cache_v, cache_index)
+    attn_BxTxD, new_kv = Attention(cfg, self.cache_layer,
+                                   name="attn")(Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT,
+                                                chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_k,
+                                                cache_v, cache_index)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(attn_BxTxD, deterministic=self.deterministic)
     mlp_BxTxD = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(mlp_BxTxD, deterministic=self.deterministic)
@@ -247,7 +247,5 @@ def remat_policy(name: str) -> Any:
   return {
       "full": None,
       "dots_saveable": jax.checkpoint_policies.dots_saveable,
-      "dots_with_no_batch_dims_saveable":
-          jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }[name]
+      "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,}[name]

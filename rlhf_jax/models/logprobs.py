@@ -94,7 +94,8 @@ def _summed_logps(model: Any, params: Any, tokens_BxT: jax.Array, mask_BxT: jax.
 
 
 def response_logps(model: Any, params: Any, tokens_BxT: Any, mask_BxT: Any, loss_mask_BxT: Any, *,
-                   mesh: jax.sharding.Mesh | None = None, rules: Sequence | None = None) -> jax.Array:
+                   mesh: jax.sharding.Mesh | None = None,
+                   rules: Sequence | None = None) -> jax.Array:
   """``[B]`` float32 Σ_t log π over ``loss_mask`` (module docstring); jitted once per shape.
 
   Args:

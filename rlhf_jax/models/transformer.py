@@ -43,8 +43,8 @@ def default_positions(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None) 
   return jnp.maximum(prior_Bx1 + jnp.cumsum(mask_BxT, axis=1) - 1, 0)
 
 
-def attention_masks(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None
-                    ) -> tuple[jax.Array, jax.Array | None]:
+def attention_masks(mask_BxT: jax.Array,
+                    cache: kv_lib.KVCache | None = None) -> tuple[jax.Array, jax.Array | None]:
   """Boolean masks of the keys each query may attend to.
 
   chunk_allowed_BxTxT[b, t, s] = (s <= t) & mask[b, s], or s == t;
@@ -56,8 +56,8 @@ def attention_masks(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None
   t = mask_BxT.shape[1]
   pos_T = jnp.arange(t)
   causal_TxT = pos_T[None, :] <= pos_T[:, None]
-  chunk_allowed_BxTxT = ((causal_TxT[None] & (mask_BxT[:, None, :] > 0))
-                         | (pos_T[None, :] == pos_T[:, None])[None])
+  chunk_allowed_BxTxT = ((causal_TxT[None] & (mask_BxT[:, None, :] > 0)) |
+                         (pos_T[None, :] == pos_T[:, None])[None])
   if cache is None:
     return chunk_allowed_BxTxT, None
   filled_S = jnp.arange(cache.num_slots) < cache.index
@@ -74,8 +74,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None, *,
                positions_BxT: jax.Array | None = None, cache: kv_lib.KVCache | None = None,
-               prefill: bool = False, return_logits: bool = True,
-               last_logits_only: bool = False, deterministic: bool = True) -> TransformerOutput:
+               prefill: bool = False, return_logits: bool = True, last_logits_only: bool = False,
+               deterministic: bool = True) -> TransformerOutput:
     """Runs the decoder.
 
     Args:
@@ -97,16 +97,16 @@ class Transformer(nn.Module):
       positions_BxT = default_positions(mask_BxT, cache)
 
     embedding_VxD = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                  ("vocab", "embed")),
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
     x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.compute_dtype)
     if cfg.scale_embeddings:
       x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
     if cfg.position == "learned":
       pos_table_PxD = self.param(
-          "pos_embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                        (None, "embed")),
+          "pos_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, "embed")),
           (cfg.max_seq_len, cfg.d_model), cfg.weight_dtype)
       x_BxTxD = x_BxTxD + jnp.take(pos_table_PxD, positions_BxT, axis=0).astype(cfg.compute_dtype)
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
@@ -126,11 +126,11 @@ class Transformer(nn.Module):
       cache = None if cache is None else kv_lib.stack_layers(cache)
       layer_caches = None if cache is None or prefill else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
       blocks = nn.scan(block_cls, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True},
-                       in_axes=(0, nn.broadcast), out_axes=0, length=cfg.n_layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, new_kv_LxBxTxKxH = blocks(cfg, deterministic, name="layers")(
-          x_BxTxD, layer_caches, side)
+                       split_rngs={"params": True,
+                                   "dropout": True}, in_axes=(0, nn.broadcast), out_axes=0,
+                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxTxD, new_kv_LxBxTxKxH = blocks(cfg, deterministic, name="layers")(x_BxTxD, layer_caches,
+                                                                            side)
     else:
       buffers = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
       for i in range(cfg.n_layers):
@@ -153,8 +153,8 @@ class Transformer(nn.Module):
         logits_BxTxV = matmul("BTD,VD->BTV", h_BxTxD, embedding_VxD.astype(cfg.compute_dtype))
       else:
         lm_head_DxV = self.param(
-            "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                    ("embed", "vocab")),
+            "lm_head",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
         logits_BxTxV = matmul("BTD,DV->BTV", h_BxTxD, lm_head_DxV.astype(cfg.compute_dtype))
       logits_BxTxV = constrain(logits_BxTxV,

@@ -39,8 +39,26 @@ from rlhf_jax.parallel.sharding import (
 )
 
 __all__ = [
-    "ACTIVATION_AXES", "DEFAULT_RULES", "MESH_AXES", "PARAM_AXES", "MeshConfig", "Rules",
-    "batch_axes", "create_sharded", "data_sharding", "initialize_distributed", "is_coordinator",
-    "logical_partition_specs", "logical_shardings", "logical_to_spec", "make_global_batch",
-    "make_mesh", "mesh_from_config", "Placement", "process_count", "process_index", "shard_batch", "use_mesh", "validate_rules",
-]
+    "ACTIVATION_AXES",
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "PARAM_AXES",
+    "MeshConfig",
+    "Rules",
+    "batch_axes",
+    "create_sharded",
+    "data_sharding",
+    "initialize_distributed",
+    "is_coordinator",
+    "logical_partition_specs",
+    "logical_shardings",
+    "logical_to_spec",
+    "make_global_batch",
+    "make_mesh",
+    "mesh_from_config",
+    "Placement",
+    "process_count",
+    "process_index",
+    "shard_batch",
+    "use_mesh",
+    "validate_rules",]

@@ -27,7 +27,7 @@ MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the (data, fsdp, tensor) mesh axes.
+  """Sizes of the (data, fsdp, tensor) mesh axes.
 
     Exactly one field may be ``-1``, meaning "all devices left over by the other two"; the product of
     the resolved sizes must equal the number of devices (checked in :meth:`resolve`, which needs the
@@ -35,45 +35,46 @@ class MeshConfig:
     single device is the trivial 1x1x1 mesh.
     """
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
 
-    def __post_init__(self):
-        for name in MESH_AXES:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"MeshConfig.{name} must be an int (a positive size or -1), "
-                                f"got {value!r} of type {type(value).__name__}")
-            if value == 0 or value < -1:
-                raise ValueError(f"MeshConfig.{name} must be a positive size or -1 (the rest of the "
-                                 f"devices), got {value}")
-        wildcards = [name for name in MESH_AXES if getattr(self, name) == -1]
-        if len(wildcards) > 1:
-            raise ValueError(f"MeshConfig: at most one axis may be -1 (the rest of the devices), got "
-                             f"{', '.join(f'{n}=-1' for n in wildcards)}")
+  def __post_init__(self):
+    for name in MESH_AXES:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"MeshConfig.{name} must be an int (a positive size or -1), "
+                        f"got {value!r} of type {type(value).__name__}")
+      if value == 0 or value < -1:
+        raise ValueError(f"MeshConfig.{name} must be a positive size or -1 (the rest of the "
+                         f"devices), got {value}")
+    wildcards = [name for name in MESH_AXES if getattr(self, name) == -1]
+    if len(wildcards) > 1:
+      raise ValueError(f"MeshConfig: at most one axis may be -1 (the rest of the devices), got "
+                       f"{', '.join(f'{n}=-1' for n in wildcards)}")
 
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        """Returns concrete (data, fsdp, tensor) sizes whose product is ``num_devices``."""
-        sizes = {name: getattr(self, name) for name in MESH_AXES}
-        known = math.prod(v for v in sizes.values() if v != -1)
-        wildcard = next((name for name, v in sizes.items() if v == -1), None)
-        if wildcard is not None:
-            if num_devices % known:
-                raise ValueError(
-                    f"MeshConfig.{wildcard}=-1 cannot be resolved: the other axes use {known} devices, "
-                    f"which does not divide the {num_devices} available devices")
-            sizes[wildcard] = num_devices // known
-        elif known != num_devices:
-            raise ValueError(
-                f"MeshConfig(data={sizes['data']}, fsdp={sizes['fsdp']}, tensor={sizes['tensor']}) "
-                f"uses {known} devices but {num_devices} are available; set one field to -1 or "
-                f"make the product equal {num_devices}")
-        return sizes["data"], sizes["fsdp"], sizes["tensor"]
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    """Returns concrete (data, fsdp, tensor) sizes whose product is ``num_devices``."""
+    sizes = {name: getattr(self, name) for name in MESH_AXES}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    wildcard = next((name for name, v in sizes.items() if v == -1), None)
+    if wildcard is not None:
+      if num_devices % known:
+        raise ValueError(
+            f"MeshConfig.{wildcard}=-1 cannot be resolved: the other axes use {known} devices, "
+            f"which does not divide the {num_devices} available devices")
+      sizes[wildcard] = num_devices // known
+    elif known != num_devices:
+      raise ValueError(
+          f"MeshConfig(data={sizes['data']}, fsdp={sizes['fsdp']}, tensor={sizes['tensor']}) "
+          f"uses {known} devices but {num_devices} are available; set one field to -1 or "
+          f"make the product equal {num_devices}")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the ("data", "fsdp", "tensor") mesh over ``devices`` (default: all global devices).
+def make_mesh(config: MeshConfig = MeshConfig(),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ("data", "fsdp", "tensor") mesh over ``devices`` (default: all global devices).
 
     Uses ``jax.make_mesh``, which picks a topology-aware device order on TPU/GPU and the plain order
     on CPU. All axes are ``AxisType.Auto``: the model steers GSPMD with ``nn.with_logical_constraint``
@@ -81,9 +82,9 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     types, and Auto is the axis type that contract is defined for (``jax.make_mesh`` defaults to
     Explicit since jax 0.7).
     """
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("make_mesh: `devices` is empty")
-    shape = config.resolve(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("make_mesh: `devices` is empty")
+  shape = config.resolve(len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)

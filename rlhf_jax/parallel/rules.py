@@ -43,8 +43,13 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 
 PARAM_AXES: tuple[str, ...] = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers")
 ACTIVATION_AXES: tuple[str, ...] = (
-    "activation_batch", "activation_length", "activation_embed", "activation_heads",
-    "activation_kv_heads", "activation_mlp", "activation_vocab",
+    "activation_batch",
+    "activation_length",
+    "activation_embed",
+    "activation_heads",
+    "activation_kv_heads",
+    "activation_mlp",
+    "activation_vocab",
 )
 
 DEFAULT_RULES: Rules = (
@@ -68,85 +73,87 @@ DEFAULT_RULES: Rules = (
 
 
 def _mesh_axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def validate_rules(rules: Sequence[tuple[str, MeshAxes]],
                    mesh_axis_names: Sequence[str] = MESH_AXES) -> dict[str, MeshAxes]:
-    """Checks a rules table and returns it as ``{logical_name: mesh_axes}``.
+  """Checks a rules table and returns it as ``{logical_name: mesh_axes}``.
 
     Each entry is ``(logical_name, mesh_axes)`` with ``mesh_axes`` a mesh axis name, a tuple of
     them, or None (replicated). Logical names must be unique (one table, one answer: no
     priority-ordered fallbacks), mesh axes must exist, and one entry may not repeat a mesh axis.
     """
-    if isinstance(rules, Mapping) or not isinstance(rules, (tuple, list)):
-        raise TypeError(f"rules must be a tuple of (logical_name, mesh_axes) pairs, got "
-                        f"{type(rules).__name__}")
-    table: dict[str, MeshAxes] = {}
-    for i, entry in enumerate(rules):
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
-            raise ValueError(f"rules[{i}] must be a (logical_name, mesh_axes) pair, got {entry!r}")
-        name, axes = entry
-        if name in table:
-            raise ValueError(f"rules[{i}]: logical axis {name!r} appears more than once")
-        axes_tuple = _mesh_axes_tuple(axes)
-        unknown = [a for a in axes_tuple if a not in mesh_axis_names]
-        if unknown:
-            raise ValueError(f"rules[{i}] ({name!r}): unknown mesh axes {unknown}; the mesh has "
-                             f"{tuple(mesh_axis_names)}")
-        if len(set(axes_tuple)) != len(axes_tuple):
-            raise ValueError(f"rules[{i}] ({name!r}): mesh axis repeated in {axes!r}")
-        table[name] = axes
-    return table
+  if isinstance(rules, Mapping) or not isinstance(rules, (tuple, list)):
+    raise TypeError(f"rules must be a tuple of (logical_name, mesh_axes) pairs, got "
+                    f"{type(rules).__name__}")
+  table: dict[str, MeshAxes] = {}
+  for i, entry in enumerate(rules):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+      raise ValueError(f"rules[{i}] must be a (logical_name, mesh_axes) pair, got {entry!r}")
+    name, axes = entry
+    if name in table:
+      raise ValueError(f"rules[{i}]: logical axis {name!r} appears more than once")
+    axes_tuple = _mesh_axes_tuple(axes)
+    unknown = [a for a in axes_tuple if a not in mesh_axis_names]
+    if unknown:
+      raise ValueError(f"rules[{i}] ({name!r}): unknown mesh axes {unknown}; the mesh has "
+                       f"{tuple(mesh_axis_names)}")
+    if len(set(axes_tuple)) != len(axes_tuple):
+      raise ValueError(f"rules[{i}] ({name!r}): mesh axis repeated in {axes!r}")
+    table[name] = axes
+  return table
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str,
+                                                                       MeshAxes]] = DEFAULT_RULES,
                     *, what: str = "tensor") -> PartitionSpec:
-    """Maps one tensor's logical dimension names to a mesh ``PartitionSpec``.
+  """Maps one tensor's logical dimension names to a mesh ``PartitionSpec``.
 
     ``names[i]`` is the logical name of dimension i (None: replicated). Raises if a name is not in
     ``rules`` or if two dimensions would be sharded over the same mesh axis (``what`` names the
     tensor in the message, e.g. its parameter path).
     """
-    table = validate_rules(rules)
-    spec: list[MeshAxes] = []
-    owner: dict[str, tuple[int, str]] = {}  # mesh axis -> (dim, logical name) that took it
-    for dim, name in enumerate(names):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"{what}: logical axis {name!r} (dim {dim}) has no rule; known logical "
-                             f"axes: {sorted(table)}")
-        axes = table[name]
-        for axis in _mesh_axes_tuple(axes):
-            if axis in owner:
-                prev_dim, prev_name = owner[axis]
-                raise ValueError(
-                    f"{what}: logical axes {prev_name!r} (dim {prev_dim}) and {name!r} (dim {dim}) "
-                    f"both map to mesh axis {axis!r}; a tensor dimension pair cannot share a mesh "
-                    f"axis — change the rules table")
-            owner[axis] = (dim, name)
-        spec.append(axes)
-    return PartitionSpec(*spec)
+  table = validate_rules(rules)
+  spec: list[MeshAxes] = []
+  owner: dict[str, tuple[int, str]] = {}  # mesh axis -> (dim, logical name) that took it
+  for dim, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f"{what}: logical axis {name!r} (dim {dim}) has no rule; known logical "
+                       f"axes: {sorted(table)}")
+    axes = table[name]
+    for axis in _mesh_axes_tuple(axes):
+      if axis in owner:
+        prev_dim, prev_name = owner[axis]
+        raise ValueError(
+            f"{what}: logical axes {prev_name!r} (dim {prev_dim}) and {name!r} (dim {dim}) "
+            f"both map to mesh axis {axis!r}; a tensor dimension pair cannot share a mesh "
+            f"axis — change the rules table")
+      owner[axis] = (dim, name)
+    spec.append(axes)
+  return PartitionSpec(*spec)
 
 
 def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def logical_partition_specs(boxed_tree: Any, rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> Any:
-    """Checks every ``nn.LogicallyPartitioned`` leaf of ``boxed_tree`` against ``rules``.
+def logical_partition_specs(boxed_tree: Any,
+                            rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> Any:
+  """Checks every ``nn.LogicallyPartitioned`` leaf of ``boxed_tree`` against ``rules``.
 
     Returns the tree of *logical* ``PartitionSpec`` s (``nn.get_partition_spec``: boxes become their
     logical names, plain arrays become ``PartitionSpec()``), after :func:`logical_to_spec` has
     validated each one with its tree path in the error message.
     """
-    logical = nn.get_partition_spec(boxed_tree)
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    for path, spec in jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0]:
-        if is_spec(spec):
-            logical_to_spec(tuple(spec), rules, what=f"param {_path_str(path) or '<root>'}")
-    return logical
+  logical = nn.get_partition_spec(boxed_tree)
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  for path, spec in jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0]:
+    if is_spec(spec):
+      logical_to_spec(tuple(spec), rules, what=f"param {_path_str(path) or '<root>'}")
+  return logical

@@ -32,36 +32,37 @@ ROWS_PER_DEVICE = 2
 
 
 def _parse(argv: list[str]) -> MeshConfig:
-    sizes = {}
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("data", "fsdp", "tensor") or not value:
-            raise SystemExit(f"selfcheck: unknown argument {arg!r}; use --data=N --fsdp=N --tensor=N")
-        sizes[key] = int(value)
-    return MeshConfig(**sizes)
+  sizes = {}
+  for arg in argv:
+    key, _, value = arg.removeprefix("--").partition("=")
+    if key not in ("data", "fsdp", "tensor") or not value:
+      raise SystemExit(f"selfcheck: unknown argument {arg!r}; use --data=N --fsdp=N --tensor=N")
+    sizes[key] = int(value)
+  return MeshConfig(**sizes)
 
 
 def main(argv: list[str]) -> int:
-    config = _parse(argv)
-    initialize_distributed()
-    mesh = make_mesh(config)
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_rows = ROWS_PER_DEVICE * batch_ways
-    local_rows = global_rows // process_count()
-    # Row r holds the value r + 1; each process contributes its own contiguous rows.
-    start = process_index() * local_rows
-    local = np.arange(start + 1, start + local_rows + 1, dtype=np.float32)[:, None] * np.ones(
-        (1, 4), np.float32)
-    batch = shard_batch({"x": local}, mesh)
-    with use_mesh(mesh):
-        total = float(jax.jit(lambda b: jnp.sum(b["x"]))(batch))
-    expected = 4.0 * global_rows * (global_rows + 1) / 2
-    ok = total == expected
-    print(f"selfcheck process={process_index()}/{process_count()} "
-          f"local_devices={jax.local_device_count()} global_devices={jax.device_count()} "
-          f"mesh={dict(mesh.shape)} sum={total} expected={expected} ok={ok}", flush=True)
-    return 0 if ok else 1
+  config = _parse(argv)
+  initialize_distributed()
+  mesh = make_mesh(config)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  global_rows = ROWS_PER_DEVICE * batch_ways
+  local_rows = global_rows // process_count()
+  # Row r holds the value r + 1; each process contributes its own contiguous rows.
+  start = process_index() * local_rows
+  local = np.arange(start + 1, start + local_rows + 1, dtype=np.float32)[:, None] * np.ones(
+      (1, 4), np.float32)
+  batch = shard_batch({"x": local}, mesh)
+  with use_mesh(mesh):
+    total = float(jax.jit(lambda b: jnp.sum(b["x"]))(batch))
+  expected = 4.0 * global_rows * (global_rows + 1) / 2
+  ok = total == expected
+  print(
+      f"selfcheck process={process_index()}/{process_count()} "
+      f"local_devices={jax.local_device_count()} global_devices={jax.device_count()} "
+      f"mesh={dict(mesh.shape)} sum={total} expected={expected} ok={ok}", flush=True)
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+  sys.exit(main(sys.argv[1:]))

@@ -8,5 +8,5 @@ from rlhf_jax.sampling.config import SamplingConfig
 from rlhf_jax.sampling.processors import apply_top_k, apply_top_p, process_logits
 from rlhf_jax.sampling.sampler import SampleOutput, sample
 
-__all__ = ["SamplingConfig", "SampleOutput", "sample", "process_logits", "apply_top_k",
-           "apply_top_p"]
+__all__ = [
+    "SamplingConfig", "SampleOutput", "sample", "process_logits", "apply_top_k", "apply_top_p"]

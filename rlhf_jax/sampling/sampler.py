@@ -111,38 +111,27 @@ def _sample_jit(model: Any, config: SamplingConfig, variables: Any, prompt_token
     tok_B = jnp.where(active_B, tok_B, config.pad_id).astype(jnp.int32)
     done_B = s.done_B | (active_B & jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1))
     # Finished rows feed padding (mask 0): it never becomes a key for their own later queries.
-    out = model.apply(variables, tok_B[:, None], active_B[:, None].astype(jnp.int32),
-                      cache=s.cache)
+    out = model.apply(variables, tok_B[:, None], active_B[:, None].astype(jnp.int32), cache=s.cache)
     col = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype),
-                                                       (0, s.step))
+                                                      (0, s.step))
     return _LoopState(
-        step=s.step + 1,
-        cache=out.cache,
-        logits_BxV=out.logits_BxTxV[:, -1],
-        tokens_BxR=col(s.tokens_BxR, tok_B),
-        mask_BxR=col(s.mask_BxR, active_B),
+        step=s.step + 1, cache=out.cache, logits_BxV=out.logits_BxTxV[:, -1],
+        tokens_BxR=col(s.tokens_BxR, tok_B), mask_BxR=col(s.mask_BxR, active_B),
         logps_BxR=col(s.logps_BxR, jnp.where(active_B, logp_B, 0.0)),
-        sampling_logps_BxR=col(s.sampling_logps_BxR, jnp.where(active_B, sampling_logp_B, 0.0)),
-        done_B=done_B)
+        sampling_logps_BxR=col(s.sampling_logps_BxR, jnp.where(active_B, sampling_logp_B,
+                                                               0.0)), done_B=done_B)
 
-  init = _LoopState(
-      step=jnp.zeros((), jnp.int32),
-      cache=prefill.cache,
-      logits_BxV=prefill.logits_BxTxV[:, -1],
-      tokens_BxR=jnp.full((b, r), config.pad_id, jnp.int32),
-      mask_BxR=jnp.zeros((b, r), jnp.int32),
-      logps_BxR=jnp.zeros((b, r), jnp.float32),
-      sampling_logps_BxR=jnp.zeros((b, r), jnp.float32),
-      done_B=jnp.zeros((b,), bool))
+  init = _LoopState(step=jnp.zeros((), jnp.int32), cache=prefill.cache,
+                    logits_BxV=prefill.logits_BxTxV[:, -1], tokens_BxR=jnp.full(
+                        (b, r), config.pad_id, jnp.int32), mask_BxR=jnp.zeros((b, r), jnp.int32),
+                    logps_BxR=jnp.zeros((b, r), jnp.float32), sampling_logps_BxR=jnp.zeros(
+                        (b, r), jnp.float32), done_B=jnp.zeros((b,), bool))
   final = jax.lax.while_loop(cond, body, init)
-  return SampleOutput(
-      prompt_tokens=prompt_tokens_BxP,
-      prompt_mask=prompt_mask_BxP,
-      response_tokens_BxR=final.tokens_BxR,
-      response_mask_BxR=final.mask_BxR,
-      response_lengths_B=jnp.sum(final.mask_BxR, axis=1),
-      response_logps_BxR=final.logps_BxR,
-      response_sampling_logps_BxR=final.sampling_logps_BxR)
+  return SampleOutput(prompt_tokens=prompt_tokens_BxP, prompt_mask=prompt_mask_BxP,
+                      response_tokens_BxR=final.tokens_BxR, response_mask_BxR=final.mask_BxR,
+                      response_lengths_B=jnp.sum(final.mask_BxR,
+                                                 axis=1), response_logps_BxR=final.logps_BxR,
+                      response_sampling_logps_BxR=final.sampling_logps_BxR)
 
 
 def sample(model: Any, params: Any, prompt_tokens_BxP: jax.Array, prompt_mask_BxP: jax.Array,

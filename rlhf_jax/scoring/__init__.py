@@ -16,21 +16,39 @@ See :mod:`rlhf_jax.scoring.reward_model` for the math, the rule and the on-disk 
 """
 
 from rlhf_jax.scoring.candidates import Candidates, sample_candidates
-from rlhf_jax.scoring.reward_model import (ARTIFACT_DIR, INFO_FILE, PARAMS_DIR, FORMAT_VERSION,
-                                           AttributeWeights, RewardModelHandle, RewardModelInfo,
-                                           TokenizerMismatchError, check_tokenizer, default_mesh,
-                                           encode_pairs, load_reward_model, make_handle,
-                                           normalize_rewards, param_shardings,
-                                           parse_attribute_weights, place_params,
-                                           read_reward_model_info, resolve_attribute_weights,
-                                           reward_fn, rewards_from_raw, sample_reward_fn,
-                                           save_reward_model, score, score_sequences, score_texts)
+from rlhf_jax.scoring.reward_model import (
+    ARTIFACT_DIR, INFO_FILE, PARAMS_DIR, FORMAT_VERSION, AttributeWeights, RewardModelHandle,
+    RewardModelInfo, TokenizerMismatchError, check_tokenizer, default_mesh, encode_pairs,
+    load_reward_model, make_handle, normalize_rewards, param_shardings, parse_attribute_weights,
+    place_params, read_reward_model_info, resolve_attribute_weights, reward_fn, rewards_from_raw,
+    sample_reward_fn, save_reward_model, score, score_sequences, score_texts)
 
 __all__ = [
-    "ARTIFACT_DIR", "INFO_FILE", "PARAMS_DIR", "FORMAT_VERSION", "AttributeWeights", "Candidates",
-    "RewardModelHandle", "RewardModelInfo", "TokenizerMismatchError", "check_tokenizer",
-    "default_mesh", "encode_pairs", "load_reward_model", "make_handle", "normalize_rewards",
-    "param_shardings", "parse_attribute_weights", "place_params", "read_reward_model_info",
-    "resolve_attribute_weights", "reward_fn", "rewards_from_raw", "sample_candidates",
-    "sample_reward_fn", "save_reward_model", "score", "score_sequences", "score_texts",
-]
+    "ARTIFACT_DIR",
+    "INFO_FILE",
+    "PARAMS_DIR",
+    "FORMAT_VERSION",
+    "AttributeWeights",
+    "Candidates",
+    "RewardModelHandle",
+    "RewardModelInfo",
+    "TokenizerMismatchError",
+    "check_tokenizer",
+    "default_mesh",
+    "encode_pairs",
+    "load_reward_model",
+    "make_handle",
+    "normalize_rewards",
+    "param_shardings",
+    "parse_attribute_weights",
+    "place_params",
+    "read_reward_model_info",
+    "resolve_attribute_weights",
+    "reward_fn",
+    "rewards_from_raw",
+    "sample_candidates",
+    "sample_reward_fn",
+    "save_reward_model",
+    "score",
+    "score_sequences",
+    "score_texts",]

@@ -116,7 +116,8 @@ class RewardModelInfo:
     object.__setattr__(self, "std", tuple(float(s) for s in self.std))
     k = len(self.output_names)
     if k < 1:
-      raise ValueError("RewardModelInfo.output_names is empty; allowed: one name per output (K >= 1)")
+      raise ValueError(
+          "RewardModelInfo.output_names is empty; allowed: one name per output (K >= 1)")
     if len(self.mean) != k or len(self.std) != k:
       raise ValueError(f"RewardModelInfo.mean/std have {len(self.mean)}/{len(self.std)} entries; "
                        f"allowed: K = {k} (one per output)")
@@ -129,8 +130,8 @@ class RewardModelInfo:
     return len(self.output_names)
 
   def model_config(self) -> models.ModelConfig:
-    return models.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in self.model.items()})
+    return models.ModelConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in self.model.items()})
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -212,7 +213,8 @@ def _artifact_dir(workdir: str) -> str:
       "--workdir=...` (it is written when training and normalisation finish)")
 
 
-def check_tokenizer(info: RewardModelInfo, tokenizer: tok_lib.Tokenizer, what: str = "policy") -> None:
+def check_tokenizer(info: RewardModelInfo, tokenizer: tok_lib.Tokenizer,
+                    what: str = "policy") -> None:
   """Raises :class:`TokenizerMismatchError` unless ``tokenizer`` has the RM's fingerprint."""
   if tokenizer.fingerprint() != info.tokenizer_fingerprint:
     raise TokenizerMismatchError(
@@ -224,7 +226,8 @@ def check_tokenizer(info: RewardModelInfo, tokenizer: tok_lib.Tokenizer, what: s
 
 def default_mesh() -> Mesh:
   """A 1-device mesh (the default when no mesh is given)."""
-  return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1),
+                            devices=jax.devices()[:1])
 
 
 def param_shardings(model: models.RewardModel, mesh: Mesh,
@@ -334,13 +337,15 @@ def parse_attribute_weights(spec: str) -> dict[str, float] | str:
     except ValueError:
       weight = None
     if not sep or not name or weight is None or not np.isfinite(weight) or name in out:
-      raise ValueError(f"attribute_weights={spec!r} is invalid at {part!r}; allowed: '' (a single-"
-                       "output RM), 'mean', or 'name:weight,name:weight' with each output name once")
+      raise ValueError(
+          f"attribute_weights={spec!r} is invalid at {part!r}; allowed: '' (a single-"
+          "output RM), 'mean', or 'name:weight,name:weight' with each output name once")
     out[name] = weight
   return out
 
 
-def resolve_attribute_weights(info: RewardModelInfo, weights: AttributeWeights) -> tuple[float, ...]:
+def resolve_attribute_weights(info: RewardModelInfo,
+                              weights: AttributeWeights) -> tuple[float, ...]:
   """The weight vector w (one entry per output, in ``info.output_names`` order).
 
   ``weights``: '' / None (allowed only for K = 1: w = (1,)), ``"mean"`` (1/K each), a
@@ -395,6 +400,7 @@ def rewards_from_raw(raw_BxK: jax.Array, mean_K: jax.Array, std_K: jax.Array,
 
 
 def _raw_fn(model: models.RewardModel) -> Callable:
+
   def raw(params, tokens_BxT, mask_BxT):
     return model.apply({"params": params}, tokens_BxT, mask_BxT)  # [B, K] float32
 
@@ -459,8 +465,9 @@ def score_sequences(handle: RewardModelHandle, tokens_BxT: Any, mask_BxT: Any, *
     tok_lib.check_token_ids(tokens_BxT[np.asarray(mask_BxT) > 0], handle.info.model["vocab_size"],
                             where="score tokens")
   if tokens_BxT.ndim != 2 or tuple(tokens_BxT.shape) != tuple(np.shape(mask_BxT)):
-    raise ValueError(f"tokens {tuple(tokens_BxT.shape)} and mask {tuple(np.shape(mask_BxT))} must both "
-                     "be [B, T]")
+    raise ValueError(
+        f"tokens {tuple(tokens_BxT.shape)} and mask {tuple(np.shape(mask_BxT))} must both "
+        "be [B, T]")
   b = tokens_BxT.shape[0]
   if b == 0:
     raise ValueError("score: empty batch (B = 0)")
@@ -521,8 +528,8 @@ def encode_pairs(tokenizer: tok_lib.Tokenizer, prompts: Sequence[str], responses
   if len(finished) != len(responses):
     raise ValueError(f"{len(finished)} finished flags but {len(responses)} responses")
   rows = []
-  for i, (p_ids, r_ids) in enumerate(zip(tokenizer.encode_batch(list(prompts)),
-                                         tokenizer.encode_batch(list(responses)))):
+  for i, (p_ids, r_ids) in enumerate(
+      zip(tokenizer.encode_batch(list(prompts)), tokenizer.encode_batch(list(responses)))):
     p_ids = list(p_ids)[max(0, len(p_ids) - (max_prompt_len - 1)):]
     end = [tokenizer.eos_id] if finished[i] else []
     r_ids = list(r_ids)[:max_response_len - len(end)]
@@ -573,7 +580,9 @@ def sample_reward_fn(handle: RewardModelHandle) -> Callable[..., np.ndarray]:
   reduction as training and selection, no text round trip)."""
 
   def fn(prompt_tokens_BxP, prompt_mask_BxP, response_tokens_BxR, response_mask_BxR):
-    return np.asarray(jax.device_get(score(handle, prompt_tokens_BxP, prompt_mask_BxP,
-                                           response_tokens_BxR, response_mask_BxR)), np.float32)
+    return np.asarray(
+        jax.device_get(
+            score(handle, prompt_tokens_BxP, prompt_mask_BxP, response_tokens_BxR,
+                  response_mask_BxR)), np.float32)
 
   return fn

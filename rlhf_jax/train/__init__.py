@@ -21,8 +21,7 @@
 
 from rlhf_jax.train import config_dicts, loop
 from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomic_write_json,
-                                       check_fingerprint, latest_step, read_json,
-                                       restore_params)
+                                       check_fingerprint, latest_step, read_json, restore_params)
 from rlhf_jax.train.guard import NonFiniteLossError, check_finite, guard_step
 from rlhf_jax.train.loop import (STOP_FILE, CheckpointableIterator, LoopConfig, TrainResult,
                                  default_token_count, jit_train_step, make_train_step, train)
@@ -35,12 +34,44 @@ from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule, wei
 from rlhf_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 
 __all__ = [
-    "Checkpointer", "WorkdirMismatchError", "atomic_write_json", "check_fingerprint", "read_json",
-    "restore_params", "latest_step", "CheckpointableIterator", "LoopConfig", "TrainResult", "default_token_count",
-    "jit_train_step", "make_train_step", "train", "STOP_FILE", "NonFiniteLossError", "check_finite",
-    "guard_step", "guard", "MetricsWriter", "Progress", "plot_metrics", "read_metrics",
-    "OptimConfig", "make_optimizer", "make_schedule", "weight_decay_mask", "TrainState",
-    "abstract_state", "create_train_state", "state_shardings", "FINAL_METRICS_FILE", "SFTCheckpoint",
-    "is_finished", "load_sft_params", "tokenizer_spec", "write_final_metrics", "SigtermWatch", "loop", "config_dicts",
-    "read_tensorboard",
-]
+    "Checkpointer",
+    "WorkdirMismatchError",
+    "atomic_write_json",
+    "check_fingerprint",
+    "read_json",
+    "restore_params",
+    "latest_step",
+    "CheckpointableIterator",
+    "LoopConfig",
+    "TrainResult",
+    "default_token_count",
+    "jit_train_step",
+    "make_train_step",
+    "train",
+    "STOP_FILE",
+    "NonFiniteLossError",
+    "check_finite",
+    "guard_step",
+    "guard",
+    "MetricsWriter",
+    "Progress",
+    "plot_metrics",
+    "read_metrics",
+    "OptimConfig",
+    "make_optimizer",
+    "make_schedule",
+    "weight_decay_mask",
+    "TrainState",
+    "abstract_state",
+    "create_train_state",
+    "state_shardings",
+    "FINAL_METRICS_FILE",
+    "SFTCheckpoint",
+    "is_finished",
+    "load_sft_params",
+    "tokenizer_spec",
+    "write_final_metrics",
+    "SigtermWatch",
+    "loop",
+    "config_dicts",
+    "read_tensorboard",]

@@ -118,14 +118,16 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
     if step in self._manager.all_steps():
       return  # already saved (e.g. periodic save coinciding with the final one)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))), force=True)
+    self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(dict(data_state))), force=True)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, data_state)`` at ``step`` (default latest) onto ``abstract_state``'s shardings."""
     step = self._manager.latest_step() if step is None else step
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data)
 
   def wait(self) -> None:
@@ -171,13 +173,12 @@ def restore_params(workdir: str, step: int | None = None, abstract_params: Any =
     metadata = manager.item_metadata(step)["state"]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        tree)
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
+            jax.devices()[0])), tree)
     if abstract_params is not None:
       abstract["params"] = abstract_params
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    restored = manager.restore(step,
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored.state["params"]
   finally:
     manager.close()

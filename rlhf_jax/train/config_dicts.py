@@ -41,7 +41,8 @@ def dataclass_section(cls: type, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
-def to_dataclass(cls: type[T], section: Mapping[str, Any] | ml_collections.ConfigDict, key: str) -> T:
+def to_dataclass(cls: type[T], section: Mapping[str, Any] | ml_collections.ConfigDict,
+                 key: str) -> T:
   """``cls(**section)``, with unknown keys reported as ``config.<key>.<name>`` and the allowed keys.
 
   Value errors raised by ``cls.__post_init__`` are re-raised prefixed with the config key, so a
@@ -51,8 +52,9 @@ def to_dataclass(cls: type[T], section: Mapping[str, Any] | ml_collections.Confi
   allowed = [f.name for f in dataclasses.fields(cls)]
   unknown = sorted(set(values) - set(allowed))
   if unknown:
-    raise ValueError(f"unknown config key(s) {[f'config.{key}.{u}' for u in unknown]}; allowed keys "
-                     f"of config.{key}: {allowed}")
+    raise ValueError(
+        f"unknown config key(s) {[f'config.{key}.{u}' for u in unknown]}; allowed keys "
+        f"of config.{key}: {allowed}")
   for name, value in values.items():  # ConfigDict stores tuples as tuples, lists as lists
     if isinstance(value, list):
       values[name] = tuple(value)
@@ -87,7 +89,8 @@ def build_model_config(section: Mapping[str, Any] | ml_collections.ConfigDict):
   preset = values.pop("preset", None)
   if preset is None:
     raise ValueError("config.model.preset is missing; allowed: a name in rlhf_jax.models.PRESETS")
-  overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
+  overrides = {
+      k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
   try:
     return get_model_config(preset, **overrides)
   except (ValueError, TypeError) as err:

@@ -47,10 +47,11 @@ class NonFiniteLossError(FloatingPointError):
     else:
       where = f" in {workdir}" if workdir else ""
       ckpt = f"step {last_good}" if last_good is not None else "none yet"
-      message = (f"non-finite {cause} at step {step}{detail}{where}: that update was not applied and the "
-                 f"run stopped without saving it; the latest checkpoint ({ckpt}) holds the last "
-                 "finite params. Lower the learning rate / beta, check the data (e.g. empty "
-                 "responses) or the reference / reward model before resuming.")
+      message = (
+          f"non-finite {cause} at step {step}{detail}{where}: that update was not applied and the "
+          f"run stopped without saving it; the latest checkpoint ({ckpt}) holds the last "
+          "finite params. Lower the learning rate / beta, check the data (e.g. empty "
+          "responses) or the reference / reward model before resuming.")
     super().__init__(message)
 
 

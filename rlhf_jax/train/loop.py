@@ -43,7 +43,8 @@ from rlhf_jax.train.state import TrainState, abstract_state, state_shardings
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str,
+                                                                                      jax.Array]]]
 EvalFn = Callable[[Any, int], Mapping[str, float]]
 IterationFn = Callable[[Any, Mapping[str, np.ndarray]], tuple[Any, Mapping[str, Any]]]
 StopFn = Callable[[int, Mapping[str, float]], "str | None"]
@@ -56,11 +57,14 @@ NonFiniteLossError = guard.NonFiniteLossError
 class CheckpointableIterator(Protocol):
   """A batch iterator whose position can be saved and restored exactly (JSON-serialisable)."""
 
-  def __next__(self) -> Mapping[str, np.ndarray]: ...
+  def __next__(self) -> Mapping[str, np.ndarray]:
+    ...
 
-  def get_state(self) -> Mapping[str, Any]: ...
+  def get_state(self) -> Mapping[str, Any]:
+    ...
 
-  def set_state(self, state: Mapping[str, Any]) -> None: ...
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +122,10 @@ def _split_micro(x: jax.Array, n: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 1, 0)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: Callable[[Any], Any] | None = None,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+def make_train_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation,
+    schedule: Callable[[Any], Any] | None = None,
+    grad_accum_steps: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``: one optimiser update over ``batch``.
 
   With ``grad_accum_steps = n > 1`` the batch is cut into ``n`` equal micro-batches and a
@@ -167,10 +172,9 @@ def jit_train_step(step_fn, state: TrainState, mesh: Mesh,
                    rules: Sequence = parallel.DEFAULT_RULES):
   """Jits ``step_fn`` with the state's own shardings in and out, donating the state."""
   shardings = state_shardings(state)
-  return jax.jit(step_fn,
-                 in_shardings=(shardings, parallel.data_sharding(mesh, rules)),
-                 out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                 donate_argnums=(0,))
+  return jax.jit(step_fn, in_shardings=(shardings, parallel.data_sharding(mesh, rules)),
+                 out_shardings=(shardings, NamedSharding(mesh,
+                                                         PartitionSpec())), donate_argnums=(0,))
 
 
 def default_token_count(batch: Mapping[str, np.ndarray]) -> float:
@@ -180,7 +184,6 @@ def default_token_count(batch: Mapping[str, np.ndarray]) -> float:
     if key == "mask" or (key.endswith("_mask") and "loss" not in key and "prompt" not in key):
       total += float(np.sum(value))
   return total
-
 
 
 def _read_stop(workdir: str, step: int) -> dict | None:
@@ -198,9 +201,9 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
           iteration: IterationFn | None = None, eval_fn: EvalFn | None = None,
           initial_eval: bool = False, should_stop: StopFn | None = None,
           run_config: Mapping[str, Any] | None = None,
-          token_count: Callable[[Mapping[str, np.ndarray]], float] = default_token_count,
-          tokens_metric: str | None = None, nonfinite_guard: bool = True,
-          tensorboard_events: bool = True) -> TrainResult:
+          token_count: Callable[[Mapping[str, np.ndarray]],
+                                float] = default_token_count, tokens_metric: str | None = None,
+          nonfinite_guard: bool = True, tensorboard_events: bool = True) -> TrainResult:
   """Runs (or resumes) ``config.num_steps`` steps in ``workdir``; the one loop of every method.
 
   A step is either a jitted ``step_fn(state, batch)`` (:func:`make_train_step`; jitted here with
@@ -241,7 +244,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   is_main = parallel.is_coordinator()  # files other than orbax's are written by process 0 only
   if run_config is not None and is_main:
     ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
-  checkpointer = ckpt_lib.Checkpointer(workdir, fingerprint=fingerprint, keep=config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(workdir, fingerprint=fingerprint,
+                                       keep=config.keep_checkpoints)
   start = checkpointer.latest_step()
   if start is not None:
     logger.info("resuming from checkpoint at step %d in %s", start, workdir)
@@ -258,15 +262,16 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
     logger.info("this run already stopped at step %d (%s); delete %s to train on", start,
                 stopped["reason"], os.path.join(workdir, STOP_FILE))
     return TrainResult(state=state, step=start, preempted=False,
-                       eval_metrics=dict(stopped.get("eval_metrics", {})),
-                       stop_reason=stopped["reason"])
+                       eval_metrics=dict(stopped.get("eval_metrics",
+                                                     {})), stop_reason=stopped["reason"])
   end = config.num_steps
   if config.stop_after_steps:
     end = min(end, start + config.stop_after_steps)
   if nonfinite_guard and step_fn is not None:
     step_fn = guard.guard_step(step_fn)
 
-  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start, tensorboard_events=tensorboard_events)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start,
+                                      tensorboard_events=tensorboard_events)
             if is_main else metrics_lib.NullWriter())
   progress = metrics_lib.Progress(config.num_steps, start, config.progress_every_secs)
   eval_metrics: dict = {}
@@ -353,7 +358,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
             metrics = dict(metrics)
             flag = metrics.pop(guard.NONFINITE_METRIC)
             unchecked.append((step, {guard.NONFINITE_METRIC: flag, **metrics}))
-            check_flags(step - 1)  # step `step` is queued: reading older flags keeps the device busy
+            check_flags(step -
+                        1)  # step `step` is queued: reading older flags keeps the device busy
         else:
           try:
             new_state, metrics = iteration(state, batch)
@@ -362,8 +368,10 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
               fail((err.cause, err.detail), step + 1)
             raise
           metrics = dict(metrics)
-          cause = guard.nonfinite_cause(**{k: metrics[k] for k in ("loss", "grad_norm")
-                                           if k in metrics}) if nonfinite_guard else None
+          cause = guard.nonfinite_cause(
+              **{k: metrics[k]
+                 for k in ("loss", "grad_norm")
+                 if k in metrics}) if nonfinite_guard else None
           if cause is not None:
             fail(cause, step + 1)
           state = new_state
@@ -407,8 +415,9 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
       if not preempted and eval_fn is not None and last_eval_step != step:
         eval_metrics = evaluate(step)
       if stop_reason and is_main:
-        ckpt_lib.atomic_write_json(os.path.join(workdir, STOP_FILE), {
-            "step": step, "reason": stop_reason, "eval_metrics": eval_metrics})
+        ckpt_lib.atomic_write_json(
+            os.path.join(workdir, STOP_FILE),
+            {"step": step, "reason": stop_reason, "eval_metrics": eval_metrics})
   finally:
     checkpointer.close()
     writer.close()

@@ -89,7 +89,8 @@ class MetricsWriter:
       # pid + counter: two writers opened in the same second get distinct files (the name's
       # timestamp has one-second resolution).
       self._tb = tensorboardX.SummaryWriter(
-          os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30,
+          os.path.join(workdir, TENSORBOARD_DIR),
+          flush_secs=30,
           # rows of step <= resume_step were logged before the checkpoint and are kept (as in
           # the JSONL); later ones were logged by the interrupted run after it.
           purge_step=None if resume_step is None else resume_step + 1,
@@ -281,7 +282,8 @@ class Progress:
   def add_tokens(self, n: float) -> None:
     self._tokens += n
 
-  def maybe_report(self, step: int, metrics: Mapping[str, float], force: bool = False) -> dict | None:
+  def maybe_report(self, step: int, metrics: Mapping[str, float],
+                   force: bool = False) -> dict | None:
     """Logs a line if due; returns the throughput numbers it logged (or None)."""
     now = time.perf_counter()
     dt = now - self._last_time
@@ -315,7 +317,8 @@ def plot_metrics(workdir: str, keys: list[str], out_path: str | None = None) -> 
   for ax, key in zip(axes[0], keys):
     split, _, name = key.rpartition("/")
     split = split or "train"
-    points = [(r["step"], r[name]) for r in rows
+    points = [(r["step"], r[name])
+              for r in rows
               if r["split"] == split and isinstance(r.get(name), (int, float))]
     if not points:
       raise KeyError(f"no {split!r} rows with metric {name!r} in {workdir}/metrics.jsonl")
@@ -327,4 +330,3 @@ def plot_metrics(workdir: str, keys: list[str], out_path: str | None = None) -> 
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
   return out_path
-

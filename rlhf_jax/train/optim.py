@@ -73,6 +73,7 @@ class OptimConfig:
   grad_accum_steps: int = 1
 
   def __post_init__(self):
+
     def bad(field, value, allowed):
       raise ValueError(f"OptimConfig.{field}={value!r} is invalid; allowed: {allowed}.")
 
@@ -150,9 +151,8 @@ def weight_decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(
-    config: OptimConfig, total_steps: int
-) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+def make_optimizer(config: OptimConfig,
+                   total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Returns ``(optimizer, schedule)``; ``schedule(step)`` is the learning rate, for logging."""
   schedule = make_schedule(config, total_steps)
   parts = []
@@ -166,6 +166,5 @@ def make_optimizer(
           eps=config.eps,
           weight_decay=config.weight_decay,
           mask=lambda p: weight_decay_mask(p, decay_embeddings=config.decay_embeddings),
-      )
-  )
+      ))
   return optax.chain(*parts), schedule

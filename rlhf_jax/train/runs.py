@@ -32,9 +32,9 @@ def write_final_metrics(workdir: str, final: Mapping[str, Any], method: str = ""
   final = dict(final)
   ckpt_lib.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
   if method:
-    logger.info("%s finished: %s", method,
-                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in final.items()))
+    logger.info(
+        "%s finished: %s", method,
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
   return final
 
 
@@ -68,8 +68,8 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
         f"--workdir={workdir}` or point the config's sources.sft_workdir at one")
   fingerprint = ckpt_lib.read_json(os.path.join(workdir, ckpt_lib.FINGERPRINT_FILE))
   run_config = ckpt_lib.read_json(os.path.join(workdir, "config.json"))
-  model_config = models.ModelConfig(**{
-      k: tuple(v) if isinstance(v, list) else v for k, v in fingerprint["model"].items()})
+  model_config = models.ModelConfig(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in fingerprint["model"].items()})
   spec = tokenizer_spec(run_config)
   tokenizer = tok_lib.load_tokenizer(spec)
   if tokenizer.fingerprint() != fingerprint["tokenizer"]:
@@ -86,4 +86,5 @@ def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
   # so a later stage (iterated RLHF's next round) can start from it like from an SFT run.
   if isinstance(params, dict) and "policy" in params:
     params = params["policy"]
-  return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer, step=int(step))
+  return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer,
+                       step=int(step))

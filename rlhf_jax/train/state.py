@@ -41,8 +41,9 @@ def create_train_state(
   # Moments inherit the params' NamedShardings; leaves built from constants (Adam's step count)
   # come out on one device and are replicated over the mesh instead.
   opt_state = jax.tree.map(
-      lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-      else jax.device_put(x, replicated), opt_state)
+      lambda x: x
+      if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else jax.device_put(
+          x, replicated), opt_state)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
   rng = jax.device_put(jnp.asarray(rng, jnp.uint32), replicated)
   return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
@@ -57,6 +58,5 @@ def abstract_state(state_or_fn: TrainState | Callable[[], TrainState]) -> Any:
   """``jax.ShapeDtypeStruct`` tree (with shardings) of a state, for restoring checkpoints."""
   if callable(state_or_fn):
     return jax.eval_shape(state_or_fn)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_or_fn
-  )
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state_or_fn)

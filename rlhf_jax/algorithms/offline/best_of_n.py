@@ -91,8 +91,7 @@ def best_of_n_rows(rm_SxN: np.ndarray, gold_SxN: np.ndarray, lengths_SxN: np.nda
         "kl_to_sft": policy_eval.best_of_n_kl(n),
         "win_rate_vs_sft": policy_eval.win_rate(gold, sft_gold_S),
         "response_length": float(np.mean(lengths_SxN[s, pick])),
-        "oracle_gold_reward": float(np.mean(np.max(gold_SxN[:, :n], axis=1))),
-    })
+        "oracle_gold_reward": float(np.mean(np.max(gold_SxN[:, :n], axis=1))),})
   return rows
 
 
@@ -103,10 +102,11 @@ def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestO
   ``scoring.sample_candidates`` samples and scores (the RM reward of each response as sampled,
   the rule the evaluator's ``sft_rm_reward`` uses too); the gold reward reads the decoded texts.
   """
-  cands = scoring.sample_candidates(
-      loaded.model, loaded.ref_params, loaded.tokenizer, prompts, reward=loaded.reward,
-      num_samples=max(cfg.ns), max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-      temperature=temperature, rng=jax.random.PRNGKey(cfg.seed), chunk_prompts=cfg.chunk_prompts)
+  cands = scoring.sample_candidates(loaded.model, loaded.ref_params, loaded.tokenizer, prompts,
+                                    reward=loaded.reward, num_samples=max(cfg.ns),
+                                    max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, rng=jax.random.PRNGKey(cfg.seed),
+                                    chunk_prompts=cfg.chunk_prompts)
   prompt_rows = [p for p in prompts for _ in range(cands.num_samples)]
   gold_N = policy_eval.synthetic.gold_rewards(prompt_rows, cands.texts)
   lengths_N = cands.response_mask.sum(-1).astype(np.float32)
@@ -139,8 +139,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   common.check_config_keys(config, KNOWN_KEYS, "best_of_n")
   if config.get("method", "best_of_n") != "best_of_n":
-    raise ValueError(f"config.method={config.method!r} is invalid for best_of_n.train_and_evaluate; "
-                     "allowed: 'best_of_n'")
+    raise ValueError(
+        f"config.method={config.method!r} is invalid for best_of_n.train_and_evaluate; "
+        "allowed: 'best_of_n'")
   sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
   sources.require("sft_workdir", "best-of-n", "the SFT run it samples from")
   sources.require("reward_model_workdir", "best-of-n", "the reward model that picks the best")
@@ -169,11 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f.write("\n".join(lines) + "\n")
   os.replace(tmp, os.path.join(workdir, CURVE_FILE))
   top = rows[-1]
-  final = {"method": f"best_of_{int(top['n'])}", "step": 0, "preempted": False, **top,
-           "sft_gold_reward": float(np.mean(sft_ref.gold)),
-           "gold_reward_gain": top["gold_reward"] - float(np.mean(sft_ref.gold)),
-           "curve": rows}
+  final = {
+      "method": f"best_of_{int(top['n'])}", "step": 0, "preempted": False,
+      **top, "sft_gold_reward": float(np.mean(sft_ref.gold)),
+      "gold_reward_gain": top["gold_reward"] - float(np.mean(sft_ref.gold)), "curve": rows}
   if sft_ref.rm is not None:
     final["sft_rm_reward"] = float(np.mean(sft_ref.rm))
   return common.write_final(workdir, final, final["method"])
-

@@ -49,7 +49,6 @@ from rlhf_jax.algorithms import pairwise_shell, reference
 from rlhf_jax.data.kinds import pairwise
 from rlhf_jax.train import config_dicts
 
-
 METHODS = ("dpo", "simpo", "orpo")
 REFERENCE_MODES = reference.MODES
 
@@ -99,25 +98,31 @@ class DPOLossConfig:
                        "of comma-separated names")
     object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
     if self.method not in METHODS:
-      raise ValueError(f"DPOLossConfig.method={self.method!r} is invalid; allowed: {' | '.join(METHODS)}")
+      raise ValueError(
+          f"DPOLossConfig.method={self.method!r} is invalid; allowed: {' | '.join(METHODS)}")
     if not isinstance(self.disable_dropout, bool):
-      raise ValueError(f"DPOLossConfig.disable_dropout={self.disable_dropout!r} is invalid; allowed: "
-                       "True | False")
+      raise ValueError(
+          f"DPOLossConfig.disable_dropout={self.disable_dropout!r} is invalid; allowed: "
+          "True | False")
     if self.reference_logps not in REFERENCE_MODES:
-      raise ValueError(f"DPOLossConfig.reference_logps={self.reference_logps!r} is invalid; allowed: "
-                       f"{' | '.join(REFERENCE_MODES)}")
+      raise ValueError(
+          f"DPOLossConfig.reference_logps={self.reference_logps!r} is invalid; allowed: "
+          f"{' | '.join(REFERENCE_MODES)}")
     bad = [t for t in self.loss_types if t not in losses.DPO_LOSS_TYPES]
     if not self.loss_types or bad:
-      raise ValueError(f"DPOLossConfig.loss_type={self.loss_type!r} is invalid; allowed: one or more "
-                       f"of {list(losses.DPO_LOSS_TYPES)}")
+      raise ValueError(
+          f"DPOLossConfig.loss_type={self.loss_type!r} is invalid; allowed: one or more "
+          f"of {list(losses.DPO_LOSS_TYPES)}")
     if self.loss_weights and len(self.loss_weights) != len(self.loss_types):
-      raise ValueError(f"DPOLossConfig.loss_weights={self.loss_weights!r} is invalid; allowed: () or "
-                       f"one weight per loss_type ({len(self.loss_types)})")
+      raise ValueError(
+          f"DPOLossConfig.loss_weights={self.loss_weights!r} is invalid; allowed: () or "
+          f"one weight per loss_type ({len(self.loss_types)})")
     if not self.beta > 0:
       raise ValueError(f"DPOLossConfig.beta={self.beta!r} is invalid; allowed: a float > 0")
     if not 0.0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"DPOLossConfig.label_smoothing={self.label_smoothing!r} is invalid; allowed: "
-                       "[0, 0.5)")
+      raise ValueError(
+          f"DPOLossConfig.label_smoothing={self.label_smoothing!r} is invalid; allowed: "
+          "[0, 0.5)")
     if self.f_divergence not in losses.F_DIVERGENCES:
       raise ValueError(f"DPOLossConfig.f_divergence={self.f_divergence!r} is invalid; allowed: "
                        f"{' | '.join(losses.F_DIVERGENCES)}")
@@ -176,7 +181,8 @@ def make_loss_fn(model: models.Transformer, cfg: DPOLossConfig) -> train.loop.Lo
   def loss_fn(params, batch, rng):
     tokens, mask, loss_mask = batch["tokens"], batch["mask"], batch["loss_mask"]
     if dropout and rng is not None:
-      out = model.apply({"params": params}, tokens, mask, deterministic=False, rngs={"dropout": rng})
+      out = model.apply({"params": params}, tokens, mask, deterministic=False,
+                        rngs={"dropout": rng})
       sums_2B = jnp.sum(models.token_logprobs(out.logits_BxTxV, tokens, loss_mask), axis=-1)
     else:
       sums_2B = models.response_logps(model, params, tokens, mask, loss_mask)
@@ -199,8 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loop, evaluation) is ``algorithms.pairwise_shell``.
   """
   loss_cfg = config_dicts.to_dataclass(DPOLossConfig, config.loss, "loss")
-  return pairwise_shell.train_pairwise(
-      config, workdir, method="dpo", label=loss_cfg.label,
-      make_loss_fn=lambda model: make_loss_fn(model, loss_cfg),
-      uses_reference=loss_cfg.uses_reference, reference_logps=loss_cfg.reference_logps,
-      fingerprint_extra={"loss": dataclasses.asdict(loss_cfg)})
+  return pairwise_shell.train_pairwise(config, workdir, method="dpo", label=loss_cfg.label,
+                                       make_loss_fn=lambda model: make_loss_fn(model, loss_cfg),
+                                       uses_reference=loss_cfg.uses_reference,
+                                       reference_logps=loss_cfg.reference_logps,
+                                       fingerprint_extra={"loss": dataclasses.asdict(loss_cfg)})

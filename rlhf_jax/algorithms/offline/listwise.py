@@ -74,7 +74,8 @@ class ListwiseLossConfig:
       raise ValueError(f"ListwiseLossConfig.method={self.method!r} is invalid; allowed: "
                        f"{' | '.join(METHODS)}")
     if not self.sft_weight >= 0:
-      raise ValueError(f"ListwiseLossConfig.sft_weight={self.sft_weight!r} is invalid; allowed: >= 0")
+      raise ValueError(
+          f"ListwiseLossConfig.sft_weight={self.sft_weight!r} is invalid; allowed: >= 0")
     if not self.length_penalty >= 0:
       raise ValueError(f"ListwiseLossConfig.length_penalty={self.length_penalty!r} is invalid; "
                        "allowed: >= 0")
@@ -93,7 +94,7 @@ def list_loss(cfg: ListwiseLossConfig, sums_BxK, lens_BxK, rewards_BxK, cand_mas
   best_sum_B, best_len_B = take(sums_BxK), jnp.maximum(take(lens_BxK), 1.0)
   if cfg.method == "pro":
     m_B = jnp.sum(cand_mask_BxK, axis=1).astype(jnp.float32)
-    sft_B = (m_B - 1.0) ** 2 * (-best_sum_B)
+    sft_B = (m_B - 1.0)**2 * (-best_sum_B)
   else:
     sft_B = -best_sum_B / best_len_B
   per_B = rank_B + cfg.sft_weight * sft_B
@@ -148,13 +149,16 @@ class RankedData(sections.DataSource):
     sections.check_int(owner, "num_eval_lists", self.num_eval_lists, 1)
     sections.check_int(owner, "num_generation_prompts", self.num_generation_prompts, 1)
     low = 2 if self.candidates == "generated" else 0
-    if isinstance(self.num_candidates, bool) or not isinstance(self.num_candidates, int) or (
-        self.num_candidates < low or self.num_candidates == 1):
-      raise ValueError(f"{owner}.num_candidates={self.num_candidates!r} is invalid; allowed: an int "
-                       ">= 2 (or 0 = all, for data lists)")
+    if isinstance(self.num_candidates,
+                  bool) or not isinstance(self.num_candidates, int) or (self.num_candidates < low or
+                                                                        self.num_candidates == 1):
+      raise ValueError(
+          f"{owner}.num_candidates={self.num_candidates!r} is invalid; allowed: an int "
+          ">= 2 (or 0 = all, for data lists)")
     if not self.generation_temperature > 0:
-      raise ValueError(f"{owner}.generation_temperature={self.generation_temperature!r} is invalid; "
-                       "allowed: > 0")
+      raise ValueError(
+          f"{owner}.generation_temperature={self.generation_temperature!r} is invalid; "
+          "allowed: > 0")
 
 
 def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedData,
@@ -167,26 +171,32 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
   if os.path.exists(path):
     return  # deterministic given the SFT checkpoint and seed; written atomically
   tok, k = loaded.tokenizer, cfg.num_candidates
-  cands = scoring.sample_candidates(
-      loaded.model, loaded.ref_params, tok, prompts, reward=loaded.reward, num_samples=k,
-      max_prompt_len=limits.max_prompt_len, max_new_tokens=limits.max_response_len,
-      temperature=cfg.generation_temperature, rng=jax.random.PRNGKey(seed))
+  cands = scoring.sample_candidates(loaded.model, loaded.ref_params, tok, prompts,
+                                    reward=loaded.reward, num_samples=k,
+                                    max_prompt_len=limits.max_prompt_len,
+                                    max_new_tokens=limits.max_response_len,
+                                    temperature=cfg.generation_temperature,
+                                    rng=jax.random.PRNGKey(seed))
   rows, empty = [], 0
   for i, prompt in enumerate(prompts):
     # Empty (immediate-EOS) samples cannot be stored as records; a list needs 2 candidates.
-    kept = [(cands.texts[j], float(cands.rewards_N[j])) for j in range(i * k, (i + 1) * k)
+    kept = [(cands.texts[j], float(cands.rewards_N[j]))
+            for j in range(i * k, (i + 1) * k)
             if cands.texts[j].strip()]
     if len(kept) < 2:
       empty += 1
       continue
-    rows.append({"prompt": prompt, "responses": [t for t, _ in kept],
-                 "scores": [round(r, 5) for _, r in kept]})
+    rows.append({
+        "prompt": prompt, "responses": [t for t, _ in kept],
+        "scores": [round(r, 5) for _, r in kept]})
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   rec.write_jsonl(path, rows)
   if not rows:
-    raise ValueError(f"generate_lists: every one of {len(prompts)} prompts got < 2 non-empty samples")
-  logger.info("generated %d candidate lists of %d samples -> %s (%d prompts dropped: < 2 non-empty "
-              "samples)", len(rows), cfg.num_candidates, path, empty)
+    raise ValueError(
+        f"generate_lists: every one of {len(prompts)} prompts got < 2 non-empty samples")
+  logger.info(
+      "generated %d candidate lists of %d samples -> %s (%d prompts dropped: < 2 non-empty "
+      "samples)", len(rows), cfg.num_candidates, path, empty)
 
 
 def _sha256(path: str) -> str:
@@ -198,18 +208,27 @@ def generated_lists_key(loaded: common.LoadedModels, sources: sections.Sources, 
                         limits: sections.Limits, prompts_path: str, seed: int) -> dict:
   """Everything the generated lists depend on (they are reused only when all of it matches)."""
   reward = loaded.reward
-  return json.loads(json.dumps({
-      "policy_run": loaded.ref_workdir, "policy_step": loaded.ref_step,  # lists sample the reference
-      "model": dataclasses.asdict(loaded.model_config), "tokenizer": loaded.tokenizer.fingerprint(),
-      "reward_model": os.path.abspath(sources.reward_model_workdir) if sources.reward_model_workdir
-                      else "",
-      "reward_info": dataclasses.asdict(reward.info) if reward is not None else None,
-      "attribute_weights": list(reward.attribute_weights or ()) if reward is not None else None,
-      "num_candidates": cfg.num_candidates, "temperature": cfg.generation_temperature,
-      "max_prompt_len": limits.max_prompt_len, "max_new_tokens": limits.max_response_len,
-      "num_generation_prompts": cfg.num_generation_prompts, "prompts_sha256": _sha256(prompts_path),
-      "seed": seed,
-  }, sort_keys=True, default=str))
+  return json.loads(
+      json.dumps(
+          {
+              "policy_run": loaded.ref_workdir,
+              "policy_step": loaded.ref_step,  # lists sample the reference
+              "model": dataclasses.asdict(loaded.model_config),
+              "tokenizer": loaded.tokenizer.fingerprint(),
+              "reward_model": os.path.abspath(sources.reward_model_workdir)
+                              if sources.reward_model_workdir else "",
+              "reward_info": dataclasses.asdict(reward.info) if reward is not None else None,
+              "attribute_weights": list(reward.attribute_weights or
+                                        ()) if reward is not None else None,
+              "num_candidates": cfg.num_candidates,
+              "temperature": cfg.generation_temperature,
+              "max_prompt_len": limits.max_prompt_len,
+              "max_new_tokens": limits.max_response_len,
+              "num_generation_prompts": cfg.num_generation_prompts,
+              "prompts_sha256": _sha256(prompts_path),
+              "seed": seed,},
+          sort_keys=True,
+          default=str))
 
 
 def cached_generated_lists(path: str, key: dict, generate) -> bool:
@@ -243,31 +262,37 @@ class ListData(NamedTuple):
 
 
 def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.Sources,
-                  loaded: common.LoadedModels, workdir: str, num_prompts: int, seed: int) -> ListData:
+                  loaded: common.LoadedModels, workdir: str, num_prompts: int,
+                  seed: int) -> ListData:
   train_src, eval_src, prompts_src = common.resolve_files(cfg, sources, "ranked", workdir)
   data_dir = os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
   if cfg.candidates == "generated":
     if loaded.reward is None:
-      raise ValueError("config.data.candidates='generated' needs config.sources.reward_model_workdir")
+      raise ValueError(
+          "config.data.candidates='generated' needs config.sources.reward_model_workdir")
     gen_prompts = cfg.train_jsonl or (os.path.join(os.path.dirname(train_src), "prompts.jsonl"))
     generated = os.path.join(data_dir, "generated_ranked.jsonl")
     key = generated_lists_key(loaded, sources, cfg, limits, gen_prompts, seed)
-    cached_generated_lists(generated, key, lambda: generate_lists(
-        loaded, common.read_prompts(gen_prompts, cfg.num_generation_prompts), cfg, limits,
-        generated, seed))
+    cached_generated_lists(
+        generated, key,
+        lambda: generate_lists(loaded, common.read_prompts(gen_prompts, cfg.num_generation_prompts),
+                               cfg, limits, generated, seed))
     train_src = generated
   datasets = {}
   for split, src in (("train", train_src), ("eval", eval_src)):
     if split == "eval" and not (src and os.path.isfile(src)):
       continue
-    datasets[split] = ds_lib.prepare_dataset(
-        src, "ranked", loaded.tokenizer, os.path.join(data_dir, f"ranked_{split}"),
-        max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
-        max_candidates=cfg.num_candidates, drop_uninformative=True)
+    datasets[split] = ds_lib.prepare_dataset(src, "ranked", loaded.tokenizer,
+                                             os.path.join(data_dir, f"ranked_{split}"),
+                                             max_prompt_len=limits.max_prompt_len,
+                                             max_response_len=limits.max_response_len,
+                                             max_candidates=cfg.num_candidates,
+                                             drop_uninformative=True)
   skipped = int(datasets["train"].metadata.get("dropped_uninformative", 0))
   if skipped:
-    logger.warning("%s: skipped %d candidate list(s) whose scores are all equal", train_src, skipped)
+    logger.warning("%s: skipped %d candidate list(s) whose scores are all equal", train_src,
+                   skipped)
   train_it = batching.BatchIterator(datasets["train"], cfg.batch_size, seed=cfg.shuffle_seed,
                                     buckets=limits.buckets or None,
                                     vocab_size=loaded.model_config.vocab_size)
@@ -281,8 +306,8 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
   return ListData(train_it, eval_batches, prompts, len(datasets["train"]), skipped)
 
 
-KNOWN_KEYS = {"method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval",
-              "mesh"}
+KNOWN_KEYS = {
+    "method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval", "mesh"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -302,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,
                               need_reward=data_cfg.candidates == "generated")
   limits.check_model(loaded.model_config.max_seq_len)
-  data = prepare_lists(data_cfg, limits, sources, loaded, workdir, eval_cfg.num_prompts, config.seed)
+  data = prepare_lists(data_cfg, limits, sources, loaded, workdir, eval_cfg.num_prompts,
+                       config.seed)
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
@@ -316,15 +342,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
     return {**evaluator(state.params, step), **list_eval(state.params)}
 
-  fingerprint = {"method": loss_cfg.method, "model": dataclasses.asdict(loaded.model_config),
-                 "tokenizer": loaded.tokenizer.fingerprint(), "loss": dataclasses.asdict(loss_cfg)}
+  fingerprint = {
+      "method": loss_cfg.method, "model": dataclasses.asdict(loaded.model_config),
+      "tokenizer": loaded.tokenizer.fingerprint(), "loss": dataclasses.asdict(loss_cfg)}
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
                        run_config=config.to_dict(),
                        token_count=lambda batch: float(np.sum(batch["mask"])))
-  final = {"method": loss_cfg.method, "step": result.step, "preempted": result.preempted,
-           **result.eval_metrics, "num_train_lists": data.num_train_lists,
-           "skipped_tied_lists": data.skipped_tied_lists, "candidates": data_cfg.candidates}
+  final = {
+      "method": loss_cfg.method, "step": result.step, "preempted": result.preempted,
+      **result.eval_metrics, "num_train_lists": data.num_train_lists,
+      "skipped_tied_lists": data.skipped_tied_lists, "candidates": data_cfg.candidates}
   if result.preempted:
     return final
   return common.write_final(workdir, final, loss_cfg.method)

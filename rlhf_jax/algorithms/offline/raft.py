@@ -69,7 +69,8 @@ class RAFTConfig:
       sections.check_int("RAFTConfig", name, getattr(self, name), 1)
     sections.check_choice("RAFTConfig", "selection", self.selection, SELECTIONS)
     if not 0.0 < self.keep_fraction <= 1.0:
-      raise ValueError(f"RAFTConfig.keep_fraction={self.keep_fraction!r} is invalid; allowed: (0, 1]")
+      raise ValueError(
+          f"RAFTConfig.keep_fraction={self.keep_fraction!r} is invalid; allowed: (0, 1]")
     if not self.temperature > 0:
       raise ValueError(f"RAFTConfig.temperature={self.temperature!r} is invalid; allowed: > 0")
 
@@ -141,10 +142,11 @@ def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], 
   lists share): K samples per prompt, RM rewards on the responses as sampled.
   """
   tok = loaded.tokenizer
-  cands = scoring.sample_candidates(
-      loaded.model, params, tok, prompts, reward=loaded.reward, num_samples=cfg.samples_per_prompt,
-      max_prompt_len=limits.max_prompt_len, max_new_tokens=limits.max_response_len,
-      temperature=cfg.temperature, rng=rng)
+  cands = scoring.sample_candidates(loaded.model, params, tok, prompts, reward=loaded.reward,
+                                    num_samples=cfg.samples_per_prompt,
+                                    max_prompt_len=limits.max_prompt_len,
+                                    max_new_tokens=limits.max_response_len,
+                                    temperature=cfg.temperature, rng=rng)
   eligible_N = cands.nonempty_N(tok.eos_id) & (cands.finished_N | (not cfg.require_eos))
   kept = select(cands.grid(cands.rewards_N), cands.grid(eligible_N), cfg.selection,
                 cfg.keep_fraction)
@@ -153,10 +155,10 @@ def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], 
                      "EOS); raise max_response_len or set require_eos=False")
   tokens, mask, loss_mask = cands.full_sequences()
   arrays = {"tokens": tokens[kept], "mask": mask[kept], "loss_mask": loss_mask[kept]}
-  stats = {"round_rm_reward": float(np.mean(cands.rewards_N)),
-           "round_kept_rm_reward": float(np.mean(cands.rewards_N[kept])),
-           "round_kept": float(len(kept)),
-           "round_eligible_fraction": float(np.mean(eligible_N))}
+  stats = {
+      "round_rm_reward": float(np.mean(cands.rewards_N)),
+      "round_kept_rm_reward": float(np.mean(cands.rewards_N[kept])), "round_kept": float(len(kept)),
+      "round_eligible_fraction": float(np.mean(eligible_N))}
   return arrays, stats
 
 
@@ -169,12 +171,12 @@ def _prompt_files(data: RAFTDataConfig, sources: sections.Sources) -> tuple[str,
     raise ValueError(f"config.data.synthetic_dir={task!r}: no synthetic task there; allowed: the "
                      "folder `python -m rlhf_jax.data.synthetic --out DIR` wrote (default: the SFT "
                      "run's <sft_workdir>/data/synthetic)")
-  return (os.path.join(task, "prompts.jsonl"),
-          data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl"))
+  return (os.path.join(task, "prompts.jsonl"), data.eval_prompts_jsonl or
+          os.path.join(task, "prompts_test.jsonl"))
 
 
-KNOWN_KEYS = {"method", "seed", "sources", "data", "limits", "model", "raft", "optim", "loop",
-              "eval", "mesh"}
+KNOWN_KEYS = {
+    "method", "seed", "sources", "data", "limits", "model", "raft", "optim", "loop", "eval", "mesh"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -207,17 +209,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   limits.check_model(loaded.model_config.max_seq_len)
   train_prompts_path, eval_prompts_path = _prompt_files(data_cfg, sources)
   train_prompts = common.read_prompts(train_prompts_path)
-  evaluator = common.policy_evaluator(loaded, common.read_prompts(eval_prompts_path,
-                                                                  eval_cfg.num_prompts),
+  evaluator = common.policy_evaluator(loaded,
+                                      common.read_prompts(eval_prompts_path, eval_cfg.num_prompts),
                                       limits.max_prompt_len, eval_cfg, workdir)
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
   step_fn = train.make_train_step(common.nll_loss_fn(loaded.model), optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
-  fingerprint = {"method": "raft", "model": dataclasses.asdict(loaded.model_config),
-                 "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg),
-                 "limits": dataclasses.asdict(limits), "batch_size": data_cfg.batch_size}
+  fingerprint = {
+      "method": "raft", "model": dataclasses.asdict(loaded.model_config),
+      "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg),
+      "limits": dataclasses.asdict(limits), "batch_size": data_cfg.batch_size}
   latest = train.latest_step(workdir)
   params = loaded.policy_params
   if latest:
@@ -236,15 +239,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     round_stats.clear()
     round_stats.update(stats, round=float(r + 1))
     logger.info("RAFT round %d/%d: kept %d of %d samples (RM reward %.3f -> kept %.3f)", r + 1,
-                cfg.num_rounds, len(arrays["tokens"]), len(prompts) * cfg.samples_per_prompt,
-                stats["round_rm_reward"], stats["round_kept_rm_reward"])
+                cfg.num_rounds, len(arrays["tokens"]),
+                len(prompts) * cfg.samples_per_prompt, stats["round_rm_reward"],
+                stats["round_kept_rm_reward"])
     round_loop = dataclasses.replace(loop_cfg, num_steps=(r + 1) * steps_per_round, eval_every=0,
                                      checkpoint_every=steps_per_round)
-    result = train.train(
-        workdir=workdir, config=round_loop, state=state, step_fn=step_fn,
-        data=_RoundData(arrays, data_cfg.batch_size, config.seed, r), fingerprint=fingerprint,
-        mesh=mesh,
-        eval_fn=eval_fn, run_config=config.to_dict())
+    result = train.train(workdir=workdir, config=round_loop, state=state, step_fn=step_fn,
+                         data=_RoundData(arrays, data_cfg.batch_size, config.seed,
+                                         r), fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
+                         run_config=config.to_dict())
     if result.preempted:
       return {"method": "raft", "step": result.step, "preempted": True}
     state, params = result.state, result.state.params
@@ -252,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final_metrics = {**evaluator(params, loop_cfg.num_steps)}
   else:
     final_metrics = dict(result.eval_metrics)
-  final = {"method": "raft", "step": loop_cfg.num_steps, "preempted": False, **final_metrics,
-           "rounds": cfg.num_rounds, "selection": cfg.selection}
+  final = {
+      "method": "raft", "step": loop_cfg.num_steps, "preempted": False,
+      **final_metrics, "rounds": cfg.num_rounds, "selection": cfg.selection}
   return common.write_final(workdir, final, "raft")

@@ -20,7 +20,8 @@ ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
 CRITIC_INITS = ("reward_model", "sft")
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                "seq_mean_token_sum_norm")
 # Advantage whitening per algorithm when PPOConfig.whiten_advantages is None: on for PPO (GAE
 # advantages, as InstructGPT / TRL); off for the group baselines, whose advantages are already
 # centred per group; GRPO divides by the group std itself, and Dr. GRPO exists to drop it.
@@ -118,8 +119,9 @@ class PPOConfig:
                             "num_minibatches"), 1)
     _int_at_least(c, self, ("top_k",), 0)
     if self.algorithm != "ppo" and self.num_samples < 2:
-      _bad(c, "num_samples", self.num_samples, f"an int >= 2 with algorithm={self.algorithm!r} "
-           "(the group baseline needs several responses per prompt)")
+      _bad(
+          c, "num_samples", self.num_samples, f"an int >= 2 with algorithm={self.algorithm!r} "
+          "(the group baseline needs several responses per prompt)")
     if self.algorithm == "dr_grpo" and self.aggregation != "seq_mean_token_sum_norm":
       _bad(c, "aggregation", self.aggregation, "seq_mean_token_sum_norm with algorithm='dr_grpo'")
     if self.rollout_size % self.num_minibatches:

@@ -57,7 +57,8 @@ def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.ra
   out = sampling.sample(policy, params, batch["prompt_tokens"], batch["prompt_mask"], key, cfg)
   tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
   texts = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
-  pairs = [(prompt, texts[2 * i], texts[2 * i + 1]) for i, prompt in enumerate(prompts)
+  pairs = [(prompt, texts[2 * i], texts[2 * i + 1])
+           for i, prompt in enumerate(prompts)
            if texts[2 * i] != texts[2 * i + 1]]
   if not pairs:
     return []
@@ -67,10 +68,11 @@ def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.ra
   rows = []
   for prompt, a, b, p_a, prefer_a in zip(ps, as_, bs, p_a_N, prefer_a_N):
     chosen, rejected = (a, b) if prefer_a else (b, a)
-    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                 "p_chosen": round(float(p_a if prefer_a else 1.0 - p_a), 4),
-                 "gold_chosen": round(synthetic.gold_reward(prompt, chosen), 4),
-                 "gold_rejected": round(synthetic.gold_reward(prompt, rejected), 4)})
+    rows.append({
+        "prompt": prompt, "chosen": chosen, "rejected": rejected,
+        "p_chosen": round(float(p_a if prefer_a else 1.0 - p_a),
+                          4), "gold_chosen": round(synthetic.gold_reward(prompt, chosen), 4),
+        "gold_rejected": round(synthetic.gold_reward(prompt, rejected), 4)})
   return rows
 
 
@@ -121,9 +123,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   ppo_data, ppo_limits = config.ppo.data, config.ppo.limits
   task_dir = os.path.join(workdir, "data", "synthetic")
   if not os.path.exists(os.path.join(task_dir, "metadata.json")):
-    synthetic_files.write_task(task_dir, synthetic_files.SyntheticConfig(
-        seed=ppo_data.synthetic_seed, num_prompts=ppo_data.synthetic_num_prompts,
-        num_test_prompts=ppo_data.synthetic_num_test_prompts), overwrite=True)
+    synthetic_files.write_task(
+        task_dir,
+        synthetic_files.SyntheticConfig(seed=ppo_data.synthetic_seed,
+                                        num_prompts=ppo_data.synthetic_num_prompts,
+                                        num_test_prompts=ppo_data.synthetic_num_test_prompts),
+        overwrite=True)
   prompt_pool = [r["prompt"] for r in _read(os.path.join(task_dir, "prompts.jsonl"))]
   sample_kw = dict(max_prompt_len=ppo_limits.max_prompt_len,
                    max_new_tokens=ppo_limits.max_response_len, label_fn=label_fn)
@@ -134,9 +139,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     os.makedirs(rdir, exist_ok=True)
     rng = np.random.default_rng([config.seed, r])
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
-    new_pairs, held_pairs = os.path.join(rdir, "pairs.jsonl"), os.path.join(rdir, "eval_pairs.jsonl")
+    new_pairs, held_pairs = os.path.join(rdir,
+                                         "pairs.jsonl"), os.path.join(rdir, "eval_pairs.jsonl")
     if not os.path.exists(held_pairs):  # 1. comparisons of π_r
-      chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs, replace=False)
+      chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs,
+                          replace=False)
       prompts = [prompt_pool[i] for i in chosen]
       rows = sample_comparisons(policy_model, params, tok, prompts, rng, key, **sample_kw)
       split = int(len(rows) * config.pairs_per_round / (config.pairs_per_round + config.eval_pairs))
@@ -174,16 +181,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       return table
     params, policy_dir = train.restore_params(ppo_dir)["policy"], ppo_dir
     # 4. RM_r on π_{r+1}'s own comparisons (they also seed the next round's data)
-    probe_prompts = [prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs,
-                                                        replace=False)]
+    probe_prompts = [
+        prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs, replace=False)]
     probe = sample_comparisons(policy_model, params, tok, probe_prompts, rng,
                                jax.random.fold_in(key, 7), **sample_kw)
-    row = {"round": r, "num_comparisons": len(_read(all_pairs)),
-           "gold_reward": final.get("gold_reward"), "initial_gold_reward": final.get("initial_gold_reward"),
-           "sft_gold_reward": final.get("sft_gold_reward"), "kl_to_sft": final.get("kl_to_sft"),
-           "rm_reward": final.get("rm_reward"),
-           "rm_accuracy_on_new_policy": rm_gold_accuracy(handle, tok, probe),
-           "rm_accuracy_on_own_policy": rm_gold_accuracy(handle, tok, _read(held_pairs))}
+    row = {
+        "round": r, "num_comparisons": len(_read(all_pairs)
+                                          ), "gold_reward": final.get("gold_reward"),
+        "initial_gold_reward": final.get("initial_gold_reward"),
+        "sft_gold_reward": final.get("sft_gold_reward"), "kl_to_sft": final.get("kl_to_sft"),
+        "rm_reward": final.get("rm_reward"),
+        "rm_accuracy_on_new_policy": rm_gold_accuracy(handle, tok, probe),
+        "rm_accuracy_on_own_policy": rm_gold_accuracy(handle, tok, _read(held_pairs))}
     table.append(row)
     logger.info("round %d: %s", r, row)
   train.atomic_write_json(os.path.join(workdir, "rounds.json"), table)
@@ -197,8 +206,8 @@ def write_report(table: list[dict], workdir: str) -> None:
           "rm_accuracy_on_new_policy")
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for row in table:
-    lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                                   for c in cols) + " |")
+    lines.append("| " + " | ".join(
+        f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
   with open(os.path.join(workdir, "rounds.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -206,10 +215,12 @@ def write_report(table: list[dict], workdir: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
   rounds = [row["round"] + 1 for row in table]
-  axes[0].plot([0] + rounds, [table[0]["sft_gold_reward"]] + [row["gold_reward"] for row in table], "o-")
+  axes[0].plot([0] + rounds, [table[0]["sft_gold_reward"]] + [row["gold_reward"] for row in table],
+               "o-")
   axes[0].set(xlabel="round", ylabel="gold reward (held-out)")
   axes[1].plot(rounds, [row["rm_accuracy_on_own_policy"] for row in table], "o-", label="π_r pairs")
-  axes[1].plot(rounds, [row["rm_accuracy_on_new_policy"] for row in table], "s--", label="π_{r+1} pairs")
+  axes[1].plot(rounds, [row["rm_accuracy_on_new_policy"] for row in table], "s--",
+               label="π_{r+1} pairs")
   axes[1].set(xlabel="round", ylabel="RM_r gold accuracy")
   axes[1].legend()
   axes[2].plot([0] + rounds, [0.0] + [row["kl_to_sft"] for row in table], "o-")

@@ -57,9 +57,10 @@ def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.
         f"(fingerprint {policy_tokenizer.fingerprint()}); the KL penalty would compare log-probs of "
         "different texts. Use a reference SFT run with the policy's tokenizer.")
   if reference_config != policy_config:
-    diff = {f.name: (getattr(reference_config, f.name), getattr(policy_config, f.name))
-            for f in dataclasses.fields(policy_config)
-            if getattr(reference_config, f.name) != getattr(policy_config, f.name)}
+    diff = {
+        f.name: (getattr(reference_config, f.name), getattr(policy_config, f.name))
+        for f in dataclasses.fields(policy_config)
+        if getattr(reference_config, f.name) != getattr(policy_config, f.name)}
     raise IncompatibleModelsError(
         f"the reference model's config differs from the policy's in {sorted(diff)} "
         f"(reference, policy) = {diff}; the reference must be the policy's architecture "
@@ -82,8 +83,10 @@ def normalized_head(params: Any, mean: float, std: float) -> Any:
   head = params["head"]
   kernel = jnp.asarray(head["kernel"], jnp.float32) / std
   bias = (jnp.asarray(head["bias"], jnp.float32) - mean) / std
-  return {**params, "head": {**head, "kernel": kernel.astype(jnp.asarray(head["kernel"]).dtype),
-                             "bias": bias.astype(jnp.asarray(head["bias"]).dtype)}}
+  return {
+      **params, "head": {
+          **head, "kernel": kernel.astype(jnp.asarray(head["kernel"]).dtype),
+          "bias": bias.astype(jnp.asarray(head["bias"]).dtype)}}
 
 
 def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, policy_params: Any,
@@ -97,8 +100,9 @@ def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, poli
     return None, None
   if config.critic_init == "reward_model":
     if reward.num_outputs != 1:
-      raise ValueError(f"PPOConfig.critic_init='reward_model' needs a reward model with one output, "
-                       f"this one has {reward.output_names}; use critic_init='sft'")
+      raise ValueError(
+          f"PPOConfig.critic_init='reward_model' needs a reward model with one output, "
+          f"this one has {reward.output_names}; use critic_init='sft'")
     value_model = models.ValueModel(reward.info.model_config())
     params = jax.tree.map(jnp.asarray, jax.device_get(reward.params))
     params = normalized_head(params, float(reward.info.mean[0]), float(reward.info.std[0]))
@@ -133,8 +137,8 @@ def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *,
   reward = scoring.load_reward_model(rm_dir, policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
                                      rules=rules, attribute_weights=sources.attribute_weights)
   value_source = reward
-  if (config.uses_critic and config.critic_init == "reward_model"
-      and os.path.abspath(sources.value_model) != os.path.abspath(rm_dir)):
+  if (config.uses_critic and config.critic_init == "reward_model" and
+      os.path.abspath(sources.value_model) != os.path.abspath(rm_dir)):
     value_source = scoring.load_reward_model(sources.value_model,
                                              policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
                                              rules=rules)

@@ -136,8 +136,9 @@ def prepare_prompts(data: PPODataConfig, limits: sections.Limits, config: PPOCon
                                     buckets=(limits.max_prompt_len,), vocab_size=vocab_size)
   eval_texts = []
   if eval_jsonl:
-    eval_texts = [r.prompt for r in records.read_records(eval_jsonl, "prompt",
-                                                         chat_template=tokenizer.chat_template)]
+    eval_texts = [
+        r.prompt
+        for r in records.read_records(eval_jsonl, "prompt", chat_template=tokenizer.chat_template)]
   return Prompts(iterator, eval_texts, gold_fn)
 
 
@@ -149,8 +150,7 @@ def _kl_controller(config: PPOConfig):
 
 def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train.OptimConfig,
         eval_config: policy_eval.PolicyEvalConfig, data: PPODataConfig, limits: sections.Limits,
-        models_: ppo_models.PPOModels, seed: int = 0,
-        run_config: Mapping[str, Any] | None = None,
+        models_: ppo_models.PPOModels, seed: int = 0, run_config: Mapping[str, Any] | None = None,
         placement: Placement | None = None) -> RunResult:
   """Runs (or resumes) ``loop.num_steps`` RL iterations in ``workdir``; returns the final metrics
   (also written to ``<workdir>/final_metrics.json``) and the final state. ``models_`` from
@@ -177,33 +177,35 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   # and every phase returns exactly those shardings: jit's cache key includes each argument's
   # sharding and committed-ness, so anything looser compiles the phases again in iteration 2.
   placement = placement or Placement(parallel.mesh_from_config(None))
-  ways = int(np.prod([placement.mesh.shape[a] for a in np.atleast_1d(
-      parallel.batch_axes(placement.rules))]))
+  ways = int(
+      np.prod([
+          placement.mesh.shape[a] for a in np.atleast_1d(parallel.batch_axes(placement.rules))]))
   if config.rollout_batch_size % ways:
-    raise ValueError(f"config.data.batch_size={config.rollout_batch_size} (rollout_batch_size) must "
-                     f"be a multiple of the mesh's batch ways ({ways}: the product of the "
-                     f"{parallel.batch_axes(placement.rules)} axes of config.mesh); prompts are "
-                     "split over them")
+    raise ValueError(
+        f"config.data.batch_size={config.rollout_batch_size} (rollout_batch_size) must "
+        f"be a multiple of the mesh's batch ways ({ways}: the product of the "
+        f"{parallel.batch_axes(placement.rules)} axes of config.mesh); prompts are "
+        "split over them")
   shardings = state_shardings(policy, models_.value_model, optim, total_updates, placement)
   state = place_state(params, optimizer, float(controller.initial()), jax.random.PRNGKey(seed),
                       shardings)
   ref_params = jax.device_put(models_.ref_params, shardings.params["policy"])
-  fingerprint = {"method": "ppo", "algorithm": config.algorithm,
-                 "model": dataclasses.asdict(policy.config), "tokenizer": tok.fingerprint(),
-                 "value_model": (dataclasses.asdict(models_.value_model.config)
-                                 if models_.value_model is not None else None)}
+  fingerprint = {
+      "method": "ppo", "algorithm": config.algorithm, "model": dataclasses.asdict(policy.config),
+      "tokenizer": tok.fingerprint(), "value_model": (dataclasses.asdict(models_.value_model.config)
+                                                      if models_.value_model is not None else None)}
 
-  samp_cfg = sampling.SamplingConfig(
-      max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-      top_p=config.top_p, num_samples=config.num_samples, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  samp_cfg = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens,
+                                     temperature=config.temperature, top_k=config.top_k,
+                                     top_p=config.top_p, num_samples=config.num_samples,
+                                     eos_id=tok.eos_id, pad_id=tok.pad_id)
   phases = _Phases(
       generate=make_generate_fn(policy, samp_cfg, placement),
       score=make_score_fn(models_.reward.model, eos_id=tok.eos_id,
                           missing_eos_penalty=config.missing_eos_penalty,
                           attribute_weights=models_.reward.attribute_weights, placement=placement),
       logprob=make_logprob_fn(policy, models_.value_model, prompt_len, config.temperature,
-                              placement),
-      advantage=make_advantage_fn(config, placement),
+                              placement), advantage=make_advantage_fn(config, placement),
       placement=placement)
   update_fn = make_update_fn(config, policy, models_.value_model, optim, total_updates, prompt_len,
                              placement)
@@ -229,8 +231,8 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
     state = state.replace(iteration=state.iteration + 1, kl_coef=new_beta)
     metrics["lr"] = float(schedule((it + 1) * config.updates_per_iteration - 1))
     tokens_seq = rollout.tokens_BxT.shape[1]
-    metrics["update_tokens_per_s"] = (n_rows * tokens_seq * config.num_ppo_epochs
-                                      / max(metrics["time_update"], 1e-9))
+    metrics["update_tokens_per_s"] = (n_rows * tokens_seq * config.num_ppo_epochs /
+                                      max(metrics["time_update"], 1e-9))
     metrics["time_iteration"] = sum(metrics[f"time_{p}"] for p in PHASES)
     metrics["tokens_per_s"] = metrics["generated_tokens"] / metrics["time_iteration"]
     return state, metrics
@@ -238,20 +240,20 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   eval_fn = None
   if prompts.eval_texts:
     eval_prompts = policy_eval.make_eval_prompts(tok, prompts.eval_texts, max_prompt_len=prompt_len)
-    evaluator = policy_eval.PolicyEvaluator(
-        policy, ref_params, tok, eval_prompts, eval_config,
-        reward_fn=scoring.sample_reward_fn(models_.reward), gold_reward_fn=prompts.gold_reward_fn,
-        sample_path=os.path.join(workdir, "samples.jsonl"))
+    evaluator = policy_eval.PolicyEvaluator(policy, ref_params, tok, eval_prompts, eval_config,
+                                            reward_fn=scoring.sample_reward_fn(models_.reward),
+                                            gold_reward_fn=prompts.gold_reward_fn,
+                                            sample_path=os.path.join(workdir, "samples.jsonl"))
     eval_fn = lambda st, step: evaluator(st.params["policy"], step)  # noqa: E731
 
   result = train.train(workdir=workdir, config=loop, state=state, iteration=iteration,
                        data=prompts.train, fingerprint=fingerprint, eval_fn=eval_fn,
-                       initial_eval=True, run_config=run_config,
-                       tokens_metric="generated_tokens")
+                       initial_eval=True, run_config=run_config, tokens_metric="generated_tokens")
   state = result.state
-  final = {"iteration": result.step, "preempted": result.preempted, **result.eval_metrics,
-           **{f"initial_{k}": v for k, v in result.initial_eval_metrics.items()},
-           "final_kl_coef": float(state.kl_coef)}
+  final = {
+      "iteration": result.step, "preempted": result.preempted, **result.eval_metrics,
+      **{f"initial_{k}": v for k, v in result.initial_eval_metrics.items()}, "final_kl_coef": float(
+          state.kl_coef)}
   if result.stop_reason:
     final["stop_reason"] = result.stop_reason
   if not result.preempted and parallel.is_coordinator():
@@ -280,18 +282,20 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
       placement.rules)
 
   t0 = time.perf_counter()
-  tokens_BxT, mask_BxT, response_mask = jax.block_until_ready(phases.generate(
-      state.params["policy"], prompt_tokens, prompt_mask, state.rng))
+  tokens_BxT, mask_BxT, response_mask = jax.block_until_ready(
+      phases.generate(state.params["policy"], prompt_tokens, prompt_mask, state.rng))
   t1 = time.perf_counter()
-  scores_B, rm_B = jax.block_until_ready(phases.score(*rm_args, tokens_BxT, mask_BxT, response_mask))
+  scores_B, rm_B = jax.block_until_ready(phases.score(*rm_args, tokens_BxT, mask_BxT,
+                                                      response_mask))
   t2 = time.perf_counter()
-  old_logps, ref_logps, values, entropy = jax.block_until_ready(phases.logprob(
-      state.params["policy"], ref_params, state.params.get("value"), tokens_BxT, mask_BxT))
+  old_logps, ref_logps, values, entropy = jax.block_until_ready(
+      phases.logprob(state.params["policy"], ref_params, state.params.get("value"), tokens_BxT,
+                     mask_BxT))
   t3 = time.perf_counter()
   train.check_finite(rewards=scores_B, values=values, policy_logprobs=old_logps,
                      reference_logprobs=ref_logps)
-  advantages, returns, adv_metrics = jax.block_until_ready(phases.advantage(
-      scores_B, old_logps, ref_logps, values, response_mask, state.kl_coef))
+  advantages, returns, adv_metrics = jax.block_until_ready(
+      phases.advantage(scores_B, old_logps, ref_logps, values, response_mask, state.kl_coef))
   t4 = time.perf_counter()
   train.check_finite(advantages=advantages, returns=returns)
   rollout = Rollout(tokens_BxT, mask_BxT, response_mask, old_logps, ref_logps, values, advantages,
@@ -312,8 +316,8 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
   tokens_host, mask_host = np.asarray(tokens_BxT), np.asarray(mask_BxT)
   p = tokens_host.shape[1] - resp_mask_host.shape[1]
   resp_tokens = tokens_host[:, p:]
-  metrics["eos_fraction"] = float(np.mean(np.any((resp_tokens == tok.eos_id) & (resp_mask_host > 0),
-                                                 axis=1)))
+  metrics["eos_fraction"] = float(
+      np.mean(np.any((resp_tokens == tok.eos_id) & (resp_mask_host > 0), axis=1)))
   if prompts.gold_reward_fn is not None:
     golds = synthetic.score_samples(tok, tokens_host[:, :p], mask_host[:, :p], resp_tokens,
                                     resp_mask_host)
@@ -323,8 +327,9 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
 
 KNOWN_KEYS = ("seed", "method", "sources", "data", "limits", "ppo", "loop", "optim", "eval", "mesh")
 # PPOConfig fields an experiment config sets in the shared sections instead (one key per concept).
-FROM_SECTIONS = {"rollout_batch_size": "config.data.batch_size (prompts per iteration)",
-                 "max_new_tokens": "config.limits.max_response_len (the response budget)"}
+FROM_SECTIONS = {
+    "rollout_batch_size": "config.data.batch_size (prompts per iteration)",
+    "max_new_tokens": "config.limits.max_response_len (the response budget)"}
 
 
 def parse_config(config: ml_collections.ConfigDict) -> Sections:
@@ -348,8 +353,8 @@ def parse_config(config: ml_collections.ConfigDict) -> Sections:
   ppo_values = dict(config.ppo.to_dict(), rollout_batch_size=data.batch_size,
                     max_new_tokens=limits.max_response_len)
   return Sections(ppo=config_dicts.to_dataclass(PPOConfig, ppo_values, "ppo"),
-                  sources=config_dicts.to_dataclass(sections.Sources, config.sources, "sources"),
-                  data=data, limits=limits,
+                  sources=config_dicts.to_dataclass(sections.Sources, config.sources,
+                                                    "sources"), data=data, limits=limits,
                   loop=config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop"),
                   optim=config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim"),
                   eval=config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval"))

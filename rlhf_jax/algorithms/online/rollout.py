@@ -117,8 +117,8 @@ def make_score_fn(reward_model: models.RewardModel, *, eos_id: int, missing_eos_
   if placement is None:
     return jax.jit(score_fn)
   p = placement
-  return p.jit(score_fn, (p.params(reward_model), p.replicated, p.replicated, p.rows, p.rows, p.rows),
-               p.rows)
+  return p.jit(score_fn,
+               (p.params(reward_model), p.replicated, p.replicated, p.rows, p.rows, p.rows), p.rows)
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,7 +151,7 @@ def make_logprob_fn(policy: models.Transformer, value_model: models.ValueModel |
 def _masked_var(x_BxR, mask_BxR):
   n = jnp.maximum(jnp.sum(mask_BxR), 1.0)
   mean = jnp.sum(jnp.where(mask_BxR > 0, x_BxR, 0.0)) / n
-  return jnp.sum(jnp.where(mask_BxR > 0, (x_BxR - mean) ** 2, 0.0)) / n
+  return jnp.sum(jnp.where(mask_BxR > 0, (x_BxR - mean)**2, 0.0)) / n
 
 
 def compute_advantages(config: PPOConfig, scores_B, old_logps_BxR, ref_logps_BxR, values_BxR,
@@ -165,19 +165,21 @@ def compute_advantages(config: PPOConfig, scores_B, old_logps_BxR, ref_logps_BxR
   mask = response_mask_BxR.astype(jnp.float32)
   metrics = {}
   if config.algorithm == "ppo":
-    rewards_BxR, kl_metrics = losses.kl_penalized_rewards(
-        scores_B, old_logps_BxR, ref_logps_BxR, mask, kl_coef=kl_coef, estimator=config.kl_estimator)
+    rewards_BxR, kl_metrics = losses.kl_penalized_rewards(scores_B, old_logps_BxR, ref_logps_BxR,
+                                                          mask, kl_coef=kl_coef,
+                                                          estimator=config.kl_estimator)
     metrics.update(kl=kl_metrics["kl"], non_score_reward=kl_metrics["non_score_reward"])
     if config.whiten_rewards:
       rewards_BxR = losses.masked_whiten(rewards_BxR, mask, shift_mean=False)
     advantages_BxR, returns_BxR = losses.gae(rewards_BxR, values_BxR, mask, gamma=config.gamma,
                                              lam=config.lam)
-    metrics["explained_variance"] = 1.0 - (_masked_var(returns_BxR - values_BxR, mask)
-                                           / jnp.maximum(_masked_var(returns_BxR, mask), 1e-8))
+    metrics["explained_variance"] = 1.0 - (_masked_var(returns_BxR - values_BxR, mask) /
+                                           jnp.maximum(_masked_var(returns_BxR, mask), 1e-8))
     metrics["rlhf_reward"] = jnp.mean(scores_B) + kl_metrics["non_score_reward"]
   else:
-    kl_B = jnp.sum(losses.kl_estimate(old_logps_BxR, ref_logps_BxR, estimator=config.kl_estimator,
-                                      mask=mask), axis=1)
+    kl_B = jnp.sum(
+        losses.kl_estimate(old_logps_BxR, ref_logps_BxR, estimator=config.kl_estimator, mask=mask),
+        axis=1)
     metrics["kl"] = jnp.mean(kl_B)
     group = (-1, config.num_samples)
     if config.algorithm == "rloo":

@@ -47,8 +47,8 @@ class PPOState:
 
 def create_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: float,
                  rng: jax.Array) -> PPOState:
-  return PPOState(iteration=jnp.zeros((), jnp.int32), params=params,
-                  opt_state=jax.jit(optimizer.init)(params),
+  return PPOState(iteration=jnp.zeros(
+      (), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params),
                   kl_coef=jnp.asarray(kl_coef, jnp.float32), rng=jnp.asarray(rng, jnp.uint32))
 
 
@@ -76,16 +76,16 @@ def _abstract_params(policy, value_model) -> Any:
   return tree
 
 
-def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: float, rng: jax.Array,
-                shardings: PPOState) -> PPOState:
+def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: float,
+                rng: jax.Array, shardings: PPOState) -> PPOState:
   """A fresh state (:func:`create_state`) on ``shardings``; ``params`` are copied, never aliased
   (the state is donated to the update)."""
   params = jax.device_put(jax.tree.map(jnp.copy, params), shardings.params)
   return jax.device_put(create_state(params, optimizer, kl_coef, rng), shardings)
 
 
-def make_loss_fn(config: PPOConfig, policy: models.Transformer, value_model: models.ValueModel | None,
-                 prompt_len: int):
+def make_loss_fn(config: PPOConfig, policy: models.Transformer,
+                 value_model: models.ValueModel | None, prompt_len: int):
   """``loss_fn(params, minibatch: Rollout, kl_coef) -> (loss, metrics)``."""
   need_entropy = config.ent_coef > 0
   kl_in_loss = config.algorithm in ("grpo", "dr_grpo")
@@ -93,15 +93,17 @@ def make_loss_fn(config: PPOConfig, policy: models.Transformer, value_model: mod
 
   def loss_fn(params, mb: Rollout, kl_coef):
     mask = mb.response_mask_BxR
-    logps_BxR, ent_BxR = models.response_token_logps(
-        policy, params["policy"], mb.tokens_BxT, mb.mask_BxT, prompt_len,
-        temperature=config.temperature, with_entropy=need_entropy)
-    pg_B, pg_m = losses.ppo_policy_loss(
-        logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask, clip_eps=config.clip_eps,
-        clip_eps_high=config.clip_eps_high or None, aggregation=agg)
+    logps_BxR, ent_BxR = models.response_token_logps(policy, params["policy"], mb.tokens_BxT,
+                                                     mb.mask_BxT, prompt_len,
+                                                     temperature=config.temperature,
+                                                     with_entropy=need_entropy)
+    pg_B, pg_m = losses.ppo_policy_loss(logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask,
+                                        clip_eps=config.clip_eps,
+                                        clip_eps_high=config.clip_eps_high or None, aggregation=agg)
     loss = jnp.mean(pg_B)
-    metrics = {"pg_loss": pg_m["loss"], "clipfrac": pg_m["clipfrac"],
-               "approx_kl": pg_m["approx_kl"], "ratio_mean": pg_m["ratio_mean"]}
+    metrics = {
+        "pg_loss": pg_m["loss"], "clipfrac": pg_m["clipfrac"], "approx_kl": pg_m["approx_kl"],
+        "ratio_mean": pg_m["ratio_mean"]}
     if value_model is not None:
       values_BxR = response_values(value_model, params["value"], mb.tokens_BxT, mb.mask_BxT,
                                    prompt_len)

@@ -33,6 +33,7 @@ from rlhf_jax.data import tokenizers as tok_lib
 
 logger = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class RMDataConfig(sections.DataSource):
   """Where the preference data comes from and how it is batched (``sections.DataSource`` plus
@@ -85,12 +86,14 @@ class RMDataConfig(sections.DataSource):
       raise ValueError(f"RMDataConfig.num_train_examples={self.num_train_examples} is invalid; "
                        f"allowed: 0 or >= batch_size={self.batch_size}")
     if not self.synthetic_bt_temperature > 0:
-      raise ValueError(f"RMDataConfig.synthetic_bt_temperature={self.synthetic_bt_temperature!r} is "
-                       "invalid; allowed: a float > 0")
-    if self.rating_scale and (len(self.rating_scale) != 2
-                              or not self.rating_scale[0] < self.rating_scale[1]):
-      raise ValueError(f"RMDataConfig.rating_scale={self.rating_scale!r} is invalid; allowed: () or "
-                       "(low, high) with low < high")
+      raise ValueError(
+          f"RMDataConfig.synthetic_bt_temperature={self.synthetic_bt_temperature!r} is "
+          "invalid; allowed: a float > 0")
+    if self.rating_scale and (len(self.rating_scale) != 2 or
+                              not self.rating_scale[0] < self.rating_scale[1]):
+      raise ValueError(
+          f"RMDataConfig.rating_scale={self.rating_scale!r} is invalid; allowed: () or "
+          "(low, high) with low < high")
 
 
 class RMData(NamedTuple):
@@ -153,10 +156,10 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
   rating_scale, attribute_names = tuple(config.rating_scale), tuple(config.attribute_names)
   if config.source == "synthetic":
     task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
-    wanted = synthetic_files.SyntheticConfig(
-        seed=config.synthetic_seed, num_prompts=config.synthetic_num_prompts,
-        num_test_prompts=config.synthetic_num_test_prompts,
-        bt_temperature=config.synthetic_bt_temperature)
+    wanted = synthetic_files.SyntheticConfig(seed=config.synthetic_seed,
+                                             num_prompts=config.synthetic_num_prompts,
+                                             num_test_prompts=config.synthetic_num_test_prompts,
+                                             bt_temperature=config.synthetic_bt_temperature)
     meta_path = os.path.join(task_dir, "metadata.json")
     if not os.path.exists(meta_path):
       logger.info("generating the synthetic task into %s", task_dir)
@@ -167,8 +170,9 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
         raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, the "
                          f"config asks for {getattr(wanted, key)}; use a fresh --workdir")
     stem = synthetic_files.FILE_STEMS[kind]
-    files = {"train": f"{stem}.jsonl", "eval": f"{stem}_test.jsonl", "pairwise": "pairwise_test.jsonl",
-             "ranked": "ranked_test.jsonl", "prompts": "prompts.jsonl"}
+    files = {
+        "train": f"{stem}.jsonl", "eval": f"{stem}_test.jsonl", "pairwise": "pairwise_test.jsonl",
+        "ranked": "ranked_test.jsonl", "prompts": "prompts.jsonl"}
     files = {k: os.path.join(task_dir, v) for k, v in files.items()}
     rating_scale = rating_scale or tuple(synthetic_files.RATING_SCALE)
     bt_temperature = config.synthetic_bt_temperature
@@ -189,11 +193,13 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
     if config.prompts_jsonl:
       files["prompts"] = config.prompts_jsonl
   if kind in ("rated", "attributes") and not rating_scale:
-    raise ValueError(f"objective {objective!r} needs config.data.rating_scale=(low, high): ratings are "
-                     "range-checked against it and rescaled to [-1, 1]")
+    raise ValueError(
+        f"objective {objective!r} needs config.data.rating_scale=(low, high): ratings are "
+        "range-checked against it and rescaled to [-1, 1]")
   if config.num_train_examples:
-    files["train"] = _subset(files["train"], config.num_train_examples,
-                             os.path.join(data_dir, f"{kind}_train_first{config.num_train_examples}.jsonl"))
+    files["train"] = _subset(
+        files["train"], config.num_train_examples,
+        os.path.join(data_dir, f"{kind}_train_first{config.num_train_examples}.jsonl"))
 
   lengths = dict(max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len)
   scale = rating_scale if kind in ("rated", "attributes") else None
@@ -209,8 +215,9 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
   if kind == "attributes":
     attribute_names = tuple(train_ds.metadata["attribute_names"])
     if tuple(eval_ds.metadata["attribute_names"]) != attribute_names:
-      raise ValueError(f"{files['eval']} rates {eval_ds.metadata['attribute_names']} but the training "
-                       f"data rates {list(attribute_names)}")
+      raise ValueError(
+          f"{files['eval']} rates {eval_ds.metadata['attribute_names']} but the training "
+          f"data rates {list(attribute_names)}")
   batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
                                    buckets=limits.buckets or None, vocab_size=vocab_size)
   max_len = limits.max_len
@@ -223,13 +230,15 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
   if "pairwise" in files:
     pw_ds = eval_ds if files["pairwise"] == files["eval"] and kind == "pairwise" else \
         build("eval_pairs", files["pairwise"], "pairwise")
-    held_out.pairwise = reward_eval.concat_batches(reward_eval.materialize(pw_ds, eb, cap, max_len), cap)
+    held_out.pairwise = reward_eval.concat_batches(reward_eval.materialize(pw_ds, eb, cap, max_len),
+                                                   cap)
     held_out.objective_is_pairwise = pw_ds is eval_ds
     if bt_temperature is not None:
       rows = records.read_records(files["pairwise"], "pairwise")[:len(held_out.pairwise["valid"])]
-      held_out.pairwise_gold = (synthetic.gold_rewards([r.prompt for r in rows], [r.chosen for r in rows]),
-                                synthetic.gold_rewards([r.prompt for r in rows], [r.rejected for r in rows]),
-                                bt_temperature)
+      held_out.pairwise_gold = (synthetic.gold_rewards([r.prompt for r in rows],
+                                                       [r.chosen for r in rows]),
+                                synthetic.gold_rewards([r.prompt for r in rows],
+                                                       [r.rejected for r in rows]), bt_temperature)
   if "ranked" in files:
     rk_ds = eval_ds if files["ranked"] == files["eval"] and kind == "ranked" else \
         build("eval_lists", files["ranked"], "ranked")
@@ -238,9 +247,10 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
         reward_eval.materialize(rk_ds, max(1, eb // k), cap, max_len), cap)
   if kind in ("rated", "attributes"):
     rated = reward_eval.concat_batches(held_out.objective_batches, cap)
-    held_out.rated = {"tokens": rated["tokens"], "mask": rated["mask"],
-                      "targets": reward_eval.target_matrix(rated, objective, rating_scale),
-                      "prompt_keys": reward_eval.prompt_keys(eval_ds, len(rated["tokens"]))}
+    held_out.rated = {
+        "tokens": rated["tokens"], "mask": rated["mask"],
+        "targets": reward_eval.target_matrix(rated, objective, rating_scale),
+        "prompt_keys": reward_eval.prompt_keys(eval_ds, len(rated["tokens"]))}
 
   # Prompts the SFT model answers for the normalisation statistics.
   if "prompts" in files:
@@ -250,12 +260,15 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
   examples = prompt_ds.get_batch(range(len(prompt_ds)))
   norm_prompts = batching.collate(examples, "prompt", prompt_ds.special_ids, limits.max_prompt_len)
   if gold_prompts is not None:
-    gold_prompts.update(batching.encode_prompts(tokenizer, gold_prompts["texts"],
-                                                max_prompt_len=limits.max_prompt_len,
-                                                buckets=(limits.max_prompt_len,)))
-  stats = {"data/train_examples": len(train_ds), "data/eval_examples": len(eval_ds),
-           "data/train_truncated_responses": int(train_ds.metadata.get("truncated_responses", 0)),
-           **tie_statistics(train_ds)}
-  return RMData(batches, held_out, rating_scale, attribute_names, stats,
-                {"prompt_tokens": norm_prompts["prompt_tokens"],
-                 "prompt_mask": norm_prompts["prompt_mask"]}, gold_prompts, gold_fn)
+    gold_prompts.update(
+        batching.encode_prompts(tokenizer, gold_prompts["texts"],
+                                max_prompt_len=limits.max_prompt_len,
+                                buckets=(limits.max_prompt_len,)))
+  stats = {
+      "data/train_examples": len(train_ds), "data/eval_examples": len(eval_ds),
+      "data/train_truncated_responses": int(train_ds.metadata.get("truncated_responses",
+                                                                  0)), **tie_statistics(train_ds)}
+  return RMData(
+      batches, held_out, rating_scale, attribute_names, stats,
+      {"prompt_tokens": norm_prompts["prompt_tokens"], "prompt_mask": norm_prompts["prompt_mask"]},
+      gold_prompts, gold_fn)

@@ -52,8 +52,8 @@ class HeldOut:
 def materialize(dataset: ds_lib.TokenizedDataset, batch_size: int, max_examples: int,
                 max_len: int) -> list[dict]:
   """The first ``max_examples`` examples as fixed-shape batches (filler rows have ``valid = 0``)."""
-  it = batching.BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False, num_epochs=1,
-                              buckets=(max_len,), process_index=0, process_count=1)
+  it = batching.BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False,
+                              num_epochs=1, buckets=(max_len,), process_index=0, process_count=1)
   num_batches = -(-min(len(dataset), max_examples) // batch_size)
   return [b for _, b in zip(range(num_batches), it)]
 
@@ -154,8 +154,8 @@ def evaluate(params: Any, held_out: HeldOut, scorer: Callable, eval_loss_fn: Cal
   held-out split is the held-out pairs. ``should_stop()`` is polled between forward chunks; once
   true, :class:`EvalInterrupted` is raised (a held-out evaluation can take minutes on a CPU)."""
   metrics: dict[str, float] = {}
-  reuse_pairs = (pair_loss_fn is not None and held_out.objective_is_pairwise
-                 and held_out.pairwise is not None)
+  reuse_pairs = (pair_loss_fn is not None and held_out.objective_is_pairwise and
+                 held_out.pairwise is not None)
   if not reuse_pairs:
     total, count = 0.0, 0.0
     for batch in held_out.objective_batches:

@@ -37,8 +37,9 @@ from rlhf_jax import losses, models
 from rlhf_jax.data.kinds import pairwise as pairwise_kind
 
 OBJECTIVES = ("bradley_terry", "all_pairs", "plackett_luce", "likert", "multi_attribute")
-DATA_KIND = {"bradley_terry": "pairwise", "all_pairs": "ranked", "plackett_luce": "ranked",
-             "likert": "rated", "multi_attribute": "attributes"}
+DATA_KIND = {
+    "bradley_terry": "pairwise", "all_pairs": "ranked", "plackett_luce": "ranked",
+    "likert": "rated", "multi_attribute": "attributes"}
 
 
 def scale_targets(values: Any, scale: Sequence[float]) -> Any:
@@ -65,8 +66,8 @@ def plackett_luce_breslow_loss(rewards_BxK: jax.Array, labels_BxK: jax.Array,
   best_by_score = jnp.argmax(jnp.where(m_BxK, r_BxK, -jnp.inf), axis=1)
   best_label = jnp.max(jnp.where(m_BxK, y_BxK, -jnp.inf), axis=1)
   top1 = jnp.take_along_axis(y_BxK, best_by_score[:, None], axis=1)[:, 0] == best_label
-  return per_example_B, {"loss": jnp.mean(per_example_B),
-                         "top1_accuracy": jnp.mean(top1.astype(jnp.float32))}
+  return per_example_B, {
+      "loss": jnp.mean(per_example_B), "top1_accuracy": jnp.mean(top1.astype(jnp.float32))}
 
 
 def _rewards(model: models.RewardModel, params: Any, tokens: jax.Array, mask: jax.Array,
@@ -77,9 +78,10 @@ def _rewards(model: models.RewardModel, params: Any, tokens: jax.Array, mask: ja
   return model.apply({"params": params}, tokens, mask)
 
 
-def make_objective(model: models.RewardModel, objective: str, *, center_coef: float = 0.0,
-                   rating_scale: Sequence[float] = (), attribute_weights: Sequence[float] = ()
-                   ) -> Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]:
+def make_objective(
+    model: models.RewardModel, objective: str, *, center_coef: float = 0.0,
+    rating_scale: Sequence[float] = (), attribute_weights: Sequence[float] = ()
+) -> Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]:
   """``f(params, batch, rng | None) -> (per_example_loss [B], metrics)``; ``rng=None`` = eval mode.
 
   Pairwise batches run chosen and rejected as one forward of their 2B rows; ranked batches run
@@ -88,7 +90,8 @@ def make_objective(model: models.RewardModel, objective: str, *, center_coef: fl
   if objective not in OBJECTIVES:
     raise ValueError(f"objective={objective!r} is invalid; allowed: {' | '.join(OBJECTIVES)}")
   if objective in ("likert", "multi_attribute") and len(rating_scale) != 2:
-    raise ValueError(f"objective={objective!r} needs rating_scale=(low, high), got {rating_scale!r}")
+    raise ValueError(
+        f"objective={objective!r} needs rating_scale=(low, high), got {rating_scale!r}")
 
   def f(params, batch, rng):
     if objective == "bradley_terry":  # pairwise batches: [2B, T], rows 2b / 2b+1 = pair b
@@ -104,7 +107,8 @@ def make_objective(model: models.RewardModel, objective: str, *, center_coef: fl
       return plackett_luce_breslow_loss(r_BxK, batch["scores"], batch["candidate_mask"])
     r_BxK = _rewards(model, params, batch["tokens"], batch["mask"], rng)
     if objective == "likert":
-      return losses.likert_regression_loss(r_BxK[:, 0], scale_targets(batch["rating"], rating_scale))
+      return losses.likert_regression_loss(r_BxK[:, 0], scale_targets(batch["rating"],
+                                                                      rating_scale))
     weights = jnp.asarray(attribute_weights, jnp.float32) if attribute_weights else None
     return losses.multi_attribute_loss(r_BxK, scale_targets(batch["attributes"], rating_scale),
                                        weights=weights)

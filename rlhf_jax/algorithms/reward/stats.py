@@ -126,8 +126,7 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
     std_K = np.maximum(std_K, 1e-6)
   normalization = {
       "source": source, "num_samples": int(len(raw)), "raw_mean": mean_K.tolist(),
-      "raw_std": std_K.tolist()
-  }
+      "raw_std": std_K.tolist()}
   for k, name in enumerate(output_names):
     metrics[f"norm/{name}/raw_mean"] = float(mean_K[k])
     metrics[f"norm/{name}/raw_std"] = float(std_K[k])
@@ -141,8 +140,7 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
     prompts = [t for t in gp["texts"][:g] for _ in range(config.samples_per_prompt)]
     responses = [
         tokenizer.decode(t[m > 0])
-        for t, m in zip(fresh["response_tokens_BxR"], fresh["response_mask_BxR"])
-    ]
+        for t, m in zip(fresh["response_tokens_BxR"], fresh["response_mask_BxR"])]
     gold = data.gold_fn(prompts, responses)
     targets = {"gold": reward_NxK.sum(axis=1)}
     for k, name in enumerate(output_names):
@@ -158,5 +156,4 @@ def normalization_and_gold(config: RMEvalConfig, scorer: Callable, params: Any,
     metrics["gold_corr/mean_normalized_reward"] = float(reward_NxK.sum(axis=1).mean())
   return {
       "mean": mean_K.tolist(), "std": std_K.tolist(), "normalization": normalization,
-      "metrics": metrics
-  }
+      "metrics": metrics}

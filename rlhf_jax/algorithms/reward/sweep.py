@@ -40,7 +40,8 @@ from rlhf_jax.eval import reward_report
 logger = logging.getLogger(__name__)
 
 
-def sub_config(config: ml_collections.ConfigDict, objective: str, size: int) -> ml_collections.ConfigDict:
+def sub_config(config: ml_collections.ConfigDict, objective: str,
+               size: int) -> ml_collections.ConfigDict:
   """The config of one curve point (unlocked copy with objective, size and batch size set)."""
   sub = copy.deepcopy(config)
   with sub.unlocked():
@@ -68,9 +69,11 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
   written); re-running resumes that point.
   """
   for objective in objectives:
-    if objective not in reward_model.OBJECTIVES or DATA_KIND[objective] not in ("pairwise", "ranked"):
-      raise ValueError(f"learning curve objective {objective!r} is invalid; allowed: bradley_terry | "
-                       "all_pairs | plackett_luce (rankings and pairs share the held-out pairs)")
+    if objective not in reward_model.OBJECTIVES or DATA_KIND[objective] not in ("pairwise",
+                                                                                "ranked"):
+      raise ValueError(
+          f"learning curve objective {objective!r} is invalid; allowed: bradley_terry | "
+          "all_pairs | plackett_luce (rankings and pairs share the held-out pairs)")
   if not sizes or any(n < 1 for n in sizes):
     raise ValueError(f"learning curve sizes {list(sizes)} are invalid; allowed: positive ints")
   rows = []
@@ -84,24 +87,27 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
         logger.info("learning curve: %s with %d annotated prompts -> %s", objective, size, run_dir)
         final = reward_model.train_and_evaluate(sub_config(config, objective, size), run_dir)
         if final.get("preempted"):  # SIGTERM: stop here; the same command resumes this point
-          logger.warning("learning curve stopped by a signal at %s (step %s); not starting the "
-                         "remaining points", run_dir, final.get("step"))
+          logger.warning(
+              "learning curve stopped by a signal at %s (step %s); not starting the "
+              "remaining points", run_dir, final.get("step"))
           return rows
-      row = {"objective": objective, "num_prompts": size,
-             "num_comparisons": final.get("data/train_comparisons"),
-             "step": final.get("final_params_step")}
+      row = {
+          "objective": objective, "num_prompts": size,
+          "num_comparisons": final.get("data/train_comparisons"),
+          "step": final.get("final_params_step")}
       for key in ("pairwise/accuracy", "pairwise/auc", "gold/expected_accuracy",
                   "gold/bayes_optimal_accuracy", "gold/gold_agreement", "ranked/kendall_tau",
                   "ranked/top1_accuracy"):
         if key in final:
           row[key] = final[key]
       rows.append(row)
-  bayes = next((r["gold/bayes_optimal_accuracy"] for r in rows if "gold/bayes_optimal_accuracy" in r),
-               None)
+  bayes = next(
+      (r["gold/bayes_optimal_accuracy"] for r in rows if "gold/bayes_optimal_accuracy" in r), None)
   train.atomic_write_json(os.path.join(workdir, "learning_curve.json"),
                           [{k: reward_report.json_value(v) for k, v in r.items()} for r in rows])
-  cols = ["objective", "num_prompts", "num_comparisons", "step", "pairwise/accuracy",
-          "gold/expected_accuracy", "gold/bayes_optimal_accuracy", "ranked/kendall_tau"]
+  cols = [
+      "objective", "num_prompts", "num_comparisons", "step", "pairwise/accuracy",
+      "gold/expected_accuracy", "gold/bayes_optimal_accuracy", "ranked/kendall_tau"]
   lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
   for r in rows:
     lines.append("| " + " | ".join(reward_report._fmt(r.get(c, "")) for c in cols) + " |")  # pylint: disable=protected-access
@@ -123,8 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns ``{"points": rows, "preempted": bool}`` (preempted when SIGTERM stopped a point).
   """
   if "curve" not in config:
-    raise ValueError("config.curve is missing; rm_learning_curve needs config.curve.sizes and "
-                     "config.curve.objectives (see experiments/configs/rm_synthetic.py:learning_curve)")
+    raise ValueError(
+        "config.curve is missing; rm_learning_curve needs config.curve.sizes and "
+        "config.curve.objectives (see experiments/configs/rm_synthetic.py:learning_curve)")
   unknown = sorted(set(config.curve.keys()) - {"sizes", "objectives"})
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.curve.{k}' for k in unknown]}; allowed: "
@@ -132,8 +139,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sizes = tuple(config.curve.sizes)
   # A tuple of names, or the command line's "bradley_terry,all_pairs" (one string in the tuple).
   raw = config.curve.objectives
-  objectives = tuple(name.strip(" ()'\"") for item in ((raw,) if isinstance(raw, str) else raw)
-                     for name in str(item).split(",") if name.strip(" ()'\""))
+  objectives = tuple(
+      name.strip(" ()'\"")
+      for item in ((raw,) if isinstance(raw, str) else raw)
+      for name in str(item).split(",")
+      if name.strip(" ()'\""))
   if any(isinstance(n, bool) or not isinstance(n, int) for n in sizes):
     raise ValueError(f"config.curve.sizes={sizes!r} is invalid; allowed: positive ints")
   # The points train their SFT backbone first if needed (one run, shared by every point).

@@ -45,12 +45,21 @@ from rlhf_jax import scoring
 from rlhf_jax.algorithms import registry, sections
 from rlhf_jax.algorithms.reward.data import RMDataConfig
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND, OBJECTIVES
-from rlhf_jax.scoring.reward_model import (RewardModelHandle, RewardModelInfo,  # noqa: F401
-                                                TokenizerMismatchError, check_tokenizer,
-                                                encode_pairs, load_reward_model, make_handle,
-                                                normalize_rewards, read_reward_model_info,
-                                                reward_fn, save_reward_model, score,
-                                                score_sequences, score_texts)
+from rlhf_jax.scoring.reward_model import (
+    RewardModelHandle,
+    RewardModelInfo,  # noqa: F401
+    TokenizerMismatchError,
+    check_tokenizer,
+    encode_pairs,
+    load_reward_model,
+    make_handle,
+    normalize_rewards,
+    read_reward_model_info,
+    reward_fn,
+    save_reward_model,
+    score,
+    score_sequences,
+    score_texts)
 from rlhf_jax.algorithms.reward.stats import RMEvalConfig, normalization_and_gold
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.eval import reward_report
@@ -102,14 +111,16 @@ class RMConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"RMConfig.dropout_rate={self.dropout_rate!r} is invalid; allowed: [0, 1)")
     if self.compute_dtype and self.compute_dtype not in models.DTYPES:
-      raise ValueError(f"RMConfig.compute_dtype={self.compute_dtype!r} is invalid; allowed: '' (the "
-                       f"model config's) | {' | '.join(models.DTYPES)}")
+      raise ValueError(
+          f"RMConfig.compute_dtype={self.compute_dtype!r} is invalid; allowed: '' (the "
+          f"model config's) | {' | '.join(models.DTYPES)}")
     if not self.center_coef >= 0:
       raise ValueError(f"RMConfig.center_coef={self.center_coef!r} is invalid; allowed: >= 0")
-    if any(not w >= 0 for w in self.attribute_weights) or (
-        self.attribute_weights and not sum(self.attribute_weights) > 0):
-      raise ValueError(f"RMConfig.attribute_weights={self.attribute_weights!r} is invalid; allowed: "
-                       "() or non-negative weights with a positive sum")
+    if any(not w >= 0 for w in self.attribute_weights) or (self.attribute_weights and
+                                                           not sum(self.attribute_weights) > 0):
+      raise ValueError(
+          f"RMConfig.attribute_weights={self.attribute_weights!r} is invalid; allowed: "
+          "() or non-negative weights with a positive sum")
     if not (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 0):
       raise ValueError(f"RMConfig.early_stopping_patience={self.early_stopping_patience!r} is "
                        "invalid; allowed: an int >= 0 (0 = off)")
@@ -224,8 +235,9 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
   if config.rm.init != "sft":
     return True
   if not sft_workdir:
-    raise ValueError("config.sources.sft_workdir is empty; rm.init=sft needs the SFT run the reward "
-                     "model starts from (or set config.rm.init=scratch)")
+    raise ValueError(
+        "config.sources.sft_workdir is empty; rm.init=sft needs the SFT run the reward "
+        "model starts from (or set config.rm.init=scratch)")
   has_ckpt = train.latest_step(sft_workdir) is not None
   if config.data.source != "synthetic":
     if not has_ckpt:
@@ -240,8 +252,9 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
     config_path = os.path.join(sft_workdir, "config.json")
     stored = train.read_json(config_path) if os.path.exists(config_path) else None
     if stored != json.loads(json.dumps(sft_config.to_dict())):
-      logger.warning("%s holds an unfinished SFT run of another config; using its latest checkpoint",
-                     sft_workdir)
+      logger.warning(
+          "%s holds an unfinished SFT run of another config; using its latest checkpoint",
+          sft_workdir)
       return True
     logger.info("resuming the unfinished default SFT run in %s", sft_workdir)
   else:
@@ -249,8 +262,9 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
                 sft_workdir)
   result = _train_sft(sft_config, sft_workdir)
   if result.get("preempted"):
-    logger.warning("SFT was stopped at step %s (signal); not training the reward model. Re-run the "
-                   "same command to resume.", result.get("step"))
+    logger.warning(
+        "SFT was stopped at step %s (signal); not training the reward model. Re-run the "
+        "same command to resume.", result.get("step"))
     return False
   return True
 
@@ -264,8 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final metrics (also ``<workdir>/final_metrics.json``). Keys of ``config``: see
   ``experiments/configs/rm_synthetic.py``.
   """
-  known = {"method", "seed", "model", "sources", "rm", "optim", "loop", "data", "limits", "eval",
-           "mesh"}
+  known = {
+      "method", "seed", "model", "sources", "rm", "optim", "loop", "data", "limits", "eval", "mesh"}
   unknown = sorted(set(config.keys()) - known)
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
@@ -293,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f"vocab_size={model_cfg.vocab_size}")
   data = reward_data.prepare(data_cfg, limits, rm_cfg.objective, tokenizer, workdir,
                              vocab_size=model_cfg.vocab_size)
-  output_names = tuple(data.attribute_names) if rm_cfg.objective == "multi_attribute" else ("reward",)
+  output_names = tuple(
+      data.attribute_names) if rm_cfg.objective == "multi_attribute" else ("reward",)
   if rm_cfg.attribute_weights and len(rm_cfg.attribute_weights) != len(output_names):
     raise ValueError(f"config.rm.attribute_weights has {len(rm_cfg.attribute_weights)} entries; "
                      f"allowed: one per attribute {list(output_names)}")
@@ -315,9 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Taken before training: the loop donates `state`, after which only the loop's result is live.
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
-  objective_fn = reward_objectives.make_objective(
-      model, rm_cfg.objective, center_coef=rm_cfg.center_coef, rating_scale=data.rating_scale,
-      attribute_weights=rm_cfg.attribute_weights)
+  objective_fn = reward_objectives.make_objective(model, rm_cfg.objective,
+                                                  center_coef=rm_cfg.center_coef,
+                                                  rating_scale=data.rating_scale,
+                                                  attribute_weights=rm_cfg.attribute_weights)
   step_fn = train.make_train_step(reward_objectives.make_loss_fn(objective_fn), optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   scorer = reward_eval.make_raw_scorer(model, data_cfg.eval_batch_size)
@@ -325,9 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pair_loss_fn = None
   if rm_cfg.objective == "bradley_terry":  # its held-out split is the held-out pairs: score once
     pair_loss_fn = lambda rc, rr: losses.bradley_terry_loss(  # noqa: E731
-        jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), center_coef=rm_cfg.center_coef)[0]
-  stopper = (EarlyStopping(workdir, rm_cfg.early_stopping_patience,
-                           rm_cfg.early_stopping_min_delta)
+        jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), center_coef=rm_cfg.center_coef)[
+            0]
+  stopper = (EarlyStopping(workdir, rm_cfg.early_stopping_patience, rm_cfg.early_stopping_min_delta)
              if rm_cfg.early_stopping_patience else None)
   early_stop_reason: list = [None]
 
@@ -349,9 +365,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         early_stop_reason[0] = f"early stopping: {stop}"
     return metrics
 
-  fingerprint = {"method": "reward_model", "objective": rm_cfg.objective,
-                 "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
-                 "num_outputs": len(output_names)}
+  fingerprint = {
+      "method": "reward_model", "objective": rm_cfg.objective,
+      "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
+      "num_outputs": len(output_names)}
   run_config = config.to_dict()
   stopped_early, step = False, train.latest_step(workdir) or 0
   if stopper is not None and stopper.state["stopped"]:
@@ -377,16 +394,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   policy = (models.Transformer(sft_ckpt.model_config), sft_ckpt.params) if sft_ckpt else None
   stats = normalization_and_gold(eval_cfg, scorer, final_params, policy, tokenizer, data,
                                  output_names, max_response_len=limits.max_response_len)
-  info = RewardModelInfo(
-      model=dataclasses.asdict(model_cfg.replace(dropout_rate=0.0)), output_names=output_names,
-      tokenizer_spec=tok_spec, tokenizer_fingerprint=tokenizer.fingerprint(),
-      max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
-      mean=stats["mean"], std=stats["std"], normalization=stats["normalization"],
-      objective=rm_cfg.objective, step=final_step)
+  info = RewardModelInfo(model=dataclasses.asdict(model_cfg.replace(dropout_rate=0.0)),
+                         output_names=output_names, tokenizer_spec=tok_spec,
+                         tokenizer_fingerprint=tokenizer.fingerprint(),
+                         max_prompt_len=limits.max_prompt_len,
+                         max_response_len=limits.max_response_len, mean=stats["mean"],
+                         std=stats["std"], normalization=stats["normalization"],
+                         objective=rm_cfg.objective, step=final_step)
   save_reward_model(workdir, final_params, info)
-  final = {"step": step, "final_params_step": final_step, "stopped_early": stopped_early,
-           "preempted": False, "objective": rm_cfg.objective, **data.stats, **held_out,
-           **stats["metrics"]}
+  final = {
+      "step": step, "final_params_step": final_step, "stopped_early": stopped_early,
+      "preempted": False, "objective": rm_cfg.objective, **data.stats, **held_out,
+      **stats["metrics"]}
   train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE),
                           {k: reward_report.json_value(v) for k, v in final.items()})
   text = reward_report.write_report(workdir, final, info.to_json())
@@ -395,9 +414,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 __all__ = [
-    "RMConfig", "RMDataConfig", "RMEvalConfig", "OBJECTIVES", "DATA_KIND", "EarlyStopping",
-    "train_and_evaluate", "ensure_sft_run", "resolve_model_and_tokenizer", "RewardModelHandle", "RewardModelInfo",
-    "TokenizerMismatchError", "check_tokenizer", "encode_pairs", "load_reward_model", "make_handle",
-    "normalize_rewards", "read_reward_model_info", "reward_fn", "save_reward_model", "score",
-    "score_sequences", "score_texts",
-]
+    "RMConfig",
+    "RMDataConfig",
+    "RMEvalConfig",
+    "OBJECTIVES",
+    "DATA_KIND",
+    "EarlyStopping",
+    "train_and_evaluate",
+    "ensure_sft_run",
+    "resolve_model_and_tokenizer",
+    "RewardModelHandle",
+    "RewardModelInfo",
+    "TokenizerMismatchError",
+    "check_tokenizer",
+    "encode_pairs",
+    "load_reward_model",
+    "make_handle",
+    "normalize_rewards",
+    "read_reward_model_info",
+    "reward_fn",
+    "save_reward_model",
+    "score",
+    "score_sequences",
+    "score_texts",]

@@ -16,5 +16,6 @@ from rlhf_jax.data.kinds import ranked  # noqa: E402,F401
 from rlhf_jax.data.kinds import rated  # noqa: E402,F401
 from rlhf_jax.data.kinds import attributes  # noqa: E402,F401
 
-__all__ = ["ParseOptions", "RecordError", "RecordKind", "get_kind", "kind_names", "register_kind",
-           "take_examples"]
+__all__ = [
+    "ParseOptions", "RecordError", "RecordKind", "get_kind", "kind_names", "register_kind",
+    "take_examples"]

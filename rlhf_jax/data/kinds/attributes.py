@@ -44,8 +44,9 @@ def parse(ctx: base.ParseContext, obj) -> AttributeRecord:
 
 
 def encode(record, enc: base.Encoder) -> dict[str, np.ndarray]:
-  return {**sft.encode_response(record, enc),
-          "attributes": np.asarray([value for _, value in record.attributes], np.float32)}
+  return {
+      **sft.encode_response(record, enc), "attributes": np.asarray(
+          [value for _, value in record.attributes], np.float32)}
 
 
 def check_records(records) -> None:
@@ -64,10 +65,11 @@ def collate(examples, specials, length, *, num_attributes: int = 0, **_) -> dict
   return batch
 
 
-KIND = base.register_kind(base.RecordKind(
-    name="attributes", record_type=AttributeRecord, parse=parse,
-    features={"response": base.INT_SEQ, "attributes": base.FLOAT_SEQ}, encode=encode,
-    length=sft.response_length, collate=collate, file_stem="attributes",
-    options=("scale", "attribute_names"), check_records=check_records,
-    metadata=lambda records, examples: {
-        "attribute_names": [name for name, _ in records[0].attributes]}))
+KIND = base.register_kind(
+    base.RecordKind(
+        name="attributes", record_type=AttributeRecord, parse=parse,
+        features={"response": base.INT_SEQ,
+                  "attributes": base.FLOAT_SEQ}, encode=encode, length=sft.response_length,
+        collate=collate, file_stem="attributes", options=("scale", "attribute_names"),
+        check_records=check_records, metadata=lambda records, examples: {
+            "attribute_names": [name for name, _ in records[0].attributes]}))

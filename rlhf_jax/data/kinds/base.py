@@ -43,8 +43,7 @@ __all__ = [
     "take_examples",
     "INT_SEQ",
     "FLOAT_SEQ",
-    "FLOAT_SCALAR",
-]
+    "FLOAT_SCALAR",]
 
 # Feature specs: (shape, dtype); ``None`` in a shape is a ragged axis.
 INT_SEQ = ((None,), np.int32)
@@ -70,7 +69,7 @@ class Desc(str):
 
 def short(value: Any, limit: int = 60) -> str:
   text = str(value) if isinstance(value, Desc) else repr(value)
-  return text if len(text) <= limit else text[: limit - 3] + "..."
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +96,9 @@ class ParseOptions:
       object.__setattr__(self, "scale", (float(scale[0]), float(scale[1])))
     if self.attribute_names is not None:
       object.__setattr__(self, "attribute_names", tuple(self.attribute_names))
-    if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) or (
-        self.max_candidates < 0 or self.max_candidates == 1):
+    if isinstance(self.max_candidates,
+                  bool) or not isinstance(self.max_candidates, int) or (self.max_candidates < 0 or
+                                                                        self.max_candidates == 1):
       raise ValueError(f"max_candidates={self.max_candidates!r}; expected 0 (all) or an int >= 2")
 
 
@@ -147,7 +147,8 @@ class ParseContext:
     if not isinstance(messages, list):
       raise self.error("messages", "a list of {'role', 'content'} objects", messages)
     try:
-      return self.options.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+      return self.options.chat_template.render(messages,
+                                               add_generation_prompt=add_generation_prompt)
     except ValueError as e:
       raise self.error("messages", f"valid chat messages ({e})") from None
 
@@ -209,21 +210,21 @@ def _pack(prompt: np.ndarray, response: np.ndarray, bos: int, eos: int, length: 
   return tokens, mask, loss_mask
 
 
-def pack_sequences(rows: Sequence[tuple[np.ndarray, np.ndarray] | None], specials: Mapping[str, int],
-                   length: int) -> dict[str, np.ndarray]:
+def pack_sequences(rows: Sequence[tuple[np.ndarray, np.ndarray] | None],
+                   specials: Mapping[str, int], length: int) -> dict[str, np.ndarray]:
   """``tokens`` / ``mask`` / ``loss_mask`` ``[len(rows), length]``; ``None`` rows are all padding."""
   tokens = np.full((len(rows), length), specials["pad_id"], np.int32)
   mask = np.zeros((len(rows), length), np.int32)
   loss_mask = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     if row is not None:
-      tokens[i], mask[i], loss_mask[i] = _pack(row[0], row[1], specials["bos_id"], specials["eos_id"],
-                                               length, specials["pad_id"])
+      tokens[i], mask[i], loss_mask[i] = _pack(row[0], row[1], specials["bos_id"],
+                                               specials["eos_id"], length, specials["pad_id"])
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
-def left_pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, length: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def left_pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int,
+                     length: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads id lists to ``[B, length]``; returns ``(prompt_tokens, prompt_mask)`` int32."""
   tokens = np.full((len(prompts), length), pad_id, np.int32)
   mask = np.zeros((len(prompts), length), np.int32)
@@ -236,8 +237,8 @@ def left_pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, length: i
   return tokens, mask
 
 
-def take_examples(batch: Mapping[str, np.ndarray], keep: Sequence[int] | np.ndarray
-                  ) -> dict[str, np.ndarray]:
+def take_examples(batch: Mapping[str, np.ndarray],
+                  keep: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
   """The examples ``keep`` of a batch of any kind (module docstring: rows are example major).
 
   An array whose leading dimension is ``R·B`` (``B = len(batch["valid"])``) is taken ``R`` rows
@@ -251,7 +252,8 @@ def take_examples(batch: Mapping[str, np.ndarray], keep: Sequence[int] | np.ndar
     r = value.shape[0] // b
     if r * b != value.shape[0]:
       raise ValueError(f"take_examples: {key} has {value.shape[0]} rows, not a multiple of {b}")
-    out[key] = value.reshape((b, r) + value.shape[1:])[keep].reshape((len(keep) * r,) + value.shape[1:])
+    out[key] = value.reshape((b, r) + value.shape[1:])[keep].reshape((len(keep) * r,) +
+                                                                     value.shape[1:])
   return out
 
 

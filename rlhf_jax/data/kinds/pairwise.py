@@ -33,8 +33,9 @@ def parse(ctx: base.ParseContext, obj) -> PairwiseRecord:
 
 
 def encode(record, enc: base.Encoder) -> dict[str, np.ndarray]:
-  return {"chosen": enc.response(record.chosen, "chosen"),
-          "rejected": enc.response(record.rejected, "rejected")}
+  return {
+      "chosen": enc.response(record.chosen, "chosen"),
+      "rejected": enc.response(record.rejected, "rejected")}
 
 
 def collate(examples, specials, length, **_) -> dict[str, np.ndarray]:
@@ -54,9 +55,10 @@ def split(x_2B):
   return x_Bx2[:, 0], x_Bx2[:, 1]
 
 
-KIND = base.register_kind(base.RecordKind(
-    name="pairwise", record_type=PairwiseRecord, parse=parse,
-    features={"chosen": base.INT_SEQ, "rejected": base.INT_SEQ}, encode=encode,
-    length=lambda ex: len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) + 2,
-    collate=collate, file_stem="pairwise", informative=lambda r: r.chosen != r.rejected,
-    uninformative="chosen == rejected"))
+KIND = base.register_kind(
+    base.RecordKind(
+        name="pairwise", record_type=PairwiseRecord, parse=parse,
+        features={"chosen": base.INT_SEQ, "rejected": base.INT_SEQ}, encode=encode,
+        length=lambda ex: len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) + 2,
+        collate=collate, file_stem="pairwise", informative=lambda r: r.chosen != r.rejected,
+        uninformative="chosen == rejected"))

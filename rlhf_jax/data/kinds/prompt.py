@@ -28,6 +28,7 @@ def collate(examples, specials, length, **_) -> dict[str, np.ndarray]:
   return {"prompt_tokens": tokens, "prompt_mask": mask}
 
 
-KIND = base.register_kind(base.RecordKind(
-    name="prompt", record_type=PromptRecord, parse=parse, features={}, encode=lambda record, enc: {},
-    length=lambda ex: len(ex["prompt"]) + 1, collate=collate, file_stem="prompts", prompt_only=True))
+KIND = base.register_kind(
+    base.RecordKind(name="prompt", record_type=PromptRecord, parse=parse, features={},
+                    encode=lambda record, enc: {}, length=lambda ex: len(ex["prompt"]) + 1,
+                    collate=collate, file_stem="prompts", prompt_only=True))

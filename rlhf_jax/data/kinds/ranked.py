@@ -46,7 +46,8 @@ def parse(ctx: base.ParseContext, obj) -> RankedRecord:
   if not isinstance(values, list):
     raise ctx.error(field, "a list of numbers", values)
   if len(values) != len(responses):
-    raise ctx.error(field, f"{len(responses)} entries, one per response", base.Desc(str(len(values))))
+    raise ctx.error(field, f"{len(responses)} entries, one per response",
+                    base.Desc(str(len(values))))
   if has_scores:
     scores = tuple(ctx.number(v, f"scores[{i}]") for i, v in enumerate(values))
   else:
@@ -60,9 +61,10 @@ def parse(ctx: base.ParseContext, obj) -> RankedRecord:
 
 def encode(record, enc: base.Encoder) -> dict[str, np.ndarray]:
   parts = [enc.response(text, f"responses[{j}]") for j, text in enumerate(record.responses)]
-  return {"responses_flat": np.concatenate(parts).astype(np.int32),
-          "response_lengths": np.asarray([len(p) for p in parts], np.int32),
-          "scores": np.asarray(record.scores, np.float32)}
+  return {
+      "responses_flat": np.concatenate(parts).astype(np.int32),
+      "response_lengths": np.asarray([len(p) for p in parts],
+                                     np.int32), "scores": np.asarray(record.scores, np.float32)}
 
 
 def candidates(ex) -> list[np.ndarray]:
@@ -89,12 +91,13 @@ def collate(examples, specials, length, *, num_candidates: int = 0, **_) -> dict
   return batch
 
 
-KIND = base.register_kind(base.RecordKind(
-    name="ranked", record_type=RankedRecord, parse=parse,
-    features={"responses_flat": base.INT_SEQ, "response_lengths": base.INT_SEQ,
-              "scores": base.FLOAT_SEQ},
-    encode=encode, length=lambda ex: len(ex["prompt"]) + int(np.max(ex["response_lengths"])) + 2,
-    collate=collate, file_stem="ranked", options=("max_candidates",),
-    informative=lambda r: len(set(r.scores)) >= 2, uninformative="all-equal scores",
-    metadata=lambda records, examples: {
-        "max_candidates": max(len(ex["response_lengths"]) for ex in examples)}))
+KIND = base.register_kind(
+    base.RecordKind(
+        name="ranked", record_type=RankedRecord, parse=parse, features={
+            "responses_flat": base.INT_SEQ, "response_lengths": base.INT_SEQ,
+            "scores": base.FLOAT_SEQ}, encode=encode,
+        length=lambda ex: len(ex["prompt"]) + int(np.max(ex["response_lengths"])) + 2,
+        collate=collate, file_stem="ranked", options=("max_candidates",),
+        informative=lambda r: len(set(r.scores)) >= 2, uninformative="all-equal scores",
+        metadata=lambda records, examples: {
+            "max_candidates": max(len(ex["response_lengths"]) for ex in examples)}))

@@ -37,7 +37,8 @@ def collate(examples, specials, length, **_) -> dict[str, np.ndarray]:
   return batch
 
 
-KIND = base.register_kind(base.RecordKind(
-    name="rated", record_type=RatedRecord, parse=parse,
-    features={"response": base.INT_SEQ, "rating": base.FLOAT_SCALAR}, encode=encode,
-    length=sft.response_length, collate=collate, file_stem="rated", options=("scale",)))
+KIND = base.register_kind(
+    base.RecordKind(name="rated", record_type=RatedRecord, parse=parse,
+                    features={"response": base.INT_SEQ, "rating": base.FLOAT_SCALAR}, encode=encode,
+                    length=sft.response_length, collate=collate, file_stem="rated",
+                    options=("scale",)))

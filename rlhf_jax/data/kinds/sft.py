@@ -54,6 +54,7 @@ def collate(examples, specials, length, **_) -> dict[str, np.ndarray]:
   return collate_responses(examples, specials, length)
 
 
-KIND = base.register_kind(base.RecordKind(
-    name="sft", record_type=SFTRecord, parse=parse, features={"response": base.INT_SEQ},
-    encode=encode_response, length=response_length, collate=collate, file_stem="sft"))
+KIND = base.register_kind(
+    base.RecordKind(name="sft", record_type=SFTRecord, parse=parse,
+                    features={"response": base.INT_SEQ}, encode=encode_response,
+                    length=response_length, collate=collate, file_stem="sft"))
