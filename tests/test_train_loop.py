@@ -5,6 +5,7 @@
 
 import functools
 import json
+import logging
 import os
 
 import jax
@@ -344,3 +345,11 @@ def test_sigterm_watch_chains_and_handles():
     assert signal.getsignal(signal.SIGTERM) is not loop_watch._handle  # restored
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_progress_line_shows_the_requested_metrics(caplog):
+  progress = train.Progress(10, 0, every_secs=0.0, keys=("gold_reward", "kl", "absent"))
+  with caplog.at_level(logging.INFO, logger="rlhf_jax.train.metrics"):
+    progress.maybe_report(2, {"loss": 0.5, "gold_reward": 0.25, "kl": 1.5}, force=True)
+  line = caplog.records[-1].getMessage()
+  assert "step 2/10 | loss 0.5000 | gold_reward 0.25 | kl 1.5 |" in line and "absent" not in line

@@ -203,7 +203,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
           run_config: Mapping[str, Any] | None = None,
           token_count: Callable[[Mapping[str, np.ndarray]],
                                 float] = default_token_count, tokens_metric: str | None = None,
-          nonfinite_guard: bool = True, tensorboard_events: bool = True) -> TrainResult:
+          nonfinite_guard: bool = True, tensorboard_events: bool = True,
+          progress_keys: Sequence[str] = ()) -> TrainResult:
   """Runs (or resumes) ``config.num_steps`` steps in ``workdir``; the one loop of every method.
 
   A step is either a jitted ``step_fn(state, batch)`` (:func:`make_train_step`; jitted here with
@@ -232,6 +233,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
     run_config: written to ``<workdir>/config.json``.
     token_count: tokens of a host batch (throughput); ``tokens_metric``: instead, the name of a
       step metric counting them (e.g. PPO's generated tokens, known only after the step).
+    progress_keys: step metrics shown in the console progress line next to the loss.
 
   Raises:
     NonFiniteLossError: a step was non-finite (its step and cause named); nothing after the last
@@ -273,7 +275,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start,
                                       tensorboard_events=tensorboard_events)
             if is_main else metrics_lib.NullWriter())
-  progress = metrics_lib.Progress(config.num_steps, start, config.progress_every_secs)
+  progress = metrics_lib.Progress(config.num_steps, start, config.progress_every_secs,
+                                  keys=progress_keys)
   eval_metrics: dict = {}
   initial_metrics: dict = {}
   last_eval_step = -1

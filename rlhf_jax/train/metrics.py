@@ -23,7 +23,7 @@ import math
 import os
 import struct
 import time
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -268,9 +268,11 @@ class Progress:
   read back (so it counts finished device work, not dispatches).
   """
 
-  def __init__(self, total_steps: int, start_step: int, every_secs: float = 5.0):
+  def __init__(self, total_steps: int, start_step: int, every_secs: float = 5.0,
+               keys: Sequence[str] = ()):
     self.total_steps = total_steps
     self.every_secs = every_secs
+    self.keys = tuple(keys)  # extra metrics shown in the line (e.g. PPO's gold reward, KL)
     self._last_time = time.perf_counter()
     self._last_step = start_step
     self._tokens = 0.0
@@ -296,8 +298,9 @@ class Progress:
     tokens_per_s = self._tokens / dt
     eta = (self.total_steps - step) / steps_per_s
     loss = metrics.get("loss", float("nan"))
-    logger.info("step %d/%d | loss %.4f | %.0f tok/s | %.2f step/s | ETA %s", step,
-                self.total_steps, loss, tokens_per_s, steps_per_s, _fmt_duration(eta))
+    extra = "".join(f" | {k} {metrics[k]:.4g}" for k in self.keys if k in metrics)
+    logger.info("step %d/%d | loss %.4f%s | %.0f tok/s | %.2f step/s | ETA %s", step,
+                self.total_steps, loss, extra, tokens_per_s, steps_per_s, _fmt_duration(eta))
     self._last_time, self._last_step, self._tokens = now, step, 0.0
     return {"tokens_per_s": tokens_per_s, "steps_per_s": steps_per_s}
 

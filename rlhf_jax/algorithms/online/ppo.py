@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 PHASES = ("generation", "scoring", "logprobs", "advantages", "update")
+# Shown in the console progress line of every iteration (all of them are in metrics.jsonl).
+PROGRESS_KEYS = ("gold_reward", "rm_score", "kl", "kl_coef", "entropy", "response_length",
+                 "time_generation", "time_update")
 
 # XLA compilations in this process, counted by a jax.monitoring listener that the first run
 # registers (never at import: importing a module must not change global JAX state).
@@ -248,7 +251,8 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
 
   result = train.train(workdir=workdir, config=loop, state=state, iteration=iteration,
                        data=prompts.train, fingerprint=fingerprint, eval_fn=eval_fn,
-                       initial_eval=True, run_config=run_config, tokens_metric="generated_tokens")
+                       initial_eval=True, run_config=run_config, tokens_metric="generated_tokens",
+                       progress_keys=PROGRESS_KEYS)
   state = result.state
   final = {
       "iteration": result.step, "preempted": result.preempted, **result.eval_metrics,
