@@ -25,8 +25,9 @@ def sqhinge_loss(pc_B, pr_B, rc_B, rr_B, *, beta: float):
   """Per-pair ``max(0, 1 − βΔ)²`` ``[B]`` and metrics (module docstring)."""
   margin_B = beta * ((pc_B - rc_B) - (pr_B - rr_B))
   per_B = jnp.square(jnp.maximum(0.0, 1.0 - margin_B))
-  return per_B, {"rewards/margins": jnp.mean(margin_B),
-                 "rewards/accuracies": jnp.mean((margin_B > 0).astype(jnp.float32))}
+  return per_B, {
+      "rewards/margins": jnp.mean(margin_B), "rewards/accuracies": jnp.mean(
+          (margin_B > 0).astype(jnp.float32))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ def make_loss_fn(model: models.Transformer, cfg: SqHingeConfig):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   cfg = config_dicts.to_dataclass(SqHingeConfig, config.loss, "loss")
-  return pairwise_shell.train_pairwise(
-      config, workdir, method="sqhinge", label=f"sqhinge(beta={cfg.beta:g})",
-      make_loss_fn=lambda model: make_loss_fn(model, cfg), uses_reference=True,
-      fingerprint_extra={"loss": dataclasses.asdict(cfg)})
+  return pairwise_shell.train_pairwise(config, workdir, method="sqhinge",
+                                       label=f"sqhinge(beta={cfg.beta:g})",
+                                       make_loss_fn=lambda model: make_loss_fn(model, cfg),
+                                       uses_reference=True,
+                                       fingerprint_extra={"loss": dataclasses.asdict(cfg)})
