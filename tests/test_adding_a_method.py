@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import train
-from rlhf_jax.algorithms import pairwise_shell, registry
+from rlhf_jax.algorithms import registry, shell
 from rlhf_jax.train import config_dicts
 
 from offline_fixtures import REPO, TINY_RUN, load_config, override, tiny_sft_workdir
@@ -81,4 +81,4 @@ def test_new_method_trains_through_the_registry(example, tmp_path_factory, monke
   assert stored["kl_to_sft"] != 0.0 and rows[-1]["rewards/margins"] != rows[0]["rewards/margins"]
   # and in the preferred direction on held-out pairs (implicit-reward margin > 0)
   assert stored["pairs/rewards/margins"] > 0.0
-  assert pairwise_shell.KNOWN_KEYS >= set(config.keys())
+  assert shell.KNOWN_KEYS >= set(config.keys())

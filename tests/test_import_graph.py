@@ -2,7 +2,7 @@
 
 Methods are grouped in families (``sft.py``, ``reward/``, ``offline/``, ``online/``); a module may
 import its own family and the shared modules of ``rlhf_jax/algorithms`` (common, sections,
-reference, registry, pairwise_shell), never another family. Stages that need an earlier stage run
+reference, registry, shell, pairwise_shell), never another family. Stages that need an earlier stage run
 it through ``registry`` (by name, imported lazily)."""
 
 import ast
@@ -14,7 +14,7 @@ from rlhf_jax.algorithms import registry
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rlhf_jax",
                     "algorithms")
-SHARED = {"common", "sections", "reference", "registry", "pairwise_shell"}
+SHARED = {"common", "sections", "reference", "registry", "pairwise_shell", "shell"}
 
 
 def _family(module: str) -> str:
@@ -34,8 +34,8 @@ def _imported(module: str) -> set[str]:
   path = os.path.join(os.path.dirname(os.path.dirname(ROOT)), *module.split(".")) + ".py"
   found = set()
   for node in ast.walk(ast.parse(open(path).read())):
-    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
-        "rlhf_jax.algorithms"):
+    if isinstance(node,
+                  ast.ImportFrom) and node.module and node.module.startswith("rlhf_jax.algorithms"):
       if node.module == "rlhf_jax.algorithms":
         found.update(f"rlhf_jax.algorithms.{a.name}" for a in node.names)
       else:

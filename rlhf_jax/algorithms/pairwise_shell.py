@@ -11,9 +11,9 @@ does the rest, the same for every such method:
 3. prepare the pairwise datasets (identical pairs dropped by ``prepare_dataset``) and, when the loss
    needs them, attach reference log-probs (``algorithms.reference``: on the fly or a precomputed
    table keyed on everything that made it) to train and held-out batches;
-4. run the one loop (``train.train``: checkpoints, exact resume, SIGTERM, NaN guard, metrics) with
-   the policy evaluation (gold reward, KL, win rate) and the loss's own held-out metrics
-   (``pairs/<metric>``), and write ``final_metrics.json``.
+4. run the one loop with the policy evaluation and the loss's own held-out metrics
+   (``pairs/<metric>``) — steps 1, 2 and 4 are the offline shell's (``algorithms.shell``), shared
+   with PRO / RRHF.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ import logging
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
-import jax
 import ml_collections
 
-from rlhf_jax import models, parallel, train
-from rlhf_jax.algorithms import common, reference, sections
+from rlhf_jax import models, train
+from rlhf_jax.algorithms import common, reference, sections, shell
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data.kinds import pairwise
-from rlhf_jax.eval import policy as policy_eval
-from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -126,45 +123,15 @@ def train_pairwise(config: ml_collections.ConfigDict, workdir: str, *, method: s
     reference_logps: ``on_the_fly`` | ``precomputed`` (``algorithms.reference``).
     fingerprint_extra: what else a resumed run must match (e.g. the loss config).
   """
-  common.check_config_keys(config, KNOWN_KEYS, method)
-  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
-  data_cfg = config_dicts.to_dataclass(PairwiseData, config.data, "data")
-  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
-  optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
-  loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
-  eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
   sections.check_choice("loss", "reference_logps", reference_logps, reference.MODES)
-  mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  loaded = common.load_models(sources, mesh, model_section=config.get("model"),
-                              tokenizer_spec=sources.tokenizer or "byte", rng=init_rng)
-  limits.check_model(loaded.model_config.max_seq_len)
-  data = prepare_pairs(data_cfg, limits, uses_reference, reference_logps, sources, loaded, mesh,
-                       workdir, eval_cfg.num_prompts, config.seed)
 
-  optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
-  state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
-  loss_fn = make_loss_fn(loaded.model)
-  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
-                                  grad_accum_steps=optim_cfg.grad_accum_steps)
-  evaluator = common.policy_evaluator(loaded, data.eval_prompts, limits.max_prompt_len, eval_cfg,
-                                      workdir)
-  pair_eval = common.make_heldout_eval_fn(loss_fn, data.eval_batches, mesh, prefix="pairs")
+  def prepare(data_cfg, limits, sources, loaded, mesh, workdir_, num_prompts, seed):
+    return prepare_pairs(data_cfg, limits, uses_reference, reference_logps, sources, loaded, mesh,
+                         workdir_, num_prompts, seed)
 
-  def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
-    return {**evaluator(state.params, step), **pair_eval(state.params)}
-
-  fingerprint = {
-      "method": method, "model": dataclasses.asdict(loaded.model_config),
-      "tokenizer": loaded.tokenizer.fingerprint(), **(fingerprint_extra or {})}
-  result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                       data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
-                       run_config=config.to_dict())
-  final = {
-      "method": label, "step": result.step, "preempted": result.preempted,
-      **result.eval_metrics, "num_train_pairs": data.num_train_pairs,
-      "skipped_identical_pairs": data.skipped_identical_pairs}
-  if result.preempted:
-    return final
-  return common.write_final(workdir, final, label)
+  return shell.train_offline_policy(
+      config, workdir, method=method, label=label, data_cls=PairwiseData, prepare_data=prepare,
+      make_loss_fn=make_loss_fn, eval_prefix="pairs", fingerprint_extra=fingerprint_extra,
+      summary=lambda data_cfg, data: {
+          "num_train_pairs": data.num_train_pairs,
+          "skipped_identical_pairs": data.skipped_identical_pairs})

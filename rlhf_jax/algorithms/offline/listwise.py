@@ -40,13 +40,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, parallel, train
-from rlhf_jax.algorithms import common, sections
+from rlhf_jax import losses, models, train
+from rlhf_jax.algorithms import common, sections, shell
 from rlhf_jax import scoring
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import records as rec
-from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
@@ -306,53 +305,30 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
   return ListData(train_it, eval_batches, prompts, len(datasets["train"]), skipped)
 
 
-KNOWN_KEYS = {
-    "method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval", "mesh"}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) PRO / RRHF; see ``experiments/configs/pro_synthetic.py`` for the keys."""
-  common.check_config_keys(config, KNOWN_KEYS, "pro/rrhf")
-  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  """Runs (or resumes) PRO / RRHF; see ``experiments/configs/pro_synthetic.py`` for the keys.
+
+  The shell (shared sections, models, loop, evaluation) is ``algorithms.shell``.
+  """
   loss_cfg = config_dicts.to_dataclass(ListwiseLossConfig, config.loss, "loss")
-  data_cfg = config_dicts.to_dataclass(RankedData, config.data, "data")
-  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
-  optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
-  loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
-  eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
-  mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  loaded = common.load_models(sources, mesh, model_section=config.get("model"),
-                              tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,
-                              need_reward=data_cfg.candidates == "generated")
-  limits.check_model(loaded.model_config.max_seq_len)
-  data = prepare_lists(data_cfg, limits, sources, loaded, workdir, eval_cfg.num_prompts,
-                       config.seed)
 
-  optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
-  state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
-  loss_fn = make_loss_fn(loaded.model, loss_cfg)
-  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
-                                  grad_accum_steps=optim_cfg.grad_accum_steps)
-  evaluator = common.policy_evaluator(loaded, data.eval_prompts, limits.max_prompt_len, eval_cfg,
-                                      workdir)
-  list_eval = common.make_heldout_eval_fn(loss_fn, data.eval_batches, mesh, prefix="lists")
+  def prepare(data_cfg, limits, sources, loaded, mesh, workdir_, num_prompts, seed):
+    del mesh  # list batches need no reference forward
+    return prepare_lists(data_cfg, limits, sources, loaded, workdir_, num_prompts, seed)
 
-  def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
-    return {**evaluator(state.params, step), **list_eval(state.params)}
-
-  fingerprint = {
-      "method": loss_cfg.method, "model": dataclasses.asdict(loaded.model_config),
-      "tokenizer": loaded.tokenizer.fingerprint(), "loss": dataclasses.asdict(loss_cfg)}
-  result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
-                       data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
-                       run_config=config.to_dict(),
-                       token_count=lambda batch: float(np.sum(batch["mask"])))
-  final = {
-      "method": loss_cfg.method, "step": result.step, "preempted": result.preempted,
-      **result.eval_metrics, "num_train_lists": data.num_train_lists,
-      "skipped_tied_lists": data.skipped_tied_lists, "candidates": data_cfg.candidates}
-  if result.preempted:
-    return final
-  return common.write_final(workdir, final, loss_cfg.method)
+  return shell.train_offline_policy(
+      config,
+      workdir,
+      method="listwise",
+      label=loss_cfg.method,
+      data_cls=RankedData,
+      prepare_data=prepare,
+      make_loss_fn=lambda model: make_loss_fn(model, loss_cfg),
+      eval_prefix="lists",
+      need_reward=lambda data_cfg: data_cfg.candidates == "generated",
+      fingerprint_extra={"loss": dataclasses.asdict(loss_cfg)},
+      summary=lambda data_cfg, data: {
+          "num_train_lists": data.num_train_lists, "skipped_tied_lists": data.skipped_tied_lists,
+          "candidates": data_cfg.candidates},
+      # tokens of the candidate sequences (the batch also holds a [B, K] candidate mask)
+      token_count=lambda batch: float(np.sum(batch["mask"])))
