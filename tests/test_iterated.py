@@ -51,6 +51,31 @@ def test_comparisons_are_labelled_by_the_injected_annotator():
     assert row["gold_rejected"] == round(synthetic.gold_reward(row["prompt"], row["rejected"]), 4)
 
 
+def test_pairs_with_an_empty_answer_are_dropped(tmp_path):
+  m = tiny_models(CFG)
+
+  class EmptyEveryOther:  # the tiny policy's tokenizer, but every second answer decodes to ''
+    def __init__(self, inner):
+      self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+    def decode(self, ids):
+      self.calls += 1
+      return "" if self.calls % 2 else self.inner.decode(ids)
+
+  rows = iterated.sample_comparisons(m.policy, m.policy_params, EmptyEveryOther(m.tokenizer),
+                                     PROMPTS, np.random.default_rng(0), jax.random.PRNGKey(0),
+                                     max_prompt_len=32, max_new_tokens=8,
+                                     label_fn=lambda p, a, b: np.ones(len(p)))
+  assert rows == []  # every pair had an empty side
+  rows = _sample(m, lambda p, a, b: np.ones(len(p)))
+  path = str(tmp_path / "pairs.jsonl")
+  iterated.records.write_jsonl(path, rows)
+  assert len(iterated.records.read_records(path, "pairwise")) == len(rows)  # all valid records
+
+
 def test_rm_accuracy_counts_gold_order():
   m = tiny_models(CFG)
   # accuracy against the gold order: a pair and its swap average to exactly 1/2 (ties dropped)

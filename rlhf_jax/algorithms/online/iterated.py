@@ -49,7 +49,8 @@ def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.ra
                        label_fn: feedback.LabelFn) -> list[dict]:
   """Two samples per prompt from ``params``, labelled by ``label_fn``: the label is drawn from its
   ``P(a ≻ b)`` (``feedback.sample_labels``). Rows carry that probability and the gold rewards for
-  inspection (the record reader ignores them); identical pairs are dropped before labelling."""
+  inspection (the record reader ignores them); identical pairs and pairs with an empty answer
+  are dropped before labelling."""
   batch = batching.encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len,
                                   buckets=(max_prompt_len,))
   cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, num_samples=2,
@@ -57,9 +58,11 @@ def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.ra
   out = sampling.sample(policy, params, batch["prompt_tokens"], batch["prompt_mask"], key, cfg)
   tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
   texts = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
+  # An empty answer (EOS first) is no record a reward model can read; such pairs are dropped like
+  # identical ones (a weak SFT policy does answer some prompts with EOS straight away).
   pairs = [(prompt, texts[2 * i], texts[2 * i + 1])
            for i, prompt in enumerate(prompts)
-           if texts[2 * i] != texts[2 * i + 1]]
+           if texts[2 * i] != texts[2 * i + 1] and texts[2 * i] and texts[2 * i + 1]]
   if not pairs:
     return []
   ps, as_, bs = (list(x) for x in zip(*pairs))
