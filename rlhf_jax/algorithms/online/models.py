@@ -16,7 +16,6 @@ or vocabulary is refused before any work (:func:`check_compatible`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, NamedTuple
 
@@ -26,7 +25,7 @@ import flax.linen as nn
 
 from rlhf_jax import models, parallel, train
 from rlhf_jax import scoring
-from rlhf_jax.algorithms import sections
+from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.data import tokenizers as tok_lib
 
@@ -50,21 +49,12 @@ def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.
                      reward_info: scoring.RewardModelInfo) -> None:
   """Raises :class:`IncompatibleModelsError` (or ``scoring.TokenizerMismatchError``) when the
   reference or the reward model would read the policy's token ids differently."""
-  if reference_tokenizer.fingerprint() != policy_tokenizer.fingerprint():
-    raise IncompatibleModelsError(
-        f"the reference model's tokenizer {reference_tokenizer!r} (fingerprint "
-        f"{reference_tokenizer.fingerprint()}) differs from the policy's {policy_tokenizer!r} "
-        f"(fingerprint {policy_tokenizer.fingerprint()}); the KL penalty would compare log-probs of "
-        "different texts. Use a reference SFT run with the policy's tokenizer.")
-  if reference_config != policy_config:
-    diff = {
-        f.name: (getattr(reference_config, f.name), getattr(policy_config, f.name))
-        for f in dataclasses.fields(policy_config)
-        if getattr(reference_config, f.name) != getattr(policy_config, f.name)}
-    raise IncompatibleModelsError(
-        f"the reference model's config differs from the policy's in {sorted(diff)} "
-        f"(reference, policy) = {diff}; the reference must be the policy's architecture "
-        "(normally the SFT model the policy starts from)")
+  try:  # the same check as every method's reference (common.check_reference), PPO's error type
+    common.check_reference(policy_config, policy_tokenizer, reference_config, reference_tokenizer,
+                           where="reference model's")
+  except common.ReferenceMismatchError as err:
+    raise IncompatibleModelsError(f"{err} (the KL penalty compares the policy's log-probs with "
+                                  "the reference's)") from None
   scoring.check_tokenizer(reward_info, policy_tokenizer, what="policy")
   rm_vocab = int(reward_info.model["vocab_size"])
   if rm_vocab != policy_config.vocab_size:
