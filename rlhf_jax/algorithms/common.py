@@ -202,12 +202,7 @@ def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tupl
           "(default: the SFT run's <sft_workdir>/data/synthetic)")
     task = candidates[-1]
     logger.info("no synthetic task found; generating one into %s", task)
-    synthetic_files.write_task(
-        task,
-        synthetic_files.SyntheticConfig(seed=data.synthetic_seed,
-                                        num_prompts=data.synthetic_num_prompts,
-                                        num_test_prompts=data.synthetic_num_test_prompts),
-        overwrite=True)
+    synthetic_files.write_task(task, data.synthetic_task(), overwrite=True)
   prompts = data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
   return os.path.join(task, f"{stem}.jsonl"), os.path.join(task, f"{stem}_test.jsonl"), prompts
 

@@ -160,6 +160,14 @@ class DataSource:
     check_int(owner, "shuffle_seed", self.shuffle_seed, 0)
     check_int(owner, "synthetic_seed", self.synthetic_seed, 0)
 
+  def synthetic_task(self, **overrides: Any):
+    """The ``data.synthetic_files.SyntheticConfig`` of the task these fields describe."""
+    from rlhf_jax.data import synthetic_files  # pylint: disable=import-outside-toplevel
+    return synthetic_files.SyntheticConfig(seed=self.synthetic_seed,
+                                           num_prompts=self.synthetic_num_prompts,
+                                           num_test_prompts=self.synthetic_num_test_prompts,
+                                           **overrides)
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:

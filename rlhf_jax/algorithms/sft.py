@@ -115,9 +115,7 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
   if config.source == "synthetic":
     task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
     meta_path = os.path.join(task_dir, "metadata.json")
-    wanted = synthetic_files.SyntheticConfig(seed=config.synthetic_seed,
-                                             num_prompts=config.synthetic_num_prompts,
-                                             num_test_prompts=config.synthetic_num_test_prompts)
+    wanted = config.synthetic_task()
     if config.synthetic_dir and not os.path.exists(meta_path):
       raise ValueError(
           f"config.data.synthetic_dir={config.synthetic_dir!r}: no synthetic task there; "

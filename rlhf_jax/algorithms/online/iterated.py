@@ -35,6 +35,7 @@ import numpy as np
 
 from rlhf_jax import feedback, models, sampling, scoring, train
 from rlhf_jax.algorithms import registry, sections
+from rlhf_jax.algorithms.online.config import PPODataConfig
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.train import config_dicts
 
@@ -126,12 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   ppo_data, ppo_limits = config.ppo.data, config.ppo.limits
   task_dir = os.path.join(workdir, "data", "synthetic")
   if not os.path.exists(os.path.join(task_dir, "metadata.json")):
-    synthetic_files.write_task(
-        task_dir,
-        synthetic_files.SyntheticConfig(seed=ppo_data.synthetic_seed,
-                                        num_prompts=ppo_data.synthetic_num_prompts,
-                                        num_test_prompts=ppo_data.synthetic_num_test_prompts),
-        overwrite=True)
+    task = config_dicts.to_dataclass(PPODataConfig, ppo_data, "ppo.data").synthetic_task()
+    synthetic_files.write_task(task_dir, task, overwrite=True)
   prompt_pool = [r["prompt"] for r in _read(os.path.join(task_dir, "prompts.jsonl"))]
   sample_kw = dict(max_prompt_len=ppo_limits.max_prompt_len,
                    max_new_tokens=ppo_limits.max_response_len, label_fn=label_fn)

@@ -116,9 +116,7 @@ def prepare_prompts(data: PPODataConfig, limits: sections.Limits, config: PPOCon
   gold_fn = None
   if data.source == "synthetic":
     task_dir = data.synthetic_dir or os.path.join(data_dir, "synthetic")
-    wanted = synthetic_files.SyntheticConfig(seed=data.synthetic_seed,
-                                             num_prompts=data.synthetic_num_prompts,
-                                             num_test_prompts=data.synthetic_num_test_prompts)
+    wanted = data.synthetic_task()
     if not os.path.exists(os.path.join(task_dir, "metadata.json")):
       synthetic_files.write_task(task_dir, wanted, overwrite=True)
     meta = train.read_json(os.path.join(task_dir, "metadata.json"))

@@ -156,10 +156,7 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
   rating_scale, attribute_names = tuple(config.rating_scale), tuple(config.attribute_names)
   if config.source == "synthetic":
     task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
-    wanted = synthetic_files.SyntheticConfig(seed=config.synthetic_seed,
-                                             num_prompts=config.synthetic_num_prompts,
-                                             num_test_prompts=config.synthetic_num_test_prompts,
-                                             bt_temperature=config.synthetic_bt_temperature)
+    wanted = config.synthetic_task(bt_temperature=config.synthetic_bt_temperature)
     meta_path = os.path.join(task_dir, "metadata.json")
     if not os.path.exists(meta_path):
       logger.info("generating the synthetic task into %s", task_dir)
