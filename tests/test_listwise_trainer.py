@@ -3,6 +3,7 @@ cache key, the loss terms."""
 
 import json
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from offline_fixtures import TINY_RUN, load_config, override, tiny_rm_workdir, tiny_sft_workdir
 from rlhf_jax import train
+from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.offline import listwise
 
 DATA = {
@@ -43,14 +45,14 @@ def test_rrhf_on_generated_lists_scored_by_the_reward_model(sft_dir, tmp_path_fa
       load_config("rrhf_synthetic"), {
           **TINY_RUN, **DATA, "sources.sft_workdir": sft_dir,
           "sources.reward_model_workdir": rm_dir, "data.candidates": "generated",
-          "data.num_generation_prompts": 8, "loop.num_steps": 2})
+          "data.num_generation_prompts": 48, "loop.num_steps": 2})
   final = listwise.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == 2 and final["method"] == "rrhf" and "rm_reward" in final
   key = json.load(open(tmp_path / "data" / "generated_ranked.key.json"))
   assert key["num_candidates"] == 4 and key["temperature"] == 1.0 and key["policy_step"] == 6
   rows = [json.loads(l) for l in open(tmp_path / "data" / "generated_ranked.jsonl")]
-  # empty samples are dropped from a list (a list needs 2 non-empty candidates)
-  assert 1 <= len(rows) <= 8
+  # empty and unfinished (no EOS) samples are dropped from a list (a list needs 2 candidates)
+  assert 4 <= len(rows) <= 48
   assert all(2 <= len(r["responses"]) == len(r["scores"]) <= 4 for r in rows)
   assert 0.0 <= final["lists/violation_rate"] <= 1.0
 
@@ -97,3 +99,22 @@ def test_list_loss_terms():
     listwise.RankedData(candidates="sampled")
   with pytest.raises(ValueError, match="RankedData.num_candidates"):
     listwise.RankedData(candidates="generated", num_candidates=0)
+
+
+def test_generated_lists_keep_only_finished_candidates(tmp_path, monkeypatch):
+  # A sample cut at the token budget is scored as given but would be stored (and trained) as
+  # [BOS] p r [EOS], a finished response the policy never wrote: it must not enter a list.
+  texts = ["plum", "fig, kiwi", "cut off mid", "kiwi!", "", "pear"]
+  finished = np.array([True, True, False, True, True, False])
+  fake = types.SimpleNamespace(texts=texts, rewards_N=np.arange(6, dtype=np.float32),
+                               finished_N=finished)
+  monkeypatch.setattr(listwise.scoring, "sample_candidates", lambda *a, **k: fake)
+  loaded = types.SimpleNamespace(model=None, ref_params=None, tokenizer=None, reward=None)
+  cfg = listwise.RankedData(num_candidates=3)
+  path = str(tmp_path / "lists.jsonl")
+  listwise.generate_lists(loaded, ["name 2 fruits", "name 1 fruits"], cfg, sections.Limits(),
+                          path, seed=0)
+  rows = [json.loads(l) for l in open(path)]
+  # prompt 0 keeps its two finished samples; prompt 1 has one finished non-empty one: dropped
+  assert rows == [{"prompt": "name 2 fruits", "responses": ["plum", "fig, kiwi"],
+                   "scores": [0.0, 1.0]}]

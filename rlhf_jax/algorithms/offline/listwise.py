@@ -178,10 +178,13 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
                                     rng=jax.random.PRNGKey(seed))
   rows, empty = [], 0
   for i, prompt in enumerate(prompts):
-    # Empty (immediate-EOS) samples cannot be stored as records; a list needs 2 candidates.
+    # A candidate is kept only if it ended with EOS: the dataset stores it as [BOS] p r [EOS], so a
+    # response cut at the budget would be trained as a finished one it never was, and scored
+    # differently from how it was ranked. Empty (immediate-EOS) samples cannot be records either;
+    # a list needs 2 candidates.
     kept = [(cands.texts[j], float(cands.rewards_N[j]))
             for j in range(i * k, (i + 1) * k)
-            if cands.texts[j].strip()]
+            if cands.texts[j].strip() and cands.finished_N[j]]
     if len(kept) < 2:
       empty += 1
       continue
@@ -192,10 +195,11 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
   rec.write_jsonl(path, rows)
   if not rows:
     raise ValueError(
-        f"generate_lists: every one of {len(prompts)} prompts got < 2 non-empty samples")
+        f"generate_lists: every one of {len(prompts)} prompts got < 2 non-empty finished samples "
+        "(raise config.limits.max_response_len or train the SFT model longer)")
   logger.info(
       "generated %d candidate lists of %d samples -> %s (%d prompts dropped: < 2 non-empty "
-      "samples)", len(rows), cfg.num_candidates, path, empty)
+      "finished samples)", len(rows), cfg.num_candidates, path, empty)
 
 
 def _sha256(path: str) -> str:
@@ -225,7 +229,9 @@ def generated_lists_key(loaded: common.LoadedModels, sources: sections.Sources, 
               "max_new_tokens": limits.max_response_len,
               "num_generation_prompts": cfg.num_generation_prompts,
               "prompts_sha256": _sha256(prompts_path),
-              "seed": seed,},
+              "seed": seed,
+              "candidates_kept": "finished",  # only samples that ended with EOS (generate_lists)
+          },
           sort_keys=True,
           default=str))
 
