@@ -27,6 +27,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax import parallel
 from rlhf_jax.algorithms import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -103,6 +104,9 @@ def main(argv):
       raise
     print(f"{argv[0]}: flag error: {_short(err)}\n(--debug shows the traceback)", file=sys.stderr)
     sys.exit(2)
+  # One process per host: join the job before any device is touched (a no-op on one host;
+  # the JAX_COORDINATOR_ADDRESS / cluster environment launch/*.sh set up decides).
+  parallel.initialize_distributed()
   try:
     result = run(config, _WORKDIR.value)
   except USER_ERRORS as err:

@@ -68,7 +68,9 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do running[${pids[$i]}]=$i; done
 status=0
 while ((${#running[@]} > 0)); do
   rc=0
+  finished=""
   wait -n -p finished "${!running[@]}" || rc=$?
+  if [[ -z "${finished:-}" ]]; then break; fi  # the rest were killed by cleanup and already reaped
   i="${running[$finished]}"
   unset "running[$finished]"
   if [[ $rc -ne 0 && $status -eq 0 ]]; then

@@ -217,6 +217,30 @@ def test_multiprocess_local_launcher_propagates_failure(tmp_path):
        str(script)], env=env, capture_output=True, text=True, timeout=60)
   assert result.returncode == 7
   assert "process 1 failed with status 7" in result.stderr
+  assert "unbound variable" not in result.stderr and "no such job" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_one_launcher_trains_as_one_job_over_two_processes(tmp_path):
+  """experiments/run.py joins the job (parallel.initialize_distributed) and SFT trains over a
+  data=2 mesh spanning both processes; process 0 alone writes the run's files."""
+  env = _launcher_env(NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", LOG_DIR=str(tmp_path / "logs"),
+                      PYTHON=sys.executable)
+  workdir = tmp_path / "sft"
+  overrides = {
+      "model.preset": "tiny", "data.synthetic_num_prompts": 96,
+      "data.synthetic_num_test_prompts": 16, "data.batch_size": 8, "data.eval_batch_size": 16,
+      "limits.buckets": "(80,)", "eval.num_sample_prompts": 0, "loop.num_steps": 4,
+      "loop.checkpoint_every": 2, "mesh.data": 2}
+  result = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
+       os.path.join(REPO, "experiments", "run.py"),
+       f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}",
+       f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  assert final["step"] == 4 and np.isfinite(final["eval_nll_per_token"])
 
 
 def test_slurm_sbatch_with_stub_srun(tmp_path):

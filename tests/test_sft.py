@@ -4,7 +4,6 @@ Every run here shares one shape set (tiny model, one 80-token bucket, batch 8) s
 little; the synthetic task is generated once and copied into each workdir.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -21,42 +20,16 @@ import pytest
 from rlhf_jax import train
 from rlhf_jax.algorithms import sft
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from offline_fixtures import REPO, SFT_OVERRIDES, load_config, override
 
-
-def _load_config_module(name):
-  path = os.path.join(REPO, "experiments", "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_test_sft_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-sft_synthetic = _load_config_module("sft_synthetic")
-
+# The shared tiny SFT shapes (offline_fixtures), with this file's own loop cadence.
 TINY_OVERRIDES = {
-    "model.preset": "tiny",
-    "data.synthetic_num_prompts": 96,
-    "data.synthetic_num_test_prompts": 16,
-    "data.batch_size": 8,
-    "data.eval_batch_size": 16,
-    "limits.buckets": (80,),
-    "eval.num_sample_prompts": 4,
-    "eval.print_samples": 1,
-    "loop.num_steps": 8,
-    "loop.log_every": 2,
-    "loop.eval_every": 0,
-    "loop.checkpoint_every": 4,
-    "loop.progress_every_secs": 0.0,
-    "optim.warmup_steps": 2,}
+    **SFT_OVERRIDES, "eval.print_samples": 1, "loop.num_steps": 8, "loop.log_every": 2,
+    "loop.checkpoint_every": 4, "optim.warmup_steps": 2}
 
 
 def tiny_config(**extra):
-  config = sft_synthetic.get_config()
-  for key, value in {**TINY_OVERRIDES, **extra}.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
+  return override(load_config("sft_synthetic"), {**TINY_OVERRIDES, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +208,7 @@ def test_launcher_rejects_unknown_flag_key(tmp_path):
 
 
 def _jsonl_config(train_jsonl, eval_jsonl, **extra):
-  config = _load_config_module("sft_jsonl").get_config()
+  config = load_config("sft_jsonl")
   values = {
       **TINY_OVERRIDES, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
       "loop.num_steps": 2, "loop.checkpoint_every": 2, "data.train_jsonl": train_jsonl,
