@@ -206,7 +206,7 @@ class _PoisonedToyData(ToyData):
 def test_non_finite_step_is_never_applied_nor_checkpointed(tmp_path):
   """Step 6 is NaN with checkpoint_every=1: the run stops naming step 6 and its cause, and the
   latest checkpoint is step 5 (before the fix DPO's loop saved a checkpoint after the bad step)."""
-  good = run_toy(str(tmp_path / "good"), 12, stop_after=5, checkpoint_every=1)
+  run_toy(str(tmp_path / "good"), 12, stop_after=5, checkpoint_every=1)  # the reference run
   with pytest.raises(
       train.NonFiniteLossError,
       match=r"non-finite loss or gradient at step 6 \(loss=nan.*\) .*latest "

@@ -1,7 +1,6 @@
 """OptimConfig validation, schedules, the weight-decay mask and the TensorBoard writer."""
 
 import json
-import math
 import os
 
 import jax
