@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax import train
-from rlhf_jax.algorithms import registry, shell
+from rlhf_jax.algorithms import registry
+from rlhf_jax.algorithms.offline import shell
 from rlhf_jax.train import config_dicts
 
 from offline_fixtures import REPO, TINY_RUN, load_config, override, tiny_sft_workdir

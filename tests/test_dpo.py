@@ -14,7 +14,8 @@ from flax.core import meta
 from offline_fixtures import TINY_RUN, load_config, override, tiny_sft_workdir
 from rlhf_jax import models, parallel, train
 from rlhf_jax.algorithms.offline import dpo
-from rlhf_jax.algorithms import common, pairwise_shell, sections
+from rlhf_jax.algorithms import common, sections
+from rlhf_jax.algorithms.offline import pairwise_shell
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import tokenizers as tok_lib
 

@@ -2,7 +2,7 @@
 
 Methods are grouped in families (``sft.py``, ``reward/``, ``offline/``, ``online/``); a module may
 import its own family and the shared modules of ``rlhf_jax/algorithms`` (common, sections,
-reference, registry, shell, pairwise_shell), never another family. Stages that need an earlier stage run
+reference, registry), never another family. Stages that need an earlier stage run
 it through ``registry`` (by name, imported lazily)."""
 
 import ast
@@ -14,7 +14,7 @@ from rlhf_jax.algorithms import registry
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rlhf_jax",
                     "algorithms")
-SHARED = {"common", "sections", "reference", "registry", "pairwise_shell", "shell"}
+SHARED = {"common", "sections", "reference", "registry"}
 
 
 def _family(module: str) -> str:
@@ -54,6 +54,15 @@ def test_no_method_imports_another_family(module):
   for target in _imported(module):
     family = _family(target)
     assert family in SHARED or family == _family(module), f"{module} imports {target}"
+
+
+def test_the_offline_shells_serve_only_offline_methods():
+  users = {
+      m for m in MODULES if any(
+          t.startswith("rlhf_jax.algorithms.offline.") and t.rsplit(".", 1)[1] in ("shell",
+                                                                                   "pairwise_shell")
+          for t in _imported(m))}
+  assert users and all(_family(m) == "offline" for m in users), users
 
 
 def test_every_registered_method_lives_in_a_family():

@@ -16,7 +16,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from rlhf_jax import models
-from rlhf_jax.algorithms import pairwise_shell, reference
+from rlhf_jax.algorithms import reference
+from rlhf_jax.algorithms.offline import pairwise_shell
 from rlhf_jax.data.kinds import pairwise
 from rlhf_jax.train import config_dicts
 

@@ -3,7 +3,8 @@
 import ml_collections
 
 from rlhf_jax import parallel, train
-from rlhf_jax.algorithms import pairwise_shell, sections
+from rlhf_jax.algorithms import sections
+from rlhf_jax.algorithms.offline import pairwise_shell
 from rlhf_jax.algorithms.offline import dpo
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlhf_jax import losses, models, train
-from rlhf_jax.algorithms import pairwise_shell, reference
+from rlhf_jax.algorithms import reference
+from rlhf_jax.algorithms.offline import pairwise_shell
 from rlhf_jax.data.kinds import pairwise
 from rlhf_jax.train import config_dicts
 
@@ -202,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) DPO / SimPO / ORPO as configured; returns and writes the final metrics.
 
   See ``experiments/configs/dpo_synthetic.py`` for every key; the shell (data, reference log-probs,
-  loop, evaluation) is ``algorithms.pairwise_shell``.
+  loop, evaluation) is ``algorithms.offline.pairwise_shell``.
   """
   loss_cfg = config_dicts.to_dataclass(DPOLossConfig, config.loss, "loss")
   return pairwise_shell.train_pairwise(config, workdir, method="dpo", label=loss_cfg.label,

@@ -41,7 +41,8 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import losses, models, train
-from rlhf_jax.algorithms import common, sections, shell
+from rlhf_jax.algorithms import common, sections
+from rlhf_jax.algorithms.offline import shell
 from rlhf_jax import scoring
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
@@ -314,7 +315,7 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) PRO / RRHF; see ``experiments/configs/pro_synthetic.py`` for the keys.
 
-  The shell (shared sections, models, loop, evaluation) is ``algorithms.shell``.
+  The shell (shared sections, models, loop, evaluation) is ``algorithms.offline.shell``.
   """
   loss_cfg = config_dicts.to_dataclass(ListwiseLossConfig, config.loss, "loss")
 

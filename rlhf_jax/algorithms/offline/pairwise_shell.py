@@ -12,7 +12,7 @@ does the rest, the same for every such method:
    needs them, attach reference log-probs (``algorithms.reference``: on the fly or a precomputed
    table keyed on everything that made it) to train and held-out batches;
 4. run the one loop with the policy evaluation and the loss's own held-out metrics
-   (``pairs/<metric>``) — steps 1, 2 and 4 are the offline shell's (``algorithms.shell``), shared
+   (``pairs/<metric>``) — steps 1, 2 and 4 are the offline shell's (``algorithms.offline.shell``), shared
    with PRO / RRHF.
 """
 
@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 import ml_collections
 
 from rlhf_jax import models, train
-from rlhf_jax.algorithms import common, reference, sections, shell
+from rlhf_jax.algorithms import common, reference, sections
+from rlhf_jax.algorithms.offline import shell
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data.kinds import pairwise
