@@ -24,6 +24,7 @@ from rlhf_jax.losses.kl import (
     kl_penalized_rewards,
     last_token_index,
 )
+from rlhf_jax.losses.kto import KTO_LOSS_TYPES, kto_loss, kto_reference_point
 from rlhf_jax.losses.listwise import (
     best_candidate_index,
     length_normalized_scores,
@@ -50,6 +51,7 @@ __all__ = [
     "F_DIVERGENCES",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "KTO_LOSS_TYPES",
     "LOSSES",
     "TOKEN_AGGREGATIONS",
     "aggregate_tokens",
@@ -66,6 +68,8 @@ __all__ = [
     "grpo_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "kto_loss",
+    "kto_reference_point",
     "last_token_index",
     "length_normalized_scores",
     "likert_regression_loss",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from rlhf_jax.losses import advantages, dpo, kl, listwise, ppo, preference, reward, sft
+from rlhf_jax.losses import advantages, dpo, kl, kto, listwise, ppo, preference, reward, sft
 
 _BASE: dict[str, Callable] = {
     "sft": sft.sft_loss,
@@ -23,6 +23,8 @@ _BASE: dict[str, Callable] = {
     "dpo": dpo.dpo_loss,
     "simpo": preference.simpo_loss,
     "orpo": preference.orpo_loss,
+    "kto": kto.kto_loss,
+    "kto_reference_point": kto.kto_reference_point,
     "pro": listwise.pro_loss,
     "rrhf": listwise.rrhf_loss,
     "ppo_policy": ppo.ppo_policy_loss,
