@@ -11,6 +11,9 @@ for the held-out split)
 ``sft.jsonl``                ``{"prompt", "response"}`` - one reference-policy sample per prompt
 ``pairwise.jsonl``           ``{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}``,
                              a Bradley-Terry label between two distinct samples
+``unpaired.jsonl``           ``{"prompt", "completion", "label", "gold"}`` - the unpaired split of
+                             the same comparisons (KTO): each pair's chosen (``label`` true) then
+                             its rejected (false), TRL's ``unpair_preference_dataset``
 ``ranked.jsonl``             ``{"prompt", "responses", "ranks", "gold"}`` - K distinct samples, a
                              Plackett-Luce ranking (1 = best)
 ``rated.jsonl``              ``{"prompt", "response", "rating", "gold"}`` - Likert 1..7
@@ -152,6 +155,13 @@ def generate_split(config: SyntheticConfig, num_prompts: int,
                          RATING_SCALE[1]) for name in ATTRIBUTE_NAMES}
     rows["attributes"].append({"prompt": prompt, "response": response, "attributes": labels})
 
+  # Derived from the pairwise rows (no random draws), so every other file is unchanged by it.
+  rows["unpaired"] = []
+  for pair in rows["pairwise"]:
+    desirable, undesirable = kinds_lib.unpaired.unpair([pair])
+    rows["unpaired"] += [
+        dict(desirable, gold=pair["gold_chosen"]),
+        dict(undesirable, gold=pair["gold_rejected"])]
   all_responses = [row["response"] for name in ("sft", "rated", "attributes") for row in rows[name]]
   all_responses += [row[key] for row in rows["pairwise"] for key in ("chosen", "rejected")]
   all_responses += [r for row in rows["ranked"] for r in row["responses"]]
@@ -212,7 +222,7 @@ def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
 # kind -> file stem of the generated task (each kind module names its own stem).
 FILE_STEMS = {
     name: kinds_lib.get_kind(name).file_stem
-    for name in ("prompt", "sft", "pairwise", "ranked", "rated", "attributes")}
+    for name in ("prompt", "sft", "pairwise", "ranked", "rated", "attributes", "unpaired")}
 
 
 def prepare_synthetic_datasets(root: str, tokenizer, *, config: SyntheticConfig = SyntheticConfig(),
