@@ -115,3 +115,33 @@ def dr_grpo_advantages(rewards_BxG, *, mask=None):
   r, m, n_B1, sum_B1 = _group_stats(rewards_BxG, mask)
   mean = sum_B1 / jnp.maximum(n_B1, 1.0)
   return jnp.where(m > 0, r - mean, 0.0)
+
+
+def reinforce_baseline_advantages(scores_BxG, kl_BxGxR, mask_BxGxR, *, kl_coef=0.0,
+                                  eps: float = 1e-8):
+  """REINFORCE++-baseline (Hu et al., 2025, arXiv:2501.03262; OpenRLHF's
+    ``--algo.advantage.estimator reinforce_baseline``, ``experience_maker.py``):
+
+        r̃_i   = s_i - mean_j s_j                       group-mean baseline (no std)
+        R_i,t = Σ_{t' ≥ t} (-β KL_i,t') + r̃_i           reward-to-go, γ = 1, r̃ at the last token
+        A     = (R - μ) / sqrt(max(σ², eps))            whitened over every response token of the
+                                                        batch (μ, σ² the masked mean and *biased*
+                                                        variance, as OpenRLHF)
+
+    ``scores_BxG``: B prompts × G responses; ``kl_BxGxR``, ``mask_BxGxR``: per-token KL estimates
+    and response masks in the same layout (use ``kl_coef=0`` for a KL loss term instead).
+    Returns advantages ``[B, G, R]`` (0 on masked tokens)."""
+  check_rank("scores_BxG", scores_BxG, 2)
+  check_rank("kl_BxGxR", kl_BxGxR, 3)
+  dtype = compute_dtype(scores_BxG, kl_BxGxR)
+  m = as_mask(mask_BxGxR, kl_BxGxR.shape, dtype)
+  s = as_float(scores_BxG, dtype)
+  centred_BxG = s - jnp.mean(s, axis=1, keepdims=True)
+  kl_reward = jnp.where(m > 0, -kl_coef * as_float(kl_BxGxR, dtype), 0.0)
+  # reward-to-go of the KL part: reverse cumulative sum over masked tokens.
+  to_go = jnp.flip(jnp.cumsum(jnp.flip(kl_reward, -1), axis=-1), -1)
+  returns = jnp.where(m > 0, to_go + centred_BxG[..., None], 0.0)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  mean = jnp.sum(returns) / n
+  var = jnp.sum(jnp.where(m > 0, (returns - mean)**2, 0.0)) / n
+  return jnp.where(m > 0, (returns - mean) * jax.lax.rsqrt(jnp.maximum(var, eps)), 0.0)

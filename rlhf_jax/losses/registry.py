@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from rlhf_jax.losses import advantages, dpo, kl, kto, listwise, ppo, preference, reward, sft
+from rlhf_jax.losses import advantages, dpo, grpo, kl, kto, listwise, ppo, preference, reward, sft
 
 _BASE: dict[str, Callable] = {
     "sft": sft.sft_loss,
@@ -34,7 +34,10 @@ _BASE: dict[str, Callable] = {
     "gae": advantages.gae,
     "rloo": advantages.rloo_advantages,
     "grpo": advantages.grpo_advantages,
-    "dr_grpo": advantages.dr_grpo_advantages,}
+    "dr_grpo": advantages.dr_grpo_advantages,
+    "reinforce_baseline": advantages.reinforce_baseline_advantages,
+    "grpo_policy": grpo.grpo_policy_loss,
+    "overlong_penalty": grpo.overlong_penalty,}
 
 
 def _dpo_variant(loss_type: str) -> Callable:
