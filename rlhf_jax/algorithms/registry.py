@@ -21,6 +21,7 @@ METHODS = {
     "reward_model": "rlhf_jax.algorithms.reward.trainer",
     "rm_learning_curve": "rlhf_jax.algorithms.reward.sweep",
     "dpo": "rlhf_jax.algorithms.offline.dpo",
+    "kto": "rlhf_jax.algorithms.offline.kto",
     "listwise": "rlhf_jax.algorithms.offline.listwise",
     "raft": "rlhf_jax.algorithms.offline.raft",
     "best_of_n": "rlhf_jax.algorithms.offline.best_of_n",
