@@ -53,6 +53,7 @@ __all__ = [
     "RatedRecord",
     "AttributeRecord",
     "iter_records",
+    "jsonl_lines",
     "read_records",
     "parse_record",
     "write_jsonl",]
@@ -108,18 +109,54 @@ def iter_records(
   ``max_candidates`` keeps the first that many responses of each ``ranked`` list (0 = all).
   """
   spec, options = _options(kind, chat_template, scale, attribute_names, max_candidates)
-  with open(path, encoding="utf-8") as f:
-    for line_no, text in enumerate(f, start=1):
-      if not text.strip():
-        continue
-      ctx = base.ParseContext(path, line_no, options)
+  for line_no, text in jsonl_lines(path):
+    ctx = base.ParseContext(path, line_no, options)
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ctx.error(None, f"valid JSON ({e.msg} at column {e.colno})") from None
+    if "\\u" in text:  # an escaped lone surrogate decodes, then fails every later encode
+      _check_surrogates(ctx, obj)
+    if not isinstance(obj, Mapping):
+      raise ctx.error(None, "a JSON object per line", base.Desc(type(obj).__name__))
+    yield spec.parse(ctx, obj)
+
+
+def _encoding_hint(head: bytes) -> str:
+  if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:200].count(b"\x00") > 10:
+    return " (the file looks UTF-16: re-save it as UTF-8)"
+  return " (re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+
+
+def jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
+  """``(line number, text)`` of the non-blank lines of a UTF-8 file (a UTF-8 BOM is skipped).
+
+  Raises:
+    RecordError: a line is not valid UTF-8 (naming the file, the line and the byte column, and a
+      hint for UTF-16 / Latin-1 files), instead of a bare ``UnicodeDecodeError`` at a buffer offset.
+  """
+  with open(path, "rb") as f:
+    head = f.read(4096)
+    f.seek(0)
+    for line_no, raw in enumerate(f, start=1):
+      if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
       try:
-        obj = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise ctx.error(None, f"valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, Mapping):
-        raise ctx.error(None, "a JSON object per line", base.Desc(type(obj).__name__))
-      yield spec.parse(ctx, obj)
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise RecordError(path, line_no, None, f"UTF-8 text{_encoding_hint(head)}",
+                          base.Desc(f"byte 0x{raw[e.start]:02x} at column {e.start + 1}")) from None
+      if text.strip():
+        yield line_no, text
+
+
+def _check_surrogates(ctx: base.ParseContext, obj: Any) -> None:
+  try:
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ctx.error(
+        None, "text without lone UTF-16 surrogates",
+        base.Desc(f"the escape of a lone surrogate {e.object[e.start:e.end]!a}")) from None
 
 
 def read_records(path: str, kind: str, **kwargs) -> list[Record]:

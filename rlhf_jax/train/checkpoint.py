@@ -16,12 +16,20 @@ file and ``os.replace``-d, which is atomic on POSIX.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
+import shutil
+import time
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+_PROCESS_START = time.time()  # temp files older than this were left by an earlier process
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -29,6 +37,142 @@ CHECKPOINT_DIR = "checkpoints"
 
 class WorkdirMismatchError(ValueError):
   """The workdir holds checkpoints of a different model / tokenizer than this run's."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint step's files do not match its manifest, or it cannot be restored."""
+
+
+MANIFEST_FILE = "manifest.sha256.json"  # inside <workdir>/checkpoints/<step>/
+QUARANTINE_DIR = "corrupt_checkpoints"  # <workdir>/corrupt_checkpoints/<step>-<unix time>/
+_TMP_MARKERS = (".tmp-", ".tmp.", ".orbax-checkpoint-tmp")
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _step_files(step_path: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_path):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_path)
+      if rel != MANIFEST_FILE:
+        out.append(rel)
+  return sorted(out)
+
+
+def write_manifest(step_path: str) -> dict:
+  """Writes ``<step>/manifest.sha256.json``: size + SHA-256 of every file orbax committed there.
+
+  Called after orbax's commit (its files no longer change) and written atomically, so a manifest
+  that exists always describes a complete step.
+  """
+  files = {
+      rel: {
+          "size": os.path.getsize(os.path.join(step_path, rel)),
+          "sha256": _sha256(os.path.join(step_path, rel))} for rel in _step_files(step_path)}
+  manifest = {"version": 1, "files": files}
+  atomic_write_json(os.path.join(step_path, MANIFEST_FILE), manifest)
+  return manifest
+
+
+def verify_step(step_path: str) -> tuple[str, str]:
+  """``(status, detail)`` of one checkpoint step folder against its manifest.
+
+  ``status`` is ``"ok"`` (every file present with its size and SHA-256), ``"unverified"`` (no
+  manifest: a run killed between orbax's commit and the manifest; the caller restores it only if
+  it loads and is finite) or ``"bad"`` (``detail`` says what is wrong: an empty folder, an
+  unreadable or empty manifest, a missing / truncated / changed file).
+  """
+  if not os.path.isdir(step_path):
+    return "bad", "the folder is missing"
+  if not os.listdir(step_path):
+    return "bad", "the step folder is empty"
+  path = os.path.join(step_path, MANIFEST_FILE)
+  if not os.path.exists(path):
+    if not os.path.exists(os.path.join(step_path, "_CHECKPOINT_METADATA")):
+      return "bad", "no manifest and no orbax metadata (_CHECKPOINT_METADATA)"
+    return "unverified", "no manifest"
+  try:
+    manifest = read_json(path)
+    files = manifest["files"]
+    if not isinstance(files, Mapping) or not files:
+      raise ValueError("no files listed")
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    return "bad", f"its manifest {MANIFEST_FILE} is unreadable or empty ({err})"
+  for rel, entry in sorted(files.items()):
+    full = os.path.join(step_path, rel)
+    if not os.path.isfile(full):
+      return "bad", f"file {rel} is missing"
+    size = os.path.getsize(full)
+    if size != entry["size"]:
+      return "bad", f"file {rel} has {size} bytes, the manifest says {entry['size']} (truncated?)"
+    if _sha256(full) != entry["sha256"]:
+      return "bad", f"file {rel} does not match its SHA-256 in the manifest (corrupted bytes)"
+  return "ok", ""
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Paths of the floating-point leaves of ``tree`` holding NaN or inf (host check)."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+      continue
+    if not bool(jax.numpy.all(jax.numpy.isfinite(leaf))):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
+def clean_temp_files(workdir: str) -> list[str]:
+  """Removes what interrupted writes left under ``workdir`` (``*.tmp-<pid>`` / ``*.tmp.<pid>``
+  files of the atomic writers, orbax's ``*.orbax-checkpoint-tmp-*`` folders); returns them.
+
+  Only names whose writer is gone are removed (a ``<pid>`` suffix of a live process is kept), so a
+  concurrent writer on the same machine is never disturbed.
+  """
+  removed = []
+  if not os.path.isdir(workdir):
+    return removed
+  for root, dirs, names in os.walk(workdir):
+    for name in list(dirs) + names:
+      if not any(marker in name for marker in _TMP_MARKERS):
+        continue
+      tail = name.rsplit("tmp", 1)[-1].lstrip("-.")
+      full = os.path.join(root, name)
+      if tail.isdigit() and ".orbax" not in name and _alive(int(tail)):
+        continue
+      with contextlib.suppress(OSError):
+        if os.path.getmtime(full) >= _PROCESS_START:  # written by this job (another process)
+          continue
+      if os.path.isdir(full):
+        shutil.rmtree(full, ignore_errors=True)
+        dirs.remove(name) if name in dirs else None
+      else:
+        with contextlib.suppress(OSError):
+          os.remove(full)
+      removed.append(os.path.relpath(full, workdir))
+  if removed:
+    logger.info("removed %d temporary file(s) an interrupted run left in %s: %s", len(removed),
+                workdir, ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OSError):
+    return True
+  return True
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -100,17 +244,34 @@ class Checkpointer:
   Saving is asynchronous: ``save`` returns once the arrays are copied off the device (so the state
   may be donated to the next step immediately) and the files are written in a background thread.
   Call ``wait()`` before reading them and ``close()`` at the end of the run.
+
+  Every step is verified: once orbax has committed it (checked at the next ``save``, ``wait`` or
+  ``close``), ``<step>/manifest.sha256.json`` records each file's size and SHA-256. Rotation keeps
+  the newest ``keep`` steps and never deletes the newest verified step while a newer one is still
+  unverified. :meth:`restore_latest` checks the manifest and the restored values (finite) and falls
+  back to the previous good step, moving an unusable one to ``<workdir>/corrupt_checkpoints/``.
   """
 
   def __init__(self, workdir: str, *, fingerprint: Mapping[str, Any], keep: int = 3):
     if keep < 1:
       raise ValueError(f"keep={keep} is invalid; allowed: an int >= 1 (checkpoints kept).")
     check_fingerprint(workdir, fingerprint)
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.keep = keep
+    # Rotation is done here (max_to_keep=None), after a step is verified, not by orbax at save time.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
+    self._pending: list[int] = []  # saved steps whose manifest is not written yet
+    self._is_main = jax.process_index() == 0
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -118,9 +279,33 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
     if step in self._manager.all_steps():
       return  # already saved (e.g. periodic save coinciding with the final one)
+    self._finalize()
     self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(dict(data_state))), force=True)
+    self._pending.append(step)
+
+  def _finalize(self) -> None:
+    """Waits for the saves in flight, writes their manifests, then rotates."""
+    if not self._pending:
+      return
+    self._manager.wait_until_finished()
+    if self._is_main:
+      for step in self._pending:
+        if os.path.isdir(self.step_path(step)):
+          write_manifest(self.step_path(step))
+    self._pending = []
+    self._rotate()
+
+  def _rotate(self) -> None:
+    steps = self.all_steps()
+    kept = set(steps[-self.keep:])
+    verified = [s for s in steps if os.path.exists(os.path.join(self.step_path(s), MANIFEST_FILE))]
+    if verified and not kept & set(verified):
+      kept.add(verified[-1])  # the newest verified step stays until a newer one is verified
+    for step in steps:
+      if step not in kept:
+        self._manager.delete(step)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, data_state)`` at ``step`` (default latest) onto ``abstract_state``'s shardings."""
@@ -130,11 +315,64 @@ class Checkpointer:
                                       data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data)
 
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """``(step, state, data_state)`` of the newest usable step, or None when there is none.
+
+    A step is usable when its files match its manifest (or it has none yet: a run killed between
+    orbax's commit and the manifest), it restores, and every floating-point value is finite. An
+    unusable step is reported in one line (path, what is wrong), moved to
+    ``<workdir>/corrupt_checkpoints/`` (so the resumed run can write that step again) and the
+    previous one is tried.
+    """
+    bad: list[tuple[int, str]] = []
+    result = None
+    for step in reversed(self.all_steps()):
+      status, detail = verify_step(self.step_path(step))
+      if status == "bad":
+        bad.append((step, detail))
+        continue
+      try:
+        state, data_state = self.restore(abstract_state, step)
+      except Exception as err:  # pylint: disable=broad-except  # any orbax/tensorstore failure
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        bad.append((step, f"orbax could not restore it ({type(err).__name__}: {first})"))
+        continue
+      nonfinite = nonfinite_leaves(state)
+      if nonfinite:
+        bad.append((step, f"it holds NaN/inf in {', '.join(nonfinite[:3])}"
+                    f"{' ...' if len(nonfinite) > 3 else ''}"))
+        continue
+      if status == "unverified" and self._is_main:
+        write_manifest(self.step_path(step))  # it loaded and is finite: record it as it is now
+      result = (step, state, data_state)
+      break
+    for step, detail in bad:
+      moved = self._quarantine(step)
+      fallback = f"resuming from step {result[0]}" if result else "no earlier usable step"
+      logger.warning("checkpoint %s is unusable: %s; moved to %s; %s", self.step_path(step), detail,
+                     moved, fallback)
+    if bad:
+      self._manager.reload()
+      if result is None:
+        logger.warning("no usable checkpoint left in %s: training starts from step 0",
+                       self.directory)
+    return result
+
+  def _quarantine(self, step: int) -> str:
+    target = os.path.join(self.workdir, QUARANTINE_DIR, f"{step}-{int(time.time())}")
+    if self._is_main:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with contextlib.suppress(OSError):
+        os.replace(self.step_path(step), target)
+    return target
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._finalize()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._finalize()
     self._manager.close()
 
 
@@ -148,15 +386,27 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
 
-def latest_step(workdir: str) -> int | None:
-  """The latest committed checkpoint step in ``workdir`` (None if there is none)."""
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-    return None
+def _committed_steps(workdir: str) -> list[int]:
   manager = _reader(workdir)
   try:
-    return manager.latest_step()
+    return sorted(manager.all_steps())
   finally:
     manager.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The latest committed checkpoint step in ``workdir`` whose files match its manifest (a step
+  without a manifest counts: written before manifests existed, or cut before its manifest); steps
+  that fail the check are skipped with a warning naming them. None if there is none."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return None
+  for step in reversed(_committed_steps(workdir)):
+    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+    status, detail = verify_step(path)
+    if status != "bad":
+      return step
+    logger.warning("checkpoint %s is unusable: %s; trying the previous step", path, detail)
+  return None
 
 
 def restore_params(workdir: str, step: int | None = None, abstract_params: Any = None) -> Any:
@@ -164,12 +414,20 @@ def restore_params(workdir: str, step: int | None = None, abstract_params: Any =
 
   With ``abstract_params`` (a ``jax.ShapeDtypeStruct`` tree with shardings) the arrays are placed
   accordingly; without it they land as single-device arrays with the saved shapes and dtypes.
+
+  Raises:
+    CheckpointCorruptError: the step's files do not match its manifest or its params are not
+      finite (the message names the path and what is wrong).
   """
+  step = latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
+  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+  status, detail = verify_step(path)
+  if status == "bad":
+    raise CheckpointCorruptError(f"checkpoint {path} is unusable: {detail}")
   manager = _reader(workdir)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no finished checkpoint under {manager.directory}")
     metadata = manager.item_metadata(step)["state"]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     abstract = jax.tree.map(
@@ -179,6 +437,11 @@ def restore_params(workdir: str, step: int | None = None, abstract_params: Any =
       abstract["params"] = abstract_params
     restored = manager.restore(step,
                                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored.state["params"]
+    params = restored.state["params"]
   finally:
     manager.close()
+  nonfinite = nonfinite_leaves(params)
+  if nonfinite:
+    raise CheckpointCorruptError(f"checkpoint {path} is unusable: its params hold NaN/inf in "
+                                 f"{', '.join(nonfinite[:3])}")
+  return params

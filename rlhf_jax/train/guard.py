@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 NONFINITE_METRIC = "nonfinite"
 
@@ -55,9 +56,63 @@ class NonFiniteLossError(FloatingPointError):
     super().__init__(message)
 
 
-def guard_step(step_fn: Callable) -> Callable:
+class DivergenceError(NonFiniteLossError):
+  """A step's loss or param norm jumped by more than ``LoopConfig.divergence_factor`` over its
+  recent mean; the run stopped without saving that step (or any after it).
+
+  Attributes (besides :class:`NonFiniteLossError`'s): ``quantity`` (``"loss"`` / ``"param_norm"``),
+  ``value``, ``reference`` (the mean of ``|quantity|`` over the previous steps) and ``factor``.
+  """
+
+  def __init__(self, quantity: str, value: float, reference: float, factor: float, window: int, *,
+               step: int | None = None, last_good: int | None = None, workdir: str = ""):
+    self.quantity, self.value, self.reference, self.factor = quantity, value, reference, factor
+    detail = (f"({quantity}={value:.4g} is {abs(value) / reference:.3g}x the mean |{quantity}| "
+              f"{reference:.4g} of the previous {window} steps; "
+              f"LoopConfig.divergence_factor={factor:g})")
+    super().__init__(f"divergence of {quantity}", detail, step=step, last_good=last_good,
+                     workdir=workdir)
+    where = f" in {workdir}" if workdir else ""
+    ckpt = f"step {last_good}" if last_good is not None else "none yet"
+    self.args = (f"divergence at step {step}{where}: {detail}; the run stopped without saving it "
+                 f"or any later step; the latest checkpoint ({ckpt}) was saved before it. Lower "
+                 "the learning rate (or raise divergence_factor) before resuming.",)
+
+
+class DivergenceMonitor:
+  """Host-side divergence check: ``|x_t| > factor * mean(|x_{t-w..t-1}|)`` for each watched
+  quantity ``x`` (the loss, the post-update param norm), armed once ``min(window, 5)`` finite
+  values are known. Meant for quantities bounded away from 0 (an NLL, a DPO / RM loss, a norm);
+  a PPO surrogate that crosses 0 should watch only ``param_norm``.
+  """
+
+  def __init__(self, factor: float, window: int = 20, keys: tuple[str,
+                                                                  ...] = ("loss", "param_norm")):
+    self.factor, self.window, self.keys = float(factor), int(window), tuple(keys)
+    self._history: dict[str, list[float]] = {k: [] for k in self.keys}
+
+  def check(self, metrics: Mapping[str, Any]) -> tuple[str, float, float, int] | None:
+    """``(quantity, value, reference, n)`` of the first jump in this step's host ``metrics``."""
+    for key in self.keys:
+      if key not in metrics:
+        continue
+      value = float(metrics[key])
+      history = self._history[key]
+      if len(history) >= min(self.window, 5):
+        reference = float(np.mean(np.abs(history)))
+        if reference > 0 and abs(value) > self.factor * reference:
+          return key, value, reference, len(history)
+      if np.isfinite(value):
+        history.append(value)
+        del history[:-self.window]
+    return None
+
+
+def guard_step(step_fn: Callable, param_norm: bool = False) -> Callable:
   """``step(state, batch)`` that keeps ``params`` / ``opt_state`` when the loss or gradient norm
-  is not finite and adds the metric ``nonfinite`` (1.0 on a skipped step)."""
+  is not finite and adds the metric ``nonfinite`` (1.0 on a skipped step); with
+  ``param_norm=True`` also the metric ``param_norm`` (global norm of the updated params, for the
+  divergence guard)."""
 
   def guarded(state, batch):
     new_state, metrics = step_fn(state, batch)
@@ -69,6 +124,8 @@ def guard_step(step_fn: Callable) -> Callable:
                                   opt_state=keep(new_state.opt_state, state.opt_state))
     metrics = dict(metrics)
     metrics[NONFINITE_METRIC] = 1.0 - ok.astype(jnp.float32)
+    if param_norm:
+      metrics["param_norm"] = optax.global_norm(new_state.params)
     return new_state, metrics
 
   return guarded

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -52,6 +53,8 @@ StopFn = Callable[[int, Mapping[str, float]], "str | None"]
 STOP_FILE = "stop_reason.json"  # {"step", "reason", "eval_metrics"} of a run should_stop ended
 INITIAL_EVAL_FILE = "initial_eval.json"  # the step-0 evaluation (train(initial_eval=True))
 NonFiniteLossError = guard.NonFiniteLossError
+DivergenceError = guard.DivergenceError
+DIVERGENCE_KEYS = ("loss", "param_norm")
 
 
 class CheckpointableIterator(Protocol):
@@ -80,6 +83,14 @@ class LoopConfig:
     stop_after_steps: stop (checkpointing) after this many steps in this invocation; a later
       invocation resumes. 0 runs to ``num_steps``.
     progress_every_secs: minimum seconds between console progress lines.
+    divergence_factor: the divergence guard (0 = off): a step whose ``|loss|`` or post-update
+      param norm exceeds this factor times its mean over the previous ``divergence_window``
+      steps stops the run (:class:`guard.DivergenceError`) before that step is checkpointed,
+      e.g. 10.0.
+    divergence_window: steps in that mean (the guard arms after ``min(window, 5)`` steps).
+    divergence_keys: the watched step metrics: ``loss`` and / or ``param_norm`` (computed in
+      the step only when watched). A loss that crosses 0 (PPO's surrogate) should watch only
+      ``param_norm``.
   """
 
   num_steps: int = 1000
@@ -89,6 +100,9 @@ class LoopConfig:
   keep_checkpoints: int = 3
   stop_after_steps: int = 0
   progress_every_secs: float = 5.0
+  divergence_factor: float = 0.0
+  divergence_window: int = 20
+  divergence_keys: tuple[str, ...] = ("loss", "param_norm")
 
   def __post_init__(self):
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -102,6 +116,18 @@ class LoopConfig:
     if not self.progress_every_secs >= 0:
       raise ValueError(f"LoopConfig.progress_every_secs={self.progress_every_secs!r} is invalid; "
                        "allowed: a float >= 0.")
+    if not (isinstance(self.divergence_factor, (int, float)) and
+            (self.divergence_factor == 0 or self.divergence_factor > 1)):
+      raise ValueError(f"LoopConfig.divergence_factor={self.divergence_factor!r} is invalid; "
+                       "allowed: 0 (off) or a float > 1 (e.g. 10.0).")
+    if not (isinstance(self.divergence_window, int) and self.divergence_window >= 1):
+      raise ValueError(f"LoopConfig.divergence_window={self.divergence_window!r} is invalid; "
+                       "allowed: an int >= 1.")
+    keys = tuple(self.divergence_keys)
+    if not keys or any(k not in DIVERGENCE_KEYS for k in keys):
+      raise ValueError(f"LoopConfig.divergence_keys={self.divergence_keys!r} is invalid; allowed: "
+                       f"a non-empty subset of {DIVERGENCE_KEYS}.")
+    object.__setattr__(self, "divergence_keys", keys)
 
 
 @dataclasses.dataclass
@@ -186,6 +212,22 @@ def default_token_count(batch: Mapping[str, np.ndarray]) -> float:
   return total
 
 
+def _finished_eval(workdir: str, step: int) -> dict | None:
+  """The evaluation a finished run logged at its last ``step`` (None: it did not get that far)."""
+  path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  found = None
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if row.get("split") == "eval" and row.get("step") == step:
+          found = {k: v for k, v in row.items() if k not in ("step", "split", "time")}
+  return found
+
+
 def _read_stop(workdir: str, step: int) -> dict | None:
   """The stop record of a run that ``should_stop`` ended at checkpoint ``step`` (else None)."""
   path = os.path.join(workdir, STOP_FILE)
@@ -201,10 +243,9 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
           iteration: IterationFn | None = None, eval_fn: EvalFn | None = None,
           initial_eval: bool = False, should_stop: StopFn | None = None,
           run_config: Mapping[str, Any] | None = None,
-          token_count: Callable[[Mapping[str, np.ndarray]],
-                                float] = default_token_count, tokens_metric: str | None = None,
-          nonfinite_guard: bool = True, tensorboard_events: bool = True,
-          progress_keys: Sequence[str] = ()) -> TrainResult:
+          token_count: Callable[[Mapping[str, np.ndarray]], float] = default_token_count,
+          tokens_metric: str | None = None, nonfinite_guard: bool = True,
+          tensorboard_events: bool = True, progress_keys: Sequence[str] = ()) -> TrainResult:
   """Runs (or resumes) ``config.num_steps`` steps in ``workdir``; the one loop of every method.
 
   A step is either a jitted ``step_fn(state, batch)`` (:func:`make_train_step`; jitted here with
@@ -244,16 +285,23 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   if step_fn is not None and mesh is None:
     raise ValueError("train.train(step_fn=...) needs the mesh the step is jitted on")
   is_main = parallel.is_coordinator()  # files other than orbax's are written by process 0 only
-  if run_config is not None and is_main:
-    ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
+  if is_main:
+    ckpt_lib.clean_temp_files(workdir)
+  # The fingerprint check comes first: a refused run changes nothing in the workdir.
   checkpointer = ckpt_lib.Checkpointer(workdir, fingerprint=fingerprint,
                                        keep=config.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is not None:
+  if run_config is not None and is_main:
+    ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
+  try:
+    restored = checkpointer.restore_latest(abstract_state(state))
+  except BaseException:
+    checkpointer.close()
+    raise
+  start = 0
+  if restored is not None:
+    start, state, data_state = restored
     logger.info("resuming from checkpoint at step %d in %s", start, workdir)
-    state, data_state = checkpointer.restore(abstract_state(state))
     data.set_state(data_state)
-  start = start or 0
   if start > config.num_steps:
     checkpointer.close()
     raise ValueError(f"workdir {workdir!r} has a checkpoint at step {start} beyond "
@@ -266,11 +314,30 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
     return TrainResult(state=state, step=start, preempted=False,
                        eval_metrics=dict(stopped.get("eval_metrics",
                                                      {})), stop_reason=stopped["reason"])
+  if start and start == config.num_steps:
+    done = _finished_eval(workdir, start) if eval_fn is not None else {}
+    if done is not None:  # the final checkpoint and (if any) its evaluation are on disk
+      checkpointer.close()
+      logger.info("this run already finished at step %d in %s: nothing to do", start, workdir)
+      initial_path = os.path.join(workdir, INITIAL_EVAL_FILE)
+      initial = ckpt_lib.read_json(initial_path) if os.path.exists(initial_path) else {}
+      return TrainResult(state=state, step=start, preempted=False, eval_metrics=done,
+                         initial_eval_metrics=initial)
+  if signals.stop_requested() is not None:  # a stop signal reached an earlier stage of this job
+    checkpointer.close()
+    logger.warning(
+        "a stop signal was received earlier in this process: not starting the loop "
+        "(step %d); rerun to resume", start)
+    return TrainResult(state=state, step=start, preempted=True, eval_metrics={})
   end = config.num_steps
   if config.stop_after_steps:
     end = min(end, start + config.stop_after_steps)
+  divergence = (guard.DivergenceMonitor(config.divergence_factor, config.divergence_window,
+                                        config.divergence_keys)
+                if config.divergence_factor else None)
   if nonfinite_guard and step_fn is not None:
-    step_fn = guard.guard_step(step_fn)
+    step_fn = guard.guard_step(
+        step_fn, param_norm=divergence is not None and "param_norm" in config.divergence_keys)
 
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start,
                                       tensorboard_events=tensorboard_events)
@@ -287,6 +354,12 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   def fail(found: tuple[str, str], at: int):
     raise guard.NonFiniteLossError(*found, step=at, last_good=last_saved, workdir=workdir)
 
+  def check_divergence(host: Mapping[str, Any], at: int) -> None:
+    jump = divergence.check(host) if divergence is not None else None
+    if jump is not None:
+      raise guard.DivergenceError(*jump[:3], config.divergence_factor, jump[3], step=at,
+                                  last_good=last_saved, workdir=workdir)
+
   def check_flags(upto: int) -> None:
     """Reads the NaN flags of the jitted steps <= ``upto`` (a sync on those steps only)."""
     while unchecked and unchecked[0][0] <= upto:
@@ -294,6 +367,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
       host = jax.device_get(flags)
       if host[guard.NONFINITE_METRIC] > 0:
         fail(guard.step_cause(host), at)
+      check_divergence(host, at)
 
   def save(at: int) -> None:
     nonlocal last_saved
@@ -358,7 +432,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
           state, metrics = jitted(state, parallel.shard_batch(batch, mesh, rules))
           step += 1
           if nonfinite_guard:
-            metrics = dict(metrics)
+            metrics = dict(metrics)  # param_norm (divergence guard) stays a logged metric
             flag = metrics.pop(guard.NONFINITE_METRIC)
             unchecked.append((step, {guard.NONFINITE_METRIC: flag, **metrics}))
             check_flags(step -
@@ -377,6 +451,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
                  if k in metrics}) if nonfinite_guard else None
           if cause is not None:
             fail(cause, step + 1)
+          check_divergence(metrics, step + 1)
           state = new_state
           step += 1
         window.append(metrics)

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 logger = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 MAX_TEXT_SAMPLES = 8  # rows of samples.jsonl shown per evaluation in TensorBoard's text tab
@@ -75,9 +76,13 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, resume_step: int | None = None,
                tensorboard_events: bool = True, hparams: Mapping[str, Any] | None = None):
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl_path = os.path.join(workdir, METRICS_FILE)
     if resume_step is not None and os.path.exists(self.jsonl_path):
       _truncate_after(self.jsonl_path, resume_step)
+    if resume_step is not None and os.path.exists(os.path.join(workdir, SAMPLES_FILE)):
+      _truncate_after(os.path.join(workdir, SAMPLES_FILE), resume_step)
+    if resume_step is not None and os.path.isdir(os.path.join(workdir, TENSORBOARD_DIR)):
+      purge_events(os.path.join(workdir, TENSORBOARD_DIR), resume_step)
     self._jsonl = open(self.jsonl_path, "a")
     self._samples_path = os.path.join(workdir, SAMPLES_FILE)
     self._samples_offset = (os.path.getsize(self._samples_path)
@@ -224,6 +229,45 @@ class NullWriter:
 
   def close(self) -> None:
     pass
+
+
+def purge_events(logdir: str, step: int) -> int:
+  """Rewrites every event file in ``logdir`` without the events of steps after ``step``.
+
+  What an interrupted run logged after its last checkpoint is removed from the files themselves
+  (the resumed writer's ``purge_step`` only asks TensorBoard to hide it), so every reader sees one
+  uninterrupted run. A record cut by ``kill -9`` ends the file's readable part. Each file is
+  replaced atomically; returns the number of events dropped.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+
+  dropped = 0
+  for name in sorted(os.listdir(logdir)):
+    if ".tfevents." not in name or ".tmp" in name:
+      continue
+    path = os.path.join(logdir, name)
+    kept, cut = [], 0
+    try:
+      for record in _records(path):
+        event = event_pb2.Event.FromString(record)
+        if event.step > step and (event.HasField("summary") or event.HasField("session_log")):
+          cut += 1
+        else:
+          kept.append(record)
+    except ValueError:  # a record cut by kill -9: keep what precedes it
+      cut += 1
+    if not cut:
+      continue
+    dropped += cut
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+      for record in kept:
+        header = struct.pack("<Q", len(record))
+        f.write(header + struct.pack("<I", masked_crc32c(header)) + record +
+                struct.pack("<I", masked_crc32c(record)))
+    os.replace(tmp, path)
+  return dropped
 
 
 def _truncate_after(path: str, step: int) -> None:

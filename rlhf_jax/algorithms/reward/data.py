@@ -8,10 +8,11 @@ for rating objectives, held-out ratings.
 Bad input is handled by the record layer (``data.records``: a list of length 1, NaN or missing
 scores, ratings outside the declared scale, non-numbers all raise ``RecordError`` naming the file,
 line and field; rating objectives require ``rating_scale`` so every rating is range-checked). Ties
-are allowed and counted here: a ranked list with equal scores yields no comparison between the tied
-candidates in ``all_pairs`` and Breslow's rule in ``plackett_luce``; a pairwise record whose chosen
-and rejected texts are identical carries no preference and is counted in ``data/identical_pairs``
-(it is still trained on, as the label says: BT then pushes nothing, since r_c = r_r by definition).
+are allowed and counted here: a ranked list with some equal scores yields no comparison between the
+tied candidates in ``all_pairs`` and Breslow's rule in ``plackett_luce``. Training records that carry
+no preference at all (a pair whose chosen and rejected texts are identical, a list whose scores all
+tie) are dropped and counted (``data/dropped_uninformative``), as DPO and PRO / RRHF do; a file
+of nothing else is an error naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
+from rlhf_jax.data import kinds as kinds_lib
 from rlhf_jax.data import tokenizers as tok_lib
 
 logger = logging.getLogger(__name__)
@@ -110,12 +112,10 @@ class RMData(NamedTuple):
 def _subset(path: str, n: int, out_path: str) -> str:
   """Writes the first ``n`` non-blank lines of ``path`` to ``out_path`` (atomic); returns it."""
   lines = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        lines.append(line if line.endswith("\n") else line + "\n")
-        if len(lines) == n:
-          break
+  for _, line in records.jsonl_lines(path):  # names the file and line of a non-UTF-8 byte
+    lines.append(line if line.endswith("\n") else line + "\n")
+    if len(lines) == n:
+      break
   if len(lines) < n:
     raise ValueError(f"config.data.num_train_examples={n} but {path} has only {len(lines)} records")
   if not os.path.exists(out_path):
@@ -204,9 +204,12 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
 
   def build(name: str, path: str, k: str) -> ds_lib.TokenizedDataset:
     suffix = f"_first{config.num_train_examples}" if name == "train" and config.num_train_examples else ""
+    # Training pairs with chosen == rejected and ranked lists whose scores all tie carry no
+    # preference: dropped and counted (an error if nothing is left), as DPO and PRO / RRHF do.
     return ds_lib.prepare_dataset(path, k, tokenizer, os.path.join(data_dir, f"{k}_{name}{suffix}"),
                                   scale=scale if k == kind else None,
-                                  attribute_names=names if k == "attributes" else None, **lengths)
+                                  attribute_names=names if k == "attributes" else None,
+                                  drop_uninformative=name == "train", **lengths)
 
   train_ds, eval_ds = build("train", files["train"], kind), build("eval", files["eval"], kind)
   if kind == "attributes":
@@ -263,8 +266,13 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
                                 buckets=(limits.max_prompt_len,)))
   stats = {
       "data/train_examples": len(train_ds), "data/eval_examples": len(eval_ds),
-      "data/train_truncated_responses": int(train_ds.metadata.get("truncated_responses",
-                                                                  0)), **tie_statistics(train_ds)}
+      "data/train_truncated_responses": int(train_ds.metadata.get("truncated_responses", 0)),
+      **tie_statistics(train_ds), "data/dropped_uninformative": int(
+          train_ds.metadata.get("dropped_uninformative", 0))}
+  if stats["data/dropped_uninformative"]:
+    logger.warning("%s: skipped %d training record(s) that carry no preference (%s)",
+                   files["train"], stats["data/dropped_uninformative"],
+                   kinds_lib.get_kind(kind).uninformative)
   return RMData(
       batches, held_out, rating_scale, attribute_names, stats,
       {"prompt_tokens": norm_prompts["prompt_tokens"], "prompt_mask": norm_prompts["prompt_mask"]},
