@@ -1,4 +1,4 @@
-"""The full offline pipeline on the synthetic task: SFT -> RM -> DPO, IPO, PRO, RRHF, RAFT, best-of-n.
+"""The offline pipeline on the synthetic task: SFT -> RM -> DPO, IPO, KTO, PRO, RRHF, RAFT, best-of-n.
 
 Each stage's section is that method's own experiment config (``sft_synthetic.py``,
 ``rm_synthetic.py``, ``dpo_synthetic.py``, ...) with shorter schedules, so any key can be overridden
@@ -12,7 +12,7 @@ import ml_collections
 
 from rlhf_jax.train import config_dicts
 
-STAGES = ("sft", "rm", "dpo", "ipo", "pro", "rrhf", "raft", "best_of_n")
+STAGES = ("sft", "rm", "dpo", "ipo", "kto", "pro", "rrhf", "raft", "best_of_n")
 # The pipeline's policy: the `small` preset narrowed to 0.62M parameters so that every stage fits
 # the 15-minute budget on 2 CPU cores.
 MODEL = {
@@ -84,6 +84,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # token. tau = 0.1 (5 nats/token) drove KL(pi || SFT) to ~38 and lost most of the gold gain in a
   # first run; tau = 0.5 asks for 1 nat/token.
   _set(config.ipo, {**method_common, "loss.beta": 0.5, "optim.lr": 3e-4, **_loop(120, evals=2)})
+  config.kto = _load("kto_synthetic")
+  # KTO on the unpaired split of the comparisons DPO trains on (unpaired.jsonl), TRL's defaults.
+  _set(config.kto, {**method_common, "loss.beta": 0.1, "optim.lr": 3e-4, **_loop(120, evals=2)})
   config.pro = _load("pro_synthetic", "pro")
   _set(config.pro, {**method_common, "optim.lr": 3e-4, **_loop(120, evals=2)})
   config.rrhf = _load("rrhf_synthetic")
@@ -115,6 +118,10 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
           config[name], {
               **small_eval, "data.batch_size": 8, "limits.buckets":
                   (80,), "data.num_eval_pairs": 8, **_loop(2)})
+    _set(
+        config.kto, {
+            **small_eval, "data.batch_size": 8, "limits.buckets":
+                (80,), "data.num_eval_examples": 8, **_loop(2)})
     for name in ("pro", "rrhf"):
       _set(
           config[name], {
