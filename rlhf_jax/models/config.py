@@ -9,9 +9,11 @@ scale). Presets live in `PRESETS`; `get_model_config(preset, **overrides)` is th
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 POSITION_TYPES = ("learned", "rope")
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -22,6 +24,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # "dots_with_no_batch_dims_saveable" (alias "minimal"): keep only matmuls without batch dims
 # (the weight projections), recompute the attention score/value einsums too.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
+# Rotary frequency scalings (Hugging Face `rope_type`): "linear" divides every frequency by the
+# factor; "llama3" (Llama 3.1+) divides only the low frequencies, interpolating the middle band.
+ROPE_SCALINGS = ("none", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,21 @@ class ModelConfig:
     scan_layers: stack the blocks with `nn.scan` (params gain a leading `layers` axis; compile time
       independent of depth). Numerics are identical to the unrolled stack.
     remat_policy: one of REMAT_POLICIES; gradient checkpointing of each block.
+    norm_scale_plus_one: RMSNorm as x_hat * (1 + w) with the stored w (Gemma 1/2); the parameter
+      keeps the checkpoint's value, so a save is bit-exact and bf16 loses nothing near w = 0.
+    qk_norm: RMSNorm over head_dim on q and k before rope (Qwen3), params `q_norm` / `k_norm`.
+    post_norms: Gemma 2's sandwich norms: each branch output is normed again before the residual
+      add (`post_attn_norm`, `post_mlp_norm`).
+    attn_logit_softcap: scores = c * tanh(scores / c) before the mask (Gemma 2); None: off.
+    final_logit_softcap: logits = c * tanh(logits / c) (Gemma 2); None: off.
+    query_pre_attn_scalar: attention scale s**-0.5 instead of head_dim**-0.5 (Gemma 2); None: off.
+    sliding_window: W: a query at position p sees keys at positions p - W < q <= p (positions
+      count real tokens, as Hugging Face's `kv_idx > q_idx - W` on contiguous rows); None: off.
+    layer_types: per-layer "full_attention" / "sliding_attention" (Gemma 2 alternates, Qwen2's
+      max_window_layers); None: every layer slides when sliding_window is set.
+    rope_scaling: one of ROPE_SCALINGS, with rope_scaling_factor, rope_low_freq_factor,
+      rope_high_freq_factor and rope_original_max_len (Hugging Face's `factor`, `low_freq_factor`,
+      `high_freq_factor`, `original_max_position_embeddings`).
   """
 
   vocab_size: int
@@ -84,8 +105,23 @@ class ModelConfig:
   init_std: float = 0.02
   scan_layers: bool = False
   remat_policy: str = "none"
+  norm_scale_plus_one: bool = False
+  qk_norm: bool = False
+  post_norms: bool = False
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
   def __post_init__(self):
+    if isinstance(self.layer_types, list):  # configs from JSON / ml_collections: keep it hashable
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
       _check_positive_int(name, getattr(self, name))
     for name in ("n_kv_heads", "head_dim"):
@@ -114,6 +150,76 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate} must be in [0, 1)")
     if not self.init_std > 0:
       raise ValueError(f"ModelConfig.init_std={self.init_std} must be > 0")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"ModelConfig.{name}={value!r} must be None (off) or a number > 0")
+    if self.sliding_window is not None:
+      _check_positive_int("sliding_window", self.sliding_window)
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.n_layers or any(
+          t not in LAYER_TYPES for t in self.layer_types):
+        raise ValueError(f"ModelConfig.layer_types={self.layer_types!r} must list n_layers="
+                         f"{self.n_layers} entries, each one of {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        raise ValueError("ModelConfig.layer_types has sliding_attention layers but "
+                         "sliding_window=None; set sliding_window")
+    for name in ("norm_scale_plus_one", "qk_norm", "post_norms"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be a bool")
+    if self.norm_scale_plus_one and self.norm != "rmsnorm":
+      raise ValueError("ModelConfig.norm_scale_plus_one=True needs norm='rmsnorm', got "
+                       f"{self.norm!r}")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r} is not one of "
+                       f"{ROPE_SCALINGS}")
+    if self.rope_scaling != "none":
+      if self.position != "rope":
+        raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r} needs position='rope'")
+      if not self.rope_scaling_factor > 0:
+        raise ValueError(f"ModelConfig.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+    if self.rope_scaling == "llama3":
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError(
+            f"ModelConfig.rope_low_freq_factor={self.rope_low_freq_factor} and "
+            f"rope_high_freq_factor={self.rope_high_freq_factor} must satisfy 0 < low < high")
+      _check_positive_int("rope_original_max_len", self.rope_original_max_len)
+
+  def layer_is_sliding(self, layer: int) -> bool:
+    """Whether block `layer` uses the sliding-window mask."""
+    if self.sliding_window is None:
+      return False
+    return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+  @property
+  def attn_scale(self) -> float:
+    """Multiplier of q.k: query_pre_attn_scalar**-0.5 if set, else head_dim**-0.5."""
+    return (self.query_pre_attn_scalar or self.head_size)**-0.5
+
+  def rope_inv_freq(self) -> np.ndarray:
+    """Rotary inverse frequencies [H/2] (float32), as Hugging Face's ROPE_INIT_FUNCTIONS give them:
+
+      inv_freq_i = 1 / theta^(2i/H);  "linear": inv_freq / factor;
+      "llama3": wavelen = 2 pi / inv_freq; wavelen > L / low: inv_freq / factor; wavelen < L / high:
+      unchanged; between: (1 - s) inv_freq / factor + s inv_freq, s = (L / wavelen - low) /
+      (high - low), L = rope_original_max_len.
+    """
+    h = self.head_size
+    inv = 1.0 / (self.rope_theta**(np.arange(0, h, 2, dtype=np.float32) / np.float32(h)))
+    inv = inv.astype(np.float32)
+    factor = self.rope_scaling_factor
+    if self.rope_scaling == "linear":
+      inv = inv / np.float32(factor)
+    elif self.rope_scaling == "llama3":
+      old, low, high = self.rope_original_max_len, self.rope_low_freq_factor, \
+          self.rope_high_freq_factor
+      wavelen = 2 * math.pi / inv
+      scaled = np.where(wavelen > old / low, inv / factor, inv)
+      smooth = (old / wavelen - low) / (high - low)
+      smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+      medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+      inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
 
   @property
   def num_kv_heads(self) -> int:
@@ -138,14 +244,15 @@ class ModelConfig:
     """Parameter count (embeddings included), computed from the shapes alone."""
     d, f, n, k, h = self.d_model, self.d_ff, self.n_heads, self.num_kv_heads, self.head_size
     norm = 2 * d if self.norm == "layernorm" else d
-    attn = d * n * h + 2 * d * k * h + n * h * d
+    attn = d * n * h + 2 * d * k * h + n * h * d + (2 * h if self.qk_norm else 0)
     if self.qkv_bias:
       attn += n * h + 2 * k * h
     if self.out_bias:
       attn += d
     n_up = 2 if self.mlp.startswith("gated") else 1
     mlp = n_up * d * f + f * d + ((n_up * f + d) if self.mlp_bias else 0)
-    total = self.n_layers * (attn + mlp + 2 * norm) + norm + self.vocab_size * d
+    block_norms = 4 if self.post_norms else 2
+    total = self.n_layers * (attn + mlp + block_norms * norm) + norm + self.vocab_size * d
     if self.position == "learned":
       total += self.max_seq_len * d
     if not self.tie_embeddings:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models import kv_cache as kv_lib
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.ops import materialize_cotangent, matmul
 
@@ -34,42 +35,56 @@ BTD = ("activation_batch", "activation_length", "activation_embed")
 
 def param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
           axes: tuple[str | None, ...], config: ModelConfig) -> jax.Array:
-  """Creates a logically partitioned parameter and returns it cast to the compute dtype."""
+  """Creates a logically partitioned parameter and returns it cast to the compute dtype (with its
+  LoRA adapter when the `lora` collection has one: `models.lora.adapt`)."""
   p = module.param(name, nn.with_logical_partitioning(init, axes), shape, config.weight_dtype)
-  return jnp.asarray(p, config.compute_dtype)
+  return lora_lib.adapt(module, name, jnp.asarray(p, config.compute_dtype))
 
 
 class Norm(nn.Module):
   """LayerNorm  y = (x - mean) / sqrt(var + eps) * scale + bias,  or
-  RMSNorm    y = x / sqrt(mean(x^2) + eps) * scale,  statistics in float32."""
+  RMSNorm    y = x / sqrt(mean(x^2) + eps) * scale   (x_hat * (1 + scale) when
+  `norm_scale_plus_one`, Gemma's stored form),  statistics in float32.
+
+  `features`/`axis` default to the residual width ("embed"); the Qwen3 q/k norms pass head_dim.
+  """
 
   config: ModelConfig
+  features: int | None = None
+  axis: str = "embed"
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.config
+    features = cfg.d_model if self.features is None else self.features
     x = x_BxTxD.astype(jnp.float32)
     if cfg.norm == "layernorm":
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (cfg.d_model,), cfg.weight_dtype)
-    y = y * jnp.asarray(scale, jnp.float32)
+    scale_init = nn.initializers.zeros if cfg.norm_scale_plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(scale_init, (self.axis,)), (features,),
+                       cfg.weight_dtype)
+    scale = jnp.asarray(scale, jnp.float32)
+    y = y * (1.0 + scale if cfg.norm_scale_plus_one else scale)
     if cfg.norm == "layernorm":
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                        (cfg.d_model,), cfg.weight_dtype)
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis,)),
+                        (features,), cfg.weight_dtype)
       y = y + jnp.asarray(bias, jnp.float32)
     return y.astype(cfg.compute_dtype)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float = 10_000.0,
+               inv_freq_H2: Any = None) -> jax.Array:
   """Rotary embedding, "rotate-half" convention (Hugging Face Llama / GPT-NeoX layout):
 
-    x = [x1, x2] (halves of H),  angle_i = pos * theta^(-2i/H),
+    x = [x1, x2] (halves of H),  angle_i = pos * inv_freq_i  (inv_freq_i = theta^(-2i/H) unless
+    given, e.g. `ModelConfig.rope_inv_freq()` with llama3 scaling),
     rope(x) = [x1 cos - x2 sin,  x2 cos + x1 sin].
   """
   h = x_BxTxNxH.shape[-1]
-  inv_freq_H2 = theta**(-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  if inv_freq_H2 is None:
+    inv_freq_H2 = theta**(-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  inv_freq_H2 = jnp.asarray(inv_freq_H2, jnp.float32)
   angle_BxTxH2 = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq_H2
   sin = jnp.sin(angle_BxTxH2)[:, :, None, :]
   cos = jnp.cos(angle_BxTxH2)[:, :, None, :]
@@ -79,11 +94,30 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
   return out.astype(x_BxTxNxH.dtype)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """c * tanh(x / c) (Gemma 2's soft-capping, in float32); the identity when cap is None."""
+  if cap is None:
+    return x
+  return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
+
+
+def select_mask(sliding: Any, full: jax.Array | None, window: jax.Array | None) -> jax.Array:
+  """The layer's mask: `window` for a sliding layer, else `full`; `sliding` is a Python bool or
+  (scanned stack with mixed layer types) a traced per-layer bool."""
+  if full is None or window is None or sliding is False or sliding is None:
+    return full
+  if sliding is True:
+    return window
+  return jnp.where(sliding, window, full)
+
+
 class Attention(nn.Module):
   """Causal multi-head / grouped-query / multi-query attention.
 
-    q = x Wq (+bq), k = x Wk (+bk), v = x Wv (+bv);  rope(q), rope(k) if position == "rope"
-    a = softmax(q k^T / sqrt(H) + mask) v  (float32 softmax);  out = a Wo (+bo)
+    q = x Wq (+bq), k = x Wk (+bk), v = x Wv (+bv);  q, k = rmsnorm_H(q), rmsnorm_H(k) if qk_norm;
+    rope(q), rope(k) if position == "rope";
+    a = softmax(softcap(s * q k^T) + mask) v  (float32 softmax, s = attn_scale: 1/sqrt(H) or
+    query_pre_attn_scalar**-0.5);  out = a Wo (+bo)
 
   With K < N kv heads, query head n uses kv head n // G (G = N // K), as in Llama / HF `repeat_kv`.
 
@@ -91,7 +125,8 @@ class Attention(nn.Module):
   softmax runs over the concatenated scores [.., T, S + T]; the cached keys/values enter through two
   value einsums, never through a [B, S + T, K, H] concatenation. `chunk_allowed_BxTxT` /
   `cache_allowed_BxTxS` are the causal + padding masks built once per call (the cache part only
-  allows slots filled before this chunk).
+  allows slots filled before this chunk). `masks` = (chunk, cache, chunk_window, cache_window): the
+  last two are the sliding-window versions (None without a sliding window), `sliding` picks them.
 
   Two cache modes (both avoid copying the cache inside the sampler's loop, checked in the HLO):
   * `cache_layer is None` (scanned stack): `cache_k`/`cache_v` are this layer's [B, K, S, H] slices,
@@ -107,9 +142,11 @@ class Attention(nn.Module):
   cache_layer: int | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS=None,
-               cache_k=None, cache_v=None, cache_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, masks, cache_k=None, cache_v=None, cache_index=None,
+               sliding=False):
     cfg = self.config
+    chunk_allowed_BxTxT = select_mask(sliding, masks[0], masks[2])
+    cache_allowed_BxTxS = select_mask(sliding, masks[1], masks[3])
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -126,9 +163,13 @@ class Attention(nn.Module):
       q_BxTxNxH += param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), cfg)
       k_BxTxKxH += param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), cfg)
       v_BxTxKxH += param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), cfg)
+    if cfg.qk_norm:
+      q_BxTxNxH = Norm(cfg, h, "head_dim", name="q_norm")(q_BxTxNxH)
+      k_BxTxKxH = Norm(cfg, h, "head_dim", name="k_norm")(k_BxTxKxH)
     if cfg.position == "rope":
-      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+      inv_freq_H2 = cfg.rope_inv_freq()
+      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_H2=inv_freq_H2)
+      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_H2=inv_freq_H2)
     q_BxTxNxH = constrain(q_BxTxNxH,
                           ("activation_batch", "activation_length", "activation_heads", None))
     kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
@@ -140,7 +181,8 @@ class Attention(nn.Module):
 
     def masked_scores(spec, keys, allowed_BxTxS):
       scores = jnp.einsum(spec, q_BxTxKxGxH, keys.astype(cfg.compute_dtype),
-                          preferred_element_type=jnp.float32) / math.sqrt(h)
+                          preferred_element_type=jnp.float32) * cfg.attn_scale
+      scores = softcap(scores, cfg.attn_logit_softcap)
       return jnp.where(allowed_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
 
     scores_BxKxGxTxT = masked_scores("BTKGH,BSKH->BKGTS", k_BxTxKxH, chunk_allowed_BxTxT)
@@ -213,11 +255,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm residual block:  x += drop(attn(norm1 x));  x += drop(mlp(norm2 x)).
+  With `post_norms` (Gemma 2): x += drop(post_norm1(attn(norm1 x))); x += drop(post_norm2(mlp(..))).
 
-  Signature `(x, layer_cache, side) -> (x, new_kv)` so that `nn.scan` can carry `x`, scan the
-  layer's cache slice (`layer_cache` = (k, v) or None) and broadcast `side` (positions, the two
-  masks and the cache index). With `cache_layer` set, `layer_cache` is the whole stacked cache (see
-  `Attention`). `new_kv` is None without a cache.
+  Signature `(x, layer_cache, side, sliding) -> (x, new_kv)` so that `nn.scan` can carry `x`,
+  scan the layer's cache slice (`layer_cache` = (k, v) or None) and its `sliding` flag, and
+  broadcast `side` (positions, the masks and the cache index). With `cache_layer` set,
+  `layer_cache` is the whole stacked cache (see `Attention`). `new_kv` is None without a cache.
   """
 
   config: ModelConfig
@@ -225,17 +268,20 @@ class Block(nn.Module):
   cache_layer: int | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_cache, side):
+  def __call__(self, x_BxTxD, layer_cache, side, sliding=False):
     cfg = self.config
-    positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_index = side
+    positions_BxT, masks, cache_index = side
     cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
     x_BxTxD = materialize_cotangent(constrain(x_BxTxD, BTD))
     attn_BxTxD, new_kv = Attention(cfg, self.cache_layer,
                                    name="attn")(Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT,
-                                                chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_k,
-                                                cache_v, cache_index)
+                                                masks, cache_k, cache_v, cache_index, sliding)
+    if cfg.post_norms:
+      attn_BxTxD = Norm(cfg, name="post_attn_norm")(attn_BxTxD)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(attn_BxTxD, deterministic=self.deterministic)
     mlp_BxTxD = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
+    if cfg.post_norms:
+      mlp_BxTxD = Norm(cfg, name="post_mlp_norm")(mlp_BxTxD)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(mlp_BxTxD, deterministic=self.deterministic)
     if cache_index is None:  # no cache (training / scoring): nothing to hand back
       new_kv = None

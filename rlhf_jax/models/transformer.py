@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models import kv_cache as kv_lib
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import BTD, Block, Norm, constrain, matmul, remat_policy
+from rlhf_jax.models.layers import BTD, Block, Norm, constrain, matmul, remat_policy, softcap
 
 
 class TransformerOutput(NamedTuple):
@@ -43,12 +43,17 @@ def default_positions(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None) 
   return jnp.maximum(prior_Bx1 + jnp.cumsum(mask_BxT, axis=1) - 1, 0)
 
 
-def attention_masks(mask_BxT: jax.Array,
-                    cache: kv_lib.KVCache | None = None) -> tuple[jax.Array, jax.Array | None]:
-  """Boolean masks of the keys each query may attend to.
+def attention_masks(mask_BxT: jax.Array, cache: kv_lib.KVCache | None = None,
+                    positions_BxT: jax.Array | None = None,
+                    sliding_window: int | None = None) -> tuple[Any, Any, Any, Any]:
+  """Boolean masks of the keys each query may attend to:
+  (chunk_allowed_BxTxT, cache_allowed_BxTxS, chunk_window_BxTxT, cache_window_BxTxS).
 
   chunk_allowed_BxTxT[b, t, s] = (s <= t) & mask[b, s], or s == t;
   cache_allowed_BxTxS[b, t, j] = (j < cache.index) & cache.mask[b, j]  (None without a cache).
+  The window masks (None without `sliding_window` W) also need pos[b, t] - pos_key < W, where a
+  key's position is counted in real tokens like the queries' (`default_positions`), so padding
+  never uses up the window.
 
   The diagonal term only changes padding queries (a real query's own token is real): they attend to
   themselves instead of having an all-masked row, so every row stays causal and finite.
@@ -56,14 +61,25 @@ def attention_masks(mask_BxT: jax.Array,
   t = mask_BxT.shape[1]
   pos_T = jnp.arange(t)
   causal_TxT = pos_T[None, :] <= pos_T[:, None]
-  chunk_allowed_BxTxT = ((causal_TxT[None] & (mask_BxT[:, None, :] > 0)) |
-                         (pos_T[None, :] == pos_T[:, None])[None])
+  diag_1xTxT = (pos_T[None, :] == pos_T[:, None])[None]
+  chunk_allowed_BxTxT = (causal_TxT[None] & (mask_BxT[:, None, :] > 0)) | diag_1xTxT
+  chunk_window_BxTxT = cache_window_BxTxS = None
+  if sliding_window is not None:
+    if positions_BxT is None:
+      positions_BxT = default_positions(mask_BxT, cache)
+    near_BxTxT = positions_BxT[:, :, None] - positions_BxT[:, None, :] < sliding_window
+    chunk_window_BxTxT = (chunk_allowed_BxTxT & near_BxTxT) | diag_1xTxT
   if cache is None:
-    return chunk_allowed_BxTxT, None
+    return chunk_allowed_BxTxT, None, chunk_window_BxTxT, None
   filled_S = jnp.arange(cache.num_slots) < cache.index
   cache_allowed_BxS = filled_S[None, :] & (cache.mask_BxS > 0)
-  return chunk_allowed_BxTxT, jnp.broadcast_to(cache_allowed_BxS[:, None, :],
-                                               (mask_BxT.shape[0], t, cache.num_slots))
+  shape = (mask_BxT.shape[0], t, cache.num_slots)
+  cache_allowed_BxTxS = jnp.broadcast_to(cache_allowed_BxS[:, None, :], shape)
+  if sliding_window is not None:
+    key_pos_BxS = jnp.cumsum(cache.mask_BxS, axis=1) - 1
+    near_BxTxS = positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < sliding_window
+    cache_window_BxTxS = cache_allowed_BxTxS & near_BxTxS
+  return chunk_allowed_BxTxT, cache_allowed_BxTxS, chunk_window_BxTxT, cache_window_BxTxS
 
 
 class Transformer(nn.Module):
@@ -113,10 +129,11 @@ class Transformer(nn.Module):
     x_BxTxD = constrain(x_BxTxD, BTD)
 
     cache_index = None if cache is None else cache.index
-    chunk_allowed_BxTxT, cache_allowed_BxTxS = attention_masks(mask_BxT, cache)
-    if prefill:
-      cache_allowed_BxTxS = None  # nothing to read: Attention skips the cache part
-    side = (positions_BxT, chunk_allowed_BxTxT, cache_allowed_BxTxS, cache_index)
+    masks = attention_masks(mask_BxT, cache, positions_BxT, cfg.sliding_window)
+    if prefill:  # nothing to read: Attention skips the cache part
+      masks = (masks[0], None, masks[2], None)
+    side = (positions_BxT, masks, cache_index)
+    sliding_L = [cfg.layer_is_sliding(i) for i in range(cfg.n_layers)]
     block_cls = Block
     if cfg.remat_policy != "none":
       # prevent_cse only matters outside scan (scan already blocks CSE across iterations).
@@ -125,17 +142,20 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       cache = None if cache is None else kv_lib.stack_layers(cache)
       layer_caches = None if cache is None or prefill else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
-      blocks = nn.scan(block_cls, variable_axes={"params": 0},
-                       split_rngs={"params": True,
-                                   "dropout": True}, in_axes=(0, nn.broadcast), out_axes=0,
+      # One layer type for all: a static flag; mixed (Gemma 2): a scanned per-layer bool.
+      mixed = len(set(sliding_L)) > 1
+      flags = jnp.asarray(sliding_L) if mixed else sliding_L[0]
+      blocks = nn.scan(block_cls, variable_axes={"params": 0, "lora": 0},
+                       split_rngs={"params": True, "dropout": True, "lora_dropout": True},
+                       in_axes=(0, nn.broadcast, 0 if mixed else nn.broadcast), out_axes=0,
                        length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxTxD, new_kv_LxBxTxKxH = blocks(cfg, deterministic, name="layers")(x_BxTxD, layer_caches,
-                                                                            side)
+                                                                            side, flags)
     else:
       buffers = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
       for i in range(cfg.n_layers):
         x_BxTxD, new_kv = block_cls(cfg, deterministic, None if cache is None else i,
-                                    name=f"layers_{i}")(x_BxTxD, buffers, side)
+                                    name=f"layers_{i}")(x_BxTxD, buffers, side, sliding_L[i])
         buffers = None if cache is None else new_kv  # written in place, layer by layer
     hidden_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
@@ -157,6 +177,7 @@ class Transformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
         logits_BxTxV = matmul("BTD,DV->BTV", h_BxTxD, lm_head_DxV.astype(cfg.compute_dtype))
+      logits_BxTxV = softcap(logits_BxTxV, cfg.final_logit_softcap)
       logits_BxTxV = constrain(logits_BxTxV,
                                ("activation_batch", "activation_length", "activation_vocab"))
     return TransformerOutput(logits_BxTxV, hidden_BxTxD, new_cache)

@@ -1,0 +1,180 @@
+"""Where each of our parameters lives in a Hugging Face checkpoint, and how to read a slice of it.
+
+`plan(config)` maps every leaf path of our (unrolled) parameter tree to a `Source`: the HF tensor
+name and the layout change between the two. Layouts (D d_model, N / K heads, H head_dim):
+
+  copy        ours == HF                               embeddings, norms, o/mlp biases, GPT-2 c_fc
+  transpose   ours [in, out] == HF Linear [out, in].T  Llama-family MLP, lm_head
+  heads_in    ours [D, n, H] <- HF Linear [n H, D]     q/k/v projections
+  heads_in_c  ours [D, n, H] <- HF Conv1D [D, ..n H..] GPT-2's fused c_attn (column offset)
+  heads_out   ours [N, H, D] <- HF Linear [D, N H]     o_proj
+  heads_out_c ours [N, H, D] <- HF Conv1D [N H, D]     GPT-2's c_proj
+  head_bias   ours [n, H]    <- HF [..n H..]           q/k/v biases (offset into GPT-2's fused bias)
+
+`read_slice` returns one device's block of one of our parameters given the numpy index
+`jax.make_array_from_callback` asks for, reading only the matching rows / columns of the HF tensor
+(`safe_open(...).get_slice`), so no host ever holds a full copy of a sharded parameter.
+`to_hf` is the inverse on whole arrays (for saving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax.models.config import ModelConfig
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str  # canonical HF tensor name (prefixed: "model." / "transformer.")
+  kind: str
+  heads: int = 0
+  head_dim: int = 0
+  offset: int = 0  # column offset into a fused tensor (GPT-2 c_attn)
+
+
+FUSED_KINDS = ("heads_in_c", "head_bias")
+
+
+def plan(config: ModelConfig, architecture: str) -> dict[Path, Source]:
+  """Our unrolled param path -> its HF source, for every parameter `config` can have."""
+  c = config
+  n, k, h, d = c.n_heads, c.num_kv_heads, c.head_size, c.d_model
+  out: dict[Path, Source] = {}
+  if architecture == "GPT2LMHeadModel":
+    t = "transformer."
+    out[("embedding",)] = Source(t + "wte.weight", "copy")
+    out[("pos_embedding",)] = Source(t + "wpe.weight", "copy")
+    out[("final_norm", "scale")] = Source(t + "ln_f.weight", "copy")
+    out[("final_norm", "bias")] = Source(t + "ln_f.bias", "copy")
+    for i in range(c.n_layers):
+      p, L = f"{t}h.{i}.", f"layers_{i}"
+      for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        out[(L, ours, "scale")] = Source(p + theirs + ".weight", "copy")
+        out[(L, ours, "bias")] = Source(p + theirs + ".bias", "copy")
+      for j, (proj, heads) in enumerate((("q", n), ("k", k), ("v", k))):
+        off = [0, n * h, (n + k) * h][j]
+        out[(L, "attn", f"{proj}_kernel")] = Source(p + "attn.c_attn.weight", "heads_in_c", heads,
+                                                    h, off)
+        out[(L, "attn", f"{proj}_bias")] = Source(p + "attn.c_attn.bias", "head_bias", heads, h,
+                                                  off)
+      out[(L, "attn", "o_kernel")] = Source(p + "attn.c_proj.weight", "heads_out_c", n, h)
+      out[(L, "attn", "o_bias")] = Source(p + "attn.c_proj.bias", "copy")
+      out[(L, "mlp", "up_kernel")] = Source(p + "mlp.c_fc.weight", "copy")
+      out[(L, "mlp", "up_bias")] = Source(p + "mlp.c_fc.bias", "copy")
+      out[(L, "mlp", "down_kernel")] = Source(p + "mlp.c_proj.weight", "copy")
+      out[(L, "mlp", "down_bias")] = Source(p + "mlp.c_proj.bias", "copy")
+    return out
+  m = "model."
+  out[("embedding",)] = Source(m + "embed_tokens.weight", "copy")
+  out[("final_norm", "scale")] = Source(m + "norm.weight", "copy")
+  out[("lm_head",)] = Source("lm_head.weight", "transpose")
+  gemma2 = architecture == "Gemma2ForCausalLM"
+  for i in range(c.n_layers):
+    p, L = f"{m}layers.{i}.", f"layers_{i}"
+    out[(L, "attn_norm", "scale")] = Source(p + "input_layernorm.weight", "copy")
+    if gemma2:
+      out[(L, "post_attn_norm", "scale")] = Source(p + "post_attention_layernorm.weight", "copy")
+      out[(L, "mlp_norm", "scale")] = Source(p + "pre_feedforward_layernorm.weight", "copy")
+      out[(L, "post_mlp_norm", "scale")] = Source(p + "post_feedforward_layernorm.weight", "copy")
+    else:
+      out[(L, "mlp_norm", "scale")] = Source(p + "post_attention_layernorm.weight", "copy")
+    for proj, heads in (("q", n), ("k", k), ("v", k)):
+      out[(L, "attn", f"{proj}_kernel")] = Source(p + f"self_attn.{proj}_proj.weight", "heads_in",
+                                                  heads, h)
+      out[(L, "attn", f"{proj}_bias")] = Source(p + f"self_attn.{proj}_proj.bias", "head_bias",
+                                                heads, h)
+    out[(L, "attn", "o_kernel")] = Source(p + "self_attn.o_proj.weight", "heads_out", n, h)
+    out[(L, "attn", "o_bias")] = Source(p + "self_attn.o_proj.bias", "copy")
+    out[(L, "attn", "q_norm", "scale")] = Source(p + "self_attn.q_norm.weight", "copy")
+    out[(L, "attn", "k_norm", "scale")] = Source(p + "self_attn.k_norm.weight", "copy")
+    for proj in ("gate", "up", "down"):
+      out[(L, "mlp", f"{proj}_kernel")] = Source(p + f"mlp.{proj}_proj.weight", "transpose")
+      out[(L, "mlp", f"{proj}_bias")] = Source(p + f"mlp.{proj}_proj.bias", "copy")
+  del d
+  return out
+
+
+def hf_shape(src: Source, ours: tuple[int, ...], fused_width: int = 0) -> tuple[int, ...]:
+  """The HF tensor's shape implied by our parameter's shape (`fused_width`: the fused tensor's
+  last dimension, for GPT-2's c_attn)."""
+  if src.kind == "copy":
+    return tuple(ours)
+  if src.kind == "transpose":
+    return tuple(reversed(ours))
+  if src.kind == "heads_in":
+    return (ours[1] * ours[2], ours[0])
+  if src.kind == "heads_in_c":
+    return (ours[0], fused_width)
+  if src.kind == "heads_out":
+    return (ours[2], ours[0] * ours[1])
+  if src.kind == "heads_out_c":
+    return (ours[0] * ours[1], ours[2])
+  if src.kind == "head_bias":
+    return (fused_width or ours[0] * ours[1],)
+  raise AssertionError(src.kind)
+
+
+def _range(s: slice, size: int) -> tuple[int, int]:
+  start, stop, step = s.indices(size)
+  assert step == 1, s
+  return start, stop
+
+
+def read_slice(tensor: Any, src: Source, ours_shape: tuple[int, ...], index: tuple) -> np.ndarray:
+  """Our parameter's block `index` (a tuple of slices) read from the HF tensor `tensor` (a
+  `safe_open(...).get_slice(name)` object, or any array supporting numpy slicing)."""
+  index = tuple(index) + (slice(None),) * (len(ours_shape) - len(index))
+  r = [_range(s, n) for s, n in zip(index, ours_shape)]
+  sl = [slice(a, b) for a, b in r]
+  kind, hd, off = src.kind, src.head_dim, src.offset
+  if kind == "copy":
+    return np.asarray(tensor[tuple(sl)])
+  if kind == "transpose":
+    return np.asarray(tensor[sl[1], sl[0]]).T
+  if kind == "head_bias":
+    (n0, n1), = r[:1]
+    x = np.asarray(tensor[off + n0 * hd:off + n1 * hd]).reshape(n1 - n0, hd)
+    return x[:, sl[1]]
+  if kind in ("heads_in", "heads_in_c"):  # ours [D, n, H]
+    (d0, d1), (n0, n1) = r[0], r[1]
+    if kind == "heads_in":
+      x = np.asarray(tensor[n0 * hd:n1 * hd, d0:d1]).reshape(n1 - n0, hd, d1 - d0)
+      x = x.transpose(2, 0, 1)
+    else:
+      x = np.asarray(tensor[d0:d1, off + n0 * hd:off + n1 * hd]).reshape(d1 - d0, n1 - n0, hd)
+    return x[:, :, sl[2]]
+  if kind in ("heads_out", "heads_out_c"):  # ours [N, H, D]
+    (n0, n1), (d0, d1) = r[0], r[2]
+    if kind == "heads_out":
+      x = np.asarray(tensor[d0:d1, n0 * hd:n1 * hd]).reshape(d1 - d0, n1 - n0, hd)
+      x = x.transpose(1, 2, 0)
+    else:
+      x = np.asarray(tensor[n0 * hd:n1 * hd, d0:d1]).reshape(n1 - n0, hd, d1 - d0)
+    return x[:, sl[1], :]
+  raise AssertionError(kind)
+
+
+def to_hf(src: Source, ours: np.ndarray) -> np.ndarray:
+  """Our whole parameter in the HF tensor's layout (for fused kinds: this parameter's part)."""
+  kind = src.kind
+  if kind == "copy":
+    return ours
+  if kind == "transpose":
+    return ours.T
+  if kind == "heads_in":
+    return ours.transpose(1, 2, 0).reshape(-1, ours.shape[0])
+  if kind == "heads_in_c":
+    return ours.reshape(ours.shape[0], -1)
+  if kind == "heads_out":
+    return ours.transpose(2, 0, 1).reshape(ours.shape[2], -1)
+  if kind == "heads_out_c":
+    return ours.reshape(-1, ours.shape[2])
+  if kind == "head_bias":
+    return ours.reshape(-1)
+  raise AssertionError(kind)
