@@ -20,6 +20,10 @@ prompt becomes ``chat_template.render(messages, add_generation_prompt=True)``, i
 far followed by the opening of an assistant turn. For ``sft`` a ``messages`` list may instead end with
 the assistant turn to learn, which becomes the response.
 
+TRL's dataset formats (conversational ``prompt`` / ``chosen`` / ``rejected`` / ``completion``,
+implicit prompts, prompt-completion, ``text``) and Parquet files (``.parquet``, one record a row)
+are read too: :mod:`rlhf_jax.data.formats` normalises each record into its kind's shape first.
+
 Ranks are converted to scores as ``score = -rank`` so every :class:`RankedRecord` sorts higher-is-better.
 
 Each kind is a module of :mod:`rlhf_jax.data.kinds` (its parser, features, encoder, collator); this
@@ -33,6 +37,7 @@ import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+from rlhf_jax.data import formats
 from rlhf_jax.data import kinds as kinds_lib
 from rlhf_jax.data.kinds import base
 from rlhf_jax.data.kinds.attributes import AttributeRecord
@@ -90,7 +95,7 @@ def parse_record(
   ctx = base.ParseContext(path, line, options)
   if not isinstance(obj, Mapping):
     raise ctx.error(None, "a JSON object per line", base.Desc(type(obj).__name__))
-  return spec.parse(ctx, obj)
+  return spec.parse(ctx, formats.normalize(ctx, obj, kind))
 
 
 def iter_records(
@@ -109,6 +114,11 @@ def iter_records(
   ``max_candidates`` keeps the first that many responses of each ``ranked`` list (0 = all).
   """
   spec, options = _options(kind, chat_template, scale, attribute_names, max_candidates)
+  if formats.is_parquet(path):  # one record a row (data.formats: errors name the row)
+    for row, obj in formats.parquet_rows(path):
+      ctx = formats.RowContext(path, row, options)
+      yield spec.parse(ctx, formats.normalize(ctx, obj, kind))
+    return
   for line_no, text in jsonl_lines(path):
     ctx = base.ParseContext(path, line_no, options)
     try:
@@ -119,7 +129,7 @@ def iter_records(
       _check_surrogates(ctx, obj)
     if not isinstance(obj, Mapping):
       raise ctx.error(None, "a JSON object per line", base.Desc(type(obj).__name__))
-    yield spec.parse(ctx, obj)
+    yield spec.parse(ctx, formats.normalize(ctx, obj, kind))  # TRL's formats -> the kind's
 
 
 def _encoding_hint(head: bytes) -> str:
