@@ -1,4 +1,5 @@
-"""Frozen, validated configs of the online RL trainer (PPO, RLOO, GRPO, Dr. GRPO).
+"""Frozen, validated configs of the online RL trainer (PPO, RLOO, GRPO and its loss family,
+REINFORCE++-baseline).
 
 ``PPOConfig`` (``config.ppo``) holds every hyperparameter that reaches jitted code;
 ``PPODataConfig`` (``config.data``, a ``sections.DataSource``) says where the prompts come from.
@@ -16,7 +17,10 @@ from typing import ClassVar
 
 from rlhf_jax.algorithms import sections
 
-ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_baseline")
+# TRL's GRPOConfig.loss_type names ("" = the clipped surrogate reduced by ``aggregation``).
+LOSS_TYPES = ("", "grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 CRITIC_INITS = ("reward_model", "sft")
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -25,7 +29,9 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
 # Advantage whitening per algorithm when PPOConfig.whiten_advantages is None: on for PPO (GAE
 # advantages, as InstructGPT / TRL); off for the group baselines, whose advantages are already
 # centred per group; GRPO divides by the group std itself, and Dr. GRPO exists to drop it.
-WHITEN_ADVANTAGES_DEFAULT = {"ppo": True, "rloo": False, "grpo": False, "dr_grpo": False}
+# REINFORCE++-baseline whitens inside its estimator (OpenRLHF), so not a second time.
+WHITEN_ADVANTAGES_DEFAULT = {
+    "ppo": True, "rloo": False, "grpo": False, "dr_grpo": False, "reinforce_baseline": False}
 
 
 def _bad(cls: str, field: str, value, allowed: str):
@@ -46,8 +52,28 @@ class PPOConfig:
   Attributes:
     algorithm: ``ppo`` (critic + GAE, KL penalty in the per-token reward), ``rloo`` (leave-one-out
       baseline over ``num_samples`` responses per prompt, KL penalty in the sequence reward),
-      ``grpo`` (group-normalised advantages, KL as a k3 loss term) or ``dr_grpo`` (group-centred
-      advantages without the std, constant token normaliser).
+      ``grpo`` (group-normalised advantages, KL as a k3 loss term), ``dr_grpo`` (group-centred
+      advantages without the std, constant token normaliser) or ``reinforce_baseline``
+      (REINFORCE++-baseline, OpenRLHF's name: group-mean baseline, per-token KL penalty in the
+      reward-to-go, then whitening over the batch's tokens).
+    loss_type: TRL's ``GRPOConfig.loss_type``: how the policy loss is formed and normalised
+      (``losses.grpo_policy_loss``): ``grpo`` (sequence mean of token means), ``bnpo`` (mean
+      over the minibatch's tokens), ``dr_grpo`` (sum / (rows · max_new_tokens)), ``dapo``
+      (sum / tokens per minibatch of the whole rollout batch, so every token of the iteration
+      weighs the same; TRL's default) or ``cispo`` (capped importance weight, no gradient, on the
+      REINFORCE term; cap ``clip_eps_high``, required). The KL loss term is normalised alike.
+      ``""`` (the default) keeps the clipped surrogate reduced by ``aggregation``
+      (``losses.ppo_policy_loss``), as before.
+    importance_sampling_level: ``token`` or ``sequence`` (GSPO: one ratio per response,
+      exp(mean token log-ratio)); ``sequence`` needs a ``loss_type``.
+    dynamic_sampling: DAPO's dynamic sampling (critic-free algorithms): groups whose rewards are
+      all equal (max - min <= ``dynamic_sampling_tol``; their advantages are 0) are dropped and
+      replaced by groups from further prompt batches, at most ``dynamic_sampling_max_batches``
+      generations per iteration; a batch still short is filled with dropped groups (never empty)
+      and the shortfall is logged (``dynamic_sampling_shortfall``).
+    overlong_buffer_len: DAPO's soft overlong punishment (OpenRLHF's
+      ``--reward.overlong_buffer_len``; 0 = off): responses longer than max_new_tokens - L lose
+      up to ``overlong_penalty_factor`` linearly (``losses.overlong_penalty``).
     rollout_batch_size: prompts per iteration; each gets ``num_samples`` responses. In an
       experiment config this is ``config.data.batch_size``.
     num_samples: responses per prompt (>= 2 for the critic-free algorithms).
@@ -105,6 +131,13 @@ class PPOConfig:
   missing_eos_penalty: float = 0.0
   critic_init: str = "reward_model"
   aggregation: str = "token_mean"
+  loss_type: str = ""
+  importance_sampling_level: str = "token"
+  dynamic_sampling: bool = False
+  dynamic_sampling_tol: float = 0.0
+  dynamic_sampling_max_batches: int = 3
+  overlong_buffer_len: int = 0
+  overlong_penalty_factor: float = 1.0
 
   def __post_init__(self):
     c = "PPOConfig"
@@ -112,7 +145,8 @@ class PPOConfig:
       _bad(c, "whiten_advantages", self.whiten_advantages, "True | False | None (per algorithm)")
     for name, allowed in (("algorithm", ALGORITHMS), ("critic_init", CRITIC_INITS),
                           ("kl_controller", KL_CONTROLLERS), ("kl_estimator", KL_ESTIMATORS),
-                          ("aggregation", AGGREGATIONS)):
+                          ("aggregation", AGGREGATIONS), ("loss_type", LOSS_TYPES),
+                          ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
       if getattr(self, name) not in allowed:
         _bad(c, name, getattr(self, name), " | ".join(allowed))
     _int_at_least(c, self, ("rollout_batch_size", "num_samples", "max_new_tokens", "num_ppo_epochs",
@@ -122,8 +156,30 @@ class PPOConfig:
       _bad(
           c, "num_samples", self.num_samples, f"an int >= 2 with algorithm={self.algorithm!r} "
           "(the group baseline needs several responses per prompt)")
-    if self.algorithm == "dr_grpo" and self.aggregation != "seq_mean_token_sum_norm":
+    if self.loss_type:
+      if self.aggregation != "token_mean":
+        _bad(
+            c, "aggregation", self.aggregation, f"the default 'token_mean' with loss_type="
+            f"{self.loss_type!r} (the loss type fixes the token normalisation)")
+      if self.loss_type == "cispo" and not self.clip_eps_high > 0:
+        _bad(
+            c, "clip_eps_high", self.clip_eps_high, "a float > 0 with loss_type='cispo' (the "
+            "cap of the importance weight, ε_max; ScaleRL recommends 5.0)")
+    elif self.importance_sampling_level != "token":
+      _bad(c, "importance_sampling_level", self.importance_sampling_level,
+           "'token' with loss_type='' (set a loss_type, e.g. 'grpo', for GSPO's sequence ratio)")
+    elif self.algorithm == "dr_grpo" and self.aggregation != "seq_mean_token_sum_norm":
       _bad(c, "aggregation", self.aggregation, "seq_mean_token_sum_norm with algorithm='dr_grpo'")
+    if not isinstance(self.dynamic_sampling, bool):
+      _bad(c, "dynamic_sampling", self.dynamic_sampling, "True | False")
+    if self.dynamic_sampling and self.algorithm == "ppo":
+      _bad(c, "dynamic_sampling", self.dynamic_sampling, "False with algorithm='ppo' (it filters "
+           "the groups of the critic-free algorithms)")
+    _int_at_least(c, self, ("dynamic_sampling_max_batches",), 1)
+    _int_at_least(c, self, ("overlong_buffer_len",), 0)
+    if self.overlong_buffer_len > self.max_new_tokens:
+      _bad(c, "overlong_buffer_len", self.overlong_buffer_len,
+           f"an int in [0, max_new_tokens={self.max_new_tokens}]")
     if self.rollout_size % self.num_minibatches:
       _bad(c, "num_minibatches", self.num_minibatches,
            f"a divisor of rollout_batch_size * num_samples = {self.rollout_size}")
@@ -134,7 +190,7 @@ class PPOConfig:
     if not self.clip_eps > 0:
       _bad(c, "clip_eps", self.clip_eps, "a float > 0")
     for name in ("clip_eps_high", "vf_clip_eps", "vf_coef", "ent_coef", "kl_coef",
-                 "missing_eos_penalty"):
+                 "missing_eos_penalty", "dynamic_sampling_tol", "overlong_penalty_factor"):
       if not getattr(self, name) >= 0:
         _bad(c, name, getattr(self, name), "a float >= 0")
     for name in ("gamma", "lam"):

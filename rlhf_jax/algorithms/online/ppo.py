@@ -1,4 +1,5 @@
-"""Online RLHF (InstructGPT step 3): PPO with a per-token KL penalty, or RLOO / GRPO / Dr. GRPO.
+"""Online RLHF (InstructGPT step 3): PPO with a per-token KL penalty, or RLOO / GRPO (and TRL's GRPO
+loss types: dapo, bnpo, cispo, GSPO's sequence ratio) / Dr. GRPO / REINFORCE++-baseline.
 
 A bandit environment: a prompt x is shown, the policy answers y ~ π_θ(·|x), the reward model scores
 the whole answer, and a per-token KL penalty to the SFT model keeps the policy close:
@@ -220,7 +221,7 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
     """One RL iteration: rollout phases, then the update (the loop's non-jitted step)."""
     compiles_before = compile_count()
     it = int(jax.device_get(state.iteration))
-    rollout, metrics = _rollout(state, batch, prompts, tok, ref_params, rm_args, phases)
+    rollout, metrics = _rollout(state, batch, prompts, tok, ref_params, rm_args, phases, config)
     t0 = time.perf_counter()
     state, upd = update_fn(state, rollout)
     upd = jax.device_get(upd)
@@ -271,24 +272,98 @@ class _Phases(NamedTuple):
   placement: Placement
 
 
-def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args, phases: _Phases):
+def _generate_and_score(params, batch, rng, rm_args, phases: _Phases):
+  """Generation and scoring of one prompt batch → ``(arrays, seconds generating, seconds
+  scoring)``; arrays = (tokens_BxT, mask_BxT, response_mask_BxR, scores_B, rm_B)."""
+  placement = phases.placement
+  prompt_tokens, prompt_mask = parallel.shard_batch(
+      (np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])), placement.mesh,
+      placement.rules)
+  t0 = time.perf_counter()
+  tokens_BxT, mask_BxT, response_mask = jax.block_until_ready(
+      phases.generate(params, prompt_tokens, prompt_mask, rng))
+  t1 = time.perf_counter()
+  scores_B, rm_B = jax.block_until_ready(phases.score(*rm_args, tokens_BxT, mask_BxT,
+                                                      response_mask))
+  return (tokens_BxT, mask_BxT, response_mask, scores_B, rm_B), t1 - t0, time.perf_counter() - t1
+
+
+def _shaped_scores(config: PPOConfig, scores_B, response_mask_BxR) -> np.ndarray:
+  """Host copy of the scores the advantages see (DAPO's overlong penalty included)."""
+  scores = np.asarray(scores_B, np.float64)
+  if config.overlong_buffer_len:
+    lengths = np.asarray(response_mask_BxR).sum(axis=1)
+    expected = config.max_new_tokens - config.overlong_buffer_len
+    exceed = np.minimum(lengths - expected, config.overlong_buffer_len)
+    scores = scores + np.where(
+        exceed > 0, -exceed / config.overlong_buffer_len * config.overlong_penalty_factor, 0.0)
+  return scores
+
+
+def dynamic_sample(config: PPOConfig, first, next_generation):
+  """DAPO's dynamic sampling: the groups of a full batch whose rewards are not all equal.
+
+  ``first``: the arrays of the iteration's first generation (:func:`_generate_and_score`);
+  ``next_generation(k)``: the arrays of generation k = 1, 2, ... (each a fresh prompt batch).
+  Groups with all-equal shaped scores (``losses.degenerate_groups``) are dropped and replaced from
+  further generations, at most ``dynamic_sampling_max_batches`` in all; a batch still short is
+  filled with dropped groups (zero advantage: they only carry the KL term) so the batch is never
+  empty and keeps its shape. Returns ``(host arrays, stats)``; stats: ``generations``,
+  ``kept_fraction`` (non-degenerate share of every generated group) and ``shortfall``
+  (degenerate groups left in the batch).
+  """
+  g = config.num_samples
+  n_groups = config.rollout_batch_size
+  gens = [tuple(np.asarray(a) for a in first)]
+  kept, dropped = [], []
+  while True:
+    k = len(gens) - 1
+    scores = _shaped_scores(config, gens[k][3], gens[k][2]).reshape(n_groups, g)
+    degenerate = losses.degenerate_groups(scores, tol=config.dynamic_sampling_tol)
+    kept += [(k, i) for i in np.flatnonzero(~degenerate)]
+    dropped += [(k, i) for i in np.flatnonzero(degenerate)]
+    if len(kept) >= n_groups or len(gens) >= config.dynamic_sampling_max_batches:
+      break
+    gens.append(tuple(np.asarray(a) for a in next_generation(len(gens))))
+  chosen = (kept + dropped)[:n_groups]
+  rows = [(k, i * g + j) for k, i in chosen for j in range(g)]
+  arrays = tuple(np.stack([gens[k][a][r] for k, r in rows]) for a in range(len(first)))
+  stats = {
+      "generations": float(len(gens)), "kept_fraction": len(kept) / (len(gens) * n_groups),
+      "shortfall": float(max(n_groups - len(kept), 0))}
+  return arrays, stats
+
+
+def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args, phases: _Phases,
+             config: PPOConfig):
   """Rollout phases on one prompt batch → ``(rollout, metrics)`` (the update is not run here).
 
+  With ``config.dynamic_sampling`` further prompt batches are drawn from ``prompts.train`` (the
+  loop checkpoints its position after the iteration, so a resumed run draws the same ones).
   Raises ``train.NonFiniteLossError`` (the loop adds the iteration) on NaN/inf rewards, values,
   log-probs, advantages or returns, before anything of this iteration is kept.
   """
   metrics: dict[str, float] = {}
   placement = phases.placement
-  prompt_tokens, prompt_mask = parallel.shard_batch(
-      (np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])), placement.mesh,
-      placement.rules)
+  params = state.params["policy"]
+  first, t_gen, t_score = _generate_and_score(params, batch, state.rng, rm_args, phases)
+  tokens_BxT, mask_BxT, response_mask, scores_B, rm_B = first
+  if config.dynamic_sampling:
+    times = [t_gen, t_score]
 
-  t0 = time.perf_counter()
-  tokens_BxT, mask_BxT, response_mask = jax.block_until_ready(
-      phases.generate(state.params["policy"], prompt_tokens, prompt_mask, state.rng))
-  t1 = time.perf_counter()
-  scores_B, rm_B = jax.block_until_ready(phases.score(*rm_args, tokens_BxT, mask_BxT,
-                                                      response_mask))
+    def next_generation(k):
+      rng = jax.device_put(jax.random.fold_in(state.rng, 1000 + k), placement.replicated)
+      arrays, t_g, t_s = _generate_and_score(params, next(prompts.train), rng, rm_args, phases)
+      times[0] += t_g
+      times[1] += t_s
+      return arrays
+
+    host, stats = dynamic_sample(config, first, next_generation)
+    if stats["generations"] > 1 or stats["shortfall"] > 0:
+      tokens_BxT, mask_BxT, response_mask, scores_B, rm_B = parallel.shard_batch(
+          host, placement.mesh, placement.rules)
+    t_gen, t_score = times
+    metrics.update({f"dynamic_sampling_{k}": v for k, v in stats.items()})
   t2 = time.perf_counter()
   old_logps, ref_logps, values, entropy = jax.block_until_ready(
       phases.logprob(state.params["policy"], ref_params, state.params.get("value"), tokens_BxT,
@@ -305,9 +380,9 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
 
   resp_mask_host = np.asarray(response_mask)
   n_tokens = float(resp_mask_host.sum())
-  metrics.update(time_generation=t1 - t0, time_scoring=t2 - t1, time_logprobs=t3 - t2,
+  metrics.update(time_generation=t_gen, time_scoring=t_score, time_logprobs=t3 - t2,
                  time_advantages=t4 - t3, generated_tokens=n_tokens,
-                 generation_tokens_per_s=n_tokens / max(t1 - t0, 1e-9))
+                 generation_tokens_per_s=n_tokens / max(t_gen, 1e-9))
   metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
   # Host-side statistics in numpy: no small device ops (and no compilations) in the loop.
   metrics["rm_score"] = float(np.mean(np.asarray(rm_B)))
@@ -346,7 +421,8 @@ def parse_config(config: ml_collections.ConfigDict) -> Sections:
                      f"keys: {list(KNOWN_KEYS)}")
   if config.get("method", "ppo") != "ppo":
     raise ValueError(f"config.method={config.method!r} is invalid for the online RL trainer; "
-                     "allowed: ppo (config.ppo.algorithm picks ppo | rloo | grpo | dr_grpo)")
+                     "allowed: ppo (config.ppo.algorithm picks ppo | rloo | grpo | dr_grpo | "
+                     "reinforce_baseline)")
   for name, where in FROM_SECTIONS.items():
     if name in config.ppo:
       raise ValueError(f"config.ppo.{name} is not a key of its own; set {where}")

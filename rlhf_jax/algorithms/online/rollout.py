@@ -22,6 +22,9 @@ Phases (each one jitted function, timed by the trainer at its boundary):
    - ``rloo``: r = score - β Σ_t KL_t per sequence, A_i = r_i - mean_{j≠i} r_j in its group.
    - ``grpo``: A_i = (s_i - mean(s)) / (std(s) + 1e-4) per group; β · k3 is a loss term instead.
    - ``dr_grpo``: A_i = s_i - mean(s).
+   - ``reinforce_baseline``: R_i,t = Σ_{t'≥t} -β KL_t' + (s_i - mean(s)), A = whiten(R) over the
+     batch's tokens (``losses.reinforce_baseline_advantages``, OpenRLHF).
+   With ``overlong_buffer_len`` > 0, DAPO's soft overlong penalty is added to s first.
 
 Sharding: every builder takes an optional :class:`Placement` (mesh + logical rules). With one, the
 phase is jitted with explicit in/out shardings: params per the rules table (``parallel``), rollout
@@ -164,7 +167,26 @@ def compute_advantages(config: PPOConfig, scores_B, old_logps_BxR, ref_logps_BxR
   """
   mask = response_mask_BxR.astype(jnp.float32)
   metrics = {}
-  if config.algorithm == "ppo":
+  if config.overlong_buffer_len:
+    penalty_B = losses.overlong_penalty(jnp.sum(mask, axis=1), max_new_tokens=mask.shape[1],
+                                        buffer_len=config.overlong_buffer_len,
+                                        penalty_factor=config.overlong_penalty_factor)
+    scores_B = scores_B + penalty_B
+    metrics["overlong_penalty"] = jnp.mean(penalty_B)
+  if config.algorithm == "reinforce_baseline":
+    kl_BxR = losses.kl_estimate(old_logps_BxR, ref_logps_BxR, estimator=config.kl_estimator,
+                                mask=mask)
+    kl_B = jnp.sum(kl_BxR, axis=1)
+    metrics.update(kl=jnp.mean(kl_B), non_score_reward=-kl_coef * jnp.mean(kl_B),
+                   rlhf_reward=jnp.mean(scores_B - kl_coef * kl_B))
+    g = config.num_samples
+    adv_BxGxR = losses.reinforce_baseline_advantages(scores_B.reshape(-1, g),
+                                                     kl_BxR.reshape(-1, g, kl_BxR.shape[1]),
+                                                     mask.reshape(-1, g, mask.shape[1]),
+                                                     kl_coef=kl_coef)
+    advantages_BxR = adv_BxGxR.reshape(mask.shape)
+    returns_BxR = jnp.zeros_like(advantages_BxR)
+  elif config.algorithm == "ppo":
     rewards_BxR, kl_metrics = losses.kl_penalized_rewards(scores_B, old_logps_BxR, ref_logps_BxR,
                                                           mask, kl_coef=kl_coef,
                                                           estimator=config.kl_estimator)

@@ -10,7 +10,11 @@ key) of a ``lax.scan`` over minibatches of N / M rows, each one optimiser step o
     L_clip = aggregate_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε_high)),  ρ_t = π(y_t)/π_old(y_t)
     L_V    = aggregate_t ½ max((V_t - R_t)², (V_old,t + clip(V_t - V_old,t, ±ε_v) - R_t)²)
 
-(``losses.ppo_policy_loss`` / ``ppo_value_loss`` / ``entropy_loss`` / ``kl_estimate``). Policy and
+(``losses.ppo_policy_loss`` / ``ppo_value_loss`` / ``entropy_loss`` / ``kl_estimate``). With a
+``loss_type`` (TRL's GRPO names) L_clip is ``losses.grpo_policy_loss`` instead (token or sequence
+importance ratio, cispo's capped REINFORCE term) and the KL term is normalised the same way; for
+``dapo`` / ``cispo`` the token normaliser is the rollout's response tokens / ``num_minibatches``
+(so every token of the iteration weighs the same whichever minibatch it lands in). Policy and
 value model are two param trees under one optimiser, as TRL's ``PolicyAndValueWrapper``: the
 value loss only reaches the value params, and gradient clipping is over the joint global norm.
 The state is donated, so the update reuses its own buffers. With a ``parallel.Placement`` the
@@ -86,20 +90,35 @@ def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: f
 
 def make_loss_fn(config: PPOConfig, policy: models.Transformer,
                  value_model: models.ValueModel | None, prompt_len: int):
-  """``loss_fn(params, minibatch: Rollout, kl_coef) -> (loss, metrics)``."""
+  """``loss_fn(params, minibatch: Rollout, kl_coef, num_items) -> (loss, metrics)``; ``num_items``
+  is the dapo / cispo token normaliser (ignored by the other loss types)."""
   need_entropy = config.ent_coef > 0
   kl_in_loss = config.algorithm in ("grpo", "dr_grpo")
   agg = config.aggregation
 
-  def loss_fn(params, mb: Rollout, kl_coef):
+  def aggregate(values_BxR, mask, num_items):
+    if not config.loss_type:
+      return losses.aggregate_tokens(values_BxR, mask.astype(jnp.float32), agg)
+    return losses.grpo_aggregate(values_BxR, mask, config.loss_type, num_items_in_batch=num_items,
+                                 max_completion_length=config.max_new_tokens)
+
+  def loss_fn(params, mb: Rollout, kl_coef, num_items=None):
     mask = mb.response_mask_BxR
     logps_BxR, ent_BxR = models.response_token_logps(policy, params["policy"], mb.tokens_BxT,
                                                      mb.mask_BxT, prompt_len,
                                                      temperature=config.temperature,
                                                      with_entropy=need_entropy)
-    pg_B, pg_m = losses.ppo_policy_loss(logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask,
-                                        clip_eps=config.clip_eps,
-                                        clip_eps_high=config.clip_eps_high or None, aggregation=agg)
+    if config.loss_type:
+      pg_B, pg_m = losses.grpo_policy_loss(
+          logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask, loss_type=config.loss_type,
+          importance_sampling_level=config.importance_sampling_level, epsilon=config.clip_eps,
+          epsilon_high=config.clip_eps_high or None, num_items_in_batch=num_items,
+          max_completion_length=config.max_new_tokens)
+    else:
+      pg_B, pg_m = losses.ppo_policy_loss(logps_BxR, mb.old_logps_BxR, mb.advantages_BxR, mask,
+                                          clip_eps=config.clip_eps,
+                                          clip_eps_high=config.clip_eps_high or None,
+                                          aggregation=agg)
     loss = jnp.mean(pg_B)
     metrics = {
         "pg_loss": pg_m["loss"], "clipfrac": pg_m["clipfrac"], "approx_kl": pg_m["approx_kl"],
@@ -113,11 +132,14 @@ def make_loss_fn(config: PPOConfig, policy: models.Transformer,
       metrics.update(vf_loss=vf_m["loss"], vf_clipfrac=vf_m["vf_clipfrac"])
     if need_entropy:
       ent_B, ent_m = losses.entropy_loss(ent_BxR, mask, aggregation=agg)
+      if config.loss_type:  # TRL: the token mean (dapo / cispo: over their normaliser)
+        ent_type = config.loss_type if config.loss_type in ("dapo", "cispo") else "bnpo"
+        ent_B = -losses.grpo_aggregate(ent_BxR, mask, ent_type, num_items_in_batch=num_items)
       loss = loss + config.ent_coef * jnp.mean(ent_B)
       metrics["update_entropy"] = ent_m["entropy"]
     if kl_in_loss:
       kl_BxR = losses.kl_estimate(logps_BxR, mb.ref_logps_BxR, estimator="k3", mask=mask)
-      kl_term = jnp.mean(losses.aggregate_tokens(kl_BxR, mask.astype(jnp.float32), agg))
+      kl_term = jnp.mean(aggregate(kl_BxR, mask, num_items))
       loss = loss + kl_coef * kl_term
       metrics["kl_loss"] = kl_term
     metrics["loss"] = loss
@@ -147,10 +169,12 @@ def make_update_fn(config: PPOConfig, policy: models.Transformer,
       raise ValueError(f"rollout has {n} rows, expected rollout_batch_size * num_samples = "
                        f"{num_mb * mb_size}")
     rng, epoch_rng = jax.random.split(state.rng)
+    # dapo / cispo: response tokens per minibatch of the whole rollout (TRL's num_items_in_batch).
+    num_items = jnp.sum(rollout.response_mask_BxR.astype(jnp.float32)) / num_mb
 
     def minibatch_step(carry, mb):
       params, opt_state = carry
-      (_, metrics), grads = grad_fn(params, mb, state.kl_coef)
+      (_, metrics), grads = grad_fn(params, mb, state.kl_coef, num_items)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       metrics = dict(metrics, grad_norm=optax.global_norm(grads))
