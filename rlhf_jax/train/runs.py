@@ -3,13 +3,19 @@
 * :func:`load_sft_params` — params, model config and tokenizer of a policy run's checkpoint
   (an SFT run, or any run written by the one loop with a ``model`` fingerprint, e.g. a PPO run,
   whose ``policy`` params are returned).
-* :func:`tokenizer_spec` — the tokenizer a run was trained with, from its ``config.json``.
+  ``"hf:DIR"`` (a Hugging Face checkpoint folder, ``sources.pretrained``) is read the same way:
+  :func:`load_pretrained_policy` (``models.hf.load_pretrained`` + the folder's tokenizer).
+* :func:`tokenizer_spec` — the tokenizer a run was trained with, from its ``config.json`` (its
+  ``sources.tokenizer``, else its ``sources.pretrained`` checkpoint's, else that of the run it
+  started from, ``sources.sft_workdir``).
+* :func:`pretrained_fingerprint` — what a run's fingerprint records of ``sources.pretrained``.
 * :data:`FINAL_METRICS_FILE` / :func:`write_final_metrics` / :func:`is_finished` — a run is
   finished once its ``final_metrics.json`` exists (written atomically, last).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any, Mapping, NamedTuple
@@ -38,11 +44,95 @@ def write_final_metrics(workdir: str, final: Mapping[str, Any], method: str = ""
   return final
 
 
-def tokenizer_spec(run_config: Mapping[str, Any]) -> str:
-  """The tokenizer spec a run used: ``sources.tokenizer``, else (older runs) ``data.tokenizer``."""
-  spec = (run_config.get("sources") or {}).get("tokenizer") or \
-      (run_config.get("data") or {}).get("tokenizer")
-  return spec or "byte"
+PRETRAINED_PREFIX = "hf:"
+# ModelConfig fields a run may set for a pretrained checkpoint (how it runs, not what it computes).
+PRETRAINED_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "dropout_rate")
+
+
+def pretrained_path(spec: str) -> str:
+  """The folder of a ``sources.pretrained`` spec (``hf:DIR`` or ``DIR``), absolute."""
+  spec = os.fspath(spec)
+  return os.path.abspath(
+      spec[len(PRETRAINED_PREFIX):] if spec.startswith(PRETRAINED_PREFIX) else spec)
+
+
+def is_pretrained(source: str) -> bool:
+  """``source`` names a Hugging Face checkpoint (``hf:DIR``) rather than a run workdir."""
+  return isinstance(source, str) and source.startswith(PRETRAINED_PREFIX)
+
+
+def pretrained_tokenizer_spec(spec: str) -> str:
+  """``hf:DIR`` when the checkpoint folder carries a ``tokenizer.json``, else ''."""
+  path = pretrained_path(spec)
+  return PRETRAINED_PREFIX + path if os.path.isfile(os.path.join(path, "tokenizer.json")) else ""
+
+
+def tokenizer_spec(run_config: Mapping[str, Any], _seen: tuple = ()) -> str:
+  """The tokenizer spec a run used: ``sources.tokenizer``; else the tokenizer of its
+  ``sources.pretrained`` checkpoint; else (older runs) ``data.tokenizer``; else that of the run
+  it started from (``sources.sft_workdir``, followed recursively); else ``byte``."""
+  sources = run_config.get("sources") or {}
+  spec = sources.get("tokenizer") or (run_config.get("data") or {}).get("tokenizer")
+  if spec:
+    return spec
+  if sources.get("pretrained"):
+    spec = pretrained_tokenizer_spec(sources["pretrained"])
+    if spec:
+      return spec
+  parent = sources.get("sft_workdir") or ""
+  parent_config = os.path.join(parent, "config.json") if parent else ""
+  if parent_config and os.path.isfile(parent_config) and os.path.abspath(parent) not in _seen:
+    return tokenizer_spec(ckpt_lib.read_json(parent_config), _seen + (os.path.abspath(parent),))
+  return "byte"
+
+
+def pretrained_fingerprint(spec: str) -> dict:
+  """``{"pretrained": {"path", "config_sha256"}}`` for a run's fingerprint ({} when ``spec`` is
+  ''): a run resumed against another checkpoint (or an edited config.json) is refused."""
+  if not spec:
+    return {}
+  path = pretrained_path(spec)
+  with open(os.path.join(path, "config.json"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  return {"pretrained": {"path": path, "config_sha256": digest}}
+
+
+def load_pretrained_policy(spec: str, *, mesh: Any = None, tokenizer: str = "",
+                           model_overrides: Mapping[str, Any] | None = None) -> "SFTCheckpoint":
+  """A Hugging Face checkpoint folder as an :class:`SFTCheckpoint` (``step`` 0).
+
+  ``model_overrides`` may set :data:`PRETRAINED_RUNTIME_FIELDS` only (the architecture is the
+  checkpoint's). Defaults: ``param_dtype="float32"`` (the trained master weights), ``dtype`` =
+  the checkpoint's stored dtype (its ``config.json`` ``dtype`` / ``torch_dtype``), e.g. bfloat16
+  compute for a bfloat16 checkpoint. The tokenizer is ``tokenizer`` (a ``load_tokenizer`` spec)
+  or the folder's own; one whose ids exceed the embedding rows is refused.
+  """
+  from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+  path = pretrained_path(spec)
+  overrides = dict(model_overrides or {})
+  bad = sorted(set(overrides) - set(PRETRAINED_RUNTIME_FIELDS))
+  if bad:
+    raise ValueError(
+        f"config.model.{bad[0]}={overrides[bad[0]]!r} cannot change the architecture of the "
+        f"pretrained checkpoint {path}; allowed with sources.pretrained: "
+        f"{' | '.join(PRETRAINED_RUNTIME_FIELDS)} (leave the others unset)")
+  stored = next((v for v in (hf.read_config(path).get(k)
+                             for k in ("dtype", "torch_dtype")) if v in models.DTYPES), "float32")
+  param_dtype = overrides.pop("param_dtype", None) or "float32"
+  dtype = overrides.pop("dtype", None) or stored
+  scan_layers = bool(overrides.pop("scan_layers", False))
+  config, params = hf.load_pretrained(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
+                                      scan_layers=scan_layers)
+  if overrides:
+    config = config.replace(**overrides)
+  spec = tokenizer or pretrained_tokenizer_spec(path)
+  if not spec:
+    raise FileNotFoundError(
+        f"{path} has no tokenizer.json; set config.sources.tokenizer to the checkpoint's "
+        "tokenizer (hf:DIR of a folder with tokenizer.json, or a .model SentencePiece file)")
+  tok = tok_lib.load_tokenizer(spec)
+  tok_lib.check_vocab(tok, config.vocab_size, where=f"the checkpoint {path}")
+  return SFTCheckpoint(params=params, model_config=config, tokenizer=tok, step=0)
 
 
 class SFTCheckpoint(NamedTuple):
@@ -52,13 +142,16 @@ class SFTCheckpoint(NamedTuple):
   step: int
 
 
-def load_sft_params(workdir: str, step: int | None = None) -> SFTCheckpoint:
+def load_sft_params(workdir: str, step: int | None = None, **pretrained_kwargs) -> SFTCheckpoint:
   """Params, model config and tokenizer of an SFT run's checkpoint (default: the latest step).
 
   The model config comes from the run's ``run_fingerprint.json`` and the tokenizer from its
   ``config.json``, so ``Transformer(ckpt.model_config).apply({"params": ckpt.params}, ...)`` and
-  ``ckpt.tokenizer`` reproduce the SFT policy exactly.
+  ``ckpt.tokenizer`` reproduce the SFT policy exactly. ``workdir="hf:DIR"`` reads a Hugging Face
+  checkpoint instead (:func:`load_pretrained_policy`, which takes ``pretrained_kwargs``).
   """
+  if is_pretrained(workdir):
+    return load_pretrained_policy(workdir, **pretrained_kwargs)
   needed = (ckpt_lib.FINGERPRINT_FILE, "config.json")
   missing = [name for name in needed if not os.path.isfile(os.path.join(workdir, name))]
   if missing:
