@@ -132,7 +132,10 @@ class _Keys:
     return value
 
   def check_rest(self) -> None:
-    rest = sorted(k for k in self.d if k not in self.used and k not in HARMLESS_KEYS)
+    # A key set to null is an option left unset (transformers writes every field of its config
+    # class, e.g. sliding_window=None), never a change of the math.
+    rest = sorted(k for k in self.d
+                  if k not in self.used and k not in HARMLESS_KEYS and self.d[k] is not None)
     if rest:
       raise HFConfigError(
           f"{self.source}: key {rest[0]!r}={self.d[rest[0]]!r} changes the model in a way "
@@ -196,7 +199,10 @@ def _decoder_common(k: _Keys, *, act_key: str = "hidden_act") -> dict[str, Any]:
              norm_eps=float(k.get("rms_norm_eps",
                                   1e-6)), tie_embeddings=bool(k.get("tie_word_embeddings", False)))
   head_dim = k.get("head_dim", None)
-  if head_dim is not None:
+  # Canonical form: an explicit head_dim equal to the derived one is the derived one (None), so a
+  # config read back from our own export compares equal.
+  if head_dim is not None and (out["d_model"] % n_heads or
+                               int(head_dim) != out["d_model"] // n_heads):
     out["head_dim"] = int(head_dim)
   _rope(k, out)
   k.only("use_bidirectional_attention", (None, False))
@@ -433,7 +439,8 @@ def config_to_hf(config: ModelConfig, architecture: str | None = None) -> dict[s
       if arch == "Gemma2ForCausalLM":
         types = c.layer_types or (["sliding_attention"] * c.n_layers
                                   if c.sliding_window else ["full_attention"] * c.n_layers)
-        out.update(query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_size,
+        scalar = c.query_pre_attn_scalar or c.head_size
+        out.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                    attn_logit_softcapping=c.attn_logit_softcap,
                    final_logit_softcapping=c.final_logit_softcap, sliding_window=c.sliding_window or
                    c.max_seq_len, layer_types=list(types))
