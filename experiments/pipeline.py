@@ -28,9 +28,10 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import train
+from rlhf_jax import cli, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.eval import frontier
+from rlhf_jax.train import signals
 
 logger = logging.getLogger("pipeline")
 
@@ -93,7 +94,11 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
   try:
     final = registry.get(cfg.method)(cfg, workdir)
   except Exception as err:  # the table reports a failed stage instead of hiding it
-    logger.exception("%s failed", banner)
+    failure = None if cli.debug_requested(sys.argv) else cli.describe_failure(err, workdir)
+    if failure is None:  # a bug (or --debug / RLHF_JAX_DEBUG=1): keep the traceback
+      logger.exception("%s failed", banner)
+    else:
+      logger.error("%s failed: %s", banner, failure[0])
     return {"_status": f"failed: {type(err).__name__}: {err}"[:200], "_seconds": time.time() - t0}
   # CPU seconds of this process (all threads): comparable across machines / loads, unlike wall time
   seconds, cpu = time.time() - t0, time.process_time() - c0
@@ -200,6 +205,9 @@ def run_pipeline(config, root: str, command: str = "") -> dict:
   start, cpu_start = time.time(), time.process_time()
   results = {}
   for i, name in enumerate(stages, 1):
+    if signals.stop_requested() is not None:  # a stage was stopped by SIGTERM / Ctrl-C
+      logger.warning("stop signal received: not starting stage %s; rerun to resume", name)
+      break
     results[name] = run_stage(name, config[name], root, i, len(stages), start)
     if name in REQUIRED_STAGES and results[name]["_status"].startswith("failed"):
       logger.error("stage %s failed; the later stages need it, stopping", name)
@@ -213,6 +221,7 @@ def run_pipeline(config, root: str, command: str = "") -> dict:
 
 
 def main(argv):
+  signals.install_process_handler()  # SIGTERM / Ctrl-C from here on: a clean stop, exit 0
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -221,8 +230,20 @@ def main(argv):
   program = f"python {os.path.relpath(program)}" if program.endswith(".py") else \
       os.path.basename(program)
   command = " ".join([program] + sys.argv[1:])
-  run_pipeline(_CONFIG.value, _WORKDIR.value, command)
+  try:
+    run_pipeline(_CONFIG.value, _WORKDIR.value, command)
+  except signals.Interrupted as err:
+    print(
+        f"{argv[0]}: {err}; everything on disk is complete (atomic writes, committed "
+        "checkpoints): rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(0)
+  except Exception as err:  # pylint: disable=broad-except
+    failure = None if cli.debug_requested(sys.argv) else cli.describe_failure(err, _WORKDIR.value)
+    if failure is None:
+      raise
+    print(f"{argv[0]}: {failure[0]}\n(RLHF_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+    sys.exit(failure[1])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -26,20 +26,16 @@ full disk (the path and the free space) or another OS error is one line too (exi
 
 from __future__ import annotations
 
-import difflib
-import errno
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import parallel, train
+from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.train import signals
 
@@ -54,8 +50,8 @@ _DEBUG = flags.DEFINE_bool(
     "(also RLHF_JAX_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors that mean "fix the command or the inputs"; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+USER_ERRORS = cli.USER_ERRORS
+parse_flags = cli.parse_flags
 
 
 def method_of(config) -> str:
@@ -75,123 +71,6 @@ def _summary(result) -> str:
     keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
     return json.dumps(keep, sort_keys=True)[:2000]
   return str(result)[:2000]
-
-
-def _debugging(argv) -> bool:
-  return any(a in ("--debug", "--debug=true", "--debug=True") or
-             a.startswith("--verbosity=") and a.split("=", 1)[1] not in ("0", "-1") for a in argv)
-
-
-def _short(err: BaseException) -> str:
-  """The message of a flag / config-file error without the traceback absl embeds in it."""
-  text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-  lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-  if "Traceback (most recent call last):" in lines:  # config_flags quotes the file's traceback
-    return f"{lines[0]} {lines[-1]}"
-  return " ".join(lines)
-
-
-def _load_config_file(spec: str):
-  """``get_config(<arg>)`` of ``path.py[:arg]`` (what ``config_flags`` loads), or None."""
-  path, _, arg = spec.partition(":")
-  try:
-    module_spec = importlib.util.spec_from_file_location("_rlhf_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception:  # pylint: disable=broad-except  # the config file's own error is shown instead
-    return None
-
-
-def unknown_key_message(argv, flag: str = "config") -> str | None:
-  """``config.optim has no key 'lrr'; allowed keys of config.optim: [...]`` for the first
-  ``--config.<a>.<b>=`` override whose key the config file lacks (None if every key exists)."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag}=")), None)
-  config = _load_config_file(spec) if spec else None
-  if config is None:
-    return None
-  for arg in argv:
-    if not arg.startswith(f"--{flag}."):
-      continue
-    path = arg[len(f"--{flag}."):].split("=", 1)[0].split(".")
-    node, where = config, flag
-    for key in path:
-      keys = list(node.keys()) if hasattr(node, "keys") else None
-      if keys is None:
-        return f"{where} is a value, not a section: --{flag}.{'.'.join(path)} cannot be set"
-      if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return (f"{where} has no key {key!r}{hint}; allowed keys of {where}: "
-                f"{', '.join(sorted(keys))}")
-      node, where = node[key], f"{where}.{key}"
-  return None
-
-
-def debug_requested(argv=()) -> bool:
-  """``--debug`` / ``--verbosity>=1`` on the command line, or ``RLHF_JAX_DEBUG=1``."""
-  env = os.environ.get("RLHF_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-  return env or _debugging(argv)
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with one-line errors (``--debug`` keeps the traceback)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, *USER_ERRORS, AttributeError, TypeError) as err:
-    if debug_requested(argv):
-      raise
-    what = _short(err)
-    if isinstance(err, (KeyError, AttributeError)):  # an override of a key the config lacks
-      what = unknown_key_message(argv) or (
-          f"no config key {what} (check the --config.<section>.<key>=<value> overrides)")
-    print(
-        f"{argv[0]}: flag error: {what}\n(--helpshort lists the flags; --debug shows the "
-        "traceback)", file=sys.stderr)
-    sys.exit(2)
-
-
-def _no_space(err: BaseException) -> bool:
-  seen = err
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-      return True
-    if "No space left on device" in str(seen):
-      return True
-    seen = seen.__cause__ or seen.__context__
-  return False
-
-
-def _free_space(path: str) -> str:
-  path = os.path.abspath(path)
-  while path and not os.path.exists(path):
-    path = os.path.dirname(path)
-  try:
-    usage = shutil.disk_usage(path)
-  except OSError:
-    return "unknown"
-  return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.2f} GiB on {path}"
-
-
-def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None:
-  """``(one line, exit status)`` for an error a person can act on; None for a bug (traceback).
-
-  The project's own errors (config values, inputs, records, a refused workdir, a NaN / divergence
-  stop, a corrupt checkpoint), a full disk (the path and the free space) and other OS errors.
-  """
-  if _no_space(err):
-    where = getattr(err, "filename", None) or workdir
-    return (f"error: no space left on device writing {where} ({_free_space(where)}); the files "
-            "written before are intact (atomic writes, committed checkpoints): free some space "
-            "and rerun the same command to resume", 1)
-  if isinstance(err, train.NonFiniteLossError):
-    return f"error: {type(err).__name__}: {_short(err)}", 1
-  if isinstance(err, USER_ERRORS):
-    return f"error: {type(err).__name__}: {_short(err)}", 2
-  if isinstance(err, OSError):
-    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-    return f"error: {type(err).__name__}{where}: {err.strerror or _short(err)}", 1
-  return None
 
 
 def finished_earlier(config, workdir: str) -> dict | None:
@@ -214,14 +93,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint op at INFO
-  debug = _DEBUG.value or flags.FLAGS.verbosity >= 1 or debug_requested()
+  debug = _DEBUG.value or flags.FLAGS.verbosity >= 1 or cli.debug_requested()
   try:
     config = _CONFIG.value
     config.keys()  # the lazy error object raises here
   except OSError as err:  # config_flags defers "no such config file" to the first access
     if debug:
       raise
-    print(f"{argv[0]}: flag error: {_short(err)}\n(--debug shows the traceback)", file=sys.stderr)
+    print(f"{argv[0]}: flag error: {cli.short_message(err)}\n(--debug shows the traceback)",
+          file=sys.stderr)
     sys.exit(2)
   workdir = _WORKDIR.value
   done = finished_earlier(config, workdir)
@@ -243,7 +123,7 @@ def main(argv):
         file=sys.stderr, flush=True)
     sys.exit(0)
   except Exception as err:  # pylint: disable=broad-except
-    failure = None if debug else describe_failure(err, workdir)
+    failure = None if debug else cli.describe_failure(err, workdir)
     if failure is None:
       raise
     print(f"{argv[0]}: {failure[0]}\n(--debug or RLHF_JAX_DEBUG=1 shows the traceback)",

@@ -5,13 +5,28 @@ the command line as given, so ``rlhf-run --config=experiments/configs/sft_synthe
 --workdir=workdirs/sft`` is ``python experiments/run.py ...``. The launchers and the experiment
 configs live in the checkout (``experiments/`` is not an installed package), hence an editable
 install; a plain install reports that instead of a traceback.
+
+The launchers' shared error handling lives here too: :func:`parse_flags` (absl flag parsing with
+one-line errors; an unknown ``--config.<section>.<key>`` lists that section's allowed keys),
+:func:`describe_failure` (one line for the project's errors, a full disk, an OS error; None for a
+bug, which keeps its traceback) and :func:`debug_requested` (``--debug``, ``--verbosity>=1`` or
+``RLHF_JAX_DEBUG=1``: tracebacks instead).
 """
 
 from __future__ import annotations
 
+import difflib
+import errno
+import importlib.util
 import os
 import runpy
+import shutil
 import sys
+
+from absl import flags
+
+# Errors that mean "fix the command or the inputs"; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,3 +47,131 @@ def run() -> None:
 def pipeline() -> None:
   """``rlhf-pipeline``: ``experiments/pipeline.py`` (SFT -> RM -> every offline method)."""
   _launch("pipeline.py")
+
+
+def _debug_flag(argv) -> bool:
+  return any(a in ("--debug", "--debug=true", "--debug=True") or
+             a.startswith("--verbosity=") and a.split("=", 1)[1] not in ("0", "-1") for a in argv)
+
+
+def short_message(err: BaseException) -> str:
+  """The message of a flag / config-file error without the traceback absl embeds in it."""
+  text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+  lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+  if "Traceback (most recent call last):" in lines:  # config_flags quotes the file's traceback
+    return f"{lines[0]} {lines[-1]}"
+  return " ".join(lines)
+
+
+def _load_config_file(spec: str):
+  """``get_config(<arg>)`` of ``path.py[:arg]`` (what ``config_flags`` loads), or None."""
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_rlhf_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except  # the config file's own error is shown instead
+    return None
+
+
+def unknown_key_message(argv, flag: str = "config") -> str | None:
+  """``config.optim has no key 'lrr'; allowed keys of config.optim: [...]`` for the first
+  ``--config.<a>.<b>=`` override whose key the config file lacks (None if every key exists)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag}=")), None)
+  config = _load_config_file(spec) if spec else None
+  if config is None:
+    return None
+  for arg in argv:
+    if not arg.startswith(f"--{flag}."):
+      continue
+    path = arg[len(f"--{flag}."):].split("=", 1)[0].split(".")
+    node, where = config, flag
+    for key in path:
+      keys = list(node.keys()) if hasattr(node, "keys") else None
+      if keys is None:
+        return f"{where} is a value, not a section: --{flag}.{'.'.join(path)} cannot be set"
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"{where} has no key {key!r}{hint}; allowed keys of {where}: "
+                f"{', '.join(sorted(keys))}")
+      node, where = node[key], f"{where}.{key}"
+  return None
+
+
+def debug_requested(argv=()) -> bool:
+  """``--debug`` / ``--verbosity>=1`` on the command line, or ``RLHF_JAX_DEBUG=1``."""
+  env = os.environ.get("RLHF_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+  return env or _debug_flag(argv)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one-line errors (``--debug`` keeps the traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, *USER_ERRORS, AttributeError, TypeError) as err:
+    if debug_requested(argv):
+      raise
+    what = short_message(err)
+    if isinstance(err, (KeyError, AttributeError)):  # an override of a key the config lacks
+      what = unknown_key_message(argv) or (
+          f"no config key {what} (check the --config.<section>.<key>=<value> overrides)")
+    print(
+        f"{argv[0]}: flag error: {what}\n(--helpshort lists the flags; --debug shows the "
+        "traceback, as does RLHF_JAX_DEBUG=1)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _no_space(err: BaseException) -> bool:
+  seen = err
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(seen):
+      return True
+    seen = seen.__cause__ or seen.__context__
+  return False
+
+
+def _failed_path(err: BaseException) -> str | None:
+  seen = err
+  while seen is not None:
+    if getattr(seen, "filename", None):
+      return str(seen.filename)
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def _free_space(path: str) -> str:
+  path = os.path.abspath(path)
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  try:
+    usage = shutil.disk_usage(path)
+  except OSError:
+    return "unknown"
+  return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.2f} GiB on {path}"
+
+
+def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None:
+  """``(one line, exit status)`` for an error a person can act on; None for a bug (traceback).
+
+  The project's own errors (config values, inputs, records, a refused workdir, a NaN / divergence
+  stop, a corrupt checkpoint), a full disk (the path and the free space) and other OS errors.
+  """
+  if _no_space(err):
+    where = _failed_path(err) or workdir
+    return (f"error: no space left on device writing {where} ({_free_space(where)}); the files "
+            "written before are intact (atomic writes, committed checkpoints): free some space "
+            "and rerun the same command to resume", 1)
+  from rlhf_jax.train import guard  # pylint: disable=import-outside-toplevel
+
+  if isinstance(err, guard.NonFiniteLossError):
+    return f"error: {type(err).__name__}: {short_message(err)}", 1
+  if isinstance(err, USER_ERRORS):
+    return f"error: {type(err).__name__}: {short_message(err)}", 2
+  if isinstance(err, OSError):
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return f"error: {type(err).__name__}{where}: {err.strerror or short_message(err)}", 1
+  return None

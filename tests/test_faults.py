@@ -9,7 +9,6 @@ line. (``experiments/fault_injection.py`` runs the same faults against real SFT 
 """
 
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import parallel, train
+from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import data as reward_data
 from rlhf_jax.algorithms.reward import trainer as reward_model
@@ -404,48 +403,36 @@ def test_sigint_in_the_loop_checkpoints_and_returns_preempted(tmp_path):
   assert result.preempted and result.step == 6 and _steps(tmp_path)[-1] == 6
 
 
-@functools.lru_cache(maxsize=None)
-def _launcher():  # once: its absl flags can be defined only once per process
-  spec = importlib.util.spec_from_file_location("run_launcher",
-                                                os.path.join(REPO, "experiments", "run.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_unknown_config_keys_list_the_allowed_keys_of_their_section():
-  launcher = _launcher()
   cfg = "--config=" + os.path.join(REPO, "experiments", "configs", "sft_synthetic.py")
-  assert launcher.unknown_key_message(["x", cfg, "--config.optim.lrr=1"]) == (
+  assert cli.unknown_key_message(["x", cfg, "--config.optim.lrr=1"]) == (
       "config.optim has no key 'lrr' (did you mean 'lr'?); allowed keys of config.optim: b1, b2, "
       "clip_norm, decay_embeddings, end_lr_ratio, eps, grad_accum_steps, lr, schedule, "
       "warmup_steps, weight_decay")
-  message = launcher.unknown_key_message(["x", cfg, "--config.optimizer.lr=1"])
+  message = cli.unknown_key_message(["x", cfg, "--config.optimizer.lr=1"])
   assert message.startswith("config has no key 'optimizer' (did you mean 'optim'?); allowed keys "
                             "of config: ") and "loop, " in message
-  assert launcher.unknown_key_message(["x", cfg, "--config.optim.lr=1"]) is None
+  assert cli.unknown_key_message(["x", cfg, "--config.optim.lr=1"]) is None
 
 
 def test_a_full_disk_is_one_line_naming_the_path_and_the_free_space(tmp_path):
-  launcher = _launcher()
   err = OSError(28, "No space left on device", str(tmp_path / "checkpoints" / "4"))
-  line, status = launcher.describe_failure(err, str(tmp_path))
+  line, status = cli.describe_failure(err, str(tmp_path))
   assert status == 1 and "\n" not in line
   assert line.startswith(f"error: no space left on device writing {tmp_path}/checkpoints/4 (")
   assert "MiB free of" in line
   wrapped = RuntimeError("tensorstore: [OS error: No space left on device]")  # orbax's thread
-  assert launcher.describe_failure(wrapped, str(tmp_path))[0].startswith("error: no space left")
+  assert cli.describe_failure(wrapped, str(tmp_path))[0].startswith("error: no space left")
   nan = train.NonFiniteLossError("loss or gradient", "(loss=nan)", step=3, last_good=2)
-  assert launcher.describe_failure(nan, str(tmp_path))[1] == 1
-  assert launcher.describe_failure(ZeroDivisionError(), str(tmp_path)) is None  # a bug: traceback
+  assert cli.describe_failure(nan, str(tmp_path))[1] == 1
+  assert cli.describe_failure(ZeroDivisionError(), str(tmp_path)) is None  # a bug: traceback
 
 
 def test_debug_env_var(monkeypatch):
-  launcher = _launcher()
   monkeypatch.setenv("RLHF_JAX_DEBUG", "1")
-  assert launcher.debug_requested()
+  assert cli.debug_requested()
   monkeypatch.setenv("RLHF_JAX_DEBUG", "0")
-  assert not launcher.debug_requested() and launcher.debug_requested(["x", "--debug"])
+  assert not cli.debug_requested() and cli.debug_requested(["x", "--debug"])
 
 
 @pytest.mark.slow

@@ -6,23 +6,27 @@
 * :mod:`.loop` — ``LoopConfig``, ``make_train_step``, ``jit_train_step``, ``train`` (the one loop:
   a jitted ``step_fn`` or a host ``iteration``, with ``should_stop`` and ``initial_eval``).
 * :mod:`.guard` — the NaN guard every run has: ``guard_step``, ``NonFiniteLossError``,
-  ``check_finite`` (a host iteration's rollout checks).
-* :mod:`.checkpoint` — orbax ``Checkpointer`` guarded by a run fingerprint, ``restore_params``,
-  ``atomic_write_json``, ``WorkdirMismatchError``.
+  ``check_finite`` (a host iteration's rollout checks); the optional divergence guard
+  (``LoopConfig.divergence_factor``, ``DivergenceError``).
+* :mod:`.checkpoint` — orbax ``Checkpointer`` guarded by a run fingerprint, verified by a SHA-256
+  manifest per step with fallback to the previous good step (``CheckpointCorruptError``),
+  ``restore_params``, ``atomic_write_json``, ``WorkdirMismatchError``, ``clean_temp_files``.
 * :mod:`.metrics` — ``MetricsWriter`` (JSONL + tensorboardX events), ``read_metrics``,
   ``read_tensorboard``, ``plot_metrics``, ``Progress``.
 * :mod:`.runs` — ``load_sft_params`` (a finished policy run's params, model config, tokenizer),
   ``write_final_metrics`` / ``is_finished`` (``final_metrics.json``), ``tokenizer_spec``.
-* :mod:`.signals` — ``SigtermWatch``, the one SIGTERM helper (the loop's, and an evaluation's
-  chained inside it).
+* :mod:`.signals` — ``SigtermWatch``, the one SIGTERM / SIGINT helper (the loop's, and an
+  evaluation's chained inside it); ``install_process_handler`` / ``Interrupted`` /
+  ``stop_requested`` for the launchers (a clean stop from the first line of ``main``).
 * :mod:`.config_dicts` — ``ml_collections`` sections for experiment configs and their conversion
   to the frozen dataclasses above.
 """
 
 from rlhf_jax.train import config_dicts, loop
-from rlhf_jax.train.checkpoint import (Checkpointer, WorkdirMismatchError, atomic_write_json,
-                                       check_fingerprint, latest_step, read_json, restore_params)
-from rlhf_jax.train.guard import NonFiniteLossError, check_finite, guard_step
+from rlhf_jax.train.checkpoint import (CheckpointCorruptError, Checkpointer, WorkdirMismatchError,
+                                       atomic_write_json, check_fingerprint, latest_step, read_json,
+                                       restore_params)
+from rlhf_jax.train.guard import DivergenceError, NonFiniteLossError, check_finite, guard_step
 from rlhf_jax.train.loop import (STOP_FILE, CheckpointableIterator, LoopConfig, TrainResult,
                                  default_token_count, jit_train_step, make_train_step, train)
 from rlhf_jax.train.runs import (FINAL_METRICS_FILE, SFTCheckpoint, is_finished, load_sft_params,
@@ -35,6 +39,8 @@ from rlhf_jax.train.state import TrainState, abstract_state, create_train_state,
 
 __all__ = [
     "Checkpointer",
+    "CheckpointCorruptError",
+    "DivergenceError",
     "WorkdirMismatchError",
     "atomic_write_json",
     "check_fingerprint",

@@ -7,11 +7,19 @@ Layout of a workdir::
                                         checkpoint here must match before it is restored
     <workdir>/checkpoints/<step>/state  TrainState (params, opt_state, step, rng) - orbax StandardSave
     <workdir>/checkpoints/<step>/data   data-iterator position - orbax JsonSave
+    <workdir>/checkpoints/<step>/manifest.sha256.json   size + SHA-256 of every file of the step
+    <workdir>/corrupt_checkpoints/<step>-<time>/        steps found unusable (kept for inspection)
 
 Orbax writes every step into a temporary directory and renames it once all items are committed, and
 ``latest_step`` only sees committed steps, so a checkpoint cut by ``kill -9`` is never read (its
 temporary directory is deleted on the next start). The JSON files here are written to a temporary
 file and ``os.replace``-d, which is atomic on POSIX.
+
+Verification: once orbax has committed a step the manifest is written (atomically); restoring
+checks it (a truncated, deleted or flipped file, a missing metadata file, an empty manifest or an
+empty step folder all fail it) and that every restored value is finite, and falls back to the
+previous step with one warning line naming the path and what is wrong. Rotation (``keep``) is done
+here, after verification, and never deletes the newest verified step for an unverified one.
 """
 
 from __future__ import annotations

@@ -15,7 +15,13 @@ the batch's examples and a dict of scalar metrics), which :func:`make_train_step
   position are saved (orbax, asynchronous). Restarting in the same workdir restores both, so a
   resumed run computes exactly the updates an uninterrupted one would.
 * The NaN guard (``train.guard``) is on for every method: a non-finite step is never applied and
-  never checkpointed; :class:`NonFiniteLossError` names the step and the cause.
+  never checkpointed; :class:`NonFiniteLossError` names the step and the cause. The divergence
+  guard (``LoopConfig.divergence_factor``, off by default) stops the same way on a jump of the
+  loss or the param norm (:class:`DivergenceError`).
+* Restoring falls back past unusable checkpoints (``Checkpointer.restore_latest``: manifest,
+  finiteness); temp files of interrupted writers are removed at the start; the fingerprint is
+  checked before ``config.json`` is written (a refused run changes nothing); a finished run
+  rerun returns at once without a second evaluation row; SIGINT is handled like SIGTERM.
 * ``should_stop(step, metrics) -> reason | None`` ends a run early (e.g. the reward model's early
   stopping on the held-out loss); the reason is logged, recorded and returned.
 """
@@ -40,7 +46,8 @@ from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train import guard
 from rlhf_jax.train import metrics as metrics_lib
 from rlhf_jax.train import signals
-from rlhf_jax.train.state import TrainState, abstract_state, state_shardings
+from rlhf_jax.train.state import (TrainState, abstract_state, join_frozen, split_frozen,
+                                  state_shardings)
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +203,35 @@ def make_train_step(
 
 def jit_train_step(step_fn, state: TrainState, mesh: Mesh,
                    rules: Sequence = parallel.DEFAULT_RULES):
-  """Jits ``step_fn`` with the state's own shardings in and out, donating the state."""
-  shardings = state_shardings(state)
-  return jax.jit(step_fn, in_shardings=(shardings, parallel.data_sharding(mesh, rules)),
-                 out_shardings=(shardings, NamedSharding(mesh,
-                                                         PartitionSpec())), donate_argnums=(0,))
+  """Jits ``step_fn`` with the state's own shardings in and out, donating the state.
+
+  A frozen part of the params (``state.split_frozen``: a LoRA base, shared with the reference) is
+  passed as a separate argument that is neither donated nor returned: the reference keeps reading
+  the same buffers, and the step never writes a copy of them.
+  """
+  live, frozen = split_frozen(state)
+  metrics_sharding = NamedSharding(mesh, PartitionSpec())
+  if frozen is None:
+    shardings = state_shardings(state)
+    return jax.jit(step_fn, in_shardings=(shardings, parallel.data_sharding(mesh, rules)),
+                   out_shardings=(shardings, metrics_sharding), donate_argnums=(0,))
+  live_shardings = state_shardings(live)
+
+  def split_step(live, frozen, batch):
+    new_state, metrics = step_fn(join_frozen(live, frozen), batch)
+    return split_frozen(new_state)[0], metrics
+
+  jitted = jax.jit(
+      split_step, in_shardings=(live_shardings, jax.tree.map(lambda x: x.sharding, frozen),
+                                parallel.data_sharding(mesh, rules)),
+      out_shardings=(live_shardings, metrics_sharding), donate_argnums=(0,))
+
+  def call(state, batch):
+    live, frozen = split_frozen(state)
+    new_live, metrics = jitted(live, frozen, batch)
+    return join_frozen(new_live, frozen), metrics
+
+  return call
 
 
 def default_token_count(batch: Mapping[str, np.ndarray]) -> float:
@@ -293,13 +324,16 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   if run_config is not None and is_main:
     ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
   try:
-    restored = checkpointer.restore_latest(abstract_state(state))
+    # A frozen part of the params (a LoRA base) is not in the checkpoints: it is the run's input.
+    live, frozen = split_frozen(state)
+    restored = checkpointer.restore_latest(abstract_state(live))
   except BaseException:
     checkpointer.close()
     raise
   start = 0
   if restored is not None:
-    start, state, data_state = restored
+    start, live, data_state = restored
+    state = join_frozen(live, frozen)
     logger.info("resuming from checkpoint at step %d in %s", start, workdir)
     data.set_state(data_state)
   if start > config.num_steps:
@@ -372,7 +406,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   def save(at: int) -> None:
     nonlocal last_saved
     check_flags(at)  # never checkpoint a state a non-finite step has touched
-    checkpointer.save(at, state, data.get_state())
+    checkpointer.save(at, split_frozen(state)[0], data.get_state())
     last_saved = at
 
   def emit(item) -> dict:  # reads back metrics of finished steps (host sync on those only)

@@ -9,8 +9,9 @@ uninterrupted run.
 the run's config (``config.json``, flattened) as TensorBoard hparams at the start of every
 session, and the samples an evaluation appended to ``<workdir>/samples.jsonl`` as a text table
 (tag ``<split>/samples``). A run resumed from step ``s`` opens its writer with
-``purge_step=s + 1``, so TensorBoard hides what the interrupted run logged after its last
-checkpoint, like the JSONL truncation.
+``purge_step=s + 1`` and first rewrites the existing event files without the events of steps
+after ``s`` (:func:`purge_events`), so what the interrupted run logged after its last checkpoint
+is gone from the files too, like the JSONL truncation (``samples.jsonl`` likewise).
 :func:`read_tensorboard` reads the files back (TensorBoard's own reader is not a dependency).
 """
 
