@@ -26,6 +26,7 @@ METHODS = {
     "raft": "rlhf_jax.algorithms.offline.raft",
     "best_of_n": "rlhf_jax.algorithms.offline.best_of_n",
     "ppo": "rlhf_jax.algorithms.online.ppo",
+    "online_dpo": "rlhf_jax.algorithms.online.online_dpo",
     "iterated_rlhf": "rlhf_jax.algorithms.online.iterated",}
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]

@@ -241,3 +241,57 @@ class PPODataConfig(sections.DataSource):
   """
 
   OPTIONAL_JSONL: ClassVar[tuple] = ("eval_jsonl",)
+
+
+JUDGES = ("reward_model", "annotator")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineDPOConfig:
+  """Hyperparameters of online DPO (``config.online_dpo``; ``algorithms/online/online_dpo.py``).
+
+  Attributes:
+    loss_type: a DPO-family loss (``losses.DPO_LOSS_TYPES``; TRL's ``OnlineDPOConfig.loss_type``
+      offers ``sigmoid`` and ``ipo``). ``ipo`` here is ``losses.dpo_loss``'s length-normalised IPO
+      (TRL's offline DPO), not TRL online DPO's unnormalised one.
+    beta: β of the loss (TRL's default 0.1).
+    label_smoothing: ε of the losses that take one (cDPO, robust, ...).
+    judge: who picks the preferred of the two samples: ``reward_model`` (``sources.
+      reward_model_workdir``; the higher score wins, ties to the first, as TRL) or ``annotator``
+      (``config.annotator``, a ``feedback.annotators`` label_fn; the label is drawn from its
+      P(a ≻ b), so a simulated human is as noisy as the one that labelled the offline pairs).
+    temperature, top_k, top_p: sampling of the two responses (TRL's default temperature 0.9);
+      the loss's log-probs are the model's own (temperature 1, as TRL).
+    missing_eos_penalty: subtracted from the reward-model score of a response without EOS
+      (``judge="reward_model"``; TRL's ``missing_eos_penalty``).
+  """
+
+  loss_type: str = "sigmoid"
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  judge: str = "reward_model"
+  temperature: float = 0.9
+  top_k: int = 0
+  top_p: float = 1.0
+  missing_eos_penalty: float = 0.0
+
+  def __post_init__(self):
+    from rlhf_jax import losses  # pylint: disable=import-outside-toplevel  (jax; config stays light)
+    c = "OnlineDPOConfig"
+    if self.loss_type not in losses.DPO_LOSS_TYPES:
+      _bad(c, "loss_type", self.loss_type, " | ".join(losses.DPO_LOSS_TYPES))
+    if self.loss_type in ("aot", "aot_unpaired"):
+      _bad(c, "loss_type", self.loss_type, "a per-pair loss (aot sorts over the batch)")
+    if self.judge not in JUDGES:
+      _bad(c, "judge", self.judge, " | ".join(JUDGES))
+    if not self.beta > 0:
+      _bad(c, "beta", self.beta, "a float > 0")
+    if not 0.0 <= self.label_smoothing < 0.5:
+      _bad(c, "label_smoothing", self.label_smoothing, "a float in [0, 0.5)")
+    if not self.temperature > 0:
+      _bad(c, "temperature", self.temperature, "a float > 0")
+    _int_at_least(c, self, ("top_k",), 0)
+    if not 0.0 < self.top_p <= 1.0:
+      _bad(c, "top_p", self.top_p, "a float in (0, 1]")
+    if not self.missing_eos_penalty >= 0:
+      _bad(c, "missing_eos_penalty", self.missing_eos_penalty, "a float >= 0")
