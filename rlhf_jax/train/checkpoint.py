@@ -69,8 +69,8 @@ def _step_files(step_path: str) -> list[str]:
   for root, _, names in os.walk(step_path):
     for name in names:
       rel = os.path.relpath(os.path.join(root, name), step_path)
-      if rel != MANIFEST_FILE:
-        out.append(rel)
+      if rel != MANIFEST_FILE and not any(marker in name for marker in _TMP_MARKERS):
+        out.append(rel)  # (a temp file of an interrupted write is not part of the step)
   return sorted(out)
 
 
@@ -302,13 +302,17 @@ class Checkpointer:
       for step in self._pending:
         if os.path.isdir(self.step_path(step)):
           write_manifest(self.step_path(step))
-    self._pending = []
-    self._rotate()
+    # Every process decides alike: the steps just finalized count as verified everywhere, even
+    # where process 0's manifest is not visible yet (orbax's delete synchronises the processes).
+    verified, self._pending = set(self._pending), []
+    self._rotate(verified)
 
-  def _rotate(self) -> None:
+  def _rotate(self, just_verified: set) -> None:
     steps = self.all_steps()
     kept = set(steps[-self.keep:])
-    verified = [s for s in steps if os.path.exists(os.path.join(self.step_path(s), MANIFEST_FILE))]
+    verified = [
+        s for s in steps
+        if s in just_verified or os.path.exists(os.path.join(self.step_path(s), MANIFEST_FILE))]
     if verified and not kept & set(verified):
       kept.add(verified[-1])  # the newest verified step stays until a newer one is verified
     for step in steps:
@@ -360,6 +364,9 @@ class Checkpointer:
       logger.warning("checkpoint %s is unusable: %s; moved to %s; %s", self.step_path(step), detail,
                      moved, fallback)
     if bad:
+      if jax.process_count() > 1:  # every process found the same bad steps; process 0 moved them
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("rlhf_jax_checkpoint_quarantine")
       self._manager.reload()
       if result is None:
         logger.warning("no usable checkpoint left in %s: training starts from step 0",
