@@ -31,6 +31,8 @@ def matmul(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any = None) -> jax.
   faster than float32 on this Sapphire Rapids). JAX's own transpose of an f32-output dot would make
   the backward matmuls float32 x bf16, i.e. upcast to float32.
   """
+  if hasattr(b, "lora_matmul"):  # a kernel with its LoRA adapter (models.lora.Adapted)
+    return b.lora_matmul(spec, a, out_dtype)
   out_dtype = a.dtype if out_dtype is None else out_dtype
   if a.dtype == jnp.float32 and b.dtype == jnp.float32:
     return jnp.einsum(spec, a, b).astype(out_dtype)

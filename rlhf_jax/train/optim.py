@@ -33,6 +33,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -167,4 +168,25 @@ def make_optimizer(config: OptimConfig,
           weight_decay=config.weight_decay,
           mask=lambda p: weight_decay_mask(p, decay_embeddings=config.decay_embeddings),
       ))
-  return optax.chain(*parts), schedule
+  return skip_frozen(optax.chain(*parts)), schedule
+
+
+def skip_frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` on the live part of params with frozen parts (``train.state.split_frozen``, e.g.
+  ``models.lora.LoraParams``: the adapters); zero updates and no state for the frozen parts (the
+  base). Plain param trees go to ``inner`` unchanged. Clipping and the decay mask then see the
+  adapters only."""
+  from rlhf_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  def init(params):
+    return inner.init(state_lib.split_frozen(params)[0])
+
+  def update(updates, state, params=None):
+    live_updates, frozen = state_lib.split_frozen(updates)
+    if frozen is None:
+      return inner.update(updates, state, params)
+    live_params = None if params is None else state_lib.split_frozen(params)[0]
+    new, state = inner.update(live_updates, state, live_params)
+    return state_lib.join_frozen(new, jax.tree.map(jnp.zeros_like, frozen)), state
+
+  return optax.GradientTransformation(init, update)

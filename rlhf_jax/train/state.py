@@ -60,3 +60,36 @@ def abstract_state(state_or_fn: TrainState | Callable[[], TrainState]) -> Any:
     return jax.eval_shape(state_or_fn)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                       state_or_fn)
+
+
+def _has_frozen(x: Any) -> bool:
+  return hasattr(x, "split_frozen") and hasattr(x, "join_frozen")
+
+
+def split_frozen(tree: Any) -> tuple[Any, Any]:
+  """``(tree without the frozen parts of its params, those parts)``; ``(tree, None)`` if none.
+
+  Params objects with a frozen part (``models.lora.LoraParams``: the base under the adapters)
+  expose ``split_frozen() -> (live params, frozen)`` and ``join_frozen(frozen)``; they may sit
+  anywhere in ``tree`` (a ``TrainState``, PPO's ``{"policy": ..., "value": ...}``). The frozen
+  parts get no optimizer state (``train.optim.skip_frozen``), are not donated to the jitted step
+  and not written to checkpoints (``train.loop``). The second value is a list aligned with the
+  tree's leaves (None where a leaf has nothing frozen): a pytree, so it can be a jit argument.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_has_frozen)
+  if not any(_has_frozen(x) for x in leaves):
+    return tree, None
+  pairs = [x.split_frozen() if _has_frozen(x) else (x, None) for x in leaves]
+  frozen = [f for _, f in pairs]
+  if all(f is None for f in frozen):
+    return tree, None
+  return jax.tree_util.tree_unflatten(treedef, [live for live, _ in pairs]), frozen
+
+
+def join_frozen(tree: Any, frozen: Any) -> Any:
+  """Inverse of :func:`split_frozen`."""
+  if frozen is None:
+    return tree
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_has_frozen)
+  return jax.tree_util.tree_unflatten(
+      treedef, [x if f is None else x.join_frozen(f) for x, f in zip(leaves, frozen)])
