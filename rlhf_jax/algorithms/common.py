@@ -30,6 +30,7 @@ from rlhf_jax.algorithms import sections
 from rlhf_jax.data import records as rec
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class LoadedModels(NamedTuple):
   sft_step: int  # step of the SFT checkpoint (-1: fresh init)
   ref_workdir: str = ""  # the run the reference params came from ('' = fresh init)
   ref_step: int = -1  # that run's checkpoint step (-1: fresh init); reference caches key on both
+  lora: Any = None  # models.lora.LoraConfig when the policy trains LoRA adapters (policy_params
+  # is then a LoraParams whose base *is* ref_params unless reference_workdir is another run)
 
 
 def check_reference(policy_config: models.ModelConfig, policy_tokenizer: tok_lib.Tokenizer,
@@ -82,8 +85,13 @@ def place_params(params: Any, model: models.Transformer, mesh: jax.sharding.Mesh
 
 def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_section: Any = None,
                 tokenizer_spec: str = "byte", rng: jax.Array | None = None,
-                need_reward: bool = False) -> LoadedModels:
-  """Loads policy, reference and (optionally) reward model; checks they read the same token ids."""
+                need_reward: bool = False, lora: sections.Lora | None = None) -> LoadedModels:
+  """Loads policy, reference and (optionally) reward model; checks they read the same token ids.
+
+  With ``lora`` enabled the model is a ``models.lora.LoraModel`` and the policy params are
+  ``LoraParams(base, fresh adapters)``: the base is the loaded policy, not copied, and it is also
+  the reference (the same arrays) unless ``sources.reference_workdir`` names another run.
+  """
   if sources.sft_workdir:
     policy = train.load_sft_params(sources.sft_workdir)
     model_config, tokenizer, sft_step = policy.model_config, policy.tokenizer, policy.step
@@ -117,9 +125,15 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_sec
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ValueError(f"the model's vocab_size={model_config.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")
-  # The train state is donated to every step: the policy needs buffers of its own, or the first
-  # step would free the reference's.
-  policy_params = jax.tree.map(jnp.copy, policy_params)
+  lora_cfg = lora.config() if lora is not None else None
+  if lora_cfg is not None:
+    # The base is not donated to the train step (train.state.split_frozen): no copy needed.
+    model = lora_lib.LoraModel(model, lora_cfg)
+    policy_params = lora_lib.make_params(model, policy_params, lora_cfg, mesh)
+  else:
+    # The train state is donated to every step: the policy needs buffers of its own, or the first
+    # step would free the reference's.
+    policy_params = jax.tree.map(jnp.copy, policy_params)
   reward = None
   if sources.reward_model_workdir:
     reward = scoring.load_reward_model(sources.reward_model_workdir, policy_tokenizer=tokenizer,
@@ -130,7 +144,15 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_sec
     raise ValueError("config.sources.reward_model_workdir is empty; allowed: the workdir of a "
                      "trained reward model (this method scores samples with it)")
   return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step,
-                      os.path.abspath(ref_workdir) if ref_workdir else "", ref_step)
+                      os.path.abspath(ref_workdir) if ref_workdir else "", ref_step, lora_cfg)
+
+
+def lora_fingerprint(lora_cfg: Any, params: Any) -> dict:
+  """``{"lora": {its config, "base": fingerprint of the base}}`` for a run's fingerprint ({} without
+  LoRA): a resumed LoRA run must find the same adapters' config and the very same base."""
+  if lora_cfg is None or not lora_lib.is_lora(params):
+    return {}
+  return {"lora": {**dataclasses.asdict(lora_cfg), "base": lora_lib.base_fingerprint(params.base)}}
 
 
 def check_config_keys(config: Any, known: set[str], method: str) -> None:
@@ -156,7 +178,7 @@ def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> t
   if aggregation not in losses.TOKEN_AGGREGATIONS:
     raise ValueError(f"aggregation={aggregation!r} is invalid; allowed: "
                      f"{' | '.join(losses.TOKEN_AGGREGATIONS)}")
-  dropout = model.config.dropout_rate > 0
+  dropout = lora_lib.uses_dropout(model)  # model dropout, or LoRA's on the adapters' inputs
 
   def loss_fn(params, batch, rng):
     if dropout and rng is not None:

@@ -9,6 +9,8 @@ method (``--config.sources.sft_workdir=...`` means the same thing for the RM, DP
 * ``config.data`` (:class:`DataSource`, or a method's subclass adding its own fields) — where
   the records come from (the synthetic task or JSONL files) and how they are batched.
 * ``config.limits`` (:class:`Limits`) — token limits and padding buckets.
+* ``config.lora`` (:class:`Lora`, optional) — LoRA adapters over a frozen base that the policy
+  and its reference share (``models.lora``); off unless ``enabled``.
 
 The validators at the bottom (:func:`check_int`, :func:`check_choice`, :func:`check_file`) make
 every error name ``Class.field``, the bad value and what is allowed.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any, ClassVar, Sequence
+
+from rlhf_jax.models import lora as lora_lib
 
 DATA_SOURCES = ("synthetic", "jsonl")
 
@@ -202,3 +206,40 @@ class Limits:
     if self.max_len > max_seq_len:
       raise ValueError(f"config.limits.max_prompt_len + max_response_len = {self.max_len} exceeds "
                        f"the model's max_seq_len={max_seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora(lora_lib.LoraConfig):
+  """``config.lora``: LoRA adapters (``models.lora.LoraConfig``'s fields) plus ``enabled``.
+
+  With ``enabled`` the method trains only adapters on the kernels ``targets`` selects
+  (default: attention q/k/v/o and MLP up/gate/down), ``(x A) B · alpha / rank`` with B = 0 at
+  step 0; the base stays frozen and is the reference (DPO family, PRO / RRHF, PPO's KL) from the
+  same arrays; checkpoints hold the adapters and a fingerprint of the base.
+
+  Attributes:
+    enabled: train LoRA adapters instead of every weight.
+  """
+
+  enabled: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.enabled, bool):
+      raise ValueError(f"Lora.enabled={self.enabled!r} is invalid; allowed: True | False")
+    super().__post_init__()
+
+  def config(self) -> lora_lib.LoraConfig | None:
+    """The ``LoraConfig`` when enabled, else None."""
+    if not self.enabled:
+      return None
+    return lora_lib.LoraConfig(**{
+        f.name: getattr(self, f.name) for f in dataclasses.fields(lora_lib.LoraConfig)})
+
+
+def lora_section(config: Any) -> Lora:
+  """``config.lora`` as a :class:`Lora` (disabled when the config has no ``lora`` section)."""
+  from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
+  section = config.get("lora") if hasattr(config, "get") else None
+  if section is None:
+    return Lora()
+  return config_dicts.to_dataclass(Lora, section, "lora")

@@ -48,6 +48,7 @@ from rlhf_jax import losses, models, train
 from rlhf_jax.algorithms import reference
 from rlhf_jax.algorithms.offline import pairwise_shell
 from rlhf_jax.data.kinds import pairwise
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.train import config_dicts
 
 METHODS = ("dpo", "simpo", "orpo")
@@ -177,7 +178,7 @@ def make_loss_fn(model: models.Transformer, cfg: DPOLossConfig) -> train.loop.Lo
   ``rng=None`` is eval mode (deterministic). With ``rng`` given, dropout is on only if the model
   has ``dropout_rate > 0`` and ``cfg.disable_dropout`` is False.
   """
-  dropout = model.config.dropout_rate > 0 and not cfg.disable_dropout
+  dropout = lora_lib.uses_dropout(model) and not cfg.disable_dropout  # model's or LoRA's
 
   def loss_fn(params, batch, rng):
     tokens, mask, loss_mask = batch["tokens"], batch["mask"], batch["loss_mask"]

@@ -29,7 +29,8 @@ from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
 
 KNOWN_KEYS = {
-    "method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval", "mesh"}
+    "method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval", "mesh",
+    "lora"}
 
 
 def train_offline_policy(
@@ -62,12 +63,13 @@ def train_offline_policy(
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
+  lora = sections.lora_section(config)
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
                               tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,
-                              need_reward=need_reward(data_cfg))
+                              need_reward=need_reward(data_cfg), lora=lora)
   limits.check_model(loaded.model_config.max_seq_len)
   data = prepare_data(data_cfg, limits, sources, loaded, mesh, workdir, eval_cfg.num_prompts,
                       config.seed)
@@ -86,7 +88,8 @@ def train_offline_policy(
 
   fingerprint = {
       "method": method, "model": dataclasses.asdict(loaded.model_config),
-      "tokenizer": loaded.tokenizer.fingerprint(), **(fingerprint_extra or {})}
+      "tokenizer": loaded.tokenizer.fingerprint(), **(fingerprint_extra or {}),
+      **common.lora_fingerprint(loaded.lora, loaded.policy_params)}
   extra = {} if token_count is None else {"token_count": token_count}
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,

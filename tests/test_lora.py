@@ -1,0 +1,331 @@
+"""LoRA (models/lora.py): exact step-0 base, adapters-only training, merge, shared frozen base,
+sharding, resume, and DPO / PPO runs with adapters."""
+
+import dataclasses
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from offline_fixtures import TINY_RUN, load_config, override, tiny_sft_workdir
+from rlhf_jax import models, parallel, train
+from rlhf_jax.algorithms import common, sections
+from rlhf_jax.models import lora
+from rlhf_jax.train import config_dicts
+
+TINY = models.get_model_config("tiny")
+MESHED = dataclasses.replace(TINY, vocab_size=264)  # the vocabulary divides over tensor=2
+LORA = lora.LoraConfig(rank=4, alpha=8.0)
+
+
+def _model(scan=False, **overrides):
+  cfg = dataclasses.replace(TINY, scan_layers=scan, **overrides)
+  model = models.Transformer(cfg)
+  dummy = jnp.ones((1, 8), jnp.int32)
+  base = nn.meta.unbox(model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
+  return model, base
+
+
+def _batch(b=2, t=12, seed=1):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 250, size=(b, t)).astype(np.int32)
+  mask = np.ones((b, t), np.int32)
+  mask[0, :3] = 0  # left padding
+  mask[1, -2:] = 0  # right padding
+  loss_mask = mask.copy()
+  loss_mask[:, :5] = 0
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def _perturbed(params: lora.LoraParams, scale=0.05, seed=3) -> lora.LoraParams:
+  """Adapters with B != 0 (what training produces), so the adapted model differs from the base."""
+  leaves, treedef = jax.tree_util.tree_flatten(params.lora)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  return params.replace(lora=jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_step_zero_output_equals_the_base_exactly(scan):
+  model, base = _model(scan)
+  lm = lora.LoraModel(model, LORA)
+  params = lora.make_params(lm, base, LORA)
+  batch = _batch()
+  want = model.apply({"params": base}, batch["tokens"], batch["mask"]).logits_BxTxV
+  got = lm.apply({"params": params}, batch["tokens"], batch["mask"]).logits_BxTxV
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # A is random (Hu et al.: only B starts at 0), so the adapters do train from step 0.
+  a_leaves = [v["a"] for v in jax.tree.leaves(params.lora, is_leaf=lora._is_adapter)]
+  assert all(float(jnp.std(a)) > 0 for a in a_leaves)
+  b_leaves = [v["b"] for v in jax.tree.leaves(params.lora, is_leaf=lora._is_adapter)]
+  assert all(not np.any(np.asarray(b)) for b in b_leaves)
+
+
+def test_kaiming_init_matches_peft_bound():
+  model, base = _model()
+  adapters = lora.init_adapters(lora.LoraModel(model, LORA), LORA)
+  a_q = np.asarray(adapters["layers_0"]["attn"]["q_kernel"]["a"])  # [D, r]
+  a_o = np.asarray(adapters["layers_0"]["attn"]["o_kernel"]["a"])  # [N, H, r]: fan_in = N * H
+  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, fan_in] -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  assert np.abs(a_q).max() <= 1 / np.sqrt(TINY.d_model) and a_q.std() > 0.3 / np.sqrt(TINY.d_model)
+  fan_o = TINY.n_heads * TINY.head_size
+  assert np.abs(a_o).max() <= 1 / np.sqrt(fan_o) and a_o.std() > 0.3 / np.sqrt(fan_o)
+
+
+def test_reference_with_adapters_off_is_the_base_bit_for_bit():
+  model, base = _model()
+  lm = lora.LoraModel(model, LORA)
+  params = _perturbed(lora.make_params(lm, base, LORA))
+  batch = _batch()
+  want = model.apply({"params": base}, batch["tokens"], batch["mask"]).logits_BxTxV
+  ref = lm.apply({"params": params.base}, batch["tokens"], batch["mask"]).logits_BxTxV
+  np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
+  adapted = lm.apply({"params": params}, batch["tokens"], batch["mask"]).logits_BxTxV
+  assert float(jnp.max(jnp.abs(adapted - want))) > 1e-2  # the adapters do change the policy
+  # Through the methods' loader: the reference *is* the policy's base (the same arrays, no copy).
+  mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
+  loaded = common.load_models(sections.Sources(), mesh,
+                              model_section=config_dicts.model_section("tiny"),
+                              lora=sections.Lora(enabled=True, rank=4))
+  assert isinstance(loaded.model, lora.LoraModel) and lora.is_lora(loaded.policy_params)
+  for ref_leaf, base_leaf in zip(jax.tree.leaves(loaded.ref_params),
+                                 jax.tree.leaves(loaded.policy_params.base)):
+    assert ref_leaf is base_leaf
+  ref_logps = models.response_logps(loaded.model, loaded.ref_params, batch["tokens"], batch["mask"],
+                                    batch["loss_mask"])
+  plain_logps = models.response_logps(models.Transformer(loaded.model_config), loaded.ref_params,
+                                      batch["tokens"], batch["mask"], batch["loss_mask"])
+  np.testing.assert_array_equal(np.asarray(ref_logps), np.asarray(plain_logps))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_merged_logits_equal_adapter_logits(scan):
+  model, base = _model(scan)
+  lm = lora.LoraModel(model, LORA)
+  params = _perturbed(lora.make_params(lm, base, LORA))
+  batch = _batch()
+  adapted = lm.apply({"params": params}, batch["tokens"], batch["mask"]).logits_BxTxV
+  merged = lora.merge(params, LORA)
+  assert jax.tree.structure(merged) == jax.tree.structure(base)
+  got = model.apply({"params": merged}, batch["tokens"], batch["mask"]).logits_BxTxV
+  np.testing.assert_allclose(np.asarray(got), np.asarray(adapted), atol=1e-5, rtol=1e-5)
+  # The merge is W + A.B.alpha/r, written out for one kernel in NumPy float64.
+  w = np.asarray(base["layers" if scan else "layers_0"]["attn"]["o_kernel"], np.float64)
+  node = params.lora["layers" if scan else "layers_0"]["attn"]["o_kernel"]
+  a, b = np.asarray(node["a"], np.float64), np.asarray(node["b"], np.float64)
+  spec = "lnhr,lrd->lnhd" if scan else "nhr,rd->nhd"
+  want = w + np.einsum(spec, a, b) * LORA.alpha / LORA.rank
+  got_w = np.asarray(merged["layers" if scan else "layers_0"]["attn"]["o_kernel"])
+  np.testing.assert_allclose(got_w, want, atol=1e-6)
+
+
+def _nll(model):
+  return common.nll_loss_fn(model)
+
+
+def test_only_adapters_receive_gradients_and_optimizer_state():
+  model, base = _model()
+  lm = lora.LoraModel(model, LORA)
+  params = lora.make_params(lm, base, LORA)
+  batch = _batch()
+  grads = jax.grad(lambda p: _nll(lm)(p, batch, None)[0])(params)
+  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads.base))
+  assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads.lora))
+
+  mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
+  optimizer, schedule = train.make_optimizer(train.OptimConfig(lr=1e-2, warmup_steps=0), 10)
+  state = train.create_train_state(params, optimizer, jax.random.PRNGKey(0), mesh)
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  assert sum(x.size for x in moments) == 2 * lora.count_params(params.lora)  # Adam's mu and nu
+  step = train.jit_train_step(train.make_train_step(_nll(lm), optimizer, schedule), state, mesh)
+  base_before, lora_before = jax.device_get(params.base), jax.device_get(params.lora)
+  new_state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  # The base is not donated: the same buffers, still alive (the reference keeps reading them).
+  for old, new in zip(jax.tree.leaves(params.base), jax.tree.leaves(new_state.params.base)):
+    assert old is new and not old.is_deleted()
+  jax.tree.map(np.testing.assert_array_equal, base_before, jax.device_get(new_state.params.base))
+  # Every B moved off 0 (A's gradient is x^T (g B^T), zero while B = 0, as in Hu et al.).
+  new_lora = jax.device_get(new_state.params.lora)
+  for path, node in jax.tree_util.tree_flatten_with_path(new_lora, is_leaf=lora._is_adapter)[0]:
+    assert np.any(node["b"] != 0), lora.path_str(path)
+  assert jax.tree.structure(new_lora) == jax.tree.structure(lora_before)
+
+
+def test_targets_that_match_nothing_or_a_non_kernel_are_errors_naming_the_pattern():
+  model, _ = _model()
+  cfg = lora.LoraConfig(targets=r"attn/nothing_here")
+  with pytest.raises(ValueError, match=re.escape("targets='attn/nothing_here' matches no param")):
+    lora.init_adapters(lora.LoraModel(model, cfg), cfg)
+  cfg = lora.LoraConfig(targets=r"final_norm")
+  with pytest.raises(ValueError, match="final_norm/scale.*not a matmul kernel"):
+    lora.init_adapters(lora.LoraModel(model, cfg), cfg)
+  with pytest.raises(ValueError, match=re.escape("Lora.rank=0 is invalid")):
+    sections.Lora(enabled=True, rank=0)
+  with pytest.raises(ValueError, match=re.escape("Lora.targets='(' is invalid")):
+    sections.Lora(targets="(")
+  with pytest.raises(ValueError, match=re.escape("config.lora.rnk")):
+    sections.lora_section(ml_collections.ConfigDict({"lora": {"rnk": 4}}))
+
+
+class _Batches:
+  """A resumable iterator over fixed batches (the loop's CheckpointableIterator)."""
+
+  def __init__(self, n=6):
+    self.batches = [_batch(b=4, seed=i) for i in range(n)]
+    self.pos = 0
+
+  def __next__(self):
+    batch = self.batches[self.pos % len(self.batches)]
+    self.pos += 1
+    return batch
+
+  def get_state(self):
+    return {"pos": self.pos}
+
+  def set_state(self, state):
+    self.pos = int(state["pos"])
+
+
+def _run(workdir, base, num_steps=4, stop_after=0, lora_cfg=LORA):
+  model = models.Transformer(TINY)
+  lm = lora.LoraModel(model, lora_cfg)
+  mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
+  params = lora.make_params(lm, base, lora_cfg)
+  optimizer, schedule = train.make_optimizer(train.OptimConfig(lr=1e-2, warmup_steps=1), num_steps)
+  state = train.create_train_state(params, optimizer, jax.random.PRNGKey(0), mesh)
+  fingerprint = {
+      "model": dataclasses.asdict(TINY), **common.lora_fingerprint(lora_cfg, params)}
+  loop = train.LoopConfig(num_steps=num_steps, log_every=1, checkpoint_every=2,
+                          stop_after_steps=stop_after, progress_every_secs=0.0)
+  return train.train(workdir=workdir, config=loop, state=state, data=_Batches(),
+                     fingerprint=fingerprint, mesh=mesh,
+                     step_fn=train.make_train_step(_nll(lm), optimizer, schedule),
+                     tensorboard_events=False)
+
+
+def test_resume_is_bit_identical_checkpoints_hold_adapters_only_and_refuse_another_base(tmp_path):
+  _, base = _model()
+  full = _run(str(tmp_path / "full"), base)
+  first = _run(str(tmp_path / "cut"), base, stop_after=2)
+  assert first.preempted and first.step == 2
+  resumed = _run(str(tmp_path / "cut"), base)
+  assert resumed.step == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.state.params.lora),
+               jax.device_get(resumed.state.params.lora))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.state.opt_state),
+               jax.device_get(resumed.state.opt_state))
+  assert [r["loss"] for r in train.read_metrics(str(tmp_path / "full"), "train")] == \
+      [r["loss"] for r in train.read_metrics(str(tmp_path / "cut"), "train")]
+  # The checkpoint holds the adapters, not the base.
+  saved = train.restore_params(str(tmp_path / "full"), 4)
+  names = [lora.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
+  assert names and all(n.startswith("lora/") for n in names), names[:5]
+  assert sum(x.size for x in jax.tree.leaves(saved)) == lora.count_params(full.state.params.lora)
+  # Another base (one weight changed) is refused, naming the LoRA base fingerprint.
+  other = jax.tree.map(lambda x: x, base)
+  other["final_norm"]["scale"] = other["final_norm"]["scale"].at[0].add(1e-3)
+  with pytest.raises(train.WorkdirMismatchError, match="lora"):
+    _run(str(tmp_path / "cut"), other)
+
+
+def test_base_fingerprint_is_exact_and_independent_of_the_mesh():
+  _, base = _model(vocab_size=MESHED.vocab_size)
+  fp = lora.base_fingerprint(base)
+  assert fp == lora.base_fingerprint(jax.tree.map(jnp.copy, base))
+  changed = dict(base, embedding=base["embedding"].at[5, 7].set(base["embedding"][5, 7] + 1e-7))
+  assert lora.base_fingerprint(changed) != fp
+  mesh = parallel.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded = common.place_params(base, models.Transformer(MESHED), mesh)
+  assert lora.base_fingerprint(sharded) == fp
+
+
+def _kernel_specs(spec, ndim):
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def test_adapters_are_sharded_like_their_base_kernels_on_a_2x2x2_mesh():
+  mesh = parallel.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2})
+  for scan in (False, True):
+    cfg = dataclasses.replace(MESHED, scan_layers=scan)
+    model = models.Transformer(cfg)
+    lm = lora.LoraModel(model, LORA)
+    dummy = jnp.ones((1, 8), jnp.int32)
+    base = parallel.create_sharded(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy),
+                                   mesh)["params"]
+    adapters = lora.init_adapters(lm, LORA, mesh)
+    flat_base = {lora.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(base)[0]}
+    checked = 0
+    for path, node in jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lora._is_adapter)[0]:
+      name = lora.path_str(path)
+      w = flat_base[name]
+      w_spec = _kernel_specs(w.sharding.spec, w.ndim)
+      stack = 1 if scan else 0
+      k = 2 if name.endswith("o_kernel") else 1
+      a_spec = _kernel_specs(node["a"].sharding.spec, node["a"].ndim)
+      b_spec = _kernel_specs(node["b"].sharding.spec, node["b"].ndim)
+      assert a_spec == w_spec[:stack + k] + (None,), (name, a_spec, w_spec)
+      assert b_spec == w_spec[:stack] + (None,) + w_spec[stack + k:], (name, b_spec, w_spec)
+      assert any(ax is not None for ax in a_spec + b_spec), name  # really sharded somewhere
+      checked += 1
+    assert checked == 7 * (1 if scan else cfg.n_layers)
+    # The sharded LoRA forward equals the single-device one.
+    params = _perturbed(lora.LoraParams(base=base, lora=adapters))
+    batch = _batch(b=4)
+    with parallel.use_mesh(mesh, parallel.DEFAULT_RULES):
+      got = jax.jit(lambda p, t, m: lm.apply({"params": p}, t, m).logits_BxTxV)(
+          params, batch["tokens"], batch["mask"])
+    host = jax.device_get(params)
+    want = lm.apply({"params": host}, batch["tokens"], batch["mask"]).logits_BxTxV
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_adapter_dropout_only_in_training_mode():
+  cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+  model, base = _model()
+  lm = lora.LoraModel(model, cfg)
+  params = _perturbed(lora.make_params(lm, base, cfg))
+  batch = _batch()
+  loss = common.nll_loss_fn(lm)
+  eval1, eval2 = loss(params, batch, None)[0], loss(params, batch, None)[0]
+  assert float(eval1) == float(eval2)
+  train1 = loss(params, batch, jax.random.PRNGKey(1))[0]
+  train2 = loss(params, batch, jax.random.PRNGKey(2))[0]
+  assert float(train1) != float(train2) and float(train1) != float(eval1)
+  # The reference (base, adapters off) ignores the LoRA dropout entirely.
+  ref1 = loss(params.base, batch, jax.random.PRNGKey(1))[0]
+  assert float(ref1) == float(loss(params.base, batch, None)[0])
+
+
+def _lora_section(**kw):
+  return ml_collections.ConfigDict({
+      "enabled": True, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": lora.DEFAULT_TARGETS,
+      "init": "kaiming", "seed": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+  return tiny_sft_workdir(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_trains_and_improves_its_loss(sft_dir, tmp_path):
+  from rlhf_jax.algorithms.offline import dpo  # pylint: disable=import-outside-toplevel
+  config = override(
+      load_config("dpo_synthetic"), {
+          **TINY_RUN, "data.batch_size": 8, "limits.buckets": (80,), "data.num_eval_pairs": 8,
+          "sources.sft_workdir": sft_dir, "loop.num_steps": 12, "loop.log_every": 4,
+          "loop.checkpoint_every": 12, "optim.lr": 2e-2, "loss.beta": 0.5})
+  config.lora = _lora_section()
+  workdir = str(tmp_path / "dpo_lora")
+  final = dpo.train_and_evaluate(config, workdir)
+  assert final["step"] == 12 and np.isfinite(final["pairs/loss"])
+  rows = train.read_metrics(workdir, "train")
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.01, [r["loss"] for r in rows]
+  stored = train.read_json(os.path.join(workdir, "run_fingerprint.json"))
+  assert stored["lora"]["rank"] == 8 and len(stored["lora"]["base"]) == 16
