@@ -248,6 +248,13 @@ def test_missing_artifact_and_bad_info(tmp_path):
 # -- data: bad input is an error or a counted skip ------------------------------------------------
 
 
+def _fake_step(run_dir, step):
+  """A committed-looking checkpoint step folder (orbax metadata, no manifest: counted as a step;
+  an empty folder is an unusable checkpoint)."""
+  (run_dir / "checkpoints" / str(step)).mkdir(parents=True)
+  (run_dir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+
+
 def _write(path, rows):
   with open(path, "w") as f:
     for row in rows:
@@ -313,7 +320,7 @@ def test_rating_pairs_for_per_attribute_metrics():
 
 def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
   sft_dir = tmp_path / "sft"
-  (sft_dir / "checkpoints" / "5").mkdir(parents=True)
+  _fake_step(sft_dir, 5)
   (sft_dir / "config.json").write_text(json.dumps({"sources": {"tokenizer": "byte"}}))
   fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=_OtherTokenizer(), step=5)
   monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
@@ -333,7 +340,7 @@ def test_rm_tokenizer_must_match_the_sft_run(tmp_path, monkeypatch):
 
 def test_compute_dtype_overrides_only_the_sft_model_configs_dtype(tmp_path, monkeypatch):
   sft_dir = tmp_path / "sft"
-  (sft_dir / "checkpoints" / "5").mkdir(parents=True)
+  _fake_step(sft_dir, 5)
   (sft_dir / "config.json").write_text(json.dumps({"sources": {"tokenizer": "byte"}}))
   fake = train.SFTCheckpoint(params=None, model_config=CFG, tokenizer=TOK, step=5)
   monkeypatch.setattr(reward_model.train, "load_sft_params", lambda workdir: fake)
@@ -386,14 +393,14 @@ def test_sft_stopped_by_sigterm_stops_the_launcher_and_an_unfinished_sft_is_resu
   config = _rm_config(sft_dir)
   assert reward_model.ensure_sft_run(config) is False and len(calls) == 1  # preempted: no RM
   # The preempted run left a checkpoint of the default config but no final metrics: resume it.
-  (sft_dir / "checkpoints" / "3").mkdir(parents=True)
+  _fake_step(sft_dir, 3)
   (sft_dir / "config.json").write_text(json.dumps(reward_model._sft_default_config().to_dict()))
   result["preempted"] = False
   assert reward_model.ensure_sft_run(config) is True and len(calls) == 2
   (sft_dir / reward_model.train.FINAL_METRICS_FILE).write_text("{}")
   assert reward_model.ensure_sft_run(config) is True and len(calls) == 2  # finished: used as is
   other = tmp_path / "other_sft"  # an unfinished run of another config is the user's: used as is
-  (other / "checkpoints" / "7").mkdir(parents=True)
+  _fake_step(other, 7)
   (other / "config.json").write_text(json.dumps({"loop": {"num_steps": 7}}))
   assert reward_model.ensure_sft_run(_rm_config(other)) is True and len(calls) == 2
   with pytest.raises(FileNotFoundError, match="holds no SFT run"):
