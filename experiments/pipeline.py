@@ -242,7 +242,7 @@ def main(argv):
     if failure is None:
       raise
     print(f"{argv[0]}: {failure[0]}\n(RLHF_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
-    sys.exit(failure[1])
+    cli.quiet_exit(failure[1])
 
 
 if __name__ == "__main__":

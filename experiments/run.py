@@ -103,6 +103,8 @@ def main(argv):
     print(f"{argv[0]}: flag error: {cli.short_message(err)}\n(--debug shows the traceback)",
           file=sys.stderr)
     sys.exit(2)
+  if not debug:
+    cli.quiet_background_errors()
   workdir = _WORKDIR.value
   done = finished_earlier(config, workdir)
   if done is not None:
@@ -128,7 +130,7 @@ def main(argv):
       raise
     print(f"{argv[0]}: {failure[0]}\n(--debug or RLHF_JAX_DEBUG=1 shows the traceback)",
           file=sys.stderr)
-    sys.exit(failure[1])
+    cli.quiet_exit(failure[1])
   signum = signals.stop_requested()
   if signum is not None:
     print(

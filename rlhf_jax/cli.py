@@ -18,10 +18,13 @@ from __future__ import annotations
 import difflib
 import errno
 import importlib.util
+import logging
 import os
+import re
 import runpy
 import shutil
 import sys
+import threading
 
 from absl import flags
 
@@ -135,23 +138,64 @@ def _no_space(err: BaseException) -> bool:
 
 
 def _failed_path(err: BaseException) -> str | None:
+  """The file an error names: ``OSError.filename``, else the first quoted absolute path in the
+  message (tensorstore / orbax: ``Failed writing: "/w/checkpoints/40.orbax-checkpoint-tmp/..."``)."""
   seen = err
   while seen is not None:
     if getattr(seen, "filename", None):
       return str(seen.filename)
+    match = re.search(r'"(/[^"]+)"', str(seen))
+    if match:
+      return match.group(1)
     seen = seen.__cause__ or seen.__context__
   return None
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return ""
 
 
 def _free_space(path: str) -> str:
   path = os.path.abspath(path)
   while path and not os.path.exists(path):
     path = os.path.dirname(path)
+  mount = path
+  while not os.path.ismount(mount):
+    mount = os.path.dirname(mount)
   try:
     usage = shutil.disk_usage(path)
   except OSError:
-    return "unknown"
-  return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.2f} GiB on {path}"
+    return "free space unknown"
+  return f"{_size(usage.free)} free of {_size(usage.total)} on {mount}"
+
+
+def quiet_exit(status: int) -> None:
+  """Exits now, without the interpreter's shutdown: orbax's abandoned asyncio tasks would
+  otherwise print a traceback each after the one-line error (every file was closed before)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def quiet_background_errors() -> None:
+  """Background-thread and unraisable errors (orbax's writer threads after a failed write) print
+  one line each, once per kind, instead of a traceback each; the main thread's error follows."""
+  seen = set()
+
+  def one_line(kind: str, exc: BaseException | None) -> None:
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    if (kind, type(exc)) not in seen:
+      seen.add((kind, type(exc)))
+      print(f"({kind}: {text})", file=sys.stderr)
+
+  threading.excepthook = lambda args: one_line(f"thread {args.thread.name if args.thread else ''}",
+                                               args.exc_value)
+  sys.unraisablehook = lambda args: one_line("ignored", args.exc_value)
 
 
 def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None:
