@@ -144,13 +144,19 @@ def test_dapo_gspo_with_dynamic_sampling_and_overlong_runs(tmp_path):
           "ppo.algorithm": "grpo", "ppo.num_samples": 2, "ppo.loss_type": "dapo",
           "ppo.importance_sampling_level": "sequence", "ppo.clip_eps_high": 0.28,
           "ppo.dynamic_sampling": True, "ppo.dynamic_sampling_tol": 1e9,
-          "ppo.dynamic_sampling_max_batches": 2, "ppo.overlong_buffer_len": 4})
+          "ppo.dynamic_sampling_max_batches": 2, "ppo.overlong_buffer_len": 4,
+          "ppo.mask_truncated_completions": True})
   result = run_tiny(tmp_path / "dapo", config)
   _assert_trained(result, tmp_path / "dapo")
   rows = [r for r in _metrics(tmp_path / "dapo") if "dynamic_sampling_generations" in r]
   assert rows and all(r["dynamic_sampling_generations"] == 2.0 for r in rows)
   assert all(r["dynamic_sampling_shortfall"] == 4.0 for r in rows)
   assert all("overlong_penalty" in r for r in rows)
+  # 8-token answers of a near-random model are mostly cut: they leave the loss entirely
+  assert any(r["truncated_fraction"] > 0 for r in rows)
+  for r in rows:
+    if r["truncated_fraction"] == 1.0:
+      assert r["pg_loss"] == 0.0 and r["kl_loss"] == 0.0
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     batches (``ppo.dynamic_sampling``); with the reward model's continuous scores this happens only
     when a group's answers are identical (``dynamic_sampling_kept_fraction`` in metrics.jsonl);
   - soft overlong punishment: answers longer than 48 - 8 = 40 tokens lose up to 1
-    (``ppo.overlong_buffer_len=8``).
+    (``ppo.overlong_buffer_len=8``);
+  - overlong filtering: answers cut at the budget (no EOS) leave the loss
+    (``ppo.mask_truncated_completions``, TRL's name).
   The KL term stays β = 0.05 · k3 for a like-for-like row with GRPO (DAPO drops it:
   ``--config.ppo.kl_coef=0``). Measured: BUILD_NOTES.md (session 5, issue 16).
   """
@@ -34,4 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.ppo.dynamic_sampling_max_batches = 3
   config.ppo.overlong_buffer_len = 8
   config.ppo.overlong_penalty_factor = 1.0
+  config.ppo.mask_truncated_completions = True
   return config

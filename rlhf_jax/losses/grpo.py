@@ -130,8 +130,8 @@ def grpo_policy_loss(
   if importance_sampling_level == "token":
     log_w_BxT = token_log_ratio_BxT
   else:
-    log_w_BxT = jnp.broadcast_to(sequence_log_ratio(logps_BxT, old_BxT, mask_BxT)[:, None],
-                                 logps.shape)
+    log_w_BxT = jnp.broadcast_to(
+        sequence_log_ratio(logps_BxT, old_BxT, mask_BxT)[:, None], logps.shape)
   # exp of a masked (zeroed) log-ratio is 1: padding never produces inf.
   w_BxT = jnp.exp(zero_masked(log_w_BxT, mask_BxT))
   if loss_type == "cispo":

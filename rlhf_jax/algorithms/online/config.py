@@ -74,6 +74,8 @@ class PPOConfig:
     overlong_buffer_len: DAPO's soft overlong punishment (OpenRLHF's
       ``--reward.overlong_buffer_len``; 0 = off): responses longer than max_new_tokens - L lose
       up to ``overlong_penalty_factor`` linearly (``losses.overlong_penalty``).
+    mask_truncated_completions: DAPO's overlong filtering (TRL's name): responses without EOS are
+      left out of the loss (they still count in their group's baseline).
     rollout_batch_size: prompts per iteration; each gets ``num_samples`` responses. In an
       experiment config this is ``config.data.batch_size``.
     num_samples: responses per prompt (>= 2 for the critic-free algorithms).
@@ -138,6 +140,7 @@ class PPOConfig:
   dynamic_sampling_max_batches: int = 3
   overlong_buffer_len: int = 0
   overlong_penalty_factor: float = 1.0
+  mask_truncated_completions: bool = False
 
   def __post_init__(self):
     c = "PPOConfig"
@@ -170,8 +173,9 @@ class PPOConfig:
            "'token' with loss_type='' (set a loss_type, e.g. 'grpo', for GSPO's sequence ratio)")
     elif self.algorithm == "dr_grpo" and self.aggregation != "seq_mean_token_sum_norm":
       _bad(c, "aggregation", self.aggregation, "seq_mean_token_sum_norm with algorithm='dr_grpo'")
-    if not isinstance(self.dynamic_sampling, bool):
-      _bad(c, "dynamic_sampling", self.dynamic_sampling, "True | False")
+    for name in ("dynamic_sampling", "mask_truncated_completions"):
+      if not isinstance(getattr(self, name), bool):
+        _bad(c, name, getattr(self, name), "True | False")
     if self.dynamic_sampling and self.algorithm == "ppo":
       _bad(c, "dynamic_sampling", self.dynamic_sampling, "False with algorithm='ppo' (it filters "
            "the groups of the critic-free algorithms)")

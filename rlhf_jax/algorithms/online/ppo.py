@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import losses, parallel, sampling, scoring, train
-from rlhf_jax.algorithms import sections
+from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.online import models as ppo_models
 from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig
 from rlhf_jax.algorithms.online.rollout import (Rollout, make_advantage_fn, make_generate_fn,
@@ -56,6 +56,7 @@ from rlhf_jax.algorithms.online.update import PPOState, make_update_fn, place_st
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.parallel import Placement
 from rlhf_jax.train import config_dicts
 
@@ -191,11 +192,18 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   shardings = state_shardings(policy, models_.value_model, optim, total_updates, placement)
   state = place_state(params, optimizer, float(controller.initial()), jax.random.PRNGKey(seed),
                       shardings)
-  ref_params = jax.device_put(models_.ref_params, shardings.params["policy"])
+  policy_state = state.params["policy"]
+  if lora_lib.is_lora(policy_state) and models_.ref_params is models_.policy_params.base:
+    ref_params = policy_state.base  # LoRA: the reference is the frozen base, the same arrays
+  else:
+    ref_params = jax.device_put(models_.ref_params,
+                                placement.params(lora_lib.unwrap(policy)))
   fingerprint = {
       "method": "ppo", "algorithm": config.algorithm, "model": dataclasses.asdict(policy.config),
+      **common.lora_fingerprint(getattr(policy, "lora", None), policy_state),
       "tokenizer": tok.fingerprint(), "value_model": (dataclasses.asdict(models_.value_model.config)
-                                                      if models_.value_model is not None else None)}
+                                                      if models_.value_model is not None else None),
+      **train.runs.pretrained_fingerprint(getattr(models_, "pretrained", ""))}
 
   samp_cfg = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens,
                                      temperature=config.temperature, top_k=config.top_k,
@@ -375,7 +383,17 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
       phases.advantage(scores_B, old_logps, ref_logps, values, response_mask, state.kl_coef))
   t4 = time.perf_counter()
   train.check_finite(advantages=advantages, returns=returns)
-  rollout = Rollout(tokens_BxT, mask_BxT, response_mask, old_logps, ref_logps, values, advantages,
+  loss_mask = response_mask
+  if config.mask_truncated_completions:
+    # DAPO's overlong filtering (TRL's mask_truncated_completions): answers that never emitted EOS
+    # stay in their group's baseline but leave the loss (and the dapo token count).
+    resp_h = np.asarray(response_mask)
+    resp_t = np.asarray(tokens_BxT)[:, -resp_h.shape[1]:]
+    finished = np.any((resp_t == tok.eos_id) & (resp_h > 0), axis=1)
+    metrics["truncated_fraction"] = float(1.0 - finished.mean())
+    (loss_mask,) = parallel.shard_batch((resp_h * finished[:, None].astype(resp_h.dtype),),
+                                        placement.mesh, placement.rules)
+  rollout = Rollout(tokens_BxT, mask_BxT, loss_mask, old_logps, ref_logps, values, advantages,
                     returns)
 
   resp_mask_host = np.asarray(response_mask)
@@ -402,7 +420,8 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
   return rollout, metrics
 
 
-KNOWN_KEYS = ("seed", "method", "sources", "data", "limits", "ppo", "loop", "optim", "eval", "mesh")
+KNOWN_KEYS = ("seed", "method", "sources", "data", "limits", "ppo", "loop", "optim", "eval", "mesh",
+              "lora")
 # PPOConfig fields an experiment config sets in the shared sections instead (one key per concept).
 FROM_SECTIONS = {
     "rollout_batch_size": "config.data.batch_size (prompts per iteration)",
@@ -449,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if models_ is None:
     models_ = ppo_models.load_models(parsed.ppo, parsed.sources,
                                      jax.random.PRNGKey(config.seed + 1), mesh=placement.mesh,
-                                     rules=placement.rules)
+                                     rules=placement.rules, lora=sections.lora_section(config))
   return run(workdir=workdir, config=parsed.ppo, loop=parsed.loop, optim=parsed.optim,
              eval_config=parsed.eval, data=parsed.data, limits=parsed.limits, models_=models_,
              seed=config.seed, run_config=config.to_dict(), placement=placement).metrics
