@@ -333,3 +333,28 @@ def test_no_safetensors(tmp_path):
   with pytest.raises(hf.HFCheckpointError, match=r"no model.safetensors or "
                      r"model.safetensors.index.json"):
     hf.load_pretrained(str(tmp_path))
+
+
+# ---- the logit checker CLI ----
+
+
+def test_check_cli_passes_on_a_faithful_load(checkpoints, capsys):
+  from rlhf_jax.models.hf import cli
+  assert cli.main(["check", f"--path={checkpoints['gemma2'][1]}", "--num_prompts=2"]) == 0
+  out = capsys.readouterr().out
+  assert "max|dlogit|" in out and "KL" in out and out.strip().splitlines()[-1].startswith("OK")
+
+
+def test_check_cli_fails_past_the_tolerance(checkpoints, capsys, monkeypatch):
+  """A load that gets one norm wrong (the (1 + w) mix-up) must exit 1."""
+  from rlhf_jax.models.hf import cli
+  real = cli.load_for_check
+
+  def wrong(path, dtype):
+    config, params = real(path, dtype)
+    params["final_norm"]["scale"] = params["final_norm"]["scale"] + 1.0
+    return config, params
+
+  monkeypatch.setattr(cli, "load_for_check", wrong)
+  assert cli.main(["check", f"--path={checkpoints['gemma'][1]}", "--num_prompts=1"]) == 1
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("FAIL")
