@@ -226,6 +226,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger().setLevel(logging.INFO)
+  if not cli.debug_requested(sys.argv):
+    cli.quiet_background_errors()
   program = sys.argv[0]  # the script, or the rlhf-pipeline console script
   program = f"python {os.path.relpath(program)}" if program.endswith(".py") else \
       os.path.basename(program)

@@ -184,7 +184,8 @@ def quiet_exit(status: int) -> None:
 
 def quiet_background_errors() -> None:
   """Background-thread and unraisable errors (orbax's writer threads after a failed write) print
-  one line each, once per kind, instead of a traceback each; the main thread's error follows."""
+  one line each, once per kind, and orbax's error log records lose their traceback; the main
+  thread's one-line error follows. Installed by the launchers unless debugging."""
   seen = set()
 
   def one_line(kind: str, exc: BaseException | None) -> None:
@@ -193,6 +194,17 @@ def quiet_background_errors() -> None:
       seen.add((kind, type(exc)))
       print(f"({kind}: {text})", file=sys.stderr)
 
+  class _OneLine(logging.Filter):
+    """orbax's own error records (each with the same failed write's traceback): message only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+      if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
+      return True
+
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_OneLine())
   threading.excepthook = lambda args: one_line(f"thread {args.thread.name if args.thread else ''}",
                                                args.exc_value)
   sys.unraisablehook = lambda args: one_line("ignored", args.exc_value)

@@ -331,7 +331,7 @@ class Checkpointer:
     """``(step, state, data_state)`` of the newest usable step, or None when there is none.
 
     A step is usable when its files match its manifest (or it has none yet: a run killed between
-    orbax's commit and the manifest), it restores, and every floating-point value is finite. An
+    orbax's commit and the manifest), it restores, and every floating-point param is finite. An
     unusable step is reported in one line (path, what is wrong), moved to
     ``<workdir>/corrupt_checkpoints/`` (so the resumed run can write that step again) and the
     previous one is tried.
@@ -349,7 +349,8 @@ class Checkpointer:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         bad.append((step, f"orbax could not restore it ({type(err).__name__}: {first})"))
         continue
-      nonfinite = nonfinite_leaves(state)
+      # Params only: an optimiser state may hold inf by design (e.g. a plateau tracker's best).
+      nonfinite = nonfinite_leaves(getattr(state, "params", state))
       if nonfinite:
         bad.append((step, f"it holds NaN/inf in {', '.join(nonfinite[:3])}"
                     f"{' ...' if len(nonfinite) > 3 else ''}"))
