@@ -309,6 +309,8 @@ def run_method(method: str, launcher: Launcher, root: str, rng: random.Random,
     row.update({
         "fault": kind, "tried": True, "detail": detail, "seconds": round(time.time() - t0, 1)})
     rows.append(row)
+    with open(os.path.join(root, "faults.json"), "w") as f:  # as it goes: a cut run keeps its rows
+      json.dump(rows, f, indent=2)
     print(
         f"  {method:4s} {kind:24s} {'survived' if row['survived'] else 'LOST':8s} "
         f"identical={row['identical']}  {detail}  {'; '.join(problems)}", flush=True)
