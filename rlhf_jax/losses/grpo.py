@@ -3,12 +3,11 @@ reward-side pieces (soft overlong punishment, dynamic-sampling group filter).
 
 Notation (per row b, response token t, mask m_bt = 1 on tokens the policy produced, n_b = Σ_t m_bt):
 
-    log w_bt = log π(y_bt) - log π_old(y_bt)                  importance_sampling_level="token"
-    log w_b  = Σ_t m_bt (log π - log π_old) / n_b            importance_sampling_level="sequence"
-                                                             (GSPO, Zheng et al. 2025, arXiv:2507.18071:
-                                                             the length-normalised sequence ratio
-                                                             exp(mean token log-ratio), broadcast
-                                                             over the row's tokens)
+    log w_bt = log π(y_bt) - log π_old(y_bt)               importance_sampling_level="token"
+    log w_b  = Σ_t m_bt (log π - log π_old) / n_b         importance_sampling_level="sequence"
+
+(the sequence level is GSPO, Zheng et al. 2025, arXiv:2507.18071: the length-normalised sequence
+ratio exp(mean token log-ratio), broadcast over the row's tokens).
 
 Per-token losses (A = advantage, ε_low = ``epsilon``, ε_high = ``epsilon_high``, default ε_low):
 
@@ -104,8 +103,8 @@ def grpo_policy_loss(
     ``importance_sampling_level`` with its defaults (``loss_type="dapo"``, ``epsilon=0.2``,
     ``epsilon_high`` = ``epsilon``).
 
-    ``logps``, ``old_logps``, ``mask``: ``[B, T]`` response-aligned; ``advantages``: ``[B]`` (one per
-    sequence, broadcast over tokens) or ``[B, T]``. Masked positions are inert (any value there,
+    ``logps``, ``old_logps``, ``mask``: ``[B, T]`` response-aligned; ``advantages``: ``[B]``
+    (one per sequence, broadcast over tokens) or ``[B, T]``. Masked positions are inert (any value there,
     inf or nan included, changes neither the loss nor its gradient).
 
     Returns ``(per_example_loss [B], metrics)``: ``clipfrac`` (tokens where the clip or, for cispo,
@@ -162,7 +161,8 @@ def overlong_penalty(response_lengths, *, max_new_tokens: int, buffer_len: int,
 
         R_length(y) = -min(|y| - L_exp, L_buffer) / L_buffer · factor   if |y| > L_exp, else 0
 
-    (TRL's ``get_soft_overlong_punishment`` with factor 1: 0 up to L_exp, linear down to -1 at L_max).
+    (TRL's ``get_soft_overlong_punishment`` with factor 1: 0 up to L_exp, linear down to -1 at
+    L_max).
     ``response_lengths`` ``[B]`` (tokens, EOS included); returns the penalty ``[B]`` (≤ 0) to add to
     the reward."""
   if not 0 < buffer_len <= max_new_tokens:

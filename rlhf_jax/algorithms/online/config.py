@@ -280,7 +280,8 @@ class OnlineDPOConfig:
   missing_eos_penalty: float = 0.0
 
   def __post_init__(self):
-    from rlhf_jax import losses  # pylint: disable=import-outside-toplevel  (jax; config stays light)
+    # pylint: disable-next=import-outside-toplevel  (imports jax; the config module stays light)
+    from rlhf_jax import losses
     c = "OnlineDPOConfig"
     if self.loss_type not in losses.DPO_LOSS_TYPES:
       _bad(c, "loss_type", self.loss_type, " | ".join(losses.DPO_LOSS_TYPES))

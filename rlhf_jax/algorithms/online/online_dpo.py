@@ -7,13 +7,14 @@ prompts x_i and
 1. samples two responses y_i^a, y_i^b ~ π_θ(·|x_i) with the KV-cache sampler
    (``rollout.make_generate_fn``, ``num_samples=2``: rows 2i, 2i+1);
 2. lets the judge pick the preferred one: the reward model (``rollout.make_score_fn``; the higher
-   score wins, ties go to the first as in TRL) or an annotator ``label_fn(prompts, a, b) → P(a ≻ b)``
-   (``feedback.annotators``; the label is drawn from P, seeded by the step, so a resumed run draws
+   score wins, ties go to the first as in TRL) or an annotator
+   ``label_fn(prompts, a, b) → P(a ≻ b)`` (``feedback.annotators``; the label is drawn from P, seeded by the step, so a resumed run draws
    the same labels);
 3. takes one optimiser step on the DPO-family loss (``losses.dpo_loss`` with ``online_dpo.
    loss_type``) with the SFT model as the frozen reference:
 
-       ℓ_i = ℓ_loss_type(β [(log π_θ(y_w|x) - log π_ref(y_w|x)) - (log π_θ(y_l|x) - log π_ref(y_l|x))])
+       ℓ_i = ℓ_loss_type(β [(log π_θ(y_w|x) - log π_ref(y_w|x))
+                            - (log π_θ(y_l|x) - log π_ref(y_l|x))])
 
    Pairs whose two responses are identical carry no preference and are left out of the mean.
 
@@ -80,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 @functools.lru_cache(maxsize=8)
 def make_ref_logps_fn(policy: models.Transformer, prompt_len: int):
-  """Jitted ``(ref_params, tokens_NxT, mask_NxT) -> summed response log-probs [N]`` (no gradient)."""
+  """Jitted ``(ref_params, tokens_NxT, mask_NxT) -> [N]`` summed response log-probs (no gradient)."""
 
   def fn(ref_params, tokens_NxT, mask_NxT):
     logps_NxR, _ = models.response_token_logps(policy, ref_params, tokens_NxT, mask_NxT, prompt_len)
