@@ -139,7 +139,8 @@ def _no_space(err: BaseException) -> bool:
 
 def _failed_path(err: BaseException) -> str | None:
   """The file an error names: ``OSError.filename``, else the first quoted absolute path in the
-  message (tensorstore / orbax: ``Failed writing: "/w/checkpoints/40.orbax-checkpoint-tmp/..."``)."""
+  message (tensorstore / orbax: ``Failed writing: "/w/checkpoints/40.orbax-checkpoint-tmp/..."``).
+  """
   seen = err
   while seen is not None:
     if getattr(seen, "filename", None):
@@ -189,7 +190,8 @@ def quiet_background_errors() -> None:
   seen = set()
 
   def one_line(kind: str, exc: BaseException | None) -> None:
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {first}"
     if (kind, type(exc)) not in seen:
       seen.add((kind, type(exc)))
       print(f"({kind}: {text})", file=sys.stderr)

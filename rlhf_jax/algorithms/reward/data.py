@@ -8,11 +8,11 @@ for rating objectives, held-out ratings.
 Bad input is handled by the record layer (``data.records``: a list of length 1, NaN or missing
 scores, ratings outside the declared scale, non-numbers all raise ``RecordError`` naming the file,
 line and field; rating objectives require ``rating_scale`` so every rating is range-checked). Ties
-are allowed and counted here: a ranked list with some equal scores yields no comparison between the
-tied candidates in ``all_pairs`` and Breslow's rule in ``plackett_luce``. Training records that carry
-no preference at all (a pair whose chosen and rejected texts are identical, a list whose scores all
-tie) are dropped and counted (``data/dropped_uninformative``), as DPO and PRO / RRHF do; a file
-of nothing else is an error naming it.
+are allowed and counted here: a ranked list with some equal scores yields no comparison between
+the tied candidates in ``all_pairs`` and Breslow's rule in ``plackett_luce``. Training records that
+carry no preference at all (a pair whose chosen and rejected texts are identical, a list whose
+scores all tie) are dropped and counted (``data/dropped_uninformative``), as DPO and PRO / RRHF
+do; a file of nothing else is an error naming it.
 """
 
 from __future__ import annotations
