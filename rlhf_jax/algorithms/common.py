@@ -92,17 +92,18 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_sec
   ``LoraParams(base, fresh adapters)``: the base is the loaded policy, not copied, and it is also
   the reference (the same arrays) unless ``sources.reference_workdir`` names another run.
   """
-  if sources.sft_workdir:
-    policy = train.load_sft_params(sources.sft_workdir)
+  if sources.policy:  # an SFT run, or a Hugging Face checkpoint (sources.pretrained)
+    spec = getattr(sources, "tokenizer", "")  # sections.Sources: must match the SFT run's
+    policy = train.load_sft_params(sources.policy,
+                                   **pretrained_kwargs(sources, mesh, model_section))
     model_config, tokenizer, sft_step = policy.model_config, policy.tokenizer, policy.step
     model = models.Transformer(model_config)
     policy_params = place_params(policy.params, model, mesh)
-    spec = getattr(sources, "tokenizer", "")  # sections.Sources: must match the SFT run's
     if spec and tok_lib.load_tokenizer(spec).fingerprint() != tokenizer.fingerprint():
       raise ReferenceMismatchError(
           f"config.sources.tokenizer={spec!r} differs from the tokenizer of the SFT run "
           f"{sources.sft_workdir} ({tokenizer!r}); allowed: '' (use the run's) or the same one")
-    ref_params, ref_workdir, ref_step = policy_params, sources.sft_workdir, sft_step
+    ref_params, ref_workdir, ref_step = policy_params, sources.policy, sft_step
     if sources.reference_workdir and (os.path.abspath(sources.reference_workdir) != os.path.abspath(
         sources.sft_workdir)):
       ref = train.load_sft_params(sources.reference_workdir)
@@ -144,7 +145,36 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_sec
     raise ValueError("config.sources.reward_model_workdir is empty; allowed: the workdir of a "
                      "trained reward model (this method scores samples with it)")
   return LoadedModels(model_config, tokenizer, model, policy_params, ref_params, reward, sft_step,
-                      os.path.abspath(ref_workdir) if ref_workdir else "", ref_step, lora_cfg)
+                      _abs_source(ref_workdir), ref_step, lora_cfg)
+
+
+def _abs_source(source: str) -> str:
+  if not source or train.runs.is_pretrained(source):
+    return source
+  return os.path.abspath(source)
+
+
+def model_overrides(model_section: Any) -> dict:
+  """The fields a ``config.model`` section sets explicitly (not ``None``; ``preset`` aside)."""
+  if model_section is None:
+    return {}
+  values = model_section.to_dict() if hasattr(model_section, "to_dict") else dict(model_section)
+  return {k: v for k, v in values.items() if k != "preset" and v is not None}
+
+
+def pretrained_kwargs(sources: sections.Sources, mesh: Any, model_section: Any = None) -> dict:
+  """``train.load_sft_params`` keywords for ``sources.policy`` ({} for an SFT run): the mesh the
+  checkpoint is born sharded on, ``sources.tokenizer`` and ``config.model``'s runtime fields."""
+  if not train.runs.is_pretrained(sources.policy):
+    return {}
+  return {
+      "mesh": mesh, "tokenizer": sources.tokenizer,
+      "model_overrides": model_overrides(model_section)}
+
+
+def pretrained_fingerprint(sources: sections.Sources) -> dict:
+  """What a run's fingerprint records of ``sources.pretrained`` ({} when unset)."""
+  return train.runs.pretrained_fingerprint(getattr(sources, "pretrained", ""))
 
 
 def lora_fingerprint(lora_cfg: Any, params: Any) -> dict:
@@ -257,10 +287,14 @@ def make_heldout_eval_fn(loss_fn: Callable, batches: list, mesh: jax.sharding.Me
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_prompts(path: str, limit: int | None = None) -> list[str]:
-  """Distinct ``prompt`` strings of a JSONL file (any record kind with a prompt), in file order."""
+def read_prompts(path: str, limit: int | None = None, chat_template: Any = None) -> list[str]:
+  """Distinct ``prompt`` strings of a JSONL file (any record kind with a prompt), in file order.
+
+  Conversational prompts are rendered with ``chat_template`` (pass the policy tokenizer's: a
+  checkpoint's Jinja template; default: the built-in one).
+  """
   seen: dict[str, None] = {}
-  for record in rec.iter_records(path, "prompt"):
+  for record in rec.iter_records(path, "prompt", chat_template=chat_template):
     seen.setdefault(record.prompt, None)
     if limit is not None and len(seen) >= limit:
       break
@@ -272,6 +306,11 @@ def read_prompts(path: str, limit: int | None = None) -> list[str]:
 def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_len: int,
                      config: policy_eval.PolicyEvalConfig, workdir: str,
                      gold: bool = True) -> policy_eval.PolicyEvaluator:
+  """The held-out policy evaluation; the synthetic gold reward only when every prompt is one of
+  the synthetic task's (users' own prompts, e.g. chat-templated ones, have no gold reward)."""
+  if gold and not all(_is_synthetic_prompt(p) for p in prompt_texts):
+    logger.info("the eval prompts are not the synthetic task's: no gold reward")
+    gold = False
   prompts = policy_eval.make_eval_prompts(loaded.tokenizer, prompt_texts,
                                           max_prompt_len=max_prompt_len)
   return policy_eval.PolicyEvaluator(
@@ -279,6 +318,14 @@ def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_l
       reward_fn=scoring.sample_reward_fn(loaded.reward) if loaded.reward is not None else None,
       gold_reward_fn=policy_eval.synthetic.gold_rewards if gold else None,
       sample_path=os.path.join(workdir, "samples.jsonl"))
+
+
+def _is_synthetic_prompt(text: str) -> bool:
+  try:
+    policy_eval.synthetic.parse_prompt(text)
+  except ValueError:
+    return False
+  return True
 
 
 def write_final(workdir: str, final: dict, method: str) -> dict:

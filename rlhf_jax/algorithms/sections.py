@@ -69,8 +69,17 @@ class Sources:
     reward_model_workdir: a trained reward model (``rlhf_jax.scoring.load_reward_model``).
     value_model_workdir: the reward model whose backbone and head initialise PPO's critic
       ('' = ``reward_model_workdir``).
+    pretrained: a Hugging Face checkpoint folder (``hf:DIR`` or ``DIR``: config.json +
+      safetensors, ``models.hf.load_pretrained``) the policy starts from instead of an SFT run:
+      policy and frozen reference (SFT itself, the DPO family, PRO / RRHF, RAFT, best-of-n,
+      PPO / GRPO / RLOO), the reward model's backbone under a new head (``rm.init=sft``) and
+      the critic's with ``critic_init=sft``. Its tokenizer (and chat template) comes with it
+      unless ``tokenizer`` is set; ``config.model`` may only set how it runs
+      (``train.runs.PRETRAINED_RUNTIME_FIELDS``: dtype, param_dtype, scan_layers, remat_policy,
+      dropout_rate). Exclusive with ``sft_workdir``; recorded in the run's fingerprint.
     tokenizer: ``data.tokenizers.load_tokenizer`` spec; '' = the tokenizer of ``sft_workdir``
-      (``byte`` when starting fresh). Given together with ``sft_workdir`` it must match it.
+      or ``pretrained`` (``byte`` when starting fresh). Given together with ``sft_workdir`` it
+      must match it.
     attribute_weights: how a multi-output reward model's K outputs become one reward,
       r = Σ_k w_k r̃_k (``scoring.resolve_attribute_weights``): ``'name:w,name:w'`` naming every
       output once, or ``'mean'`` (1/K each); '' is allowed for a single-output RM only (a K > 1 RM
@@ -84,10 +93,24 @@ class Sources:
   value_model_workdir: str = ""
   tokenizer: str = ""
   attribute_weights: str = ""
+  pretrained: str = ""
 
   def __post_init__(self):
     for name in ("sft_workdir", "reference_workdir", "reward_model_workdir", "value_model_workdir"):
       check_dir("Sources", name, getattr(self, name))
+    if not isinstance(self.pretrained, str):
+      raise ValueError(f"Sources.pretrained={self.pretrained!r} is invalid; allowed: '' or "
+                       "hf:DIR (a Hugging Face checkpoint folder)")
+    if self.pretrained:
+      folder = self.pretrained[3:] if self.pretrained.startswith("hf:") else self.pretrained
+      if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"Sources.pretrained={self.pretrained!r} is invalid; allowed: '' or "
+                         "hf:DIR, a Hugging Face checkpoint folder with config.json and "
+                         f"safetensors ({folder!r} has no config.json)")
+      if self.sft_workdir:
+        raise ValueError(f"Sources.pretrained={self.pretrained!r} and sft_workdir="
+                         f"{self.sft_workdir!r} are both set; allowed: one of them (an SFT run "
+                         "that started from the checkpoint already records it)")
     if not isinstance(self.tokenizer, str):
       raise ValueError(f"Sources.tokenizer={self.tokenizer!r} is invalid; allowed: a tokenizer "
                        "spec string (byte | hf:PATH | spm:PATH) or ''")
@@ -99,14 +122,25 @@ class Sources:
       reward_model.parse_attribute_weights(self.attribute_weights)
     except ValueError as err:
       raise ValueError(f"Sources.{err}") from None
-    if self.reference_workdir and not self.sft_workdir:
+    if self.reference_workdir and not (self.sft_workdir or self.pretrained):
       raise ValueError("Sources.reference_workdir is set but sft_workdir is empty; allowed: a "
-                       "reference only together with the SFT run that initialises the policy")
+                       "reference only together with the SFT run (or the pretrained "
+                       "checkpoint) that initialises the policy")
+
+  @property
+  def policy(self) -> str:
+    """Where the policy starts: the SFT run, ``hf:DIR`` of ``pretrained``, or '' (fresh)."""
+    if self.sft_workdir:
+      return self.sft_workdir
+    if self.pretrained:
+      return "hf:" + os.path.abspath(
+          self.pretrained[3:] if self.pretrained.startswith("hf:") else self.pretrained)
+    return ""
 
   @property
   def reference(self) -> str:
     """The frozen reference run ('' when the policy starts fresh)."""
-    return self.reference_workdir or self.sft_workdir
+    return self.reference_workdir or self.policy
 
   @property
   def value_model(self) -> str:
@@ -232,8 +266,8 @@ class Lora(lora_lib.LoraConfig):
     """The ``LoraConfig`` when enabled, else None."""
     if not self.enabled:
       return None
-    return lora_lib.LoraConfig(**{
-        f.name: getattr(self, f.name) for f in dataclasses.fields(lora_lib.LoraConfig)})
+    return lora_lib.LoraConfig(
+        **{f.name: getattr(self, f.name) for f in dataclasses.fields(lora_lib.LoraConfig)})
 
 
 def lora_section(config: Any) -> Lora:

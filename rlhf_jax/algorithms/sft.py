@@ -283,14 +283,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name in ("sft_workdir", "reference_workdir", "reward_model_workdir", "value_model_workdir",
                "attribute_weights"):
     if getattr(sources, name):
-      raise ValueError(
-          f"config.sources.{name}={getattr(sources, name)!r} is invalid for SFT; "
-          "allowed: '' (SFT trains a fresh config.model; only sources.tokenizer applies)")
-  tokenizer = tok_lib.load_tokenizer(sources.tokenizer or "byte")
-  model_section = config.model.to_dict()
-  if model_section.get("vocab_size") is None:  # follow the tokenizer unless set explicitly
-    model_section["vocab_size"] = tokenizer.vocab_size
-  model_cfg = config_dicts.build_model_config(model_section)
+      raise ValueError(f"config.sources.{name}={getattr(sources, name)!r} is invalid for SFT; "
+                       "allowed: '' (SFT trains a fresh config.model, or sources.pretrained; only "
+                       "sources.tokenizer and sources.pretrained apply)")
+  mesh = parallel.mesh_from_config(config.mesh)
+  pretrained = None
+  if sources.pretrained:  # a Hugging Face checkpoint: its architecture, weights and tokenizer
+    pretrained = train.load_sft_params(sources.policy,
+                                       **common.pretrained_kwargs(sources, mesh, config.model))
+    tokenizer, model_cfg = pretrained.tokenizer, pretrained.model_config
+  else:
+    tokenizer = tok_lib.load_tokenizer(sources.tokenizer or "byte")
+    model_section = config.model.to_dict()
+    if model_section.get("vocab_size") is None:  # follow the tokenizer unless set explicitly
+      model_section["vocab_size"] = tokenizer.vocab_size
+    model_cfg = config_dicts.build_model_config(model_section)
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   data_cfg = config_dicts.to_dataclass(SFTDataConfig, config.data, "data")
@@ -300,14 +307,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loss_fn = common.nll_loss_fn(models.Transformer(model_cfg), config.aggregation)
   except ValueError as err:
     raise ValueError(f"config.{err}") from None
-  mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")
   fingerprint = {
-      "method": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint()}
+      "method": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
+      **common.pretrained_fingerprint(sources)}
   train.check_fingerprint(workdir, fingerprint)  # refuse a foreign workdir before any work
   limits.check_model(model_cfg.max_seq_len)
   data = prepare_data(data_cfg, limits, tokenizer, workdir, vocab_size=model_cfg.vocab_size)
@@ -318,8 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   dummy = jnp.ones((1, 8), jnp.int32)
-  variables = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy), mesh)
-  state = train.create_train_state(variables["params"], optimizer, state_rng, mesh)
+  if pretrained is not None:
+    params = common.place_params(pretrained.params, model, mesh)
+  else:
+    params = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy),
+                                     mesh)["params"]
+  state = train.create_train_state(params, optimizer, state_rng, mesh)
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   eval_fn = make_eval_fn(model, tokenizer, eval_data, eval_cfg, workdir,

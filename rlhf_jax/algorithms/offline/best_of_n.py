@@ -143,7 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"config.method={config.method!r} is invalid for best_of_n.train_and_evaluate; "
         "allowed: 'best_of_n'")
   sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
-  sources.require("sft_workdir", "best-of-n", "the SFT run it samples from")
+  if not sources.policy:
+    sources.require("sft_workdir", "best-of-n", "the SFT run it samples from (or "
+                    "sources.pretrained)")
   sources.require("reward_model_workdir", "best-of-n", "the reward model that picks the best")
   cfg = config_dicts.to_dataclass(BestOfNConfig, config.bon, "bon")
   data_cfg = config_dicts.to_dataclass(BestOfNDataConfig, config.data, "data")
@@ -152,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   loaded = common.load_models(sources, mesh, need_reward=True)
-  prompts = common.read_prompts(_prompts_file(data_cfg, sources), eval_cfg.num_prompts)
+  prompts = common.read_prompts(_prompts_file(data_cfg, sources), eval_cfg.num_prompts,
+                                loaded.tokenizer.chat_template)
   evaluator = common.policy_evaluator(loaded, prompts, limits.max_prompt_len, eval_cfg, workdir)
   sft_ref = evaluator.reference()  # the SFT model's own samples (win-rate baseline)
   rm_SxN, gold_SxN, len_SxN = sample_and_score(loaded, evaluator.prompt_texts, cfg,

@@ -281,9 +281,10 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
     generated = os.path.join(data_dir, "generated_ranked.jsonl")
     key = generated_lists_key(loaded, sources, cfg, limits, gen_prompts, seed)
     cached_generated_lists(
-        generated, key,
-        lambda: generate_lists(loaded, common.read_prompts(gen_prompts, cfg.num_generation_prompts),
-                               cfg, limits, generated, seed))
+        generated, key, lambda: generate_lists(
+            loaded,
+            common.read_prompts(gen_prompts, cfg.num_generation_prompts, loaded.tokenizer.
+                                chat_template), cfg, limits, generated, seed))
     train_src = generated
   datasets = {}
   for split, src in (("train", train_src), ("eval", eval_src)):
@@ -308,7 +309,7 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
     eval_it = batching.BatchIterator(datasets["eval"], cfg.batch_size, shuffle=False, num_epochs=1,
                                      buckets=(limits.max_len,), process_index=0, process_count=1)
     eval_batches = [next(eval_it) for _ in range(n_eval)]
-  prompts = common.read_prompts(prompts_src, num_prompts)
+  prompts = common.read_prompts(prompts_src, num_prompts, loaded.tokenizer.chat_template)
   return ListData(train_it, eval_batches, prompts, len(datasets["train"]), skipped)
 
 

@@ -106,7 +106,7 @@ def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: b
                                          key=reference_cache_key(loaded, splits["train"], seed),
                                          batch_size=data.batch_size, buckets=limits.buckets)
     train_data = reference.WithReference(train_it, transform)
-  prompts = common.read_prompts(prompts_src, num_prompts)
+  prompts = common.read_prompts(prompts_src, num_prompts, loaded.tokenizer.chat_template)
   return PairData(train_data, eval_batches, prompts, len(splits["train"]), skipped)
 
 

@@ -208,10 +208,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               need_reward=True)
   limits.check_model(loaded.model_config.max_seq_len)
   train_prompts_path, eval_prompts_path = _prompt_files(data_cfg, sources)
-  train_prompts = common.read_prompts(train_prompts_path)
-  evaluator = common.policy_evaluator(loaded,
-                                      common.read_prompts(eval_prompts_path, eval_cfg.num_prompts),
-                                      limits.max_prompt_len, eval_cfg, workdir)
+  train_prompts = common.read_prompts(train_prompts_path, None, loaded.tokenizer.chat_template)
+  evaluator = common.policy_evaluator(
+      loaded,
+      common.read_prompts(eval_prompts_path, eval_cfg.num_prompts, loaded.tokenizer.chat_template),
+      limits.max_prompt_len, eval_cfg, workdir)
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
@@ -220,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = {
       "method": "raft", "model": dataclasses.asdict(loaded.model_config),
       "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg),
-      "limits": dataclasses.asdict(limits), "batch_size": data_cfg.batch_size}
+      "limits": dataclasses.asdict(limits), "batch_size": data_cfg.batch_size,
+      **common.pretrained_fingerprint(sources)}
   latest = train.latest_step(workdir)
   params = loaded.policy_params
   if latest:

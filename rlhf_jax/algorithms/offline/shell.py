@@ -89,7 +89,8 @@ def train_offline_policy(
   fingerprint = {
       "method": method, "model": dataclasses.asdict(loaded.model_config),
       "tokenizer": loaded.tokenizer.fingerprint(), **(fingerprint_extra or {}),
-      **common.lora_fingerprint(loaded.lora, loaded.policy_params)}
+      **common.lora_fingerprint(loaded.lora, loaded.policy_params),
+      **common.pretrained_fingerprint(sources)}
   extra = {} if token_count is None else {"token_count": token_count}
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,

@@ -42,7 +42,7 @@ from rlhf_jax.algorithms.reward import data as reward_data
 from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward import objectives as reward_objectives
 from rlhf_jax import scoring
-from rlhf_jax.algorithms import registry, sections
+from rlhf_jax.algorithms import common, registry, sections
 from rlhf_jax.algorithms.reward.data import RMDataConfig
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND, OBJECTIVES
 from rlhf_jax.scoring.reward_model import (
@@ -172,10 +172,29 @@ def _save_params_atomic(path: str, params: Any) -> None:
 
 
 def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMConfig,
-                                sources: sections.Sources):
-  """(model config, tokenizer, tokenizer spec, SFT checkpoint or None) for this run."""
+                                sources: sections.Sources, mesh: Any = None):
+  """(model config, tokenizer, tokenizer spec, SFT checkpoint or None) for this run.
+
+  With ``sources.pretrained`` the checkpoint plays the SFT run's part: the backbone (under a new
+  head) and the policy whose samples normalise the rewards; its tokenizer unless
+  ``sources.tokenizer`` overrides it.
+  """
   sft_ckpt = None
-  sft_workdir = sources.sft_workdir
+  sft_workdir = sources.policy
+  if train.runs.is_pretrained(sft_workdir):
+    sft_ckpt = train.load_sft_params(
+        sft_workdir,
+        **common.pretrained_kwargs(sources, mesh,
+                                   config.get("model") if config else None))
+    spec = sources.tokenizer or train.runs.pretrained_tokenizer_spec(sft_workdir)
+    model_cfg = sft_ckpt.model_config
+    if rm_cfg.init != "sft":
+      raise ValueError(f"config.rm.init={rm_cfg.init!r} with config.sources.pretrained: allowed "
+                       "'sft' (the backbone is the checkpoint's, under a new head)")
+    model_cfg = model_cfg.replace(dropout_rate=rm_cfg.dropout_rate)
+    if rm_cfg.compute_dtype:
+      model_cfg = model_cfg.replace(dtype=rm_cfg.compute_dtype)
+    return model_cfg, sft_ckpt.tokenizer, spec, sft_ckpt
   if sft_workdir and train.latest_step(sft_workdir) is not None:
     sft_ckpt = train.load_sft_params(sft_workdir)
   elif rm_cfg.init == "sft":
@@ -232,8 +251,8 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
   existing SFT run.
   """
   sft_workdir = config.sources.sft_workdir
-  if config.rm.init != "sft":
-    return True
+  if config.rm.init != "sft" or config.sources.get("pretrained"):
+    return True  # no SFT run (scratch), or a pretrained checkpoint in its place
   if not sft_workdir:
     raise ValueError(
         "config.sources.sft_workdir is empty; rm.init=sft needs the SFT run the reward "
@@ -300,7 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
 
-  model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(config, rm_cfg, sources)
+  model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(
+      config, rm_cfg, sources, mesh)
   limits.check_model(model_cfg.max_seq_len)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer's vocab_size={tokenizer.vocab_size} exceeds the model's "
@@ -368,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = {
       "method": "reward_model", "objective": rm_cfg.objective,
       "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
-      "num_outputs": len(output_names)}
+      "num_outputs": len(output_names), **common.pretrained_fingerprint(sources)}
   run_config = config.to_dict()
   stopped_early, step = False, train.latest_step(workdir) or 0
   if stopper is not None and stopper.state["stopped"]:
