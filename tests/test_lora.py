@@ -329,3 +329,26 @@ def test_dpo_with_lora_trains_and_improves_its_loss(sft_dir, tmp_path):
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.01, [r["loss"] for r in rows]
   stored = train.read_json(os.path.join(workdir, "run_fingerprint.json"))
   assert stored["lora"]["rank"] == 8 and len(stored["lora"]["base"]) == 16
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_trains_improves_its_loss_and_keeps_the_base_as_the_reference(tmp_path):
+  import test_ppo as tp  # pylint: disable=import-outside-toplevel  (its tiny PPO set-up)
+  from rlhf_jax.algorithms.online import ppo  # pylint: disable=import-outside-toplevel
+  config = tp.tiny_config(**{"loop.num_steps": 4, "optim.lr": 1e-2})
+  models_ = tp.tiny_models(ppo.parse_config(config).ppo)
+  policy = lora.LoraModel(models_.policy, LORA)
+  params = lora.make_params(policy, models_.policy_params, LORA)
+  models_ = models_._replace(policy=policy, policy_params=params, ref_params=params.base)
+  base_before = jax.device_get(params.base)
+  final = ppo.train_and_evaluate(config, str(tmp_path), models_=models_)
+  assert final["iteration"] == 4
+  rows = train.read_metrics(str(tmp_path), "train")
+  assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+  assert rows[0]["kl"] == 0.0 and any(abs(r["kl"]) > 0 for r in rows[1:])  # the policy moved
+  saved = train.restore_params(str(tmp_path))
+  assert not jax.tree.leaves(saved["policy"].get("base")) and jax.tree.leaves(saved["policy"]["lora"])
+  assert saved["value"]  # the critic is trained in full
+  jax.tree.map(np.testing.assert_array_equal, base_before, jax.device_get(params.base))
+  stored = train.read_json(str(tmp_path / "run_fingerprint.json"))
+  assert stored["lora"]["base"] == lora.base_fingerprint(params.base)

@@ -403,3 +403,24 @@ def base_fingerprint(base: Any) -> str:
 
 def count_params(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def abstract_params(model: Any) -> Any:
+  """``models.abstract_params`` of ``model``; for a :class:`LoraModel` a ``LoraParams`` of the
+  base's and the adapters' unboxed ``ShapeDtypeStruct`` trees."""
+  from rlhf_jax.models import abstract  # pylint: disable=import-outside-toplevel
+  if not isinstance(model, LoraModel):
+    return abstract.abstract_params(model)
+  return LoraParams(base=abstract.abstract_params(model.inner),
+                    lora=nn.meta.unbox(abstract_adapters(model, model.lora)))
+
+
+def param_shardings(model: Any, mesh: jax.sharding.Mesh, rules: Any, base_shardings: Any) -> Any:
+  """``base_shardings`` for a plain model; ``LoraParams(base_shardings, adapter shardings)`` for a
+  :class:`LoraModel` (adapters sharded like their base kernels, :func:`init_adapters`)."""
+  if not isinstance(model, LoraModel):
+    return base_shardings
+  from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel  (parallel imports models)
+  return LoraParams(base=base_shardings,
+                    lora=parallel.logical_shardings(abstract_adapters(model, model.lora), mesh,
+                                                    rules))

@@ -71,5 +71,8 @@ class Placement:
 @functools.lru_cache(maxsize=32)
 def _param_shardings(module, placement: Placement) -> Any:
   from rlhf_jax import models  # pylint: disable=import-outside-toplevel  (models imports parallel)
-  return logical_shardings(models.abstract_variables(module), placement.mesh,
+  from rlhf_jax.models import lora  # pylint: disable=import-outside-toplevel
+  base = logical_shardings(models.abstract_variables(lora.unwrap(module)), placement.mesh,
                            placement.rules)["params"]
+  # A LoRA policy's params are LoraParams(base, adapters): both get their shardings.
+  return lora.param_shardings(module, placement.mesh, placement.rules, base)

@@ -28,6 +28,7 @@ from rlhf_jax import scoring
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.data import tokenizers as tok_lib
+from rlhf_jax.models import lora as lora_lib
 
 
 class IncompatibleModelsError(ValueError):
@@ -104,10 +105,12 @@ def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, poli
 
 
 def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *, mesh=None,
-                rules=parallel.DEFAULT_RULES) -> PPOModels:
+                rules=parallel.DEFAULT_RULES, lora: sections.Lora | None = None) -> PPOModels:
   """Loads policy / reference (SFT runs) and the reward model of ``config.sources``, checks them,
   builds the critic (from ``sources.value_model``). The reward models are restored onto ``mesh``
-  with ``rules`` (default: one device)."""
+  with ``rules`` (default: one device). With ``lora`` enabled the policy is a
+  ``models.lora.LoraModel`` over the frozen SFT params, whose ``LoraParams.base`` is the reference
+  (the same arrays) unless ``sources.reference_workdir`` names another run."""
   sft_dir = sources.require("sft_workdir", "ppo", "the policy starts from it")
   rm_dir = sources.require("reward_model_workdir", "ppo", "it scores the rollouts")
   policy_ckpt = train.load_sft_params(sft_dir)
@@ -134,7 +137,11 @@ def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *,
                                              rules=rules)
   value_model, value_params = init_value_params(config, policy_ckpt.model_config,
                                                 policy_ckpt.params, value_source, rng)
-  return PPOModels(tokenizer=policy_ckpt.tokenizer,
-                   policy=models.Transformer(policy_ckpt.model_config),
-                   policy_params=policy_ckpt.params, ref_params=ref_ckpt.params, reward=reward,
+  policy, policy_params = models.Transformer(policy_ckpt.model_config), policy_ckpt.params
+  lora_cfg = lora.config() if lora is not None else None
+  if lora_cfg is not None:
+    policy = lora_lib.LoraModel(policy, lora_cfg)
+    policy_params = lora_lib.make_params(policy, policy_params, lora_cfg)
+  return PPOModels(tokenizer=policy_ckpt.tokenizer, policy=policy,
+                   policy_params=policy_params, ref_params=ref_ckpt.params, reward=reward,
                    value_model=value_model, value_params=value_params)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from rlhf_jax import losses, models, sampling, scoring
 from rlhf_jax.parallel import Placement
 from rlhf_jax.algorithms.online.config import PPOConfig
+from rlhf_jax.models import lora as lora_lib
 
 
 class Rollout(NamedTuple):
@@ -147,7 +148,9 @@ def make_logprob_fn(policy: models.Transformer, value_model: models.ValueModel |
     return jax.jit(logprob_fn)
   p = placement
   value_shardings = p.params(value_model) if value_model is not None else None
-  return p.jit(logprob_fn, (p.params(policy), p.params(policy), value_shardings, p.rows, p.rows),
+  # The reference is the base model (a LoRA policy's base, with its adapters off).
+  ref_shardings = p.params(lora_lib.unwrap(policy))
+  return p.jit(logprob_fn, (p.params(policy), ref_shardings, value_shardings, p.rows, p.rows),
                p.rows)
 
 

@@ -35,6 +35,7 @@ import optax
 from rlhf_jax import losses, models, train
 from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.algorithms.online.rollout import Rollout, response_values
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.parallel import Placement
 
 
@@ -68,13 +69,15 @@ def state_shardings(policy: models.Transformer, value_model: models.ValueModel |
   abstract_params = _abstract_params(policy, value_model)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   rep = placement.replicated
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
+  # The optimizer state mirrors the live params only (a LoRA base has none: train.optim).
+  live_params = train.state.split_frozen(params)[0]
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, live_params,
                               transform_non_params=lambda _: rep)
   return PPOState(iteration=rep, params=params, opt_state=opt, kl_coef=rep, rng=rep)
 
 
 def _abstract_params(policy, value_model) -> Any:
-  tree = {"policy": models.abstract_params(policy)}
+  tree = {"policy": lora_lib.abstract_params(policy)}  # LoraParams for a LoRA policy
   if value_model is not None:
     tree["value"] = models.abstract_params(value_model)
   return tree
@@ -84,7 +87,10 @@ def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: f
                 rng: jax.Array, shardings: PPOState) -> PPOState:
   """A fresh state (:func:`create_state`) on ``shardings``; ``params`` are copied, never aliased
   (the state is donated to the update)."""
-  params = jax.device_put(jax.tree.map(jnp.copy, params), shardings.params)
+  # A LoRA base (train.state.split_frozen) is never donated: placed, not copied.
+  live, frozen = train.state.split_frozen(params)
+  params = jax.device_put(train.state.join_frozen(jax.tree.map(jnp.copy, live), frozen),
+                          shardings.params)
   return jax.device_put(create_state(params, optimizer, kl_coef, rng), shardings)
 
 
@@ -190,8 +196,30 @@ def make_update_fn(config: PPOConfig, policy: models.Transformer,
     metrics = jax.tree.map(jnp.mean, metrics)
     return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
 
+  if not isinstance(policy, lora_lib.LoraModel):
+    if placement is None:
+      return jax.jit(update, donate_argnums=(0,))
+    state_sh = state_shardings(policy, value_model, optim, total_updates, placement)
+    return placement.jit(update, (state_sh, placement.rows), (state_sh, placement.replicated),
+                         donate_argnums=(0,))
+
+  # LoRA: the frozen base is a separate argument, neither donated nor returned (the reference
+  # reads the same buffers), as in train.loop.jit_train_step.
+  def split_update(live, frozen, rollout):
+    new_state, metrics = update(train.state.join_frozen(live, frozen), rollout)
+    return train.state.split_frozen(new_state)[0], metrics
+
   if placement is None:
-    return jax.jit(update, donate_argnums=(0,))
-  state_sh = state_shardings(policy, value_model, optim, total_updates, placement)
-  return placement.jit(update, (state_sh, placement.rows), (state_sh, placement.replicated),
-                       donate_argnums=(0,))
+    jitted = jax.jit(split_update, donate_argnums=(0,))
+  else:
+    live_sh, frozen_sh = train.state.split_frozen(
+        state_shardings(policy, value_model, optim, total_updates, placement))
+    jitted = placement.jit(split_update, (live_sh, frozen_sh, placement.rows),
+                           (live_sh, placement.replicated), donate_argnums=(0,))
+
+  def call(state, rollout):
+    live, frozen = train.state.split_frozen(state)
+    new_live, metrics = jitted(live, frozen, rollout)
+    return train.state.join_frozen(new_live, frozen), metrics
+
+  return call
