@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
         --config.sources.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/cispo_synthetic
 
   Unlike the clipped surrogate, no token loses its gradient: the importance weight is capped and
-  detached instead. Measured: BUILD_NOTES.md (session 5, issue 16).
+  detached instead. Measured (pipeline SFT + RM, ~1 min on 2 CPU cores): held-out gold 0.245 ->
+  0.503 at KL 3.2, win rate 0.61 (BUILD_NOTES.md, session 5).
   """
   config = config_dicts.sibling_config(__file__, "grpo_synthetic")
   config.ppo.loss_type = "cispo"

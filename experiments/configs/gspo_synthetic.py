@@ -16,8 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
         --config.sources.sft_workdir=workdirs/sft_synthetic \\
         --config.sources.reward_model_workdir=workdirs/rm_synthetic --workdir=workdirs/gspo_synthetic
 
-  β = 0.05 · k3 as ``grpo_synthetic`` (GSPO uses 0: ``--config.ppo.kl_coef=0``). Measured:
-  BUILD_NOTES.md (session 5, issue 16).
+  β = 0.05 · k3 as ``grpo_synthetic`` (GSPO uses 0: ``--config.ppo.kl_coef=0``). Measured
+  (pipeline SFT + RM, ~1 min on 2 CPU cores): held-out gold 0.245 -> 0.579 at KL 0.64, win rate
+  0.72 (BUILD_NOTES.md, session 5).
   """
   config = config_dicts.sibling_config(__file__, "grpo_synthetic")
   config.ppo.loss_type = "grpo"

@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
         --config.sources.reward_model_workdir=workdirs/rm_synthetic \\
         --workdir=workdirs/reinforce_pp_synthetic
 
-  Measured: BUILD_NOTES.md (session 5, issue 16).
+  Measured (pipeline SFT + RM, ~1 min on 2 CPU cores): held-out gold 0.245 -> 0.595 at KL 2.1,
+  win rate 0.65 (BUILD_NOTES.md, session 5).
   """
   config = config_dicts.sibling_config(__file__, "grpo_synthetic")
   config.ppo.algorithm = "reinforce_baseline"
