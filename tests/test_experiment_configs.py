@@ -78,9 +78,9 @@ def _run(*args):
 
 def test_run_py_unknown_method_bad_flags_and_missing_config_are_one_line_errors(tmp_path):
   sft = os.path.join(CONFIG_DIR, "sft_synthetic.py")
-  out = _run(f"--config={sft}", "--config.method=kto", f"--workdir={tmp_path}")
+  out = _run(f"--config={sft}", "--config.method=unknown", f"--workdir={tmp_path}")
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-  assert "config.method='kto' is invalid; allowed: sft | reward_model" in out.stderr
+  assert "config.method='unknown' is invalid; allowed: sft | reward_model" in out.stderr
   out = _run(f"--config={sft}", "--config.optim.no_such_key=1", f"--workdir={tmp_path}")
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
   assert "config.optim has no key 'no_such_key'; allowed keys of config.optim: b1, b2" in out.stderr
@@ -89,7 +89,7 @@ def test_run_py_unknown_method_bad_flags_and_missing_config_are_one_line_errors(
   assert out.returncode == 2 and "Traceback" not in out.stderr and "learning_curve" in out.stderr
   out = _run(f"--config={tmp_path / 'missing.py'}", f"--workdir={tmp_path}")
   assert out.returncode == 2 and "missing.py" in out.stderr and "Traceback" not in out.stderr
-  out = _run(f"--config={sft}", "--config.method=kto", f"--workdir={tmp_path}", "--debug")
+  out = _run(f"--config={sft}", "--config.method=unknown", f"--workdir={tmp_path}", "--debug")
   assert out.returncode != 0 and "Traceback" in out.stderr  # --debug keeps it
   assert not os.listdir(tmp_path)  # nothing was started
 

@@ -1,7 +1,7 @@
 """KTO: the loss (by hand, NumPy float64, gradient, jit, masks, TRL's own code transcribed), the
-reference point z₀ (mismatched pairs, no gradient, global mean), the ``unpaired`` record kind and its
-KL rows, the unpaired split of pairwise data and of the synthetic task, config errors, and a tiny
-end-to-end run through ``experiments/run.py``."""
+reference point z₀ (mismatched pairs, no gradient, global mean), the ``unpaired`` record kind and
+its KL rows, the unpaired split of pairwise data and of the synthetic task, config errors, and a
+tiny end-to-end run through ``experiments/run.py``."""
 
 import hashlib
 import json
@@ -91,7 +91,7 @@ def trl_kto_loss(policy_logps, ref_logps, labels, KL_logps, ref_KL_logps, *, bet
 
 
 def trl_kl_completion_ids(completion_ids):
-  """TRL's ``add_kl_completion_ids`` (same file, line 1106): rotate completions by one in a batch."""
+  """TRL's ``add_kl_completion_ids`` (same file, line 1106): rotate a batch's completions by one."""
   return [completion_ids[-1]] + completion_ids[:-1]
 
 
@@ -405,6 +405,10 @@ def test_loss_fn_uses_the_kl_rows_for_z0_without_gradient_and_ignores_padding(lo
   np.testing.assert_allclose(float(metrics["kl"]), z0 if loss_type == "kto" else 0.0, rtol=1e-5,
                              atol=1e-7)
 
+  if loss_type == "kto":
+    np.testing.assert_allclose(float(metrics["kl_unclamped"]), np.mean(rows[1::2] - ref[1::2]),
+                               rtol=1e-5)
+    assert z0 == pytest.approx(max(0.0, np.mean(rows[1::2] - ref[1::2])))
   # no gradient through z₀: the same as a loss with z₀ a constant
   def constant_z0(p):
     pi_B = models.response_logps(model, p, batch["tokens"][0::2], batch["mask"][0::2],

@@ -188,6 +188,8 @@ def test_write_task_files_validate_and_are_deterministic(tmp_path, capsys):
       kwargs = {"scale": (1, 7)} if kind in ("rated", "attributes") else {}
       rows = records.read_records(str(root / f"{stem}{suffix}.jsonl"), kind, **kwargs)
       assert len(rows) == count
+    # the unpaired (KTO) split of the comparisons: two examples per pair
+    assert len(records.read_records(str(root / f"unpaired{suffix}.jsonl"), "unpaired")) == 2 * count
   ranked = records.read_records(str(root / "ranked.jsonl"), "ranked")
   assert {len(r.responses) for r in ranked} <= set(range(4, 10)) and len({
       len(r.responses) for r in ranked}) > 3
@@ -223,7 +225,8 @@ def test_write_task_files_validate_and_are_deterministic(tmp_path, capsys):
     sf.write_task(str(root), config)
   sf.write_task(str(root), sf.SyntheticConfig(seed=4, num_prompts=5, num_test_prompts=0),
                 overwrite=True)
-  assert sorted(os.listdir(root)) == sorted([f"{k}.jsonl" for k in kinds] + ["metadata.json"])
+  assert sorted(os.listdir(root)) == sorted([f"{k}.jsonl" for k in kinds] +
+                                            ["unpaired.jsonl", "metadata.json"])
   with pytest.raises(ValueError, match="bt_temperature=0"):
     sf.SyntheticConfig(bt_temperature=0)
   with pytest.raises(ValueError, match="min_candidates=5, max_candidates=4"):

@@ -1,4 +1,4 @@
-"""The offline pipeline on the synthetic task: SFT -> RM -> DPO, IPO, KTO, PRO, RRHF, RAFT, best-of-n.
+"""The offline pipeline on the synthetic task: SFT -> RM -> DPO, IPO, KTO, PRO, RRHF, RAFT, BoN.
 
 Each stage's section is that method's own experiment config (``sft_synthetic.py``,
 ``rm_synthetic.py``, ``dpo_synthetic.py``, ...) with shorter schedules, so any key can be overridden

@@ -20,7 +20,8 @@ on the matched rows only. Reference log-probs are computed on the fly only: the 
 which examples share a batch, which a per-example precomputed table cannot hold (TRL pins the
 pairing instead, with sequential sampling). Held-out batches are drawn once from the eval file
 with a fixed shuffle (seed 0), so their KL rows pair different prompts, and report
-``kto/kl``, ``kto/rewards/{chosen,rejected,margins}``, ``kto/logps/...`` in eval mode.
+``kto/kl``, ``kto/rewards/{chosen,rejected,margins}``, ``kto/logps/...`` in eval mode;
+``kl_unclamped`` is z₀ before the clamp at 0.
 """
 
 from __future__ import annotations
@@ -232,6 +233,9 @@ def make_loss_fn(model: models.Transformer, cfg: KTOLossConfig) -> train.loop.Lo
                                  desirable_weight=cfg.desirable_weight,
                                  undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type,
                                  mask=valid_B)
+    if cfg.uses_kl:  # z₀ before the clamp: how far below 0 the mismatched log-ratio sits
+      metrics["kl_unclamped"] = jnp.sum(jnp.where(valid_B > 0, pi_kl_B - ref_kl_B,
+                                                  0.0)) / jnp.maximum(jnp.sum(valid_B), 1)
     return metrics["loss"], metrics
 
   return loss_fn

@@ -1,4 +1,4 @@
-"""``unpaired``: ``{"prompt", "completion", "label": true|false}`` (TRL's unpaired preference format).
+"""``unpaired``: ``{"prompt", "completion", "label": true|false}`` (TRL's unpaired format).
 
 One completion per prompt with a binary label (True = desirable), as KTO trains on. A pairwise file
 becomes an unpaired one with :func:`unpair` (TRL's ``unpair_preference_dataset``): each comparison
