@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   - overlong filtering: answers cut at the budget (no EOS) leave the loss
     (``ppo.mask_truncated_completions``, TRL's name).
   The KL term stays β = 0.05 · k3 for a like-for-like row with GRPO (DAPO drops it:
-  ``--config.ppo.kl_coef=0``). Measured: BUILD_NOTES.md (session 5, issue 16).
+  ``--config.ppo.kl_coef=0``). Measured (pipeline SFT + RM, ~1 min on 2 CPU cores): held-out
+  gold 0.245 -> 0.551 at KL 2.2, win rate 0.67; 2 of 60 iterations refilled a group, no answer
+  reached the overlong buffer or the budget (so those two pieces were inert; BUILD_NOTES.md).
   """
   config = config_dicts.sibling_config(__file__, "grpo_synthetic")
   config.ppo.loss_type = "dapo"
