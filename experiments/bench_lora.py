@@ -18,7 +18,6 @@ r"""LoRA vs full fine-tuning: memory of params + optimizer state, and DPO step t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import time
@@ -51,15 +50,16 @@ def memory(preset: str, rank: int) -> dict:
   lora_opt = jax.eval_shape(optimizer.init, lora.LoraParams(base=base, lora=adapters))
   gib = 2.0**30
   full = {"policy": _bytes(base), "reference": _bytes(base), "optimizer": _bytes(full_opt)}
-  low = {"base (policy + reference)": _bytes(base), "adapters": _bytes(adapters),
-         "optimizer": _bytes(lora_opt)}
+  low = {
+      "base (policy + reference)": _bytes(base), "adapters": _bytes(adapters),
+      "optimizer": _bytes(lora_opt)}
   return {
       "preset": preset, "rank": rank, "params": lora.count_params(base),
       "adapter_params": lora.count_params(adapters),
       "full_GiB": {k: v / gib for k, v in full.items()}, "full_total_GiB": sum(full.values()) / gib,
       "lora_GiB": {k: v / gib for k, v in low.items()}, "lora_total_GiB": sum(low.values()) / gib,
-      "policy_plus_reference_over_base": (low["base (policy + reference)"] + low["adapters"]) /
-                                         low["base (policy + reference)"]}
+      "policy_plus_reference_over_base":
+          (low["base (policy + reference)"] + low["adapters"]) / low["base (policy + reference)"]}
 
 
 def _dpo_batch(cfg, pairs: int, seq: int, seed: int = 0) -> dict:
@@ -69,9 +69,10 @@ def _dpo_batch(cfg, pairs: int, seq: int, seed: int = 0) -> dict:
   mask = np.ones((rows, seq), np.int32)
   loss_mask = mask.copy()
   loss_mask[:, :seq // 2] = 0
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
-          "ref_logps": rng.normal(-50.0, 5.0, rows).astype(np.float32),
-          "valid": np.ones(pairs, np.float32)}
+  return {
+      "tokens": tokens, "mask": mask, "loss_mask": loss_mask,
+      "ref_logps": rng.normal(-50.0, 5.0,
+                              rows).astype(np.float32), "valid": np.ones(pairs, np.float32)}
 
 
 def _dpo_step(preset: str, use_lora: bool, rank: int, batch: dict, mesh):
@@ -97,8 +98,9 @@ def step_times(preset: str, rank: int, pairs: int, seq: int, steps: int, warmup:
   mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
   batch = parallel.shard_batch(_dpo_batch(models.get_model_config(preset), pairs, seq), mesh,
                                parallel.DEFAULT_RULES)
-  runs = {"full": _dpo_step(preset, False, rank, batch, mesh),
-          "lora": _dpo_step(preset, True, rank, batch, mesh)}
+  runs = {
+      "full": _dpo_step(preset, False, rank, batch, mesh),
+      "lora": _dpo_step(preset, True, rank, batch, mesh)}
   states = {k: v[1] for k, v in runs.items()}
   times = {k: [] for k in runs}
   with parallel.use_mesh(mesh, parallel.DEFAULT_RULES):
@@ -127,8 +129,7 @@ def shared_base_bytes(rank: int) -> dict:
   step = train.jit_train_step(
       train.make_train_step(dpo.make_loss_fn(loaded.model, dpo.DPOLossConfig()), optimizer,
                             schedule), state, mesh)
-  batch = parallel.shard_batch(_dpo_batch(loaded.model_config, 2, 32), mesh,
-                               parallel.DEFAULT_RULES)
+  batch = parallel.shard_batch(_dpo_batch(loaded.model_config, 2, 32), mesh, parallel.DEFAULT_RULES)
   state, _ = step(state, batch)
   seen, total = set(), 0
   for leaf in jax.tree.leaves((state.params, loaded.ref_params)):
@@ -137,9 +138,10 @@ def shared_base_bytes(rank: int) -> dict:
       seen.add(ptr)
       total += leaf.size * leaf.dtype.itemsize
   base = _bytes(loaded.ref_params)
-  return {"preset": "small", "rank": rank, "policy_plus_reference_bytes": total,
-          "base_bytes": base, "adapter_bytes": _bytes(state.params.lora),
-          "ratio_to_base_plus_adapters": total / (base + _bytes(state.params.lora))}
+  return {
+      "preset": "small", "rank": rank, "policy_plus_reference_bytes": total, "base_bytes": base,
+      "adapter_bytes": _bytes(state.params.lora),
+      "ratio_to_base_plus_adapters": total / (base + _bytes(state.params.lora))}
 
 
 def main():

@@ -199,14 +199,13 @@ def _run(workdir, base, num_steps=4, stop_after=0, lora_cfg=LORA):
   params = lora.make_params(lm, base, lora_cfg)
   optimizer, schedule = train.make_optimizer(train.OptimConfig(lr=1e-2, warmup_steps=1), num_steps)
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(0), mesh)
-  fingerprint = {
-      "model": dataclasses.asdict(TINY), **common.lora_fingerprint(lora_cfg, params)}
+  fingerprint = {"model": dataclasses.asdict(TINY), **common.lora_fingerprint(lora_cfg, params)}
   loop = train.LoopConfig(num_steps=num_steps, log_every=1, checkpoint_every=2,
                           stop_after_steps=stop_after, progress_every_secs=0.0)
   return train.train(workdir=workdir, config=loop, state=state, data=_Batches(),
                      fingerprint=fingerprint, mesh=mesh,
-                     step_fn=train.make_train_step(_nll(lm), optimizer, schedule),
-                     tensorboard_events=False)
+                     step_fn=train.make_train_step(_nll(lm), optimizer,
+                                                   schedule), tensorboard_events=False)
 
 
 def test_resume_is_bit_identical_checkpoints_hold_adapters_only_and_refuse_another_base(tmp_path):
@@ -278,8 +277,9 @@ def test_adapters_are_sharded_like_their_base_kernels_on_a_2x2x2_mesh():
     params = _perturbed(lora.LoraParams(base=base, lora=adapters))
     batch = _batch(b=4)
     with parallel.use_mesh(mesh, parallel.DEFAULT_RULES):
-      got = jax.jit(lambda p, t, m: lm.apply({"params": p}, t, m).logits_BxTxV)(
-          params, batch["tokens"], batch["mask"])
+      got = jax.jit(lambda p, t, m: lm.apply({"params": p}, t, m).logits_BxTxV)(params,
+                                                                                batch["tokens"],
+                                                                                batch["mask"])
     host = jax.device_get(params)
     want = lm.apply({"params": host}, batch["tokens"], batch["mask"]).logits_BxTxV
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
@@ -318,9 +318,9 @@ def test_dpo_with_lora_trains_and_improves_its_loss(sft_dir, tmp_path):
   from rlhf_jax.algorithms.offline import dpo  # pylint: disable=import-outside-toplevel
   config = override(
       load_config("dpo_synthetic"), {
-          **TINY_RUN, "data.batch_size": 8, "limits.buckets": (80,), "data.num_eval_pairs": 8,
-          "sources.sft_workdir": sft_dir, "loop.num_steps": 12, "loop.log_every": 4,
-          "loop.checkpoint_every": 12, "optim.lr": 2e-2, "loss.beta": 0.5})
+          **TINY_RUN, "data.batch_size": 8, "limits.buckets":
+              (80,), "data.num_eval_pairs": 8, "sources.sft_workdir": sft_dir, "loop.num_steps": 12,
+          "loop.log_every": 4, "loop.checkpoint_every": 12, "optim.lr": 2e-2, "loss.beta": 0.5})
   config.lora = _lora_section()
   workdir = str(tmp_path / "dpo_lora")
   final = dpo.train_and_evaluate(config, workdir)
@@ -329,6 +329,18 @@ def test_dpo_with_lora_trains_and_improves_its_loss(sft_dir, tmp_path):
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.01, [r["loss"] for r in rows]
   stored = train.read_json(os.path.join(workdir, "run_fingerprint.json"))
   assert stored["lora"]["rank"] == 8 and len(stored["lora"]["base"]) == 16
+  # A later stage reads the run like an SFT run: the adapters merged into the SFT base.
+  merged, sft = train.load_sft_params(workdir), train.load_sft_params(sft_dir)
+  saved = train.restore_params(workdir)
+  lm = lora.LoraModel(models.Transformer(sft.model_config), lora.LoraConfig(rank=8, alpha=16.0))
+  batch = _batch()
+  want = lm.apply({"params": lora.LoraParams(base=sft.params, lora=saved["lora"])}, batch["tokens"],
+                  batch["mask"]).logits_BxTxV
+  got = models.Transformer(merged.model_config).apply({"params": merged.params}, batch["tokens"],
+                                                      batch["mask"]).logits_BxTxV
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  base_logits = lm.apply({"params": sft.params}, batch["tokens"], batch["mask"]).logits_BxTxV
+  assert float(jnp.max(jnp.abs(got - base_logits))) > 1e-3
 
 
 @pytest.mark.slow
@@ -347,8 +359,45 @@ def test_ppo_with_lora_trains_improves_its_loss_and_keeps_the_base_as_the_refere
   assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
   assert rows[0]["kl"] == 0.0 and any(abs(r["kl"]) > 0 for r in rows[1:])  # the policy moved
   saved = train.restore_params(str(tmp_path))
-  assert not jax.tree.leaves(saved["policy"].get("base")) and jax.tree.leaves(saved["policy"]["lora"])
+  assert not jax.tree.leaves(saved["policy"].get("base")) and jax.tree.leaves(
+      saved["policy"]["lora"])
   assert saved["value"]  # the critic is trained in full
   jax.tree.map(np.testing.assert_array_equal, base_before, jax.device_get(params.base))
   stored = train.read_json(str(tmp_path / "run_fingerprint.json"))
   assert stored["lora"]["base"] == lora.base_fingerprint(params.base)
+
+
+@pytest.mark.slow
+def test_sft_with_lora_over_a_pretrained_checkpoint_and_its_merged_policy(sft_dir, tmp_path):
+  from rlhf_jax.algorithms import sft  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+  from offline_fixtures import SFT_OVERRIDES  # pylint: disable=import-outside-toplevel
+  ckpt = train.load_sft_params(sft_dir)
+  hf_dir = str(tmp_path / "hf")
+  hf.save_pretrained(hf_dir, ckpt.model_config, ckpt.params, dtype="float32")
+  config = override(
+      load_config("sft_synthetic"), {
+          **SFT_OVERRIDES, "loop.num_steps": 8, "loop.log_every": 4, "loop.checkpoint_every": 8,
+          "optim.lr": 1e-2, "sources.pretrained": hf_dir, "sources.tokenizer": "byte"})
+  config.lora = _lora_section()
+  workdir = str(tmp_path / "sft_lora")
+  final = sft.train_and_evaluate(config, workdir)
+  assert final["step"] == 8
+  rows = train.read_metrics(workdir, "train")
+  assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+  saved = train.restore_params(workdir)
+  assert not jax.tree.leaves(saved.get("base")) and jax.tree.leaves(saved["lora"])
+  merged = train.load_sft_params(workdir)  # adapters merged into the pretrained base
+  batch = _batch()
+  lm = lora.LoraModel(models.Transformer(merged.model_config), lora.LoraConfig(rank=8, alpha=16.0))
+  base = train.load_sft_params(f"hf:{hf_dir}", tokenizer="byte").params
+  want = lm.apply({"params": lora.LoraParams(base=base, lora=saved["lora"])}, batch["tokens"],
+                  batch["mask"]).logits_BxTxV
+  got = models.Transformer(merged.model_config).apply({"params": merged.params}, batch["tokens"],
+                                                      batch["mask"]).logits_BxTxV
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  # LoRA without a pretrained base is refused.
+  fresh = override(load_config("sft_synthetic"), SFT_OVERRIDES)
+  fresh.lora = _lora_section()
+  with pytest.raises(ValueError, match="config.lora.enabled=True needs config.sources.pretrained"):
+    sft.train_and_evaluate(fresh, str(tmp_path / "fresh"))

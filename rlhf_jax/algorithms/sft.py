@@ -36,6 +36,7 @@ from rlhf_jax.algorithms import common, sections
 from rlhf_jax.data import batching, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.data import tokenizers as tok_lib
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 KNOWN_KEYS = {
     "method", "seed", "sources", "model", "optim", "loop", "data", "limits", "eval", "mesh",
-    "aggregation"}
+    "aggregation", "lora"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -312,9 +313,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's vocab_size={tokenizer.vocab_size}")
+  lora_cfg = sections.lora_section(config).config()
+  if lora_cfg is not None and pretrained is None:
+    raise ValueError("config.lora.enabled=True needs config.sources.pretrained: LoRA trains "
+                     "adapters over a pretrained base (a fresh config.model has nothing to keep)")
   fingerprint = {
       "method": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
       **common.pretrained_fingerprint(sources)}
+  if lora_cfg is not None:
+    fingerprint.update(
+        common.lora_fingerprint(lora_cfg, lora_lib.LoraParams(base=pretrained.params, lora=None)))
   train.check_fingerprint(workdir, fingerprint)  # refuse a foreign workdir before any work
   limits.check_model(model_cfg.max_seq_len)
   data = prepare_data(data_cfg, limits, tokenizer, workdir, vocab_size=model_cfg.vocab_size)
@@ -330,6 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     params = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy),
                                      mesh)["params"]
+  if lora_cfg is not None:  # adapters over the frozen pretrained base (models.lora)
+    model = lora_lib.LoraModel(model, lora_cfg)
+    params = lora_lib.make_params(model, params, lora_cfg, mesh)
+    loss_fn = common.nll_loss_fn(model, config.aggregation)
   state = train.create_train_state(params, optimizer, state_rng, mesh)
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)

@@ -224,8 +224,8 @@ class LoraModel:
       return self.inner.apply(variables, *args, rngs=rngs, **kwargs)
     dropout = (self.lora.dropout > 0 and kwargs.get("deterministic") is False and
                rngs is not None and "dropout" in rngs)
-    new_vars = {**{k: v for k, v in variables.items() if k != "params"},
-                **self.variables(params, dropout)}
+    new_vars = {
+        **{k: v for k, v in variables.items() if k != "params"}, **self.variables(params, dropout)}
     if dropout:
       rngs = {**rngs, DROPOUT_RNG: jax.random.fold_in(rngs["dropout"], 0x10AA)}
     return self.inner.apply(new_vars, *args, rngs=rngs, **kwargs)
@@ -282,8 +282,8 @@ def abstract_adapters(model: Any, config: LoraConfig) -> Any:
   tree: dict = {}
   for path, name, leaf in _targets(boxed, config):
     value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
-    axes = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * len(
-        value.shape)
+    axes = tuple(leaf.names) if isinstance(leaf,
+                                           nn.LogicallyPartitioned) else (None,) * len(value.shape)
     stack = 1 if axes and axes[0] == "layers" else 0
     k = _INPUT_DIMS.get(name.rsplit("/", 1)[-1], 1)
     shape = value.shape
@@ -421,6 +421,6 @@ def param_shardings(model: Any, mesh: jax.sharding.Mesh, rules: Any, base_shardi
   if not isinstance(model, LoraModel):
     return base_shardings
   from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel  (parallel imports models)
-  return LoraParams(base=base_shardings,
-                    lora=parallel.logical_shardings(abstract_adapters(model, model.lora), mesh,
-                                                    rules))
+  return LoraParams(
+      base=base_shardings, lora=parallel.logical_shardings(abstract_adapters(model, model.lora),
+                                                           mesh, rules))

@@ -179,5 +179,36 @@ def load_sft_params(workdir: str, step: int | None = None, **pretrained_kwargs) 
   # so a later stage (iterated RLHF's next round) can start from it like from an SFT run.
   if isinstance(params, dict) and "policy" in params:
     params = params["policy"]
+  if "lora" in fingerprint:  # a LoRA run: its adapters merged into the base it trained over
+    params = _merged_lora_params(workdir, run_config, fingerprint["lora"], params)
   return SFTCheckpoint(params=params, model_config=model_config, tokenizer=tokenizer,
                        step=int(step))
+
+
+def _merged_lora_params(workdir: str, run_config: Mapping[str, Any], lora_fp: Mapping[str, Any],
+                        saved: Any) -> Any:
+  """W + A·B·alpha/r of a LoRA run (``models.lora.merge``) over its base, the run's
+  ``sources.pretrained`` or ``sources.sft_workdir``, which must still be the very same base."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  sources = run_config.get("sources") or {}
+  base_src = sources.get("pretrained") or sources.get("sft_workdir") or ""
+  if base_src and sources.get("pretrained") and not is_pretrained(base_src):
+    base_src = f"hf:{base_src}"
+  if not base_src:
+    raise FileNotFoundError(f"{workdir!r} is a LoRA run but its config.json names no base "
+                            "(sources.sft_workdir / sources.pretrained)")
+  kwargs = {}
+  if sources.get("pretrained"):  # loaded as the run loaded it: its tokenizer and runtime fields
+    model = run_config.get("model") or {}
+    kwargs = {"tokenizer": sources.get("tokenizer") or "",
+              "model_overrides": {k: v for k, v in model.items() if k != "preset" and v is not None}}
+  base = load_sft_params(base_src, **kwargs).params
+  got = lora_lib.base_fingerprint(base)
+  if got != lora_fp.get("base"):
+    raise ckpt_lib.WorkdirMismatchError(
+        f"{workdir}: its LoRA adapters were trained over the base {base_src!r} with fingerprint "
+        f"{lora_fp.get('base')}, which now has fingerprint {got}; the adapters need that very base")
+  names = [f.name for f in dataclasses.fields(lora_lib.LoraConfig)]
+  config = lora_lib.LoraConfig(**{k: lora_fp[k] for k in names if k in lora_fp})
+  return lora_lib.merge(lora_lib.LoraParams(base=base, lora=saved["lora"]), config)
