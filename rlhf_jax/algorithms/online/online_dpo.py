@@ -161,7 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loop_cfg = config_dicts.to_dataclass(train.LoopConfig, config.loop, "loop")
   optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
-  sources.require("sft_workdir", METHOD, "the policy and the reference start from it")
+  if not sources.policy:
+    sources.require("sft_workdir", METHOD, "the policy and the reference start from it (or "
+                    "sources.pretrained)")
   if odpo.judge == "reward_model":
     sources.require("reward_model_workdir", METHOD, "online_dpo.judge='reward_model' scores "
                     "the two answers with it")
