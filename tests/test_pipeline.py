@@ -18,12 +18,12 @@ spec.loader.exec_module(pipeline)
 def test_smoke_pipeline_runs_every_stage_then_reuses_them(tmp_path):
   root = str(tmp_path / "pipeline")
   results = pipeline.run_pipeline(load_config("pipeline_synthetic", "smoke"), root, "pytest")
-  assert list(results) == ["sft", "rm", "dpo", "ipo", "pro", "rrhf", "raft", "best_of_n"]
+  assert list(results) == ["sft", "rm", "dpo", "ipo", "kto", "pro", "rrhf", "raft", "best_of_n"]
   assert all(r["_status"] == "ok" for r in results.values()), {
       k: r["_status"] for k, r in results.items()}
   rows = list(csv.DictReader(open(os.path.join(root, "results.csv"))))
-  assert [r["method"] for r in rows
-         ] == ["sft", "reward model", "dpo:sigmoid", "ipo", "pro", "rrhf", "raft", "best_of_2"]
+  assert [r["method"] for r in rows] == [
+      "sft", "reward model", "dpo:sigmoid", "ipo", "kto", "pro", "rrhf", "raft", "best_of_2"]
   for row in rows[2:]:
     assert row["gold_reward"] and row["kl_to_sft"] and row["win_rate_vs_sft"], row
     assert float(row["gold_gain_vs_sft"]) == pytest.approx(
