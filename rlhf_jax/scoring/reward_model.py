@@ -193,7 +193,11 @@ def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
 
 
 def read_reward_model_info(workdir: str) -> RewardModelInfo:
-  """The ``reward_model.json`` of an RM workdir (or of its ``reward_model/`` folder)."""
+  """The ``reward_model.json`` of an RM workdir (or of its ``reward_model/`` folder), or the info
+  of a Hugging Face ``...ForSequenceClassification`` folder (``models.hf.export.reward_info``)."""
+  from rlhf_jax.models.hf import export as hf_export  # pylint: disable=import-outside-toplevel
+  if hf_export.is_classification_checkpoint(workdir):
+    return hf_export.reward_info(workdir)
   folder = _artifact_dir(workdir)
   with open(os.path.join(folder, INFO_FILE)) as f:
     obj = json.load(f)
@@ -249,7 +253,9 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
   """Loads ``<workdir>/reward_model`` onto ``mesh`` (default: one device).
 
   Args:
-    workdir: an RM run directory (or its ``reward_model/`` folder).
+    workdir: an RM run directory (or its ``reward_model/`` folder), or a Hugging Face
+      ``...ForSequenceClassification`` folder (``python -m rlhf_jax.models.hf export`` of an RM
+      run, or e.g. TRL's RewardTrainer output: ``models.hf.export.import_reward_model``).
     policy_tokenizer: if given, must have the fingerprint the RM was trained with
       (:class:`TokenizerMismatchError` otherwise).
     mesh, rules: where the params live; use the policy's mesh and rules to shard them alike.
@@ -260,6 +266,14 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
   """
   if not (isinstance(batch_size, int) and batch_size >= 1):
     raise ValueError(f"load_reward_model: batch_size={batch_size!r}; allowed: an int >= 1")
+  from rlhf_jax.models.hf import export as hf_export  # pylint: disable=import-outside-toplevel
+  if hf_export.is_classification_checkpoint(workdir):  # an exported / transformers reward model
+    mesh = mesh or default_mesh()
+    info, params = hf_export.import_reward_model(workdir, mesh=mesh)
+    if policy_tokenizer is not None:
+      check_tokenizer(info, policy_tokenizer)
+    return make_handle(info, params, mesh=mesh, rules=rules, batch_size=batch_size,
+                       attribute_weights=attribute_weights)
   info = read_reward_model_info(workdir)
   tokenizer = tok_lib.load_tokenizer(info.tokenizer_spec)
   check_tokenizer(info, tokenizer, what=f"stored spec {info.tokenizer_spec!r} now gives a")

@@ -6,6 +6,10 @@
       KL(p_hf || p_ours) per prompt; exit 1 past a tolerance. In the spirit of MaxText's
       forward_pass_logit_checker.
 
+  export --workdir=RUN --out=DIR [--dtype=float32 --step=N --no_tokenizer]
+      A finished run (SFT / DPO / PRO / RAFT / PPO policy, or a reward model) as a Hugging Face
+      folder transformers loads (models/hf/export.py).
+
 Commands live in `COMMANDS` (name -> (add_arguments, run)); another module adds one with
 `register_command(name, add_arguments, run)` (run(args) -> exit code).
 """
@@ -99,6 +103,11 @@ def run_check(args: Any) -> int:
 
 
 register_command("check", _check_args, run_check)
+
+# export --workdir=RUN --out=DIR: a finished run as a Hugging Face folder (models/hf/export.py).
+from rlhf_jax.models.hf import export as _export  # noqa: E402  pylint: disable=wrong-import-position
+
+register_command("export", _export.add_arguments, _export.run_export)
 
 
 def main(argv: list[str] | None = None) -> int:
