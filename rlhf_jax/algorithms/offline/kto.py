@@ -198,7 +198,7 @@ def prepare_data(cfg: KTOLossConfig, data: KTOData, limits: sections.Limits,
   fly = reference.make_transform("on_the_fly", model=loaded.model, params=loaded.ref_params,
                                  mesh=mesh)
   eval_batches = [fly(next(eval_it)) for _ in range(n_eval)]
-  prompts = common.read_prompts(prompts_src, num_prompts)
+  prompts = common.read_prompts(prompts_src, num_prompts, loaded.tokenizer.chat_template)
   return KTOPrepared(reference.WithReference(train_it, fly), eval_batches, prompts,
                      len(splits["train"]), n_desirable, n_undesirable, skipped)
 
