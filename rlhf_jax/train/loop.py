@@ -169,7 +169,13 @@ def make_train_step(
   their tokens (the usual accumulation semantics). Each micro-batch gets
   ``rng = fold_in(step_rng, i)``. Metrics add ``grad_norm`` (before clipping) and ``lr``.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  live_grad_fn = jax.value_and_grad(lambda live, frozen, batch, rng: loss_fn(
+      join_frozen(live, frozen), batch, rng), has_aux=True)
+
+  def grad_fn(params, batch, rng):
+    # Gradients of the live params only: a frozen part (a LoRA base) is never differentiated.
+    live, frozen = split_frozen(params)
+    return live_grad_fn(live, frozen, batch, rng)
 
   def step(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
@@ -189,7 +195,8 @@ def make_train_step(
       total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
       ((loss, metrics), grads) = jax.tree.map(lambda x: x / grad_accum_steps, total)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    live, frozen = split_frozen(state.params)
+    params = join_frozen(optax.apply_updates(live, updates), frozen)
     metrics = dict(metrics)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.global_norm(grads)

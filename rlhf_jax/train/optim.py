@@ -182,11 +182,13 @@ def skip_frozen(inner: optax.GradientTransformation) -> optax.GradientTransforma
     return inner.init(state_lib.split_frozen(params)[0])
 
   def update(updates, state, params=None):
+    # ``updates``: gradients of the whole params (zeros on the frozen part, which get zero
+    # updates back) or of the live part only (``train.loop.make_train_step``).
     live_updates, frozen = state_lib.split_frozen(updates)
-    if frozen is None:
-      return inner.update(updates, state, params)
     live_params = None if params is None else state_lib.split_frozen(params)[0]
     new, state = inner.update(live_updates, state, live_params)
+    if frozen is None:
+      return new, state
     return state_lib.join_frozen(new, jax.tree.map(jnp.zeros_like, frozen)), state
 
   return optax.GradientTransformation(init, update)
