@@ -167,7 +167,9 @@ class Attention(nn.Module):
       q_BxTxNxH = Norm(cfg, h, "head_dim", name="q_norm")(q_BxTxNxH)
       k_BxTxKxH = Norm(cfg, h, "head_dim", name="k_norm")(k_BxTxKxH)
     if cfg.position == "rope":
-      inv_freq_H2 = cfg.rope_inv_freq()
+      # Unscaled rope keeps apply_rope's own f32 formula: the default path stays bit-identical to
+      # the runs the README reports (rope_inv_freq's 1/theta^x differs from theta^-x in the last ulp).
+      inv_freq_H2 = None if cfg.rope_scaling == "none" else cfg.rope_inv_freq()
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_H2=inv_freq_H2)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_H2=inv_freq_H2)
     q_BxTxNxH = constrain(q_BxTxNxH,
@@ -181,7 +183,11 @@ class Attention(nn.Module):
 
     def masked_scores(spec, keys, allowed_BxTxS):
       scores = jnp.einsum(spec, q_BxTxKxGxH, keys.astype(cfg.compute_dtype),
-                          preferred_element_type=jnp.float32) * cfg.attn_scale
+                          preferred_element_type=jnp.float32)
+      # Dividing by sqrt(H) (not multiplying by its inverse) unless Gemma's query_pre_attn_scalar
+      # is set: same bits as before the HF families landed, so published results reproduce.
+      scores = (scores / math.sqrt(h) if cfg.query_pre_attn_scalar is None else
+                scores * cfg.attn_scale)
       scores = softcap(scores, cfg.attn_logit_softcap)
       return jnp.where(allowed_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
 
