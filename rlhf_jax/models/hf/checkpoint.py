@@ -11,6 +11,8 @@ model in the process's resident memory.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -227,35 +229,73 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
     tree = parallel.logical_shardings(abstract, mesh, rules or parallel.DEFAULT_RULES)["params"]
     shardings = [s for _, s in _leaf_paths(tree)]
   np_dtype = np.dtype(config.weight_dtype)
-  out: dict[str, Any] = {}
-  for (path_, leaf, srcs, shape), sharding in zip(per_leaf, shardings):
+
+  def read_box(item, sharding):
+    """One read per parameter and host: the bounding box of the blocks this host's devices hold
+    (the whole tensor on one host; 1/hosts of it across hosts), converted once, then sliced per
+    device, instead of one strided read of the file per device (an fsdp-sharded [out, in] tensor
+    is a column slice: every device's read would touch every page of the tensor). The files are
+    mapped only inside this call."""
+    path_, leaf, srcs, shape = item
+    box = _bounding_box(sharding, tuple(leaf.shape))
     with contextlib.ExitStack() as stack:
       handles: dict[str, Any] = {}
 
-      def tensor(src, stack=stack, handles=handles):
+      def tensor(src):
         file = index[canonical_of[src.name]][0]
         if file not in handles:
           handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
         return handles[file].get_slice(canonical_of[src.name])
 
-      def block(idx, srcs=srcs, shape=shape, leaf=leaf, tensor=tensor):
+      if config.scan_layers and path_[0] == "layers":
+        l0, l1 = weights._range(box[0], leaf.shape[0])  # pylint: disable=protected-access
+        x = np.stack([
+            weights.read_slice(tensor(srcs[i]), srcs[i], shape, box[1:]) for i in range(l0, l1)])
+      else:
+        x = weights.read_slice(tensor(srcs[0]), srcs[0], shape, box)
+    return np.asarray(x).astype(np_dtype, copy=False), [b.start for b in box]
+
+  # Reads (file -> numpy, transposes) overlap in a few threads (numpy and safetensors release the
+  # GIL); at most `workers` parameters are in flight, so the host never holds more than a few
+  # tensors beyond what the devices already own.
+  workers = max(1, min(4, os.cpu_count() or 1))
+  out: dict[str, Any] = {}
+  items = list(zip(per_leaf, shardings))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for i, (item, sharding) in enumerate(items):
+      while len(pending) < workers and len(pending) + i < len(items):
+        nxt = items[i + len(pending)]
+        pending.append(pool.submit(read_box, *nxt))
+      x_box, starts = pending.popleft().result()
+      path_, leaf = item[0], item[1]
+
+      def block(idx, x_box=x_box, starts=starts, leaf=leaf):
         idx = tuple(idx) + (slice(None),) * (len(leaf.shape) - len(idx))
-        if config.scan_layers and path_[0] == "layers":
-          l0, l1 = weights._range(idx[0], leaf.shape[0])  # pylint: disable=protected-access
-          parts = [
-              weights.read_slice(tensor(srcs[i]), srcs[i], shape, idx[1:]) for i in range(l0, l1)]
-          x = np.stack(parts) if parts else np.zeros((0,) + tuple(
-              len(range(*s.indices(n))) for s, n in zip(idx[1:], shape)))
-        else:
-          x = weights.read_slice(tensor(srcs[0]), srcs[0], shape, idx)
-        return np.ascontiguousarray(x.astype(np_dtype, copy=False))
+        local = tuple(
+            slice(a - s0, b - s0)
+            for (a, b), s0 in zip((weights._range(i, n) for i, n in zip(idx, leaf.shape)), starts))  # pylint: disable=protected-access
+        return np.ascontiguousarray(x_box[local])
 
       array = jax.make_array_from_callback(tuple(leaf.shape), sharding, block)
-    node = out
-    for key in path_[:-1]:
-      node = node.setdefault(key, {})
-    node[path_[-1]] = array
+      del x_box, block
+      node = out
+      for key in path_[:-1]:
+        node = node.setdefault(key, {})
+      node[path_[-1]] = array
   return config, out
+
+
+def _bounding_box(sharding: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The smallest box covering every block of `shape` this process's devices hold."""
+  boxes = [
+      [
+          weights._range(i, n) for i, n in zip(
+              tuple(idx) + (slice(None),) *  # pylint: disable=protected-access
+              (len(shape) - len(idx)),
+              shape)] for idx in sharding.addressable_devices_indices_map(shape).values()]
+  return tuple(
+      slice(min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(shape)))
 
 
 def _parse_size(size: int | str) -> int:

@@ -143,10 +143,7 @@ def export_run(workdir: str, out: str, *, dtype: str | None = "float32", step: i
                                tokenizer=tokenizer)
   from rlhf_jax import train  # pylint: disable=import-outside-toplevel
   from rlhf_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  fingerprint_file = os.path.join(workdir, ckpt_lib.FINGERPRINT_FILE)
-  if os.path.isfile(fingerprint_file) and "lora" in ckpt_lib.read_json(fingerprint_file):
-    raise ExportError(f"{workdir}: a LoRA run (its checkpoints hold adapters only); merge the "
-                      "adapters into the base (models.lora.merge) and save_pretrained the result")
+  # A LoRA run reads back merged (adapters folded into the base it trained over).
   ckpt = train.load_sft_params(workdir, step)
   arch = families.infer_architecture(ckpt.model_config)
   checkpoint.save_pretrained(out, ckpt.model_config, ckpt.params, dtype=dtype,

@@ -126,6 +126,19 @@ def _range(s: slice, size: int) -> tuple[int, int]:
   return start, stop
 
 
+def transpose2d(x: np.ndarray, block: int = 64) -> np.ndarray:
+  """x.T as a new C-contiguous array, copied in row blocks (and 2-byte dtypes as uint16).
+
+  Why: `np.ascontiguousarray(x.T)` walks one side of the copy with a stride of a whole row; on a
+  [8192, 2048] bf16 matrix that took 142 ms, the blocked copy 23 ms (2026-12-02, this machine).
+  ml_dtypes' bfloat16 gets no native copy loop, hence the uint16 view (same bytes)."""
+  src = x.view(np.uint16) if x.dtype.itemsize == 2 and x.dtype != np.uint16 else x
+  out = np.empty(src.shape[::-1], src.dtype)
+  for i in range(0, src.shape[0], block):
+    out[:, i:i + block] = src[i:i + block].T
+  return out.view(x.dtype)
+
+
 def read_slice(tensor: Any, src: Source, ours_shape: tuple[int, ...], index: tuple) -> np.ndarray:
   """Our parameter's block `index` (a tuple of slices) read from the HF tensor `tensor` (a
   `safe_open(...).get_slice(name)` object, or any array supporting numpy slicing)."""
@@ -136,7 +149,7 @@ def read_slice(tensor: Any, src: Source, ours_shape: tuple[int, ...], index: tup
   if kind == "copy":
     return np.asarray(tensor[tuple(sl)])
   if kind == "transpose":
-    return np.asarray(tensor[sl[1], sl[0]]).T
+    return transpose2d(np.asarray(tensor[sl[1], sl[0]]))
   if kind == "head_bias":
     (n0, n1), = r[:1]
     x = np.asarray(tensor[off + n0 * hd:off + n1 * hd]).reshape(n1 - n0, hd)
@@ -144,16 +157,14 @@ def read_slice(tensor: Any, src: Source, ours_shape: tuple[int, ...], index: tup
   if kind in ("heads_in", "heads_in_c"):  # ours [D, n, H]
     (d0, d1), (n0, n1) = r[0], r[1]
     if kind == "heads_in":
-      x = np.asarray(tensor[n0 * hd:n1 * hd, d0:d1]).reshape(n1 - n0, hd, d1 - d0)
-      x = x.transpose(2, 0, 1)
+      x = transpose2d(np.asarray(tensor[n0 * hd:n1 * hd, d0:d1])).reshape(d1 - d0, n1 - n0, hd)
     else:
       x = np.asarray(tensor[d0:d1, off + n0 * hd:off + n1 * hd]).reshape(d1 - d0, n1 - n0, hd)
     return x[:, :, sl[2]]
   if kind in ("heads_out", "heads_out_c"):  # ours [N, H, D]
     (n0, n1), (d0, d1) = r[0], r[2]
     if kind == "heads_out":
-      x = np.asarray(tensor[d0:d1, n0 * hd:n1 * hd]).reshape(d1 - d0, n1 - n0, hd)
-      x = x.transpose(1, 2, 0)
+      x = transpose2d(np.asarray(tensor[d0:d1, n0 * hd:n1 * hd])).reshape(n1 - n0, hd, d1 - d0)
     else:
       x = np.asarray(tensor[n0 * hd:n1 * hd, d0:d1]).reshape(n1 - n0, hd, d1 - d0)
     return x[:, sl[1], :]
