@@ -280,3 +280,13 @@ def test_vocab_larger_than_embedding_is_refused(tmp_path):
 def test_missing_tokenizer_json_in_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json.*only fast tokenizers"):
     tk.load_tokenizer(f"hf:{tmp_path}")
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tmp_path):
+  """A checkpoint's padded embedding rows (ids >= the tokenizer's) can be sampled: decoding drops
+  them (transformers' decode does too) instead of failing the evaluation."""
+  tok = tk.load_tokenizer("hf:" + write_hf_tokenizer(tmp_path / "l", "llama3"))
+  ids = tok.encode("the cat")
+  assert tok.decode(ids[:1] + [tok.vocab_size + 5] + ids[1:]) == "the cat"
+  with pytest.raises(tk.TokenIdError, match="token id -1"):
+    tok.decode([-1])

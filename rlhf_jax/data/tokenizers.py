@@ -660,6 +660,10 @@ class HFTokenizer(_Base):
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     ids = self._as_int_list(ids)
+    if self.directory:
+      # A checkpoint pads its embedding past the tokenizer (Qwen2.5: 151936 rows, 151665 ids) and
+      # a sampler can emit those rows: they decode to nothing, as in transformers.
+      ids = [i for i in ids if i < self.vocab_size]
     check_token_ids(ids, self.vocab_size, where="HFTokenizer.decode")
     if skip_special_tokens:
       # The tokenizer's own notion of "special" may not include our BOS/EOS/PAD choices.

@@ -73,6 +73,8 @@ def tokenizer_spec(run_config: Mapping[str, Any], _seen: tuple = ()) -> str:
   it started from (``sources.sft_workdir``, followed recursively); else ``byte``."""
   sources = run_config.get("sources") or {}
   spec = sources.get("tokenizer") or (run_config.get("data") or {}).get("tokenizer")
+  if sources.get("pretrained") and spec in ("byte", "bytes"):
+    spec = ""  # SFT's default: the checkpoint's own (load_pretrained_policy)
   if spec:
     return spec
   if sources.get("pretrained"):
@@ -105,7 +107,8 @@ def load_pretrained_policy(spec: str, *, mesh: Any = None, tokenizer: str = "",
   checkpoint's). Defaults: ``param_dtype="float32"`` (the trained master weights), ``dtype`` =
   the checkpoint's stored dtype (its ``config.json`` ``dtype`` / ``torch_dtype``), e.g. bfloat16
   compute for a bfloat16 checkpoint. The tokenizer is ``tokenizer`` (a ``load_tokenizer`` spec)
-  or the folder's own; one whose ids exceed the embedding rows is refused.
+  or the folder's own ('' or ``byte``, SFT's default); one whose ids exceed the embedding rows is
+  refused.
   """
   from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
   path = pretrained_path(spec)
@@ -125,7 +128,10 @@ def load_pretrained_policy(spec: str, *, mesh: Any = None, tokenizer: str = "",
                                       scan_layers=scan_layers)
   if overrides:
     config = config.replace(**overrides)
-  spec = tokenizer or pretrained_tokenizer_spec(path)
+  # 'byte' is SFT's default spec, never a checkpoint's tokenizer (its ids would index embedding
+  # rows of other tokens): with a pretrained checkpoint it means "the checkpoint's own".
+  spec = tokenizer if tokenizer not in ("byte", "bytes") else ""
+  spec = spec or pretrained_tokenizer_spec(path)
   if not spec:
     raise FileNotFoundError(
         f"{path} has no tokenizer.json; set config.sources.tokenizer to the checkpoint's "
@@ -201,8 +207,9 @@ def _merged_lora_params(workdir: str, run_config: Mapping[str, Any], lora_fp: Ma
   kwargs = {}
   if sources.get("pretrained"):  # loaded as the run loaded it: its tokenizer and runtime fields
     model = run_config.get("model") or {}
-    kwargs = {"tokenizer": sources.get("tokenizer") or "",
-              "model_overrides": {k: v for k, v in model.items() if k != "preset" and v is not None}}
+    kwargs = {
+        "tokenizer": sources.get("tokenizer") or "",
+        "model_overrides": {k: v for k, v in model.items() if k != "preset" and v is not None}}
   base = load_sft_params(base_src, **kwargs).params
   got = lora_lib.base_fingerprint(base)
   if got != lora_fp.get("base"):
