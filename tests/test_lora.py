@@ -373,15 +373,14 @@ def test_ppo_with_lora_trains_improves_its_loss_and_keeps_the_base_as_the_refere
 @pytest.mark.slow
 def test_sft_with_lora_over_a_pretrained_checkpoint_and_its_merged_policy(sft_dir, tmp_path):
   from rlhf_jax.algorithms import sft  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models.hf import export as hf_export  # pylint: disable=import-outside-toplevel
   from offline_fixtures import SFT_OVERRIDES  # pylint: disable=import-outside-toplevel
-  ckpt = train.load_sft_params(sft_dir)
   hf_dir = str(tmp_path / "hf")
-  hf.save_pretrained(hf_dir, ckpt.model_config, ckpt.params, dtype="float32")
+  hf_export.export_run(sft_dir, hf_dir)  # the tiny SFT run as a Hugging Face folder (+ tokenizer)
   config = override(
       load_config("sft_synthetic"), {
           **SFT_OVERRIDES, "loop.num_steps": 8, "loop.log_every": 4, "loop.checkpoint_every": 8,
-          "optim.lr": 1e-2, "sources.pretrained": hf_dir, "sources.tokenizer": "byte"})
+          "optim.lr": 1e-2, "sources.pretrained": hf_dir})
   config.lora = _lora_section()
   workdir = str(tmp_path / "sft_lora")
   final = sft.train_and_evaluate(config, workdir)
@@ -393,7 +392,7 @@ def test_sft_with_lora_over_a_pretrained_checkpoint_and_its_merged_policy(sft_di
   merged = train.load_sft_params(workdir)  # adapters merged into the pretrained base
   batch = _batch()
   lm = lora.LoraModel(models.Transformer(merged.model_config), lora.LoraConfig(rank=8, alpha=16.0))
-  base = train.load_sft_params(f"hf:{hf_dir}", tokenizer="byte").params
+  base = train.load_sft_params(f"hf:{hf_dir}").params
   want = lm.apply({"params": lora.LoraParams(base=base, lora=saved["lora"])}, batch["tokens"],
                   batch["mask"]).logits_BxTxV
   got = models.Transformer(merged.model_config).apply({"params": merged.params}, batch["tokens"],
