@@ -122,9 +122,10 @@ def test_sft_and_dpo_from_pretrained_through_run_py_then_export(ckpt, tmp_path):
   sft_ckpt = train.load_sft_params(sft_dir)
   assert isinstance(sft_ckpt.tokenizer.chat_template, tk.JinjaChatTemplate)  # came with it
   assert sft_ckpt.model_config.tie_embeddings is False and sft_ckpt.model_config.vocab_size == 320
-  # Its training data went through the checkpoint's chat template (Llama 3's header tokens).
+  # Its data went through the checkpoint's chat template (the samples' prompts are decoded without
+  # the special header tokens; the template's system turn "Year: 4" is text).
   samples = [json.loads(line) for line in open(os.path.join(sft_dir, "samples.jsonl"))]
-  assert samples and all("<|start_header_id|>user" in s["prompt"] for s in samples)
+  assert samples and all(s["prompt"].startswith("system\n\nYear: 4") for s in samples)
 
   dpo_dir = str(tmp_path / "dpo")
   _run_py("dpo_synthetic.py", dpo_dir, f"--config.sources.pretrained=hf:{path}",
