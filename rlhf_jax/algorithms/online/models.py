@@ -1,6 +1,7 @@
 """The four models of online RLHF and the checks that they fit together.
 
-* policy π_θ — starts from an SFT run (``train.load_sft_params``), trained;
+* policy π_θ — starts from an SFT run (``train.load_sft_params``) or a Hugging Face checkpoint
+  (``sources.pretrained``), trained;
 * reference π_ref — the SFT model (or ``reference_workdir``), frozen, for the KL penalty;
 * reward model r_φ — ``scoring.load_reward_model`` (params + stored normalisation), frozen;
 * value model V_ψ — ``ValueModel`` whose backbone and head start from a reward model
@@ -43,6 +44,7 @@ class PPOModels(NamedTuple):
   reward: scoring.RewardModelHandle
   value_model: models.ValueModel | None
   value_params: Any  # initial value params (None without a critic)
+  pretrained: str = ""  # sources.pretrained the policy started from ('' = an SFT run)
 
 
 def check_compatible(policy_tokenizer: tok_lib.Tokenizer, policy_config: models.ModelConfig, *,
@@ -105,16 +107,19 @@ def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, poli
 
 
 def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *, mesh=None,
-                rules=parallel.DEFAULT_RULES, lora: sections.Lora | None = None) -> PPOModels:
+                rules=parallel.DEFAULT_RULES, model_section=None,
+                lora: sections.Lora | None = None) -> PPOModels:
   """Loads policy / reference (SFT runs) and the reward model of ``config.sources``, checks them,
   builds the critic (from ``sources.value_model``). The reward models are restored onto ``mesh``
   with ``rules`` (default: one device). With ``lora`` enabled the policy is a
   ``models.lora.LoraModel`` over the frozen SFT params, whose ``LoraParams.base`` is the reference
   (the same arrays) unless ``sources.reference_workdir`` names another run."""
-  sft_dir = sources.require("sft_workdir", "ppo", "the policy starts from it")
+  sft_dir = sources.policy or sources.require("sft_workdir", "ppo", "the policy starts from it "
+                                              "(or sources.pretrained)")
   rm_dir = sources.require("reward_model_workdir", "ppo", "it scores the rollouts")
-  policy_ckpt = train.load_sft_params(sft_dir)
-  if sources.tokenizer:
+  policy_ckpt = train.load_sft_params(sft_dir, **common.pretrained_kwargs(sources, mesh,
+                                                                          model_section))
+  if sources.tokenizer and not sources.pretrained:  # with pretrained it overrides the folder's
     wanted = tok_lib.load_tokenizer(sources.tokenizer)
     if wanted.fingerprint() != policy_ckpt.tokenizer.fingerprint():
       raise IncompatibleModelsError(
@@ -144,4 +149,5 @@ def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *,
     policy_params = lora_lib.make_params(policy, policy_params, lora_cfg)
   return PPOModels(tokenizer=policy_ckpt.tokenizer, policy=policy,
                    policy_params=policy_params, ref_params=ref_ckpt.params, reward=reward,
-                   value_model=value_model, value_params=value_params)
+                   value_model=value_model, value_params=value_params,
+                   pretrained=sources.pretrained)
