@@ -59,7 +59,8 @@ def write_checkpoint(path: str, quick: bool) -> int:
   config = _config(quick)
   arch = families.infer_architecture(config)
   plan = weights.plan(config, arch)
-  leaves = checkpoint._leaf_paths(abstract_params(Transformer(config)))  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  leaves = checkpoint._leaf_paths(abstract_params(Transformer(config)))
   rng = np.random.default_rng(0)
   os.makedirs(path, exist_ok=True)
   shard_limit, shard, shard_bytes, shards = 10**9, {}, 0, []

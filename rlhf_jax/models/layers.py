@@ -168,7 +168,8 @@ class Attention(nn.Module):
       k_BxTxKxH = Norm(cfg, h, "head_dim", name="k_norm")(k_BxTxKxH)
     if cfg.position == "rope":
       # Unscaled rope keeps apply_rope's own f32 formula: the default path stays bit-identical to
-      # the runs the README reports (rope_inv_freq's 1/theta^x differs from theta^-x in the last ulp).
+      # the runs the README reports (rope_inv_freq's 1/theta^x differs from theta^-x in the last
+      # ulp).
       inv_freq_H2 = None if cfg.rope_scaling == "none" else cfg.rope_inv_freq()
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_H2=inv_freq_H2)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_H2=inv_freq_H2)
@@ -186,8 +187,8 @@ class Attention(nn.Module):
                           preferred_element_type=jnp.float32)
       # Dividing by sqrt(H) (not multiplying by its inverse) unless Gemma's query_pre_attn_scalar
       # is set: same bits as before the HF families landed, so published results reproduce.
-      scores = (scores / math.sqrt(h) if cfg.query_pre_attn_scalar is None else
-                scores * cfg.attn_scale)
+      scores = (scores / math.sqrt(h) if cfg.query_pre_attn_scalar is None else scores *
+                cfg.attn_scale)
       scores = softcap(scores, cfg.attn_logit_softcap)
       return jnp.where(allowed_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
 

@@ -272,9 +272,8 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
 
       def block(idx, x_box=x_box, starts=starts, leaf=leaf):
         idx = tuple(idx) + (slice(None),) * (len(leaf.shape) - len(idx))
-        local = tuple(
-            slice(a - s0, b - s0)
-            for (a, b), s0 in zip((weights._range(i, n) for i, n in zip(idx, leaf.shape)), starts))  # pylint: disable=protected-access
+        ranges = [weights._range(i, n) for i, n in zip(idx, leaf.shape)]  # pylint: disable=W0212
+        local = tuple(slice(a - s0, b - s0) for (a, b), s0 in zip(ranges, starts))
         return np.ascontiguousarray(x_box[local])
 
       array = jax.make_array_from_callback(tuple(leaf.shape), sharding, block)
