@@ -259,3 +259,35 @@ def test_byte_tokenizer_export_equals_byte_tokenizer(tmp_path):
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == byte.encode(text)
     assert hf_tok.decode(byte.encode(text)) == text
   assert (hf_tok.pad_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1, 2)
+
+
+@pytest.mark.slow
+def test_reward_model_and_ppo_from_pretrained_through_run_py(ckpt, tmp_path):
+  """The RM trains on the checkpoint's backbone (new head) and PPO starts from the checkpoint with
+  that RM, both through experiments/run.py on conversational data; both fingerprints record it."""
+  path, data = ckpt
+  with open(os.path.join(data, "prompts.jsonl"), "w") as f:
+    for i in range(8):
+      f.write(json.dumps({"prompt": _ask(i)}) + "\n")
+  rm_dir = str(tmp_path / "rm")
+  _run_py("rm_jsonl.py", rm_dir, f"--config.sources.pretrained=hf:{path}",
+          "--config.sources.sft_workdir=", f"--config.data.train_jsonl={data}/pw.jsonl",
+          f"--config.data.eval_jsonl={data}/pw.jsonl", "--config.data.batch_size=4",
+          "--config.loop.num_steps=4", "--config.loop.log_every=2", "--config.loop.eval_every=0",
+          "--config.rm.early_stopping_patience=0", "--config.loop.checkpoint_every=2",
+          "--config.loop.progress_every_secs=0.0", "--config.optim.warmup_steps=1",
+          "--config.eval.num_normalization_prompts=4", "--config.eval.samples_per_prompt=1",
+          "--config.eval.sample_batch=4", *LIMITS)
+  assert train.read_json(os.path.join(rm_dir, train.checkpoint.FINGERPRINT_FILE))["pretrained"]
+  ppo_dir = str(tmp_path / "ppo")
+  _run_py("ppo_jsonl.py", ppo_dir, f"--config.sources.pretrained=hf:{path}",
+          "--config.sources.sft_workdir=", f"--config.sources.reward_model_workdir={rm_dir}",
+          f"--config.data.train_jsonl={data}/prompts.jsonl",
+          f"--config.data.eval_prompts_jsonl={data}/prompts.jsonl", "--config.data.batch_size=4",
+          "--config.ppo.num_minibatches=2", "--config.ppo.num_ppo_epochs=1",
+          "--config.loop.num_steps=2", "--config.loop.eval_every=0",
+          "--config.loop.checkpoint_every=2", "--config.eval.num_prompts=4",
+          "--config.eval.max_new_tokens=4", *LIMITS)
+  assert train.read_json(os.path.join(ppo_dir, train.checkpoint.FINGERPRINT_FILE))["pretrained"]
+  final = train.read_json(os.path.join(ppo_dir, train.FINAL_METRICS_FILE))
+  assert np.isfinite(final["rm_reward"]) and "gold_reward" not in final
