@@ -45,4 +45,5 @@ def get_config(loss: str = "sigmoid") -> ml_collections.ConfigDict:
   config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
                                                max_new_tokens=48)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  config.lora = config_dicts.dataclass_section(sections.Lora)  # off: --config.lora.enabled=True
   return config

@@ -69,4 +69,5 @@ def get_config() -> ml_collections.ConfigDict:
   # (data, fsdp, tensor) mesh of the trainer; e.g. --config.mesh.data=-1 for every device.
   # Rollout rows (data.batch_size and its minibatches × num_samples) split over data × fsdp.
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  config.lora = config_dicts.dataclass_section(sections.Lora)  # off: --config.lora.enabled=True
   return config

@@ -265,6 +265,7 @@ def default_config() -> ml_collections.ConfigDict:
                                                  max_response_len=48, buckets=(64, 80))
   config.eval = config_dicts.dataclass_section(SFTEvalConfig, num_sample_prompts=128)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  config.lora = config_dicts.dataclass_section(sections.Lora)  # off: --config.lora.enabled=True
   return config
 
 

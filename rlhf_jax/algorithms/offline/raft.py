@@ -35,6 +35,7 @@ import numpy as np
 from rlhf_jax import parallel, scoring, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ def _prompt_files(data: RAFTDataConfig, sources: sections.Sources) -> tuple[str,
 
 
 KNOWN_KEYS = {
-    "method", "seed", "sources", "data", "limits", "model", "raft", "optim", "loop", "eval", "mesh"}
+    "method", "seed", "sources", "data", "limits", "model", "raft", "optim", "loop", "eval", "mesh",
+    "lora"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -200,12 +202,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError("config.loop.stop_after_steps is not supported by RAFT (it stops at round "
                      "boundaries only); allowed: 0")
   steps_per_round = loop_cfg.num_steps // cfg.num_rounds
+  lora = sections.lora_section(config)
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
                               tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,
-                              need_reward=True)
+                              need_reward=True, lora=lora)
   limits.check_model(loaded.model_config.max_seq_len)
   train_prompts_path, eval_prompts_path = _prompt_files(data_cfg, sources)
   train_prompts = common.read_prompts(train_prompts_path, None, loaded.tokenizer.chat_template)
@@ -222,10 +225,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "method": "raft", "model": dataclasses.asdict(loaded.model_config),
       "tokenizer": loaded.tokenizer.fingerprint(), "raft": dataclasses.asdict(cfg),
       "limits": dataclasses.asdict(limits), "batch_size": data_cfg.batch_size,
+      **common.lora_fingerprint(loaded.lora, loaded.policy_params),
       **common.pretrained_fingerprint(sources)}
   latest = train.latest_step(workdir)
   params = loaded.policy_params
-  if latest:
+  if latest and lora_lib.is_lora(params):
+    # a LoRA checkpoint holds the adapters only: put them back over the loaded (frozen) base,
+    # sharded like the fresh adapters; the fingerprint check of train.train refuses another base
+    saved = train.restore_params(workdir, latest)["lora"]
+    params = params.replace(
+        lora=jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), saved, params.lora))
+  elif latest:
     params = common.place_params(train.restore_params(workdir, latest), loaded.model, mesh)
   round_stats: dict[str, float] = {}
 
