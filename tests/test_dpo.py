@@ -23,6 +23,13 @@ DATA = {"data.batch_size": 8, "limits.buckets": (80,), "data.num_eval_pairs": 8}
 MESH = {"data": 1, "fsdp": 1, "tensor": 1}
 
 
+def _copy_run_without_dataset(src: str, dst: str) -> None:
+  """A copy of a finished run without its top-level tokenized dataset (`<run>/data`); the
+  checkpoint steps keep every file (their `data` item is the loader position, which the step's
+  manifest covers)."""
+  shutil.copytree(src, dst, ignore=lambda d, names: ["data"] if d == src else [])
+
+
 def dpo_config(sft_dir, **extra):
   config = load_config("dpo_synthetic")
   return override(config, {**TINY_RUN, **DATA, "sources.sft_workdir": sft_dir, **extra})
@@ -103,7 +110,7 @@ def test_reference_with_other_config_or_tokenizer_is_refused(sft_dir, tmp_path):
     common.check_reference(ckpt_config, byte, ckpt_config.replace(d_model=32, d_ff=64), byte)
   # a reference run whose stored model config differs is refused when loading
   ref_dir = str(tmp_path / "ref")
-  shutil.copytree(sft_dir, ref_dir, ignore=shutil.ignore_patterns("data"))
+  _copy_run_without_dataset(sft_dir, ref_dir)
   fp_path = os.path.join(ref_dir, train.checkpoint.FINGERPRINT_FILE)
   fingerprint = json.load(open(fp_path))
   fingerprint["model"]["rope_theta"] = 500.0
@@ -209,7 +216,7 @@ def test_precomputed_reference_table_is_keyed_on_the_reference_run_and_its_step(
   """Bug: the table's key held the *policy's* SFT step even with a separate reference run, so a
   reference run that moved to a later checkpoint reused a stale table."""
   ref_dir = str(tmp_path / "ref")
-  shutil.copytree(sft_dir, ref_dir, ignore=shutil.ignore_patterns("data"))
+  _copy_run_without_dataset(sft_dir, ref_dir)
   os.rename(os.path.join(ref_dir, "checkpoints", "6"), os.path.join(ref_dir, "checkpoints", "9"))
   mesh = parallel.mesh_from_config(MESH)
   own = common.load_models(sections.Sources(sft_workdir=sft_dir), mesh)
