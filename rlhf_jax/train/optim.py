@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.models import lora as lora_lib  # the one param-path spelling (LoRA targets too)
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 # Leaf paths (joined with "/") that are never decayed: norm scales/biases and all biases.
@@ -120,18 +122,6 @@ def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([ramp, decay], boundaries=[warmup])
 
 
-def _path_str(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def weight_decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
   """Pytree of bools like ``params``: True where decoupled weight decay applies.
 
@@ -142,7 +132,7 @@ def weight_decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
   """
 
   def decide(path, _):
-    name = _path_str(path)
+    name = lora_lib.path_str(path)
     if _NO_DECAY_RE.search(name):
       return False
     if _EMBED_RE.search(name):
