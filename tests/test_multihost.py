@@ -7,7 +7,10 @@ each child with 2 simulated CPU devices, so the global mesh has 4 devices over 2
 * connects through :func:`rlhf_jax.parallel.initialize_distributed` (loopback coordinator),
 * creates a parameter already sharded over the *global* mesh (``create_sharded``),
 * assembles the global batch from its own half (``shard_batch`` → ``make_global_batch``),
-* runs a jitted reduction whose inputs live on both processes, and prints the result as JSON.
+* runs a jitted reduction whose inputs live on both processes, and prints the result as JSON;
+* reads the global batch back on the host (``to_host``: gathered, as neither process holds it all),
+  checks the config agreement (``check_same_config``: equal passes, a per-process value fails on
+  both processes) and reads a file process 0 wrote (``write_on_coordinator`` + barrier).
 
 Both processes must report the same value, equal to the NumPy answer over the full batch.
 
@@ -41,7 +44,7 @@ def _weights() -> np.ndarray:
   return np.linspace(-1.0, 1.0, FEATURES * OUT, dtype=np.float32).reshape(FEATURES, OUT)
 
 
-def _child(process_id: int, port: int) -> None:
+def _child(process_id: int, port: int, tmpdir: str) -> None:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -68,15 +71,30 @@ def _child(process_id: int, port: int) -> None:
 
   with parallel.use_mesh(mesh):
     value = loss(params, batch)
+  host = parallel.to_host({"x": batch["x"], "value": value, "n": 3})
+  parallel.check_same_config({"lr": 1e-3, "steps": 4})
+  try:
+    parallel.check_same_config({"lr": 1e-3, "steps": 4 + process_id})
+    config_error = ""
+  except ValueError as err:
+    config_error = str(err)
+  path = os.path.join(tmpdir, "shared.json")
+
+  def write():
+    with open(path, "w") as f:
+      f.write(f"{process_id}")
+    return "w"
+
+  written = parallel.write_on_coordinator(write, barrier="shared_written")
   print(
       json.dumps({
-          "process_index": parallel.process_index(),
-          "process_count": parallel.process_count(),
-          "global_devices": jax.device_count(),
-          "local_devices": jax.local_device_count(),
-          "batch_shape": list(batch["x"].shape),
-          "w_spec": str(params["w"].sharding.spec),
-          "value": float(value),}), flush=True)
+          "process_index": parallel.process_index(), "process_count": parallel.process_count(),
+          "global_devices": jax.device_count(), "local_devices": jax.local_device_count(),
+          "batch_shape": list(batch["x"].shape), "w_spec": str(params["w"].sharding.spec),
+          "value": float(value), "gathered_ok": bool(np.array_equal(host["x"], _global_batch())),
+          "gathered_value": float(host["value"]), "n": int(host["n"]), "config_error": config_error,
+          "written": written, "shared": open(path).read(), "topology": parallel.topology(mesh)}),
+      flush=True)
 
 
 def _free_port() -> int:
@@ -85,7 +103,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_share_a_global_mesh():
+def test_two_processes_share_a_global_mesh(tmp_path):
   port = _free_port()
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu",
@@ -94,8 +112,9 @@ def test_two_processes_share_a_global_mesh():
     env.pop(name, None)
   procs = [
       subprocess.Popen(
-          [sys.executable, __file__, str(i), str(port)], env=env, stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True) for i in range(NUM_PROCESSES)]
+          [sys.executable, __file__, str(i),
+           str(port), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True) for i in range(NUM_PROCESSES)]
   outputs = []
   try:
     for p in procs:
@@ -119,6 +138,13 @@ def test_two_processes_share_a_global_mesh():
     assert o["w_spec"] == "P('fsdp', 'tensor')"  # embed->fsdp, mlp->tensor (size 1)
     assert o["value"] == pytest.approx(expected, rel=1e-5)
   assert outputs[0]["value"] == outputs[1]["value"]
+  for o in outputs:
+    assert o["gathered_ok"] and o["gathered_value"] == o["value"] and o["n"] == 3
+    assert "the config of process(es) [1] differs from process 0's" in o["config_error"]
+    assert o["shared"] == "0"  # process 0 wrote it; process 1 read it after the barrier
+    assert o["topology"] == {
+        "process_count": 2, "device_count": 4, "mesh_shape": {"data": 2, "fsdp": 2, "tensor": 1}}
+  assert [o["written"] for o in sorted(outputs, key=lambda o: o["process_index"])] == ["w", None]
 
 
 # --------------------------------------------------------------------------- in-process unit checks
@@ -232,12 +258,13 @@ def test_the_one_launcher_trains_as_one_job_over_two_processes(tmp_path):
       "data.synthetic_num_test_prompts": 16, "data.batch_size": 8, "data.eval_batch_size": 16,
       "limits.buckets": "(80,)", "eval.num_sample_prompts": 0, "loop.num_steps": 4,
       "loop.checkpoint_every": 2, "mesh.data": 2}
-  result = subprocess.run(
-      ["bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
-       os.path.join(REPO, "experiments", "run.py"),
-       f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}",
-       f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()],
-      env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([
+      "bash",
+      os.path.join(REPO, "launch", "multiprocess_local.sh"),
+      os.path.join(REPO, "experiments", "run.py"),
+      f"--config={os.path.join(REPO, 'experiments', 'configs', 'sft_synthetic.py')}",
+      f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()], env=env,
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["step"] == 4 and np.isfinite(final["eval_nll_per_token"])
@@ -274,4 +301,4 @@ def test_slurm_sbatch_with_stub_srun(tmp_path):
 
 
 if __name__ == "__main__":
-  _child(int(sys.argv[1]), int(sys.argv[2]))
+  _child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -13,11 +13,17 @@ Typical use::
 
 from rlhf_jax.parallel.mesh import MESH_AXES, MeshConfig, make_mesh
 from rlhf_jax.parallel.multihost import (
+    check_same_config,
+    config_hash,
     initialize_distributed,
     is_coordinator,
     make_global_batch,
     process_count,
     process_index,
+    sync,
+    to_host,
+    topology,
+    write_on_coordinator,
 )
 from rlhf_jax.parallel.placement import Placement, mesh_from_config
 from rlhf_jax.parallel.rules import (
@@ -46,6 +52,8 @@ __all__ = [
     "MeshConfig",
     "Rules",
     "batch_axes",
+    "check_same_config",
+    "config_hash",
     "create_sharded",
     "data_sharding",
     "initialize_distributed",
@@ -60,5 +68,9 @@ __all__ = [
     "process_count",
     "process_index",
     "shard_batch",
+    "sync",
+    "to_host",
+    "topology",
     "use_mesh",
-    "validate_rules",]
+    "validate_rules",
+    "write_on_coordinator",]

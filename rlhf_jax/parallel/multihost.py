@@ -1,4 +1,5 @@
-"""Multi-host (multi-process) helpers: start-up, process identity, and global batches.
+"""Multi-host (multi-process) helpers: start-up, process identity, global batches, host reads,
+coordinator-only writes and agreement checks.
 
 JAX runs one process per host (or per GPU); every process runs the same program over the *global*
 mesh and owns only its local devices' shards. :func:`initialize_distributed` connects the
@@ -16,17 +17,34 @@ Where the settings come from, in order:
 
 Otherwise it is a no-op: a single-host run needs no coordinator. ``RLHF_JAX_DISTRIBUTED=0`` forces
 the no-op (e.g. a one-task debugging job inside a SLURM allocation).
+
+The rules every method follows once the processes are connected (each is one helper here):
+
+* **host reads** — :func:`to_host` turns (possibly multi-host) global arrays into NumPy on every
+  process (``process_allgather`` where a process does not hold the whole value). It is a
+  collective: every process calls it, in the same order, never inside ``if is_coordinator()``.
+* **shared files** — written by process 0 only: :func:`write_on_coordinator` (or
+  ``if is_coordinator():``), followed by :func:`sync` where other processes read the file next.
+* **one config** — :func:`check_same_config`: every process hashes its config and all fail, naming
+  the processes, when one differs (different flags or files per host).
+* **what ran** — :func:`topology` (process and device count, mesh shape) for ``final_metrics.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+
+logger = logging.getLogger(__name__)
 
 
 def _env_int(name: str) -> int | None:
@@ -96,6 +114,89 @@ def process_count() -> int:
 def is_coordinator() -> bool:
   """True on process 0, the one that should write logs, configs and summaries."""
   return jax.process_index() == 0
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of a pytree of arrays on every process, whichever processes hold the shards.
+
+    A leaf this process holds in full (fully addressable, e.g. single-host; or fully replicated)
+    is read with ``np.asarray``; a global array whose shards live on other processes is gathered
+    with ``multihost_utils.process_allgather(tiled=True)`` (every process gets the global value).
+    Other leaves (NumPy, Python scalars) pass through ``np.asarray``. Gathering is a collective:
+    call it on every process in the same order (never only on the coordinator).
+    """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  remote = [
+      i for i, x in enumerate(leaves)
+      if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)]
+  out = [np.asarray(x) if i not in remote else None for i, x in enumerate(leaves)]
+  if remote:  # one collective for all of them
+    gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
+    for i, x in zip(remote, gathered):
+      out[i] = np.asarray(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (no-op on one): e.g. after process 0 wrote a file the others read."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def write_on_coordinator(fn: Callable[..., Any], *args: Any, barrier: str | None = None,
+                         **kwargs: Any) -> Any:
+  """``fn(*args, **kwargs)`` on process 0 only (shared files: configs, metrics, tables, plots).
+
+    Returns ``fn``'s result on process 0 and ``None`` elsewhere. With ``barrier`` the processes
+    then meet in :func:`sync` (``barrier`` names it), so a file process 0 just wrote can be read by
+    every process after the call.
+    """
+  result = fn(*args, **kwargs) if is_coordinator() else None
+  if barrier is not None:
+    sync(barrier)
+  return result
+
+
+def config_hash(config: Any) -> str:
+  """SHA-256 of a config (``ConfigDict`` / dict / dataclass-free tree) as sorted JSON."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  text = json.dumps(config, sort_keys=True, default=repr)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_same_config(config: Any, what: str = "config") -> None:
+  """Raises ``ValueError`` on every process if any process's ``config`` differs from the others'.
+
+    Each process hashes its config (:func:`config_hash`); the 64-bit prefixes are all-gathered, so
+    all processes fail together (none waits in a collective for a peer that stopped) and the message
+    names the processes that disagree with process 0. No-op on one process.
+    """
+  if jax.process_count() == 1:
+    return
+  digest = config_hash(config)
+  words = np.frombuffer(bytes.fromhex(digest[:16]), dtype=np.int32)  # int32: x64 may be off
+  all_words = np.asarray(multihost_utils.process_allgather(words)).reshape(jax.process_count(), -1)
+  differ = [p for p in range(jax.process_count()) if not np.array_equal(all_words[p], all_words[0])]
+  if differ:
+    raise ValueError(
+        f"the {what} of process(es) {differ} differs from process 0's (this process: "
+        f"{jax.process_index()}, hash {digest[:16]}): every process must run the same command with "
+        "the same flags and config files")
+
+
+def topology(mesh: Mesh | None = None) -> dict:
+  """``{"process_count", "device_count", "mesh_shape"}``: what a run ran on (``final_metrics.json``).
+
+    ``device_count`` is the global mesh's size (all devices when ``mesh`` is None) and
+    ``mesh_shape`` its ``{axis: size}``.
+    """
+  if mesh is None:
+    return {
+        "process_count": jax.process_count(), "device_count": jax.device_count(), "mesh_shape": {}}
+  return {
+      "process_count": jax.process_count(), "device_count": int(mesh.devices.size),
+      "mesh_shape": {str(k): int(v) for k, v in mesh.shape.items()}}
 
 
 def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
