@@ -14,6 +14,8 @@ here is antisymmetric: ``label_fn(p, a, b) + label_fn(p, b, a) = 1``.
 * :func:`reward_model_annotator` — a trained reward model as the labeller (e.g. a stronger "gold"
   RM): ``P = σ((r̂_a - r̂_b) / T)`` over its normalised scores ``r̂ = (r - μ) / σ``
   (``scoring.score_texts``; the responses are complete, as in any comparison dataset).
+* ``kind="evaluator"`` — an AI evaluator (RLAIF): a causal LM queried through a template file,
+  ``P(a ≻ b)`` = its soft label, both orders averaged (:mod:`rlhf_jax.feedback.evaluator`).
 * :class:`AnnotatorConfig` / :func:`make_label_fn` — the ``config.annotator`` section that picks one.
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 from rlhf_jax.data import synthetic
 
 LabelFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], np.ndarray]
-KINDS = ("synthetic", "reward_model")
+KINDS = ("synthetic", "reward_model", "evaluator")
 
 
 def _check_lengths(prompts, responses_a, responses_b) -> None:
@@ -89,15 +91,27 @@ class AnnotatorConfig:
   """Which annotator labels new comparisons (``config.annotator``).
 
   Attributes:
-    kind: ``synthetic`` (Bradley–Terry over the synthetic task's gold reward) or ``reward_model``
-      (a trained RM in ``reward_model_workdir``).
-    temperature: the Bradley–Terry noise temperature T (smaller = less noisy labels).
+    kind: ``synthetic`` (Bradley–Terry over the synthetic task's gold reward), ``reward_model``
+      (a trained RM in ``reward_model_workdir``) or ``evaluator`` (an AI evaluator, RLAIF).
+    temperature: the Bradley–Terry noise temperature T (smaller = less noisy labels); not used by
+      ``evaluator`` (its soft label is the probability).
     reward_model_workdir: the labelling RM's run (``kind="reward_model"`` only).
+    evaluator: the evaluator model (``kind="evaluator"``): a run workdir (e.g. the synthetic
+      feedback model), ``hf:DIR`` or ``preset:NAME``.
+    evaluator_template: its template file or a shipped name (``feedback.templates``).
+    both_orders: score each pair in both orders and average (position-bias mitigation).
+    cot: sample a chain-of-thought rationale before the label (the template's ``cot_ending``).
+    cot_max_tokens: the rationale budget.
   """
 
   kind: str = "synthetic"
   temperature: float = 0.25
   reward_model_workdir: str = ""
+  evaluator: str = ""
+  evaluator_template: str = "synthetic_pair"
+  both_orders: bool = True
+  cot: bool = False
+  cot_max_tokens: int = 32
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -110,12 +124,21 @@ class AnnotatorConfig:
       raise ValueError(
           "AnnotatorConfig.reward_model_workdir='' is invalid with kind='reward_model'; "
           "allowed: the workdir of a trained reward model")
+    if self.kind == "evaluator" and not self.evaluator:
+      raise ValueError("AnnotatorConfig.evaluator='' is invalid with kind='evaluator'; allowed: a "
+                       "trained run's workdir (e.g. the feedback model), 'hf:DIR' or 'preset:NAME'")
 
 
 def make_label_fn(config: AnnotatorConfig, tokenizer=None) -> LabelFn:
-  """The annotator ``config`` names (a reward model is loaded from its workdir)."""
+  """The annotator ``config`` names (a reward model or an evaluator is loaded from its source)."""
   if config.kind == "synthetic":
     return synthetic_annotator(config.temperature)
+  if config.kind == "evaluator":
+    from rlhf_jax.feedback import evaluator as ev_lib  # pylint: disable=import-outside-toplevel
+    ev = ev_lib.load_evaluator(config.evaluator, config.evaluator_template,
+                               policy_tokenizer=tokenizer)
+    cot = ev_lib.CotConfig(max_tokens=config.cot_max_tokens) if config.cot else None
+    return ev_lib.evaluator_annotator(ev, both_orders=config.both_orders, cot=cot)
   from rlhf_jax import scoring  # pylint: disable=import-outside-toplevel
   handle = scoring.load_reward_model(config.reward_model_workdir, policy_tokenizer=tokenizer)
   return reward_model_annotator(handle, tokenizer, temperature=config.temperature)
