@@ -18,6 +18,9 @@ for the held-out split)
                              Plackett-Luce ranking (1 = best)
 ``rated.jsonl``              ``{"prompt", "response", "rating", "gold"}`` - Likert 1..7
 ``attributes.jsonl``         ``{"prompt", "response", "attributes": {"helpful", "harmless"}}`` - Likert 1..7
+``feedback_sft.jsonl``       ``{"prompt", "response", "task", ...}`` - the noisy teacher's instruction
+                             data for a feedback model (judgements, ratings, critiques, revisions)
+                             mixed with the ``sft.jsonl`` rows (:mod:`rlhf_jax.feedback.teacher`)
 ``metadata.json``            settings, Bayes-optimal pairwise accuracy, reference vs best gold reward
 ===========================  ===================================================================
 
@@ -44,6 +47,7 @@ from rlhf_jax import fileio
 from rlhf_jax.data import kinds as kinds_lib
 from rlhf_jax.data import synthetic as syn
 from rlhf_jax.data.records import write_jsonl
+from rlhf_jax.feedback import teacher as teacher_lib
 
 __all__ = ["SyntheticConfig", "generate_split", "write_task", "prepare_synthetic_datasets", "main"]
 
@@ -66,6 +70,7 @@ class SyntheticConfig:
   min_candidates: int = 4
   max_candidates: int = 9
   policy: syn.ReferencePolicyConfig = syn.ReferencePolicyConfig()
+  teacher: teacher_lib.TeacherConfig = teacher_lib.TeacherConfig()
 
   def __post_init__(self):
     if self.num_prompts < 1 or self.num_test_prompts < 0:
@@ -162,6 +167,12 @@ def generate_split(config: SyntheticConfig, num_prompts: int,
     rows["unpaired"] += [
         dict(desirable, gold=pair["gold_chosen"]),
         dict(undesirable, gold=pair["gold_rejected"])]
+  # The teacher's data draws from a child seed spawned after the six above (SeedSequence children
+  # are numbered), so adding it left every file before it byte-identical.
+  teacher_rng = np.random.default_rng(seed_seq.spawn(1)[0])
+  rows["feedback_sft"], teacher_stats = teacher_lib.teacher_records(teacher_rng, prompts,
+                                                                    rows["sft"], config.teacher,
+                                                                    policy)
   all_responses = [row["response"] for name in ("sft", "rated", "attributes") for row in rows[name]]
   all_responses += [row[key] for row in rows["pairwise"] for key in ("chosen", "rejected")]
   all_responses += [r for row in rows["ranked"] for r in row["responses"]]
@@ -176,7 +187,8 @@ def generate_split(config: SyntheticConfig, num_prompts: int,
       "reference_policy_mean_gold": float(np.mean(reference_gold)),
       "best_response_mean_gold": float(np.mean(best_gold)),
       "max_prompt_bytes": max(len(p.encode()) for p in prompts),
-      "max_response_bytes": max(len(r.encode()) for r in all_responses),}
+      "max_response_bytes": max(len(r.encode()) for r in all_responses),
+      "teacher": {k: v for k, v in teacher_stats.items() if k != "config"},}
   return {"rows": rows, "stats": stats}
 
 
