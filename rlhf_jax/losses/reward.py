@@ -27,7 +27,8 @@ def _pair_metrics(chosen_B, rejected_B, per_example_B):
       "rewards_rejected": jnp.mean(rejected_B),}
 
 
-def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef: float = 0.0):
+def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef: float = 0.0,
+                       preference_prob=None):
   """Pairwise Bradley–Terry reward-model loss, with an optional margin and reward centering.
 
         ℓ_b = -log σ(r_c - r_r - m_b) + η (r_c + r_r)²
@@ -38,6 +39,15 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
       al., 2023 (Llama 2), arXiv:2307.09288, Eq. 2. ``None`` means m = 0.
     - ``center_coef`` η: auxiliary loss that pins the reward's mean to zero (Eisenstein et al., 2023,
       arXiv:2312.09244; TRL's ``center_rewards_coefficient``, recommended 0.01).
+
+    - ``preference_prob`` p (``[B]`` in [0, 1], the probability that chosen ≻ rejected, e.g. an AI
+      evaluator's soft label; distilled RLAIF, Lee et al., 2023, arXiv:2309.00267, §2.2.1): the
+      cross-entropy against the soft target,
+
+        ℓ_b = -p_b log σ(Δ_b) - (1 - p_b) log σ(-Δ_b),     Δ_b = r_c - r_r - m_b,
+
+      whose gradient is ∂ℓ/∂Δ = σ(Δ) - p (minimised at σ(Δ) = p, the evaluator's probability).
+      At p = 1 it is the hard loss; ``None`` is the hard loss itself.
 
     Inputs ``[B]``. Returns ``(per_example_loss [B], metrics)``.
     """
@@ -51,7 +61,13 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
   logits_B = chosen_B - rejected_B
   if margin is not None:
     logits_B = logits_B - as_float(margin, dtype)
-  per_example_B = -jax.nn.log_sigmoid(logits_B)
+  if preference_prob is None:
+    per_example_B = -jax.nn.log_sigmoid(logits_B)
+  else:
+    check_same_shape(chosen_rewards=chosen_rewards, preference_prob=preference_prob)
+    p_B = as_float(preference_prob, dtype)
+    per_example_B = -(p_B * jax.nn.log_sigmoid(logits_B) +
+                      (1.0 - p_B) * jax.nn.log_sigmoid(-logits_B))
   if center_coef:
     per_example_B = per_example_B + center_coef * (chosen_B + rejected_B)**2
   metrics = _pair_metrics(chosen_B, rejected_B, per_example_B)
