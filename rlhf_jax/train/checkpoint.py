@@ -429,7 +429,8 @@ def restore_params(workdir: str, step: int | None = None, abstract_params: Any =
   """Loads only the params of the checkpoint at ``step`` (default latest) in ``workdir``.
 
   With ``abstract_params`` (a ``jax.ShapeDtypeStruct`` tree with shardings) the arrays are placed
-  accordingly; without it they land as single-device arrays with the saved shapes and dtypes.
+  accordingly; without it they land as single-device arrays (this process's first device) with the
+  saved shapes and dtypes.
 
   Raises:
     CheckpointCorruptError: the step's files do not match its manifest or its params are not
@@ -446,9 +447,10 @@ def restore_params(workdir: str, step: int | None = None, abstract_params: Any =
   try:
     metadata = manager.item_metadata(step)["state"]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    # This process's first device (jax.devices()[0] belongs to process 0 in a multi-process job).
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
-            jax.devices()[0])), tree)
+            jax.local_devices()[0])), tree)
     if abstract_params is not None:
       abstract["params"] = abstract_params
     restored = manager.restore(step,
