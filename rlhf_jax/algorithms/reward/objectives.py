@@ -3,7 +3,8 @@
 =================  ==========  ===========================================================
 objective          data kind   per-example loss (losses library unless noted)
 =================  ==========  ===========================================================
-``bradley_terry``  pairwise    -log σ(r_c - r_r) (+ η (r_c + r_r)², ``center_coef``)
+``bradley_terry``  pairwise    -p log σ(r_c - r_r) - (1 - p) log σ(r_r - r_c) (+ η (r_c + r_r)²,
+                               ``center_coef``); p = the pair's ``preference_prob`` (1: hard label)
 ``all_pairs``      ranked      InstructGPT: mean over the C(K, 2) labelled pairs of one prompt of
                                -log σ(r_i - r_j); one prompt = one batch element, so a prompt's
                                comparisons are never split across steps. Tied labels: no pair.
@@ -97,7 +98,9 @@ def make_objective(
     if objective == "bradley_terry":  # pairwise batches: [2B, T], rows 2b / 2b+1 = pair b
       r_2B = _rewards(model, params, batch["tokens"], batch["mask"], rng)[:, 0]
       r_chosen_B, r_rejected_B = pairwise_kind.split(r_2B)
-      return losses.bradley_terry_loss(r_chosen_B, r_rejected_B, center_coef=center_coef)
+      # preference_prob: the pairs' soft labels (1 for hard labels; distilled RLAIF's AI labels)
+      return losses.bradley_terry_loss(r_chosen_B, r_rejected_B, center_coef=center_coef,
+                                       preference_prob=batch.get("preference_prob"))
     if objective in ("all_pairs", "plackett_luce"):  # ranked batches: [B·K, T]
       b, k = batch["candidate_mask"].shape
       r_BxK = _rewards(model, params, batch["tokens"], batch["mask"], rng)[:, 0].reshape(b, k)
