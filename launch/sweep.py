@@ -13,6 +13,11 @@ r"""Grid sweeps over config overrides of any method's config, with one results t
   Runs go sequentially, or ``--parallel N`` at a time as local subprocesses.
 * A run whose workdir holds ``final_metrics.json`` is finished and skipped on a rerun; a failed or
   interrupted one is run again (the launchers resume from their checkpoints).
+* ``--vectorize``: the runs train in this process as one jitted program instead
+  (``launch/sweep_vectorized.py``, ``rlhf_jax.train.vectorized``; DPO family, PRO / RRHF): the
+  grid may vary the loss's hyperparameters and ``loss.*`` keys, ``optim.lr``, ``seed`` and
+  ``data.shuffle_seed``; ``--run_devices N`` shards the runs over N device groups. Each run's
+  outputs are the same files in the same place; a diverging run is frozen, not fatal.
 * Afterwards ``results.csv``, ``results.md`` (one row per run; a failed run is listed with its exit
   status and last log line, never dropped) and ``frontier.png`` (gold reward vs KL to SFT) are
   written to ``--sweep_dir``.
@@ -99,7 +104,8 @@ def _last_line(path: str) -> str:
 
 
 def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
-              fixed: dict[str, str], sweep_dir: str, parallel: int = 1, log=print) -> list[dict]:
+              fixed: dict[str, str], sweep_dir: str, parallel: int = 1, log=print,
+              vectorize: bool = False, run_devices: int = 1) -> list[dict]:
   """Runs (or skips) every grid point and returns one row per run (see :func:`write_results`)."""
   if parallel < 1:
     raise ValueError(f"--parallel={parallel}; allowed: an int >= 1")
@@ -130,6 +136,11 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
     log(f"sweep: {'done' if ok else 'FAILED'} {name} in {seconds:.0f}s")
     return name, {"status": status, "seconds": round(seconds, 1)}
 
+  if vectorize:
+    from launch import sweep_vectorized  # pylint: disable=import-outside-toplevel
+    rows.update(sweep_vectorized.run_vectorized(todo, config=config, fixed=fixed,
+                                                run_devices=run_devices, log=log))
+    todo = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     for name, row in pool.map(one, todo):
       rows[name] = row
@@ -174,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       help="key=value applied to every run (repeatable)")
   parser.add_argument("--sweep_dir", required=True, help="root of the runs' workdirs and results")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local subprocesses)")
+  parser.add_argument("--vectorize", action="store_true",
+                      help="train the runs in this process as one jitted program")
+  parser.add_argument("--run_devices", type=int, default=1,
+                      help="--vectorize: device groups the runs are sharded over (mesh axis run)")
   args = parser.parse_args(argv)
   grid = parse_grid(args.grid)
   fixed = dict(parse_assignment(s) for s in args.fixed)
@@ -185,10 +200,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   rows = run_sweep(launcher=os.path.abspath(args.launcher),
                    config=os.path.abspath(args.config) if args.config else "", grid=grid,
                    fixed=fixed, sweep_dir=os.path.abspath(args.sweep_dir), parallel=args.parallel,
-                   log=lambda msg: print(msg, flush=True))
+                   log=lambda msg: print(msg, flush=True), vectorize=args.vectorize,
+                   run_devices=args.run_devices)
   command = "python launch/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
   print(write_results(rows, [k for k, _ in grid], args.sweep_dir, command), flush=True)
-  failed = [r["run"] for r in rows if str(r["status"]).startswith("failed")]
+  failed = [r["run"] for r in rows if str(r["status"]).startswith(("failed", "frozen"))]
   if failed:
     print(f"sweep: {len(failed)} run(s) failed: {failed} (see <run>/sweep.log)", flush=True)
   return rows
@@ -196,4 +212,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
   rows_ = main()
-  sys.exit(1 if any(str(r["status"]).startswith("failed") for r in rows_) else 0)
+  sys.exit(1 if any(str(r["status"]).startswith(("failed", "frozen")) for r in rows_) else 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 # Large negative stand-in for -inf in masked log-sum-exps: exp(_NEG - max) underflows to exactly 0 in
@@ -26,6 +27,13 @@ TOKEN_AGGREGATIONS = (
     "seq_mean_token_sum",
     "seq_mean_token_sum_norm",
 )
+
+
+def is_concrete(x) -> bool:
+  """Whether a hyperparameter is a Python / NumPy value (checked eagerly) rather than a traced
+  array: a vectorised sweep (``rlhf_jax.train.vectorized``) passes β, ε, ... as per-run arrays
+  under ``vmap``, already validated per run."""
+  return not isinstance(x, jax.core.Tracer)
 
 
 def compute_dtype(*xs) -> jnp.dtype:

@@ -58,7 +58,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._common import as_float, check_choice, check_rank, check_same_shape, compute_dtype
+from rlhf_jax.losses._common import (as_float, check_choice, check_rank, check_same_shape,
+                                     compute_dtype, is_concrete)
 
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -114,7 +115,9 @@ def _one_loss(loss_type, *, beta, eps, tau, s_c, s_r, u_c, u_r, pc, pr, rc, rr, 
     return (-(1.0 - eps) * jax.nn.log_sigmoid(beta * delta) +
             eps * jax.nn.log_sigmoid(-beta * delta)) / (1.0 - 2.0 * eps)
   if loss_type == "exo_pair":
-    eps = eps if eps > 0 else EXO_DEFAULT_EPSILON
+    # A traced ε (vectorised sweep) selects the default with where(); same values.
+    eps = (eps if eps > 0 else EXO_DEFAULT_EPSILON) if is_concrete(eps) else jnp.where(
+        eps > 0, eps, EXO_DEFAULT_EPSILON)
     log_qw, log_ql = jax.nn.log_sigmoid(beta * delta), jax.nn.log_sigmoid(-beta * delta)
     return jnp.exp(log_qw) * (log_qw - jnp.log1p(-eps)) + jnp.exp(log_ql) * (log_ql - jnp.log(eps))
   if loss_type == "nca_pair":
@@ -190,11 +193,11 @@ def dpo_loss(
         f"loss_weights has {len(weights)} entries but loss_type has {len(loss_types)}: {loss_types}"
     )
   check_choice("f_divergence", f_divergence, F_DIVERGENCES)
-  if not beta > 0:
+  if is_concrete(beta) and not beta > 0:
     raise ValueError(f"beta must be > 0, got {beta}")
-  if not 0.0 <= label_smoothing < 0.5:
+  if is_concrete(label_smoothing) and not 0.0 <= label_smoothing < 0.5:
     raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-  if not discopop_tau > 0:
+  if is_concrete(discopop_tau) and not discopop_tau > 0:
     raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
   if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
     raise ValueError("ref_chosen_logps/ref_rejected_logps are required unless reference_free=True")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._common import as_float, check_rank, check_same_shape, compute_dtype
+from rlhf_jax.losses._common import (as_float, check_rank, check_same_shape, compute_dtype,
+                                     is_concrete)
 
 # log(1 - e^a) diverges at a = 0; average log-probs are clamped to at most this value first.
 _ORPO_MAX_AVG_LOGP = -1e-7
@@ -28,7 +29,7 @@ def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta, gamma, label_smoot
     """
   check_rank("chosen_avg_logps", chosen_avg_logps, 1)
   check_same_shape(chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
-  if not 0.0 <= label_smoothing < 0.5:
+  if is_concrete(label_smoothing) and not 0.0 <= label_smoothing < 0.5:
     raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
   dtype = compute_dtype(chosen_avg_logps, rejected_avg_logps)
   a_c = as_float(chosen_avg_logps, dtype)

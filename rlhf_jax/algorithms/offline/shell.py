@@ -16,9 +16,11 @@ preparation and its loss; :func:`train_offline_policy` does the rest, the same f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -31,6 +33,42 @@ from rlhf_jax.train import config_dicts
 KNOWN_KEYS = {
     "method", "seed", "sources", "model", "loss", "data", "limits", "optim", "loop", "eval", "mesh",
     "lora"}
+
+
+@dataclasses.dataclass
+class OfflineSetup:
+  """One run, built and not yet trained: what ``train.train`` gets, plus ``finish(result)`` (the
+  ``final_metrics.json`` writer). ``capturing()`` hands it to a vectorised sweep
+  (``rlhf_jax.train.vectorized``), which trains many such runs as one program."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  loaded: Any  # common.LoadedModels
+  data: Any  # the method's prepared data (``.train`` is the resumable batch iterator)
+  optim_cfg: Any  # train.OptimConfig
+  loop_cfg: Any  # train.LoopConfig
+  mesh: Any
+  state: Any  # train.TrainState
+  step_fn: Callable
+  eval_fn: Callable
+  fingerprint: dict
+  train_kwargs: dict  # the rest of train.train's keyword arguments (token_count)
+  finish: Callable[[Any], dict]  # TrainResult -> final metrics (written unless preempted)
+
+
+_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("offline_shell_capture", default=None)
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[list]:
+  """Inside, ``train_offline_policy`` returns its :class:`OfflineSetup` instead of training (and
+  appends it to the yielded list): how a vectorised sweep gets each grid point's run."""
+  captured: list = []
+  token = _CAPTURE.set(captured)
+  try:
+    yield captured
+  finally:
+    _CAPTURE.reset(token)
 
 
 def train_offline_policy(
@@ -80,7 +118,7 @@ def train_offline_policy(
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   evaluator = common.policy_evaluator(loaded, data.eval_prompts, limits.max_prompt_len, eval_cfg,
-                                      workdir)
+                                      workdir, mesh=mesh)
   heldout = common.make_heldout_eval_fn(loss_fn, data.eval_batches, mesh, prefix=eval_prefix)
 
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
@@ -92,12 +130,20 @@ def train_offline_policy(
       **common.lora_fingerprint(loaded.lora, loaded.policy_params),
       **common.pretrained_fingerprint(sources)}
   extra = {} if token_count is None else {"token_count": token_count}
+
+  def finish(result: train.TrainResult) -> dict[str, Any]:
+    final = {
+        "method": label, "step": result.step, "preempted": result.preempted, **result.eval_metrics,
+        **summary(data_cfg, data)}
+    return final if result.preempted else common.write_final(workdir, final, label, mesh)
+
+  captured = _CAPTURE.get()
+  if captured is not None:
+    captured.append(
+        OfflineSetup(config, workdir, loaded, data, optim_cfg, loop_cfg, mesh, state, step_fn,
+                     eval_fn, fingerprint, extra, finish))
+    return captured[-1]
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
                        run_config=config.to_dict(), **extra)
-  final = {
-      "method": label, "step": result.step, "preempted": result.preempted, **result.eval_metrics,
-      **summary(data_cfg, data)}
-  if result.preempted:
-    return final
-  return common.write_final(workdir, final, label)
+  return finish(result)

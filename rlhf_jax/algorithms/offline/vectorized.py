@@ -1,0 +1,158 @@
+"""Vectorised sweeps of the offline methods that share the offline shell: the DPO family (every
+``loss_type``, SimPO, ORPO) and PRO / RRHF.
+
+``train_sweep(configs, workdirs)`` takes one config per grid point (what ``experiments/run.py``
+would get) and trains them as one program (``rlhf_jax.train.vectorized``):
+
+* each grid point is set up exactly as its sequential run (``shell.capturing()``: the method's own
+  ``train_and_evaluate`` parses, loads the models, prepares the data, builds the state and the
+  evaluation, and hands them over instead of training);
+* the keys that may differ between grid points are: the numeric hyperparameters of
+  ``VECTOR_KEYS`` (arrays over the run axis inside the step), ``seed`` (each run's RNG stream and,
+  without an SFT / pretrained source, its init), ``data.shuffle_seed`` (each run's data order) and
+  any other key of the ``loss`` section (e.g. ``loss.loss_type``, ``loss.method``: runs that agree
+  on them form one group, one ``vmap``). Any other difference is refused with the key's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from rlhf_jax import train
+from rlhf_jax.algorithms import reference, registry
+from rlhf_jax.algorithms.offline import dpo, listwise, shell
+from rlhf_jax.train import config_dicts
+from rlhf_jax.train import vectorized as vec
+
+logger = logging.getLogger(__name__)
+
+# method -> (loss config class, make_loss_fn(model, cfg), {config key: loss config field})
+LOSSES: dict[str, tuple[type, Callable, dict[str, str]]] = {
+    "dpo": (dpo.DPOLossConfig, dpo.make_loss_fn, {
+        "loss.beta": "beta", "loss.label_smoothing": "label_smoothing",
+        "loss.simpo_gamma": "simpo_gamma", "loss.orpo_lambda": "orpo_lambda"}),
+    "listwise":
+        (listwise.ListwiseLossConfig, listwise.make_loss_fn, {"loss.sft_weight": "sft_weight"}),}
+OPTIM_KEYS = {"optim.lr": "lr"}
+PER_RUN_KEYS = ("seed", "data.shuffle_seed")  # a run's own state / data order
+METHODS = tuple(LOSSES)
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def differing_keys(configs: Sequence[ml_collections.ConfigDict]) -> list[str]:
+  """Config keys (``section.name``) whose values are not the same in every config."""
+  flats = [_flat(c.to_dict()) for c in configs]
+  keys = sorted(set().union(*flats))
+  return [k for k in keys if any(f.get(k, "<unset>") != flats[0].get(k, "<unset>") for f in flats)]
+
+
+def check_vectorisable(method: str, keys: Sequence[str]) -> None:
+  """Raises naming a differing key a vectorised sweep of ``method`` cannot put on the run axis."""
+  if method not in LOSSES:
+    raise ValueError(f"config.method={method!r} cannot be vectorised; allowed: "
+                     f"{' | '.join(METHODS)} (run the others without --vectorize)")
+  allowed = set(LOSSES[method][2]) | set(OPTIM_KEYS) | set(PER_RUN_KEYS)
+  bad = [k for k in keys if k not in allowed and not k.startswith("loss.")]
+  if bad:
+    raise ValueError(
+        f"grid key(s) {bad} cannot be vectorised (they change shapes, data or models); "
+        f"allowed: {sorted(allowed)} and any loss.* key; sweep them without --vectorize")
+
+
+def _seeded_init(config: ml_collections.ConfigDict) -> bool:
+  """Whether the policy (and so the reference) is a fresh init of ``config.seed``."""
+  sources = config.get("sources", {})
+  return not any(sources.get(k) for k in ("sft_workdir", "pretrained", "policy"))
+
+
+def build_runs(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+               names: Sequence[str]) -> list[vec.Run]:
+  """One :class:`vec.Run` per config, set up exactly as its sequential run, sorted by group."""
+  methods = {c.method for c in configs}
+  if len(methods) != 1:
+    raise ValueError(f"a vectorised sweep trains one method; got {sorted(methods)}")
+  method = methods.pop()
+  keys = differing_keys(configs)
+  check_vectorisable(method, keys)
+  loss_cls, make_loss_fn, loss_fields = LOSSES[method]
+  vector = [k for k in keys if k in loss_fields or k in OPTIM_KEYS]
+  runs = []
+  for config, workdir, name in zip(configs, workdirs, names):
+    os.makedirs(workdir, exist_ok=True)
+    with shell.capturing():
+      setup = registry.get(method)(config, workdir)
+    if not isinstance(setup, shell.OfflineSetup):
+      raise ValueError(f"method {method!r} did not go through the offline shell")
+    loss_cfg = config_dicts.to_dataclass(loss_cls, config.loss, "loss")
+    flat = _flat(config.to_dict())
+    hparams = {k: float(flat[k]) for k in vector}
+    group = json.dumps(
+        {k: v for k, v in _flat(config.loss.to_dict(), "loss.").items() if k not in loss_fields},
+        sort_keys=True, default=str)
+    data_key = json.dumps(
+        {
+            "data": config.data.to_dict(), "limits": config.limits.to_dict(), "sources":
+                config.sources.to_dict(), "reference_logps": flat.get("loss.reference_logps"),
+            "seed": config.seed if _seeded_init(config) else None}, sort_keys=True, default=str)
+    runs.append(
+        vec.Run(
+            name=name, workdir=workdir, state=setup.state,
+            step_for=_step_builder(setup, loss_cfg, make_loss_fn, loss_fields), hparams=hparams,
+            group=group, data=setup.data.train, data_key=data_key, loop=setup.loop_cfg,
+            mesh=setup.mesh, fingerprint=setup.fingerprint, run_config=config.to_dict(),
+            eval_fn=setup.eval_fn, finish=setup.finish,
+            **({"token_count": setup.train_kwargs["token_count"]}
+               if "token_count" in setup.train_kwargs else {})))
+  # One iterator serves the runs of a data_key; one whose batches carry reference log-probs
+  # serves those that ignore them (SimPO, ORPO).
+  feeds: dict[str, Any] = {}
+  for run in runs:
+    if run.data_key not in feeds or isinstance(run.data, reference.WithReference):
+      feeds.setdefault(run.data_key, run.data)
+      if isinstance(run.data, reference.WithReference):
+        feeds[run.data_key] = run.data
+  for run in runs:
+    run.data = feeds[run.data_key]
+  order = {g: i for i, g in reversed(list(enumerate(r.group for r in runs)))}
+  return sorted(runs, key=lambda r: order[r.group])
+
+
+def _step_builder(setup: shell.OfflineSetup, loss_cfg: Any, make_loss_fn: Callable,
+                  loss_fields: Mapping[str, str]) -> Callable:
+  """``step_for(hp)``: the run's train step with the hyperparameters ``hp`` (traced) in place."""
+  model, optim_cfg, num_steps = setup.loaded.model, setup.optim_cfg, setup.loop_cfg.num_steps
+
+  def step_for(hp: Mapping[str, Any]) -> Callable:
+    loss = vec.with_traced(loss_cfg,
+                           **{loss_fields[k]: v for k, v in hp.items() if k in loss_fields})
+    optim = vec.with_traced(optim_cfg,
+                            **{OPTIM_KEYS[k]: v for k, v in hp.items() if k in OPTIM_KEYS})
+    optimizer, schedule = train.make_optimizer(optim, num_steps)
+    return train.make_train_step(make_loss_fn(model, loss), optimizer, schedule,
+                                 grad_accum_steps=optim_cfg.grad_accum_steps)
+
+  return step_for
+
+
+def train_sweep(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+                names: Sequence[str] | None = None, *,
+                run_devices: int = 1) -> list[vec.RunOutcome]:
+  """Trains every config as one vectorised program; one outcome per config, in input order."""
+  names = list(names) if names is not None else [os.path.basename(w) for w in workdirs]
+  runs = build_runs(configs, workdirs, names)
+  outcomes = {o.name: o for o in vec.train_vectorized(runs, run_devices=run_devices)}
+  return [outcomes[n] for n in names]

@@ -1,0 +1,487 @@
+r"""Vectorised sweeps: R runs of one method trained as one jitted program.
+
+Runs that share shapes (same model, batch, lengths) are stacked along a leading ``run`` axis:
+every leaf of the ``TrainState`` (params, optimizer moments, step, RNG key) becomes ``[R, ...]``,
+and one jitted step applies each run's own update,
+
+    state_R', metrics_R = vmap(step_r)(state_R, hp_R, batch)       (batch shared, or [R, ...])
+
+where ``hp_R`` holds the hyperparameters that differ between runs as arrays over the run axis
+(β, label smoothing, the learning rate, ...). ``step_r`` is the sequential run's own step
+(``train.make_train_step`` over the method's loss and ``train.make_optimizer``) rebuilt with those
+values traced instead of constant, so a run of the sweep computes what its sequential run computes
+(same data, same RNG stream, same arithmetic up to float rounding of the batched kernels).
+Runs that differ in something static (the DPO ``loss_type``, SimPO vs DPO) form *groups*: one
+``vmap`` per group inside the same jitted step, so no run pays for another's loss.
+
+What differs per run (``Run.hparams``, ``Run.state``, ``Run.data``) and what must not (everything
+else) is decided by the method glue (``rlhf_jax.algorithms.vectorized``); this module is the loop:
+
+* **Outputs.** Each run keeps its own workdir: ``config.json``, ``metrics.jsonl`` + TensorBoard
+  events, orbax checkpoints (its slice of the state and its data position, readable by a
+  sequential run of the same config), ``samples.jsonl`` and ``final_metrics.json``, written by the
+  same writers the one loop (``train.loop``) uses.
+* **Divergence per run.** The NaN guard (``train.guard.guard_step``) runs inside each run's step;
+  a run whose loss or gradient goes non-finite is *frozen*: ``active_r`` turns false on the
+  device and every later update of that run is masked,
+  ``state_r' = where(active_r ∧ ok_r, new_r, old_r)``, so the others go on unchanged. The host
+  learns it one step late (the device never idles), records ``<run>/nonfinite.json`` (step, cause,
+  last checkpoint) and stops writing, checkpointing and evaluating that run, exactly where the
+  sequential run would have stopped with :class:`train.NonFiniteLossError`.
+* **Resume and SIGTERM.** Every ``checkpoint_every`` steps, at the end and on SIGTERM / SIGINT,
+  every active run is checkpointed; a rerun restores each run from its own workdir (frozen runs
+  stay frozen) and continues bit-identically.
+* **Mesh.** ``run_devices = n`` adds a ``run`` mesh axis of size ``n`` in front of the runs' own
+  ``(data, fsdp, tensor)`` mesh: run ``r``'s slice lives on the devices of run-shard
+  ``r // (R / n)``, and the model's logical sharding constraints carry the ``run`` axis
+  (``vmap(spmd_axis_name="run")``), so a pod trains a grid as one job. Single-process only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax import parallel
+from rlhf_jax.train import checkpoint as ckpt_lib
+from rlhf_jax.train import guard
+from rlhf_jax.train import loop as loop_lib
+from rlhf_jax.train import metrics as metrics_lib
+from rlhf_jax.train import signals
+from rlhf_jax.train.state import abstract_state, split_frozen
+
+logger = logging.getLogger(__name__)
+
+RUN_AXIS = "run"
+FROZEN_FILE = "nonfinite.json"  # {"step", "cause", "detail", "last_checkpoint"} of a frozen run
+# The loop settings every run of one vectorised sweep must share (they drive the one host loop).
+SHARED_LOOP_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
+                      "keep_checkpoints", "stop_after_steps")
+
+
+def with_traced(obj: Any, **values: Any) -> Any:
+  """A copy of the frozen dataclass ``obj`` with ``values`` (traced arrays) in place, without
+  running ``__post_init__``: the concrete per-run values were validated when each run's own
+  config was parsed; the validation cannot look at a tracer."""
+  new = object.__new__(type(obj))
+  for field in dataclasses.fields(obj):
+    object.__setattr__(new, field.name, values.get(field.name, getattr(obj, field.name)))
+  unknown = set(values) - {f.name for f in dataclasses.fields(obj)}
+  if unknown:
+    raise ValueError(f"{type(obj).__name__} has no field(s) {sorted(unknown)}")
+  return new
+
+
+@dataclasses.dataclass
+class Run:
+  """One grid point, built by the method glue and not yet trained.
+
+  Attributes:
+    name: the run's name (its folder under the sweep directory).
+    workdir: where its outputs go (as the sequential run's ``--workdir``).
+    state: its freshly initialised ``TrainState`` (on ``mesh``).
+    step_for: ``step_for(hp) -> step(state, batch) -> (state, metrics)`` for the hyperparameter
+      values ``hp`` (a dict of scalars; traced inside the sweep). ``step_for(hparams)`` is the
+      sequential run's step.
+    hparams: the run's values of the hyperparameters that differ across the sweep.
+    group: runs with equal ``group`` share the static structure of their step (one ``vmap``).
+    data: its resumable batch iterator; ``data_key``: runs with equal keys see the same batches
+      (one iterator serves them all).
+    loop: its ``LoopConfig`` (``SHARED_LOOP_FIELDS`` must agree across the sweep).
+    mesh: the run's own ``(data, fsdp, tensor)`` mesh.
+    fingerprint, run_config: as ``train.train``'s.
+    eval_fn: ``eval_fn(state, step) -> metrics`` (the run's evaluation, on its own state).
+    finish: ``finish(TrainResult) -> final metrics`` (writes ``final_metrics.json``).
+    token_count: tokens of a host batch (the throughput line).
+  """
+
+  name: str
+  workdir: str
+  state: Any
+  step_for: Callable[[Mapping[str, Any]], Callable]
+  hparams: Mapping[str, float]
+  group: str
+  data: Any
+  data_key: str
+  loop: loop_lib.LoopConfig
+  mesh: Mesh
+  fingerprint: Mapping[str, Any]
+  run_config: Mapping[str, Any]
+  eval_fn: Callable[[Any, int], Mapping[str, float]] | None
+  finish: Callable[[loop_lib.TrainResult], dict]
+  token_count: Callable[[Mapping[str, Any]], float] = loop_lib.default_token_count
+
+
+@dataclasses.dataclass
+class RunOutcome:
+  name: str
+  final: dict | None  # final metrics (None: frozen or preempted)
+  frozen: dict | None  # the nonfinite.json record of a frozen run
+  step: int
+  preempted: bool
+
+
+def _check_runs(runs: Sequence[Run]) -> None:
+  if not runs:
+    raise ValueError("a vectorised sweep needs at least one run")
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"run names clash: {names}")
+  first = runs[0]
+  for run in runs[1:]:
+    for field in SHARED_LOOP_FIELDS:
+      a, b = getattr(first.loop, field), getattr(run.loop, field)
+      if a != b:
+        raise ValueError(f"runs {first.name!r} and {run.name!r} differ in loop.{field} ({a} vs "
+                         f"{b}): a vectorised sweep runs one loop; put them in separate sweeps")
+    if set(run.hparams) != set(first.hparams):
+      raise ValueError(f"runs {first.name!r} and {run.name!r} vectorise different "
+                       f"hyperparameters: {sorted(first.hparams)} vs {sorted(run.hparams)}")
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), split_frozen(run.state)[0])
+    if shapes != jax.tree.map(lambda x: (x.shape, x.dtype), split_frozen(first.state)[0]):
+      raise ValueError(f"runs {first.name!r} and {run.name!r} have different state shapes "
+                       "(model or optimizer): they cannot share one vectorised program")
+    if split_frozen(run.state)[1] is not None:
+      raise ValueError("vectorised sweeps do not support frozen param parts (LoRA) yet")
+
+
+def run_mesh(inner: Mesh, run_devices: int) -> Mesh:
+  """``(run, data, fsdp, tensor)`` over ``run_devices`` copies of the runs' own mesh shape."""
+  if not (isinstance(run_devices, int) and run_devices >= 1):
+    raise ValueError(f"run_devices={run_devices!r} is invalid; allowed: an int >= 1")
+  per_run = inner.devices.size
+  need = run_devices * per_run
+  if need > jax.device_count():
+    raise ValueError(f"run_devices={run_devices} x {per_run} device(s) per run (config.mesh) = "
+                     f"{need} devices, but {jax.device_count()} are available")
+  devices = np.asarray(jax.devices()[:need]).reshape(run_devices, *inner.devices.shape)
+  return Mesh(devices, (RUN_AXIS, *inner.axis_names),
+              axis_types=(jax.sharding.AxisType.Auto,) * (1 + len(inner.axis_names)))
+
+
+def _stacked_spec(sharding: Any) -> PartitionSpec:
+  spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+  return PartitionSpec(RUN_AXIS, *spec)
+
+
+def stack_states(states: Sequence[Any], mesh: Mesh) -> Any:
+  """``[R, ...]`` leaves over ``mesh``'s ``run`` axis (each run's own layout within)."""
+
+  def stack(*xs):
+    host = np.stack([np.asarray(jax.device_get(x)) for x in xs])
+    return jax.device_put(host, NamedSharding(mesh, _stacked_spec(xs[0].sharding)))
+
+  return jax.tree.map(stack, *states)
+
+
+def unstack_state(state_R: Any, r: int, like: Any) -> Any:
+  """Run ``r``'s slice, placed like ``like`` (the run's own state: its mesh and shardings)."""
+  return jax.tree.map(lambda x, l: jax.device_put(x[r], l.sharding), state_R, like)
+
+
+def _groups(runs: Sequence[Run]) -> list[tuple[int, int]]:
+  """Contiguous ``[lo, hi)`` ranges of equal ``group`` (runs are sorted by group by the caller)."""
+  bounds, lo = [], 0
+  for i in range(1, len(runs) + 1):
+    if i == len(runs) or runs[i].group != runs[lo].group:
+      bounds.append((lo, i))
+      lo = i
+  seen = [runs[lo].group for lo, _ in bounds]
+  if len(set(seen)) != len(seen):
+    raise ValueError(f"runs of one group must be contiguous: {[r.group for r in runs]}")
+  return bounds
+
+
+def make_vector_step(runs: Sequence[Run], shared_batch: bool, mesh: Mesh) -> Callable:
+  """``vstep(state_R, active_R, hp_R, batch) -> (state_R, active_R, [metrics of each group])``.
+
+  Each group is one ``vmap`` of its runs' guarded step; a run is updated only while active and
+  on a finite step (``guard.guard_step`` keeps its params on a bad step; the outer ``where``
+  also keeps its step counter and key once frozen).
+  """
+  bounds = _groups(runs)
+  sharded = mesh.shape[RUN_AXIS] > 1
+
+  def one(step_for, state, active, hp, batch):
+    new, metrics = guard.guard_step(step_for(hp))(state, batch)
+    ok = active & (metrics[guard.NONFINITE_METRIC] == 0)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    return new, ok, metrics
+
+  def vstep(state_R, active_R, hp_R, batch):
+    news, oks, metrics = [], [], []
+    for lo, hi in bounds:
+      take = (lambda x: x) if len(bounds) == 1 else (lambda x, lo=lo, hi=hi: x[lo:hi])
+      fn = jax.vmap(lambda s, a, h, b, sf=runs[lo].step_for: one(sf, s, a, h, b),
+                    in_axes=(0, 0, 0, None if shared_batch else 0),
+                    spmd_axis_name=RUN_AXIS if sharded else None)
+      new, ok, m = fn(jax.tree.map(take, state_R), take(active_R), jax.tree.map(take, hp_R),
+                      batch if shared_batch else jax.tree.map(take, batch))
+      news.append(new)
+      oks.append(ok)
+      metrics.append(m)
+    if len(bounds) == 1:
+      return news[0], oks[0], metrics
+    return (jax.tree.map(lambda *xs: jnp.concatenate(xs), *news), jnp.concatenate(oks), metrics)
+
+  return vstep
+
+
+def _frozen_record(workdir: str) -> dict | None:
+  path = os.path.join(workdir, FROZEN_FILE)
+  return ckpt_lib.read_json(path) if os.path.isfile(path) else None
+
+
+def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
+                     rules: Sequence = parallel.DEFAULT_RULES,
+                     progress_every_secs: float | None = None) -> list[RunOutcome]:
+  """Trains (or resumes) every run of ``runs`` as one jitted program (module docstring).
+
+  Returns one :class:`RunOutcome` per run, in order. Runs must be sorted so that equal ``group``
+  values are contiguous (the glue does it).
+  """
+  _check_runs(runs)
+  if jax.process_count() > 1:
+    raise ValueError("vectorised sweeps run in one process (jax.process_count() is "
+                     f"{jax.process_count()}); launch the sweep's runs as separate jobs instead")
+  n = len(runs)
+  bounds = _groups(runs)
+  cfg = runs[0].loop
+  mesh = run_mesh(runs[0].mesh, run_devices)
+  if n % run_devices:
+    raise ValueError(f"{n} runs do not split evenly over run_devices={run_devices}")
+  for run in runs:
+    ckpt_lib.clean_temp_files(run.workdir)
+  checkpointers = [
+      ckpt_lib.Checkpointer(r.workdir, fingerprint=r.fingerprint, keep=cfg.keep_checkpoints)
+      for r in runs]
+  for run in runs:
+    ckpt_lib.atomic_write_json(os.path.join(run.workdir, "config.json"), dict(run.run_config))
+
+  # Data: one iterator per distinct data_key.
+  keys = list(dict.fromkeys(r.data_key for r in runs))
+  feeds = [next(r.data for r in runs if r.data_key == k) for k in keys]
+  feed_of = [keys.index(r.data_key) for r in runs]
+  shared_batch = len(keys) == 1
+
+  # Restore each run; frozen runs stay frozen.
+  states, starts, frozen = [], [], []
+  data_states: dict[int, Any] = {}
+  try:
+    for i, run in enumerate(runs):
+      restored = checkpointers[i].restore_latest(abstract_state(run.state))
+      record = _frozen_record(run.workdir)
+      frozen.append(record)
+      if restored is None:
+        states.append(run.state)
+        starts.append(0)
+      else:
+        step_i, state_i, data_i = restored
+        states.append(state_i)
+        starts.append(step_i)
+        if record is None:
+          data_states.setdefault(feed_of[i], data_i)
+  except BaseException:
+    for c in checkpointers:
+      c.close()
+    raise
+  active_starts = {s for s, f in zip(starts, frozen) if f is None}
+  if len(active_starts) > 1:
+    for c in checkpointers:
+      c.close()
+    at = {r.name: s for r, s, f in zip(runs, starts, frozen) if f is None}
+    raise ValueError(f"the runs of this sweep resume from different steps {at}: a vectorised "
+                     "sweep resumes runs that stopped together; finish the others sequentially "
+                     "(launch/sweep.py without --vectorize) or use a fresh sweep_dir")
+  start = active_starts.pop() if active_starts else max(starts)
+  if start > cfg.num_steps:
+    for c in checkpointers:
+      c.close()
+    raise ValueError(f"checkpoints at step {start} beyond num_steps={cfg.num_steps}")
+  for j, feed in enumerate(feeds):
+    if j in data_states:
+      feed.set_state(data_states[j])
+  if start:
+    logger.info("vectorised sweep: resuming %d run(s) from step %d", n, start)
+  end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, start +
+                                                           cfg.stop_after_steps)
+
+  state_R = stack_states(states, mesh)
+  likes = [r.state for r in runs]  # each run's own placement (checkpoints, evaluation)
+  del states
+  active_R = jax.device_put(np.array([f is None for f in frozen]),
+                            NamedSharding(mesh, PartitionSpec(RUN_AXIS)))
+  hp_R = {
+      k: jax.device_put(np.asarray([r.hparams[k] for r in runs], np.float32),
+                        NamedSharding(mesh, PartitionSpec(RUN_AXIS))) for k in runs[0].hparams}
+  batch_spec = PartitionSpec(parallel.batch_axes(rules))
+  stacked_batch_sharding = NamedSharding(mesh, PartitionSpec(RUN_AXIS, *batch_spec))
+  vstep = make_vector_step(runs, shared_batch, mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, state_R)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(vstep, donate_argnums=(0,), out_shardings=(state_sh, active_R.sharding, None))
+
+  writers = [
+      metrics_lib.MetricsWriter(r.workdir, resume_step=start) if f is None else None
+      for r, f in zip(runs, frozen)]
+  progress = metrics_lib.Progress(
+      cfg.num_steps, start,
+      progress_every_secs if progress_every_secs is not None else cfg.progress_every_secs)
+  last_saved = [s if s else None for s in starts]
+  eval_metrics: list[dict] = [{} for _ in runs]
+  flags: list = []  # (step, ok_R, [{loss, grad_norm} per group]) not yet read on the host
+  window: list = []  # (step, [metrics per group]) since the last log row
+
+  def group_of(i: int) -> tuple[int, int]:
+    return next((g, i - lo) for g, (lo, hi) in enumerate(bounds) if lo <= i < hi)
+
+  def freeze(i: int, at: int, metrics_g: list) -> None:
+    g, k = group_of(i)
+    shown = {m: float(metrics_g[g][m][k]) for m in ("loss", "grad_norm") if m in metrics_g[g]}
+    cause, detail = guard.step_cause(shown)
+    record = {"step": at, "cause": cause, "detail": detail, "last_checkpoint": last_saved[i]}
+    frozen[i] = record
+    ckpt_lib.atomic_write_json(os.path.join(runs[i].workdir, FROZEN_FILE), record)
+    logger.warning(
+        "run %s: non-finite %s at step %d %s: frozen (its updates are masked; the other runs "
+        "go on); latest checkpoint: %s", runs[i].name, cause, at, detail,
+        last_saved[i] if last_saved[i] is not None else "none")
+    writers[i].close()
+    writers[i] = None
+
+  def check_flags(upto: int) -> None:
+    while flags and flags[0][0] <= upto:
+      at, ok_dev, lg_dev = flags.pop(0)
+      ok, lg = jax.device_get((ok_dev, lg_dev))
+      for i in range(n):
+        if frozen[i] is None and not ok[i]:
+          freeze(i, at, lg)
+
+  def save(at: int) -> None:
+    check_flags(at)  # never checkpoint a run a non-finite step has touched
+    for i, run in enumerate(runs):
+      if frozen[i] is None and last_saved[i] != at:
+        checkpointers[i].save(at, unstack_state(state_R, i, likes[i]),
+                              feeds[feed_of[i]].get_state())
+        last_saved[i] = at
+
+  def emit(at: int, rows: list, force: bool) -> None:
+    check_flags(at)
+    host = jax.device_get([m for _, m in rows])
+    steps = [s for s, _ in rows]
+    means_all = []
+    for i in range(n):
+      if frozen[i] is not None and frozen[i]["step"] <= at:
+        continue  # the sequential run stopped before writing this row
+      g, k = group_of(i)
+      mean = {key: float(np.mean([h[g][key][k] for h in host])) for key in host[0][g]}
+      mean.pop(guard.NONFINITE_METRIC, None)
+      means_all.append(mean)
+      writers[i].write(at, mean, split="train")
+    del steps
+    if means_all:
+      progress.maybe_report(at, {"loss": float(np.mean([m["loss"] for m in means_all]))},
+                            force=force)
+
+  def evaluate(at: int) -> None:
+    check_flags(at)
+    for i, run in enumerate(runs):
+      if frozen[i] is None and run.eval_fn is not None:
+        metrics = dict(run.eval_fn(unstack_state(state_R, i, likes[i]), at))
+        writers[i].write(at, metrics, split="eval")
+        logger.info("eval %s at step %d: %s", run.name, at,
+                    ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        eval_metrics[i] = metrics
+
+  preempted = False
+  step = start
+  last_eval = -1
+  ready = None
+  try:
+    with signals.SigtermWatch(handles=True) as stop:
+      while step < end:
+        with parallel.use_mesh(runs[0].mesh, rules):  # the reference transform's own mesh
+          try:
+            batches = [next(f) for f in feeds]
+          except StopIteration:
+            logger.warning("data exhausted after %d steps (num_steps=%d)", step, cfg.num_steps)
+            if step > start:
+              save(step)
+            break
+        for i in range(n):
+          if frozen[i] is None:
+            progress.add_tokens(runs[i].token_count(batches[feed_of[i]]))
+        with parallel.use_mesh(mesh, rules):
+          if shared_batch:
+            batch = parallel.shard_batch(batches[0], mesh, rules)
+          else:
+            batch = jax.tree.map(
+                lambda *xs: jax.device_put(np.stack([np.asarray(jax.device_get(x))
+                                                     for x in xs]), stacked_batch_sharding),
+                *[batches[j] for j in feed_of])
+          state_R, active_R, metrics = jitted(state_R, active_R, hp_R, batch)
+        step += 1
+        flags.append(
+            (step, active_R, [{k: m[k] for k in ("loss", "grad_norm") if k in m} for m in metrics]))
+        window.append((step, metrics))
+        if ready is not None:  # step `step` is queued: reading older metrics keeps it busy
+          emit(*ready)
+          ready = None
+        if step % cfg.log_every == 0 or step == end:
+          ready, window = (step, window, step == end), []
+        signalled = stop.received
+        if step % cfg.checkpoint_every == 0 or step == end or signalled:
+          save(step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps \
+            and not signalled:
+          if ready is not None:
+            emit(*ready)
+            ready = None
+          evaluate(step)
+          last_eval = step
+          progress.restart(step)
+        if signalled or (step == end and end < cfg.num_steps):
+          preempted = True
+          if signalled:
+            logger.warning("signal %d received: checkpointed step %d of every run, stopping",
+                           stop.signum, step)
+          break
+      if ready is not None:
+        emit(*ready)
+      if window:
+        emit(step, window, True)
+      check_flags(step)
+      if not preempted and last_eval != step:
+        evaluate(step)
+  finally:
+    for c in checkpointers:
+      c.close()
+    for w in writers:
+      if w is not None:
+        w.close()
+  outcomes = []
+  for i, run in enumerate(runs):
+    if frozen[i] is not None:
+      outcomes.append(RunOutcome(run.name, None, frozen[i], frozen[i]["step"] - 1, False))
+      continue
+    result = loop_lib.TrainResult(state=None, step=int(step), preempted=preempted,
+                                  eval_metrics=eval_metrics[i])
+    final = run.finish(result)
+    outcomes.append(RunOutcome(run.name, None if preempted else final, None, int(step), preempted))
+  return outcomes
+
+
+def outcome_json(outcomes: Sequence[RunOutcome]) -> str:
+  """One line per run for logs."""
+  return "\n".join(
+      json.dumps({"run": o.name, "step": o.step, "preempted": o.preempted, "frozen": o.frozen})
+      for o in outcomes)
