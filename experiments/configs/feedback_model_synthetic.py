@@ -35,9 +35,9 @@ def get_config(task_dir: str = "workdirs/cai/synthetic") -> ml_collections.Confi
   config.limits.max_prompt_len = 320
   config.limits.max_response_len = 128
   config.limits.buckets = (96, 160, 224, 320, 448)
-  config.loop.num_steps = 1000
+  config.loop.num_steps = 600
   config.loop.eval_every = 0
   config.loop.log_every = 25
-  config.loop.checkpoint_every = 250
+  config.loop.checkpoint_every = 200
   config.eval.num_sample_prompts = 0  # measured by feedback.cai.evaluate_feedback_model instead
   return config
