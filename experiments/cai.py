@@ -311,6 +311,10 @@ def run(config, root: str) -> dict:
       cfg.sources.sft_workdir = init
       cfg.sources.reward_model_workdir = os.path.join(root, rm_stage)
       cfg.data.synthetic_dir = task
+      meta = train.read_json(os.path.join(task, "metadata.json"))["config"]
+      cfg.data.synthetic_num_prompts = meta["num_prompts"]  # PPO checks the task it reads
+      cfg.data.synthetic_num_test_prompts = meta["num_test_prompts"]
+      cfg.data.synthetic_seed = meta["seed"]
       res[name] = _stage(name, root, lambda w, cfg=cfg: registry.get(cfg.method)(cfg, w))
   if "report" in stages:
     report(config, root, task, res, time.time() - start)

@@ -151,7 +151,7 @@ def test_generator_writes_the_feedback_mixture_without_touching_the_other_files(
     if name.endswith(".jsonl"):
       same = (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
       assert same == (not name.startswith("feedback_sft")), name
-  rows = records.read_records(str(tmp_path / "a" / "feedback_sft.jsonl"), "sft")
+  rows = records.read_records(str(tmp_path / "b" / "feedback_sft.jsonl"), "sft")
   assert len(rows) == meta["files"]["feedback_sft.jsonl"] > 120
   assert json.loads(
       (tmp_path / "b" / "metadata.json").read_text())["config"]["teacher"]["miscount_prob"] == 0.5
