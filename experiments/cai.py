@@ -226,10 +226,13 @@ def _rl_cai_labels(config, sl_dir: str, feedback: str, task: str, workdir: str) 
 
 
 def _evaluate_policies(config, root: str, task: str) -> dict:
-  """Each finished policy on the held-out prompts (``samples_per_prompt`` samples each)."""
+  """Each finished policy on the held-out prompts (two samples each)."""
   rep = config.report
-  prompts = [r["prompt"] for r in _read_jsonl(os.path.join(task, "prompts_test.jsonl"))]
-  prompts = prompts[:rep.max_prompts]
+  # harmful and safe held-out prompts in equal numbers where the split has them (each kind's
+  # metrics need some; the split is 20 % harmful)
+  half = rep.max_prompts // 2
+  harmful = _prompts_of_kind(task, True, half, "_test")
+  prompts = harmful + _prompts_of_kind(task, False, rep.max_prompts - len(harmful), "_test")
   out = {}
   for label, stage in POLICIES.items():
     run_dir = os.path.join(root, stage)

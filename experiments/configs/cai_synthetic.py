@@ -110,8 +110,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   ppo = _load("ppo_synthetic")
   _set(ppo, {"loop.num_steps": 40, "loop.eval_every": 10, "loop.checkpoint_every": 20})
   config.ppo = ppo
-  config.report = ml_collections.ConfigDict({
-      "samples_per_prompt": 2, "max_prompts": 500, "temperature": 1.0})
+  # held-out prompts (half harmful where the split has them), two samples each
+  config.report = ml_collections.ConfigDict({"max_prompts": 500, "temperature": 1.0})
 
   if smoke:
     config.sources.feedback_workdir = "preset:tiny"
