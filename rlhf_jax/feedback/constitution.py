@@ -32,6 +32,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rlhf_jax.feedback import templates as tmpl
+
 __all__ = [
     "CONSTITUTION_DIR", "Principle", "Constitution", "ConstitutionError",
     "default_constitution_path", "load_constitution", "constitution_from_dict", "critique_prompt",
@@ -41,12 +43,9 @@ CONSTITUTION_DIR = os.path.join(os.path.dirname(__file__), "constitutions")
 _PRINCIPLE_KEYS = ("name", "critique", "revision")
 
 
-class ConstitutionError(ValueError):
-  """A malformed constitution file; ``str(e)`` reads ``FILE: field 'F': expected X, got Y``."""
-
-  def __init__(self, source: str, field: str, expected: str, got: Any = None):
-    got_str = "" if got is None else f", got {got!r}"[:200]
-    super().__init__(f"{source}: field '{field}': expected {expected}{got_str}")
+class ConstitutionError(tmpl.TemplateError):
+  """A malformed constitution file; ``str(e)`` reads ``FILE: field 'F': expected X, got Y`` (the
+  template files' error, so both kinds of feedback file report alike)."""
 
 
 @dataclasses.dataclass(frozen=True)
