@@ -1,0 +1,117 @@
+r"""RLAIF vs RLHF on the synthetic task (Lee et al., 2023, arXiv:2309.00267), one command:
+
+  python experiments/rlaif.py                                    # -> workdirs/rlaif/results.md
+  python experiments/rlaif.py --config.sources.feedback_workdir=workdirs/cai/feedback_model
+  python experiments/rlaif.py --config=experiments/configs/rlaif_synthetic.py:smoke \
+      --workdir=/tmp/rlaif_smoke
+
+Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
+
+  sft         the SFT policy (the offline pipeline's SFT section), or ``sources.sft_workdir``
+  feedback    the feedback model = the evaluator (``feedback_model_synthetic.py``: SFT on the noisy
+              teacher's instruction data), or ``sources.feedback_workdir``
+  label       ``label.num_pairs`` pairs of SFT samples on training prompts, labelled by the
+              evaluator (soft, both orders; ``ai_pairs.jsonl``) and by the simulated humans
+              (Bradley–Terry over the gold reward, T = ``label.human_temperature``, hard;
+              ``human_pairs.jsonl``); alignment with the gold preference with/without both-orders
+              averaging (+ position-bias rate) and with/without CoT (``alignment.json``)
+  rm_ai       distilled RLAIF's reward model: Bradley–Terry on the soft AI labels
+  rm_human    the RLHF baseline's reward model on the same number of human labels
+  ppo_ai      PPO against rm_ai;   ppo_human: the same PPO against rm_human
+  ppo_direct  d-RLAIF: the same PPO with the evaluator's 0..9 rating as the reward (critic from SFT)
+  report      results.md / results.json / rlaif.png: gold reward, win rate vs SFT, head to head
+
+``size="smoke"``: the tiny preset, a random evaluator (``preset:tiny``), a few steps per stage.
+"""
+
+import ml_collections
+
+from rlhf_jax.train import config_dicts
+
+STAGES = ("sft", "feedback", "label", "rm_ai", "rm_human", "ppo_ai", "ppo_human", "ppo_direct",
+          "report")
+
+
+def _load(name: str, *args) -> ml_collections.ConfigDict:
+  return config_dicts.sibling_config(__file__, name, *args)
+
+
+def _set(section: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    *path, name = key.split(".")
+    target = section
+    for part in path:
+      target = target[part]
+    target[name] = value
+
+
+def _loop(num_steps: int, evals: int = 1) -> dict:
+  return {
+      "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
+      "loop.eval_every": num_steps // evals if evals > 1 else 0, "loop.checkpoint_every": num_steps,
+      "loop.keep_checkpoints": 1, "loop.progress_every_secs": 15.0}
+
+
+def get_config(size: str = "default") -> ml_collections.ConfigDict:
+  """The RLAIF experiment (module docstring); ``size``: default | smoke."""
+  if size not in ("default", "smoke"):
+    raise ValueError(f"rlaif_synthetic.py:{size}: allowed sizes: default | smoke")
+  smoke = size == "smoke"
+  config = ml_collections.ConfigDict()
+  config.stages = ",".join(STAGES)
+  config.seed = 0
+  config.sources = ml_collections.ConfigDict({"sft_workdir": "", "feedback_workdir": ""})
+
+  pipeline = _load("pipeline_synthetic", "smoke" if smoke else "default")
+  config.sft = pipeline.sft
+  # the task dir is filled in by experiments/rlaif.py (the SFT run's data/synthetic)
+  config.feedback = _load("feedback_model_synthetic")
+
+  config.label = ml_collections.ConfigDict({
+      "num_pairs": 1024,  # comparisons labelled by each annotator (the same pairs)
+      "max_prompt_len": 32,
+      "max_new_tokens": 48,
+      "temperature": 1.0,  # SFT sampling of the pairs
+      "human_temperature": 0.25,  # the simulated humans' Bradley–Terry T (the task's default)
+      "pair_template": "synthetic_pair",
+      "rating_template": "synthetic_rating",
+      "cot_pairs": 256,  # pairs also labelled with chain of thought (rationales are sampled)
+      "cot_max_tokens": 40,
+      "batch_size": 64})
+
+  config.rm = _load("rm_jsonl", "bradley_terry")
+  _set(
+      config.rm, {
+          "rm.early_stopping_patience": 0, "optim.lr": 3e-4, "optim.warmup_steps": 10,
+          "data.max_eval_examples": 512, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
+          "mesh.data": 1, "eval.num_normalization_prompts": 128, **_loop(200)})
+
+  ppo = _load("ppo_synthetic")
+  _set(ppo, {"loop.num_steps": 40, "loop.eval_every": 40, "loop.checkpoint_every": 20})
+  config.ppo = ppo
+  direct = _load("ppo_synthetic")
+  _set(
+      direct, {
+          "loop.num_steps": 40, "loop.eval_every": 40, "loop.checkpoint_every": 20,
+          "ppo.critic_init": "sft"})
+  config.ppo_direct = direct
+
+  if smoke:
+    config.sources.feedback_workdir = "preset:tiny"
+    config.label.num_pairs = 16
+    config.label.cot_pairs = 4
+    config.label.cot_max_tokens = 4
+    config.label.max_new_tokens = 8
+    config.label.batch_size = 16
+    _set(
+        config.rm, {
+            "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
+                (64,), "limits.max_response_len": 8, "data.max_eval_examples": 16,
+            "eval.num_normalization_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
+    for section in (config.ppo, config.ppo_direct):
+      _set(
+          section, {
+              "data.batch_size": 4, "limits.max_response_len": 8, "eval.num_prompts": 4,
+              "eval.max_new_tokens": 8, "eval.print_samples": 0, "ppo.num_minibatches": 1,
+              "loop.num_steps": 2, "loop.eval_every": 2, "loop.checkpoint_every": 2})
+  return config

@@ -1,0 +1,267 @@
+r"""RLAIF vs RLHF on the synthetic task, one command (stages: experiments/configs/rlaif_synthetic.py):
+
+  python experiments/rlaif.py [--workdir=workdirs/rlaif] [--config.sources.feedback_workdir=DIR]
+
+Each stage runs in ``<workdir>/<stage>``; one that finished (``final_metrics.json``) is reused, so a
+rerun only redoes what is missing. Results: ``<workdir>/results.md``, ``results.json``, ``rlaif.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlhf_jax import cli, train
+from rlhf_jax.algorithms import common, registry
+from rlhf_jax.algorithms.online import ppo
+from rlhf_jax.feedback import evaluator as ev_lib
+from rlhf_jax.feedback import rlaif
+from rlhf_jax.train import signals
+
+logger = logging.getLogger("rlaif")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rlaif_synthetic.py"),
+    "RLAIF config (default: experiments/configs/rlaif_synthetic.py).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/rlaif", "Root folder of every stage's run.")
+
+
+def _fmt(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  return f"{m}m{s:02d}s"
+
+
+def _stage(name: str, root: str, fn) -> dict:
+  """Runs ``fn(workdir) -> final metrics`` unless ``<root>/<name>`` finished earlier."""
+  workdir = os.path.join(root, name)
+  final_path = os.path.join(workdir, "final_metrics.json")
+  if os.path.exists(final_path):
+    logger.info("[%s] finished earlier, reusing %s", name, workdir)
+    with open(final_path) as f:
+      return json.load(f)
+  logger.info("[%s] running in %s", name, workdir)
+  t0 = time.time()
+  final = dict(fn(workdir))
+  final["_seconds"] = round(time.time() - t0, 1)
+  os.makedirs(workdir, exist_ok=True)
+  tmp = final_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(final, f, indent=1, default=float)
+  os.replace(tmp, final_path)
+  logger.info("[%s] done in %s", name, _fmt(final["_seconds"]))
+  return final
+
+
+def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict:
+  """Samples the pairs, labels them (AI and simulated humans), writes JSONL and alignment."""
+  lab = config.label
+  policy = train.load_sft_params(sft_dir)
+  task = os.path.join(sft_dir, "data", "synthetic")
+  prompts = common.read_prompts(os.path.join(task, "prompts.jsonl"), limit=lab.num_pairs)
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from rlhf_jax import models  # pylint: disable=import-outside-toplevel
+  pairs = rlaif.sample_pairs(models.Transformer(policy.model_config), nn.meta.unbox(policy.params),
+                             policy.tokenizer, prompts, max_prompt_len=lab.max_prompt_len,
+                             max_new_tokens=lab.max_new_tokens, temperature=lab.temperature,
+                             seed=config.seed)
+  ev = ev_lib.load_evaluator(feedback, lab.pair_template, policy_tokenizer=policy.tokenizer,
+                             batch_size=lab.batch_size)
+  t0 = time.time()
+  ai = rlaif.ai_labels(ev, pairs)
+  ai_seconds = time.time() - t0
+  p_h, first_wins = rlaif.human_labels(pairs, lab.human_temperature, seed=config.seed)
+  os.makedirs(workdir, exist_ok=True)
+  rlaif.write_jsonl(os.path.join(workdir, "ai_pairs.jsonl"), rlaif.pairwise_records(pairs, ai.p_N))
+  rlaif.write_jsonl(os.path.join(workdir, "human_pairs.jsonl"),
+                    rlaif.pairwise_records(pairs, first_wins.astype(float), soft=False))
+  ga, gb = pairs.gold_a, pairs.gold_b
+  from rlhf_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  distinct = ga != gb
+  final = {
+      "num_pairs": len(pairs.prompts), "pairs_with_distinct_gold": int(distinct.sum()),
+      "human_bayes_accuracy": synthetic.bayes_optimal_accuracy(ga[distinct], gb[distinct],
+                                                               lab.human_temperature),
+      "human_label_accuracy": rlaif.alignment(first_wins.astype(float), ga, gb),
+      "ai_alignment_both_orders": rlaif.alignment(ai.p_N, ga, gb),
+      "ai_alignment_one_order": rlaif.alignment(ai.p_ab_N, ga,
+                                                gb), "ai_position_bias_rate": ai.position_bias_rate,
+      "ai_label_mass": ai.label_mass, "ai_mean_confidence": float(abs(ai.p_N - 0.5).mean() + 0.5),
+      "ai_labelling_seconds": round(ai_seconds, 1)}
+  n_cot = min(lab.cot_pairs, len(pairs.prompts))
+  if n_cot and ev.template.has_cot:
+    sub = rlaif.Pairs(pairs.prompts[:n_cot], pairs.a[:n_cot], pairs.b[:n_cot], ga[:n_cot],
+                      gb[:n_cot])
+    t0 = time.time()
+    cot = rlaif.ai_labels(ev, sub, cot=ev_lib.CotConfig(max_tokens=lab.cot_max_tokens))
+    final.update({
+        "cot_pairs": n_cot,
+        "ai_cot_alignment_both_orders": rlaif.alignment(cot.p_N, sub.gold_a, sub.gold_b),
+        "ai_cot_alignment_one_order": rlaif.alignment(cot.p_ab_N, sub.gold_a, sub.gold_b),
+        "ai_cot_position_bias_rate": cot.position_bias_rate,
+        "ai_nocot_alignment_same_pairs": rlaif.alignment(ai.p_N[:n_cot], sub.gold_a, sub.gold_b),
+        "ai_cot_seconds": round(time.time() - t0, 1), "cot_example_rationale": cot.rationales[0]})
+  rlaif.write_jsonl(
+      os.path.join(workdir, "pairs_scored.jsonl"),
+      [{
+          "prompt": x, "a": a, "b": b, "gold_a": float(g1), "gold_b": float(g2), "p_ai": float(p),
+          "p_ai_ab": float(pab), "p_ai_ba": float(pba), "p_human": float(ph)}
+       for x, a, b, g1, g2, p, pab, pba, ph in zip(pairs.prompts, pairs.a, pairs.b, ga, gb, ai.p_N,
+                                                   ai.p_ab_N, ai.p_ba_N, p_h)])
+  return final
+
+
+def run(config, root: str) -> dict:
+  stages = [s for s in config.stages.split(",") if s]
+  start = time.time()
+  res: dict = {}
+  sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
+  if "sft" in stages and not config.sources.sft_workdir:
+    res["sft"] = _stage("sft", root, lambda w: registry.get(config.sft.method)(config.sft, w))
+  task = os.path.join(sft_dir, "data", "synthetic")
+  feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
+  if "feedback" in stages and not config.sources.feedback_workdir:
+    fb = config.feedback
+    fb.data.train_jsonl = os.path.join(task, "feedback_sft.jsonl")
+    fb.data.eval_jsonl = os.path.join(task, "feedback_sft_test.jsonl")
+    res["feedback"] = _stage("feedback", root, lambda w: registry.get(fb.method)(fb, w))
+  label_dir = os.path.join(root, "label")
+  if "label" in stages:
+    res["label"] = _stage("label", root, lambda w: _label(config, sft_dir, feedback, w))
+  for who in ("ai", "human"):
+    if f"rm_{who}" in stages:
+      rm = config.rm.copy_and_resolve_references()
+      rm.sources.sft_workdir = sft_dir
+      rm.data.train_jsonl = os.path.join(label_dir, f"{who}_pairs.jsonl")
+      rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
+      res[f"rm_{who}"] = _stage(f"rm_{who}", root, lambda w, rm=rm: registry.get(rm.method)(rm, w))
+  for who in ("ai", "human"):
+    if f"ppo_{who}" in stages:
+      cfg = config.ppo.copy_and_resolve_references()
+      cfg.sources.sft_workdir = sft_dir
+      cfg.sources.reward_model_workdir = os.path.join(root, f"rm_{who}")
+      res[f"ppo_{who}"] = _stage(f"ppo_{who}", root, lambda w, cfg=cfg: registry.get(cfg.method)
+                                 (cfg, w))
+  if "ppo_direct" in stages:
+    cfg = config.ppo_direct.copy_and_resolve_references()
+    cfg.sources.sft_workdir = sft_dir
+
+    def direct(w):
+      models_ = rlaif.direct_rlaif_models(cfg, sft_dir, feedback, config.label.rating_template,
+                                          seed=cfg.seed)
+      return ppo.train_and_evaluate(cfg, w, models_=models_)
+
+    res["ppo_direct"] = _stage("ppo_direct", root, direct)
+  if "report" in stages:
+    report(root, res, time.time() - start)
+  return res
+
+
+def report(root: str, res: dict, seconds: float) -> str:
+  """results.md / results.json / rlaif.png from the stages' final metrics and samples."""
+  runs = {
+      "RLHF (human labels)": "ppo_human", "RLAIF distilled": "ppo_ai",
+      "RLAIF direct (d-RLAIF)": "ppo_direct"}
+  rows, h2h = [], {}
+  sft_gold = None
+  for label, stage in runs.items():
+    final = res.get(stage)
+    if not final:
+      continue
+    sft_gold = final.get("sft_gold_reward", sft_gold)
+    rows.append((label, final.get("gold_reward"), final.get("gold_reward_sem"),
+                 final.get("win_rate_vs_sft"), final.get("kl_to_sft"), final.get("_seconds")))
+
+  def samples(stage):
+    return os.path.join(root, stage, "samples.jsonl")
+
+  for a, b in (("ppo_ai", "ppo_human"), ("ppo_direct", "ppo_human"), ("ppo_ai", "ppo_direct")):
+    if os.path.exists(samples(a)) and os.path.exists(samples(b)):
+      h2h[f"{a} vs {b}"] = rlaif.head_to_head(samples(a), samples(b))
+  lab = res.get("label", {})
+  lines = [
+      "# RLAIF vs RLHF on the synthetic task", "",
+      f"Wall time of this invocation: {_fmt(seconds)}; load average {os.getloadavg()[0]:.1f}; "
+      f"{os.cpu_count()} CPUs visible.", "", "## Label alignment with the gold preference", "",
+      "| labeller | alignment | position-bias rate |", "| --- | --- | --- |"]
+
+  def num(x):
+    return "" if x is None else f"{x:.3f}"
+
+  for name, key, bias in (("simulated humans (Bayes-optimal)", "human_bayes_accuracy",
+                           None), ("simulated humans (sampled labels)", "human_label_accuracy",
+                                   None), ("AI, both orders averaged", "ai_alignment_both_orders",
+                                           "ai_position_bias_rate"),
+                          ("AI, one order", "ai_alignment_one_order",
+                           None), ("AI + CoT, both orders", "ai_cot_alignment_both_orders",
+                                   "ai_cot_position_bias_rate"),
+                          ("AI + CoT, one order", "ai_cot_alignment_one_order",
+                           None), ("AI without CoT on the CoT pairs",
+                                   "ai_nocot_alignment_same_pairs", None)):
+    if key in lab:
+      lines.append(f"| {name} | {num(lab[key])} | {num(lab.get(bias)) if bias else ''} |")
+  lines += [
+      "", f"Pairs: {lab.get('num_pairs')} (CoT: {lab.get('cot_pairs', 0)}); AI label mass "
+      f"{num(lab.get('ai_label_mass'))}.", "", "## Policies (same PPO, same number of labels)", "",
+      f"SFT gold reward: {num(sft_gold)}", "",
+      "| policy | gold reward | ± s.e. | win rate vs SFT | KL to SFT | stage seconds |",
+      "| --- | --- | --- | --- | --- | --- |"]
+  lines += [
+      f"| {r[0]} | {num(r[1])} | {num(r[2])} | {num(r[3])} | {num(r[4])} | {r[5]} |" for r in rows]
+  lines += ["", "Head to head (gold reward, ties half):", ""]
+  lines += [f"- {k}: {v:.3f}" for k, v in h2h.items()]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(root, "results.json"), "w") as f:
+    json.dump({"stages": res, "head_to_head": h2h, "seconds": seconds}, f, indent=1, default=float)
+  _plot(root, lab, rows, sft_gold)
+  logger.info("results in %s\n%s", os.path.join(root, "results.md"), text)
+  return text
+
+
+def _plot(root: str, lab: dict, rows: list, sft_gold) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  keys = [("human\nBayes", "human_bayes_accuracy"), ("human\nsampled", "human_label_accuracy"),
+          ("AI\n2 orders", "ai_alignment_both_orders"), ("AI\n1 order", "ai_alignment_one_order"),
+          ("AI+CoT\n2 orders", "ai_cot_alignment_both_orders")]
+  keys = [(n, k) for n, k in keys if isinstance(lab.get(k), float)]
+  ax1.bar([n for n, _ in keys], [lab[k] for _, k in keys], color="tab:blue")
+  ax1.set_ylim(0.4, 1.0)
+  ax1.set_ylabel("agreement with the gold preference")
+  ax1.set_title("Labellers")
+  done = [r for r in rows if isinstance(r[1], float)]
+  ax2.bar([r[0].replace(" (", "\n(") for r in done], [r[1] for r in done],
+          yerr=[r[2] or 0 for r in done], color="tab:green")
+  if isinstance(sft_gold, float):
+    ax2.axhline(sft_gold, color="gray", ls="--", label="SFT")
+    ax2.legend()
+  ax2.set_ylabel("held-out gold reward")
+  ax2.set_title("Policies (same PPO)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(root, "rlaif.png"), dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  signals.install_process_handler()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger().setLevel(logging.INFO)
+  if not cli.debug_requested(sys.argv):
+    cli.quiet_background_errors()
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
