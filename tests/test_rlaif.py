@@ -85,7 +85,8 @@ def test_shipped_templates_render_exactly():
     ({"colour": 1}, "colour", "known fields"),])
 def test_template_errors_name_file_and_field(tmp_path, change, field, message):
   path = _write(tmp_path, {**PAIR, **change})
-  with pytest.raises(T.TemplateError, match=re.escape(f"{path}: field '{field}'") + ".*" + re.escape(message)):
+  with pytest.raises(T.TemplateError,
+                     match=re.escape(f"{path}: field '{field}'") + ".*" + re.escape(message)):
     T.load_template(path)
 
 
