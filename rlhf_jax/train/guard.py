@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlhf_jax import parallel
+
 NONFINITE_METRIC = "nonfinite"
 
 
@@ -139,7 +141,8 @@ def step_cause(metrics: Mapping[str, Any]) -> tuple[str, str]:
 
 def nonfinite_cause(**arrays: Any) -> tuple[str, str] | None:
   """``(name, "(NaN/inf in rows [...])")`` of the first array holding NaN/inf, else None."""
-  for name, value in arrays.items():
+  # Host copies (gathered where a global array spans other processes: every process calls this).
+  for name, value in parallel.to_host(arrays).items():
     array = np.asarray(value)
     rows_BxX = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
     bad = np.flatnonzero(~np.all(np.isfinite(rows_BxX), axis=1)).tolist()

@@ -11,12 +11,20 @@
   copied head is put on that scale too (kernel / σ, (b - μ) / σ): V₀ at the last token then
   predicts the reward PPO actually pays, not the raw score.
 
+With ``config.lora`` the policy trains adapters over the frozen SFT params, which are also the
+reference (the same arrays), and the critic trains its own adapters (A drawn with seed
+``lora.seed + 1``) and its head in full over a frozen backbone: with ``critic_init="sft"`` that
+backbone *is* the policy's base (the same arrays again: one copy of the base for policy,
+reference and value), with ``critic_init="reward_model"`` it is the value-model run's own
+(merged, for a LoRA reward model) backbone, frozen (:func:`init_value_params`).
+
 All of them read the same token ids, so a reference or reward model built with another tokenizer
 or vocabulary is refused before any work (:func:`check_compatible`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, NamedTuple
 
@@ -83,21 +91,36 @@ def normalized_head(params: Any, mean: float, std: float) -> Any:
 
 
 def init_value_params(config: PPOConfig, policy_config: models.ModelConfig, policy_params: Any,
-                      reward: scoring.RewardModelHandle, rng: jax.Array):
+                      reward: scoring.RewardModelHandle, rng: jax.Array,
+                      lora_cfg: lora_lib.LoraConfig | None = None, mesh: Any = None,
+                      rules: Any = None):
   """``(value_model, value_params)`` for ``config.critic_init`` (``(None, None)`` without a critic).
 
   With ``critic_init="reward_model"`` ``reward`` is the value-model run's handle: its backbone and
-  its head (normalised with its stored μ, σ: :func:`normalized_head`) start the critic.
+  its head (normalised with its stored μ, σ: :func:`normalized_head`) start the critic. With
+  ``lora_cfg`` the critic is a ``LoraModel`` (own adapters, seed + 1; the head trained in full)
+  whose frozen ``base`` is that backbone: for ``critic_init="sft"`` the very arrays of
+  ``policy_params`` (the policy's LoRA base), not a copy.
   """
   if not config.uses_critic:
     return None, None
+  value_model, value_params = _value_params(config, policy_config, policy_params, reward, rng)
+  if lora_cfg is None:
+    return value_model, value_params
+  critic_cfg = dataclasses.replace(lora_cfg, seed=lora_cfg.seed + 1)
+  value_model = lora_lib.LoraModel(value_model, critic_cfg, trained=("head",))
+  return value_model, lora_lib.make_params(value_model, value_params, critic_cfg, mesh, rules)
+
+
+def _value_params(config: PPOConfig, policy_config: models.ModelConfig, policy_params: Any,
+                  reward: scoring.RewardModelHandle, rng: jax.Array):
   if config.critic_init == "reward_model":
     if reward.num_outputs != 1:
       raise ValueError(
           f"PPOConfig.critic_init='reward_model' needs a reward model with one output, "
           f"this one has {reward.output_names}; use critic_init='sft'")
     value_model = models.ValueModel(reward.info.model_config())
-    params = jax.tree.map(jnp.asarray, jax.device_get(reward.params))
+    params = jax.tree.map(jnp.asarray, parallel.to_host(reward.params))  # multi-host: gathered
     params = normalized_head(params, float(reward.info.mean[0]), float(reward.info.std[0]))
     return value_model, models.with_backbone(params, params)
   value_model = models.ValueModel(policy_config)
@@ -114,11 +137,12 @@ def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *,
   with ``rules`` (default: one device). With ``lora`` enabled the policy is a
   ``models.lora.LoraModel`` over the frozen SFT params, whose ``LoraParams.base`` is the reference
   (the same arrays) unless ``sources.reference_workdir`` names another run."""
-  sft_dir = sources.policy or sources.require("sft_workdir", "ppo", "the policy starts from it "
-                                              "(or sources.pretrained)")
+  sft_dir = sources.policy or sources.require(
+      "sft_workdir", "ppo", "the policy starts from it "
+      "(or sources.pretrained)")
   rm_dir = sources.require("reward_model_workdir", "ppo", "it scores the rollouts")
-  policy_ckpt = train.load_sft_params(sft_dir, **common.pretrained_kwargs(sources, mesh,
-                                                                          model_section))
+  policy_ckpt = train.load_sft_params(sft_dir,
+                                      **common.pretrained_kwargs(sources, mesh, model_section))
   if sources.tokenizer and not sources.pretrained:  # with pretrained it overrides the folder's
     wanted = tok_lib.load_tokenizer(sources.tokenizer)
     if wanted.fingerprint() != policy_ckpt.tokenizer.fingerprint():
@@ -140,14 +164,13 @@ def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *,
     value_source = scoring.load_reward_model(sources.value_model,
                                              policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
                                              rules=rules)
-  value_model, value_params = init_value_params(config, policy_ckpt.model_config,
-                                                policy_ckpt.params, value_source, rng)
-  policy, policy_params = models.Transformer(policy_ckpt.model_config), policy_ckpt.params
   lora_cfg = lora.config() if lora is not None else None
+  value_model, value_params = init_value_params(config, policy_ckpt.model_config,
+                                                policy_ckpt.params, value_source, rng, lora_cfg)
+  policy, policy_params = models.Transformer(policy_ckpt.model_config), policy_ckpt.params
   if lora_cfg is not None:
     policy = lora_lib.LoraModel(policy, lora_cfg)
     policy_params = lora_lib.make_params(policy, policy_params, lora_cfg)
-  return PPOModels(tokenizer=policy_ckpt.tokenizer, policy=policy,
-                   policy_params=policy_params, ref_params=ref_ckpt.params, reward=reward,
-                   value_model=value_model, value_params=value_params,
-                   pretrained=sources.pretrained)
+  return PPOModels(tokenizer=policy_ckpt.tokenizer, policy=policy, policy_params=policy_params,
+                   ref_params=ref_ckpt.params, reward=reward, value_model=value_model,
+                   value_params=value_params, pretrained=sources.pretrained)

@@ -45,6 +45,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rlhf_jax import losses, parallel, sampling, scoring, train
 from rlhf_jax.algorithms import common, sections
@@ -52,7 +53,8 @@ from rlhf_jax.algorithms.online import models as ppo_models
 from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig
 from rlhf_jax.algorithms.online.rollout import (Rollout, make_advantage_fn, make_generate_fn,
                                                 make_logprob_fn, make_score_fn)
-from rlhf_jax.algorithms.online.update import PPOState, make_update_fn, place_state, state_shardings
+from rlhf_jax.algorithms.online.update import (PPOState, make_update_fn, place, place_state,
+                                               state_shardings)
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
 from rlhf_jax.eval import policy as policy_eval
@@ -119,8 +121,10 @@ def prepare_prompts(data: PPODataConfig, limits: sections.Limits, config: PPOCon
   if data.source == "synthetic":
     task_dir = data.synthetic_dir or os.path.join(data_dir, "synthetic")
     wanted = data.synthetic_task()
-    if not os.path.exists(os.path.join(task_dir, "metadata.json")):
-      synthetic_files.write_task(task_dir, wanted, overwrite=True)
+    # Every process takes process 0's branch; process 0 writes, the others wait for the files.
+    if not parallel.agree(os.path.exists(os.path.join(task_dir, "metadata.json"))):
+      parallel.write_on_coordinator(synthetic_files.write_task, task_dir, wanted, overwrite=True,
+                                    barrier="ppo_synthetic_task")
     meta = train.read_json(os.path.join(task_dir, "metadata.json"))
     for key in ("seed", "num_prompts", "num_test_prompts"):
       if meta["config"][key] != getattr(wanted, key):
@@ -196,13 +200,18 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   if lora_lib.is_lora(policy_state) and models_.ref_params is models_.policy_params.base:
     ref_params = policy_state.base  # LoRA: the reference is the frozen base, the same arrays
   else:
-    ref_params = jax.device_put(models_.ref_params,
-                                placement.params(lora_lib.unwrap(policy)))
+    ref_params = place(models_.ref_params, placement.params(lora_lib.unwrap(policy)))
   fingerprint = {
-      "method": "ppo", "algorithm": config.algorithm, "model": dataclasses.asdict(policy.config),
+      "method": "ppo",
+      "algorithm": config.algorithm,
+      "model": dataclasses.asdict(policy.config),
       **common.lora_fingerprint(getattr(policy, "lora", None), policy_state),
-      "tokenizer": tok.fingerprint(), "value_model": (dataclasses.asdict(models_.value_model.config)
-                                                      if models_.value_model is not None else None),
+      **{
+          f"value_{k}": v for k, v in common.lora_fingerprint(  # a LoRA critic's config and base
+              getattr(models_.value_model, "lora", None), state.params.get("value")).items()},
+      "tokenizer": tok.fingerprint(),
+      "value_model": (dataclasses.asdict(models_.value_model.config)
+                      if models_.value_model is not None else None),
       **train.runs.pretrained_fingerprint(getattr(models_, "pretrained", ""))}
 
   samp_cfg = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens,
@@ -221,7 +230,7 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
                              placement)
   # The RM handle may live on another mesh (its own default is one device): copy its params onto
   # this run's mesh with the rules table's shardings (a no-op when they are already there).
-  rm_args = (jax.device_put(models_.reward.params, placement.params(models_.reward.model)),
+  rm_args = (place(models_.reward.params, placement.params(models_.reward.model)),
              jax.device_put(np.asarray(models_.reward.info.mean, np.float32), placement.replicated),
              jax.device_put(np.asarray(models_.reward.info.std, np.float32), placement.replicated))
 
@@ -253,7 +262,8 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
     evaluator = policy_eval.PolicyEvaluator(policy, ref_params, tok, eval_prompts, eval_config,
                                             reward_fn=scoring.sample_reward_fn(models_.reward),
                                             gold_reward_fn=prompts.gold_reward_fn,
-                                            sample_path=os.path.join(workdir, "samples.jsonl"))
+                                            sample_path=os.path.join(workdir, "samples.jsonl"),
+                                            mesh=placement.mesh)
     eval_fn = lambda st, step: evaluator(st.params["policy"], step)  # noqa: E731
 
   result = train.train(workdir=workdir, config=loop, state=state, iteration=iteration,
@@ -264,7 +274,7 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   final = {
       "iteration": result.step, "preempted": result.preempted, **result.eval_metrics,
       **{f"initial_{k}": v for k, v in result.initial_eval_metrics.items()}, "final_kl_coef": float(
-          state.kl_coef)}
+          state.kl_coef), **parallel.topology(placement.mesh)}
   if result.stop_reason:
     final["stop_reason"] = result.stop_reason
   if not result.preempted and parallel.is_coordinator():
@@ -308,6 +318,22 @@ def _shaped_scores(config: PPOConfig, scores_B, response_mask_BxR) -> np.ndarray
   return scores
 
 
+def per_host_rows(fn, *arrays_B: np.ndarray) -> np.ndarray:
+  """``fn(*arrays)`` ``[B]`` computed on this process's rows only and gathered in row order.
+
+  ``arrays_B`` are host copies of the whole rollout (every process holds them); process p takes
+  rows ``[p·B/n, (p+1)·B/n)`` — its slice of the global batch — so host work such as decoding text
+  and the gold reward is split over the hosts, not repeated on each. One process (or B not a
+  multiple of the process count): ``fn`` over all rows.
+  """
+  n, b = parallel.process_count(), len(arrays_B[0])
+  if n == 1 or b % n:
+    return np.asarray(fn(*arrays_B))
+  lo, hi = parallel.process_index() * (b // n), (parallel.process_index() + 1) * (b // n)
+  local = np.asarray(fn(*(a[lo:hi] for a in arrays_B)), np.float32)
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
 def dynamic_sample(config: PPOConfig, first, next_generation):
   """DAPO's dynamic sampling: the groups of a full batch whose rewards are not all equal.
 
@@ -322,7 +348,10 @@ def dynamic_sample(config: PPOConfig, first, next_generation):
   """
   g = config.num_samples
   n_groups = config.rollout_batch_size
-  gens = [tuple(np.asarray(a) for a in first)]
+  # Every process reads the whole generation (parallel.to_host), so every process takes the same
+  # decision on the same scores: a resampling decision taken per host would send the hosts into
+  # different numbers of sampler calls and hang them in a collective.
+  gens = [tuple(parallel.to_host(tuple(first)))]
   kept, dropped = [], []
   while True:
     k = len(gens) - 1
@@ -332,7 +361,7 @@ def dynamic_sample(config: PPOConfig, first, next_generation):
     dropped += [(k, i) for i in np.flatnonzero(degenerate)]
     if len(kept) >= n_groups or len(gens) >= config.dynamic_sampling_max_batches:
       break
-    gens.append(tuple(np.asarray(a) for a in next_generation(len(gens))))
+    gens.append(tuple(parallel.to_host(tuple(next_generation(len(gens))))))
   chosen = (kept + dropped)[:n_groups]
   rows = [(k, i * g + j) for k, i in chosen for j in range(g)]
   arrays = tuple(np.stack([gens[k][a][r] for k, r in rows]) for a in range(len(first)))
@@ -368,7 +397,8 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
 
     host, stats = dynamic_sample(config, first, next_generation)
     if stats["generations"] > 1 or stats["shortfall"] > 0:
-      tokens_BxT, mask_BxT, response_mask, scores_B, rm_B = parallel.shard_batch(
+      # every process holds all rows: each places its own slice of the global batch
+      tokens_BxT, mask_BxT, response_mask, scores_B, rm_B = parallel.shard_rows(
           host, placement.mesh, placement.rules)
     t_gen, t_score = times
     metrics.update({f"dynamic_sampling_{k}": v for k, v in stats.items()})
@@ -383,39 +413,40 @@ def _rollout(state: PPOState, batch, prompts: Prompts, tok, ref_params, rm_args,
       phases.advantage(scores_B, old_logps, ref_logps, values, response_mask, state.kl_coef))
   t4 = time.perf_counter()
   train.check_finite(advantages=advantages, returns=returns)
+  # Host copies of the whole rollout on every process (one collective): the statistics below are
+  # then the same numbers on every host, and the same as on one host.
+  tokens_host, mask_host, resp_mask_host, rm_host, scores_host, entropy_host = parallel.to_host(
+      (tokens_BxT, mask_BxT, response_mask, rm_B, scores_B, entropy))
+  p = tokens_host.shape[1] - resp_mask_host.shape[1]
+  resp_tokens = tokens_host[:, p:]
+  finished_B = np.any((resp_tokens == tok.eos_id) & (resp_mask_host > 0), axis=1)
   loss_mask = response_mask
   if config.mask_truncated_completions:
     # DAPO's overlong filtering (TRL's mask_truncated_completions): answers that never emitted EOS
     # stay in their group's baseline but leave the loss (and the dapo token count).
-    resp_h = np.asarray(response_mask)
-    resp_t = np.asarray(tokens_BxT)[:, -resp_h.shape[1]:]
-    finished = np.any((resp_t == tok.eos_id) & (resp_h > 0), axis=1)
-    metrics["truncated_fraction"] = float(1.0 - finished.mean())
-    (loss_mask,) = parallel.shard_batch((resp_h * finished[:, None].astype(resp_h.dtype),),
-                                        placement.mesh, placement.rules)
+    metrics["truncated_fraction"] = float(1.0 - finished_B.mean())
+    (loss_mask,) = parallel.shard_rows(
+        (resp_mask_host * finished_B[:, None].astype(resp_mask_host.dtype),), placement.mesh,
+        placement.rules)
   rollout = Rollout(tokens_BxT, mask_BxT, loss_mask, old_logps, ref_logps, values, advantages,
                     returns)
 
-  resp_mask_host = np.asarray(response_mask)
   n_tokens = float(resp_mask_host.sum())
   metrics.update(time_generation=t_gen, time_scoring=t_score, time_logprobs=t3 - t2,
                  time_advantages=t4 - t3, generated_tokens=n_tokens,
                  generation_tokens_per_s=n_tokens / max(t_gen, 1e-9))
   metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
   # Host-side statistics in numpy: no small device ops (and no compilations) in the loop.
-  metrics["rm_score"] = float(np.mean(np.asarray(rm_B)))
-  metrics["score"] = float(np.mean(np.asarray(scores_B)))
+  metrics["rm_score"] = float(np.mean(rm_host))
+  metrics["score"] = float(np.mean(scores_host))
   metrics["kl_coef"] = float(state.kl_coef)
-  metrics["entropy"] = float(np.sum(np.asarray(entropy)) / max(n_tokens, 1.0))
+  metrics["entropy"] = float(np.sum(entropy_host) / max(n_tokens, 1.0))
   metrics["response_length"] = float(resp_mask_host.sum(-1).mean())
-  tokens_host, mask_host = np.asarray(tokens_BxT), np.asarray(mask_BxT)
-  p = tokens_host.shape[1] - resp_mask_host.shape[1]
-  resp_tokens = tokens_host[:, p:]
-  metrics["eos_fraction"] = float(
-      np.mean(np.any((resp_tokens == tok.eos_id) & (resp_mask_host > 0), axis=1)))
+  metrics["eos_fraction"] = float(np.mean(finished_B))
   if prompts.gold_reward_fn is not None:
-    golds = synthetic.score_samples(tok, tokens_host[:, :p], mask_host[:, :p], resp_tokens,
-                                    resp_mask_host)
+    # Text decoding and the gold reward on this host's rows only, gathered (in row order).
+    golds = per_host_rows(lambda pt, pm, rt, rm: synthetic.score_samples(tok, pt, pm, rt, rm),
+                          tokens_host[:, :p], mask_host[:, :p], resp_tokens, resp_mask_host)
     metrics["gold_reward"] = float(np.mean(golds))
   return rollout, metrics
 

@@ -30,9 +30,10 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from rlhf_jax import losses, models, train
+from rlhf_jax import losses, models, parallel, train
 from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.algorithms.online.rollout import Rollout, response_values
 from rlhf_jax.models import lora as lora_lib
@@ -79,8 +80,26 @@ def state_shardings(policy: models.Transformer, value_model: models.ValueModel |
 def _abstract_params(policy, value_model) -> Any:
   tree = {"policy": lora_lib.abstract_params(policy)}  # LoraParams for a LoRA policy
   if value_model is not None:
-    tree["value"] = models.abstract_params(value_model)
+    tree["value"] = lora_lib.abstract_params(value_model)  # LoraParams for a LoRA critic
   return tree
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` from any source: host NumPy, this process's devices (a
+  checkpoint restored onto one device) or global arrays already on the mesh.
+
+  In a multi-process job a ``jax.Array`` held on this process's devices only cannot be put onto a
+  sharding that spans other processes' devices; it goes through host NumPy (every process holds
+  the same values, so each places its own shards). One process: a plain ``device_put``.
+  """
+  if parallel.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def host(x):
+    local = isinstance(x, jax.Array) and x.is_fully_addressable
+    return np.asarray(x) if local or not isinstance(x, jax.Array) else x
+
+  return jax.device_put(jax.tree.map(host, tree), shardings)
 
 
 def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: float,
@@ -89,9 +108,14 @@ def place_state(params: Any, optimizer: optax.GradientTransformation, kl_coef: f
   (the state is donated to the update)."""
   # A LoRA base (train.state.split_frozen) is never donated: placed, not copied.
   live, frozen = train.state.split_frozen(params)
-  params = jax.device_put(train.state.join_frozen(jax.tree.map(jnp.copy, live), frozen),
-                          shardings.params)
-  return jax.device_put(create_state(params, optimizer, kl_coef, rng), shardings)
+  if parallel.process_count() > 1:  # host copies: placing them copies (and never aliases) too
+    live = jax.tree.map(
+        lambda x: np.array(x)
+        if isinstance(x, jax.Array) and x.is_fully_addressable else jnp.copy(x), live)
+  else:
+    live = jax.tree.map(jnp.copy, live)
+  params = place(train.state.join_frozen(live, frozen), shardings.params)
+  return place(create_state(params, optimizer, kl_coef, rng), shardings)
 
 
 def make_loss_fn(config: PPOConfig, policy: models.Transformer,
@@ -196,7 +220,7 @@ def make_update_fn(config: PPOConfig, policy: models.Transformer,
     metrics = jax.tree.map(jnp.mean, metrics)
     return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
 
-  if not isinstance(policy, lora_lib.LoraModel):
+  if not any(isinstance(m, lora_lib.LoraModel) for m in (policy, value_model)):
     if placement is None:
       return jax.jit(update, donate_argnums=(0,))
     state_sh = state_shardings(policy, value_model, optim, total_updates, placement)
