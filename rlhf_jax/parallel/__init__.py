@@ -13,10 +13,13 @@ Typical use::
 
 from rlhf_jax.parallel.mesh import MESH_AXES, MeshConfig, make_mesh
 from rlhf_jax.parallel.multihost import (
+    agree,
+    allgather_rows,
     check_same_config,
     config_hash,
     initialize_distributed,
     is_coordinator,
+    local_rows,
     make_global_batch,
     process_count,
     process_index,
@@ -41,6 +44,7 @@ from rlhf_jax.parallel.sharding import (
     data_sharding,
     logical_shardings,
     shard_batch,
+    shard_rows,
     use_mesh,
 )
 
@@ -51,6 +55,8 @@ __all__ = [
     "PARAM_AXES",
     "MeshConfig",
     "Rules",
+    "agree",
+    "allgather_rows",
     "batch_axes",
     "check_same_config",
     "config_hash",
@@ -60,6 +66,7 @@ __all__ = [
     "is_coordinator",
     "logical_partition_specs",
     "logical_shardings",
+    "local_rows",
     "logical_to_spec",
     "make_global_batch",
     "make_mesh",
@@ -68,6 +75,7 @@ __all__ = [
     "process_count",
     "process_index",
     "shard_batch",
+    "shard_rows",
     "sync",
     "to_host",
     "topology",

@@ -67,8 +67,13 @@ def _cluster_detected() -> bool:
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, *,
                            local_device_ids: Sequence[int] | None = None,
-                           initialization_timeout: int = 300) -> bool:
+                           initialization_timeout: int = 300,
+                           heartbeat_timeout_seconds: int | None = None) -> bool:
   """Connects this process to the others; returns True if running multi-process.
+
+    ``heartbeat_timeout_seconds`` (default ``RLHF_JAX_HEARTBEAT_TIMEOUT_S``, else jax's 100): a
+    process that stops answering (``kill -9``, a dead node) is declared failed after this long
+    and every other process is terminated with an error instead of waiting in a collective.
 
     Idempotent: a second call after a successful one returns True without doing anything.
     """
@@ -95,9 +100,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   elif mode == "auto" and not _cluster_detected():
     return False
   # From here jax fills whatever is still None from the detected cluster (TPU / SLURM / MPI).
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, local_device_ids=local_device_ids,
-                             initialization_timeout=initialization_timeout)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+      local_device_ids=local_device_ids, initialization_timeout=initialization_timeout,
+      heartbeat_timeout_seconds=heartbeat_timeout_seconds or
+      _env_int("RLHF_JAX_HEARTBEAT_TIMEOUT_S") or 100)
   return True
 
 
@@ -137,6 +144,17 @@ def to_host(tree: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def allgather_rows(tree: Any) -> Any:
+  """Each process's host NumPy rows concatenated in process order, on every process.
+
+    Leaves must have the same shape on every process (e.g. each host's slice of a batch); a
+    collective like :func:`to_host`. One process: the leaves as NumPy.
+    """
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(np.asarray, tree)
+  return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def sync(name: str) -> None:
   """Barrier across processes (no-op on one): e.g. after process 0 wrote a file the others read."""
   if jax.process_count() > 1:
@@ -155,6 +173,37 @@ def write_on_coordinator(fn: Callable[..., Any], *args: Any, barrier: str | None
   if barrier is not None:
     sync(barrier)
   return result
+
+
+def agree(value: bool | int | float) -> bool | int | float:
+  """Process 0's ``value`` on every process (``broadcast_one_to_all``; identity on one process).
+
+    For decisions taken from files that process 0 may be writing meanwhile (does the task exist?
+    is the stage finished?): every process must take the same branch, or one of them waits in a
+    collective the others never enter.
+    """
+  if jax.process_count() == 1:
+    return value
+  kind = type(value)
+  dtype = np.float32 if kind is float else np.int32
+  return kind(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value, dtype))).item())
+
+
+def local_rows(x: Any) -> np.ndarray:
+  """This process's rows of a global array whose dim 0 is split over the batch axes, as NumPy.
+
+    The inverse of :func:`make_global_batch`: the addressable shards, one per distinct row block
+    (replicas over the other axes dropped), in row order. Single process: the whole array.
+    """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {}
+  for shard in x.addressable_shards:
+    rows = shard.index[0] if shard.index else slice(None)
+    start = rows.start or 0
+    if start not in blocks:
+      blocks[start] = np.asarray(shard.data)
+  return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
 
 
 def config_hash(config: Any) -> str:

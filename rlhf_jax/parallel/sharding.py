@@ -152,3 +152,38 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Sequence[tuple[str,
     return jax.device_put(x, sharding)
 
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def shard_rows(batch: Any, mesh: Mesh, rules: Sequence[tuple[str,
+                                                             MeshAxes]] = DEFAULT_RULES) -> Any:
+  """Places a batch that *every* process holds in full, split over the batch axes of ``mesh``.
+
+    Each process contributes its contiguous ``1 / process_count`` of every leaf's rows (a pair's or
+    a list's rows stay in the same process: leaves are example-major), so the global batch equals
+    ``batch`` and each device computes only its rows. When a leaf's rows do not split evenly over
+    the processes and batch shards, ``batch`` comes back as it is (every device then computes all
+    rows, replicated: correct, only slower).
+    """
+  sharding = data_sharding(mesh, rules)
+  ways = math.prod(mesh.shape[a] for a in _axes_tuple(batch_axes(rules)))
+  # Row groups the processes hold (1 when the batch axes lie within each process, e.g. a tensor
+  # axis across hosts: then every process passes all rows).
+  groups = ways // multihost._local_batch_ways(sharding)  # pylint: disable=protected-access
+  leaves = jax.tree_util.tree_leaves(batch)
+  if (not leaves or groups not in (1, multihost.process_count()) or
+      any(np.ndim(x) == 0 or np.shape(x)[0] % ways for x in leaves)):
+    return batch
+  if groups == 1:
+    return shard_batch(batch, mesh, rules) if multihost.process_count() == 1 else jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  index = multihost.process_index()
+
+  def mine(x):
+    n = np.shape(x)[0] // groups
+    return np.asarray(x)[index * n:(index + 1) * n]
+
+  return shard_batch(jax.tree_util.tree_map(mine, batch), mesh, rules)
+
+
+def _axes_tuple(axes: MeshAxes) -> tuple:
+  return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
