@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import cli, train
+from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.eval import frontier
 from rlhf_jax.train import signals
@@ -75,6 +75,9 @@ def stage_names(config) -> list[str]:
 
 
 def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -> dict:
+  # Multi-process: every process decides "reuse or run" and the links from the same files (the
+  # previous stage's final_metrics.json, written by process 0).
+  parallel.sync(f"pipeline_stage_{name}")
   workdir = os.path.join(root, name)
   final_path = os.path.join(workdir, "final_metrics.json")
   banner = f"[{index}/{total}] {name}"
@@ -102,8 +105,9 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
     return {"_status": f"failed: {type(err).__name__}: {err}"[:200], "_seconds": time.time() - t0}
   # CPU seconds of this process (all threads): comparable across machines / loads, unlike wall time
   seconds, cpu = time.time() - t0, time.process_time() - c0
-  with open(times_path, "w") as f:
-    json.dump({"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}, f)
+  if parallel.is_coordinator():
+    train.atomic_write_json(times_path,
+                            {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
   logger.info("%s: done in %s, %s CPU (pipeline time so far %s)", banner, _fmt(seconds), _fmt(cpu),
               _fmt(time.time() - start))
   return {**final, "_status": "ok", "_seconds": seconds, "_cpu_seconds": cpu}
@@ -212,11 +216,13 @@ def run_pipeline(config, root: str, command: str = "") -> dict:
     if name in REQUIRED_STAGES and results[name]["_status"].startswith("failed"):
       logger.error("stage %s failed; the later stages need it, stopping", name)
       break
-  table = summarize(results, root,
-                    time.time() - start, command or " ".join(sys.argv),
-                    time.process_time() - cpu_start)
-  logger.info("pipeline finished in %s; results in %s\n%s", _fmt(time.time() - start),
-              os.path.join(root, "results.md"), table)
+  parallel.sync("pipeline_summary")  # the stages' files are on disk for every process
+  table = parallel.write_on_coordinator(summarize, results, root,
+                                        time.time() - start, command or " ".join(sys.argv),
+                                        time.process_time() - cpu_start)
+  if table is not None:  # process 0 wrote it
+    logger.info("pipeline finished in %s; results in %s\n%s", _fmt(time.time() - start),
+                os.path.join(root, "results.md"), table)
   return results
 
 
@@ -233,6 +239,10 @@ def main(argv):
       os.path.basename(program)
   command = " ".join([program] + sys.argv[1:])
   try:
+    # One process per host: join the job before any device is touched (a no-op on one host),
+    # then check that every process runs the same pipeline.
+    parallel.initialize_distributed()
+    parallel.check_same_config(_CONFIG.value, "pipeline config")
     run_pipeline(_CONFIG.value, _WORKDIR.value, command)
   except signals.Interrupted as err:
     print(

@@ -117,6 +117,7 @@ def main(argv):
     # One process per host: join the job before any device is touched (a no-op on one host;
     # the JAX_COORDINATOR_ADDRESS / cluster environment launch/*.sh set up decides).
     parallel.initialize_distributed()
+    parallel.check_same_config(config)  # every process must run the same config
     result = run(config, workdir)
   except signals.Interrupted as err:
     print(

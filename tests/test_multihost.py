@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -268,6 +269,88 @@ def test_the_one_launcher_trains_as_one_job_over_two_processes(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["step"] == 4 and np.isfinite(final["eval_nll_per_token"])
+
+
+# --------------------------------------------------------------------------- methods as one job
+
+PIPELINE_STAGES = ("sft", "rm", "dpo", "kto", "pro")
+# What may differ between the two topologies (everything else must agree to 1e-3 relative).
+TOPOLOGY_KEYS = ("process_count", "device_count", "mesh_shape")
+
+
+def _run_pipeline(workdir, log_dir, num_processes: int, devices_per_process: int):
+  env = _launcher_env(NUM_PROCESSES=str(num_processes),
+                      DEVICES_PER_PROCESS=str(devices_per_process), LOG_DIR=str(log_dir),
+                      PYTHON=sys.executable)
+  # data=-1: every device (what a multi-process job does with the shipped 1x1x1 default anyway).
+  mesh = [f"--config.{stage}.mesh.data=-1" for stage in PIPELINE_STAGES]
+  return subprocess.Popen([
+      "bash",
+      os.path.join(REPO, "launch", "multiprocess_local.sh"),
+      os.path.join(REPO, "experiments", "pipeline.py"),
+      f"--config={os.path.join(REPO, 'experiments', 'configs', 'pipeline_synthetic.py')}:smoke",
+      f"--workdir={workdir}", f"--config.stages={','.join(PIPELINE_STAGES)}"] + mesh, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+  """The smoke offline pipeline (SFT -> RM -> DPO, KTO, PRO) as 2 processes x 2 devices and as
+    1 process x 4 devices, run side by side once for the tests below."""
+  root = tmp_path_factory.mktemp("multihost_pipeline")
+  runs = {"two": (2, 2), "one": (1, 4)}
+  procs = {
+      name: _run_pipeline(root / name, root / f"logs_{name}", *shape)
+      for name, shape in runs.items()}
+  try:
+    for name, p in procs.items():
+      out, err = p.communicate(timeout=900)
+      assert p.returncode == 0, f"{name}: rc={p.returncode}\n{err[-3000:]}"
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return root
+
+
+def _final(root, run: str, stage: str) -> dict:
+  return json.loads((root / run / stage / "final_metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_offline_pipeline_as_two_processes_gives_the_one_process_numbers(pipeline_runs):
+  """Every stage's final_metrics.json (SFT, RM, DPO, KTO, PRO through the method registry, as
+    experiments/run.py runs them) equals the single-process run's to 1e-3 relative; each records
+    the job it ran on."""
+  for stage in PIPELINE_STAGES:
+    two, one = _final(pipeline_runs, "two", stage), _final(pipeline_runs, "one", stage)
+    assert two["process_count"] == 2 and one["process_count"] == 1, stage
+    for final in (two, one):
+      assert final["device_count"] == 4, (stage, final)
+      assert final["mesh_shape"] == {"data": 4, "fsdp": 1, "tensor": 1}, (stage, final)
+    assert set(two) == set(one), (stage, set(two) ^ set(one))
+    numbers = 0
+    for key, value in one.items():
+      if key in TOPOLOGY_KEYS or not isinstance(value, (int, float)):
+        assert key in TOPOLOGY_KEYS or two[key] == value, (stage, key)
+        continue
+      assert two[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (stage, key, two[key], value)
+      numbers += 1
+    assert numbers >= 3, (stage, one)
+  # The results table exists once, written by process 0.
+  assert (pipeline_runs / "two" / "results.md").read_text().count("| dpo:sigmoid |") == 1
+
+
+@pytest.mark.slow
+def test_offline_pipeline_as_two_processes_logs_no_error(pipeline_runs):
+  for i in range(2):
+    log = (pipeline_runs / "logs_two" / f"process_{i}.log").read_text()
+    bad = [
+        line for line in log.splitlines()
+        if re.match(r"E\d{4} ", line) or "Traceback" in line or " failed" in line]
+    assert not bad, f"process {i}:\n" + "\n".join(bad[:20])
+    assert "pipeline finished" in log or i == 1  # process 0 writes and logs the table
 
 
 def test_slurm_sbatch_with_stub_srun(tmp_path):

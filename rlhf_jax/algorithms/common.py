@@ -9,7 +9,8 @@
 * :func:`make_heldout_eval_fn` — a loss's metrics averaged over fixed held-out batches, in eval
   mode (``loss_fn(params, batch, rng=None)``: deterministic, no dropout).
 * :func:`nll_loss_fn` — SFT's prompt-masked NLL as a ``train`` loss function (SFT, RAFT).
-* Small I/O helpers: prompt lists, eval-prompt batches, ``final_metrics.json``.
+* Small I/O helpers: prompt lists, eval-prompt batches, ``final_metrics.json`` (written by process 0,
+  with the topology the run used: ``process_count``, ``device_count``, ``mesh_shape``).
 """
 
 from __future__ import annotations
@@ -246,7 +247,9 @@ def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tupl
       os.path.join(sources.sft_workdir, "data", "synthetic") if sources.sft_workdir else "",
       os.path.join(workdir, "data", "synthetic") if workdir else ""]
   task = next((c for c in candidates if c and os.path.isfile(os.path.join(c, "metadata.json"))), "")
-  if not task:
+  # Every process must take the same branch (process 0 writes, the others wait for it).
+  found = parallel.agree(bool(task))
+  if not found:
     if data.synthetic_dir or not workdir:
       raise ValueError(
           f"config.data.synthetic_dir={data.synthetic_dir!r}: no synthetic task there; "
@@ -254,7 +257,8 @@ def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tupl
           "(default: the SFT run's <sft_workdir>/data/synthetic)")
     task = candidates[-1]
     logger.info("no synthetic task found; generating one into %s", task)
-    synthetic_files.write_task(task, data.synthetic_task(), overwrite=True)
+    parallel.write_on_coordinator(synthetic_files.write_task, task, data.synthetic_task(),
+                                  overwrite=True, barrier="synthetic_task_written")
   prompts = data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
   return os.path.join(task, f"{stem}.jsonl"), os.path.join(task, f"{stem}_test.jsonl"), prompts
 
@@ -264,7 +268,8 @@ def make_heldout_eval_fn(loss_fn: Callable, batches: list, mesh: jax.sharding.Me
   """``fn(params) -> {f"{prefix}/<metric>": mean over the held-out batches}``.
 
   ``loss_fn(params, batch, rng) -> (loss, metrics)`` runs in eval mode (``rng=None``: dropout
-  off), so the held-out numbers are a deterministic function of the params.
+  off), so the held-out numbers are a deterministic function of the params. ``batches`` are this
+  process's slices (``BatchIterator``'s default per-host slicing); each metric is a scalar over the global batch.
   """
   if not batches:
     return lambda params: {}
@@ -274,7 +279,7 @@ def make_heldout_eval_fn(loss_fn: Callable, batches: list, mesh: jax.sharding.Me
     sums: dict[str, float] = {}
     with parallel.use_mesh(mesh, rules):
       for batch in batches:
-        metrics = jax.device_get(jitted(params, parallel.shard_batch(batch, mesh, rules)))
+        metrics = parallel.to_host(jitted(params, parallel.shard_batch(batch, mesh, rules)))
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + float(v)
     return {f"{prefix}/{k}": v / len(batches) for k, v in sums.items()}
@@ -304,8 +309,8 @@ def read_prompts(path: str, limit: int | None = None, chat_template: Any = None)
 
 
 def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_len: int,
-                     config: policy_eval.PolicyEvalConfig, workdir: str,
-                     gold: bool = True) -> policy_eval.PolicyEvaluator:
+                     config: policy_eval.PolicyEvalConfig, workdir: str, gold: bool = True,
+                     mesh: jax.sharding.Mesh | None = None) -> policy_eval.PolicyEvaluator:
   """The held-out policy evaluation; the synthetic gold reward only when every prompt is one of
   the synthetic task's (users' own prompts, e.g. chat-templated ones, have no gold reward)."""
   if gold and not all(_is_synthetic_prompt(p) for p in prompt_texts):
@@ -317,7 +322,7 @@ def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_l
       loaded.model, loaded.ref_params, loaded.tokenizer, prompts, config,
       reward_fn=scoring.sample_reward_fn(loaded.reward) if loaded.reward is not None else None,
       gold_reward_fn=policy_eval.synthetic.gold_rewards if gold else None,
-      sample_path=os.path.join(workdir, "samples.jsonl"))
+      sample_path=os.path.join(workdir, "samples.jsonl"), mesh=mesh)
 
 
 def _is_synthetic_prompt(text: str) -> bool:
@@ -328,8 +333,13 @@ def _is_synthetic_prompt(text: str) -> bool:
   return True
 
 
-def write_final(workdir: str, final: dict, method: str) -> dict:
-  train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+def write_final(workdir: str, final: dict, method: str,
+                mesh: jax.sharding.Mesh | None = None) -> dict:
+  """``<workdir>/final_metrics.json`` (process 0 writes it): ``final`` plus the run's topology
+  (``parallel.topology``: ``process_count``, ``device_count`` of the mesh, ``mesh_shape``)."""
+  final = {**final, **parallel.topology(mesh)}
+  parallel.write_on_coordinator(train.atomic_write_json, os.path.join(workdir, FINAL_METRICS_FILE),
+                                final)
   logger.info(
       "%s finished: %s", method,
       ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))

@@ -15,14 +15,15 @@ Two ways to get the numbers (:class:`ReferenceLogps`):
 
 * **on the fly** — ``models.response_logps`` (the one summed-log-prob function: jitted once per
   shape, the frozen params an *argument*, never baked in as constants) over the batch's rows,
-  dispatched by the data iterator right before the train step (TRL's default). Single process
-  only: the result is a global array, while host batches are host slices.
+  dispatched by the data iterator right before the train step (TRL's default). Multi-host: the
+  forward runs on the global batch and each host keeps its own rows (``parallel.local_rows``).
 * **precomputed** — one pass over the dataset before training (:func:`precompute_table`), a table
   ``[N, R]`` (R rows per example) stored as ``.npz`` with the JSON *key* of everything that made it
   (:func:`cache_key`: the reference run, its checkpoint step, model config, tokenizer, the
   dataset's build settings, the rows layout); looked up per batch as ``table[batch["index"]]``
   (``index = -1`` filler rows get 0). A stored table whose key differs is recomputed, never
-  reused. Works multi-host (every host reads its own rows).
+  reused. Works multi-host: the pass runs on the global mesh, every host keeps the whole table and
+  looks up its own rows; process 0 writes the file.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
-from rlhf_jax import models
+from rlhf_jax import models, parallel
 from rlhf_jax.data import batching
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ class ReferenceLogps:
     if self.table is not None:
       batch[REF_KEY] = lookup(self.table, batch)
     else:
-      batch[REF_KEY] = self.fn(self.params, batch["tokens"], batch["mask"], batch["loss_mask"])
+      rows = self.fn(self.params, batch["tokens"], batch["mask"], batch["loss_mask"])
+      # Multi-host: the forward ran on the global batch; keep this host's rows (its batch slice).
+      batch[REF_KEY] = rows if parallel.process_count() == 1 else parallel.local_rows(rows)
     return batch
 
 
@@ -152,20 +155,26 @@ def precompute_table(dataset: Any, fn: Callable, params: Any, path: str, key: Ma
     diff = sorted(k for k in set(key) | set(stored_key) if key.get(k) != stored_key.get(k))
     logger.warning("%s was computed for another reference / dataset (differs in %s); recomputing",
                    path, diff)
+  # Multi-host: each process feeds its slice of every batch (the forward runs on the global
+  # batch), and the rows with their dataset indices are all-gathered so every process holds the
+  # whole table (its training batches may draw any example).
   it = batching.BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False,
-                              num_epochs=1, buckets=buckets or None, process_index=0,
-                              process_count=1, num_candidates=num_candidates)
-  parts = []
+                              num_epochs=1, buckets=buckets or None, num_candidates=num_candidates)
+  table = None
   for batch in it:
-    rows = np.asarray(jax.device_get(fn(params, batch["tokens"], batch["mask"],
-                                        batch["loss_mask"])))
     r = rows_per_example(batch)
-    parts.append(rows.reshape(-1, r)[batch["valid"] > 0])
-  table = np.concatenate(parts).astype(np.float32)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, key=json.dumps(key, sort_keys=True), table=table)
-  os.replace(tmp, path)
+    rows = fn(params, batch["tokens"], batch["mask"], batch["loss_mask"])
+    rows_BxR, index = parallel.allgather_rows(
+        (parallel.local_rows(rows).reshape(-1, r), np.asarray(batch["index"])))
+    if table is None:
+      table = np.zeros((len(dataset), r), np.float32)
+    keep = index >= 0  # filler rows of the last batch have index -1
+    table[index[keep]] = rows_BxR[keep]
+  if parallel.is_coordinator():
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, key=json.dumps(key, sort_keys=True), table=table)
+    os.replace(tmp, path)
   logger.info("precomputed reference log-probs of %d examples x %d rows -> %s", *table.shape, path)
   return table
 

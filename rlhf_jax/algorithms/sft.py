@@ -121,9 +121,10 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
       raise ValueError(
           f"config.data.synthetic_dir={config.synthetic_dir!r}: no synthetic task there; "
           "allowed: a folder `python -m rlhf_jax.data.synthetic --out DIR` wrote, or ''")
-    if not os.path.exists(meta_path):
+    if not parallel.agree(os.path.exists(meta_path)):  # one decision: process 0 writes it
       logger.info("generating the synthetic task into %s", task_dir)
-      synthetic_files.write_task(task_dir, wanted, overwrite=True)
+      parallel.write_on_coordinator(synthetic_files.write_task, task_dir, wanted, overwrite=True,
+                                    barrier="sft_synthetic_task_written")
     meta = train.read_json(meta_path)
     if not config.synthetic_dir:  # a task this run generated must be the one configured
       for key in ("seed", "num_prompts", "num_test_prompts"):
@@ -170,8 +171,9 @@ def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, limi
   longest = -(-int(np.max(eval_ds.lengths[:covered])) // 8) * 8
   # the iterator insists on a bucket for the dataset's maximum; no batch used here reaches it
   buckets = tuple(sorted({longest, eval_ds.max_seq_len}))
+  # each process reads its slice of every global eval batch (the mesh sees the single-host batches)
   it = batching.BatchIterator(eval_ds, config.eval_batch_size, shuffle=False, drop_remainder=False,
-                              num_epochs=1, buckets=buckets, process_index=0, process_count=1)
+                              num_epochs=1, buckets=buckets)
   batches = [
       {k: b[k] for k in ("tokens", "mask", "loss_mask")} for _, b in zip(range(num_batches), it)]
   examples = [eval_ds[i] for i in range(min(num_sample_prompts, len(eval_ds)))]
@@ -184,11 +186,13 @@ def make_eval_data(eval_ds: ds_lib.TokenizedDataset, config: SFTDataConfig, limi
 
 
 def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_data: EvalData,
-                 config: SFTEvalConfig, workdir: str, gold_reward_fn=None):
+                 config: SFTEvalConfig, workdir: str, gold_reward_fn=None, mesh=None):
   """``eval_fn(state, step) -> metrics``: held-out NLL, and sampled responses (+ gold reward).
 
   ``eval_nll_per_token = sum(-logp over response tokens) / #response tokens`` over the whole eval
-  split (fixed-shape batches, so one compile). Samples go to ``<workdir>/samples.jsonl``.
+  split (fixed-shape batches, so one compile). Samples go to ``<workdir>/samples.jsonl`` (written
+  by process 0). Multi-host: ``eval_data.batches`` are this process's slices, placed on ``mesh``
+  as global batches; both sums are reduced over the global batch on the devices.
   """
   samp_cfg = sampling.SamplingConfig(max_new_tokens=eval_data.max_response_len,
                                      temperature=config.temperature, top_k=config.top_k,
@@ -200,9 +204,12 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
     total_nll, total_tokens = 0.0, 0.0
     for batch in eval_data.batches:
       logps_B = models.response_logps(model, state.params, batch["tokens"], batch["mask"],
-                                      batch["loss_mask"])
-      total_nll -= float(jnp.sum(logps_B))
-      total_tokens += float(np.sum(batch["loss_mask"]))
+                                      batch["loss_mask"], mesh=mesh)
+      nll, tokens = parallel.to_host(
+          (jnp.sum(logps_B), jnp.sum(parallel.shard_batch(batch["loss_mask"], mesh))
+           if mesh is not None else np.sum(batch["loss_mask"])))
+      total_nll -= float(nll)
+      total_tokens += float(tokens)
     metrics = {"eval_nll_per_token": total_nll / max(total_tokens, 1.0)}
     metrics["eval_perplexity"] = float(np.exp(metrics["eval_nll_per_token"]))
     if config.num_sample_prompts == 0:
@@ -210,7 +217,7 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
     out = sampling.sample(model, state.params, eval_data.prompt_tokens, eval_data.prompt_mask, rng,
                           samp_cfg)
-    tokens, mask = jax.device_get((out.response_tokens_BxR, out.response_mask_BxR))
+    tokens, mask = parallel.to_host((out.response_tokens_BxR, out.response_mask_BxR))
     responses = [tokenizer.decode(t[m > 0]) for t, m in zip(tokens, mask)]
     metrics["sample_length"] = float(np.mean(mask.sum(-1)))
     metrics["sample_eos_fraction"] = float(
@@ -347,15 +354,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
   eval_fn = make_eval_fn(model, tokenizer, eval_data, eval_cfg, workdir,
-                         gold_reward_fn=data.gold_reward_fn)
+                         gold_reward_fn=data.gold_reward_fn, mesh=mesh)
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train_batches, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
                        run_config=config.to_dict())
   final = {"step": result.step, "preempted": result.preempted, **result.eval_metrics}
   final.update(data.reference_metrics)
-  if not result.preempted and parallel.is_coordinator():
-    train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
-    logger.info(
-        "SFT finished at step %d: %s", result.step,
-        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+  if not result.preempted:
+    final = common.write_final(workdir, final, "SFT", mesh)
   return final

@@ -23,6 +23,11 @@ evaluation: common random numbers, so at initialisation (π = π_ref) the policy
 samples token for token, the win rate is exactly 0.5 and the KL exactly 0, and later differences
 measure the policy, not sampling noise between the two sides.
 
+Multi-host: with ``mesh`` the prompts are split over its batch axes (each process places its own
+slice), the sampler and both log-prob forwards run on the global mesh, and the samples come back to
+every process through ``parallel.to_host``, so every process computes the same metrics over all S
+prompts; ``samples.jsonl`` is written by process 0.
+
 Public names: :class:`PolicyEvalConfig`, :class:`EvalPrompts`, :func:`make_eval_prompts`,
 :class:`PolicyEvaluator` (``evaluator(params, step) -> metrics``), :func:`score_responses`,
 :data:`TextRewardFn`, :data:`SampleRewardFn`,
@@ -41,7 +46,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import models, sampling
+from rlhf_jax import models, parallel, sampling
 from rlhf_jax.data import batching, synthetic
 from rlhf_jax.data import tokenizers as tok_lib
 
@@ -181,14 +186,16 @@ class PolicyEvaluator:
     reward_fn: reward-model scores of the sampled tokens (:data:`SampleRewardFn`, e.g.
       ``scoring.sample_reward_fn(handle)``), or None.
     gold_reward_fn: the exact gold reward (default: the synthetic task's), or None.
-    sample_path: if set, every evaluation appends its samples there as JSON lines.
+    sample_path: if set, every evaluation appends its samples there as JSON lines (process 0).
+    mesh: if set, the prompts are placed split over its batch axes (module docstring) when S
+      divides evenly (else they are passed whole, replicated).
   """
 
   def __init__(self, model: models.Transformer, ref_params: Any, tokenizer: tok_lib.Tokenizer,
                prompts: EvalPrompts, config: PolicyEvalConfig, *,
                reward_fn: SampleRewardFn | None = None,
                gold_reward_fn: TextRewardFn | None = synthetic.gold_rewards,
-               sample_path: str | None = None):
+               sample_path: str | None = None, mesh: jax.sharding.Mesh | None = None):
     s = min(config.num_prompts, len(prompts.texts))
     self.model, self.ref_params, self.tokenizer, self.config = model, ref_params, tokenizer, config
     self.prompt_tokens = np.asarray(prompts.prompt_tokens[:s])
@@ -198,11 +205,18 @@ class PolicyEvaluator:
     self.sampling_config = config.sampling_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     self._rng = jax.random.PRNGKey(config.seed)
     self._ref: ScoredResponses | None = None
+    self._placed = self._place(mesh)
+
+  def _place(self, mesh: jax.sharding.Mesh | None) -> tuple:
+    """The prompts as the sampler gets them: split over ``mesh``'s batch axes when S allows."""
+    if mesh is None:
+      return self.prompt_tokens, self.prompt_mask
+    placed = parallel.shard_rows({"t": self.prompt_tokens, "m": self.prompt_mask}, mesh)
+    return placed["t"], placed["m"]
 
   def sample(self, params: Any) -> sampling.SampleOutput:
     """One response per prompt from ``params`` with the evaluation key."""
-    return sampling.sample(self.model, params, self.prompt_tokens, self.prompt_mask, self._rng,
-                           self.sampling_config)
+    return sampling.sample(self.model, params, *self._placed, self._rng, self.sampling_config)
 
   def reference(self) -> ScoredResponses:
     """The SFT model's samples and scores (computed once)."""
@@ -211,7 +225,7 @@ class PolicyEvaluator:
     return self._ref
 
   def _score(self, out: sampling.SampleOutput) -> ScoredResponses:
-    prompt_tokens, prompt_mask, tokens, mask = jax.device_get(
+    prompt_tokens, prompt_mask, tokens, mask = parallel.to_host(
         (out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR, out.response_mask_BxR))
     return score_responses(self.tokenizer, self.prompt_texts, tokens, mask,
                            gold_reward_fn=self.gold_reward_fn, reward_fn=self.reward_fn,
@@ -222,7 +236,7 @@ class PolicyEvaluator:
     tokens, mask, loss_mask = out.full_sequences()
     policy = models.response_logps(self.model, params, tokens, mask, loss_mask)
     ref = models.response_logps(self.model, self.ref_params, tokens, mask, loss_mask)
-    return np.asarray(jax.device_get(policy - ref), np.float64)
+    return np.asarray(parallel.to_host(policy - ref), np.float64)
 
   def __call__(self, params: Any, step: int = 0) -> dict[str, float]:
     out = self.sample(params)
@@ -252,7 +266,7 @@ class PolicyEvaluator:
     for row in rows[:self.config.print_samples]:
       logger.info("sample @%d | %r -> %r%s", step, row["prompt"], row["response"],
                   f" (gold {row['gold']:+.2f})" if "gold" in row else "")
-    if self.sample_path:
+    if self.sample_path and parallel.is_coordinator():
       os.makedirs(os.path.dirname(os.path.abspath(self.sample_path)), exist_ok=True)
       with open(self.sample_path, "a") as f:
         for row in rows:

@@ -52,7 +52,12 @@ normalise-and-reduce step alone (PPO's jitted scoring phase uses it).
 
 On-disk layout (``<rm workdir>/reward_model/``, written atomically by :func:`save_reward_model`):
 ``reward_model.json`` (model config, K and output names, tokenizer spec + fingerprint, length
-limits, normalisation statistics, objective, step) and ``params/`` (orbax).
+limits, normalisation statistics, objective, step) and ``params/`` (orbax). A LoRA reward model
+(``config.lora``) stores only ``{"lora": adapters, "trained": {"head"}}`` in ``params/`` and, in
+``reward_model.json``'s ``lora``, its LoRA config, the frozen backbone's source (the SFT run or
+``hf:`` checkpoint) and that backbone's ``models.lora.base_fingerprint``: :func:`load_reward_model`
+reads the backbone again, refuses one with another fingerprint, and merges W + A·B·alpha/r, so the
+handle holds a plain param tree like any other reward model's.
 """
 
 from __future__ import annotations
@@ -95,6 +100,9 @@ class RewardModelInfo:
     mean, std: per-output normalisation statistics (μ_k, σ_k); identity (0, 1) before normalisation.
     normalization: how they were measured (number of samples, source, temperature).
     objective: the training objective name; step: optimiser steps of the saved params.
+    lora: ``{}`` for a fully trained RM; for a LoRA RM its ``LoraConfig`` fields, ``base`` (the
+      frozen backbone's fingerprint), ``base_source`` (``train.load_sft_params`` spec of the run
+      or ``hf:`` checkpoint it is read from) and ``base_kwargs`` (its load keywords).
   """
 
   model: Mapping[str, Any]
@@ -108,6 +116,7 @@ class RewardModelInfo:
   normalization: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   objective: str = ""
   step: int = 0
+  lora: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   format_version: int = FORMAT_VERSION
 
   def __post_init__(self):
@@ -179,16 +188,24 @@ def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
   sees either the previous complete artifact or the new one.
   """
   final = os.path.join(os.path.abspath(workdir), ARTIFACT_DIR)
-  tmp = f"{final}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  params = jax.device_get(nn.meta.unbox(params))
+  # Multi-process: one temporary folder (process 0's pid) that orbax saves into collectively;
+  # process 0 writes the info file and swaps the folder in, the others wait for it.
+  tmp = f"{final}.tmp-{parallel.agree(os.getpid())}"
+  if parallel.is_coordinator():
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  parallel.sync("reward_model_tmp_made")
+  params = parallel.to_host(nn.meta.unbox(params))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
-  with open(os.path.join(tmp, INFO_FILE), "w") as f:
-    json.dump(info.to_json(), f, indent=2, sort_keys=True)
-  fileio.replace_dir(tmp, final)
+
+  def publish():
+    with open(os.path.join(tmp, INFO_FILE), "w") as f:
+      json.dump(info.to_json(), f, indent=2, sort_keys=True)
+    fileio.replace_dir(tmp, final)
+
+  parallel.write_on_coordinator(publish, barrier="reward_model_saved")
   return final
 
 
@@ -281,13 +298,55 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
     check_tokenizer(info, policy_tokenizer)
   mesh = mesh or default_mesh()
   model = models.RewardModel(info.model_config(), num_outputs=info.num_outputs)
-  shardings = param_shardings(model, mesh, rules)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          models.abstract_params(model), shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR), abstract)
+  if info.lora:
+    params = _merged_lora_params(workdir, info, model, mesh, rules)
+  else:
+    shardings = param_shardings(model, mesh, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            models.abstract_params(model), shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR), abstract)
   return make_handle(info, params, mesh=mesh, rules=rules, batch_size=batch_size,
                      tokenizer=tokenizer, attribute_weights=attribute_weights)
+
+
+def lora_base(backbone_params: Any) -> dict:
+  """A LoRA reward model's frozen base: ``{"backbone": the LM's params without lm_head}`` (the
+  same arrays, not copied)."""
+  return {"backbone": models.with_backbone({"head": None}, backbone_params)["backbone"]}
+
+
+def _merged_lora_params(workdir: str, info: RewardModelInfo, model: models.RewardModel, mesh: Mesh,
+                        rules: Sequence) -> Any:
+  """A LoRA RM's params merged over its backbone (module docstring), as a plain param tree."""
+  # pylint: disable=import-outside-toplevel  (train reads runs; it never imports scoring)
+  from rlhf_jax import train
+  from rlhf_jax.models import lora as lora_lib
+  meta = dict(info.lora)
+  source = meta.get("base_source") or ""
+  if not source:
+    raise ValueError(f"{_artifact_dir(workdir)}: a LoRA reward model without lora.base_source")
+  kwargs = dict(meta.get("base_kwargs") or {})
+  if train.runs.is_pretrained(source):
+    kwargs["mesh"] = mesh
+  base = lora_base(train.load_sft_params(source, **kwargs).params)
+  got = lora_lib.base_fingerprint(base)
+  if got != meta.get("base"):
+    raise ValueError(
+        f"{_artifact_dir(workdir)}: its LoRA adapters were trained over the backbone {source!r} "
+        f"with fingerprint {meta.get('base')}, which now has fingerprint {got}; the adapters need "
+        "that very backbone (retrain the reward model, or restore that run)")
+  names = [f.name for f in dataclasses.fields(lora_lib.LoraConfig)]
+  config = lora_lib.LoraConfig(**{k: meta[k] for k in names if k in meta})
+  lm = lora_lib.LoraModel(model, config, trained=("head",))
+  shardings = lora_lib.param_shardings(lm, mesh, rules, param_shardings(model, mesh, rules))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          lora_lib.abstract_params(lm), shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR),
+                          {"lora": abstract.lora, "trained": abstract.trained})
+  return lora_lib.merge(
+      lora_lib.LoraParams(base=base, lora=saved["lora"], trained=saved["trained"]), config)
 
 
 def make_handle(info: RewardModelInfo, params: Any, *, mesh: Mesh | None = None,

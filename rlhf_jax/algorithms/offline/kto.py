@@ -192,9 +192,9 @@ def prepare_data(cfg: KTOLossConfig, data: KTOData, limits: sections.Limits,
   n_eval = min(data.num_eval_examples, len(splits["eval"])) // data.batch_size
   # A fixed shuffle: the eval file may list a pair's two completions next to each other, and a KL
   # row must pair a prompt with another prompt's completion.
+  # held-out batches: this process's slice of each (common.make_heldout_eval_fn)
   eval_it = batching.BatchIterator(splits["eval"], data.batch_size, seed=0, shuffle=True,
-                                   num_epochs=1, buckets=(limits.max_len,), process_index=0,
-                                   process_count=1)
+                                   num_epochs=1, buckets=(limits.max_len,))
   fly = reference.make_transform("on_the_fly", model=loaded.model, params=loaded.ref_params,
                                  mesh=mesh)
   eval_batches = [fly(next(eval_it)) for _ in range(n_eval)]

@@ -306,8 +306,9 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
   eval_batches = []
   if "eval" in datasets:
     n_eval = min(cfg.num_eval_lists, len(datasets["eval"])) // cfg.batch_size
+    # held-out batches: this process's slice of each (common.make_heldout_eval_fn)
     eval_it = batching.BatchIterator(datasets["eval"], cfg.batch_size, shuffle=False, num_epochs=1,
-                                     buckets=(limits.max_len,), process_index=0, process_count=1)
+                                     buckets=(limits.max_len,))
     eval_batches = [next(eval_it) for _ in range(n_eval)]
   prompts = common.read_prompts(prompts_src, num_prompts, loaded.tokenizer.chat_template)
   return ListData(train_it, eval_batches, prompts, len(datasets["train"]), skipped)

@@ -90,8 +90,9 @@ def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: b
   train_it = batching.BatchIterator(splits["train"], data.batch_size, seed=data.shuffle_seed,
                                     buckets=limits.buckets or None, vocab_size=vocab)
   n_eval = min(data.num_eval_pairs, len(splits["eval"])) // data.batch_size
+  # held-out batches: this process's slice of each (common.make_heldout_eval_fn)
   eval_it = batching.BatchIterator(splits["eval"], data.batch_size, shuffle=False, num_epochs=1,
-                                   buckets=(limits.max_len,), process_index=0, process_count=1)
+                                   buckets=(limits.max_len,))
   eval_batches = [next(eval_it) for _ in range(n_eval)]
   train_data: Any = train_it
   if uses_reference:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import models
+from rlhf_jax import models, parallel
 from rlhf_jax.algorithms.reward import objectives
 from rlhf_jax.data import batching
 from rlhf_jax.data import dataset as ds_lib
@@ -80,9 +80,14 @@ def _check(should_stop: Callable[[], bool] | None) -> None:
     raise EvalInterrupted("evaluation interrupted")
 
 
-def make_raw_scorer(model: models.RewardModel, chunk: int) -> Callable[..., np.ndarray]:
+def make_raw_scorer(model: models.RewardModel, chunk: int,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable[..., np.ndarray]:
   """``score(params, tokens_NxT, mask_NxT, should_stop=None) -> raw rewards [N, K]`` (host), in
-  padded chunks; raises :class:`EvalInterrupted` between chunks once ``should_stop()`` is true."""
+  padded chunks; raises :class:`EvalInterrupted` between chunks once ``should_stop()`` is true.
+
+  Every process passes all N rows (the held-out sets are materialised whole on each host, the
+  metrics need every score); with ``mesh`` each chunk is split over its batch axes
+  (``parallel.shard_rows``) and the scores gathered back (``parallel.to_host``)."""
 
   @jax.jit
   def raw(params, tokens, mask):
@@ -98,14 +103,18 @@ def make_raw_scorer(model: models.RewardModel, chunk: int) -> Callable[..., np.n
       if n < chunk:
         tok = np.pad(tok, ((0, chunk - n), (0, 0)))
         msk = np.pad(msk, ((0, chunk - n), (0, 0)))
-      outs.append(np.asarray(jax.device_get(raw(params, tok, msk)))[:n])
+      if mesh is not None:
+        placed = parallel.shard_rows({"t": tok, "m": msk}, mesh)
+        tok, msk = placed["t"], placed["m"]
+      outs.append(np.asarray(parallel.to_host(raw(params, tok, msk)))[:n])
     return np.concatenate(outs, axis=0)
 
   return score
 
 
-def make_eval_loss_fn(objective_fn: Callable) -> Callable:
-  """``(params, batch) -> (sum of per-example losses over valid rows, number of valid rows)``."""
+def make_eval_loss_fn(objective_fn: Callable, mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """``(params, batch) -> (sum of per-example losses over valid rows, number of valid rows)`` on
+  the host; ``batch`` is whole on every process, split over ``mesh`` (``parallel.shard_rows``)."""
 
   @jax.jit
   def eval_loss(params, batch):
@@ -113,7 +122,12 @@ def make_eval_loss_fn(objective_fn: Callable) -> Callable:
     valid_B = batch["valid"].astype(jnp.float32)
     return jnp.sum(per_example_B * valid_B), jnp.sum(valid_B)
 
-  return eval_loss
+  def fn(params, batch):
+    if mesh is not None:
+      batch = parallel.shard_rows(batch, mesh)
+    return parallel.to_host(eval_loss(params, batch))
+
+  return fn
 
 
 def same_prompt_pairs(keys: Sequence[bytes], values: np.ndarray, max_pairs: int,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import parallel, sampling
 from rlhf_jax.eval import ranking_metrics
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def sample_responses(policy_model: Any, policy_params: Any, prompt_tokens: np.nd
       msk = np.concatenate([msk, np.repeat(msk[-1:], chunk - real, axis=0)])
     out = sampling.sample(policy_model, policy_params, tok, msk, jax.random.fold_in(rng, i),
                           samp_cfg)
-    host = jax.device_get(out._asdict())
+    host = parallel.to_host(out._asdict())
     parts.append({k: v[:real * s] for k, v in host.items()})
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   out["tokens"] = np.concatenate([out["prompt_tokens"], out["response_tokens_BxR"]], axis=1)

@@ -10,6 +10,11 @@ decay (``optim.weight_decay``), and early stopping on the held-out objective los
 ``loop.eval_every`` steps; after ``rm.early_stopping_patience`` evaluations without an improvement
 of more than ``rm.early_stopping_min_delta`` training stops and the best params are kept).
 
+With ``config.lora.enabled`` (``rm.init=sft``) the backbone stays frozen: the RM trains LoRA
+adapters on it (``models.lora``) and its head in full; only those get gradients and optimizer
+state, checkpoints and the saved artifact hold them plus the backbone's fingerprint and source
+(``scoring.reward_model``), and scoring merges them over that backbone.
+
 After training the rewards are normalised: on ``eval.num_normalization_prompts`` training prompts
 the SFT model samples ``eval.samples_per_prompt`` responses, and μ_k, σ_k of r_k over them are
 stored with the params in ``<workdir>/reward_model/`` (see :mod:`.reward_scoring`), so that
@@ -63,6 +68,7 @@ from rlhf_jax.scoring.reward_model import (
 from rlhf_jax.algorithms.reward.stats import RMEvalConfig, normalization_and_gold
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.eval import reward_report
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,9 @@ FINAL_METRICS_FILE = train.FINAL_METRICS_FILE
 EARLY_STOPPING_FILE = "early_stopping.json"
 BEST_PARAMS_DIR = "best_params"
 INITS = ("sft", "scratch")
+KNOWN_KEYS = frozenset({
+    "method", "seed", "model", "sources", "rm", "optim", "loop", "data", "limits", "eval", "mesh",
+    "lora"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,29 +155,32 @@ class EarlyStopping:
 
   def update(self, step: int, loss: float, params: Any) -> None:
     best = self.state["best_loss"]
-    if best is None or loss < best - self.min_delta:
-      _save_params_atomic(self.params_dir, params)
+    if best is None or loss < best - self.min_delta:  # a LoRA RM: adapters + head, no backbone
+      _save_params_atomic(self.params_dir, train.state.split_frozen(params)[0])
       self.state.update(best_step=step, best_loss=loss, bad_evals=0)
     elif step != self.state["best_step"]:
       self.state["bad_evals"] += 1
     if self.state["bad_evals"] >= self.patience:
       self.state["stopped"] = True
-    train.atomic_write_json(self.path, self.state)
+    parallel.write_on_coordinator(train.atomic_write_json, self.path, self.state)
     if self.state["stopped"]:
       raise EarlyStop(f"held-out loss has not improved for {self.state['bad_evals']} evaluations "
                       f"(best {self.state['best_loss']:.4f} at step {self.state['best_step']})")
 
-  def best_params(self, abstract_params: Any) -> Any:
+  def best_params(self, abstract_params: Any, frozen: Any = None) -> Any:
+    """The best params (``abstract_params``: the live part's tree, ``frozen``: the rest)."""
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(self.params_dir, abstract_params)
+      return train.state.join_frozen(ckptr.restore(self.params_dir, abstract_params), frozen)
 
 
 def _save_params_atomic(path: str, params: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
+  # Multi-process: orbax saves collectively (every process, one path: process 0's pid), process 0
+  # swaps the folder in, and the others wait for it.
+  tmp = f"{path}.tmp-{parallel.agree(os.getpid())}"
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp, params, force=True)
     ckptr.wait_until_finished()
-  fileio.replace_dir(tmp, path)
+  parallel.write_on_coordinator(fileio.replace_dir, tmp, path, barrier="rm_best_params_saved")
 
 
 def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMConfig,
@@ -297,8 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final metrics (also ``<workdir>/final_metrics.json``). Keys of ``config``: see
   ``experiments/configs/rm_synthetic.py``.
   """
-  known = {
-      "method", "seed", "model", "sources", "rm", "optim", "loop", "data", "limits", "eval", "mesh"}
+  known = KNOWN_KEYS
   unknown = sorted(set(config.keys()) - known)
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
@@ -306,6 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get("method", "reward_model") != "reward_model":
     raise ValueError(f"config.method={config.method!r} is invalid here; allowed: reward_model")
   rm_cfg = config_dicts.to_dataclass(RMConfig, config.rm, "rm")
+  lora_cfg = sections.lora_section(config).config()
+  if lora_cfg is not None and rm_cfg.init != "sft":
+    raise ValueError(
+        f"config.lora.enabled=True with config.rm.init={rm_cfg.init!r}; allowed: "
+        "rm.init='sft' (LoRA trains adapters over the frozen SFT / pretrained backbone)")
   if not ensure_sft_run(config):
     return {"step": 0, "preempted": True, "stage": "sft"}
   sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
@@ -333,6 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.rm.attribute_weights has {len(rm_cfg.attribute_weights)} entries; "
                      f"allowed: one per attribute {list(output_names)}")
   model = models.RewardModel(model_cfg, num_outputs=len(output_names))
+  if lora_cfg is not None:  # adapters on the frozen backbone, the head trained in full
+    model = lora_lib.LoraModel(model, lora_cfg, trained=("head",))
   data.held_out.output_names = output_names
 
   # -- state: head ~ N(0, 1/(D+1)), backbone from SFT ------------------------------------------
@@ -341,23 +359,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   params = parallel.create_sharded(functools.partial(model.init, init_rng, dummy, dummy), mesh)
   params = params["params"]
   if rm_cfg.init == "sft":
-    params = scoring.place_params(models.with_backbone(params, sft_ckpt.params), model, mesh)
-    # device_put may alias the SFT buffers; the train step donates its state, and the SFT params
-    # are still needed afterwards for the normalisation samples.
-    params = jax.tree.map(jnp.copy, params)
+    params = scoring.place_params(models.with_backbone(params, sft_ckpt.params),
+                                  lora_lib.unwrap(model), mesh)
+    if lora_cfg is not None:  # the backbone is the SFT arrays themselves: never donated
+      params = lora_lib.make_params(model, params, lora_cfg, mesh)
+      params = params.replace(trained=jax.tree.map(jnp.copy, params.trained))
+    else:
+      # device_put may alias the SFT buffers; the train step donates its state, and the SFT
+      # params are still needed afterwards for the normalisation samples.
+      params = jax.tree.map(jnp.copy, params)
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(params, optimizer, state_rng, mesh)
   # Taken before training: the loop donates `state`, after which only the loop's result is live.
+  live_params, frozen_params = train.state.split_frozen(state.params)
   abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), live_params)
   objective_fn = reward_objectives.make_objective(model, rm_cfg.objective,
                                                   center_coef=rm_cfg.center_coef,
                                                   rating_scale=data.rating_scale,
                                                   attribute_weights=rm_cfg.attribute_weights)
   step_fn = train.make_train_step(reward_objectives.make_loss_fn(objective_fn), optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)
-  scorer = reward_eval.make_raw_scorer(model, data_cfg.eval_batch_size)
-  eval_loss_fn = reward_eval.make_eval_loss_fn(objective_fn)
+  scorer = reward_eval.make_raw_scorer(model, data_cfg.eval_batch_size, mesh)
+  eval_loss_fn = reward_eval.make_eval_loss_fn(objective_fn, mesh)
   pair_loss_fn = None
   if rm_cfg.objective == "bradley_terry":  # its held-out split is the held-out pairs: score once
     pair_loss_fn = lambda rc, rr: losses.bradley_terry_loss(  # noqa: E731
@@ -388,7 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = {
       "method": "reward_model", "objective": rm_cfg.objective,
       "model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer.fingerprint(),
-      "num_outputs": len(output_names), **common.pretrained_fingerprint(sources)}
+      "num_outputs": len(output_names), **common.pretrained_fingerprint(sources),
+      **common.lora_fingerprint(lora_cfg, params)}
   run_config = config.to_dict()
   stopped_early, step = False, train.latest_step(workdir) or 0
   if stopper is not None and stopper.state["stopped"]:
@@ -403,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return {"step": result.step, "preempted": True}
     state, step, stopped_early = result.state, result.step, result.stop_reason is not None
   if stopper is not None:
-    final_params, final_step = stopper.best_params(abstract_params), int(stopper.state["best_step"])
+    final_params = stopper.best_params(abstract_params, frozen_params)
+    final_step = int(stopper.state["best_step"])
   else:
     final_params, final_step = state.params, step
 
@@ -414,23 +440,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   policy = (models.Transformer(sft_ckpt.model_config), sft_ckpt.params) if sft_ckpt else None
   stats = normalization_and_gold(eval_cfg, scorer, final_params, policy, tokenizer, data,
                                  output_names, max_response_len=limits.max_response_len)
-  info = RewardModelInfo(model=dataclasses.asdict(model_cfg.replace(dropout_rate=0.0)),
-                         output_names=output_names, tokenizer_spec=tok_spec,
-                         tokenizer_fingerprint=tokenizer.fingerprint(),
-                         max_prompt_len=limits.max_prompt_len,
-                         max_response_len=limits.max_response_len, mean=stats["mean"],
-                         std=stats["std"], normalization=stats["normalization"],
-                         objective=rm_cfg.objective, step=final_step)
+  info = RewardModelInfo(
+      model=dataclasses.asdict(model_cfg.replace(dropout_rate=0.0)), output_names=output_names,
+      tokenizer_spec=tok_spec, tokenizer_fingerprint=tokenizer.fingerprint(),
+      max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
+      mean=stats["mean"], std=stats["std"], normalization=stats["normalization"],
+      objective=rm_cfg.objective, step=final_step, lora=_lora_info(config, sources, fingerprint))
   save_reward_model(workdir, final_params, info)
   final = {
       "step": step, "final_params_step": final_step, "stopped_early": stopped_early,
       "preempted": False, "objective": rm_cfg.objective, **data.stats, **held_out,
-      **stats["metrics"]}
-  train.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE),
-                          {k: reward_report.json_value(v) for k, v in final.items()})
-  text = reward_report.write_report(workdir, final, info.to_json())
-  print(text, flush=True)
+      **stats["metrics"], **parallel.topology(mesh)}
+  parallel.write_on_coordinator(train.atomic_write_json, os.path.join(workdir, FINAL_METRICS_FILE),
+                                {k: reward_report.json_value(v) for k, v in final.items()})
+  text = parallel.write_on_coordinator(reward_report.write_report, workdir, final, info.to_json())
+  if text is not None:
+    print(text, flush=True)
   return final
+
+
+def _lora_info(config: ml_collections.ConfigDict, sources: sections.Sources,
+               fingerprint: dict) -> dict:
+  """``RewardModelInfo.lora`` of a LoRA run ({} otherwise): its config and backbone fingerprint
+  (the run's ``fingerprint["lora"]``), and where scoring reads that backbone again."""
+  if "lora" not in fingerprint:
+    return {}
+  source = sources.policy
+  kwargs = {}
+  if train.runs.is_pretrained(source):  # loaded again as this run loaded it
+    kwargs = {
+        "tokenizer": sources.tokenizer,
+        "model_overrides": common.model_overrides(config.get("model"))}
+  else:
+    source = os.path.abspath(source)
+  return {**fingerprint["lora"], "base_source": source, "base_kwargs": kwargs}
 
 
 __all__ = [
