@@ -11,8 +11,11 @@ r"""LoRA vs full fine-tuning: memory of params + optimizer state, and DPO step t
 2. The same count on real arrays: a ``small`` LoRA DPO set-up from ``common.load_models`` after
    one jitted train step, unique buffers of (train state params, reference params) vs the base.
 3. DPO train-step time (sigmoid loss, reference log-probs precomputed in the batch, AdamW, float32)
-   with LoRA rank 16 vs full on the ``small`` and ``gpt2`` presets, timed side by side (alternating
-   steps of the two after compilation). Results: BUILD_NOTES.md.
+   with LoRA rank 16 (``lora.mode`` auto, and factorised / merged forced) vs full on the ``small``
+   and ``gpt2`` presets, timed side by side (alternating steps of all after compilation).
+4. ``--kernels``: one adapted matmul (forward + backward) per mode on the presets' kernel shapes,
+   the machine's f32 matmul rate and copy bandwidth, and what ``models.lora.choose_mode`` picks:
+   the evidence behind the cost model's ``FLOPS_PER_BYTE``. Results: BUILD_NOTES.md.
 """
 
 from __future__ import annotations
@@ -75,14 +78,15 @@ def _dpo_batch(cfg, pairs: int, seq: int, seed: int = 0) -> dict:
                               rows).astype(np.float32), "valid": np.ones(pairs, np.float32)}
 
 
-def _dpo_step(preset: str, use_lora: bool, rank: int, batch: dict, mesh):
+def _dpo_step(preset: str, mode: str, rank: int, batch: dict, mesh):
+  """(jitted step, state) of full DPO (``mode="full"``) or LoRA DPO with ``lora.mode=mode``."""
   cfg = models.get_model_config(preset)
   model = models.Transformer(cfg)
   dummy = jnp.ones((1, 8), jnp.int32)
   base = parallel.create_sharded(functools.partial(model.init, jax.random.PRNGKey(0), dummy, dummy),
                                  mesh)["params"]
-  if use_lora:
-    lora_cfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank)
+  if mode != "full":
+    lora_cfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank, mode=mode)
     model = lora.LoraModel(model, lora_cfg)
     params = lora.make_params(model, base, lora_cfg, mesh)
   else:
@@ -98,9 +102,7 @@ def step_times(preset: str, rank: int, pairs: int, seq: int, steps: int, warmup:
   mesh = parallel.mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1})
   batch = parallel.shard_batch(_dpo_batch(models.get_model_config(preset), pairs, seq), mesh,
                                parallel.DEFAULT_RULES)
-  runs = {
-      "full": _dpo_step(preset, False, rank, batch, mesh),
-      "lora": _dpo_step(preset, True, rank, batch, mesh)}
+  runs = {mode: _dpo_step(preset, mode, rank, batch, mesh) for mode in ("full",) + lora.MODES}
   states = {k: v[1] for k, v in runs.items()}
   times = {k: [] for k in runs}
   with parallel.use_mesh(mesh, parallel.DEFAULT_RULES):
@@ -114,8 +116,52 @@ def step_times(preset: str, rank: int, pairs: int, seq: int, steps: int, warmup:
   med = {k: float(np.median(v)) for k, v in times.items()}
   return {
       "preset": preset, "rank": rank, "pairs": pairs, "seq": seq, "timed_steps": steps,
-      "full_s_per_step": med["full"], "lora_s_per_step": med["lora"],
-      "lora_over_full": med["lora"] / med["full"]}
+      **{f"{k}_s_per_step": v for k, v in med.items()},
+      **{f"{k}_over_full": med[k] / med["full"] for k in lora.MODES}}
+
+
+def _time(fn, *args, reps: int = 5) -> float:
+  jax.block_until_ready(fn(*args))
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    out.append(time.perf_counter() - t0)
+  return float(np.median(out))
+
+
+def kernels(rank: int) -> dict:
+  """Forward + backward of one adapted matmul per mode, and this machine's balance."""
+  key = jax.random.PRNGKey(0)
+  big = jax.random.normal(key, (2048, 2048), jnp.float32)
+  flops_s = 2 * 2048**3 / _time(jax.jit(lambda a: a @ a), big)
+  stream = jax.random.normal(key, (64 * 2**20,), jnp.float32)  # 256 MiB
+  bytes_s = 2 * stream.nbytes / _time(jax.jit(lambda x: x * 1.0001), stream)
+  rows = []
+  shapes = {"small": (2048, 192, (192, 512)), "gpt2": (512, 768, (768, 3072))}
+  for preset, (n, d, outs) in shapes.items():
+    for o in outs:
+      x = jax.random.normal(key, (n, d), jnp.float32)
+      w = jax.random.normal(key, (d, o), jnp.float32) / np.sqrt(d)
+      a = jax.random.normal(key, (d, rank), jnp.float32) / np.sqrt(d)
+      b = jax.random.normal(key, (rank, o), jnp.float32) * 0.01
+      row = {
+          "preset": preset, "tokens": n, "in": d, "out": o,
+          "auto_picks": lora.choose_mode(n, d, o, rank, 4)}
+      for mode in ("factorised", "merged"):
+
+        def loss(x, a, b, mode=mode):
+          kernel = lora.Adapted(jax.lax.stop_gradient(w), a, b, mode=mode)
+          return jnp.sum(kernel.lora_matmul("nd,do->no", x)**2)
+
+        row[f"{mode}_ms"] = 1e3 * _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, a, b)
+        row[f"{mode}_model_cost"] = lora.mode_cost(mode, n, d, o, rank, 4)
+      row["measured_faster"] = min(("factorised", "merged"), key=lambda m: row[f"{m}_ms"])
+      rows.append(row)
+  return {
+      "matmul_GFLOP_s": flops_s / 1e9, "copy_GB_s": bytes_s / 1e9,
+      "balance_flops_per_byte": flops_s / bytes_s, "model_FLOPS_PER_BYTE": lora.FLOPS_PER_BYTE,
+      "kernels": rows}
 
 
 def shared_base_bytes(rank: int) -> dict:
@@ -149,7 +195,11 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--presets", default="small,gpt2")
+  parser.add_argument("--kernels", action="store_true", help="only the per-kernel mode timings")
   args = parser.parse_args()
+  if args.kernels:
+    print(json.dumps(kernels(args.rank), indent=2), flush=True)
+    return
   out = {"memory": memory("llama_1b", args.rank), "shared_base": shared_base_bytes(args.rank)}
   print(json.dumps(out, indent=2), flush=True)
   shapes = {"small": (8, 128), "gpt2": (2, 128)}

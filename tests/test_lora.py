@@ -129,6 +129,46 @@ def _nll(model):
   return common.nll_loss_fn(model)
 
 
+def test_merged_and_factorised_modes_give_the_same_loss_and_gradients():
+  model, base = _model(scan=True)  # the mode marker is sliced per layer by the scan
+  batch = _batch()
+  out = {}
+  for mode in ("factorised", "merged"):
+    cfg = dataclasses.replace(LORA, mode=mode)
+    lm = lora.LoraModel(model, cfg)
+    params = _perturbed(lora.make_params(lm, base, cfg))
+    out[mode] = jax.jit(jax.value_and_grad(lambda p, lm=lm: _nll(lm)(p, batch, None)[0]))(params)
+  (loss_f, g_f), (loss_m, g_m) = out["factorised"], out["merged"]
+  np.testing.assert_allclose(float(loss_m), float(loss_f), rtol=1e-6)
+  assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(g_f.lora))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g_m.lora,
+               g_f.lora)
+  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(g_m.base))
+
+
+def test_auto_mode_cost_model_picks_merged_for_small_kernels_and_factorised_for_large():
+  # The small preset's DPO bench step (16 rows x 128 tokens, width 192, d_ff 512), rank 16: the
+  # attention kernels merged, the MLP's factorised (what bench_lora.py --kernels measured faster).
+  assert lora.choose_mode(2048, 192, 192, 16, 4) == "merged"
+  assert lora.choose_mode(2048, 192, 512, 16, 4) == "factorised"
+  # gpt2's (4 rows x 128 tokens, width 768, d_ff 3072): factorised, as is any one-token decode.
+  assert lora.choose_mode(512, 768, 768, 16, 4) == "factorised"
+  assert lora.choose_mode(512, 768, 3072, 16, 4) == "factorised"
+  assert lora.choose_mode(4, 192, 192, 16, 4) == "factorised"
+  # The cost itself, written out for one shape (flops + FLOPS_PER_BYTE * bytes).
+  n, i, o, r = 100, 10, 20, 2
+  assert lora.mode_cost("factorised", n, i, o, r,
+                        4) == pytest.approx(6 * n * r * (i + o) + lora.FLOPS_PER_BYTE * 4 * n *
+                                            (6 * i + 6 * r + 7 * o))
+  assert lora.mode_cost("merged", n, i, o, r,
+                        4) == pytest.approx(2 * n * i * o + 6 * i * o * r + lora.FLOPS_PER_BYTE *
+                                            (4 * n * (i + o) + 24 * i * o))
+  with pytest.raises(ValueError, match="LoraConfig.mode='fused'.*auto | factorised | merged"):
+    lora.LoraConfig(mode="fused")
+  with pytest.raises(ValueError, match="LoraConfig.mode='merged'.*dropout > 0"):
+    lora.LoraConfig(mode="merged", dropout=0.1)
+
+
 def test_only_adapters_receive_gradients_and_optimizer_state():
   model, base = _model()
   lm = lora.LoraModel(model, LORA)
@@ -348,27 +388,49 @@ def test_dpo_with_lora_trains_and_improves_its_loss(sft_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_with_lora_trains_improves_its_loss_and_keeps_the_base_as_the_reference(tmp_path):
+def test_ppo_with_lora_policy_and_critic_over_one_base_trains_and_improves_its_loss(tmp_path):
   import test_ppo as tp  # pylint: disable=import-outside-toplevel  (its tiny PPO set-up)
+  from rlhf_jax.algorithms.online import models as ppo_models  # pylint: disable=import-outside-toplevel
   from rlhf_jax.algorithms.online import ppo  # pylint: disable=import-outside-toplevel
-  config = tp.tiny_config(**{"loop.num_steps": 4, "optim.lr": 1e-2})
-  models_ = tp.tiny_models(ppo.parse_config(config).ppo)
+  config = tp.tiny_config(**{"loop.num_steps": 4, "optim.lr": 1e-2, "ppo.critic_init": "sft"})
+  ppo_cfg = ppo.parse_config(config).ppo
+  models_ = tp.tiny_models(ppo_cfg)
   policy = lora.LoraModel(models_.policy, LORA)
   params = lora.make_params(policy, models_.policy_params, LORA)
-  models_ = models_._replace(policy=policy, policy_params=params, ref_params=params.base)
+  value_model, value_params = ppo_models.init_value_params(ppo_cfg, tp.MODEL_CFG,
+                                                           params.base, models_.reward,
+                                                           jax.random.PRNGKey(2), LORA)
+  # One copy of the base: the critic's frozen backbone is the policy's base, array for array.
+  assert isinstance(value_model, lora.LoraModel) and set(value_params.trained) == {"head"}
+  for name, leaf in value_params.base["backbone"].items():
+    assert all(a is b for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(params.base[name])))
+  models_ = models_._replace(policy=policy, policy_params=params, ref_params=params.base,
+                             value_model=value_model, value_params=value_params)
   base_before = jax.device_get(params.base)
+  head_before = jax.device_get(value_params.trained)
   final = ppo.train_and_evaluate(config, str(tmp_path), models_=models_)
   assert final["iteration"] == 4
   rows = train.read_metrics(str(tmp_path), "train")
   assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+  assert rows[-1]["vf_loss"] < rows[0]["vf_loss"], [r["vf_loss"] for r in rows]
   assert rows[0]["kl"] == 0.0 and any(abs(r["kl"]) > 0 for r in rows[1:])  # the policy moved
   saved = train.restore_params(str(tmp_path))
-  assert not jax.tree.leaves(saved["policy"].get("base")) and jax.tree.leaves(
-      saved["policy"]["lora"])
-  assert saved["value"]  # the critic is trained in full
+  for part in ("policy", "value"):  # adapters (+ the critic's head), never a base
+    assert not jax.tree.leaves(saved[part].get("base")) and jax.tree.leaves(saved[part]["lora"])
+  assert any(np.any(b != 0) for b in jax.tree.leaves(saved["value"]["lora"]))
+  assert np.any(saved["value"]["trained"]["head"]["kernel"] != head_before["head"]["kernel"])
   jax.tree.map(np.testing.assert_array_equal, base_before, jax.device_get(params.base))
   stored = train.read_json(str(tmp_path / "run_fingerprint.json"))
   assert stored["lora"]["base"] == lora.base_fingerprint(params.base)
+  assert stored["value_lora"]["base"] == lora.base_fingerprint(value_params.base)
+  assert stored["value_lora"]["seed"] == LORA.seed + 1  # the critic's own adapters
+  # critic_init=reward_model: the critic's own frozen base, the reward model's backbone.
+  rm_cfg = dataclasses.replace(ppo_cfg, critic_init="reward_model")
+  _, rm_value = ppo_models.init_value_params(rm_cfg, tp.MODEL_CFG, params.base, models_.reward,
+                                             jax.random.PRNGKey(2), LORA)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(rm_value.base["backbone"]),
+               jax.device_get(models_.reward.params["backbone"]))
+  assert lora.base_fingerprint(rm_value.base) != lora.base_fingerprint(value_params.base)
 
 
 @pytest.mark.slow
@@ -410,16 +472,20 @@ POLICY_CONFIGS = ("sft_synthetic", "sft_jsonl", "dpo_synthetic", "ipo_synthetic"
                   "orpo_synthetic", "kto_synthetic", "pro_synthetic", "rrhf_synthetic",
                   "raft_synthetic", "ppo_synthetic", "ppo_jsonl", "grpo_synthetic",
                   "rloo_synthetic", "dapo_synthetic", "bnpo_synthetic", "cispo_synthetic",
-                  "gspo_synthetic", "reinforce_pp_synthetic")
+                  "gspo_synthetic", "reinforce_pp_synthetic", "rm_synthetic",
+                  "online_dpo_synthetic", "iterated_synthetic")
 
 
 def _known_keys(method: str):
   # pylint: disable=import-outside-toplevel
   from rlhf_jax.algorithms import sft
   from rlhf_jax.algorithms.offline import raft, shell
-  from rlhf_jax.algorithms.online import ppo
-  return set({"sft": sft.KNOWN_KEYS, "raft": raft.KNOWN_KEYS,
-              "ppo": ppo.KNOWN_KEYS}.get(method, shell.KNOWN_KEYS))
+  from rlhf_jax.algorithms.online import iterated, online_dpo, ppo
+  from rlhf_jax.algorithms.reward import trainer
+  return set({
+      "sft": sft.KNOWN_KEYS, "raft": raft.KNOWN_KEYS, "ppo": ppo.KNOWN_KEYS,
+      "online_dpo": online_dpo.KNOWN_KEYS, "iterated_rlhf": iterated.KNOWN_KEYS,
+      "reward_model": trainer.KNOWN_KEYS}.get(method, shell.KNOWN_KEYS))
 
 
 @pytest.mark.parametrize("name", POLICY_CONFIGS)
@@ -480,3 +546,183 @@ def test_raft_with_lora_trains_adapters_over_a_frozen_base_and_resumes(tmp_path_
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        merged.params, sft.params)
   assert max(jax.tree.leaves(diffs)) > 0
+
+
+def test_reward_model_adapters_and_head_are_the_only_trained_leaves():
+  model = models.RewardModel(TINY)
+  dummy = jnp.ones((1, 8), jnp.int32)
+  full = nn.meta.unbox(model.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
+  lm = lora.LoraModel(model, LORA, trained=("head",))
+  params = lora.make_params(lm, full, LORA)
+  assert set(params.base) == {"backbone"} and set(params.trained) == {"head"}
+  assert params.base["backbone"] is full["backbone"]  # no copy of the backbone
+  batch = _batch()
+  rewards = lambda p: jnp.sum(lm.apply({"params": p}, batch["tokens"], batch["mask"]))
+  # Step 0 (B = 0) is the full model exactly; merge() gives the plain tree back.
+  np.testing.assert_array_equal(
+      np.asarray(lm.apply({"params": params}, batch["tokens"], batch["mask"])),
+      np.asarray(model.apply({"params": full}, batch["tokens"], batch["mask"])))
+  grads = jax.grad(rewards)(_perturbed(params))
+  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads.base))
+  assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads.trained))
+  assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads.lora))
+  optimizer, _ = train.make_optimizer(train.OptimConfig(), 10)
+  moments = [x for x in jax.tree.leaves(jax.jit(optimizer.init)(params)) if x.ndim > 0]
+  live = lora.count_params(params.lora) + lora.count_params(params.trained)
+  assert sum(x.size for x in moments) == 2 * live
+  perturbed = _perturbed(params)
+  merged = lora.merge(perturbed, LORA)
+  assert jax.tree.structure(merged) == jax.tree.structure(full)
+  np.testing.assert_allclose(
+      np.asarray(model.apply({"params": merged}, batch["tokens"], batch["mask"])),
+      np.asarray(lm.apply({"params": perturbed}, batch["tokens"], batch["mask"])), atol=1e-5)
+
+
+def _rm_lora_config(sft_dir, **overrides):
+  config = override(
+      load_config("rm_synthetic", "bradley_terry"), {
+          "sources.sft_workdir": sft_dir, "rm.compute_dtype": "", "rm.early_stopping_patience": 2,
+          "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
+          "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
+              (80,), "loop.num_steps": 6, "loop.eval_every": 2, "loop.checkpoint_every": 2,
+          "loop.log_every": 2, "loop.progress_every_secs": 0.0, "optim.warmup_steps": 1,
+          "optim.lr": 3e-3, "eval.num_normalization_prompts": 4, "eval.samples_per_prompt": 2,
+          "eval.num_gold_prompts": 4, "eval.sample_batch": 8, **overrides})
+  config.lora = _lora_section()
+  return config
+
+
+@pytest.mark.slow
+def test_reward_model_with_lora_trains_saves_adapters_and_head_and_scoring_merges_them(
+    sft_dir, tmp_path):
+  from rlhf_jax import scoring  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.reward import trainer  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "rm_lora")
+  final = trainer.train_and_evaluate(_rm_lora_config(sft_dir), workdir)
+  assert final["step"] >= 2 and np.isfinite(final["eval_loss"])
+  rows = train.read_metrics(workdir, "train")
+  assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+  # Checkpoints and the artifact hold adapters + head only; the info names the backbone.
+  saved = train.restore_params(workdir)
+  assert not jax.tree.leaves(saved.get("base")) and jax.tree.leaves(saved["lora"])
+  assert set(saved["trained"]) == {"head"}
+  info = scoring.read_reward_model_info(workdir)
+  sft = train.load_sft_params(sft_dir)
+  base = scoring.reward_model.lora_base(sft.params)
+  assert info.lora["base"] == lora.base_fingerprint(base) and info.lora["rank"] == 8
+  assert info.lora["base_source"] == os.path.abspath(sft_dir)
+  # Scoring merges them over the SFT backbone: the same rewards as the adapted model.
+  handle = scoring.load_reward_model(workdir, policy_tokenizer=sft.tokenizer)
+  art = jax.tree.map(np.asarray, _restore_artifact(workdir))
+  assert set(art) == {"lora", "trained"}  # no backbone in the artifact
+  lm = lora.LoraModel(models.RewardModel(info.model_config()), lora.LoraConfig(rank=8, alpha=16.0),
+                      trained=("head",))
+  batch = _batch()
+  want = lm.apply({"params": lora.LoraParams(base=base, lora=art["lora"], trained=art["trained"])},
+                  batch["tokens"], batch["mask"])
+  got = handle.model.apply({"params": handle.params}, batch["tokens"], batch["mask"])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  full_rm = models.RewardModel(info.model_config()).apply({"params": {**base, **art["trained"]}},
+                                                          batch["tokens"], batch["mask"])
+  assert float(jnp.max(jnp.abs(got - full_rm))) > 1e-4  # the adapters moved the rewards
+  # Another backbone is refused with the fingerprints named.
+  meta_path = os.path.join(workdir, "reward_model", "reward_model.json")
+  meta = train.read_json(meta_path)
+  meta["lora"]["base"] = "0" * 16
+  train.atomic_write_json(meta_path, meta)
+  with pytest.raises(ValueError, match="fingerprint 0000000000000000, which now has fingerprint"):
+    scoring.load_reward_model(workdir)
+  with pytest.raises(ValueError, match="config.lora.enabled=True with config.rm.init='scratch'"):
+    trainer.train_and_evaluate(_rm_lora_config(sft_dir, **{"rm.init": "scratch"}),
+                               str(tmp_path / "x"))
+
+
+def _restore_artifact(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(workdir, "reward_model", "params"))
+
+
+def _online_dpo_lora_config(sft_dir, num_steps):
+  from rlhf_jax.algorithms.online import online_dpo  # pylint: disable=import-outside-toplevel
+  config = override(
+      load_config("online_dpo_synthetic", "annotator"), {
+          "data.batch_size": 4, "data.synthetic_num_prompts": 96,
+          "data.synthetic_num_test_prompts": 16, "limits.max_response_len": 8,
+          "loop.num_steps": num_steps, "loop.log_every": 1, "loop.eval_every": 0,
+          "loop.checkpoint_every": 1, "loop.progress_every_secs": 0.0, "optim.warmup_steps": 1,
+          "optim.lr": 3e-3, "eval.num_prompts": 4, "eval.max_new_tokens": 8,
+          "eval.print_samples": 0, "sources.sft_workdir": sft_dir})
+  config.lora = _lora_section()
+  return online_dpo, config
+
+
+@pytest.mark.slow
+def test_online_dpo_with_lora_trains_adapters_and_resumes_bit_identically(sft_dir, tmp_path):
+  online_dpo, config = _online_dpo_lora_config(sft_dir, 3)
+  full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
+  final = online_dpo.train_and_evaluate(config, full_dir)
+  assert final["step"] == 3 and final["labels_total"] == 12
+  saved = train.restore_params(full_dir)
+  assert not jax.tree.leaves(saved.get("base")) and jax.tree.leaves(saved["lora"])
+  assert any(np.any(b != 0) for b in jax.tree.leaves(saved["lora"]))  # the adapters trained
+  stored = train.read_json(os.path.join(full_dir, "run_fingerprint.json"))
+  sft = train.load_sft_params(sft_dir)
+  assert stored["lora"]["base"] == lora.base_fingerprint(sft.params)
+  _, short = _online_dpo_lora_config(sft_dir, 2)
+  online_dpo.train_and_evaluate(short, part_dir)
+  online_dpo.train_and_evaluate(config, part_dir)  # resumes from step 2
+  jax.tree.map(np.testing.assert_array_equal, saved, train.restore_params(part_dir))
+
+
+def test_iterated_rlhf_with_lora_runs_both_stages_with_it_and_samples_the_merged_policy(
+    tmp_path, monkeypatch):
+  import test_iterated as ti  # pylint: disable=import-outside-toplevel  (its stand-in stages)
+  from rlhf_jax import scoring  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms import registry  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.online import iterated  # pylint: disable=import-outside-toplevel
+  m = ti.tiny_models(ti.CFG)
+  sft_dir = tmp_path / "sft"
+  ti._policy_run(sft_dir, m.policy_params)  # pylint: disable=protected-access
+  lm = lora.LoraModel(m.policy, LORA)
+  adapters = _perturbed(lora.make_params(lm, m.policy_params, LORA)).lora
+  calls = []
+
+  def fake_run(name, cfg, workdir):
+    calls.append((name, cfg.to_dict()))
+    if name == "reward_model":
+      scoring.save_reward_model(workdir, jax.device_get(m.reward.params), ti.rm_info(m.tokenizer))
+      return {"preempted": False}
+    # A LoRA PPO run's layout: adapters only, the base named by its config and fingerprint.
+    ckpt = train.Checkpointer(
+        workdir, fingerprint={
+            "model": dataclasses.asdict(ti.MODEL_CFG), "tokenizer": m.tokenizer.fingerprint(),
+            **common.lora_fingerprint(LORA, lora.LoraParams(base=m.policy_params, lora=None))})
+    ckpt.save(1, {"params": {"policy": {"lora": adapters}}}, {})
+    ckpt.close()
+    train.atomic_write_json(
+        os.path.join(workdir, "config.json"),
+        {"sources": {"tokenizer": "byte", "sft_workdir": cfg.sources.sft_workdir}})
+    return train.write_final_metrics(workdir, {"preempted": False, "gold_reward": 0.3})
+
+  monkeypatch.setattr(registry, "run", fake_run)
+  config = load_config("iterated_synthetic")
+  config.sources.sft_workdir = str(sft_dir)
+  config.rounds, config.pairs_per_round, config.eval_pairs = 1, 4, 2
+  config.ppo.data.synthetic_num_prompts, config.ppo.data.synthetic_num_test_prompts = 16, 4
+  config.ppo.limits.max_response_len = 8
+  config.lora = _lora_section(rank=LORA.rank, alpha=LORA.alpha)
+  sampled = []
+  real_sample = iterated.sample_comparisons
+  monkeypatch.setattr(
+      iterated, "sample_comparisons",
+      lambda policy, params, *a, **k: sampled.append(params) or real_sample(
+          policy, params, *a, **k))
+  table = iterated.train_and_evaluate(config, str(tmp_path / "run"))
+  assert [name for name, _ in calls] == ["reward_model", "ppo"] and len(table) == 1
+  for _, cfg in calls:  # config.lora replaces each stage's own (disabled) section
+    assert cfg["lora"]["enabled"] and cfg["lora"]["rank"] == LORA.rank
+  # The probe after the PPO stage samples π_1 = the SFT base with the run's adapters merged.
+  want = lora.merge(lora.LoraParams(base=m.policy_params, lora=adapters), LORA)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               sampled[-1], want)

@@ -49,4 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   ppo.loop.num_steps = 20
   ppo.loop.eval_every = 0
   config.ppo = ppo
+  # Off; --config.lora.enabled=True: LoRA in every round's RM and PPO stage (iterated.py).
+  config.lora = config_dicts.dataclass_section(sections.Lora)
   return config

@@ -87,4 +87,6 @@ def get_config(objective: str = "bradley_terry") -> ml_collections.ConfigDict:
                                                num_normalization_prompts=256, samples_per_prompt=2,
                                                num_gold_prompts=256)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  # Off; --config.lora.enabled=True trains adapters on the frozen SFT backbone plus the head.
+  config.lora = config_dicts.dataclass_section(sections.Lora)
   return config

@@ -6,15 +6,29 @@ For a matmul kernel W (input dims I, output dims O) chosen by ``LoraConfig.targe
     y = x W + (drop(x) A) B · s,   A: [I.., r],  B: [r, O..],  s = alpha / r,
 
 with A drawn at random (``init="kaiming"``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PEFT's default;
-``"gaussian"``: N(0, 1/r)) and B = 0, so the adapted model equals the base at step 0. The
-factorised form never builds B·A: the backward pass computes no [I, O] weight gradient at all, only
-the rank-r ones (that is where LoRA's speed and memory come from).
+``"gaussian"``: N(0, 1/r)) and B = 0, so the adapted model equals the base at step 0.
+
+Two ways to compute it (``LoraConfig.mode``), the same function and the same gradients:
+
+* factorised: ``y = x W + ((x A) B)·s``. The backward pass forms no [I, O] weight gradient,
+  only rank-r ones: ``dA = xᵀ (dy (B s)ᵀ)``, ``dB = (x A)ᵀ dy · s``. It costs ~6·N·r·(I+O)
+  extra flops over N tokens, in thin, memory-bound matmuls (N·r intermediates).
+* merged: ``W_eff = W + A (B s)`` built on the fly, ``y = x W_eff`` (one matmul), and the backward
+  pass ``dW_eff = xᵀ dy`` (the full step's weight gradient), then ``dA = dW_eff (B s)ᵀ``,
+  ``dB = Aᵀ dW_eff · s``; no gradient flows into W (it is behind ``stop_gradient``), no moments for
+  it. It costs 2·N·I·O flops for ``dW_eff`` plus 6·I·O·r, independent of N beyond that.
+
+``auto`` (the default) picks per kernel and per call shape from a flop + byte count
+(:func:`choose_mode`): merged where the kernels are small next to the token count (the ``small``
+preset's DPO step), factorised where they are large (``gpt2``) and for one-token decode steps.
+Adapter dropout needs the factorised form (it drops the adapter's input only).
 
 Pieces:
 
-* :class:`LoraParams` ``(base, lora)`` — the policy's params: ``base`` is the frozen tree (the
-  reference's params are *the same arrays*), ``lora`` mirrors its module paths with ``{"a", "b"}``
-  per adapted kernel. It exposes ``split_frozen`` / ``join_frozen``, which the train stack
+* :class:`LoraParams` ``(base, lora, trained)`` — the policy's params: ``base`` is the frozen tree
+  (the reference's params are *the same arrays*), ``lora`` mirrors its module paths with
+  ``{"a", "b"}`` per adapted kernel, ``trained`` holds the top-level subtrees trained in full
+  (a reward / value model's ``head``; PEFT's ``modules_to_save``), ``None`` for a policy. It exposes ``split_frozen`` / ``join_frozen``, which the train stack
   (``train.optim``, ``train.loop``) uses to keep the base out of the optimizer state, the donated
   step arguments and the checkpoints.
 * :class:`LoraModel` ``(inner, lora)`` — duck-types ``Transformer`` / ``RewardModel``: ``apply``
@@ -42,6 +56,7 @@ import numpy as np
 # Attention q/k/v/o and MLP up/gate/down kernels (GPT-2 / Llama layouts of this decoder).
 DEFAULT_TARGETS = r"(^|/)(attn/[qkvo]_kernel|mlp/(up|gate|down)_kernel)$"
 INITS = ("kaiming", "gaussian")
+MODES = ("auto", "factorised", "merged")
 COLLECTION = "lora"
 DROPOUT_RNG = "lora_dropout"
 # Kernels whose leading two dims are inputs (the attention output [N, H, D]); all others: one.
@@ -62,6 +77,8 @@ class LoraConfig:
       (``*_kernel``) can be adapted. Default: attention q/k/v/o and MLP up/gate/down.
     init: A's init, ``kaiming`` (PEFT default) | ``gaussian`` (N(0, 1/r)); B is always 0.
     seed: seed of A's init.
+    mode: ``auto`` | ``factorised`` | ``merged`` — how an adapted matmul is computed (module
+      docstring; same values and gradients to float rounding). ``merged`` needs ``dropout=0``.
   """
 
   rank: int = 8
@@ -70,6 +87,7 @@ class LoraConfig:
   targets: str = DEFAULT_TARGETS
   init: str = "kaiming"
   seed: int = 0
+  mode: str = "auto"
 
   def __post_init__(self):
     owner = type(self).__name__
@@ -95,6 +113,12 @@ class LoraConfig:
       bad("init", " | ".join(INITS))
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
       bad("seed", "an int >= 0")
+    if self.mode not in MODES:
+      bad("mode", " | ".join(MODES))
+    if self.mode == "merged" and self.dropout > 0:
+      bad(
+          "mode", "'auto' | 'factorised' with dropout > 0 (merged W + A·B·s cannot drop the "
+          "adapter's input alone)")
 
   @property
   def scale(self) -> float:
@@ -103,10 +127,16 @@ class LoraConfig:
 
 @flax.struct.dataclass
 class LoraParams:
-  """A LoRA model's params: the frozen ``base`` tree and the trainable ``lora`` adapters."""
+  """A LoRA model's params: the frozen ``base`` tree, the trainable ``lora`` adapters and the
+  top-level subtrees ``trained`` in full (a head; ``None`` for a policy)."""
 
   base: Any
   lora: Any
+  trained: Any = None
+
+  def full_tree(self) -> Any:
+    """The model's param tree: ``base`` with the ``trained`` subtrees in place."""
+    return {**self.base, **(self.trained or {})}
 
   def split_frozen(self) -> tuple["LoraParams", Any]:
     """(these params without the base, the base): the train stack never donates, updates or
@@ -137,16 +167,42 @@ def path_str(path) -> str:
 # Inside the model: a kernel with its adapter
 # ----------------------------------------------------------------------------------------------------
 
+# Machine balance of the cost model (flops that cost as much as one byte of memory traffic),
+# fitted to one adapted matmul timed in both modes (experiments/bench_lora.py --kernels, 2-core
+# Xeon, BUILD_NOTES.md): it picks the measured faster mode on all four kernel shapes of the small
+# and gpt2 presets (the small attention kernels merged, their MLP and every gpt2 kernel factorised).
+FLOPS_PER_BYTE = 8.0
+
+
+def mode_cost(mode: str, n: int, i: int, o: int, r: int, itemsize: int) -> float:
+  """Extra cost (flops + FLOPS_PER_BYTE · bytes) of one adapted matmul, forward + backward, over
+  the base kernel's forward and input gradient, for N tokens, I inputs, O outputs, rank r."""
+  if mode == "factorised":
+    # u = x A, delta = u B, y += delta; backward du, dB, dA, dx += du Aᵀ (reads / writes of the
+    # N-row operands; the r-wide ones are tiny but still streamed).
+    flops = 6.0 * n * r * (i + o)
+    nbytes = itemsize * n * (6.0 * i + 6.0 * r + 7.0 * o)
+  else:  # merged: W_eff = W + A B, dW_eff = xᵀ dy, dA = dW_eff Bᵀ, dB = Aᵀ dW_eff
+    flops = 2.0 * n * i * o + 6.0 * i * o * r
+    nbytes = itemsize * n * (i + o) + 4.0 * 6.0 * i * o
+  return flops + FLOPS_PER_BYTE * nbytes
+
+
+def choose_mode(n: int, i: int, o: int, r: int, itemsize: int) -> str:
+  """``factorised`` or ``merged``, whichever :func:`mode_cost` says is cheaper."""
+  merged = mode_cost("merged", n, i, o, r, itemsize)
+  return "merged" if merged < mode_cost("factorised", n, i, o, r, itemsize) else "factorised"
+
 
 class Adapted:
   """A kernel W and its adapter (A, B·s), handed from ``layers.param`` to ``ops.matmul``."""
 
-  def __init__(self, w, a, b, rate=None, rng=None):
-    self.w, self.a, self.b, self.rate, self.rng = w, a, b, rate, rng
+  def __init__(self, w, a, b, rate=None, rng=None, mode="auto"):
+    self.w, self.a, self.b, self.rate, self.rng, self.mode = w, a, b, rate, rng, mode
     self.dtype, self.shape = w.dtype, w.shape
 
   def lora_matmul(self, spec: str, x: jax.Array, out_dtype: Any = None) -> jax.Array:
-    """einsum(spec, x, W) + einsum(einsum(drop(x), A), B·s): the factorised update."""
+    """einsum(spec, x, W + A·(B·s)), computed factorised or merged (module docstring)."""
     from rlhf_jax.models import ops  # pylint: disable=import-outside-toplevel  (ops dispatches here)
     inputs, out = spec.split("->")
     sx, sw = inputs.split(",")
@@ -155,8 +211,24 @@ class Adapted:
     if set(contracted) != set(sx) & set(sw) or set(outs) & set(sx):
       raise ValueError(f"LoRA: matmul {spec!r} does not contract the kernel's first {k} dim(s); "
                        "allowed targets: kernels laid out [inputs.., outputs..]")
+    dropout = self.rate is not None and self.rng is not None
+    mode = self.mode
+    if mode == "auto":
+      n_in = int(np.prod(self.w.shape[:k]))
+      n_tok = int(np.prod(x.shape)) // max(n_in, 1)
+      mode = "factorised" if dropout else choose_mode(n_tok, n_in, int(np.prod(self.w.shape[k:])),
+                                                      self.a.shape[-1],
+                                                      jnp.dtype(x.dtype).itemsize)
+    if mode == "merged" and not dropout:
+      # W_eff = W + A (B s) in W's dtype; autodiff of this sum gives dA = dW_eff (B s)ᵀ and
+      # d(B s) = Aᵀ dW_eff from ops.matmul's one weight gradient (W itself is stop_gradient).
+      letters = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in "r")
+      ins_l, outs_l = letters[:k], letters[k:self.w.ndim]
+      delta = jnp.einsum(f"{ins_l}r,r{outs_l}->{ins_l}{outs_l}", self.a.astype(jnp.float32),
+                         self.b.astype(jnp.float32))
+      return ops.matmul(spec, x, self.w + delta.astype(self.w.dtype), out_dtype)
     y = ops.matmul(spec, x, self.w, out_dtype)
-    if self.rate is not None and self.rng is not None:
+    if dropout:
       keep = jax.random.bernoulli(self.rng, 1.0 - self.rate, x.shape)
       x = jnp.where(keep, x / (1.0 - self.rate).astype(x.dtype), jnp.zeros((), x.dtype))
     rest = "".join(c for c in sx if c not in contracted)
@@ -172,7 +244,11 @@ def adapt(module: nn.Module, name: str, w: jax.Array) -> Any:
   adapter = module.get_variable(COLLECTION, name)
   rate = adapter.get("dropout")
   rng = module.make_rng(DROPOUT_RNG) if rate is not None and module.has_rng(DROPOUT_RNG) else None
-  return Adapted(w, adapter["a"], adapter["b"], rate, rng)
+  # A forced mode travels as the last dim's size of an empty marker array (static under jit and
+  # sliced like the adapters by a layer scan): 1 = factorised, 2 = merged; absent = auto.
+  marker = adapter.get("mode")
+  mode = "auto" if marker is None else MODES[marker.shape[-1]]
+  return Adapted(w, adapter["a"], adapter["b"], rate, rng, mode)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,6 +268,9 @@ class LoraModel:
 
   inner: Any
   lora: LoraConfig
+  # Top-level param subtrees trained in full next to the adapters (a reward / value model's
+  # ("head",)); they live in ``LoraParams.trained``, out of the frozen base.
+  trained: tuple[str, ...] = ()
 
   @property
   def config(self):
@@ -210,13 +289,16 @@ class LoraModel:
 
     def scaled(path, node):
       out = {"a": node["a"], "b": node["b"] * jnp.asarray(scale, node["b"].dtype)}
+      lead = node["a"].shape[:_stack_dims(path_str(path), node["a"])]
       if dropout:  # one rate per scanned layer: the stacked dims lead A
-        out["dropout"] = jnp.full(node["a"].shape[:_stack_dims(path_str(path), node["a"])],
-                                  self.lora.dropout, jnp.float32)
+        out["dropout"] = jnp.full(lead, self.lora.dropout, jnp.float32)
+      if self.lora.mode != "auto":
+        out["mode"] = jnp.zeros(lead + (0, MODES.index(self.lora.mode)), jnp.float32)
       return out
 
     lora = jax.tree_util.tree_map_with_path(scaled, params.lora, is_leaf=_is_adapter)
-    return {"params": jax.lax.stop_gradient(params.base), COLLECTION: lora}
+    base = jax.lax.stop_gradient(params.base)
+    return {"params": {**base, **(params.trained or {})}, COLLECTION: lora}
 
   def apply(self, variables: Any, *args, rngs: Any = None, **kwargs):
     params = variables["params"]
@@ -341,9 +423,23 @@ def init_adapters(model: Any, config: LoraConfig, mesh: jax.sharding.Mesh | None
   return jax.jit(init, out_shardings=shardings)()
 
 
+def split_trained(model: Any, tree: Any) -> tuple[Any, Any]:
+  """(``tree`` without ``model.trained``'s top-level subtrees, those subtrees or None)."""
+  names = getattr(model, "trained", ())
+  if not names:
+    return tree, None
+  missing = [k for k in names if k not in tree]
+  if missing:
+    raise ValueError(f"LoRA: the params have no {missing} to train in full; top-level keys: "
+                     f"{sorted(tree)}")
+  return {k: v for k, v in tree.items() if k not in names}, {k: tree[k] for k in names}
+
+
 def make_params(model: Any, base: Any, config: LoraConfig, mesh=None, rules=None) -> LoraParams:
-  """``LoraParams(base, fresh adapters)`` (``base`` is used as is: no copy)."""
-  return LoraParams(base=base, lora=init_adapters(model, config, mesh, rules))
+  """``LoraParams(base, fresh adapters, model.trained's subtrees of base)`` (``base`` is used as
+  is: no copy; for a reward / value model pass the full tree, head included)."""
+  frozen, trained = split_trained(model, base)
+  return LoraParams(base=frozen, lora=init_adapters(model, config, mesh, rules), trained=trained)
 
 
 def _delta(node, scale: float, name: str) -> jax.Array:
@@ -370,7 +466,8 @@ def merge(params: LoraParams, config: LoraConfig) -> Any:
       return w
     return (w.astype(jnp.float32) + _delta(node, config.scale, name)).astype(w.dtype)
 
-  return jax.jit(lambda base: jax.tree_util.tree_map_with_path(combine, base))(params.base)
+  merged = jax.jit(lambda base: jax.tree_util.tree_map_with_path(combine, base))(params.base)
+  return {**merged, **(params.trained or {})}
 
 
 def base_fingerprint(base: Any) -> str:
@@ -411,8 +508,9 @@ def abstract_params(model: Any) -> Any:
   from rlhf_jax.models import abstract  # pylint: disable=import-outside-toplevel
   if not isinstance(model, LoraModel):
     return abstract.abstract_params(model)
-  return LoraParams(base=abstract.abstract_params(model.inner),
-                    lora=nn.meta.unbox(abstract_adapters(model, model.lora)))
+  base, trained = split_trained(model, abstract.abstract_params(model.inner))
+  return LoraParams(base=base, lora=nn.meta.unbox(abstract_adapters(model, model.lora)),
+                    trained=trained)
 
 
 def param_shardings(model: Any, mesh: jax.sharding.Mesh, rules: Any, base_shardings: Any) -> Any:
@@ -421,6 +519,7 @@ def param_shardings(model: Any, mesh: jax.sharding.Mesh, rules: Any, base_shardi
   if not isinstance(model, LoraModel):
     return base_shardings
   from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel  (parallel imports models)
+  base, trained = split_trained(model, base_shardings)
   return LoraParams(
-      base=base_shardings, lora=parallel.logical_shardings(abstract_adapters(model, model.lora),
-                                                           mesh, rules))
+      base=base, lora=parallel.logical_shardings(abstract_adapters(model, model.lora), mesh, rules),
+      trained=trained)

@@ -187,6 +187,11 @@ def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
   The artifact is assembled in a temporary sibling and swapped in with ``os.replace``, so a reader
   sees either the previous complete artifact or the new one.
   """
+  from rlhf_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  if lora_lib.is_lora(params) != bool(info.lora):
+    raise ValueError("save_reward_model: LoRA params need info.lora (and info.lora LoRA params)")
+  if lora_lib.is_lora(params):  # the adapters and the head; the backbone is info.lora's source
+    params = {"lora": params.lora, "trained": params.trained}
   final = os.path.join(os.path.abspath(workdir), ARTIFACT_DIR)
   # Multi-process: one temporary folder (process 0's pid) that orbax saves into collectively;
   # process 0 writes the info file and swaps the folder in, the others wait for it.

@@ -17,6 +17,11 @@ Round r = 0, 1, ... with policy π_r (π_0 = SFT):
    RM_r's accuracy on comparisons between π_{r+1}'s own samples (gold order, ties dropped): the
    distribution shift each round's new data is meant to repair.
 
+With ``config.lora.enabled`` both trained stages use it (it replaces ``config.rm.lora`` and
+``config.ppo.lora``): RM_r trains adapters and its head over the frozen SFT backbone, π_{r+1}
+trains adapters over π_r — the previous round's adapters merged into its base
+(``train.load_sft_params``), frozen — with the SFT model as the KL reference.
+
 Each stage writes its outputs under ``<workdir>/round_<r>/`` and is skipped when they exist, so a
 rerun resumes. ``rounds.json`` / ``rounds.md`` / ``iterated_rlhf.png`` hold the table and plot.
 """
@@ -33,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import feedback, models, sampling, scoring, train
+from rlhf_jax import feedback, models, parallel, sampling, scoring, train
 from rlhf_jax.algorithms import registry, sections
 from rlhf_jax.algorithms.online.config import PPODataConfig
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
@@ -42,7 +47,7 @@ from rlhf_jax.train import config_dicts
 logger = logging.getLogger(__name__)
 
 KNOWN_KEYS = ("method", "seed", "sources", "rounds", "pairs_per_round", "eval_pairs", "annotator",
-              "rm", "ppo")
+              "rm", "ppo", "lora")
 
 
 def sample_comparisons(policy, params, tokenizer, prompts: list[str], rng: np.random.Generator,
@@ -110,6 +115,7 @@ def _round_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) ``config.rounds`` rounds; returns one row per round (also ``rounds.json``).
   Keys: see ``experiments/configs/iterated_synthetic.py``."""
+  parallel.initialize_distributed()  # one job over every process (no-op on one host; idempotent)
   unknown = sorted(set(config.keys()) - set(KNOWN_KEYS))
   if unknown:
     raise ValueError(f"unknown config key(s) {[f'config.{k}' for k in unknown]}; allowed top-level "
@@ -118,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   sft_dir = sources.require("sft_workdir", "iterated_rlhf", "π_0, the RM backbone and the KL "
                             "reference")
   annotator = config_dicts.to_dataclass(feedback.AnnotatorConfig, config.annotator, "annotator")
+  lora = sections.lora_section(config)  # validated here; each stage parses its own copy
   os.makedirs(workdir, exist_ok=True)
   train.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
   sft_ckpt = train.load_sft_params(sft_dir)
@@ -159,6 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       rm_cfg.data.train_jsonl = all_pairs + f".round{r}"
       rm_cfg.data.eval_jsonl = held_pairs
       rm_cfg.data.prompts_jsonl = os.path.join(task_dir, "prompts.jsonl")
+      if lora.enabled:
+        rm_cfg.lora = copy.deepcopy(config.lora)
       if _round_stage(rm_cfg, rm_dir).get("preempted"):
         logger.warning("round %d: reward model preempted; rerun to resume", r)
         return table
@@ -175,11 +184,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       ppo_cfg.sources.reward_model_workdir = rm_dir
       ppo_cfg.sources.tokenizer = tok_spec
       ppo_cfg.data.synthetic_dir = task_dir
+      if lora.enabled:
+        ppo_cfg.lora = copy.deepcopy(config.lora)
       final = _round_stage(ppo_cfg, ppo_dir)
     if final.get("preempted"):
       logger.warning("round %d preempted; rerun to resume", r)
       return table
-    params, policy_dir = train.restore_params(ppo_dir)["policy"], ppo_dir
+    # π_{r+1}'s params as a plain tree (a LoRA run's adapters merged into its base).
+    params, policy_dir = train.load_sft_params(ppo_dir).params, ppo_dir
     # 4. RM_r on π_{r+1}'s own comparisons (they also seed the next round's data)
     probe_prompts = [
         prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs, replace=False)]

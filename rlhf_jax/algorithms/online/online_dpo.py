@@ -23,6 +23,10 @@ run can be held to an offline DPO run on the same number of comparisons. Held-ou
 the offline methods' (``common.policy_evaluator`` on the distinct held-out prompts: gold reward,
 KL to the SFT model, win rate vs the SFT model), so the numbers sit next to offline DPO's.
 Checkpoints, exact resume, SIGTERM and the NaN guard are the loop's.
+
+With ``config.lora.enabled`` the policy trains LoRA adapters over the frozen SFT (or pretrained)
+params, which are also the reference and sample nothing of their own: one copy of the base
+(``models.lora``; checkpoints hold the adapters and the base's fingerprint).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from rlhf_jax.train import config_dicts
 METHOD = "online_dpo"
 KNOWN_KEYS = {
     "method", "seed", "sources", "data", "limits", "online_dpo", "annotator", "loop", "optim",
-    "eval", "mesh"}
+    "eval", "mesh", "lora"}
 PROGRESS_KEYS = ("gold_reward", "chosen_gold_accuracy", "kl", "rewards/margins", "labels_total")
 
 
@@ -76,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval = config_dicts.dataclass_section(policy_eval.PolicyEvalConfig, num_prompts=128,
                                                max_new_tokens=48)
   config.mesh = config_dicts.dataclass_section(parallel.MeshConfig, data=1, fsdp=1, tensor=1)
+  config.lora = config_dicts.dataclass_section(sections.Lora)  # off: --config.lora.enabled=True
   return config
 
 
@@ -169,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "the two answers with it")
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
-  loaded = common.load_models(sources, mesh)
+  loaded = common.load_models(sources, mesh, lora=sections.lora_section(config))
   limits.check_model(loaded.model_config.max_seq_len)
   tok, policy, prompt_len = loaded.tokenizer, loaded.model, limits.max_prompt_len
   prompts = _Prompts(data, limits, sources, tok, loaded.model_config.vocab_size, workdir,
@@ -260,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fingerprint = {
       "method": METHOD, "model": dataclasses.asdict(loaded.model_config),
       "tokenizer": tok.fingerprint(), "online_dpo": dataclasses.asdict(odpo),
-      "annotator": dataclasses.asdict(annot) if label_fn is not None else None}
+      "annotator": dataclasses.asdict(annot) if label_fn is not None else None,
+      **common.lora_fingerprint(loaded.lora, loaded.policy_params)}
   result = train.train(workdir=workdir, config=loop_cfg, state=state, iteration=iteration,
                        data=prompts.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,
                        run_config=config.to_dict(), tokens_metric="generated_tokens",

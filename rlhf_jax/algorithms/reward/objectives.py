@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import losses, models
 from rlhf_jax.data.kinds import pairwise as pairwise_kind
+from rlhf_jax.models import lora as lora_lib
 
 OBJECTIVES = ("bradley_terry", "all_pairs", "plackett_luce", "likert", "multi_attribute")
 DATA_KIND = {
@@ -74,7 +75,7 @@ def plackett_luce_breslow_loss(rewards_BxK: jax.Array, labels_BxK: jax.Array,
 def _rewards(model: models.RewardModel, params: Any, tokens: jax.Array, mask: jax.Array,
              rng: jax.Array | None) -> jax.Array:
   """``[N, K]`` float32 rewards; dropout active iff ``rng`` is given and the model has dropout."""
-  if rng is not None and model.config.dropout_rate > 0:
+  if rng is not None and lora_lib.uses_dropout(model):  # the model's or the LoRA adapters'
     return model.apply({"params": params}, tokens, mask, deterministic=False, rngs={"dropout": rng})
   return model.apply({"params": params}, tokens, mask)
 
