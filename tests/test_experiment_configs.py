@@ -46,7 +46,12 @@ def test_config_loads_by_path(path, monkeypatch):
 def _methods(config: ml_collections.ConfigDict) -> list[str]:
   """The method of a config, or of every stage of the pipeline config."""
   if "stages" in config:
-    return [config[name].method for name in config.stages.split(",")]
+    # Multi-stage experiments (pipeline, rlaif, cai) also have data / report stages without a
+    # section of their own; every stage that is a method run names a registered method.
+    sections = [config[name] for name in config.stages.split(",") if name in config]
+    methods = [section.method for section in sections if "method" in section]
+    assert methods, f"no stage of {config.stages!r} names a method"
+    return methods
   return [config.method]
 
 
@@ -56,7 +61,9 @@ def test_config_names_a_registered_method_and_documents_its_run_command(path):
     assert method in registry.METHODS, (path, method)
   text = open(path).read()
   name = os.path.basename(path)
-  launcher = "experiments/pipeline.py" if name.startswith("pipeline") else "experiments/run.py"
+  own_launchers = {"pipeline": "pipeline", "rlaif": "rlaif", "cai": "cai"}
+  stem = name.split("_")[0]
+  launcher = f"experiments/{own_launchers[stem]}.py" if stem in own_launchers else "experiments/run.py"
   assert f"python {launcher}" in text, f"{name}: no `python {launcher}` command in its docstring"
   for old in re.findall(
       r"experiments/(sft|dpo|ppo|reward_model|raft|best_of_n|pro_rrhf|"

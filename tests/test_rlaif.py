@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -320,13 +321,17 @@ def test_tiny_hf_model_as_evaluator(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_rlaif_experiment_smoke(tmp_path):
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-  import rlaif as experiment  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
-  config = config_dicts.sibling_config(
-      os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "x.py"),
-      "rlaif_synthetic", "smoke")
-  res = experiment.run(config, str(tmp_path))
+  # A subprocess, as a user runs it: the launcher defines absl flags (`--config`) at import, which
+  # would clash with another launcher (the pipeline's) imported by an earlier test in this worker.
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+  cmd = [
+      sys.executable,
+      os.path.join(root, "experiments", "rlaif.py"),
+      f"--config={os.path.join(root, 'experiments', 'configs', 'rlaif_synthetic.py')}:smoke",
+      f"--workdir={tmp_path}"]
+  run = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  res = json.loads((tmp_path / "results.json").read_text())["stages"]
   lab = res["label"]
   assert lab["num_pairs"] == 16 and 0 <= lab["ai_alignment_both_orders"] <= 1
   assert 0.5 <= lab["human_bayes_accuracy"] <= 1 and "ai_cot_alignment_both_orders" in lab

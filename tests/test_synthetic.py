@@ -226,7 +226,7 @@ def test_write_task_files_validate_and_are_deterministic(tmp_path, capsys):
   sf.write_task(str(root), sf.SyntheticConfig(seed=4, num_prompts=5, num_test_prompts=0),
                 overwrite=True)
   assert sorted(os.listdir(root)) == sorted([f"{k}.jsonl" for k in kinds] +
-                                            ["unpaired.jsonl", "metadata.json"])
+                                            ["unpaired.jsonl", "feedback_sft.jsonl", "metadata.json"])
   with pytest.raises(ValueError, match="bt_temperature=0"):
     sf.SyntheticConfig(bt_temperature=0)
   with pytest.raises(ValueError, match="min_candidates=5, max_candidates=4"):

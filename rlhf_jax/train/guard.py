@@ -142,7 +142,10 @@ def step_cause(metrics: Mapping[str, Any]) -> tuple[str, str]:
 def nonfinite_cause(**arrays: Any) -> tuple[str, str] | None:
   """``(name, "(NaN/inf in rows [...])")`` of the first array holding NaN/inf, else None."""
   # Host copies (gathered where a global array spans other processes: every process calls this).
-  for name, value in parallel.to_host(arrays).items():
+  # (to_host returns a dict in sorted-key order: report in the caller's order, loss first.)
+  host = parallel.to_host(arrays)
+  for name in arrays:
+    value = host[name]
     array = np.asarray(value)
     rows_BxX = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
     bad = np.flatnonzero(~np.all(np.isfinite(rows_BxX), axis=1)).tolist()
