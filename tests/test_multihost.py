@@ -276,6 +276,10 @@ def test_the_one_launcher_trains_as_one_job_over_two_processes(tmp_path):
 PIPELINE_STAGES = ("sft", "rm", "dpo", "kto", "pro")
 # What may differ between the two topologies (everything else must agree to 1e-3 relative).
 TOPOLOGY_KEYS = ("process_count", "device_count", "mesh_shape")
+# KTO's KL reference point z0 pairs each prompt with the previous example's completion *within the
+# host's slice* of the batch (data.kinds.unpaired.collate; TRL pairs within the per-device batch),
+# so two hosts form two of the eight mismatched pairs differently: z0 agrees to ~1%, not 1e-3.
+LOOSE_KEYS = {("kto", "kto/kl"): 2e-2, ("kto", "kto/kl_unclamped"): 2e-2}
 
 
 def _run_pipeline(workdir, log_dir, num_processes: int, devices_per_process: int):
@@ -335,7 +339,8 @@ def test_offline_pipeline_as_two_processes_gives_the_one_process_numbers(pipelin
       if key in TOPOLOGY_KEYS or not isinstance(value, (int, float)):
         assert key in TOPOLOGY_KEYS or two[key] == value, (stage, key)
         continue
-      assert two[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (stage, key, two[key], value)
+      rel = LOOSE_KEYS.get((stage, key), 1e-3)
+      assert two[key] == pytest.approx(value, rel=rel, abs=1e-6), (stage, key, two[key], value)
       numbers += 1
     assert numbers >= 3, (stage, one)
   # The results table exists once, written by process 0.

@@ -81,7 +81,7 @@ def place_params(params: Any, model: models.Transformer, mesh: jax.sharding.Mesh
                  rules=parallel.DEFAULT_RULES) -> Any:
   """Puts an unboxed param tree onto ``mesh`` with the logical-axis rules."""
   shardings = parallel.logical_shardings(models.abstract_variables(model), mesh, rules)["params"]
-  return jax.device_put(nn.meta.unbox(params), shardings)
+  return parallel.device_put_global(nn.meta.unbox(params), shardings)
 
 
 def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_section: Any = None,

@@ -155,6 +155,19 @@ def allgather_rows(tree: Any) -> Any:
   return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+def device_put_global(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` that also works when ``shardings`` span several processes.
+
+    Multi-process: a leaf held by this process alone (e.g. params restored onto one local device)
+    goes through host NumPy first, so every process places its own shards (a device-to-device copy
+    across hosts is not supported by every backend). One process: plain ``jax.device_put``.
+    """
+  if jax.process_count() > 1:
+    tree = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree)
+  return jax.device_put(tree, shardings)
+
+
 def sync(name: str) -> None:
   """Barrier across processes (no-op on one): e.g. after process 0 wrote a file the others read."""
   if jax.process_count() > 1:

@@ -265,7 +265,7 @@ def param_shardings(model: models.RewardModel, mesh: Mesh,
 def place_params(params: Any, model: models.RewardModel, mesh: Mesh,
                  rules: Sequence = parallel.DEFAULT_RULES) -> Any:
   """Puts an (unboxed) RM param tree onto ``mesh`` with the policy's sharding rules."""
-  return jax.device_put(nn.meta.unbox(params), param_shardings(model, mesh, rules))
+  return parallel.device_put_global(nn.meta.unbox(params), param_shardings(model, mesh, rules))
 
 
 def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | None = None,
