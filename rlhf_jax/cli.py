@@ -212,6 +212,27 @@ def quiet_background_errors() -> None:
   sys.unraisablehook = lambda args: one_line("ignored", args.exc_value)
 
 
+# What a collective or the coordination service says when a peer process died (kill -9, a lost
+# node): gloo (CPU), NCCL (GPU), the coordination service's heartbeat and barriers.
+_PEER_FAILURE_MARKERS = ("Gloo", "NCCL", "coordination service", "heartbeat timeout",
+                         "Connection reset by peer", "Barrier timed out", "barrier has failed")
+
+
+def peer_failure(err: BaseException) -> str | None:
+  """The first line of ``err`` when it reports a dead peer process (multi-process jobs only)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if jax.process_count() == 1:
+    return None
+  seen = err
+  while seen is not None:
+    text = str(seen)
+    if any(marker in text for marker in _PEER_FAILURE_MARKERS):
+      return text.strip().splitlines()[0][:200]
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
 def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None:
   """``(one line, exit status)`` for an error a person can act on; None for a bug (traceback).
 
@@ -225,6 +246,10 @@ def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None
             "and rerun the same command to resume", 1)
   from rlhf_jax.train import guard  # pylint: disable=import-outside-toplevel
 
+  peer = peer_failure(err)
+  if peer is not None:
+    return (f"error: another process of this job failed or stopped answering ({peer}); the files "
+            "written before are intact (committed checkpoints): rerun the job to resume", 1)
   if isinstance(err, guard.NonFiniteLossError):
     return f"error: {type(err).__name__}: {short_message(err)}", 1
   if isinstance(err, USER_ERRORS):

@@ -12,7 +12,8 @@ the batch's examples and a dict of scalar metrics), which :func:`make_train_step
   ``t``'s metrics (kept as device arrays) are read back, so reading them only waits for work that
   is already behind the queued step.
 * Every ``checkpoint_every`` steps, at the end, and on SIGTERM, the state and the data iterator's
-  position are saved (orbax, asynchronous). Restarting in the same workdir restores both, so a
+  position are saved (orbax, asynchronous); with several processes a SIGTERM to any one of them
+  stops all at the same step (``signals.reached_stop_point``: jax's preemption sync point). Restarting in the same workdir restores both, so a
   resumed run computes exactly the updates an uninterrupted one would.
 * The NaN guard (``train.guard``) is on for every method: a non-finite step is never applied and
   never checkpointed; :class:`NonFiniteLossError` names the step and the cause. The divergence
@@ -169,8 +170,8 @@ def make_train_step(
   their tokens (the usual accumulation semantics). Each micro-batch gets
   ``rng = fold_in(step_rng, i)``. Metrics add ``grad_norm`` (before clipping) and ``lr``.
   """
-  live_grad_fn = jax.value_and_grad(lambda live, frozen, batch, rng: loss_fn(
-      join_frozen(live, frozen), batch, rng), has_aux=True)
+  live_grad_fn = jax.value_and_grad(
+      lambda live, frozen, batch, rng: loss_fn(join_frozen(live, frozen), batch, rng), has_aux=True)
 
   def grad_fn(params, batch, rng):
     # Gradients of the live params only: a frozen part (a LoRA base) is never differentiated.
@@ -504,7 +505,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
           if jitted is None:  # host metrics: nothing to overlap with, write the row now
             stop_reason = stop_reason or ask(step, emit(ready), "train")
             ready = None
-        signalled = stop.received
+        # The same decision on every process (jax's preemption sync point when there are several).
+        signalled = signals.reached_stop_point(step, stop.received)
         if step % config.checkpoint_every == 0 or step == end or signalled or stop_reason:
           save(step)
         # A periodic eval is skipped only when a signal asks to stop now; the final one runs below.
@@ -523,8 +525,12 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
           break
         if signalled or (step == end and end < config.num_steps):
           preempted = True
-          if signalled:
+          if signalled and stop.signum is not None:
             logger.warning("signal %d received: checkpointed step %d, stopping", stop.signum, step)
+          elif signalled:
+            logger.warning(
+                "a stop signal reached a process of this job: every process "
+                "checkpointed step %d, stopping", step)
           break
       if ready is not None:
         emit(ready)

@@ -13,10 +13,23 @@ into :class:`Interrupted` (a ``BaseException``, like ``KeyboardInterrupt``): the
 one line and exits 0, since everything on disk is written atomically and a rerun resumes.
 :func:`stop_requested` tells later stages (the pipeline's next stage, a loop about to start) that
 a stop was asked for, so a handled signal is not forgotten once the loop that handled it returns.
+
+Several processes (``jax.distributed``): a signal reaches one process, but every process must stop
+at the same step, or the others block in the step's collectives and in orbax's collective save.
+JAX's own preemption service does the agreeing: ``jax.distributed.initialize`` installs a SIGTERM
+notifier (C++) in every process; a SIGTERM to any of them is propagated to all through the
+coordination service, each reports its current step and all stop at ``max + 1``
+(:func:`reached_stop_point` wraps ``multihost_utils.reached_preemption_sync_point``, called by the
+loop at every step: a local flag read, no collective, until a notice arrives). So with more than
+one process the watches leave SIGTERM to that notifier (a Python handler would replace it), the
+loop's watch forwards a Ctrl-C as a SIGTERM to its own process (so it is agreed too), and a
+``handles=False`` watch (an evaluation that would give up early) never fires: one process leaving
+a collective evaluation early would hang the others.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -47,6 +60,32 @@ def install_process_handler() -> None:
     for sig in SIGNALS:
       signal.signal(sig, _process_handler)
     _launcher["installed"] = True
+
+
+def jax_owns_sigterm() -> bool:
+  """True when jax's preemption service (multi-process ``jax.distributed``) catches SIGTERM."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+  state = distributed.global_state
+  return state.client is not None and state.preemption_sync_manager is not None
+
+
+def reached_stop_point(step: int, local: bool) -> bool:
+  """Whether the loop stops after ``step``: the same answer on every process of the job.
+
+  One process: ``local`` (this process's watch saw a stop signal). Several: jax's preemption
+  sync point (a SIGTERM to any process, or a Ctrl-C the loop's watch forwarded as one); every
+  process must call this at every step, as the loop does.
+  """
+  if not jax_owns_sigterm():
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  if multihost_utils.reached_preemption_sync_point(step):
+    if _launcher["installed"]:
+      _received.append(signal.SIGTERM)  # later stages of this job must not start
+    return True
+  return False
 
 
 def stop_requested() -> int | None:
@@ -84,10 +123,15 @@ class SigtermWatch:
     self.signum: int | None = None
     self._previous: dict = {}
     self._installed = False
+    self._forward = False
 
   def __enter__(self) -> "SigtermWatch":
+    # Several processes: SIGTERM belongs to jax's preemption notifier (agreed stop); only the
+    # loop's watch takes SIGINT (forwarded as SIGTERM); a handles=False watch stays off.
+    watched = SIGNALS if not jax_owns_sigterm() else (signal.SIGINT,) if self.handles else ()
+    self._forward = bool(watched) and watched != SIGNALS
     if threading.current_thread() is threading.main_thread():
-      for sig in SIGNALS:
+      for sig in watched:
         self._previous[sig] = signal.getsignal(sig)
         signal.signal(sig, self._handle)
       self._installed = True
@@ -99,6 +143,9 @@ class SigtermWatch:
     if _launcher["installed"]:
       _received.append(signum)
     previous = self._previous.get(signum)
+    if self._forward and signum == signal.SIGINT and not again:
+      os.kill(os.getpid(), signal.SIGTERM)  # to jax's notifier: every process stops together
+      return
     if self.handles:
       if signum == signal.SIGINT and again:
         raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step
