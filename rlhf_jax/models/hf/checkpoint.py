@@ -3,17 +3,18 @@
 Loading is lazy and born sharded. The safetensors headers are read first (names, shapes, dtypes,
 byte ranges: a truncated shard, a missing shard, a missing / unexpected weight or a shape that
 disagrees with config.json fails here, before any weight is read). Then every parameter is created
-with `jax.make_array_from_callback` and its target `NamedSharding`; the callback reads only the
-block of the HF tensor that one device holds (`safe_open(...).get_slice`). A file is memory-mapped
-only while one parameter is read from it, so the mapped pages never add up to a second copy of the
-model in the process's resident memory.
+with `jax.make_array_from_callback` and its target `NamedSharding`; the callback copies only the
+block of the HF tensor that one device holds out of a memory-mapped view of the tensor's bytes
+(into a 64-byte aligned buffer, which jax's CPU client adopts without a second copy). Transposed
+layouts ([out, in] Linear weights) are handed to the devices as stored and transposed there
+(`weights.DEVICE_KINDS`). A tensor is mapped only while its parameter is read, so the mapped pages
+never add up to a second copy of the model in the process's resident memory.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import contextlib
+import functools
 import json
 import os
 import re
@@ -25,8 +26,6 @@ import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-
 from rlhf_jax.models.config import DTYPES, ModelConfig
 from rlhf_jax.models.hf import families, weights
 
@@ -36,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
                    "merges.txt", "added_tokens.json")
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_ST_NUMPY = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 _NP_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # Tensors a checkpoint may carry that are not parameters (buffers older transformers saved).
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r".*\.attn\.(masked_)?bias$"))
@@ -62,8 +62,9 @@ def read_config(path: str) -> dict[str, Any]:
     raise HFCheckpointError(f"{file}: line {e.lineno}: not valid JSON ({e.msg})") from e
 
 
-def _header(file: str) -> dict[str, Any]:
-  """The safetensors header of `file`, checked against the file's size (truncation)."""
+def _header(file: str) -> tuple[dict[str, Any], int]:
+  """The safetensors header of `file` (checked against the file's size: truncation) and the byte
+  offset its tensors' data_offsets count from."""
   size = os.path.getsize(file)
   with open(file, "rb") as f:
     raw = f.read(8)
@@ -82,11 +83,16 @@ def _header(file: str) -> dict[str, Any]:
   if 8 + n + end > size:
     raise HFCheckpointError(f"{file}: truncated safetensors file: its header needs "
                             f"{8 + n + end} bytes, the file has {size} (an interrupted copy?)")
-  return header
+  return header, 8 + n
 
 
 def tensor_index(path: str) -> dict[str, tuple[str, list[int], str]]:
   """name -> (file, shape, stored dtype) over the checkpoint's safetensors files."""
+  return {name: entry[:3] for name, entry in _tensor_table(path).items()}
+
+
+def _tensor_table(path: str) -> dict[str, tuple[str, list[int], str, int, int]]:
+  """name -> (file, shape, stored dtype, first byte, end byte) over the safetensors files."""
   path = _strip(path)
   index_file, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
   if os.path.isfile(index_file):
@@ -102,15 +108,18 @@ def tensor_index(path: str) -> dict[str, tuple[str, list[int], str]]:
     raise HFCheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (found: {present}); only "
                             "safetensors checkpoints are read (convert a pytorch_model.bin with "
                             "transformers' save_pretrained(safe_serialization=True))")
-  out: dict[str, tuple[str, list[int], str]] = {}
+  out: dict[str, tuple[str, list[int], str, int, int]] = {}
   for name in files:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
       raise HFCheckpointError(f"{file}: missing shard (listed in {INDEX_FILE})")
-    for tensor, info in _header(file).items():
+    header, data_start = _header(file)
+    for tensor, info in header.items():
       if weight_map is not None and weight_map.get(tensor) != name:
         continue  # the index is authoritative for which shard holds a tensor
-      out[tensor] = (file, list(info["shape"]), info["dtype"])
+      start, stop = info["data_offsets"]
+      out[tensor] = (file, list(info["shape"]), info["dtype"], data_start + start,
+                     data_start + stop)
   if weight_map is not None:
     missing = sorted(t for t, f in weight_map.items() if t not in out)
     if missing:
@@ -119,11 +128,11 @@ def tensor_index(path: str) -> dict[str, tuple[str, list[int], str]]:
   return out
 
 
-def _stored_dtype(d: dict[str, Any], index: dict[str, tuple[str, list[int], str]]) -> str:
+def _stored_dtype(d: dict[str, Any], index: dict[str, tuple]) -> str:
   for key in ("dtype", "torch_dtype"):
     if d.get(key) in DTYPES:
       return d[key]
-  for _, _, st in index.values():
+  for _, _, st, *_ in index.values():
     if _ST_DTYPES.get(st) in DTYPES:
       return _ST_DTYPES[st]
   return "float32"
@@ -179,7 +188,7 @@ def _resolve_names(config: ModelConfig, arch: str, index: dict, leaves: list, so
         f"{unexpected[:5]}); config.json's {arch} has no such parameter (a different "
         "architecture, or an option config.json does not declare)")
   for name, uses in needed.items():
-    file, shape, st = index[canonical_of[name]]
+    file, shape, st = index[canonical_of[name]][:3]
     if _ST_DTYPES.get(st) is None:
       raise HFCheckpointError(f"{file}: tensor {canonical_of[name]!r} is stored as {st}; "
                               f"supported: {sorted(_ST_DTYPES)}")
@@ -213,7 +222,7 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
   """
   path = _strip(path)
   d = read_config(path)
-  index = tensor_index(path)
+  index = _tensor_table(path)
   param_dtype = param_dtype or _stored_dtype(d, index)
   config = families.config_from_hf(d, source=os.path.join(path, "config.json"), dtype=dtype or
                                    param_dtype, param_dtype=param_dtype, scan_layers=scan_layers)
@@ -229,72 +238,87 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
     tree = parallel.logical_shardings(abstract, mesh, rules or parallel.DEFAULT_RULES)["params"]
     shardings = [s for _, s in _leaf_paths(tree)]
   np_dtype = np.dtype(config.weight_dtype)
+  fds: dict[str, int] = {}
 
-  def read_box(item, sharding):
-    """One read per parameter and host: the bounding box of the blocks this host's devices hold
-    (the whole tensor on one host; 1/hosts of it across hosts), converted once, then sliced per
-    device, instead of one strided read of the file per device (an fsdp-sharded [out, in] tensor
-    is a column slice: every device's read would touch every page of the tensor). The files are
-    mapped only inside this call."""
-    path_, leaf, srcs, shape = item
-    box = _bounding_box(sharding, tuple(leaf.shape))
-    with contextlib.ExitStack() as stack:
-      handles: dict[str, Any] = {}
+  def view(src):
+    file, shape, st, start, stop = index[canonical_of[src.name]]
+    if file not in fds:
+      fds[file] = os.open(file, os.O_RDONLY)
+    return weights.map_tensor(fds[file], start, stop, _ST_NUMPY[st], tuple(shape))
 
-      def tensor(src):
-        file = index[canonical_of[src.name]][0]
-        if file not in handles:
-          handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
-        return handles[file].get_slice(canonical_of[src.name])
-
-      if config.scan_layers and path_[0] == "layers":
-        l0, l1 = weights._range(box[0], leaf.shape[0])  # pylint: disable=protected-access
-        x = np.stack([
-            weights.read_slice(tensor(srcs[i]), srcs[i], shape, box[1:]) for i in range(l0, l1)])
-      else:
-        x = weights.read_slice(tensor(srcs[0]), srcs[0], shape, box)
-    return np.asarray(x).astype(np_dtype, copy=False), [b.start for b in box]
-
-  # Reads (file -> numpy, transposes) overlap in a few threads (numpy and safetensors release the
-  # GIL); at most `workers` parameters are in flight, so the host never holds more than a few
-  # tensors beyond what the devices already own.
-  workers = max(1, min(4, os.cpu_count() or 1))
+  # Transposes run asynchronously on the devices while the host copies the next parameters; at
+  # most `in_flight` are pending, so the HF-layout copies they read never pile up.
+  in_flight, pending = 4, collections.deque()
   out: dict[str, Any] = {}
-  items = list(zip(per_leaf, shardings))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending = collections.deque()
-    for i, (item, sharding) in enumerate(items):
-      while len(pending) < workers and len(pending) + i < len(items):
-        nxt = items[i + len(pending)]
-        pending.append(pool.submit(read_box, *nxt))
-      x_box, starts = pending.popleft().result()
-      path_, leaf = item[0], item[1]
-
-      def block(idx, x_box=x_box, starts=starts, leaf=leaf):
-        idx = tuple(idx) + (slice(None),) * (len(leaf.shape) - len(idx))
-        ranges = [weights._range(i, n) for i, n in zip(idx, leaf.shape)]  # pylint: disable=W0212
-        local = tuple(slice(a - s0, b - s0) for (a, b), s0 in zip(ranges, starts))
-        return np.ascontiguousarray(x_box[local])
-
-      array = jax.make_array_from_callback(tuple(leaf.shape), sharding, block)
-      del x_box, block
+  try:
+    for (path_, leaf, srcs, shape), sharding in zip(per_leaf, shardings):
+      array = _load_leaf(leaf, srcs, shape, sharding, [view(s) for s in srcs],
+                         config.scan_layers and path_[0] == "layers", np_dtype)
+      pending.append(array)
+      if len(pending) > in_flight:
+        pending.popleft().block_until_ready()
       node = out
       for key in path_[:-1]:
         node = node.setdefault(key, {})
       node[path_[-1]] = array
+  finally:
+    for fd in fds.values():
+      os.close(fd)
   return config, out
 
 
-def _bounding_box(sharding: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
-  """The smallest box covering every block of `shape` this process's devices hold."""
-  boxes = [
-      [
-          weights._range(i, n) for i, n in zip(
-              tuple(idx) + (slice(None),) *  # pylint: disable=protected-access
-              (len(shape) - len(idx)),
-              shape)] for idx in sharding.addressable_devices_indices_map(shape).values()]
-  return tuple(
-      slice(min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(shape)))
+def _load_leaf(leaf: Any, srcs: list, shape: tuple[int, ...], sharding: Any, views: list,
+               scanned: bool, np_dtype: np.dtype) -> jax.Array:
+  """One parameter from its HF tensors' mapped `views` (one per layer of a scanned leaf), created
+  with `sharding`; each device's block is copied once out of the mapping."""
+  src, lead = srcs[0], (len(srcs),) if scanned else ()
+  spec = _spec(sharding, len(leaf.shape))
+  stored = None
+  if src.kind in weights.DEVICE_KINDS:
+    stored = weights.stored_spec(src, spec[len(lead):])
+  if stored is not None:  # the HF layout, sharded so that each device transposes its own block
+    hf_shape = lead + tuple(views[0].shape)
+    hf_sharding = _with_spec(sharding, spec[:len(lead)] + stored)
+    read = lambda view, _, idx: view[idx]
+  else:
+    hf_shape, hf_sharding = tuple(leaf.shape), sharding
+    read = lambda view, src_, idx: weights.read_slice(view, src_, shape, idx)
+
+  def block(idx):
+    idx = _ranges(idx, hf_shape)
+    if not scanned:
+      return weights.owned_copy(read(views[0], src, idx), np_dtype)
+    out = weights.aligned_empty(tuple(s.stop - s.start for s in idx), np_dtype)
+    for layer in range(idx[0].start, idx[0].stop):
+      weights.copy_into(out[layer - idx[0].start], read(views[layer], srcs[layer], idx[1:]))
+    return out
+
+  array = jax.make_array_from_callback(hf_shape, hf_sharding, block)
+  if stored is not None:
+    array = _device_layout(tuple(leaf.shape), sharding)(array)
+  return array
+
+
+@functools.lru_cache(maxsize=256)
+def _device_layout(shape: tuple[int, ...], sharding: Any):
+  return jax.jit(functools.partial(weights.to_ours, ours_shape=shape), out_shardings=sharding)
+
+
+def _spec(sharding: Any, ndim: int) -> tuple:
+  spec = tuple(getattr(sharding, "spec", ()))
+  return spec + (None,) * (ndim - len(spec))
+
+
+def _with_spec(sharding: Any, spec: tuple) -> Any:
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  return sharding  # one device: every spec is the whole array
+
+
+def _ranges(idx: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """`make_array_from_callback`'s index as one explicit slice(start, stop) per dimension."""
+  idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+  return tuple(slice(*weights._range(i, n)) for i, n in zip(idx, shape))  # pylint: disable=W0212
 
 
 def _parse_size(size: int | str) -> int:
