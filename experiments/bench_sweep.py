@@ -33,15 +33,6 @@ COMPARED = ("gold_reward", "kl_to_sft", "win_rate_vs_sft", "pairs/rewards/margin
             "pairs/rewards/accuracies")
 
 
-def _set(section, values: dict) -> None:
-  for key, value in values.items():
-    *path, name = key.split(".")
-    target = section
-    for part in path:
-      target = target[part]
-    target[name] = value
-
-
 def stage_configs(quick: bool):
   """(sft config, dpo config) of the pipeline (``pipeline_synthetic.py``, smoke size if quick)."""
   from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
@@ -50,18 +41,21 @@ def stage_configs(quick: bool):
                                          "pipeline_synthetic", "smoke" if quick else "default")
   sft, dpo_cfg = pipeline.sft, pipeline.dpo
   quiet = {"loop.progress_every_secs": 60.0, "eval.print_samples": 0}
-  _set(dpo_cfg, quiet)
+  config_dicts.set_dotted(dpo_cfg, quiet)
   if quick:
-    _set(dpo_cfg, {"loop.num_steps": 4, "loop.log_every": 2, "loop.checkpoint_every": 4})
+    config_dicts.set_dotted(dpo_cfg,
+                            {"loop.num_steps": 4, "loop.log_every": 2, "loop.checkpoint_every": 4})
   return sft, dpo_cfg
 
 
 def points(base) -> list[tuple[str, object]]:
+  from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
+
   out = []
   for loss_type in LOSS_TYPES:
     for beta in BETAS:
       cfg = base.copy_and_resolve_references()
-      _set(cfg, {"loss.loss_type": loss_type, "loss.beta": beta})
+      config_dicts.set_dotted(cfg, {"loss.loss_type": loss_type, "loss.beta": beta})
       out.append((f"{loss_type}_beta{beta}", cfg))
   return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -26,7 +25,6 @@ from rlhf_jax.feedback import cai
 from rlhf_jax.feedback import constitution as const_lib
 from rlhf_jax.feedback import evaluator as ev_lib
 from rlhf_jax.feedback import rlaif
-from rlhf_jax.train import signals
 
 logger = logging.getLogger("cai")
 
@@ -39,26 +37,6 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/cai", "Root folder of every 
 POLICIES = {  # report label -> stage
     "SFT (helpful)": "sft", "helpful-only RLHF": "ppo_helpful", "helpful+harmless RLHF": "ppo_hh",
     "SL-CAI": "sl_cai", "RL-CAI": "ppo_cai"}
-
-
-def _fmt(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  return f"{m}m{s:02d}s"
-
-
-def _stage(name: str, root: str, fn) -> dict:
-  """``fn(workdir) -> final metrics`` unless ``<root>/<name>`` finished earlier (then its metrics)."""
-  workdir = os.path.join(root, name)
-  if train.is_finished(workdir):
-    logger.info("[%s] finished earlier, reusing %s", name, workdir)
-    return train.read_json(os.path.join(workdir, train.FINAL_METRICS_FILE))
-  logger.info("[%s] running in %s", name, workdir)
-  t0 = time.time()
-  final = dict(fn(workdir))
-  final["_seconds"] = round(time.time() - t0, 1)
-  train.atomic_write_json(os.path.join(workdir, train.FINAL_METRICS_FILE), final)
-  logger.info("[%s] done in %s", name, _fmt(final["_seconds"]))
-  return final
 
 
 def _task_dir(sft_dir: str) -> str:
@@ -268,32 +246,34 @@ def run(config, root: str) -> dict:
   res: dict = {}
   sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
   if "sft" in stages and not config.sources.sft_workdir:
-    res["sft"] = _stage("sft", root, lambda w: registry.get(config.sft.method)(config.sft, w))
+    res["sft"] = train.run_or_reuse("sft", root, lambda w: registry.get(config.sft.method)
+                                    (config.sft, w))
   task = _task_dir(sft_dir)
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = config.feedback
     fb.data.train_jsonl = os.path.join(task, "feedback_sft.jsonl")
     fb.data.eval_jsonl = os.path.join(task, "feedback_sft_test.jsonl")
-    res["feedback"] = _stage("feedback", root, lambda w: registry.get(fb.method)(fb, w))
+    res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.get(fb.method)(fb, w))
   if "feedback_eval" in stages:
-    res["feedback_eval"] = _stage("feedback_eval", root,
-                                  lambda w: _feedback_eval(config, feedback, task, w))
+    res["feedback_eval"] = train.run_or_reuse("feedback_eval", root,
+                                              lambda w: _feedback_eval(config, feedback, task, w))
   if "human_labels" in stages:
-    res["human_labels"] = _stage("human_labels", root, lambda w: _human_labels(config, task, w))
+    res["human_labels"] = train.run_or_reuse("human_labels", root,
+                                             lambda w: _human_labels(config, task, w))
   sl_dir = os.path.join(root, "sl_cai")
   if "sl_cai_data" in stages:
-    res["sl_cai_data"] = _stage("sl_cai_data", root,
-                                lambda w: _sl_cai_data(config, sft_dir, feedback, task, w))
+    res["sl_cai_data"] = train.run_or_reuse(
+        "sl_cai_data", root, lambda w: _sl_cai_data(config, sft_dir, feedback, task, w))
   if "sl_cai" in stages:
     sl = config.sl_cai_train.copy_and_resolve_references()
     sl.data.source = "jsonl"
     sl.data.train_jsonl = os.path.join(root, "sl_cai_data", "sl_cai_sft.jsonl")
     sl.data.eval_jsonl = os.path.join(task, "sft_test.jsonl")
-    res["sl_cai"] = _stage("sl_cai", root, lambda w: registry.get(sl.method)(sl, w))
+    res["sl_cai"] = train.run_or_reuse("sl_cai", root, lambda w: registry.get(sl.method)(sl, w))
   if "rl_cai_labels" in stages:
-    res["rl_cai_labels"] = _stage("rl_cai_labels", root,
-                                  lambda w: _rl_cai_labels(config, sl_dir, feedback, task, w))
+    res["rl_cai_labels"] = train.run_or_reuse(
+        "rl_cai_labels", root, lambda w: _rl_cai_labels(config, sl_dir, feedback, task, w))
   rms = {
       "rm_helpful": (sft_dir, os.path.join(root, "human_labels", "helpful_pairs.jsonl")),
       "rm_hh": (sft_dir, os.path.join(root, "human_labels", "hh_pairs.jsonl")),
@@ -304,7 +284,7 @@ def run(config, root: str) -> dict:
       rm.sources.sft_workdir = init
       rm.data.train_jsonl = pairs
       rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
-      res[name] = _stage(name, root, lambda w, rm=rm: registry.get(rm.method)(rm, w))
+      res[name] = train.run_or_reuse(name, root, lambda w, rm=rm: registry.get(rm.method)(rm, w))
   ppos = {
       "ppo_helpful": (sft_dir, "rm_helpful"), "ppo_hh": (sft_dir, "rm_hh"),
       "ppo_cai": (sl_dir, "rm_cai")}
@@ -318,7 +298,8 @@ def run(config, root: str) -> dict:
       cfg.data.synthetic_num_prompts = meta["num_prompts"]  # PPO checks the task it reads
       cfg.data.synthetic_num_test_prompts = meta["num_test_prompts"]
       cfg.data.synthetic_seed = meta["seed"]
-      res[name] = _stage(name, root, lambda w, cfg=cfg: registry.get(cfg.method)(cfg, w))
+      res[name] = train.run_or_reuse(name, root, lambda w, cfg=cfg: registry.get(cfg.method)
+                                     (cfg, w))
   if "report" in stages:
     report(config, root, task, res, time.time() - start)
   return res
@@ -336,7 +317,7 @@ def report(config, root: str, task: str, res: dict, seconds: float) -> str:
           "gold_reward")
   lines = [
       "# Constitutional AI vs RLHF on the synthetic task", "",
-      f"Wall time of this invocation: {_fmt(seconds)}; load average {os.getloadavg()[0]:.1f}; "
+      f"Wall time of this invocation: {train.format_duration(seconds)}; load average {os.getloadavg()[0]:.1f}; "
       f"{os.cpu_count()} CPUs visible.", "", "## Policies (held-out prompts, exact gold)", "",
       "| policy | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
   for label, m in policies.items():
@@ -407,15 +388,9 @@ def _plot(root: str, policies: dict, curves: dict) -> None:
 
 
 def main(argv):
-  signals.install_process_handler()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger().setLevel(logging.INFO)
-  if not cli.debug_requested(sys.argv):
-    cli.quiet_background_errors()
-  run(_CONFIG.value, _WORKDIR.value)
+  cli.stage_launcher_main(argv, run, _CONFIG.value, _WORKDIR.value, what="cai.py",
+                          multi_process=False)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

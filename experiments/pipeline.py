@@ -91,7 +91,7 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
         **final, "_status": "reused", "_seconds": times.get("seconds"),
         "_cpu_seconds": times.get("cpu_seconds")}
   logger.info("%s: running in %s (pipeline time so far %s)", banner, workdir,
-              _fmt(time.time() - start))
+              train.format_duration(time.time() - start))
   _link(name, cfg, root)
   t0, c0 = time.time(), time.process_time()
   try:
@@ -108,14 +108,10 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -
   if parallel.is_coordinator():
     train.atomic_write_json(times_path,
                             {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
-  logger.info("%s: done in %s, %s CPU (pipeline time so far %s)", banner, _fmt(seconds), _fmt(cpu),
-              _fmt(time.time() - start))
+  logger.info("%s: done in %s, %s CPU (pipeline time so far %s)", banner,
+              train.format_duration(seconds), train.format_duration(cpu),
+              train.format_duration(time.time() - start))
   return {**final, "_status": "ok", "_seconds": seconds, "_cpu_seconds": cpu}
-
-
-def _fmt(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  return f"{m}m{s:02d}s"
 
 
 def _eval_curve(workdir: str) -> list[tuple[float, float]]:
@@ -189,9 +185,9 @@ def summarize(results: dict, root: str, total_seconds: float, command: str,
         curves[f"{label} (evals)"] = [(0.0, baseline)] + curve if baseline is not None else curve
   preamble = (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
               f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-              f"Pipeline wall time (this invocation): {_fmt(total_seconds)}" +
-              (f", CPU time {_fmt(total_cpu_seconds)}" if total_cpu_seconds is not None else "") +
-              f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
+              f"Pipeline wall time (this invocation): {train.format_duration(total_seconds)}" +
+              (f", CPU time {train.format_duration(total_cpu_seconds)}" if total_cpu_seconds
+               is not None else "") + f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
               "gold_reward: mean exact gold reward of one sample per held-out prompt; kl_to_sft: "
               "sampled KL(π ‖ π_SFT) per response (best-of-n: log n - (n-1)/n); win rate vs the "
               "SFT model's sample under the gold reward (ties half).")
@@ -221,40 +217,18 @@ def run_pipeline(config, root: str, command: str = "") -> dict:
                                         time.time() - start, command or " ".join(sys.argv),
                                         time.process_time() - cpu_start)
   if table is not None:  # process 0 wrote it
-    logger.info("pipeline finished in %s; results in %s\n%s", _fmt(time.time() - start),
-                os.path.join(root, "results.md"), table)
+    logger.info("pipeline finished in %s; results in %s\n%s",
+                train.format_duration(time.time() - start), os.path.join(root, "results.md"), table)
   return results
 
 
 def main(argv):
-  signals.install_process_handler()  # SIGTERM / Ctrl-C from here on: a clean stop, exit 0
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger().setLevel(logging.INFO)
-  if not cli.debug_requested(sys.argv):
-    cli.quiet_background_errors()
   program = sys.argv[0]  # the script, or the rlhf-pipeline console script
   program = f"python {os.path.relpath(program)}" if program.endswith(".py") else \
       os.path.basename(program)
   command = " ".join([program] + sys.argv[1:])
-  try:
-    # One process per host: join the job before any device is touched (a no-op on one host),
-    # then check that every process runs the same pipeline.
-    parallel.initialize_distributed()
-    parallel.check_same_config(_CONFIG.value, "pipeline config")
-    run_pipeline(_CONFIG.value, _WORKDIR.value, command)
-  except signals.Interrupted as err:
-    print(
-        f"{argv[0]}: {err}; everything on disk is complete (atomic writes, committed "
-        "checkpoints): rerun the same command to resume", file=sys.stderr, flush=True)
-    sys.exit(0)
-  except Exception as err:  # pylint: disable=broad-except
-    failure = None if cli.debug_requested(sys.argv) else cli.describe_failure(err, _WORKDIR.value)
-    if failure is None:
-      raise
-    print(f"{argv[0]}: {failure[0]}\n(RLHF_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
-    cli.quiet_exit(failure[1])
+  cli.stage_launcher_main(argv, lambda config, root: run_pipeline(config, root, command),
+                          _CONFIG.value, _WORKDIR.value, what="pipeline")
 
 
 if __name__ == "__main__":

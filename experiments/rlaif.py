@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -22,7 +21,6 @@ from rlhf_jax.algorithms import common, registry
 from rlhf_jax.algorithms.online import ppo
 from rlhf_jax.feedback import evaluator as ev_lib
 from rlhf_jax.feedback import rlaif
-from rlhf_jax.train import signals
 
 logger = logging.getLogger("rlaif")
 
@@ -31,32 +29,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rlaif_synthetic.py"),
     "RLAIF config (default: experiments/configs/rlaif_synthetic.py).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/rlaif", "Root folder of every stage's run.")
-
-
-def _fmt(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  return f"{m}m{s:02d}s"
-
-
-def _stage(name: str, root: str, fn) -> dict:
-  """Runs ``fn(workdir) -> final metrics`` unless ``<root>/<name>`` finished earlier."""
-  workdir = os.path.join(root, name)
-  final_path = os.path.join(workdir, "final_metrics.json")
-  if os.path.exists(final_path):
-    logger.info("[%s] finished earlier, reusing %s", name, workdir)
-    with open(final_path) as f:
-      return json.load(f)
-  logger.info("[%s] running in %s", name, workdir)
-  t0 = time.time()
-  final = dict(fn(workdir))
-  final["_seconds"] = round(time.time() - t0, 1)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = final_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(final, f, indent=1, default=float)
-  os.replace(tmp, final_path)
-  logger.info("[%s] done in %s", name, _fmt(final["_seconds"]))
-  return final
 
 
 def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict:
@@ -123,31 +95,33 @@ def run(config, root: str) -> dict:
   res: dict = {}
   sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
   if "sft" in stages and not config.sources.sft_workdir:
-    res["sft"] = _stage("sft", root, lambda w: registry.get(config.sft.method)(config.sft, w))
+    res["sft"] = train.run_or_reuse("sft", root, lambda w: registry.get(config.sft.method)
+                                    (config.sft, w))
   task = os.path.join(sft_dir, "data", "synthetic")
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = config.feedback
     fb.data.train_jsonl = os.path.join(task, "feedback_sft.jsonl")
     fb.data.eval_jsonl = os.path.join(task, "feedback_sft_test.jsonl")
-    res["feedback"] = _stage("feedback", root, lambda w: registry.get(fb.method)(fb, w))
+    res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.get(fb.method)(fb, w))
   label_dir = os.path.join(root, "label")
   if "label" in stages:
-    res["label"] = _stage("label", root, lambda w: _label(config, sft_dir, feedback, w))
+    res["label"] = train.run_or_reuse("label", root, lambda w: _label(config, sft_dir, feedback, w))
   for who in ("ai", "human"):
     if f"rm_{who}" in stages:
       rm = config.rm.copy_and_resolve_references()
       rm.sources.sft_workdir = sft_dir
       rm.data.train_jsonl = os.path.join(label_dir, f"{who}_pairs.jsonl")
       rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
-      res[f"rm_{who}"] = _stage(f"rm_{who}", root, lambda w, rm=rm: registry.get(rm.method)(rm, w))
+      res[f"rm_{who}"] = train.run_or_reuse(f"rm_{who}", root,
+                                            lambda w, rm=rm: registry.get(rm.method)(rm, w))
   for who in ("ai", "human"):
     if f"ppo_{who}" in stages:
       cfg = config.ppo.copy_and_resolve_references()
       cfg.sources.sft_workdir = sft_dir
       cfg.sources.reward_model_workdir = os.path.join(root, f"rm_{who}")
-      res[f"ppo_{who}"] = _stage(f"ppo_{who}", root, lambda w, cfg=cfg: registry.get(cfg.method)
-                                 (cfg, w))
+      res[f"ppo_{who}"] = train.run_or_reuse(f"ppo_{who}", root,
+                                             lambda w, cfg=cfg: registry.get(cfg.method)(cfg, w))
   if "ppo_direct" in stages:
     cfg = config.ppo_direct.copy_and_resolve_references()
     cfg.sources.sft_workdir = sft_dir
@@ -157,7 +131,7 @@ def run(config, root: str) -> dict:
                                           seed=cfg.seed)
       return ppo.train_and_evaluate(cfg, w, models_=models_)
 
-    res["ppo_direct"] = _stage("ppo_direct", root, direct)
+    res["ppo_direct"] = train.run_or_reuse("ppo_direct", root, direct)
   if "report" in stages:
     report(root, res, time.time() - start)
   return res
@@ -187,7 +161,7 @@ def report(root: str, res: dict, seconds: float) -> str:
   lab = res.get("label", {})
   lines = [
       "# RLAIF vs RLHF on the synthetic task", "",
-      f"Wall time of this invocation: {_fmt(seconds)}; load average {os.getloadavg()[0]:.1f}; "
+      f"Wall time of this invocation: {train.format_duration(seconds)}; load average {os.getloadavg()[0]:.1f}; "
       f"{os.cpu_count()} CPUs visible.", "", "## Label alignment with the gold preference", "",
       "| labeller | alignment | position-bias rate |", "| --- | --- | --- |"]
 
@@ -253,15 +227,9 @@ def _plot(root: str, lab: dict, rows: list, sft_gold) -> None:
 
 
 def main(argv):
-  signals.install_process_handler()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger().setLevel(logging.INFO)
-  if not cli.debug_requested(sys.argv):
-    cli.quiet_background_errors()
-  run(_CONFIG.value, _WORKDIR.value)
+  cli.stage_launcher_main(argv, run, _CONFIG.value, _WORKDIR.value, what="rlaif.py",
+                          multi_process=False)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

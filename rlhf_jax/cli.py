@@ -258,3 +258,49 @@ def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None
     where = f" ({err.filename})" if getattr(err, "filename", None) else ""
     return f"error: {type(err).__name__}{where}: {err.strerror or short_message(err)}", 1
   return None
+
+
+def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str,
+                        multi_process: bool = True) -> None:
+  """The ``main`` of a multi-stage launcher (``experiments/pipeline.py``, ``rlaif.py``, ``cai.py``).
+
+  SIGTERM / Ctrl-C from here on stop cleanly (exit 0); INFO logging without orbax's chatter; one
+  process per host joins the job (a no-op on one host) and every process checks it runs the same
+  ``config``; ``run_fn(config, workdir)`` runs the stages. A config / input error or a failure a
+  person can act on is one line (exit 1 or 2; ``RLHF_JAX_DEBUG=1`` shows the traceback). With
+  ``multi_process=False`` a multi-process job is refused in one line before any stage runs.
+  """
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.train import signals  # pylint: disable=import-outside-toplevel
+
+  signals.install_process_handler()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger().setLevel(logging.INFO)
+  debug = debug_requested(sys.argv)
+  if not debug:
+    quiet_background_errors()
+  try:
+    # One process per host: join the job before any device is touched.
+    parallel.initialize_distributed()
+    if not multi_process and parallel.process_count() > 1:
+      raise ValueError(f"{what} runs as one process (its labelling and report stages are not "
+                       f"multi-host yet); got {parallel.process_count()} processes: run it without "
+                       "launch/multiprocess_local.sh / srun, or run its stages one by one with "
+                       "experiments/run.py")
+    parallel.check_same_config(config, f"{what} config")
+    run_fn(config, workdir)
+  except signals.Interrupted as err:
+    print(
+        f"{argv[0]}: {err}; everything on disk is complete (atomic writes, committed "
+        "checkpoints): rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(0)
+  except Exception as err:  # pylint: disable=broad-except
+    failure = None if debug else describe_failure(err, workdir)
+    if failure is None:
+      raise
+    print(f"{argv[0]}: {failure[0]}\n(RLHF_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+    quiet_exit(failure[1])

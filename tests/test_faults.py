@@ -463,3 +463,37 @@ def test_sigterm_before_the_loop_exits_0_and_a_finished_rerun_is_a_noop(tmp_path
   again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert again.returncode == 0 and "finished: nothing to do" in again.stdout, again.stdout
   assert open(workdir / "metrics.jsonl").read() == rows
+
+
+def test_stage_launchers_report_errors_in_one_line_and_refuse_multi_process(
+    tmp_path, monkeypatch, capsys):
+  """``cli.stage_launcher_main`` (pipeline / rlaif / cai): a failing stage is one line with exit 2,
+  and a launcher that is single-process refuses a multi-process job before running anything."""
+  monkeypatch.setattr(parallel, "initialize_distributed", lambda: False)
+  monkeypatch.delenv("RLHF_JAX_DEBUG", raising=False)
+
+  def exit_now(status):  # cli.quiet_exit is os._exit, which would end pytest too
+    raise SystemExit(status)
+
+  monkeypatch.setattr(cli, "quiet_exit", exit_now)
+  # Process-wide hooks a launcher installs, kept out of this pytest worker.
+  monkeypatch.setattr(cli, "quiet_background_errors", lambda: None)
+  monkeypatch.setattr(signals, "install_process_handler", lambda: None)
+  config = {"stages": "sft"}
+
+  def bad_stage(config, workdir):
+    raise FileNotFoundError(f"{workdir}/prompts.jsonl: no such file")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.stage_launcher_main(["rlaif.py"], bad_stage, config, str(tmp_path), what="rlaif.py")
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "prompts.jsonl: no such file" in err and "Traceback" not in err
+
+  ran = []
+  monkeypatch.setattr(parallel, "process_count", lambda: 2)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.stage_launcher_main(["cai.py"], lambda c, w: ran.append(w), config, str(tmp_path),
+                            what="cai.py", multi_process=False)
+  assert exit_info.value.code == 2 and not ran
+  assert "cai.py runs as one process" in capsys.readouterr().err

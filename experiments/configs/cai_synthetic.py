@@ -42,22 +42,6 @@ def _load(name: str, *args) -> ml_collections.ConfigDict:
   return config_dicts.sibling_config(__file__, name, *args)
 
 
-def _set(section: ml_collections.ConfigDict, values: dict) -> None:
-  for key, value in values.items():
-    *path, name = key.split(".")
-    target = section
-    for part in path:
-      target = target[part]
-    target[name] = value
-
-
-def _loop(num_steps: int, eval_every: int = 0) -> dict:
-  return {
-      "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
-      "loop.eval_every": eval_every, "loop.checkpoint_every": num_steps, "loop.keep_checkpoints": 1,
-      "loop.progress_every_secs": 15.0}
-
-
 def get_config(size: str = "default") -> ml_collections.ConfigDict:
   """The CAI experiment (module docstring); ``size``: default | smoke."""
   if size not in ("default", "smoke"):
@@ -101,14 +85,15 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       "batch_size": 64})
 
   rm = _load("rm_jsonl", "bradley_terry")
-  _set(
+  config_dicts.set_dotted(
       rm, {
           "rm.early_stopping_patience": 0, "optim.lr": 3e-4, "optim.warmup_steps": 10,
           "data.max_eval_examples": 512, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
-          "mesh.data": 1, "eval.num_normalization_prompts": 128, **_loop(200)})
+          "mesh.data": 1, "eval.num_normalization_prompts": 128, **config_dicts.stage_loop(200)})
   config.rm = rm
   ppo = _load("ppo_synthetic")
-  _set(ppo, {"loop.num_steps": 40, "loop.eval_every": 10, "loop.checkpoint_every": 20})
+  config_dicts.set_dotted(
+      ppo, {"loop.num_steps": 40, "loop.eval_every": 10, "loop.checkpoint_every": 20})
   config.ppo = ppo
   # held-out prompts (half harmful where the split has them), two samples each
   config.report = ml_collections.ConfigDict({"max_prompts": 500, "temperature": 1.0})
@@ -117,18 +102,20 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     config.sources.feedback_workdir = "preset:tiny"
     config.feedback_eval.max_per_task = 4
     config.labels.num_pairs = 16
-    _set(config.sl_cai,
-         {"num_red_team": 4, "n_revisions": 1, "max_critique_tokens": 6, "max_revision_tokens": 6})
-    _set(
+    config_dicts.set_dotted(
+        config.sl_cai,
+        {"num_red_team": 4, "n_revisions": 1, "max_critique_tokens": 6, "max_revision_tokens": 6})
+    config_dicts.set_dotted(
         config.rl_cai, {
             "num_harmful_pairs": 8, "num_safe_pairs": 8, "max_new_tokens": 8, "cot_max_tokens": 4,
             "ablation_pairs": 4, "batch_size": 16})
-    _set(
+    config_dicts.set_dotted(
         config.rm, {
             "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
                 (64,), "limits.max_response_len": 8, "data.max_eval_examples": 16,
-            "eval.num_normalization_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
-    _set(
+            "eval.num_normalization_prompts": 4, "eval.sample_batch": 4,
+            **config_dicts.stage_loop(2)})
+    config_dicts.set_dotted(
         config.ppo, {
             "data.batch_size": 4, "limits.max_response_len": 8, "eval.num_prompts": 4,
             "eval.max_new_tokens": 8, "eval.print_samples": 0, "ppo.num_minibatches": 1,

@@ -25,22 +25,6 @@ def _load(name: str, *args) -> ml_collections.ConfigDict:
   return config_dicts.sibling_config(__file__, name, *args)
 
 
-def _set(section: ml_collections.ConfigDict, values: dict) -> None:
-  for key, value in values.items():
-    *path, name = key.split(".")
-    target = section
-    for part in path:
-      target = target[part]
-    target[name] = value
-
-
-def _loop(num_steps: int, evals: int = 1) -> dict:
-  return {
-      "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
-      "loop.eval_every": num_steps // evals if evals > 1 else 0, "loop.checkpoint_every": num_steps,
-      "loop.keep_checkpoints": 1, "loop.progress_every_secs": 15.0}
-
-
 def get_config(size: str = "default") -> ml_collections.ConfigDict:
   """Every stage of the offline pipeline; ``size="smoke"`` is a seconds-long run of the same code.
 
@@ -59,78 +43,84 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   config.stages = ",".join(STAGES)
 
   config.sft = _load("sft_synthetic")
-  _set(config.sft, {f"model.{k}": v for k, v in MODEL.items()})
-  _set(
+  config_dicts.set_dotted(config.sft, {f"model.{k}": v for k, v in MODEL.items()})
+  config_dicts.set_dotted(
       config.sft, {
           "data.batch_size": 32, "optim.lr": 3e-3, "optim.warmup_steps": 20,
-          "eval.num_sample_prompts": 128, "eval.print_samples": 1, **_loop(400)})
+          "eval.num_sample_prompts": 128, "eval.print_samples": 1, **config_dicts.stage_loop(400)})
 
   config.rm = _load("rm_synthetic", "bradley_terry")
   # The pipeline's RM keeps the 4000-pair task and the 512-pair held-out cap it was measured with
   # (README table); rm_synthetic.py's standalone default now uses 16000 pairs / 2000 held-out and
   # bfloat16 compute; the pipeline's RM stays float32 like the rest of its stages.
-  _set(
+  config_dicts.set_dotted(
       config.rm, {
           "rm.early_stopping_patience": 0, "rm.compute_dtype": "", "optim.lr": 3e-4,
           "optim.warmup_steps": 10, "data.synthetic_num_prompts": 4000,
           "data.synthetic_num_test_prompts": 500, "data.max_eval_examples": 512,
-          "eval.num_normalization_prompts": 128, "eval.num_gold_prompts": 128, **_loop(200)})
+          "eval.num_normalization_prompts": 128, "eval.num_gold_prompts": 128,
+          **config_dicts.stage_loop(200)})
 
   method_common = {**{f"eval.{k}": v for k, v in EVAL.items()}}
   config.dpo = _load("dpo_synthetic")
-  _set(config.dpo, {**method_common, "loss.beta": 0.1, "optim.lr": 3e-4, **_loop(120, evals=2)})
+  config_dicts.set_dotted(config.dpo, {
+      **method_common, "loss.beta": 0.1, "optim.lr": 3e-4, **config_dicts.stage_loop(120, evals=2)})
   config.ipo = _load("ipo_synthetic")
   # IPO's beta is tau: the loss pulls the length-normalised log-ratio margin to 1/(2 tau) nats per
   # token. tau = 0.1 (5 nats/token) drove KL(pi || SFT) to ~38 and lost most of the gold gain in a
   # first run; tau = 0.5 asks for 1 nat/token.
-  _set(config.ipo, {**method_common, "loss.beta": 0.5, "optim.lr": 3e-4, **_loop(120, evals=2)})
+  config_dicts.set_dotted(config.ipo, {
+      **method_common, "loss.beta": 0.5, "optim.lr": 3e-4, **config_dicts.stage_loop(120, evals=2)})
   config.kto = _load("kto_synthetic")
   # KTO on the unpaired split of the comparisons DPO trains on (unpaired.jsonl), TRL's defaults.
-  _set(config.kto, {**method_common, "loss.beta": 0.1, "optim.lr": 3e-4, **_loop(120, evals=2)})
+  config_dicts.set_dotted(config.kto, {
+      **method_common, "loss.beta": 0.1, "optim.lr": 3e-4, **config_dicts.stage_loop(120, evals=2)})
   config.pro = _load("pro_synthetic", "pro")
-  _set(config.pro, {**method_common, "optim.lr": 3e-4, **_loop(120, evals=2)})
+  config_dicts.set_dotted(
+      config.pro, {**method_common, "optim.lr": 3e-4, **config_dicts.stage_loop(120, evals=2)})
   config.rrhf = _load("rrhf_synthetic")
-  _set(config.rrhf, {**method_common, "optim.lr": 3e-4, **_loop(120, evals=2)})
+  config_dicts.set_dotted(
+      config.rrhf, {**method_common, "optim.lr": 3e-4, **config_dicts.stage_loop(120, evals=2)})
   config.raft = _load("raft_synthetic")
-  _set(
+  config_dicts.set_dotted(
       config.raft, {
           **method_common, "raft.num_rounds": 3, "raft.prompts_per_round": 256,
-          "raft.samples_per_prompt": 8, "optim.lr": 3e-4, **_loop(60)})
+          "raft.samples_per_prompt": 8, "optim.lr": 3e-4, **config_dicts.stage_loop(60)})
   config.best_of_n = _load("best_of_n_synthetic")
-  _set(config.best_of_n, {**method_common, "bon.ns": (1, 2, 4, 8, 16)})
+  config_dicts.set_dotted(config.best_of_n, {**method_common, "bon.ns": (1, 2, 4, 8, 16)})
 
   if smoke:  # tiny model, a couple of steps per stage, a handful of prompts
-    _set(
+    config_dicts.set_dotted(
         config.sft, {
             "model.preset": "tiny", "model.d_model": None, "model.n_layers": None,
             "model.n_heads": None, "model.n_kv_heads": None, "model.d_ff": None,
             "data.synthetic_num_prompts": 96, "data.synthetic_num_test_prompts": 16,
             "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
-                (80,), "eval.num_sample_prompts": 4, **_loop(2)})
-    _set(
+                (80,), "eval.num_sample_prompts": 4, **config_dicts.stage_loop(2)})
+    config_dicts.set_dotted(
         config.rm, {
             "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
                 (80,), "data.max_eval_examples": 16, "eval.num_normalization_prompts": 4,
-            "eval.num_gold_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
+            "eval.num_gold_prompts": 4, "eval.sample_batch": 4, **config_dicts.stage_loop(2)})
     small_eval = {"eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.print_samples": 0}
     for name in ("dpo", "ipo"):
-      _set(
+      config_dicts.set_dotted(
           config[name], {
               **small_eval, "data.batch_size": 8, "limits.buckets":
-                  (80,), "data.num_eval_pairs": 8, **_loop(2)})
-    _set(
+                  (80,), "data.num_eval_pairs": 8, **config_dicts.stage_loop(2)})
+    config_dicts.set_dotted(
         config.kto, {
             **small_eval, "data.batch_size": 8, "limits.buckets":
-                (80,), "data.num_eval_examples": 8, **_loop(2)})
+                (80,), "data.num_eval_examples": 8, **config_dicts.stage_loop(2)})
     for name in ("pro", "rrhf"):
-      _set(
+      config_dicts.set_dotted(
           config[name], {
               **small_eval, "data.batch_size": 4, "limits.buckets":
-                  (80,), "data.num_eval_lists": 4, **_loop(2)})
-    _set(
+                  (80,), "data.num_eval_lists": 4, **config_dicts.stage_loop(2)})
+    config_dicts.set_dotted(
         config.raft, {
             **small_eval, "raft.num_rounds": 1, "raft.prompts_per_round": 4,
             "raft.samples_per_prompt": 2, "data.batch_size": 4, "raft.require_eos": False,
-            **_loop(1)})
-    _set(config.best_of_n, {**small_eval, "bon.ns": (1, 2)})
+            **config_dicts.stage_loop(1)})
+    config_dicts.set_dotted(config.best_of_n, {**small_eval, "bon.ns": (1, 2)})
   return config

@@ -36,22 +36,6 @@ def _load(name: str, *args) -> ml_collections.ConfigDict:
   return config_dicts.sibling_config(__file__, name, *args)
 
 
-def _set(section: ml_collections.ConfigDict, values: dict) -> None:
-  for key, value in values.items():
-    *path, name = key.split(".")
-    target = section
-    for part in path:
-      target = target[part]
-    target[name] = value
-
-
-def _loop(num_steps: int, evals: int = 1) -> dict:
-  return {
-      "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
-      "loop.eval_every": num_steps // evals if evals > 1 else 0, "loop.checkpoint_every": num_steps,
-      "loop.keep_checkpoints": 1, "loop.progress_every_secs": 15.0}
-
-
 def get_config(size: str = "default") -> ml_collections.ConfigDict:
   """The RLAIF experiment (module docstring); ``size``: default | smoke."""
   if size not in ("default", "smoke"):
@@ -80,17 +64,18 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       "batch_size": 64})
 
   config.rm = _load("rm_jsonl", "bradley_terry")
-  _set(
+  config_dicts.set_dotted(
       config.rm, {
           "rm.early_stopping_patience": 0, "optim.lr": 3e-4, "optim.warmup_steps": 10,
           "data.max_eval_examples": 512, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
-          "mesh.data": 1, "eval.num_normalization_prompts": 128, **_loop(200)})
+          "mesh.data": 1, "eval.num_normalization_prompts": 128, **config_dicts.stage_loop(200)})
 
   ppo = _load("ppo_synthetic")
-  _set(ppo, {"loop.num_steps": 40, "loop.eval_every": 40, "loop.checkpoint_every": 20})
+  config_dicts.set_dotted(
+      ppo, {"loop.num_steps": 40, "loop.eval_every": 40, "loop.checkpoint_every": 20})
   config.ppo = ppo
   direct = _load("ppo_synthetic")
-  _set(
+  config_dicts.set_dotted(
       direct, {
           "loop.num_steps": 40, "loop.eval_every": 40, "loop.checkpoint_every": 20,
           "ppo.critic_init": "sft"})
@@ -103,13 +88,14 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     config.label.cot_max_tokens = 4
     config.label.max_new_tokens = 8
     config.label.batch_size = 16
-    _set(
+    config_dicts.set_dotted(
         config.rm, {
             "data.batch_size": 8, "data.eval_batch_size": 16, "limits.buckets":
                 (64,), "limits.max_response_len": 8, "data.max_eval_examples": 16,
-            "eval.num_normalization_prompts": 4, "eval.sample_batch": 4, **_loop(2)})
+            "eval.num_normalization_prompts": 4, "eval.sample_batch": 4,
+            **config_dicts.stage_loop(2)})
     for section in (config.ppo, config.ppo_direct):
-      _set(
+      config_dicts.set_dotted(
           section, {
               "data.batch_size": 4, "limits.max_response_len": 8, "eval.num_prompts": 4,
               "eval.max_new_tokens": 8, "eval.print_samples": 0, "ppo.num_minibatches": 1,

@@ -29,8 +29,8 @@ from rlhf_jax.train.checkpoint import (CheckpointCorruptError, Checkpointer, Wor
 from rlhf_jax.train.guard import DivergenceError, NonFiniteLossError, check_finite, guard_step
 from rlhf_jax.train.loop import (STOP_FILE, CheckpointableIterator, LoopConfig, TrainResult,
                                  default_token_count, jit_train_step, make_train_step, train)
-from rlhf_jax.train.runs import (FINAL_METRICS_FILE, SFTCheckpoint, is_finished, load_sft_params,
-                                 tokenizer_spec, write_final_metrics)
+from rlhf_jax.train.runs import (FINAL_METRICS_FILE, SFTCheckpoint, format_duration, is_finished,
+                                 load_sft_params, run_or_reuse, tokenizer_spec, write_final_metrics)
 from rlhf_jax.train.metrics import (MetricsWriter, Progress, plot_metrics, read_metrics,
                                     read_tensorboard)
 from rlhf_jax.train.signals import SigtermWatch
@@ -74,6 +74,8 @@ __all__ = [
     "FINAL_METRICS_FILE",
     "SFTCheckpoint",
     "is_finished",
+    "format_duration",
+    "run_or_reuse",
     "load_sft_params",
     "tokenizer_spec",
     "write_final_metrics",

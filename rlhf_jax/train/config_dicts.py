@@ -114,3 +114,23 @@ def sibling_config(config_file: str, name: str, *args: Any) -> ml_collections.Co
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
+
+
+def set_dotted(section: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+  """``section[a][b]... = value`` for every ``"a.b...": value`` in ``values`` (experiment configs
+  that derive their stages from the method configs)."""
+  for key, value in values.items():
+    *path, name = key.split(".")
+    target = section
+    for part in path:
+      target = target[part]
+    target[name] = value
+
+
+def stage_loop(num_steps: int, evals: int = 1) -> dict[str, Any]:
+  """Loop keys of one stage of a multi-stage experiment: ``evals`` evaluations (1 = only the
+  final one), one checkpoint kept, progress every 15 s."""
+  return {
+      "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
+      "loop.eval_every": num_steps // evals if evals > 1 else 0, "loop.checkpoint_every": num_steps,
+      "loop.keep_checkpoints": 1, "loop.progress_every_secs": 15.0}

@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from typing import Any, Mapping, NamedTuple
+import time
+from typing import Any, Callable, Mapping, NamedTuple
 
 from rlhf_jax import models
 from rlhf_jax.data import tokenizers as tok_lib
@@ -219,3 +221,27 @@ def _merged_lora_params(workdir: str, run_config: Mapping[str, Any], lora_fp: Ma
   names = [f.name for f in dataclasses.fields(lora_lib.LoraConfig)]
   config = lora_lib.LoraConfig(**{k: lora_fp[k] for k in names if k in lora_fp})
   return lora_lib.merge(lora_lib.LoraParams(base=base, lora=saved["lora"]), config)
+
+
+def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any]]) -> dict:
+  """One stage of a multi-stage experiment (pipeline-like launchers): ``fn(<root>/<name>)`` returns
+  the stage's final metrics, written atomically to its ``final_metrics.json`` with ``_seconds``;
+  a stage whose folder already holds that file finished earlier and is reused, not rerun."""
+  workdir = os.path.join(root, name)
+  if is_finished(workdir):
+    logger.info("[%s] finished earlier, reusing %s", name, workdir)
+    return ckpt_lib.read_json(os.path.join(workdir, FINAL_METRICS_FILE))
+  logger.info("[%s] running in %s", name, workdir)
+  start = time.time()
+  # NumPy scalars in a stage's metrics are written as plain floats.
+  final = json.loads(json.dumps(dict(fn(workdir)), default=float))
+  final["_seconds"] = round(time.time() - start, 1)
+  ckpt_lib.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+  logger.info("[%s] done in %s", name, format_duration(final["_seconds"]))
+  return final
+
+
+def format_duration(seconds: float) -> str:
+  """``"7m05s"``: the wall / CPU times launchers print."""
+  minutes, secs = divmod(int(seconds), 60)
+  return f"{minutes}m{secs:02d}s"
