@@ -10,6 +10,16 @@ Stages are linked through their ``sources`` section alone: a stage after ``sft``
 ``sources.sft_workdir = <workdir>/sft``, a stage after ``rm`` gets
 ``sources.reward_model_workdir = <workdir>/rm`` (when that run finished).
 
+Seeds (``--config.num_seeds=N``, default 3): seed k runs the whole pipeline again with every RNG
+seed of every stage offset by k (:func:`seed_config`: init, data order, the evaluator's and
+best-of-n's sampling, RAFT's rounds; the synthetic task, ``data.synthetic_seed``, stays fixed),
+seed 0 in ``<workdir>/<stage>`` (today's paths: a finished one-seed pipeline is reused as seed 0,
+and the configs that point at ``workdirs/pipeline/sft`` keep working), seed k > 0 in
+``<workdir>/seed_<k>/<stage>``. Stages run stage by stage over the seeds (every seed's SFT, then
+every seed's RM, ...). The table then reports mean ± standard error over the seeds
+(``rlhf_jax.eval.seeds``), paired gold-reward differences and each seed's rows; with one seed it is
+the single-run table.
+
 A stage whose workdir holds ``final_metrics.json`` is reused, so rerunning after an interruption
 (or after deleting one stage's folder) only redoes what is missing; an interrupted stage resumes
 from its checkpoint. Progress: a banner per stage with elapsed / total time, and the training
@@ -18,6 +28,7 @@ loops' step / loss / tokens-per-second / ETA lines in between.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -30,8 +41,8 @@ from ml_collections import config_flags
 
 from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
-from rlhf_jax.eval import frontier
-from rlhf_jax.train import signals
+from rlhf_jax.eval import frontier, seeds
+from rlhf_jax.train import config_dicts, signals
 
 logger = logging.getLogger("pipeline")
 
@@ -47,6 +58,16 @@ LINKS = (("sft", "sft_workdir"), ("rm", "reward_model_workdir"))
 REQUIRED_STAGES = ("sft", "rm")  # a later stage needs them: the pipeline stops if one fails
 COLUMNS = ("method", "gold_reward", "gold_gain_vs_sft", "kl_to_sft", "win_rate_vs_sft", "rm_reward",
            "response_length", "steps", "stage_seconds", "stage_cpu_seconds", "status")
+# Over several seeds: mean ± s.e. of these, the mean of the others.
+STAT_COLUMNS = ("gold_reward", "gold_gain_vs_sft", "kl_to_sft", "win_rate_vs_sft")
+MEAN_COLUMNS = ("rm_reward", "response_length", "steps", "stage_seconds", "stage_cpu_seconds")
+SEED_CSV_COLUMNS = ("method", "seed", "num_seeds",
+                    *[c for s in STAT_COLUMNS for c in (s, f"{s}_se")], *MEAN_COLUMNS, "status")
+SEED_MD_COLUMNS = ("method", *STAT_COLUMNS, *MEAN_COLUMNS, "seeds", "status")
+PER_SEED_MD_COLUMNS = ("method", "seed", *STAT_COLUMNS, "stage_seconds", "status")
+CONFIG_KEYS = ("stages", "num_seeds")  # the pipeline's own keys; every other key is a stage
+# Seeds that define the task, not a run's randomness: the same for every seed of the pipeline.
+FIXED_SEED_KEYS = ("data.synthetic_seed",)
 
 
 def _link(name: str, cfg, root: str) -> None:
@@ -62,7 +83,7 @@ def _link(name: str, cfg, root: str) -> None:
 def stage_names(config) -> list[str]:
   """``config.stages`` checked against the stage sections of the config."""
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-  known = [k for k in config.keys() if k != "stages"]
+  known = [k for k in config.keys() if k not in CONFIG_KEYS]
   unknown = [s for s in stages if s not in known]
   if unknown:
     raise ValueError(f"config.stages has unknown stage(s) {unknown}; allowed: {known}")
@@ -74,13 +95,65 @@ def stage_names(config) -> list[str]:
   return stages
 
 
-def run_stage(name: str, cfg, root: str, index: int, total: int, start: float) -> dict:
+def num_seeds(config) -> int:
+  n = config.get("num_seeds", 1)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"config.num_seeds={n!r} is invalid; allowed: an int >= 1")
+  return n
+
+
+def seed_keys(cfg, prefix: str = "") -> list[str]:
+  """Dotted keys of a stage section that seed randomness: ``seed`` or ``*_seed`` ints, except the
+  task's (:data:`FIXED_SEED_KEYS`)."""
+  keys = []
+  for key, value in cfg.items():
+    dotted = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      keys += seed_keys(value, f"{dotted}.")
+    elif (key == "seed" or key.endswith("_seed")) and isinstance(value, int) and \
+        not isinstance(value, bool) and dotted not in FIXED_SEED_KEYS:
+      keys.append(dotted)
+  return keys
+
+
+def seed_config(cfg, seed: int):
+  """A copy of the stage section ``cfg`` for pipeline seed ``seed``: every :func:`seed_keys` value
+  plus ``seed`` (seed 0 is ``cfg`` unchanged, so its runs are today's one-seed runs).
+
+  Why every seed key: a stage's own ``seed`` alone changes little downstream of SFT (DPO's policy
+  and reference come from the SFT run, so its init key is unused); a replicate has to redraw all the
+  randomness a run has: the SFT / RM / adapter init (``seed``, ``lora.seed``), each stage's data
+  order (``data.shuffle_seed``), the evaluator's samples (``eval.seed``: the same within one seed
+  for every method, so all methods of a seed are judged on the same SFT samples), best-of-n's
+  candidates (``bon.seed``) and RAFT's rounds (``seed``). The synthetic task and its held-out
+  prompts (``data.synthetic_seed``) stay fixed: the error bars measure training and evaluation
+  randomness on one benchmark, not a new benchmark per seed.
+  """
+  out = copy.deepcopy(cfg)
+  if seed:
+    values = {}
+    for key in seed_keys(cfg):
+      value = cfg
+      for part in key.split("."):
+        value = value[part]
+      values[key] = value + seed
+    config_dicts.set_dotted(out, values)
+  return out
+
+
+def seed_root(root: str, seed: int) -> str:
+  """Seed 0 in ``root`` itself (today's layout), seed k in ``root/seed_<k>``."""
+  return root if seed == 0 else os.path.join(root, f"seed_{seed}")
+
+
+def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
+              seed: int | None = None) -> dict:
   # Multi-process: every process decides "reuse or run" and the links from the same files (the
   # previous stage's final_metrics.json, written by process 0).
-  parallel.sync(f"pipeline_stage_{name}")
+  parallel.sync(f"pipeline_stage_{name}" + ("" if seed is None else f"_seed{seed}"))
   workdir = os.path.join(root, name)
   final_path = os.path.join(workdir, "final_metrics.json")
-  banner = f"[{index}/{total}] {name}"
+  banner = f"[{index}/{total}] {name}" + ("" if seed is None else f" (seed {seed})")
   times_path = os.path.join(workdir, STAGE_TIMES_FILE)
   if os.path.exists(final_path):
     logger.info("%s: finished earlier, reusing %s", banner, workdir)
@@ -139,9 +212,8 @@ def machine_description() -> str:
   return f"{cpu}, {os.cpu_count()} logical CPUs visible, Python {platform.python_version()}"
 
 
-def summarize(results: dict, root: str, total_seconds: float, command: str,
-              total_cpu_seconds: float | None = None) -> str:
-  """Writes results.csv / results.md / frontier.png under ``root``; returns the markdown table."""
+def seed_table(results: dict, root: str) -> tuple[list[dict], list[dict], dict, float | None]:
+  """One seed's table rows, frontier points, curves and SFT gold reward (its stages in ``root``)."""
   sft_final = results.get("sft", {})
   baseline = None
   policy_stages = [name for name in results if name not in REQUIRED_STAGES]
@@ -183,34 +255,160 @@ def summarize(results: dict, root: str, total_seconds: float, command: str,
       curve = _eval_curve(os.path.join(root, name))
       if len(curve) > 1:
         curves[f"{label} (evals)"] = [(0.0, baseline)] + curve if baseline is not None else curve
-  preamble = (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
-              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-              f"Pipeline wall time (this invocation): {train.format_duration(total_seconds)}" +
-              (f", CPU time {train.format_duration(total_cpu_seconds)}" if total_cpu_seconds
-               is not None else "") + f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
-              "gold_reward: mean exact gold reward of one sample per held-out prompt; kl_to_sft: "
-              "sampled KL(π ‖ π_SFT) per response (best-of-n: log n - (n-1)/n); win rate vs the "
-              "SFT model's sample under the gold reward (ties half).")
-  table = frontier.write_table(rows, COLUMNS, csv_path=os.path.join(root, "results.csv"),
-                               md_path=os.path.join(root, "results.md"),
-                               title="Offline pipeline on the synthetic task", preamble=preamble)
-  frontier.plot_frontier(points, os.path.join(root, "frontier.png"), curves=curves,
-                         sft_gold=baseline, title="Synthetic task: gold reward vs KL to SFT")
+  return rows, points, curves, baseline
+
+
+def _preamble(command: str, total_seconds: float, total_cpu_seconds: float | None) -> str:
+  return (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
+          f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
+          f"Pipeline wall time (this invocation): {train.format_duration(total_seconds)}" +
+          (f", CPU time {train.format_duration(total_cpu_seconds)}" if total_cpu_seconds is not None
+           else "") + f"; load average at the end {os.getloadavg()[0]:.1f}  \n"
+          "gold_reward: mean exact gold reward of one sample per held-out prompt; kl_to_sft: "
+          "sampled KL(π ‖ π_SFT) per response (best-of-n: log n - (n-1)/n); win rate vs the "
+          "SFT model's sample under the gold reward (ties half).")
+
+
+def mean_curves(curves_by_seed: list[dict]) -> dict:
+  """Each curve averaged point by point over the seeds that have it with the same length (the
+  evaluations of a stage happen at the same steps in every seed); others from the first seed."""
+  out = {}
+  for label in curves_by_seed[0]:
+    found = [c[label] for c in curves_by_seed if label in c]
+    if len(found) > 1 and len({len(c) for c in found}) == 1:
+      kl = [seeds.mean_se(c[i][0] for c in found).mean for i in range(len(found[0]))]
+      gold = [seeds.mean_se(c[i][1] for c in found).mean for i in range(len(found[0]))]
+      out[f"{label}, mean of {len(found)} seeds"] = list(zip(kl, gold))
+    else:
+      out[f"{label}, seed 0"] = found[0]
+  return out
+
+
+def gold_differences(per_seed_rows: list[list[dict]], methods: list[str]) -> tuple[str, list[str]]:
+  """Markdown matrix of paired gold-reward differences (row − column) and the supported orderings."""
+  gold = {
+      m: [
+          next((r.get("gold_reward") for r in rows if r["method"] == m),
+               None) for rows in per_seed_rows] for m in methods}
+  lines = [
+      "| row − column | " + " | ".join(methods) + " |",
+      "|" + "|".join(" --- " for _ in range(len(methods) + 1)) + "|"]
+  claims = []
+  for a in methods:
+    cells = []
+    for b in methods:
+      if a == b:
+        cells.append("")
+        continue
+      diff = seeds.paired_difference(gold[a], gold[b])
+      text = seeds.format_mean_se(diff) if diff.mean is not None else ""
+      if seeds.supported(diff):
+        text = f"**{text}**"
+        if diff.mean > 0:
+          claims.append(f"{a} > {b} ({seeds.format_mean_se(diff)})")
+      cells.append(text)
+    lines.append(f"| {a} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n", claims
+
+
+def summarize(results: list[dict] | dict, root: str, total_seconds: float, command: str,
+              total_cpu_seconds: float | None = None) -> str:
+  """Writes results.csv / results.md / frontier.png under ``root``; returns the markdown table.
+
+  ``results``: one ``{stage: final metrics}`` per seed (seed k's stages in :func:`seed_root`); one
+  seed (or a bare dict) writes the single-run table, several the mean ± s.e. table (module
+  docstring; the CSV has a ``mean`` row per method, then every seed's rows).
+  """
+  if isinstance(results, dict):
+    results = [results]
+  tables = [seed_table(r, seed_root(root, k)) for k, r in enumerate(results)]
+  preamble = _preamble(command, total_seconds, total_cpu_seconds)
+  csv_path, md_path = os.path.join(root, "results.csv"), os.path.join(root, "results.md")
+  png_path = os.path.join(root, "frontier.png")
+  title = "Offline pipeline on the synthetic task"
+  plot_title = "Synthetic task: gold reward vs KL to SFT"
+  if len(results) == 1:
+    rows, points, curves, baseline = tables[0]
+    table = frontier.write_table(rows, COLUMNS, csv_path=csv_path, md_path=md_path, title=title,
+                                 preamble=preamble)
+    frontier.plot_frontier(points, png_path, curves=curves, sft_gold=baseline, title=plot_title)
+    return table
+
+  n = len(results)
+  per_seed_rows = [[{**row, "seed": k} for row in t[0]] for k, t in enumerate(tables)]
+  agg = seeds.aggregate_rows(per_seed_rows, STAT_COLUMNS, MEAN_COLUMNS)
+  frontier.write_table([{**r, "seed": "mean"} for r in agg] +
+                       [r for rows in per_seed_rows for r in rows], SEED_CSV_COLUMNS,
+                       csv_path=csv_path, md_path=None)
+  shown = [{
+      **{c: r.get(c) for c in MEAN_COLUMNS}, "method": r["method"], "seeds": r["num_seeds"],
+      "status": r["status"],
+      **{c: seeds.format_mean_se(r[f"{c}_stat"]) for c in STAT_COLUMNS}} for r in agg]
+  methods = [r["method"] for r in agg if r["gold_reward"] is not None]
+  diffs, claims = gold_differences(per_seed_rows, methods)
+  stage_sums = ", ".join(
+      f"seed {k} {train.format_duration(sum(r.get('_seconds') or 0.0 for r in res.values()))}"
+      for k, res in enumerate(results))
+  preamble += (f"  \nSeeds: {n} (seed k offsets every RNG seed of every stage by k; the synthetic "
+               "task is fixed); each number is the mean ± standard error over the seeds "
+               f"(s / √n); stage wall time summed per seed: {stage_sums}.")
+  postscript = (
+      "\n## Gold reward differences, paired by seed\n\nMean ± s.e. of the per-seed difference "
+      "(the methods of one seed share its SFT model, reward model and evaluation samples); **bold**: "
+      f"|mean| > 2 s.e. (with {n} seeds a screen, not a significance test).\n\n" + diffs +
+      "\nSupported orderings: " + ("; ".join(claims) if claims else "none") + ".\n"
+      "\n## Each seed\n\n" +
+      frontier.markdown_table([r for rows in per_seed_rows for r in rows], PER_SEED_MD_COLUMNS))
+  table = frontier.write_table(shown, SEED_MD_COLUMNS, csv_path=None, md_path=md_path,
+                               title=f"{title} ({n} seeds)", preamble=preamble,
+                               postscript=postscript)
+  points = [{
+      "label": r["method"], "kl_to_sft": r["kl_to_sft"], "gold_reward": r["gold_reward"],
+      "kl_to_sft_se": r["kl_to_sft_se"], "gold_reward_se": r["gold_reward_se"]}
+            for r in agg
+            if r["method"] not in ("sft", "reward model")]
+  seed_points = [{
+      "label": p["label"], "kl_to_sft": p["kl_to_sft"], "gold_reward": p["gold_reward"]}
+                 for t in tables
+                 for p in t[1]]
+  sft = agg[0]
+  seed_points += [{"label": "SFT", "kl_to_sft": 0.0, "gold_reward": t[3]} for t in tables]
+  frontier.plot_frontier(points, png_path, curves=mean_curves([t[2] for t in tables]),
+                         sft_gold=sft["gold_reward"], sft_gold_se=sft["gold_reward_se"],
+                         seed_points=seed_points,
+                         title=f"{plot_title} (mean ± s.e., {n} seeds; small: each seed)")
   return table
 
 
-def run_pipeline(config, root: str, command: str = "") -> dict:
+def run_pipeline(config, root: str, command: str = "") -> list[dict]:
+  """Runs every stage for every seed (stage by stage); returns one ``{stage: final}`` per seed."""
   stages = stage_names(config)
+  n = num_seeds(config)
   os.makedirs(root, exist_ok=True)
   start, cpu_start = time.time(), time.process_time()
-  results = {}
-  for i, name in enumerate(stages, 1):
-    if signals.stop_requested() is not None:  # a stage was stopped by SIGTERM / Ctrl-C
-      logger.warning("stop signal received: not starting stage %s; rerun to resume", name)
-      break
-    results[name] = run_stage(name, config[name], root, i, len(stages), start)
-    if name in REQUIRED_STAGES and results[name]["_status"].startswith("failed"):
-      logger.error("stage %s failed; the later stages need it, stopping", name)
+  configs = [{name: seed_config(config[name], k) for name in stages} for k in range(n)]
+  if n > 1:
+    logger.info("%d seeds: seed k adds k to %s of each stage (seed k > 0 in %s)", n,
+                sorted({key for name in stages for key in seed_keys(config[name])}),
+                seed_root(root, 1).replace("seed_1", "seed_<k>"))
+  results: list[dict] = [{} for _ in range(n)]
+  stopped: set[int] = set()  # seeds whose SFT or RM failed
+  index, total = 0, len(stages) * n
+  for name in stages:
+    for k in range(n):
+      if signals.stop_requested() is not None:  # a stage was stopped by SIGTERM / Ctrl-C
+        logger.warning("stop signal received: not starting stage %s; rerun to resume", name)
+        break
+      index += 1
+      if k in stopped:
+        continue
+      results[k][name] = run_stage(name, configs[k][name], seed_root(root, k), index, total, start,
+                                   seed=k if n > 1 else None)
+      if name in REQUIRED_STAGES and results[k][name]["_status"].startswith("failed"):
+        logger.error("stage %s%s failed; the later stages need it, stopping%s", name,
+                     f" (seed {k})" if n > 1 else "", f" seed {k}" if n > 1 else "")
+        stopped.add(k)
+    if signals.stop_requested() is not None or len(stopped) == n:
       break
   parallel.sync("pipeline_summary")  # the stages' files are on disk for every process
   table = parallel.write_on_coordinator(summarize, results, root,
