@@ -63,7 +63,7 @@ def method_of(config) -> str:
 
 
 def run(config, workdir: str):
-  return registry.get(method_of(config))(config, workdir)
+  return registry.run(method_of(config), config, workdir)  # plans memory first when asked
 
 
 def _summary(result) -> str:

@@ -14,7 +14,7 @@ from rlhf_jax.algorithms import registry
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rlhf_jax",
                     "algorithms")
-SHARED = {"common", "sections", "reference", "registry"}
+SHARED = {"common", "sections", "reference", "registry", "plan"}
 
 
 def _family(module: str) -> str:

@@ -49,4 +49,11 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 
 
 def run(name: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-  return get(name)(config, workdir)
+  """Runs method ``name``; the path every launcher takes (``experiments/run.py``, the pipeline,
+  iterated RLHF). With ``config.mesh.device_memory_gb > 0`` the run's memory is planned first
+  (``algorithms.plan.check_config``: compiled, nothing allocated) and a plan over that budget is
+  refused with ``PlanExceedsMemoryError`` before the method starts."""
+  fn = get(name)
+  from rlhf_jax.algorithms import plan  # pylint: disable=import-outside-toplevel
+  plan.check_config(config)
+  return fn(config, workdir)

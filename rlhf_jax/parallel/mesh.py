@@ -33,11 +33,16 @@ class MeshConfig:
     the resolved sizes must equal the number of devices (checked in :meth:`resolve`, which needs the
     device count). The default ``MeshConfig()`` is pure data parallelism over every device, which on a
     single device is the trivial 1x1x1 mesh.
+
+    ``device_memory_gb`` is not a mesh axis: the memory (GiB) of one device. When > 0, a launcher
+    plans the run's per-device memory first (``rlhf_jax.algorithms.plan``) and refuses, printing
+    the plan, when the planned peak exceeds it; 0 (the default) runs without a plan.
     """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  device_memory_gb: float = 0.0
 
   def __post_init__(self):
     for name in MESH_AXES:
@@ -48,6 +53,10 @@ class MeshConfig:
       if value == 0 or value < -1:
         raise ValueError(f"MeshConfig.{name} must be a positive size or -1 (the rest of the "
                          f"devices), got {value}")
+    if isinstance(self.device_memory_gb, bool) or not (isinstance(
+        self.device_memory_gb, (int, float)) and self.device_memory_gb >= 0):
+      raise ValueError(f"MeshConfig.device_memory_gb={self.device_memory_gb!r} is invalid; allowed: "
+                       "a number >= 0 (GiB per device; 0 = no memory plan)")
     wildcards = [name for name in MESH_AXES if getattr(self, name) == -1]
     if len(wildcards) > 1:
       raise ValueError(f"MeshConfig: at most one axis may be -1 (the rest of the devices), got "

@@ -1,0 +1,76 @@
+"""Memory plan of the DPO family (``algorithms.plan``): DPO's own train step and reference forward.
+
+Resident per device: the policy's params and AdamW moments, and the frozen reference's params
+(separate buffers: the policy's are donated to every step). Phases:
+
+* ``train_step`` — ``train.make_train_step(dpo.make_loss_fn(model, loss))`` over the stacked
+  ``[2B, T]`` pairwise batch plus its ``ref_logps [2B]``, jitted as the loop jits it;
+* ``reference`` — the on-the-fly reference forward (``reference.logps_fn``) over the same rows,
+  run before each step (``loss.reference_logps="on_the_fly"``; a precomputed table is a host
+  array, and SimPO / ORPO need no reference at all: no reference params, no phase).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import models, parallel, train
+from rlhf_jax.algorithms import plan as plan_lib
+from rlhf_jax.algorithms import reference, sections
+from rlhf_jax.algorithms.offline import dpo
+from rlhf_jax.parallel import memory_plan as mp
+from rlhf_jax.train import config_dicts
+
+
+def dpo_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
+             seq_len: int, optim: train.OptimConfig = train.OptimConfig(),
+             loss: dpo.DPOLossConfig = dpo.DPOLossConfig(),
+             rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """``batch_size`` pairs (``2 * batch_size`` rows) of ``seq_len`` tokens (module docstring)."""
+  rows = 2 * batch_size
+  plan_lib.check_rows(rows, mesh, "2 x data.batch_size", rules)
+  model = models.Transformer(model_config)
+  params = plan_lib.abstract_params(model, mesh, rules)
+  batch = plan_lib.rows_batch(rows, seq_len, mesh, rules,
+                              **{reference.REF_KEY: ((rows,), jnp.float32)})
+  step, state = plan_lib.train_step_phase(dpo.make_loss_fn(model, loss), params, optim, batch, mesh,
+                                          rules)
+  resident = {
+      "policy params": mp.per_device_bytes(state.params),
+      "optimizer state": mp.per_device_bytes(state.opt_state)}
+  phases = {"train_step": step}
+  with_reference = loss.uses_reference and loss.reference_logps == "on_the_fly"
+  if loss.uses_reference:
+    resident["reference params"] = mp.per_device_bytes(params)
+  if with_reference:
+    rows_sh = parallel.data_sharding(mesh, rules)
+    fwd = jax.jit(
+        reference.logps_fn(model), in_shardings=(jax.tree.map(lambda x: x.sharding,
+                                                              params), rows_sh, rows_sh, rows_sh),
+        out_shardings=rows_sh)
+    seqs = [batch[k] for k in plan_lib.SEQ_KEYS]
+    phases["reference"] = mp.compile_phase(fwd, (params, *seqs), mesh=mesh,
+                                           resident=(True, False, False, False), rules=rules)
+  # The reference forward is 2·N·tokens of the 6·N·tokens a trained token costs.
+  flops = mp.train_flops(model_config, rows * seq_len, seq_len) * (4 / 3 if with_reference else 1)
+  return mp.MemoryPlan(
+      method="dpo", mesh_shape=plan_lib.mesh_shape(mesh), resident=resident, phases=phases,
+      gradients=mp.per_device_bytes(state.params), flops_per_step=flops, notes=[
+          f"{batch_size} pairs x {seq_len}", f"loss {loss.label}",
+          f"reference {loss.reference_logps if loss.uses_reference else 'none'}",
+          f"remat {model_config.remat_policy}"])
+
+
+def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
+         rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """The DPO planner of ``algorithms.plan.PLANNERS``: ``data.batch_size`` pairs x the longest
+  bucket, the config's ``loss`` and ``optim``."""
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
+  return dpo_plan(model_config, mesh, batch_size=int(config.data.batch_size),
+                  seq_len=max(limits.buckets or (limits.max_len,)),
+                  optim=config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim"),
+                  loss=config_dicts.to_dataclass(dpo.DPOLossConfig, config.loss,
+                                                 "loss"), rules=rules)

@@ -1,0 +1,216 @@
+"""Plan a method's per-device memory from its config before anything is allocated.
+
+The plan compiles the trainers' own jitted steps on abstract, sharded inputs
+(``parallel.memory_plan``): SFT's ``train.make_train_step(common.nll_loss_fn(model))`` jitted by
+``train.loop.jit_train_step``; DPO's step and its reference forward (``offline/plan.py``); PPO's
+generation, scoring, log-prob and update phases (``online/plan.py``). Entry points:
+
+* :func:`plan_method` — ``(method, model config, mesh, shapes)`` → ``MemoryPlan`` (what
+  ``experiments/plan_memory.py`` tabulates for ``llama_1b`` / an 8B Llama on 8..256 devices);
+* :func:`plan_config` — the same from an experiment config: the model comes from ``config.model``,
+  ``sources.pretrained`` (its ``config.json``) or the SFT run / reward model a stage starts from
+  (their stored configs; no checkpoint is read), the shapes from ``config.data`` / ``limits``;
+* :func:`check_config` — with ``config.mesh.device_memory_gb = X > 0``, plans and raises
+  ``parallel.memory_plan.PlanExceedsMemoryError`` (one line, then the plan) when the peak per
+  device exceeds X GiB. ``registry.run`` calls it, so every launcher refuses before allocating.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlhf_jax import models, parallel, train
+from rlhf_jax.algorithms import common, sections
+from rlhf_jax.parallel import memory_plan as mp
+from rlhf_jax.train import checkpoint as ckpt_lib
+from rlhf_jax.train import config_dicts
+
+# method -> module with ``plan(config, model_config, mesh, rules) -> MemoryPlan`` (lazily imported:
+# a family's planner imports that family's steps; this module imports no family).
+PLANNERS = {
+    "sft": "rlhf_jax.algorithms.plan", "dpo": "rlhf_jax.algorithms.offline.plan",
+    "ppo": "rlhf_jax.algorithms.online.plan"}
+
+SEQ_KEYS = ("tokens", "mask", "loss_mask")
+
+
+def abstract_params(module: Any, mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES) -> Any:
+  """A module's params as ``ShapeDtypeStruct`` s with the rules table's shardings on ``mesh``."""
+  shardings = parallel.logical_shardings(models.abstract_variables(module), mesh, rules)["params"]
+  return mp.with_shardings(models.abstract_params(module), shardings)
+
+
+def abstract_opt_state(optimizer: optax.GradientTransformation, params: Any,
+                       mesh: jax.sharding.Mesh) -> Any:
+  """``optimizer.init(params)`` abstractly, each moment sharded like its parameter and the rest
+  (Adam's count) replicated: the layout ``train.create_train_state`` produces."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  shapes = jax.eval_shape(optimizer.init, params)
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  shardings = optax.tree_map_params(optimizer, lambda _, s: s, shapes, param_sh,
+                                    transform_non_params=lambda _: rep)
+  return mp.with_shardings(shapes, shardings)
+
+
+def abstract_train_state(params: Any, optimizer: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh) -> train.TrainState:
+  rep = NamedSharding(mesh, PartitionSpec())
+  return train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
+                          opt_state=abstract_opt_state(optimizer, params, mesh),
+                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+
+
+def rows_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES,
+               **extra: Any) -> dict:
+  """Abstract ``tokens / mask / loss_mask [rows, seq_len]`` int32 (the collators' dtypes), rows
+  split over the batch axes, plus ``extra`` name -> (shape, dtype) leaves sharded the same way."""
+  sharding = parallel.data_sharding(mesh, rules)
+  batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=sharding) for k in SEQ_KEYS}
+  for name, (shape, dtype) in extra.items():
+    batch[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return batch
+
+
+def train_step_phase(loss_fn: Any, params: Any, optim: train.OptimConfig, batch: dict,
+                     mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES):
+  """The method's train step exactly as the loop runs it (``make_train_step`` +
+  ``jit_train_step``: state shardings in and out, donated) → ``(PhaseMemory, abstract state)``."""
+  optimizer, schedule = train.make_optimizer(optim, 1000)
+  state = abstract_train_state(params, optimizer, mesh)
+  step = train.make_train_step(loss_fn, optimizer, schedule,
+                               grad_accum_steps=optim.grad_accum_steps)
+  jitted = train.loop.jit_train_step(step, state, mesh, rules)
+  return mp.compile_phase(jitted, (state, batch), mesh=mesh, resident=(True, False),
+                          rules=rules), state
+
+
+def mesh_shape(mesh: jax.sharding.Mesh) -> dict:
+  return {k: int(v) for k, v in mesh.shape.items()}
+
+
+def check_rows(rows: int, mesh: jax.sharding.Mesh, what: str, rules=parallel.DEFAULT_RULES):
+  axes = parallel.batch_axes(rules)
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  ways = 1
+  for a in axes:
+    ways *= mesh.shape[a]
+  if rows % ways:
+    raise ValueError(f"{what}={rows} rows do not split over the mesh's {ways} batch ways "
+                     f"({' x '.join(axes)}); use a multiple of {ways}")
+
+
+def sft_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
+             seq_len: int, optim: train.OptimConfig = train.OptimConfig(),
+             aggregation: str = "token_mean", rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """SFT: the policy's params and AdamW moments resident; one train step on ``[batch, seq_len]``."""
+  check_rows(batch_size, mesh, "data.batch_size", rules)
+  model = models.Transformer(model_config)
+  params = abstract_params(model, mesh, rules)
+  phase, state = train_step_phase(common.nll_loss_fn(model, aggregation), params, optim,
+                                  rows_batch(batch_size, seq_len, mesh, rules), mesh, rules)
+  return mp.MemoryPlan(
+      method="sft", mesh_shape=mesh_shape(mesh), resident={
+          "policy params": mp.per_device_bytes(state.params),
+          "optimizer state": mp.per_device_bytes(state.opt_state)}, phases={"train_step": phase},
+      gradients=mp.per_device_bytes(state.params),
+      flops_per_step=mp.train_flops(model_config, batch_size * seq_len, seq_len), notes=[
+          f"batch {batch_size} x {seq_len}", f"remat {model_config.remat_policy}",
+          f"scan_layers {model_config.scan_layers}", f"dtype {model_config.dtype}"])
+
+
+def plan_method(method: str, config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
+                rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """The plan of ``method`` for an experiment ``config`` (its data / limits / optim / loss / ppo
+  sections) with the policy ``model_config`` on ``mesh``."""
+  if method not in PLANNERS:
+    raise ValueError(f"config.mesh.device_memory_gb: no memory plan for method {method!r}; "
+                     f"planned: {' | '.join(PLANNERS)} (set config.mesh.device_memory_gb=0 to run "
+                     "unchecked)")
+  return importlib.import_module(PLANNERS[method]).plan(config, model_config, mesh, rules)
+
+
+def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
+         rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """SFT's planner (``PLANNERS["sft"]``): batch ``data.batch_size`` x the longest bucket."""
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
+  optim = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
+  return sft_plan(model_config, mesh, batch_size=int(config.data.batch_size),
+                  seq_len=max(limits.buckets or (limits.max_len,)), optim=optim,
+                  aggregation=config.get("aggregation", "token_mean"), rules=rules)
+
+
+# ----------------------------------------------------------------------------------------------------
+# From an experiment config
+# ----------------------------------------------------------------------------------------------------
+
+
+def stored_model_config(source: str, model_section: Any = None) -> models.ModelConfig:
+  """The model config of a run a stage starts from, read from its files (no params are read):
+  an SFT (or any loop) run's ``run_fingerprint.json``, or a Hugging Face folder's
+  ``config.json`` (``sources.pretrained``; ``config.model``'s runtime fields on top)."""
+  if train.runs.is_pretrained(source):
+    from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+    path = train.runs.pretrained_path(source)
+    return hf.config_from_hf(hf.read_config(path), source=os.path.join(path, "config.json"),
+                             **common.model_overrides(model_section))
+  path = os.path.join(source, ckpt_lib.FINGERPRINT_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"config.mesh.device_memory_gb: {source} has no {os.path.basename(path)} "
+                     "to plan from; allowed: a finished (or started) SFT run directory")
+  with open(path) as f:
+    fields = json.load(f)["model"]
+  return models.ModelConfig(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def policy_model_config(config: Any) -> models.ModelConfig:
+  """The policy's model config for ``config``: ``sources.pretrained`` / ``sources.sft_workdir``
+  when set, else ``config.model`` (``vocab_size`` following the tokenizer, as SFT does)."""
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  if sources.policy:
+    return stored_model_config(sources.policy, config.get("model"))
+  if "model" not in config:
+    raise ValueError("config.mesh.device_memory_gb: no config.model and no sources.sft_workdir / "
+                     "sources.pretrained to plan the policy from")
+  section = config.model.to_dict()
+  if section.get("vocab_size") is None:
+    from rlhf_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+    section["vocab_size"] = tokenizers.load_tokenizer(sources.tokenizer or "byte").vocab_size
+  return config_dicts.build_model_config(section)
+
+
+def plan_config(config: Any, rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """The plan of an experiment config on the mesh ``parallel.mesh_from_config`` builds from it."""
+  if sections.lora_section(config).config() is not None:
+    raise ValueError("config.mesh.device_memory_gb: LoRA runs are not planned yet; set "
+                     "config.mesh.device_memory_gb=0")
+  method = config.get("method", "")
+  if method not in PLANNERS:  # before reading any source: the message names what is planned
+    plan_method(method, config, None, None, rules)
+  mesh = parallel.mesh_from_config(config.mesh)
+  return plan_method(method, config, policy_model_config(config), mesh, rules)
+
+
+def device_memory_gb(config: Any) -> float:
+  mesh = config.get("mesh") if hasattr(config, "get") else None
+  value = mesh.get("device_memory_gb", 0.0) if mesh is not None else 0.0
+  return float(value or 0.0)
+
+
+def check_config(config: Any) -> mp.MemoryPlan | None:
+  """With ``config.mesh.device_memory_gb > 0``: the plan, or ``PlanExceedsMemoryError`` when its
+  peak exceeds that many GiB per device. ``None`` (nothing planned) when the limit is 0."""
+  limit = device_memory_gb(config)
+  if not limit:
+    return None
+  result = plan_config(config)
+  result.check(limit)
+  return result
