@@ -497,3 +497,23 @@ def test_stage_launchers_report_errors_in_one_line_and_refuse_multi_process(
                             what="cai.py", multi_process=False)
   assert exit_info.value.code == 2 and not ran
   assert "cai.py runs as one process" in capsys.readouterr().err
+
+
+def test_a_stage_stopped_by_a_signal_is_not_marked_finished(tmp_path, monkeypatch):
+  """``train.run_or_reuse`` (the multi-stage launchers' stage runner): a stage whose loop was
+  stopped (``preempted``) or that returned after a stop signal gets no ``final_metrics.json``
+  and raises ``Interrupted``, so the rerun resumes it instead of reusing a partial run."""
+  def stage(metrics):
+    return lambda workdir: (os.makedirs(workdir, exist_ok=True), metrics)[1]
+
+  with pytest.raises(signals.Interrupted):
+    train.run_or_reuse("sft", str(tmp_path), stage({"step": 47, "preempted": True}))
+  assert not (tmp_path / "sft" / "final_metrics.json").exists()
+  monkeypatch.setattr(signals, "stop_requested", lambda: signal.SIGTERM)
+  with pytest.raises(signals.Interrupted, match="SIGTERM"):
+    train.run_or_reuse("label", str(tmp_path), stage({"pairs": 8}))
+  assert not (tmp_path / "label" / "final_metrics.json").exists()
+  monkeypatch.setattr(signals, "stop_requested", lambda: None)
+  assert train.run_or_reuse("label", str(tmp_path), stage({"pairs": 8}))["pairs"] == 8
+  reused = train.run_or_reuse("label", str(tmp_path), lambda workdir: 1 / 0)  # not rerun
+  assert reused["pairs"] == 8 and "_seconds" in reused

@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 from rlhf_jax import models
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.train import checkpoint as ckpt_lib
+from rlhf_jax.train import signals
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +237,11 @@ def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any]]) -
   start = time.time()
   # NumPy scalars in a stage's metrics are written as plain floats.
   final = json.loads(json.dumps(dict(fn(workdir)), default=float))
+  signum = signals.stop_requested()
+  if final.get("preempted") or signum is not None:
+    # A stopped stage is not finished: no final_metrics.json, so the rerun resumes it from its
+    # last checkpoint instead of reusing a partial run, and no later stage starts on it.
+    raise signals.Interrupted(signum or signal.SIGTERM)
   final["_seconds"] = round(time.time() - start, 1)
   ckpt_lib.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
   logger.info("[%s] done in %s", name, format_duration(final["_seconds"]))
