@@ -12,8 +12,10 @@ Layout of a workdir::
 
 Orbax writes every step into a temporary directory and renames it once all items are committed, and
 ``latest_step`` only sees committed steps, so a checkpoint cut by ``kill -9`` is never read (its
-temporary directory is deleted on the next start). The JSON files here are written to a temporary
-file and ``os.replace``-d, which is atomic on POSIX.
+temporary directory is deleted on the next start). The JSON files here are written with
+``fileio.atomic_write_json`` (a temporary file + ``os.replace`` locally; one object upload on an
+object store). Every path goes through ``rlhf_jax.fileio`` (``etils.epath``), so a ``gs://``
+workdir is checkpointed there (orbax takes the ``epath.Path`` as it is).
 
 Verification: once orbax has committed a step the manifest is written (atomically); restoring
 checks it (a truncated, deleted or flipped file, a missing metadata file, an empty manifest or an
@@ -29,12 +31,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
+from rlhf_jax import fileio
 
 logger = logging.getLogger(__name__)
 _PROCESS_START = time.time()  # temp files older than this were left by an earlier process
@@ -58,7 +61,7 @@ _TMP_MARKERS = (".tmp-", ".tmp.", ".orbax-checkpoint-tmp")
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.open_file(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -66,9 +69,9 @@ def _sha256(path: str) -> str:
 
 def _step_files(step_path: str) -> list[str]:
   out = []
-  for root, _, names in os.walk(step_path):
+  for root, _, names in fileio.walk(step_path):
     for name in names:
-      rel = os.path.relpath(os.path.join(root, name), step_path)
+      rel = fileio.relpath(fileio.join(root, name), step_path)
       if rel != MANIFEST_FILE and not any(marker in name for marker in _TMP_MARKERS):
         out.append(rel)  # (a temp file of an interrupted write is not part of the step)
   return sorted(out)
@@ -82,10 +85,10 @@ def write_manifest(step_path: str) -> dict:
   """
   files = {
       rel: {
-          "size": os.path.getsize(os.path.join(step_path, rel)),
-          "sha256": _sha256(os.path.join(step_path, rel))} for rel in _step_files(step_path)}
+          "size": fileio.getsize(fileio.join(step_path, rel)),
+          "sha256": _sha256(fileio.join(step_path, rel))} for rel in _step_files(step_path)}
   manifest = {"version": 1, "files": files}
-  atomic_write_json(os.path.join(step_path, MANIFEST_FILE), manifest)
+  atomic_write_json(fileio.join(step_path, MANIFEST_FILE), manifest)
   return manifest
 
 
@@ -97,13 +100,13 @@ def verify_step(step_path: str) -> tuple[str, str]:
   it loads and is finite) or ``"bad"`` (``detail`` says what is wrong: an empty folder, an
   unreadable or empty manifest, a missing / truncated / changed file).
   """
-  if not os.path.isdir(step_path):
+  if not fileio.isdir(step_path):
     return "bad", "the folder is missing"
-  if not os.listdir(step_path):
+  if not fileio.listdir(step_path):
     return "bad", "the step folder is empty"
-  path = os.path.join(step_path, MANIFEST_FILE)
-  if not os.path.exists(path):
-    if not os.path.exists(os.path.join(step_path, "_CHECKPOINT_METADATA")):
+  path = fileio.join(step_path, MANIFEST_FILE)
+  if not fileio.exists(path):
+    if not fileio.exists(fileio.join(step_path, "_CHECKPOINT_METADATA")):
       return "bad", "no manifest and no orbax metadata (_CHECKPOINT_METADATA)"
     return "unverified", "no manifest"
   try:
@@ -114,10 +117,10 @@ def verify_step(step_path: str) -> tuple[str, str]:
   except (OSError, ValueError, KeyError, TypeError) as err:
     return "bad", f"its manifest {MANIFEST_FILE} is unreadable or empty ({err})"
   for rel, entry in sorted(files.items()):
-    full = os.path.join(step_path, rel)
-    if not os.path.isfile(full):
+    full = fileio.join(step_path, rel)
+    if not fileio.isfile(full):
       return "bad", f"file {rel} is missing"
-    size = os.path.getsize(full)
+    size = fileio.getsize(full)
     if size != entry["size"]:
       return "bad", f"file {rel} has {size} bytes, the manifest says {entry['size']} (truncated?)"
     if _sha256(full) != entry["sha256"]:
@@ -145,26 +148,27 @@ def clean_temp_files(workdir: str) -> list[str]:
   concurrent writer on the same machine is never disturbed.
   """
   removed = []
-  if not os.path.isdir(workdir):
+  if not fileio.isdir(workdir):
     return removed
-  for root, dirs, names in os.walk(workdir):
+  for root, dirs, names in fileio.walk(workdir):
     for name in list(dirs) + names:
       if not any(marker in name for marker in _TMP_MARKERS):
         continue
       tail = name.rsplit("tmp", 1)[-1].lstrip("-.")
-      full = os.path.join(root, name)
+      full = fileio.join(root, name)
       if tail.isdigit() and ".orbax" not in name and _alive(int(tail)):
         continue
       with contextlib.suppress(OSError):
-        if os.path.getmtime(full) >= _PROCESS_START:  # written by this job (another process)
+        if fileio.getmtime(full) >= _PROCESS_START:  # written by this job (another process)
           continue
-      if os.path.isdir(full):
-        shutil.rmtree(full, ignore_errors=True)
-        dirs.remove(name) if name in dirs else None
+      if name in dirs:
+        with contextlib.suppress(OSError):
+          fileio.rmtree(full)
+        dirs.remove(name)
       else:
         with contextlib.suppress(OSError):
-          os.remove(full)
-      removed.append(os.path.relpath(full, workdir))
+          fileio.remove(full)
+      removed.append(fileio.relpath(full, workdir))
   if removed:
     logger.info("removed %d temporary file(s) an interrupted run left in %s: %s", len(removed),
                 workdir, ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
@@ -184,20 +188,12 @@ def _alive(pid: int) -> bool:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` via a temp file + ``os.replace`` (never half-written)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes ``obj`` as JSON to ``path`` (local or remote), never half-written (``fileio``)."""
+  fileio.atomic_write_json(path, obj)
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(path)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -227,9 +223,9 @@ def check_fingerprint(workdir: str, fingerprint: Mapping[str, Any]) -> None:
     WorkdirMismatchError: naming each differing key, before orbax is ever asked to restore.
   """
   current = json.loads(json.dumps(fingerprint))  # normalise tuples -> lists etc.
-  path = os.path.join(workdir, FINGERPRINT_FILE)
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  if os.path.exists(path):
+  path = fileio.join(workdir, FINGERPRINT_FILE)
+  ckpt_dir = fileio.join(workdir, CHECKPOINT_DIR)
+  if fileio.exists(path):
     stored = read_json(path)
     diff = fingerprint_diff(stored, current)
     if diff:
@@ -238,7 +234,7 @@ def check_fingerprint(workdir: str, fingerprint: Mapping[str, Any]) -> None:
           "checkpoints cannot be resumed by this run:\n" + "\n".join(diff) +
           "\nUse a fresh --workdir, or the same config as the stored run.")
     return
-  if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+  if fileio.isdir(ckpt_dir) and any(name.isdigit() for name in fileio.listdir(ckpt_dir)):
     raise WorkdirMismatchError(
         f"workdir {workdir!r} has checkpoints but no {FINGERPRINT_FILE}; refusing to guess whether "
         "they match this run's model. Use a fresh --workdir.")
@@ -264,19 +260,19 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep={keep} is invalid; allowed: an int >= 1 (checkpoints kept).")
     check_fingerprint(workdir, fingerprint)
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.workdir = fileio.absolute(workdir)
+    self.directory = fileio.join(self.workdir, CHECKPOINT_DIR)
     self.keep = keep
     # Rotation is done here (max_to_keep=None), after a step is verified, not by orbax at save time.
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
+    self._manager = ocp.CheckpointManager(fileio.path(self.directory), options=options,
                                           item_names=("state", "data"))
     self._pending: list[int] = []  # saved steps whose manifest is not written yet
     self._is_main = jax.process_index() == 0
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return fileio.join(self.directory, str(step))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -300,7 +296,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if self._is_main:
       for step in self._pending:
-        if os.path.isdir(self.step_path(step)):
+        if fileio.isdir(self.step_path(step)):
           write_manifest(self.step_path(step))
     # Every process decides alike: the steps just finalized count as verified everywhere, even
     # where process 0's manifest is not visible yet (orbax's delete synchronises the processes).
@@ -312,7 +308,7 @@ class Checkpointer:
     kept = set(steps[-self.keep:])
     verified = [
         s for s in steps
-        if s in just_verified or os.path.exists(os.path.join(self.step_path(s), MANIFEST_FILE))]
+        if s in just_verified or fileio.exists(fileio.join(self.step_path(s), MANIFEST_FILE))]
     if verified and not kept & set(verified):
       kept.add(verified[-1])  # the newest verified step stays until a newer one is verified
     for step in steps:
@@ -375,11 +371,11 @@ class Checkpointer:
     return result
 
   def _quarantine(self, step: int) -> str:
-    target = os.path.join(self.workdir, QUARANTINE_DIR, f"{step}-{int(time.time())}")
+    target = fileio.join(self.workdir, QUARANTINE_DIR, f"{step}-{int(time.time())}")
     if self._is_main:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
+      fileio.makedirs(fileio.join(self.workdir, QUARANTINE_DIR))
       with contextlib.suppress(OSError):
-        os.replace(self.step_path(step), target)
+        fileio.rename(self.step_path(step), target)
     return target
 
   def wait(self) -> None:
@@ -394,11 +390,11 @@ class Checkpointer:
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
   """A manager that only reads ``<workdir>/checkpoints`` (handlers given, so metadata needs no args)."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  directory = fileio.join(fileio.absolute(workdir), CHECKPOINT_DIR)
+  if not fileio.isdir(directory):
     raise FileNotFoundError(f"no checkpoints under {directory!r}")
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
+      fileio.path(directory), options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
 
@@ -414,10 +410,10 @@ def latest_step(workdir: str) -> int | None:
   """The latest committed checkpoint step in ``workdir`` whose files match its manifest (a step
   without a manifest counts: written before manifests existed, or cut before its manifest); steps
   that fail the check are skipped with a warning naming them. None if there is none."""
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+  if not fileio.isdir(fileio.join(workdir, CHECKPOINT_DIR)):
     return None
   for step in reversed(_committed_steps(workdir)):
-    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+    path = fileio.join(fileio.absolute(workdir), CHECKPOINT_DIR, str(step))
     status, detail = verify_step(path)
     if status != "bad":
       return step
@@ -438,8 +434,8 @@ def restore_params(workdir: str, step: int | None = None, abstract_params: Any =
   """
   step = latest_step(workdir) if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no finished checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
-  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+    raise FileNotFoundError(f"no finished checkpoint under {fileio.join(workdir, CHECKPOINT_DIR)}")
+  path = fileio.join(fileio.absolute(workdir), CHECKPOINT_DIR, str(step))
   status, detail = verify_step(path)
   if status == "bad":
     raise CheckpointCorruptError(f"checkpoint {path} is unusable: {detail}")

@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
@@ -42,6 +41,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax import fileio
 from rlhf_jax import parallel
 from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train import guard
@@ -253,10 +253,10 @@ def default_token_count(batch: Mapping[str, np.ndarray]) -> float:
 
 def _finished_eval(workdir: str, step: int) -> dict | None:
   """The evaluation a finished run logged at its last ``step`` (None: it did not get that far)."""
-  path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  path = fileio.join(workdir, metrics_lib.METRICS_FILE)
   found = None
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
+  if fileio.isfile(path):
+    with fileio.open_file(path) as f:
       for line in f:
         try:
           row = json.loads(line)
@@ -269,8 +269,8 @@ def _finished_eval(workdir: str, step: int) -> dict | None:
 
 def _read_stop(workdir: str, step: int) -> dict | None:
   """The stop record of a run that ``should_stop`` ended at checkpoint ``step`` (else None)."""
-  path = os.path.join(workdir, STOP_FILE)
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, STOP_FILE)
+  if not fileio.isfile(path):
     return None
   record = ckpt_lib.read_json(path)
   return record if record.get("step") == step else None
@@ -330,7 +330,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   checkpointer = ckpt_lib.Checkpointer(workdir, fingerprint=fingerprint,
                                        keep=config.keep_checkpoints)
   if run_config is not None and is_main:
-    ckpt_lib.atomic_write_json(f"{workdir}/config.json", dict(run_config))
+    ckpt_lib.atomic_write_json(fileio.join(workdir, "config.json"), dict(run_config))
   try:
     # A frozen part of the params (a LoRA base) is not in the checkpoints: it is the run's input.
     live, frozen = split_frozen(state)
@@ -352,7 +352,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   if stopped is not None:
     checkpointer.close()
     logger.info("this run already stopped at step %d (%s); delete %s to train on", start,
-                stopped["reason"], os.path.join(workdir, STOP_FILE))
+                stopped["reason"], fileio.join(workdir, STOP_FILE))
     return TrainResult(state=state, step=start, preempted=False,
                        eval_metrics=dict(stopped.get("eval_metrics",
                                                      {})), stop_reason=stopped["reason"])
@@ -361,8 +361,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
     if done is not None:  # the final checkpoint and (if any) its evaluation are on disk
       checkpointer.close()
       logger.info("this run already finished at step %d in %s: nothing to do", start, workdir)
-      initial_path = os.path.join(workdir, INITIAL_EVAL_FILE)
-      initial = ckpt_lib.read_json(initial_path) if os.path.exists(initial_path) else {}
+      initial_path = fileio.join(workdir, INITIAL_EVAL_FILE)
+      initial = ckpt_lib.read_json(initial_path) if fileio.exists(initial_path) else {}
       return TrainResult(state=state, step=start, preempted=False, eval_metrics=done,
                          initial_eval_metrics=initial)
   if signals.stop_requested() is not None:  # a stop signal reached an earlier stage of this job
@@ -449,8 +449,8 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
   try:
     with mesh_ctx, signals.SigtermWatch(handles=True) as stop:
       if initial_eval and eval_fn is not None:
-        initial_path = os.path.join(workdir, INITIAL_EVAL_FILE)
-        if os.path.exists(initial_path):
+        initial_path = fileio.join(workdir, INITIAL_EVAL_FILE)
+        if fileio.exists(initial_path):
           initial_metrics = ckpt_lib.read_json(initial_path)
         elif start == 0:
           initial_metrics = evaluate(0)
@@ -541,7 +541,7 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
         eval_metrics = evaluate(step)
       if stop_reason and is_main:
         ckpt_lib.atomic_write_json(
-            os.path.join(workdir, STOP_FILE),
+            fileio.join(workdir, STOP_FILE),
             {"step": step, "reason": stop_reason, "eval_metrics": eval_metrics})
   finally:
     checkpointer.close()

@@ -13,18 +13,27 @@ session, and the samples an evaluation appended to ``<workdir>/samples.jsonl`` a
 after ``s`` (:func:`purge_events`), so what the interrupted run logged after its last checkpoint
 is gone from the files too, like the JSONL truncation (``samples.jsonl`` likewise).
 :func:`read_tensorboard` reads the files back (TensorBoard's own reader is not a dependency).
+
+Paths go through ``rlhf_jax.fileio``: with a remote workdir (``gs://...``) the JSONL object is
+rewritten with each new row (object stores cannot append) and the event files are written to a
+local staging folder and uploaded after every flush (tensorboardX would need a GCS client).
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import struct
+import tempfile
 import time
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+from rlhf_jax import fileio
 
 logger = logging.getLogger(__name__)
 
@@ -76,36 +85,51 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, resume_step: int | None = None,
                tensorboard_events: bool = True, hparams: Mapping[str, Any] | None = None):
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl_path = os.path.join(workdir, METRICS_FILE)
-    if resume_step is not None and os.path.exists(self.jsonl_path):
+    fileio.makedirs(workdir)
+    self.jsonl_path = fileio.join(workdir, METRICS_FILE)
+    if resume_step is not None and fileio.exists(self.jsonl_path):
       _truncate_after(self.jsonl_path, resume_step)
-    if resume_step is not None and os.path.exists(os.path.join(workdir, SAMPLES_FILE)):
-      _truncate_after(os.path.join(workdir, SAMPLES_FILE), resume_step)
-    if resume_step is not None and os.path.isdir(os.path.join(workdir, TENSORBOARD_DIR)):
-      purge_events(os.path.join(workdir, TENSORBOARD_DIR), resume_step)
-    self._jsonl = open(self.jsonl_path, "a")
-    self._samples_path = os.path.join(workdir, SAMPLES_FILE)
-    self._samples_offset = (os.path.getsize(self._samples_path)
-                            if os.path.exists(self._samples_path) else 0)
+    if resume_step is not None and fileio.exists(fileio.join(workdir, SAMPLES_FILE)):
+      _truncate_after(fileio.join(workdir, SAMPLES_FILE), resume_step)
+    tb_dir = fileio.join(workdir, TENSORBOARD_DIR)
+    if resume_step is not None and fileio.isdir(tb_dir):
+      purge_events(tb_dir, resume_step)
+    # A local file is appended through one open handle; a remote object is rewritten per row.
+    self._jsonl = None if fileio.is_remote(self.jsonl_path) else open(self.jsonl_path, "a")
+    self._samples_path = fileio.join(workdir, SAMPLES_FILE)
+    self._samples_offset = (fileio.getsize(self._samples_path)
+                            if fileio.exists(self._samples_path) else 0)
     self._tb = None
+    self._tb_remote = tb_dir if fileio.is_remote(tb_dir) else None
+    self._tb_local = tempfile.mkdtemp(prefix="rlhf_jax_tb_") if self._tb_remote else tb_dir
     if tensorboard_events:
       import tensorboardX  # pylint: disable=import-outside-toplevel
 
       # pid + counter: two writers opened in the same second get distinct files (the name's
       # timestamp has one-second resolution).
       self._tb = tensorboardX.SummaryWriter(
-          os.path.join(workdir, TENSORBOARD_DIR),
+          self._tb_local,
           flush_secs=30,
           # rows of step <= resume_step were logged before the checkpoint and are kept (as in
           # the JSONL); later ones were logged by the interrupted run after it.
           purge_step=None if resume_step is None else resume_step + 1,
           filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
       if hparams is None:
-        config_path = os.path.join(workdir, "config.json")
-        hparams = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        config_path = fileio.join(workdir, "config.json")
+        hparams = fileio.read_json(config_path) if fileio.exists(config_path) else {}
       if hparams:
         self._write_hparams(flatten_hparams(hparams))
+        self._flush_tb()
+
+  def _flush_tb(self) -> None:
+    """Flushes the event files; with a remote workdir, uploads the staged ones (whole files)."""
+    self._tb.flush()
+    self._upload_tb()
+
+  def _upload_tb(self) -> None:
+    if self._tb_remote:
+      for name in os.listdir(self._tb_local):
+        fileio.upload_file(os.path.join(self._tb_local, name), fileio.join(self._tb_remote, name))
 
   def _write_hparams(self, hparams: dict[str, Any]) -> None:
     from tensorboardX import summary  # pylint: disable=import-outside-toplevel
@@ -116,36 +140,39 @@ class MetricsWriter:
   def write(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
     row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
     row.update({k: _clean(v) for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is None:
+      fileio.append_text(self.jsonl_path, json.dumps(row) + "\n")
+    else:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
       if split != "train":
         self._write_new_samples(int(step), split)
-      self._tb.flush()
+      self._flush_tb()
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A markdown text summary (TensorBoard's text tab)."""
     if self._tb is not None:
       self._tb.add_text(tag, text, int(step))
-      self._tb.flush()
+      self._flush_tb()
 
   def _write_new_samples(self, step: int, split: str) -> None:
     """The rows of ``samples.jsonl`` this evaluation appended, as a text table."""
-    if not os.path.exists(self._samples_path):
+    if not fileio.exists(self._samples_path):
       return
-    with open(self._samples_path, encoding="utf-8") as f:
+    with fileio.open_file(self._samples_path, "rb") as f:
       f.seek(self._samples_offset)
-      lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):  # a row being written: read it next time
-      lines = lines[:-1]
-    self._samples_offset += sum(len(line.encode("utf-8")) for line in lines)
+      # Split on b"\n" only (JSON text may hold other line separators); the part after the last
+      # newline is a row being written: read it next time.
+      lines = f.read().split(b"\n")[:-1]
+    self._samples_offset += sum(len(line) + 1 for line in lines)
     rows = []
     for line in lines:
       try:
         row = json.loads(line)
-      except json.JSONDecodeError:
+      except ValueError:  # not JSON, or not UTF-8
         continue
       if row.get("step") == step and len(rows) < MAX_TEXT_SAMPLES:
         rows.append(row)
@@ -153,9 +180,13 @@ class MetricsWriter:
       self._tb.add_text(f"{split}/samples", _samples_markdown(rows), step)
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      self._upload_tb()
+      if self._tb_remote:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 class TensorBoardEvents(NamedTuple):
@@ -170,8 +201,7 @@ def _records(path: str) -> Iterator[bytes]:
   """The payloads of a TFRecord file (``uint64 len | crc | data | crc``); CRCs are checked."""
   from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
 
-  with open(path, "rb") as f:
-    data = f.read()
+  data = fileio.read_bytes(path)
   pos = 0
   while pos + 12 <= len(data):
     header = data[pos:pos + 8]
@@ -195,9 +225,9 @@ def read_tensorboard(logdir: str) -> TensorBoardEvents:
   from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=import-outside-toplevel
 
   files = []
-  for name in os.listdir(logdir):
+  for name in fileio.listdir(logdir):
     if ".tfevents." in name:
-      path = os.path.join(logdir, name)
+      path = fileio.join(logdir, name)
       first = next(_records(path), None)
       wall = event_pb2.Event.FromString(first).wall_time if first else 0.0
       files.append((wall, name, path))
@@ -244,10 +274,10 @@ def purge_events(logdir: str, step: int) -> int:
   from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
 
   dropped = 0
-  for name in sorted(os.listdir(logdir)):
+  for name in fileio.listdir(logdir):
     if ".tfevents." not in name or ".tmp" in name:
       continue
-    path = os.path.join(logdir, name)
+    path = fileio.join(logdir, name)
     kept, cut = [], 0
     try:
       for record in _records(path):
@@ -261,20 +291,19 @@ def purge_events(logdir: str, step: int) -> int:
     if not cut:
       continue
     dropped += cut
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      for record in kept:
-        header = struct.pack("<Q", len(record))
-        f.write(header + struct.pack("<I", masked_crc32c(header)) + record +
-                struct.pack("<I", masked_crc32c(record)))
-    os.replace(tmp, path)
+    out = []
+    for record in kept:
+      header = struct.pack("<Q", len(record))
+      out.append(header + struct.pack("<I", masked_crc32c(header)) + record +
+                 struct.pack("<I", masked_crc32c(record)))
+    fileio.atomic_write_bytes(path, b"".join(out))
   return dropped
 
 
 def _truncate_after(path: str, step: int) -> None:
   """Atomically rewrites a metrics JSONL keeping the rows with ``step <= step``."""
   keep = []
-  with open(path) as f:
+  with fileio.open_file(path) as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -282,16 +311,13 @@ def _truncate_after(path: str, step: int) -> None:
         continue
       if row.get("step", 0) <= step:
         keep.append(line if line.endswith("\n") else line + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, "".join(keep))
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   """Rows of ``<workdir>/metrics.jsonl`` (optionally of one split), e.g. for plotting."""
   rows = []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with fileio.open_file(fileio.join(workdir, METRICS_FILE)) as f:
     for line in f:
       row = json.loads(line)
       if split is None or row["split"] == split:
@@ -374,7 +400,9 @@ def plot_metrics(workdir: str, keys: list[str], out_path: str | None = None) -> 
     ax.set_title(f"{split}/{name}")
     ax.set_xlabel("step")
   fig.tight_layout()
-  out_path = out_path or os.path.join(workdir, "metrics.png")
-  fig.savefig(out_path, dpi=100)
+  out_path = out_path or fileio.join(workdir, "metrics.png")
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  fileio.atomic_write_bytes(out_path, buf.getvalue())
   plt.close(fig)
   return out_path

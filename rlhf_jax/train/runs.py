@@ -23,6 +23,7 @@ import signal
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
+from rlhf_jax import fileio
 from rlhf_jax import models
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.train import checkpoint as ckpt_lib
@@ -34,13 +35,13 @@ FINAL_METRICS_FILE = "final_metrics.json"
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, FINAL_METRICS_FILE))
+  return fileio.isfile(fileio.join(workdir, FINAL_METRICS_FILE))
 
 
 def write_final_metrics(workdir: str, final: Mapping[str, Any], method: str = "") -> dict:
   """Writes ``<workdir>/final_metrics.json`` atomically and logs a one-line summary."""
   final = dict(final)
-  ckpt_lib.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+  ckpt_lib.atomic_write_json(fileio.join(workdir, FINAL_METRICS_FILE), final)
   if method:
     logger.info(
         "%s finished: %s", method,
@@ -86,9 +87,9 @@ def tokenizer_spec(run_config: Mapping[str, Any], _seen: tuple = ()) -> str:
     if spec:
       return spec
   parent = sources.get("sft_workdir") or ""
-  parent_config = os.path.join(parent, "config.json") if parent else ""
-  if parent_config and os.path.isfile(parent_config) and os.path.abspath(parent) not in _seen:
-    return tokenizer_spec(ckpt_lib.read_json(parent_config), _seen + (os.path.abspath(parent),))
+  parent_config = fileio.join(parent, "config.json") if parent else ""
+  if parent_config and fileio.isfile(parent_config) and fileio.absolute(parent) not in _seen:
+    return tokenizer_spec(ckpt_lib.read_json(parent_config), _seen + (fileio.absolute(parent),))
   return "byte"
 
 
@@ -163,14 +164,14 @@ def load_sft_params(workdir: str, step: int | None = None, **pretrained_kwargs) 
   if is_pretrained(workdir):
     return load_pretrained_policy(workdir, **pretrained_kwargs)
   needed = (ckpt_lib.FINGERPRINT_FILE, "config.json")
-  missing = [name for name in needed if not os.path.isfile(os.path.join(workdir, name))]
+  missing = [name for name in needed if not fileio.isfile(fileio.join(workdir, name))]
   if missing:
     raise FileNotFoundError(
         f"{workdir!r} is not an SFT run's workdir (missing {', '.join(missing)}): train one with "
         "`python experiments/run.py --config=experiments/configs/sft_synthetic.py "
         f"--workdir={workdir}` or point the config's sources.sft_workdir at one")
-  fingerprint = ckpt_lib.read_json(os.path.join(workdir, ckpt_lib.FINGERPRINT_FILE))
-  run_config = ckpt_lib.read_json(os.path.join(workdir, "config.json"))
+  fingerprint = ckpt_lib.read_json(fileio.join(workdir, ckpt_lib.FINGERPRINT_FILE))
+  run_config = ckpt_lib.read_json(fileio.join(workdir, "config.json"))
   model_config = models.ModelConfig(
       **{k: tuple(v) if isinstance(v, list) else v for k, v in fingerprint["model"].items()})
   spec = tokenizer_spec(run_config)
@@ -229,10 +230,10 @@ def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any]]) -
   """One stage of a multi-stage experiment (pipeline-like launchers): ``fn(<root>/<name>)`` returns
   the stage's final metrics, written atomically to its ``final_metrics.json`` with ``_seconds``;
   a stage whose folder already holds that file finished earlier and is reused, not rerun."""
-  workdir = os.path.join(root, name)
+  workdir = fileio.join(root, name)
   if is_finished(workdir):
     logger.info("[%s] finished earlier, reusing %s", name, workdir)
-    return ckpt_lib.read_json(os.path.join(workdir, FINAL_METRICS_FILE))
+    return ckpt_lib.read_json(fileio.join(workdir, FINAL_METRICS_FILE))
   logger.info("[%s] running in %s", name, workdir)
   start = time.time()
   # NumPy scalars in a stage's metrics are written as plain floats.
@@ -243,7 +244,7 @@ def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any]]) -
     # last checkpoint instead of reusing a partial run, and no later stage starts on it.
     raise signals.Interrupted(signum or signal.SIGTERM)
   final["_seconds"] = round(time.time() - start, 1)
-  ckpt_lib.atomic_write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+  ckpt_lib.atomic_write_json(fileio.join(workdir, FINAL_METRICS_FILE), final)
   logger.info("[%s] done in %s", name, format_duration(final["_seconds"]))
   return final
 
