@@ -16,7 +16,8 @@ from rlhf_jax.losses.advantages import (
     reinforce_baseline_advantages,
     rloo_advantages,
 )
-from rlhf_jax.losses.dpo import DPO_LOSS_TYPES, F_DIVERGENCES, dpo_loss, f_divergence_score
+from rlhf_jax.losses.dpo import (DPO_LOSS_TYPES, F_DIVERGENCES, SOFT_LABEL_LOSS_TYPES, dpo_loss,
+                                 f_divergence_score)
 from rlhf_jax.losses.grpo import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
@@ -65,6 +66,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "KTO_LOSS_TYPES",
     "LOSSES",
+    "SOFT_LABEL_LOSS_TYPES",
     "TOKEN_AGGREGATIONS",
     "aggregate_tokens",
     "all_pairs_ranking_loss",

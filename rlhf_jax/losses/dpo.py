@@ -44,6 +44,18 @@ Loss types (ε = ``label_smoothing``, ℓ_b the per-pair loss):
                                                           normalisation, Meng et al. 2024, arXiv:2405.14734,
                                                           but keeping the reference)
 
+Soft labels (``preference_prob`` p_b = P(y_c ≻ y_r), e.g. an AI labeller's; RLAIF, Lee et al. 2023,
+arXiv:2309.00267): the per-pair target of the sigmoid loss becomes q_b = (1-ε) p_b + ε (1-p_b),
+
+    sigmoid       -q log σ(βΔ) - (1-q) log σ(-βΔ)  =  ℓ_ε + (1-p)(1-2ε) βΔ
+    sigmoid_norm  -p log σ(z) - (1-p) log σ(-z)     =  ℓ + (1-p) z,   z = β (s_c/n_c - s_r/n_r)
+    ipo           (s_c/n_c - s_r/n_r - (2p-1)/(2β))²  (the expected IPO loss over a label drawn with
+                                                     prob. p, up to a constant)
+
+i.e. label smoothing ε_b = 1 - p_b per pair. Each is computed as today's loss plus a term carrying
+the factor (1 - p) (log σ(z) - log σ(-z) = z), so at p = 1 the value and the gradient equal the hard
+loss bit for bit. Only these three take soft labels (``SOFT_LABEL_LOSS_TYPES``); the others raise.
+
 ``aot`` and ``aot_unpaired`` sort over the batch axis, so their per-example values are per *rank*,
 not per input pair: only their mean is meaningful. ``loss_type`` may be a list; the per-example loss
 is then Σ_k w_k ℓ^(k) with ``loss_weights`` (default all 1), exactly TRL's combination.
@@ -79,6 +91,8 @@ DPO_LOSS_TYPES = (
 )
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 _LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+# Loss types with a per-pair soft target (``preference_prob``; module docstring).
+SOFT_LABEL_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "ipo")
 # TRL substitutes this smoothing for EXO when label_smoothing is 0 (log ε must be finite).
 EXO_DEFAULT_EPSILON = 1e-3
 # exp() argument cap for the alpha-divergence score, as in TRL, so it stays finite in float32.
@@ -103,10 +117,16 @@ def _smoothed_sigmoid(logits, eps):
   return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
 
 
-def _one_loss(loss_type, *, beta, eps, tau, s_c, s_r, u_c, u_r, pc, pr, rc, rr, n_c, n_r):
+def _one_loss(loss_type, *, beta, eps, tau, s_c, s_r, u_c, u_r, pc, pr, rc, rr, n_c, n_r,
+              one_minus_p=None):
   delta = s_c - s_r
   if loss_type == "sigmoid":
-    return _smoothed_sigmoid(beta * delta, eps)
+    loss = _smoothed_sigmoid(beta * delta, eps)
+    # soft target q = (1-ε)p + ε(1-p): ℓ_q = ℓ_ε + (1-p)(1-2ε) βΔ (exactly ℓ_ε at p = 1)
+    return loss if one_minus_p is None else loss + one_minus_p * (1.0 - 2.0 * eps) * (beta * delta)
+  if loss_type == "ipo" and one_minus_p is not None:
+    # target (2p-1)/(2β) = 1/(2β) - (1-p)/β
+    return (s_c / n_c - s_r / n_r - 1.0 / (2.0 * beta) + one_minus_p / beta)**2
   if loss_type == "hinge":
     return jax.nn.relu(1.0 - beta * delta)
   if loss_type == "ipo":
@@ -142,7 +162,9 @@ def _one_loss(loss_type, *, beta, eps, tau, s_c, s_r, u_c, u_r, pc, pr, rc, rr, 
     w = jax.nn.sigmoid(logits / tau)
     return (1.0 - w) * (-jax.nn.log_sigmoid(logits)) + w * jnp.exp(-logits)
   # sigmoid_norm
-  return -jax.nn.log_sigmoid(beta * (s_c / n_c - s_r / n_r))
+  logits = beta * (s_c / n_c - s_r / n_r)
+  loss = -jax.nn.log_sigmoid(logits)
+  return loss if one_minus_p is None else loss + one_minus_p * logits
 
 
 def dpo_loss(
@@ -161,6 +183,7 @@ def dpo_loss(
     alpha: float = 1.0,
     reference_free: bool = False,
     discopop_tau: float = 0.05,
+    preference_prob=None,
 ):
   """DPO and its TRL variants; see the module docstring for every formula and paper.
 
@@ -177,6 +200,8 @@ def dpo_loss(
       f_divergence: ``F_DIVERGENCES`` (TRL's ``f_divergence_type``); ``alpha`` is its α.
       reference_free: treat π_ref as uniform (u = log π).
       discopop_tau: τ of the DiscoPOP modulation (TRL's default 0.05).
+      preference_prob: ``[B]`` soft labels P(y_c ≻ y_r) in [0, 1] (module docstring; ``None`` = hard
+        labels, today's loss). Only ``SOFT_LABEL_LOSS_TYPES``.
 
     Returns ``(per_example_loss [B], metrics)``. Metrics follow TRL: ``rewards/chosen`` = mean β u_c,
     ``rewards/rejected``, ``rewards/margins`` = mean β (u_c - u_r), ``rewards/accuracies`` = fraction
@@ -204,8 +229,14 @@ def dpo_loss(
   needs_lengths = [t for t in loss_types if t in _LENGTH_NORMALISED]
   if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
     raise ValueError(f"loss_type {needs_lengths} needs chosen_lengths and rejected_lengths")
+  if preference_prob is not None:
+    hard_only = [t for t in loss_types if t not in SOFT_LABEL_LOSS_TYPES]
+    if hard_only:
+      raise ValueError(f"preference_prob (soft labels) is supported by loss_type "
+                       f"{list(SOFT_LABEL_LOSS_TYPES)}; {hard_only} take hard labels only")
   check_rank("policy_chosen_logps", policy_chosen_logps, 1)
   check_same_shape(
+      preference_prob=preference_prob,
       policy_chosen_logps=policy_chosen_logps,
       policy_rejected_logps=policy_rejected_logps,
       ref_chosen_logps=None if reference_free else ref_chosen_logps,
@@ -227,6 +258,7 @@ def dpo_loss(
     n_c = jnp.maximum(as_float(chosen_lengths, dtype), 1.0)
     n_r = jnp.maximum(as_float(rejected_lengths, dtype), 1.0)
 
+  one_minus_p = None if preference_prob is None else 1.0 - as_float(preference_prob, dtype)
   per_example_B = jnp.zeros_like(pc)
   metrics = {}
   for name, weight in zip(loss_types, weights):
@@ -245,6 +277,7 @@ def dpo_loss(
         rr=rr,
         n_c=n_c,
         n_r=n_r,
+        one_minus_p=one_minus_p,
     )
     metrics[f"loss/{name}"] = jnp.mean(loss_B)
     per_example_B = per_example_B + weight * loss_B

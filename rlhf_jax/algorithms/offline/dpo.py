@@ -77,6 +77,10 @@ class DPOLossConfig:
     disable_dropout: train the policy without dropout (TRL's ``disable_dropout``, default on), so
       policy and reference log-probs are the same function of their params; off: dropout in the
       policy's training forward only (held-out metrics are always deterministic).
+    soft_labels: train on each pair's ``preference_prob`` p (the pairwise records' soft label,
+      e.g. RLAIF's AI labels; 1 for hard-labelled files) as the per-pair target, i.e. label
+      smoothing ε_b = 1 - p_b (``losses.dpo_loss(preference_prob=)``; loss types
+      ``losses.SOFT_LABEL_LOSS_TYPES``, method ``dpo``). Off: the hard label (chosen ≻ rejected).
   """
 
   method: str = "dpo"
@@ -91,6 +95,7 @@ class DPOLossConfig:
   simpo_gamma: float = 0.5
   orpo_lambda: float = 0.1
   sft_weight: float = 0.0
+  soft_labels: bool = False
   reference_logps: str = "on_the_fly"
   disable_dropout: bool = True
 
@@ -133,6 +138,11 @@ class DPOLossConfig:
         raise ValueError(f"DPOLossConfig.{name}={getattr(self, name)!r} is invalid; allowed: > 0")
     if not self.sft_weight >= 0:
       raise ValueError(f"DPOLossConfig.sft_weight={self.sft_weight!r} is invalid; allowed: >= 0")
+    hard_only = [t for t in self.loss_types if t not in losses.SOFT_LABEL_LOSS_TYPES]
+    if self.soft_labels and (self.method != "dpo" or hard_only):
+      raise ValueError(f"DPOLossConfig.soft_labels=True with method={self.method!r}, loss_type="
+                       f"{self.loss_type!r} is invalid; allowed: method 'dpo' with loss types "
+                       f"{' | '.join(losses.SOFT_LABEL_LOSS_TYPES)}")
 
   @property
   def loss_types(self) -> tuple[str, ...]:
@@ -149,15 +159,18 @@ class DPOLossConfig:
     return name + ("+rpo" if self.sft_weight > 0 else "")
 
 
-def pair_loss(cfg: DPOLossConfig, pc_B, pr_B, nc_B, nr_B, ref_c_B=None, ref_r_B=None):
-  """Per-pair loss ``[B]`` and metrics from summed log-probs (π) and response lengths (n)."""
+def pair_loss(cfg: DPOLossConfig, pc_B, pr_B, nc_B, nr_B, ref_c_B=None, ref_r_B=None,
+              preference_prob_B=None):
+  """Per-pair loss ``[B]`` and metrics from summed log-probs (π) and response lengths (n);
+  ``preference_prob_B``: the pairs' soft labels, used when ``cfg.soft_labels``."""
   avg_c, avg_r = pc_B / jnp.maximum(nc_B, 1.0), pr_B / jnp.maximum(nr_B, 1.0)
   if cfg.method == "dpo":
     per_B, metrics = losses.dpo_loss(
         pc_B, pr_B, ref_c_B, ref_r_B, beta=cfg.beta, loss_type=cfg.loss_types,
         label_smoothing=cfg.label_smoothing, chosen_lengths=nc_B, rejected_lengths=nr_B,
         loss_weights=cfg.loss_weights or None, f_divergence=cfg.f_divergence, alpha=cfg.alpha,
-        reference_free=cfg.reference_free, discopop_tau=cfg.discopop_tau)
+        reference_free=cfg.reference_free, discopop_tau=cfg.discopop_tau,
+        preference_prob=preference_prob_B if cfg.soft_labels else None)
   elif cfg.method == "simpo":
     per_B, metrics = losses.simpo_loss(avg_c, avg_r, beta=cfg.beta, gamma=cfg.simpo_gamma,
                                        label_smoothing=cfg.label_smoothing)
@@ -194,7 +207,8 @@ def make_loss_fn(model: models.Transformer, cfg: DPOLossConfig) -> train.loop.Lo
     ref_c = ref_r = None
     if cfg.uses_reference:
       ref_c, ref_r = pairwise.split(batch[reference.REF_KEY])
-    per_B, metrics = pair_loss(cfg, pc_B, pr_B, nc_B, nr_B, ref_c, ref_r)
+    per_B, metrics = pair_loss(cfg, pc_B, pr_B, nc_B, nr_B, ref_c, ref_r,
+                               batch.get("preference_prob"))
     return jnp.mean(per_B), metrics
 
   return loss_fn
@@ -211,4 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        make_loss_fn=lambda model: make_loss_fn(model, loss_cfg),
                                        uses_reference=loss_cfg.uses_reference,
                                        reference_logps=loss_cfg.reference_logps,
-                                       fingerprint_extra={"loss": dataclasses.asdict(loss_cfg)})
+                                       fingerprint_extra={"loss": _fingerprint(loss_cfg)})
+
+
+def _fingerprint(loss_cfg: DPOLossConfig) -> dict:
+  # soft_labels is recorded only when on, so runs from before the field existed still resume
+  return {k: v for k, v in dataclasses.asdict(loss_cfg).items() if k != "soft_labels" or v}
