@@ -10,12 +10,19 @@ RAFT's rounds, best-of-n's curve and PRO / RRHF's generated candidate lists all 
     for each chunk of ``chunk_prompts`` prompts (the last one padded by repeating its last prompt,
     so the sampler and the RM compile one shape):
       encode the prompts left-padded to ``max_prompt_len`` ([BOS] prompt)
+      place them split over the mesh's batch axes (``parallel.shard_rows``)
       sample K responses each with the KV-cache sampler, key ``fold_in(rng, start)``
       score them on the token path (``scoring.score``: the response as sampled, EOS iff emitted,
       the handle's attribute reduction)
-      keep the real rows on the host, decode the responses
+      read the rows back (``parallel.to_host``), keep the real ones, decode the responses
 
 Everything comes back as host NumPy arrays with N·K rows (N prompts, K samples each).
+
+Multi-host: every process passes the same N prompts; each places its own slice of every chunk
+(its devices sample and score only those rows), and the whole chunk comes back to every process
+through ``parallel.to_host``, so every process holds the same candidates (a selection over them —
+RAFT's, best-of-n's — is then the same decision everywhere). The mesh is the reward model's
+(``reward.mesh``, the run's mesh in every method) unless one is given.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import parallel, sampling
 from rlhf_jax.data import batching
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.scoring import reward_model as rm_lib
@@ -62,7 +69,8 @@ class Candidates(NamedTuple):
 def sample_candidates(model: Any, params: Any, tokenizer: tok_lib.Tokenizer, prompts: Sequence[str],
                       *, reward: rm_lib.RewardModelHandle, num_samples: int, max_prompt_len: int,
                       max_new_tokens: int, temperature: float, rng: jax.Array, top_k: int = 0,
-                      top_p: float = 1.0, chunk_prompts: int = 64) -> Candidates:
+                      top_p: float = 1.0, chunk_prompts: int = 64,
+                      mesh: jax.sharding.Mesh | None = None) -> Candidates:
   """Samples ``num_samples`` responses for every prompt and scores them (module docstring).
 
   Args:
@@ -74,6 +82,8 @@ def sample_candidates(model: Any, params: Any, tokenizer: tok_lib.Tokenizer, pro
     max_new_tokens, temperature, top_k, top_p: the sampler's settings.
     rng: the base key; chunk ``start`` samples with ``fold_in(rng, start)``.
     chunk_prompts: prompts per sampler call (K rows each).
+    mesh: where the prompts are placed (split over its batch axes when a chunk's rows divide
+      evenly, else replicated); default ``reward.mesh``.
   """
   if not prompts:
     raise ValueError("sample_candidates: no prompts given")
@@ -82,6 +92,7 @@ def sample_candidates(model: Any, params: Any, tokenizer: tok_lib.Tokenizer, pro
   samp = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, num_samples=num_samples,
                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  mesh = reward.mesh if mesh is None else mesh
   prompts = list(prompts)
   chunk = min(chunk_prompts, len(prompts))
   parts: dict[str, list] = {k: [] for k in ("pt", "pm", "rt", "rm", "r")}
@@ -91,12 +102,15 @@ def sample_candidates(model: Any, params: Any, tokenizer: tok_lib.Tokenizer, pro
     texts = texts + [texts[-1]] * (chunk - len(texts))  # one compiled shape
     enc = batching.encode_prompts(tokenizer, texts, max_prompt_len=max_prompt_len,
                                   buckets=(max_prompt_len,))
-    out = sampling.sample(model, params, enc["prompt_tokens"], enc["prompt_mask"],
-                          jax.random.fold_in(rng, start), samp)
+    # every process holds the whole chunk and places its slice of the rows
+    placed = parallel.shard_rows({"t": enc["prompt_tokens"], "m": enc["prompt_mask"]}, mesh)
+    out = sampling.sample(model, params, placed["t"], placed["m"], jax.random.fold_in(rng, start),
+                          samp)
     rewards = rm_lib.score(reward, out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR,
                            out.response_mask_BxR)
-    host = jax.device_get((out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR,
-                           out.response_mask_BxR, rewards))
+    # one collective per chunk: the rows of every process, on every process
+    host = parallel.to_host((out.prompt_tokens, out.prompt_mask, out.response_tokens_BxR,
+                             out.response_mask_BxR, rewards))
     for key, value in zip(("pt", "pm", "rt", "rm", "r"), host):
       parts[key].append(np.asarray(value)[:rows])
   pt, pm, rt, rmask, r = (np.concatenate(parts[k]) for k in ("pt", "pm", "rt", "rm", "r"))

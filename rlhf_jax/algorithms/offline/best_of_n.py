@@ -11,6 +11,12 @@ draw of n_max = max(ns) samples per prompt serves every n in ``ns`` (the first n
 curve over n is nested and cheap. Each row also reports the oracle best-of-n by gold reward (the
 selection a perfect reward model would make): the gap between the two is what the reward model's
 errors cost. Win rates are against the SFT model's own sample (``rlhf_jax.eval.policy``).
+
+Multi-host: the held-out prompts are split over the run's mesh (``config.mesh``, all devices of all
+processes in a multi-process job), each process sampling and scoring its slice, and every process
+reads all n_max candidates back (``scoring.sample_candidates``), so the curve is computed from the
+same numbers on every process; ``best_of_n.csv`` and ``final_metrics.json`` (with
+``process_count``, ``device_count``, ``mesh_shape``) are written by process 0.
 """
 
 from __future__ import annotations
@@ -96,21 +102,33 @@ def best_of_n_rows(rm_SxN: np.ndarray, gold_SxN: np.ndarray, lengths_SxN: np.nda
 
 
 def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestOfNConfig,
-                     max_prompt_len: int, max_new_tokens: int, temperature: float):
+                     max_prompt_len: int, max_new_tokens: int, temperature: float,
+                     mesh: jax.sharding.Mesh | None = None):
   """n_max SFT samples per prompt: RM rewards, gold rewards and lengths, each ``[S, n_max]``.
 
   ``scoring.sample_candidates`` samples and scores (the RM reward of each response as sampled,
-  the rule the evaluator's ``sft_rm_reward`` uses too); the gold reward reads the decoded texts.
+  the rule the evaluator's ``sft_rm_reward`` uses too), the prompts split over ``mesh`` (default:
+  the reward model's); the gold reward reads the decoded texts.
   """
   cands = scoring.sample_candidates(loaded.model, loaded.ref_params, loaded.tokenizer, prompts,
                                     reward=loaded.reward, num_samples=max(cfg.ns),
                                     max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
                                     temperature=temperature, rng=jax.random.PRNGKey(cfg.seed),
-                                    chunk_prompts=cfg.chunk_prompts)
+                                    chunk_prompts=cfg.chunk_prompts, mesh=mesh)
   prompt_rows = [p for p in prompts for _ in range(cands.num_samples)]
   gold_N = policy_eval.synthetic.gold_rewards(prompt_rows, cands.texts)
   lengths_N = cands.response_mask.sum(-1).astype(np.float32)
   return cands.grid(cands.rewards_N), cands.grid(gold_N), cands.grid(lengths_N)
+
+
+def _write_curve(rows: list[dict[str, float]], path: str) -> None:
+  """``best_of_n.csv``: one line per n (written to a temporary name, then renamed)."""
+  header = list(rows[0])
+  lines = [",".join(header)] + [",".join(f"{row[h]:.6g}" for h in header) for row in rows]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)
 
 
 KNOWN_KEYS = {"method", "seed", "sources", "data", "limits", "bon", "eval", "mesh"}
@@ -156,22 +174,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loaded = common.load_models(sources, mesh, need_reward=True)
   prompts = common.read_prompts(_prompts_file(data_cfg, sources), eval_cfg.num_prompts,
                                 loaded.tokenizer.chat_template)
-  evaluator = common.policy_evaluator(loaded, prompts, limits.max_prompt_len, eval_cfg, workdir)
+  evaluator = common.policy_evaluator(loaded, prompts, limits.max_prompt_len, eval_cfg, workdir,
+                                      mesh=mesh)
   sft_ref = evaluator.reference()  # the SFT model's own samples (win-rate baseline)
   rm_SxN, gold_SxN, len_SxN = sample_and_score(loaded, evaluator.prompt_texts, cfg,
                                                limits.max_prompt_len, eval_cfg.max_new_tokens,
-                                               eval_cfg.temperature)
+                                               eval_cfg.temperature, mesh)
   rows = best_of_n_rows(rm_SxN, gold_SxN, len_SxN, sft_ref.gold, cfg.ns)
   for row in rows:
     logger.info("best-of-%d: gold %.3f (oracle %.3f), RM %.3f, KL %.3f, win rate %.3f",
                 int(row["n"]), row["gold_reward"], row["oracle_gold_reward"], row["rm_reward"],
                 row["kl_to_sft"], row["win_rate_vs_sft"])
-  header = list(rows[0])
-  lines = [",".join(header)] + [",".join(f"{row[h]:.6g}" for h in header) for row in rows]
-  tmp = os.path.join(workdir, CURVE_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, os.path.join(workdir, CURVE_FILE))
+  parallel.write_on_coordinator(_write_curve, rows, os.path.join(workdir, CURVE_FILE))
   top = rows[-1]
   final = {
       "method": f"best_of_{int(top['n'])}", "step": 0, "preempted": False,
@@ -179,4 +193,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "gold_reward_gain": top["gold_reward"] - float(np.mean(sft_ref.gold)), "curve": rows}
   if sft_ref.rm is not None:
     final["sft_rm_reward"] = float(np.mean(sft_ref.rm))
-  return common.write_final(workdir, final, final["method"])
+  return common.write_final(workdir, final, final["method"], mesh)

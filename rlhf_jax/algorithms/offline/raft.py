@@ -18,6 +18,15 @@ written at every round boundary, so re-running resumes at the next round with th
 round resumes that round from its checkpoint with freshly drawn samples. Every round ends with an
 evaluation (``rlhf_jax.eval.policy``) plus the round's statistics: mean RM reward of all samples and
 of the kept ones (``round_rm_reward``, ``round_kept_rm_reward``), kept count and eligible share.
+
+Multi-host (one job over several processes, ``config.mesh`` spanning all their devices): every
+process draws the same round prompts; each samples and scores its slice of them on its own devices,
+and the candidates come back to every process (``scoring.sample_candidates``: ``parallel.to_host``),
+so steps 3-4 select the same sequences everywhere. Each fine-tuning batch is the same global batch
+on every process, of which each feeds its contiguous ``1 / process_count`` of the rows
+(``_RoundData``), so the job trains on exactly the batches one process would. ``samples.jsonl`` and
+``final_metrics.json`` (with ``process_count``, ``device_count``, ``mesh_shape``) are written by
+process 0.
 """
 
 from __future__ import annotations
@@ -105,13 +114,29 @@ def select(rewards_NxK: np.ndarray, eligible_NxK: np.ndarray, selection: str,
   return np.sort(order)
 
 
+def _host_rows(batch_size: int) -> slice:
+  """This process's rows of a global batch of ``batch_size`` (all of them on one process)."""
+  count, index = parallel.process_count(), parallel.process_index()
+  if batch_size % count:
+    raise ValueError(f"config.data.batch_size={batch_size} is not a multiple of the {count} "
+                     "processes of this job; allowed: a multiple of the process count")
+  local = batch_size // count
+  return slice(index * local, (index + 1) * local)
+
+
 class _RoundData:
-  """Shuffled, cycling batches of one round's kept sequences; position saved as ``(round, position)``."""
+  """Shuffled, cycling batches of one round's kept sequences; position saved as ``(round, position)``.
+
+  Every process holds the same kept sequences and draws the same global batch of ``batch_size``
+  rows; it yields its own contiguous slice of them (process p: rows ``[p·b/n, (p+1)·b/n)``), the
+  per-host batch ``train.train`` assembles into the global one (``parallel.shard_batch``).
+  """
 
   def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, round_index: int):
     self.arrays, self.batch_size, self.seed, self.round = arrays, batch_size, seed, round_index
     self.n = len(arrays["tokens"])
     self.position = 0
+    self._rows = _host_rows(batch_size)
 
   def __iter__(self):
     return self
@@ -122,7 +147,7 @@ class _RoundData:
     perm = np.random.default_rng([self.seed, self.round, epoch]).permutation(self.n)
     if self.n < self.batch_size:  # fewer kept samples than a batch: cycle through them
       perm = np.resize(perm, self.batch_size)
-    rows = perm[b * self.batch_size:(b + 1) * self.batch_size]
+    rows = perm[b * self.batch_size:(b + 1) * self.batch_size][self._rows]
     self.position += 1
     return {k: v[rows] for k, v in self.arrays.items()}
 
@@ -134,20 +159,22 @@ class _RoundData:
     self.position = int(state["position"]) if state.get("round") == self.round else 0
 
 
-def collect_round(loaded: common.LoadedModels, params: Any, prompts: list[str], cfg: RAFTConfig,
-                  limits: sections.Limits,
-                  rng: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def collect_round(
+    loaded: common.LoadedModels, params: Any, prompts: list[str], cfg: RAFTConfig,
+    limits: sections.Limits, rng: jax.Array,
+    mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
   """Samples, scores and selects one round's training sequences ``[M, P + R]`` (+ statistics).
 
   Sampling and scoring are ``scoring.sample_candidates`` (the loop best-of-n and generated PRO
-  lists share): K samples per prompt, RM rewards on the responses as sampled.
+  lists share): K samples per prompt, RM rewards on the responses as sampled, the prompts split
+  over ``mesh`` (default: the reward model's); every process gets the same arrays back.
   """
   tok = loaded.tokenizer
   cands = scoring.sample_candidates(loaded.model, params, tok, prompts, reward=loaded.reward,
                                     num_samples=cfg.samples_per_prompt,
                                     max_prompt_len=limits.max_prompt_len,
                                     max_new_tokens=limits.max_response_len,
-                                    temperature=cfg.temperature, rng=rng)
+                                    temperature=cfg.temperature, rng=rng, mesh=mesh)
   eligible_N = cands.nonempty_N(tok.eos_id) & (cands.finished_N | (not cfg.require_eos))
   kept = select(cands.grid(cands.rewards_N), cands.grid(eligible_N), cfg.selection,
                 cfg.keep_fraction)
@@ -202,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError("config.loop.stop_after_steps is not supported by RAFT (it stops at round "
                      "boundaries only); allowed: 0")
   steps_per_round = loop_cfg.num_steps // cfg.num_rounds
+  _host_rows(data_cfg.batch_size)  # before any sampling: the batch must split over the processes
   lora = sections.lora_section(config)
   mesh = parallel.mesh_from_config(config.mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -215,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluator = common.policy_evaluator(
       loaded,
       common.read_prompts(eval_prompts_path, eval_cfg.num_prompts, loaded.tokenizer.chat_template),
-      limits.max_prompt_len, eval_cfg, workdir)
+      limits.max_prompt_len, eval_cfg, workdir, mesh=mesh)
 
   optimizer, schedule = train.make_optimizer(optim_cfg, loop_cfg.num_steps)
   state = train.create_train_state(loaded.policy_params, optimizer, state_rng, mesh)
@@ -233,8 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # a LoRA checkpoint holds the adapters only: put them back over the loaded (frozen) base,
     # sharded like the fresh adapters; the fingerprint check of train.train refuses another base
     saved = train.restore_params(workdir, latest)["lora"]
-    params = params.replace(
-        lora=jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), saved, params.lora))
+    params = params.replace(lora=parallel.device_put_global(
+        saved, jax.tree.map(lambda like: like.sharding, params.lora)))
   elif latest:
     params = common.place_params(train.restore_params(workdir, latest), loaded.model, mesh)
   round_stats: dict[str, float] = {}
@@ -247,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     order = np.random.default_rng([config.seed, r]).permutation(len(train_prompts))
     prompts = [train_prompts[i] for i in order[:cfg.prompts_per_round]]
     arrays, stats = collect_round(loaded, params, prompts, cfg, limits,
-                                  jax.random.fold_in(jax.random.PRNGKey(config.seed), r))
+                                  jax.random.fold_in(jax.random.PRNGKey(config.seed), r), mesh)
     round_stats.clear()
     round_stats.update(stats, round=float(r + 1))
     logger.info("RAFT round %d/%d: kept %d of %d samples (RM reward %.3f -> kept %.3f)", r + 1,
@@ -270,4 +298,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final = {
       "method": "raft", "step": loop_cfg.num_steps, "preempted": False,
       **final_metrics, "rounds": cfg.num_rounds, "selection": cfg.selection}
-  return common.write_final(workdir, final, "raft")
+  return common.write_final(workdir, final, "raft", mesh)

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from rlhf_jax import train
+from rlhf_jax import parallel, train
 from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND
@@ -158,9 +158,13 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
     task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
     wanted = config.synthetic_task(bt_temperature=config.synthetic_bt_temperature)
     meta_path = os.path.join(task_dir, "metadata.json")
-    if not os.path.exists(meta_path):
+    # One decision, one writer: two processes publishing the task concurrently race in
+    # fileio.replace_dir (an OSError, or the folder briefly absent for the other's reads), and the
+    # failed process's stage ends while the other waits in the next collective.
+    if not parallel.agree(os.path.exists(meta_path)):
       logger.info("generating the synthetic task into %s", task_dir)
-      synthetic_files.write_task(task_dir, wanted, overwrite=True)
+      parallel.write_on_coordinator(synthetic_files.write_task, task_dir, wanted, overwrite=True,
+                                    barrier="rm_synthetic_task_written")
     meta = train.read_json(meta_path)
     for key in ("seed", "num_prompts", "num_test_prompts", "bt_temperature"):
       if meta["config"][key] != getattr(wanted, key):
