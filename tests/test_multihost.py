@@ -342,8 +342,15 @@ def test_pipeline_as_two_processes_gives_the_one_process_numbers(pipeline_runs):
       if key not in TOPOLOGY_KEYS:
         numbers += _assert_close(two[key], value, LOOSE_KEYS.get((stage, key), 1e-3), (stage, key))
     assert numbers >= 3, (stage, one)
-  # The results table exists once, written by process 0.
+  # The results table exists once, written by process 0; so are the files every process could
+  # append to (samples, metrics) or write (best-of-n's curve): as many lines as one process writes.
   assert (pipeline_runs / "two" / "results.md").read_text().count("| dpo:sigmoid |") == 1
+  shared = [
+      f"{stage}/{name}" for stage in PIPELINE_STAGES[2:] if stage != "best_of_n"
+      for name in ("samples.jsonl", "metrics.jsonl")] + ["best_of_n/best_of_n.csv"]
+  for path in shared:
+    lines = [len((pipeline_runs / run / path).read_text().splitlines()) for run in ("two", "one")]
+    assert lines[0] == lines[1] > 0, (path, lines)
 
 
 @pytest.mark.slow
