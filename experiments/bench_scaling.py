@@ -140,8 +140,12 @@ def measure(method: str, mesh, steps: int, profile_steps: int) -> dict:
     state, _ = one_step(state, i)
   jax.profiler.stop_trace()
   collective_s = _collective_secs(trace_dir) / max(len(mesh.local_devices), 1) / profile_steps
+  batch = parallel.shard_batch(host[0], mesh)
   with parallel.use_mesh(mesh):
-    compiled = step_fn.lower(state, parallel.shard_batch(host[0], mesh)).compile()
+    if ref_fn is not None:
+      batch[reference.REF_KEY] = ref_fn(ref_params, batch["tokens"], batch["mask"],
+                                        batch["loss_mask"])
+    compiled = step_fn.lower(state, batch).compile()  # the step's HLO: count its collectives
   hlo = compiled.as_text()
   return {
       "method": method, "devices": int(mesh.size), "processes": parallel.process_count(),

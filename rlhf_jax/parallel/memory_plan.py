@@ -204,14 +204,15 @@ class MemoryPlan:
     return "\n".join(lines)
 
   def check(self, device_memory_gb: float) -> None:
-    """Raises :class:`PlanExceedsMemoryError` (its message: one line, then :meth:`summary`) when
-    the peak exceeds ``device_memory_gb`` GiB; 0 = no limit."""
+    """Raises :class:`PlanExceedsMemoryError` when the peak exceeds ``device_memory_gb`` GiB
+    (0 = no limit); its message is one line: the reason, then :meth:`summary`'s lines joined."""
     if device_memory_gb and self.peak_bytes > device_memory_gb * GIB:
+      plan = "; ".join(line.strip().rstrip(":") for line in self.summary().splitlines())
       raise PlanExceedsMemoryError(
           f"config.mesh.device_memory_gb={device_memory_gb:g}: the planned peak is "
           f"{_gib(self.peak_bytes)} per device ({self.peak_phase}); shard more (mesh.fsdp, "
-          "mesh.tensor), shrink the batch, raise optim.grad_accum_steps or "
-          f"model.remat_policy. Refused before allocating anything.\n{self.summary()}")
+          "mesh.tensor), shrink the batch, raise optim.grad_accum_steps or remat more "
+          f"(model.remat_policy). Refused before allocating anything. {plan}")
 
   def to_json(self) -> dict:
     return {
