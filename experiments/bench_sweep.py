@@ -9,7 +9,8 @@ pipeline's SFT stage, or the tiny one with ``--quick``; not timed) and train the
 sequential = one ``dpo.train_and_evaluate`` after the other in this process (each compiles its own
 step, as a separate process would, but without the process start: the conservative baseline);
 vectorised = ``algorithms.offline.vectorized.train_sweep`` (one jitted program for the 8 runs).
-Wall time includes compilation, data preparation and the evaluations of every run. Then every
+Wall time includes compilation, data preparation and the evaluations of every run (the vectorised
+side also reports its set-up / evaluation / training split). Then every
 point's final metrics and final params are compared with its sequential run. Prints a table and
 writes ``<workdir>/bench_sweep.json``. Results: BUILD_NOTES.md.
 """
@@ -94,6 +95,7 @@ def main(argv=None) -> dict:
   from rlhf_jax.algorithms import sft  # pylint: disable=import-outside-toplevel
   from rlhf_jax.algorithms.offline import dpo  # pylint: disable=import-outside-toplevel
   from rlhf_jax.algorithms.offline import vectorized  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.train import vectorized as vec_lib  # pylint: disable=import-outside-toplevel
 
   sft_cfg, dpo_cfg = stage_configs(args.quick)
   sft_dir = args.sft_workdir or os.path.join(args.workdir + "_sft",
@@ -109,19 +111,42 @@ def main(argv=None) -> dict:
   print(f"vectorised: {len(grid)} runs as one program", flush=True)
   t0, c0 = time.time(), time.process_time()
   vec_dirs = [os.path.join(args.workdir, "vectorized", n) for n, _ in grid]
-  outcomes = vectorized.train_sweep([c for _, c in grid], vec_dirs, [n for n, _ in grid])
+  # train_sweep = build_runs + train_vectorized; called apart to time set-up and evaluation
+  runs = vectorized.build_runs([c for _, c in grid], vec_dirs, [n for n, _ in grid])
+  setup_seconds = time.time() - t0
+  eval_seconds = [0.0]
+
+  def timed(fn):
+
+    def eval_fn(state, step):
+      start = time.time()
+      out = fn(state, step)
+      eval_seconds[0] += time.time() - start
+      return out
+
+    return eval_fn
+
+  for run in runs:
+    run.eval_fn = timed(run.eval_fn)
+  outcomes = vec_lib.train_vectorized(runs)
   result["vectorized_seconds"] = round(time.time() - t0, 1)
   result["vectorized_cpu_seconds"] = round(time.process_time() - c0, 1)
+  result["vectorized_breakdown"] = {
+      "setup_seconds": round(setup_seconds, 1), "eval_seconds": round(eval_seconds[0], 1),
+      "train_seconds": round(result["vectorized_seconds"] - setup_seconds - eval_seconds[0], 1)}
   result["frozen"] = [o.name for o in outcomes if o.frozen]
-  print(f"  {result['vectorized_seconds']}s", flush=True)
+  print(f"  {result['vectorized_seconds']}s {result['vectorized_breakdown']}", flush=True)
 
   if not args.skip_sequential:
     t0, c0 = time.time(), time.process_time()
-    seq_dirs = []
+    seq_dirs, per_run = [], []
     for name, cfg in grid:
       print(f"sequential: {name}", flush=True)
       seq_dirs.append(os.path.join(args.workdir, "sequential", name))
+      start = time.time()
       dpo.train_and_evaluate(cfg, seq_dirs[-1])
+      per_run.append(round(time.time() - start, 1))
+    result["sequential_run_seconds"] = per_run
     result["sequential_seconds"] = round(time.time() - t0, 1)
     result["sequential_cpu_seconds"] = round(time.process_time() - c0, 1)
     result["speedup"] = round(result["sequential_seconds"] / result["vectorized_seconds"], 2)

@@ -14,10 +14,12 @@ r"""Grid sweeps over config overrides of any method's config, with one results t
 * A run whose workdir holds ``final_metrics.json`` is finished and skipped on a rerun; a failed or
   interrupted one is run again (the launchers resume from their checkpoints).
 * ``--vectorize``: the runs train in this process as one jitted program instead
-  (``launch/sweep_vectorized.py``, ``rlhf_jax.train.vectorized``; DPO family, PRO / RRHF): the
-  grid may vary the loss's hyperparameters and ``loss.*`` keys, ``optim.lr``, ``seed`` and
-  ``data.shuffle_seed``; ``--run_devices N`` shards the runs over N device groups. Each run's
-  outputs are the same files in the same place; a diverging run is frozen, not fatal.
+  (``launch/sweep_vectorized.py``, ``rlhf_jax.train.vectorized``; DPO family incl. SimPO / ORPO,
+  PRO / RRHF, KTO: the grid may vary the loss's hyperparameters and ``loss.*`` keys; SFT and the
+  reward model; all: ``optim.lr``, ``seed`` and ``data.shuffle_seed``). PPO / GRPO and the other
+  rollout methods are refused (their step is a host loop). ``--run_devices N`` shards the runs
+  over N device groups (mesh axis ``run``). Each run's outputs are the same files in the same
+  place (plus ``vectorized.json``: where it ran); a diverging run is frozen, not fatal.
 * Afterwards ``results.csv``, ``results.md`` (one row per run; a failed run is listed with its exit
   status and last log line, never dropped) and ``frontier.png`` (gold reward vs KL to SFT) are
   written to ``--sweep_dir``.

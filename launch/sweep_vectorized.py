@@ -5,7 +5,9 @@ Each grid point's config is parsed exactly as ``experiments/run.py --config=<con
 ``rlhf_jax.algorithms.offline.vectorized.train_sweep`` trains them together; each run lands in
 ``<sweep_dir>/<run>`` as the sequential sweep writes it, so the results table, CSV and frontier
 plot are built by the same code. A run that diverged is frozen (``<run>/nonfinite.json``) and
-listed as such; a rerun skips finished and frozen runs and resumes the rest.
+listed as such; a rerun skips finished and frozen runs and resumes the rest. A grid that cannot be
+vectorised (PPO / GRPO, a key that changes shapes, RM early stopping) exits with one line naming
+why, before anything is trained.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ FROZEN_FILE = "nonfinite.json"  # train.vectorized.FROZEN_FILE (not imported: ke
 
 def parse_config(config: str, overrides: dict[str, str]):
   """The ConfigDict ``experiments/run.py --config=<config> --config.<k>=<v>...`` would get."""
+  argv = ["sweep", f"--config={config}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config", flag_values=values, lock_config=False)
-  values(["sweep", f"--config={config}", *[f"--config.{k}={v}" for k, v in overrides.items()]])
+  # sys_argv: the override flags are defined from these args (by default from sys.argv, which
+  # holds the sweep's own arguments, so no --config.<k> override was known)
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=values, lock_config=False,
+                                  sys_argv=argv)
+  values(argv)
   return values.config
 
 
@@ -57,6 +63,10 @@ def run_vectorized(todo: list[tuple[str, dict, str]], *, config: str, fixed: dic
   if not runs:
     return rows
   configs = [parse_config(config, {**fixed, **point}) for _, point, _ in runs]
+  try:
+    vectorized.check_sweep(configs)
+  except ValueError as err:  # refused before anything trains: one line, no traceback
+    raise SystemExit(f"sweep: {err}") from None
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
   log(f"sweep: training {len(runs)} runs as one vectorised program "

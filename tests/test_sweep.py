@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -85,3 +86,18 @@ def test_command_line_exit_status_reflects_failures(tmp_path):
   bad = subprocess.run(base + ["--grid=loss.beta=3.0", f"--sweep_dir={tmp_path / 'b'}"],
                        capture_output=True, text=True)
   assert bad.returncode == 1 and "1 run(s) failed" in bad.stdout
+
+
+@pytest.mark.parametrize("config, grid, why", [
+    ("ppo_synthetic.py", ["seed=0,1"], "its step is a host loop"),
+    ("dpo_synthetic.py", ["model.d_model=16,32"], r"\['model.d_model'\] cannot be vectorised"),
+    ("rm_synthetic.py", ["seed=0,1"], "rm.early_stopping_patience > 0"),])
+def test_vectorize_refuses_in_one_line_before_training(tmp_path, config, grid, why):
+  with pytest.raises(SystemExit) as refused:
+    sweep.run_sweep(launcher="", config=os.path.join(REPO, "experiments", "configs",
+                                                     config), grid=sweep.parse_grid(grid), fixed={},
+                    sweep_dir=str(tmp_path), vectorize=True, log=lambda msg: None)
+  message = str(refused.value)
+  assert message.startswith("sweep: ") and "\n" not in message
+  assert re.search(why, message), message
+  assert os.listdir(tmp_path) == []  # no run was started

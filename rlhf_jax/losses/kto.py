@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses._common import (as_float, as_mask, check_choice, check_rank, check_same_shape,
-                                     compute_dtype, masked_mean, zero_masked)
+                                     compute_dtype, is_concrete, masked_mean, zero_masked)
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -82,9 +82,10 @@ def kto_loss(policy_logps, ref_logps, labels, *, kl_ref_point, beta: float = 0.1
   check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
   check_rank("policy_logps", policy_logps, 1)
   check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
-  if not beta > 0:
+  if is_concrete(beta) and not beta > 0:  # traced in a vectorised sweep: checked per run there
     raise ValueError(f"beta must be > 0, got {beta}")
-  if not (desirable_weight >= 0 and undesirable_weight >= 0):
+  weights = (desirable_weight, undesirable_weight)
+  if all(map(is_concrete, weights)) and not min(weights) >= 0:
     raise ValueError(f"desirable_weight={desirable_weight}, undesirable_weight="
                      f"{undesirable_weight}: both must be >= 0")
   dtype = compute_dtype(policy_logps, ref_logps)

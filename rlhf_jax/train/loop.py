@@ -30,6 +30,7 @@ the batch's examples and a dict of scalar metrics), which :func:`make_train_step
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -63,6 +64,9 @@ INITIAL_EVAL_FILE = "initial_eval.json"  # the step-0 evaluation (train(initial_
 NonFiniteLossError = guard.NonFiniteLossError
 DivergenceError = guard.DivergenceError
 DIVERGENCE_KEYS = ("loss", "param_norm")
+# Set (per thread) by a vectorised sweep collecting runs (train.vectorized.CapturedRun): train()
+# hands its keyword arguments to the hook first, and returns what it returns unless that is None.
+TRAIN_HOOK: contextvars.ContextVar = contextvars.ContextVar("rlhf_jax_train_hook", default=None)
 
 
 class CheckpointableIterator(Protocol):
@@ -206,6 +210,7 @@ def make_train_step(
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
+  step.loss_fn = loss_fn  # a vectorised sweep rebuilds the step with a traced learning rate
   return step
 
 
@@ -319,6 +324,11 @@ def train(*, workdir: str, config: LoopConfig, state: Any, data: CheckpointableI
     NonFiniteLossError: a step was non-finite (its step and cause named); nothing after the last
       checkpoint was saved.
   """
+  hook = TRAIN_HOOK.get()
+  if hook is not None:
+    captured = hook(**{k: v for k, v in locals().items() if k != "hook"})
+    if captured is not None:
+      return captured
   if (step_fn is None) == (iteration is None):
     raise ValueError("train.train needs exactly one of step_fn (jitted) or iteration (host loop)")
   if step_fn is not None and mesh is None:

@@ -12,7 +12,9 @@ where ``hp_R`` holds the hyperparameters that differ between runs as arrays over
 values traced instead of constant, so a run of the sweep computes what its sequential run computes
 (same data, same RNG stream, same arithmetic up to float rounding of the batched kernels).
 Runs that differ in something static (the DPO ``loss_type``, SimPO vs DPO) form *groups*: one
-``vmap`` per group inside the same jitted step, so no run pays for another's loss.
+``vmap`` per group inside the same jitted step, so no run pays for another's loss; each group's
+runs are stacked on their own (a list of ``[R_g, ...]`` states), so no group is sliced out of
+another's arrays.
 
 What differs per run (``Run.hparams``, ``Run.state``, ``Run.data``) and what must not (everything
 else) is decided by the method glue (``rlhf_jax.algorithms.vectorized``); this module is the loop:
@@ -33,17 +35,26 @@ else) is decided by the method glue (``rlhf_jax.algorithms.vectorized``); this m
   stay frozen) and continues bit-identically.
 * **Mesh.** ``run_devices = n`` adds a ``run`` mesh axis of size ``n`` in front of the runs' own
   ``(data, fsdp, tensor)`` mesh: run ``r``'s slice lives on the devices of run-shard
-  ``r // (R / n)``, and the model's logical sharding constraints carry the ``run`` axis
-  (``vmap(spmd_axis_name="run")``), so a pod trains a grid as one job. Single-process only.
+  ``k // (R_g / n)`` within its group (each group's size must divide by ``n``), and the model's
+  logical sharding constraints carry the ``run`` axis (``vmap(spmd_axis_name="run")``), so a
+  pod trains a grid as one job. Single-process only.
+  Each run's ``vectorized.json`` records where its slice lived (run shard, device ids).
+* **Any method that calls ``train.train`` with a jitted step** (SFT, the reward model) is swept by
+  :func:`capture_runs`: each grid point's own ``train_and_evaluate`` runs in a thread of its own
+  until it calls ``train.train``; the call's arguments (state, step, data, evaluation) become a
+  :class:`Run`, the thread waits, the sweep trains every run, and each thread gets its run's
+  :class:`train.TrainResult` back and goes on with what the method does after training
+  (final metrics, the RM's normalisation and artifact), exactly as its sequential run does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
+import queue
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -63,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 RUN_AXIS = "run"
 FROZEN_FILE = "nonfinite.json"  # {"step", "cause", "detail", "last_checkpoint"} of a frozen run
+LAYOUT_FILE = "vectorized.json"  # {"runs", "index", "run_devices", "run_shard", "devices", ...}
 # The loop settings every run of one vectorised sweep must share (they drive the one host loop).
 SHARED_LOOP_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
                       "keep_checkpoints", "stop_after_steps")
@@ -102,6 +114,8 @@ class Run:
     eval_fn: ``eval_fn(state, step) -> metrics`` (the run's evaluation, on its own state).
     finish: ``finish(TrainResult) -> final metrics`` (writes ``final_metrics.json``).
     token_count: tokens of a host batch (the throughput line).
+    should_stop: as ``train.train``'s; a vectorised sweep cannot stop one run early, so a reason
+      fails the sweep naming the run (the glue refuses configs that would, e.g. RM early stopping).
   """
 
   name: str
@@ -119,6 +133,7 @@ class Run:
   eval_fn: Callable[[Any, int], Mapping[str, float]] | None
   finish: Callable[[loop_lib.TrainResult], dict]
   token_count: Callable[[Mapping[str, Any]], float] = loop_lib.default_token_count
+  should_stop: Callable[[int, Mapping[str, float]], str | None] | None = None
 
 
 @dataclasses.dataclass
@@ -188,6 +203,23 @@ def unstack_state(state_R: Any, r: int, like: Any) -> Any:
   return jax.tree.map(lambda x, l: jax.device_put(x[r], l.sharding), state_R, like)
 
 
+def run_layout(state_R: Any, r: int, mesh: Mesh) -> dict:
+  """Where run ``r`` of the stacked group state ``state_R`` lives: its run shard and the ids of
+  the devices that hold its slice of every param (read from the arrays' shards, not the plan)."""
+  num_runs = jax.tree.leaves(state_R.params)[0].shape[0]
+  devices, pieces = set(), 1
+  for leaf in jax.tree.leaves(state_R.params):
+    mine = [s for s in leaf.addressable_shards if r in range(*s.index[0].indices(num_runs))]
+    devices |= {s.device.id for s in mine}
+    # distinct slices of the run's own array: > 1 when its data / fsdp / tensor axes split it
+    pieces = max(pieces, len({str(s.index[1:]) for s in mine}))
+  run_devices = mesh.shape[RUN_AXIS]
+  return {
+      "group_runs": num_runs, "group_index": r, "run_devices": run_devices,
+      "run_shard": r // (num_runs // run_devices), "devices": sorted(devices),
+      "max_param_pieces": pieces, "mesh_shape": {k: int(v) for k, v in mesh.shape.items()}}
+
+
 def _groups(runs: Sequence[Run]) -> list[tuple[int, int]]:
   """Contiguous ``[lo, hi)`` ranges of equal ``group`` (runs are sorted by group by the caller)."""
   bounds, lo = [], 0
@@ -202,7 +234,8 @@ def _groups(runs: Sequence[Run]) -> list[tuple[int, int]]:
 
 
 def make_vector_step(runs: Sequence[Run], shared_batch: bool, mesh: Mesh) -> Callable:
-  """``vstep(state_R, active_R, hp_R, batch) -> (state_R, active_R, [metrics of each group])``.
+  """``vstep(state_G, active_G, hp_G, batch) -> (state_G, active_G, metrics_G)``, lists over the
+  groups (``batch``: shared, or one ``[R_g, ...]`` stack per group).
 
   Each group is one ``vmap`` of its runs' guarded step; a run is updated only while active and
   on a finite step (``guard.guard_step`` keeps its params on a bad step; the outer ``where``
@@ -217,21 +250,17 @@ def make_vector_step(runs: Sequence[Run], shared_batch: bool, mesh: Mesh) -> Cal
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     return new, ok, metrics
 
-  def vstep(state_R, active_R, hp_R, batch):
+  def vstep(state_G, active_G, hp_G, batch):
     news, oks, metrics = [], [], []
-    for lo, hi in bounds:
-      take = (lambda x: x) if len(bounds) == 1 else (lambda x, lo=lo, hi=hi: x[lo:hi])
+    for g, (lo, _) in enumerate(bounds):
       fn = jax.vmap(lambda s, a, h, b, sf=runs[lo].step_for: one(sf, s, a, h, b),
                     in_axes=(0, 0, 0, None if shared_batch else 0),
                     spmd_axis_name=RUN_AXIS if sharded else None)
-      new, ok, m = fn(jax.tree.map(take, state_R), take(active_R), jax.tree.map(take, hp_R),
-                      batch if shared_batch else jax.tree.map(take, batch))
+      new, ok, m = fn(state_G[g], active_G[g], hp_G[g], batch if shared_batch else batch[g])
       news.append(new)
       oks.append(ok)
       metrics.append(m)
-    if len(bounds) == 1:
-      return news[0], oks[0], metrics
-    return (jax.tree.map(lambda *xs: jnp.concatenate(xs), *news), jnp.concatenate(oks), metrics)
+    return news, oks, metrics
 
   return vstep
 
@@ -255,10 +284,17 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
                      f"{jax.process_count()}); launch the sweep's runs as separate jobs instead")
   n = len(runs)
   bounds = _groups(runs)
+
+  def group_of(i: int) -> tuple[int, int]:
+    """(group, index within it) of run ``i``."""
+    return next((g, i - lo) for g, (lo, hi) in enumerate(bounds) if lo <= i < hi)
+
   cfg = runs[0].loop
   mesh = run_mesh(runs[0].mesh, run_devices)
-  if n % run_devices:
-    raise ValueError(f"{n} runs do not split evenly over run_devices={run_devices}")
+  uneven = [hi - lo for lo, hi in bounds if (hi - lo) % run_devices]
+  if uneven:
+    raise ValueError(f"groups of {[hi - lo for lo, hi in bounds]} runs (one per static loss "
+                     f"setting) do not split evenly over run_devices={run_devices}")
   for run in runs:
     ckpt_lib.clean_temp_files(run.workdir)
   checkpointers = [
@@ -315,20 +351,30 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
   end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, start +
                                                            cfg.stop_after_steps)
 
-  state_R = stack_states(states, mesh)
+  run_sharding = NamedSharding(mesh, PartitionSpec(RUN_AXIS))
+  state_G = [stack_states(states[lo:hi], mesh) for lo, hi in bounds]
   likes = [r.state for r in runs]  # each run's own placement (checkpoints, evaluation)
   del states
-  active_R = jax.device_put(np.array([f is None for f in frozen]),
-                            NamedSharding(mesh, PartitionSpec(RUN_AXIS)))
-  hp_R = {
-      k: jax.device_put(np.asarray([r.hparams[k] for r in runs], np.float32),
-                        NamedSharding(mesh, PartitionSpec(RUN_AXIS))) for k in runs[0].hparams}
+  for i, run in enumerate(runs):
+    g, k = group_of(i)
+    ckpt_lib.atomic_write_json(
+        os.path.join(run.workdir, LAYOUT_FILE),
+        {"runs": n, "index": i, "group": g, **run_layout(state_G[g], k, mesh)})
+  active_G = [
+      jax.device_put(np.array([f is None
+                               for f in frozen[lo:hi]]), run_sharding)
+      for lo, hi in bounds]
+  hp_G = [{
+      key: jax.device_put(np.asarray([r.hparams[key]
+                                      for r in runs[lo:hi]], np.float32), run_sharding)
+      for key in runs[0].hparams}
+          for lo, hi in bounds]
   batch_spec = PartitionSpec(parallel.batch_axes(rules))
   stacked_batch_sharding = NamedSharding(mesh, PartitionSpec(RUN_AXIS, *batch_spec))
   vstep = make_vector_step(runs, shared_batch, mesh)
-  state_sh = jax.tree.map(lambda x: x.sharding, state_R)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(vstep, donate_argnums=(0,), out_shardings=(state_sh, active_R.sharding, None))
+  state_sh = [jax.tree.map(lambda x: x.sharding, s) for s in state_G]
+  jitted = jax.jit(vstep, donate_argnums=(0,),
+                   out_shardings=(state_sh, [run_sharding] * len(bounds), None))
 
   writers = [
       metrics_lib.MetricsWriter(r.workdir, resume_step=start) if f is None else None
@@ -341,8 +387,11 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
   flags: list = []  # (step, ok_R, [{loss, grad_norm} per group]) not yet read on the host
   window: list = []  # (step, [metrics per group]) since the last log row
 
-  def group_of(i: int) -> tuple[int, int]:
-    return next((g, i - lo) for g, (lo, hi) in enumerate(bounds) if lo <= i < hi)
+  def ask_stop(i: int, at: int, metrics: Mapping[str, float]) -> None:
+    reason = runs[i].should_stop(at, metrics) if runs[i].should_stop is not None else None
+    if reason:
+      raise ValueError(f"run {runs[i].name} asks to stop at step {at} ({reason}); a vectorised "
+                       "sweep cannot end one run early: sweep it without --vectorize")
 
   def freeze(i: int, at: int, metrics_g: list) -> None:
     g, k = group_of(i)
@@ -361,16 +410,18 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
   def check_flags(upto: int) -> None:
     while flags and flags[0][0] <= upto:
       at, ok_dev, lg_dev = flags.pop(0)
-      ok, lg = jax.device_get((ok_dev, lg_dev))
+      ok_G, lg = jax.device_get((ok_dev, lg_dev))
       for i in range(n):
-        if frozen[i] is None and not ok[i]:
+        g, k = group_of(i)
+        if frozen[i] is None and not ok_G[g][k]:
           freeze(i, at, lg)
 
   def save(at: int) -> None:
     check_flags(at)  # never checkpoint a run a non-finite step has touched
     for i, run in enumerate(runs):
       if frozen[i] is None and last_saved[i] != at:
-        checkpointers[i].save(at, unstack_state(state_R, i, likes[i]),
+        checkpointers[i].save(at, unstack_state(state_G[group_of(i)[0]],
+                                                group_of(i)[1], likes[i]),
                               feeds[feed_of[i]].get_state())
         last_saved[i] = at
 
@@ -387,6 +438,7 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
       mean.pop(guard.NONFINITE_METRIC, None)
       means_all.append(mean)
       writers[i].write(at, mean, split="train")
+      ask_stop(i, at, {f"train/{k}": v for k, v in mean.items()})
     del steps
     if means_all:
       progress.maybe_report(at, {"loss": float(np.mean([m["loss"] for m in means_all]))},
@@ -396,11 +448,13 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
     check_flags(at)
     for i, run in enumerate(runs):
       if frozen[i] is None and run.eval_fn is not None:
-        metrics = dict(run.eval_fn(unstack_state(state_R, i, likes[i]), at))
+        g, k = group_of(i)
+        metrics = dict(run.eval_fn(unstack_state(state_G[g], k, likes[i]), at))
         writers[i].write(at, metrics, split="eval")
         logger.info("eval %s at step %d: %s", run.name, at,
                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         eval_metrics[i] = metrics
+        ask_stop(i, at, {f"eval/{k}": v for k, v in metrics.items()})
 
   preempted = False
   step = start
@@ -424,14 +478,18 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
           if shared_batch:
             batch = parallel.shard_batch(batches[0], mesh, rules)
           else:
-            batch = jax.tree.map(
-                lambda *xs: jax.device_put(np.stack([np.asarray(jax.device_get(x))
-                                                     for x in xs]), stacked_batch_sharding),
-                *[batches[j] for j in feed_of])
-          state_R, active_R, metrics = jitted(state_R, active_R, hp_R, batch)
+            batch = [
+                jax.tree.map(
+                    lambda *xs: jax.device_put(
+                        np.stack([np.asarray(jax.device_get(x))
+                                  for x in xs]), stacked_batch_sharding),
+                    *[batches[j]
+                      for j in feed_of[lo:hi]])
+                for lo, hi in bounds]
+          state_G, active_G, metrics = jitted(state_G, active_G, hp_G, batch)
         step += 1
         flags.append(
-            (step, active_R, [{k: m[k] for k in ("loss", "grad_norm") if k in m} for m in metrics]))
+            (step, active_G, [{k: m[k] for k in ("loss", "grad_norm") if k in m} for m in metrics]))
         window.append((step, metrics))
         if ready is not None:  # step `step` is queued: reading older metrics keeps it busy
           emit(*ready)
@@ -473,8 +531,9 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
     if frozen[i] is not None:
       outcomes.append(RunOutcome(run.name, None, frozen[i], frozen[i]["step"] - 1, False))
       continue
-    result = loop_lib.TrainResult(state=None, step=int(step), preempted=preempted,
-                                  eval_metrics=eval_metrics[i])
+    g, k = group_of(i)
+    result = loop_lib.TrainResult(state=unstack_state(state_G[g], k, likes[i]), step=int(step),
+                                  preempted=preempted, eval_metrics=eval_metrics[i])
     final = run.finish(result)
     outcomes.append(RunOutcome(run.name, None if preempted else final, None, int(step), preempted))
   return outcomes
@@ -485,3 +544,122 @@ def outcome_json(outcomes: Sequence[RunOutcome]) -> str:
   return "\n".join(
       json.dumps({"run": o.name, "step": o.step, "preempted": o.preempted, "frozen": o.frozen})
       for o in outcomes)
+
+
+class SweepAborted(Exception):
+  """Handed to a run's waiting ``train.train`` call when the sweep fails before it trained."""
+
+
+class CapturedRun:
+  """One grid point's ``train_and_evaluate`` in a thread of its own, paused in ``train.train``.
+
+  ``fn()`` runs with ``loop.TRAIN_HOOK`` set (in its thread only): its ``train.train`` call for
+  ``workdir`` hands its keyword arguments over (``kwargs``) and waits for :meth:`resume`; calls
+  for other workdirs (an earlier stage the method trains first, e.g. the SFT run of an RM) train
+  as usual. ``kwargs`` stays None when ``fn`` returned (or failed) without training.
+  """
+
+  def __init__(self, name: str, workdir: str, fn: Callable[[], Any]):
+    self.name, self.workdir, self.fn = name, os.path.abspath(workdir), fn
+    self.kwargs: dict | None = None
+    self.value: Any = None
+    self.error: BaseException | None = None
+    self._reached = threading.Event()  # train.train was called, or fn ended
+    self._result: queue.Queue = queue.Queue(maxsize=1)
+    self._thread = threading.Thread(target=self._main, name=f"sweep-{name}", daemon=True)
+
+  def _hook(self, **kwargs: Any) -> loop_lib.TrainResult | None:
+    if os.path.abspath(kwargs["workdir"]) != self.workdir:
+      return None
+    if self.kwargs is not None:
+      raise RuntimeError(f"{self.name}: train.train called twice for {self.workdir}")
+    self.kwargs = kwargs
+    self._reached.set()
+    result = self._result.get()
+    if isinstance(result, BaseException):
+      raise result
+    return result
+
+  def _main(self) -> None:
+    token = loop_lib.TRAIN_HOOK.set(self._hook)
+    try:
+      self.value = self.fn()
+    except BaseException as err:  # pylint: disable=broad-except
+      self.error = err
+    finally:
+      loop_lib.TRAIN_HOOK.reset(token)
+      self._reached.set()
+
+  def start(self) -> None:
+    """Runs ``fn`` up to its ``train.train`` call (or its end); re-raises its error."""
+    self._thread.start()
+    self._reached.wait()
+    if self.kwargs is None:
+      self._thread.join()
+      if self.error is not None:
+        raise self.error
+
+  @property
+  def waiting(self) -> bool:
+    return self.kwargs is not None and self._thread.is_alive()
+
+  def resume(self, result: loop_lib.TrainResult | BaseException) -> Any:
+    """Hands ``result`` to the paused ``train.train`` (an exception is raised there); waits for
+    ``fn`` to finish and returns its value (re-raising its error)."""
+    self._result.put(result)
+    self._thread.join()
+    if self.error is not None and self.error is not result:
+      raise self.error
+    return self.value
+
+
+def capture_runs(calls: Sequence[tuple[str, str, Callable[[], Any]]]) -> list[CapturedRun]:
+  """Starts ``(name, workdir, fn)`` one after the other, each up to its ``train.train`` call.
+
+  Set-up runs one run at a time (no two threads compete for the CPU, logs stay in order). If one
+  fails, the runs already paused are released with :class:`SweepAborted` and the error raised.
+  """
+  captured: list[CapturedRun] = []
+  try:
+    for name, workdir, fn in calls:
+      captured.append(CapturedRun(name, workdir, fn))
+      captured[-1].start()
+  except BaseException:
+    release(captured)
+    raise
+  return captured
+
+
+def release(captured: Sequence[CapturedRun], error: BaseException | None = None) -> None:
+  """Ends every still-paused run with ``error`` (default :class:`SweepAborted`), ignoring what
+  that raises in its thread."""
+  for c in captured:
+    if c.waiting:
+      try:
+        c.resume(error if error is not None else SweepAborted("the vectorised sweep failed"))
+      except BaseException:  # pylint: disable=broad-except
+        pass
+
+
+def run_from_capture(c: CapturedRun, *, step_for: Callable[[Mapping[str, Any]], Callable],
+                     hparams: Mapping[str, float], group: str, data_key: str) -> Run:
+  """The :class:`Run` of a captured ``train.train`` call (jitted ``step_fn`` only).
+
+  ``finish`` resumes the paused thread with the run's result; a frozen run is resumed by the
+  caller with the error its sequential run would have raised (:func:`release`).
+  """
+  kw = c.kwargs
+  refuse = {
+      "iteration": "its step is a host loop (PPO / GRPO rollout: sampling, reward scoring, text "
+                   "decoding), not one jitted step, so vmap does not apply",
+      "initial_eval": "a step-0 evaluation is not supported",
+      "tokens_metric": "a throughput metric from the step is not supported"}
+  for key, why in refuse.items():
+    if kw.get(key):
+      raise ValueError(f"run {c.name}: train.train({key}=...) cannot be vectorised: {why}; "
+                       "sweep it without --vectorize")
+  return Run(name=c.name, workdir=kw["workdir"], state=kw["state"], step_for=step_for,
+             hparams=dict(hparams), group=group, data=kw["data"], data_key=data_key,
+             loop=kw["config"], mesh=kw["mesh"], fingerprint=kw["fingerprint"],
+             run_config=kw["run_config"] or {}, eval_fn=kw["eval_fn"], finish=c.resume,
+             token_count=kw["token_count"], should_stop=kw["should_stop"])

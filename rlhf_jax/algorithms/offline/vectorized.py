@@ -1,5 +1,5 @@
-"""Vectorised sweeps of the offline methods that share the offline shell: the DPO family (every
-``loss_type``, SimPO, ORPO) and PRO / RRHF.
+"""Vectorised sweeps: the offline methods that share the offline shell (the DPO family with every
+``loss_type``, SimPO, ORPO; PRO / RRHF; KTO), SFT and the reward model.
 
 ``train_sweep(configs, workdirs)`` takes one config per grid point (what ``experiments/run.py``
 would get) and trains them as one program (``rlhf_jax.train.vectorized``):
@@ -12,6 +12,14 @@ would get) and trains them as one program (``rlhf_jax.train.vectorized``):
   without an SFT / pretrained source, its init), ``data.shuffle_seed`` (each run's data order) and
   any other key of the ``loss`` section (e.g. ``loss.loss_type``, ``loss.method``: runs that agree
   on them form one group, one ``vmap``). Any other difference is refused with the key's name.
+* SFT and the reward model (``CAPTURED``) have no shell to capture: each grid point's own
+  ``train_and_evaluate`` runs in its own thread up to its ``train.train`` call
+  (``train.vectorized.capture_runs``), the sweep trains them, and each goes on from the result it
+  gets back (final metrics; the RM's normalisation, artifact and report). Their grid may vary
+  ``optim.lr``, ``seed`` (init and RNG stream) and ``data.shuffle_seed``; RM early stopping
+  (``rm.early_stopping_patience``) cannot be vectorised (one run cannot stop alone).
+* PPO / GRPO / RLOO, online DPO, iterated RLHF, RAFT and best-of-n are refused: their step is a
+  host loop (sampling, reward scoring, text decoding), not one jitted step.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import ml_collections
 
 from rlhf_jax import train
 from rlhf_jax.algorithms import reference, registry
-from rlhf_jax.algorithms.offline import dpo, listwise, shell
+from rlhf_jax.algorithms.offline import dpo, kto, listwise, shell
 from rlhf_jax.train import config_dicts
 from rlhf_jax.train import vectorized as vec
 
@@ -37,10 +45,17 @@ LOSSES: dict[str, tuple[type, Callable, dict[str, str]]] = {
         "loss.beta": "beta", "loss.label_smoothing": "label_smoothing",
         "loss.simpo_gamma": "simpo_gamma", "loss.orpo_lambda": "orpo_lambda"}),
     "listwise":
-        (listwise.ListwiseLossConfig, listwise.make_loss_fn, {"loss.sft_weight": "sft_weight"}),}
+        (listwise.ListwiseLossConfig, listwise.make_loss_fn, {"loss.sft_weight": "sft_weight"}),
+    "kto": (kto.KTOLossConfig, kto.make_loss_fn, {
+        "loss.beta": "beta", "loss.desirable_weight": "desirable_weight",
+        "loss.undesirable_weight": "undesirable_weight"}),}
 OPTIM_KEYS = {"optim.lr": "lr"}
 PER_RUN_KEYS = ("seed", "data.shuffle_seed")  # a run's own state / data order
-METHODS = tuple(LOSSES)
+# Methods swept by capturing their train.train call (train.vectorized.capture_runs).
+CAPTURED = ("sft", "reward_model")
+METHODS = (*LOSSES, *CAPTURED)
+# Their step is a host loop: the refusal says so.
+HOST_LOOP = ("ppo", "online_dpo", "iterated_rlhf", "raft", "best_of_n")
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -62,15 +77,41 @@ def differing_keys(configs: Sequence[ml_collections.ConfigDict]) -> list[str]:
 
 def check_vectorisable(method: str, keys: Sequence[str]) -> None:
   """Raises naming a differing key a vectorised sweep of ``method`` cannot put on the run axis."""
-  if method not in LOSSES:
+  if method in HOST_LOOP:
+    raise ValueError(f"config.method={method!r} cannot be vectorised: its step is a host loop "
+                     "(rollout sampling, reward scoring, text decoding), not one jitted step; "
+                     "sweep it without --vectorize")
+  if method not in METHODS:
     raise ValueError(f"config.method={method!r} cannot be vectorised; allowed: "
                      f"{' | '.join(METHODS)} (run the others without --vectorize)")
-  allowed = set(LOSSES[method][2]) | set(OPTIM_KEYS) | set(PER_RUN_KEYS)
-  bad = [k for k in keys if k not in allowed and not k.startswith("loss.")]
+  if method in CAPTURED:
+    allowed, any_loss = set(OPTIM_KEYS) | set(PER_RUN_KEYS), ""
+    bad = [k for k in keys if k not in allowed]
+  else:
+    allowed, any_loss = set(
+        LOSSES[method][2]) | set(OPTIM_KEYS) | set(PER_RUN_KEYS), " and any loss.* key"
+    bad = [k for k in keys if k not in allowed and not k.startswith("loss.")]
   if bad:
     raise ValueError(
-        f"grid key(s) {bad} cannot be vectorised (they change shapes, data or models); "
-        f"allowed: {sorted(allowed)} and any loss.* key; sweep them without --vectorize")
+        f"grid key(s) {bad} cannot be vectorised (they change shapes, data, models or the loss "
+        f"of {method}); allowed: {sorted(allowed)}{any_loss}; sweep them without --vectorize")
+
+
+def check_sweep(configs: Sequence[ml_collections.ConfigDict]) -> tuple[str, list[str]]:
+  """``(method, differing keys)`` of a sweep that can be vectorised; else raises ``ValueError``
+  naming what cannot (the method, a key, RM early stopping) before anything is trained."""
+  methods = sorted({c.method for c in configs})
+  if len(methods) != 1:
+    raise ValueError(f"a vectorised sweep trains one method; got {methods}")
+  method, keys = methods[0], differing_keys(configs)
+  check_vectorisable(method, keys)
+  if method == "reward_model":
+    stopping = [i for i, c in enumerate(configs) if c.rm.get("early_stopping_patience", 0)]
+    if stopping:
+      raise ValueError(f"rm.early_stopping_patience > 0 (grid points {stopping}) cannot be "
+                       "vectorised: one run cannot stop alone; set it to 0 or sweep without "
+                       "--vectorize")
+  return method, keys
 
 
 def _seeded_init(config: ml_collections.ConfigDict) -> bool:
@@ -82,12 +123,9 @@ def _seeded_init(config: ml_collections.ConfigDict) -> bool:
 def build_runs(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
                names: Sequence[str]) -> list[vec.Run]:
   """One :class:`vec.Run` per config, set up exactly as its sequential run, sorted by group."""
-  methods = {c.method for c in configs}
-  if len(methods) != 1:
-    raise ValueError(f"a vectorised sweep trains one method; got {sorted(methods)}")
-  method = methods.pop()
-  keys = differing_keys(configs)
-  check_vectorisable(method, keys)
+  method, keys = check_sweep(configs)
+  if method not in LOSSES:
+    raise ValueError(f"config.method={method!r} has no offline shell; use train_sweep")
   loss_cls, make_loss_fn, loss_fields = LOSSES[method]
   vector = [k for k in keys if k in loss_fields or k in OPTIM_KEYS]
   runs = []
@@ -148,11 +186,79 @@ def _step_builder(setup: shell.OfflineSetup, loss_cfg: Any, make_loss_fn: Callab
   return step_for
 
 
+def _captured_step_builder(step_fn: Callable, optim_cfg: Any, num_steps: int) -> Callable:
+  """``step_for(hp)`` of a captured run: its own step, or rebuilt with a traced ``optim.lr``
+  (``train.make_train_step`` over the step's own ``loss_fn``)."""
+
+  def step_for(hp: Mapping[str, Any]) -> Callable:
+    if not hp:
+      return step_fn
+    optim = vec.with_traced(optim_cfg,
+                            **{OPTIM_KEYS[k]: v for k, v in hp.items() if k in OPTIM_KEYS})
+    optimizer, schedule = train.make_optimizer(optim, num_steps)
+    return train.make_train_step(step_fn.loss_fn, optimizer, schedule,
+                                 grad_accum_steps=optim_cfg.grad_accum_steps)
+
+  return step_for
+
+
+def _train_captured(method: str, configs: Sequence[ml_collections.ConfigDict],
+                    workdirs: Sequence[str], names: Sequence[str], keys: Sequence[str],
+                    run_devices: int) -> list[vec.RunOutcome]:
+  """SFT / RM: every point's own ``train_and_evaluate``, its training vectorised (docstring)."""
+  vector = [k for k in keys if k in OPTIM_KEYS]
+  fn = registry.get(method)
+  captured = vec.capture_runs([(name, workdir, lambda c=config, w=workdir: fn(c, w))
+                               for config, workdir, name in zip(configs, workdirs, names)])
+  outcomes: dict[str, vec.RunOutcome] = {}
+  try:
+    runs = []
+    for c, config in zip(captured, configs):
+      if c.kwargs is None:  # returned without training (e.g. its SFT stage was preempted)
+        value = c.value or {}
+        outcomes[c.name] = vec.RunOutcome(c.name, None if value.get("preempted") else value, None,
+                                          int(value.get("step", 0)), bool(value.get("preempted")))
+        continue
+      flat = _flat(config.to_dict())
+      optim_cfg = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
+      data_key = json.dumps(
+          {k: config[k].to_dict() for k in ("data", "limits", "sources") if k in config},
+          sort_keys=True, default=str)
+      runs.append(
+          vec.run_from_capture(
+              c, step_for=_captured_step_builder(c.kwargs["step_fn"], optim_cfg,
+                                                 c.kwargs["config"].num_steps),
+              hparams={k: float(flat[k]) for k in vector}, group=method, data_key=data_key))
+    if runs:
+      for outcome in vec.train_vectorized(runs, run_devices=run_devices):
+        outcomes[outcome.name] = outcome
+  finally:
+    for c in captured:  # frozen runs end as their sequential run would: NonFiniteLossError
+      record = outcomes[c.name].frozen if c.name in outcomes else None
+      if record is not None and c.waiting:
+        vec.release([c],
+                    train.NonFiniteLossError(record["cause"], record["detail"], step=record["step"],
+                                             last_good=record["last_checkpoint"],
+                                             workdir=c.workdir))
+    vec.release(captured)
+  return [outcomes[n] for n in names]
+
+
 def train_sweep(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
                 names: Sequence[str] | None = None, *,
                 run_devices: int = 1) -> list[vec.RunOutcome]:
-  """Trains every config as one vectorised program; one outcome per config, in input order."""
+  """Trains every config as one vectorised program; one outcome per config, in input order.
+
+  ``configs[i]`` is what ``experiments/run.py`` would get for ``workdirs[i]``; all share
+  ``config.method`` (one of ``METHODS``) and differ only in the keys ``check_vectorisable``
+  allows. Each run's files are its sequential run's (plus ``vectorized.json``, the layout).
+  """
   names = list(names) if names is not None else [os.path.basename(w) for w in workdirs]
+  method, keys = check_sweep(configs)
+  if method in CAPTURED:
+    for workdir in workdirs:
+      os.makedirs(workdir, exist_ok=True)
+    return _train_captured(method, configs, workdirs, names, keys, run_devices)
   runs = build_runs(configs, workdirs, names)
   outcomes = {o.name: o for o in vec.train_vectorized(runs, run_devices=run_devices)}
   return [outcomes[n] for n in names]
