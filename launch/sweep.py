@@ -20,6 +20,9 @@ r"""Grid sweeps over config overrides of any method's config, with one results t
   rollout methods are refused (their step is a host loop). ``--run_devices N`` shards the runs
   over N device groups (mesh axis ``run``). Each run's outputs are the same files in the same
   place (plus ``vectorized.json``: where it ran); a diverging run is frozen, not fatal.
+* ``--backend=slurm``: the runs go to a SLURM job array instead, array task i = grid point i
+  (``launch/sweep_slurm.py``: ``--sbatch_arg``, ``--dry_run``, ``--slurm_wait``); rerun with
+  ``--gather`` once the array has finished to build the results below from the runs' workdirs.
 * Afterwards ``results.csv``, ``results.md`` (one row per run; a failed run is listed with its exit
   status and last log line, never dropped) and ``frontier.png`` (gold reward vs KL to SFT) are
   written to ``--sweep_dir``.
@@ -191,6 +194,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       help="train the runs in this process as one jitted program")
   parser.add_argument("--run_devices", type=int, default=1,
                       help="--vectorize: device groups the runs are sharded over (mesh axis run)")
+  parser.add_argument("--backend", choices=("local", "slurm"), default="local",
+                      help="local subprocesses, or one SLURM job array (launch/sweep_slurm.py)")
+  parser.add_argument("--gather", action="store_true",
+                      help="run nothing: build the results from the runs' workdirs (slurm)")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="--backend=slurm: print the sbatch script and command, submit nothing")
+  parser.add_argument("--sbatch_arg", action="append", default=[],
+                      help="--backend=slurm: an #SBATCH option for every task (repeatable)")
+  parser.add_argument("--slurm_wait", action="store_true",
+                      help="--backend=slurm: sbatch --wait, then gather the results")
   args = parser.parse_args(argv)
   grid = parse_grid(args.grid)
   fixed = dict(parse_assignment(s) for s in args.fixed)
@@ -199,11 +212,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.error(f"{clash} are both --set and --grid keys")
   if not os.path.isfile(args.launcher):
     parser.error(f"--launcher={args.launcher!r}: no such file")
-  rows = run_sweep(launcher=os.path.abspath(args.launcher),
-                   config=os.path.abspath(args.config) if args.config else "", grid=grid,
-                   fixed=fixed, sweep_dir=os.path.abspath(args.sweep_dir), parallel=args.parallel,
-                   log=lambda msg: print(msg, flush=True), vectorize=args.vectorize,
-                   run_devices=args.run_devices)
+  if args.backend == "slurm" or args.gather:
+    from launch import sweep_slurm  # pylint: disable=import-outside-toplevel
+    rows = sweep_slurm.run(args, grid, fixed, launcher=os.path.abspath(args.launcher),
+                           config=os.path.abspath(args.config) if args.config else "",
+                           sweep_dir=os.path.abspath(args.sweep_dir),
+                           log=lambda msg: print(msg, flush=True))
+    if rows is None:  # submitted (or a dry run): the results come with --gather
+      return []
+  else:
+    rows = run_sweep(launcher=os.path.abspath(args.launcher),
+                     config=os.path.abspath(args.config) if args.config else "", grid=grid,
+                     fixed=fixed, sweep_dir=os.path.abspath(args.sweep_dir), parallel=args.parallel,
+                     log=lambda msg: print(msg, flush=True), vectorize=args.vectorize,
+                     run_devices=args.run_devices)
   command = "python launch/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
   print(write_results(rows, [k for k, _ in grid], args.sweep_dir, command), flush=True)
   failed = [r["run"] for r in rows if str(r["status"]).startswith(("failed", "frozen"))]
