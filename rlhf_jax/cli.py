@@ -28,6 +28,8 @@ import threading
 
 from absl import flags
 
+from rlhf_jax import fileio
+
 # Errors that mean "fix the command or the inputs"; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
@@ -161,6 +163,8 @@ def _size(n: float) -> str:
 
 
 def _free_space(path: str) -> str:
+  if fileio.is_remote(path):  # an object store: no local disk to report
+    return "free space not known for a remote path"
   path = os.path.abspath(path)
   while path and not os.path.exists(path):
     path = os.path.dirname(path)

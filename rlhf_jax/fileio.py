@@ -56,6 +56,8 @@ def absolute(p: PathLike) -> str:
 
 def join(base: PathLike, *parts: str) -> str:
   """``base/part/...`` for local paths and URLs alike (``gs://b/run``, ``x``: ``gs://b/run/x``)."""
+  if not os.fspath(base):  # as os.path.join: '' + x is x (epath would make it ./x)
+    return os.path.join("", *parts)
   return os.fspath(epath.Path(base).joinpath(*parts))
 
 

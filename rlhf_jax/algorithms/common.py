@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, models, parallel, train
+from rlhf_jax import fileio, losses, models, parallel, train
 from rlhf_jax import scoring
 from rlhf_jax.algorithms import sections
 from rlhf_jax.data import records as rec
@@ -105,7 +104,7 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_sec
           f"config.sources.tokenizer={spec!r} differs from the tokenizer of the SFT run "
           f"{sources.sft_workdir} ({tokenizer!r}); allowed: '' (use the run's) or the same one")
     ref_params, ref_workdir, ref_step = policy_params, sources.policy, sft_step
-    if sources.reference_workdir and (os.path.abspath(sources.reference_workdir) != os.path.abspath(
+    if sources.reference_workdir and (fileio.absolute(sources.reference_workdir) != fileio.absolute(
         sources.sft_workdir)):
       ref = train.load_sft_params(sources.reference_workdir)
       check_reference(model_config, tokenizer, ref.model_config, ref.tokenizer,
@@ -152,7 +151,7 @@ def load_models(sources: sections.Sources, mesh: jax.sharding.Mesh, *, model_sec
 def _abs_source(source: str) -> str:
   if not source or train.runs.is_pretrained(source):
     return source
-  return os.path.abspath(source)
+  return fileio.absolute(source)
 
 
 def model_overrides(model_section: Any) -> dict:
@@ -244,9 +243,9 @@ def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tupl
   from rlhf_jax.data import synthetic_files  # pylint: disable=import-outside-toplevel
 
   candidates = [data.synthetic_dir] if data.synthetic_dir else [
-      os.path.join(sources.sft_workdir, "data", "synthetic") if sources.sft_workdir else "",
-      os.path.join(workdir, "data", "synthetic") if workdir else ""]
-  task = next((c for c in candidates if c and os.path.isfile(os.path.join(c, "metadata.json"))), "")
+      fileio.join(sources.sft_workdir, "data", "synthetic") if sources.sft_workdir else "",
+      fileio.join(workdir, "data", "synthetic") if workdir else ""]
+  task = next((c for c in candidates if c and fileio.isfile(fileio.join(c, "metadata.json"))), "")
   # Every process must take the same branch (process 0 writes, the others wait for it).
   found = parallel.agree(bool(task))
   if not found:
@@ -259,8 +258,8 @@ def resolve_files(data: Any, sources: Any, stem: str, workdir: str = "") -> tupl
     logger.info("no synthetic task found; generating one into %s", task)
     parallel.write_on_coordinator(synthetic_files.write_task, task, data.synthetic_task(),
                                   overwrite=True, barrier="synthetic_task_written")
-  prompts = data.eval_prompts_jsonl or os.path.join(task, "prompts_test.jsonl")
-  return os.path.join(task, f"{stem}.jsonl"), os.path.join(task, f"{stem}_test.jsonl"), prompts
+  prompts = data.eval_prompts_jsonl or fileio.join(task, "prompts_test.jsonl")
+  return fileio.join(task, f"{stem}.jsonl"), fileio.join(task, f"{stem}_test.jsonl"), prompts
 
 
 def make_heldout_eval_fn(loss_fn: Callable, batches: list, mesh: jax.sharding.Mesh,
@@ -322,7 +321,7 @@ def policy_evaluator(loaded: LoadedModels, prompt_texts: list[str], max_prompt_l
       loaded.model, loaded.ref_params, loaded.tokenizer, prompts, config,
       reward_fn=scoring.sample_reward_fn(loaded.reward) if loaded.reward is not None else None,
       gold_reward_fn=policy_eval.synthetic.gold_rewards if gold else None,
-      sample_path=os.path.join(workdir, "samples.jsonl"), mesh=mesh)
+      sample_path=fileio.join(workdir, "samples.jsonl"), mesh=mesh)
 
 
 def _is_synthetic_prompt(text: str) -> bool:
@@ -338,7 +337,7 @@ def write_final(workdir: str, final: dict, method: str,
   """``<workdir>/final_metrics.json`` (process 0 writes it): ``final`` plus the run's topology
   (``parallel.topology``: ``process_count``, ``device_count`` of the mesh, ``mesh_shape``)."""
   final = {**final, **parallel.topology(mesh)}
-  parallel.write_on_coordinator(train.atomic_write_json, os.path.join(workdir, FINAL_METRICS_FILE),
+  parallel.write_on_coordinator(train.atomic_write_json, fileio.join(workdir, FINAL_METRICS_FILE),
                                 final)
   logger.info(
       "%s finished: %s", method,

@@ -29,15 +29,15 @@ Two ways to get the numbers (:class:`ReferenceLogps`):
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 
-from rlhf_jax import models, parallel
+from rlhf_jax import fileio, models, parallel
 from rlhf_jax.data import batching
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def cache_key(*, reference_run: str, reference_step: int, model_config: Any, tok
   and filters); ``extra``: anything else (e.g. ``num_candidates``).
   """
   key = {
-      "reference_run": os.path.abspath(reference_run) if reference_run else "",
+      "reference_run": fileio.absolute(reference_run) if reference_run else "",
       "reference_step": int(reference_step),
       "model": dataclasses.asdict(model_config)
                if dataclasses.is_dataclass(model_config) else model_config,
@@ -144,11 +144,12 @@ def precompute_table(dataset: Any, fn: Callable, params: Any, path: str, key: Ma
   """``[N, R]`` Σ_t log π_ref of every sequence row of every example, computed once, stored at ``path``.
 
   The stored ``key`` must equal ``key`` (:func:`cache_key`) for the table to be reused; otherwise
-  it is recomputed (and the reason logged). Written atomically (temp file + rename).
+  it is recomputed (and the reason logged). Written atomically (``fileio``: temp file + rename
+  locally, one object upload remotely).
   """
   key = json.loads(json.dumps(dict(key), sort_keys=True))
-  if os.path.exists(path):
-    with np.load(path) as stored:
+  if fileio.exists(path):
+    with np.load(io.BytesIO(fileio.read_bytes(path))) as stored:
       stored_key = json.loads(str(stored["key"]))
       if stored_key == key and len(stored["table"]) == len(dataset):
         return np.asarray(stored["table"])
@@ -171,10 +172,9 @@ def precompute_table(dataset: Any, fn: Callable, params: Any, path: str, key: Ma
     keep = index >= 0  # filler rows of the last batch have index -1
     table[index[keep]] = rows_BxR[keep]
   if parallel.is_coordinator():
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, key=json.dumps(key, sort_keys=True), table=table)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, key=json.dumps(key, sort_keys=True), table=table)
+    fileio.atomic_write_bytes(path, buf.getvalue())
   logger.info("precomputed reference log-probs of %d examples x %d rows -> %s", *table.shape, path)
   return table
 

@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Any, ClassVar, Sequence
 
+from rlhf_jax import fileio
 from rlhf_jax.models import lora as lora_lib
 
 DATA_SOURCES = ("synthetic", "jsonl")
@@ -41,7 +42,7 @@ def check_file(owner: str, name: str, path: Any, required: bool, why: str = "") 
   """``path`` must be an existing file (or '' when not ``required``)."""
   if not isinstance(path, str):
     raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: a path string")
-  if (required or path) and not os.path.isfile(path):
+  if (required or path) and not fileio.isfile(path):
     allowed = "an existing file" + (f" ({why})" if why else "")
     raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: {allowed}" +
                      ("" if required else " or ''"))
@@ -51,7 +52,7 @@ def check_dir(owner: str, name: str, path: Any) -> None:
   """``path`` must be '' or an existing directory."""
   if not isinstance(path, str):
     raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: a path string or ''")
-  if path and not os.path.isdir(path):
+  if path and not fileio.isdir(path):
     raise ValueError(f"{owner}.{name}={path!r} is invalid; allowed: an existing run directory or "
                      "'' (no such directory)")
 

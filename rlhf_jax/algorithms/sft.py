@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import models, parallel, sampling, train
+from rlhf_jax import fileio, models, parallel, sampling, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.data import batching, synthetic, synthetic_files
 from rlhf_jax.data import dataset as ds_lib
@@ -111,17 +110,17 @@ class SFTData(NamedTuple):
 def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_lib.Tokenizer,
                  workdir: str, *, vocab_size: int) -> SFTData:
   """Builds (once) the train / eval TFDS datasets under ``<workdir>/data`` and the train iterator."""
-  data_dir = os.path.join(workdir, "data")
+  data_dir = fileio.join(workdir, "data")
   gold_fn, reference = None, {}
   if config.source == "synthetic":
-    task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
-    meta_path = os.path.join(task_dir, "metadata.json")
+    task_dir = config.synthetic_dir or fileio.join(data_dir, "synthetic")
+    meta_path = fileio.join(task_dir, "metadata.json")
     wanted = config.synthetic_task()
-    if config.synthetic_dir and not os.path.exists(meta_path):
+    if config.synthetic_dir and not fileio.exists(meta_path):
       raise ValueError(
           f"config.data.synthetic_dir={config.synthetic_dir!r}: no synthetic task there; "
           "allowed: a folder `python -m rlhf_jax.data.synthetic --out DIR` wrote, or ''")
-    if not parallel.agree(os.path.exists(meta_path)):  # one decision: process 0 writes it
+    if not parallel.agree(fileio.exists(meta_path)):  # one decision: process 0 writes it
       logger.info("generating the synthetic task into %s", task_dir)
       parallel.write_on_coordinator(synthetic_files.write_task, task_dir, wanted, overwrite=True,
                                     barrier="sft_synthetic_task_written")
@@ -131,7 +130,7 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
         if meta["config"][key] != getattr(wanted, key):
           raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, "
                            f"the config asks for {getattr(wanted, key)}; use a fresh --workdir")
-    train_jsonl, eval_jsonl = (os.path.join(task_dir, f) for f in ("sft.jsonl", "sft_test.jsonl"))
+    train_jsonl, eval_jsonl = (fileio.join(task_dir, f) for f in ("sft.jsonl", "sft_test.jsonl"))
     gold_fn = synthetic.gold_rewards
     test = meta["splits"]["test"]
     reference = {
@@ -141,8 +140,8 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
     train_jsonl, eval_jsonl = config.train_jsonl, config.eval_jsonl
   lengths = dict(max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len)
   train_ds = ds_lib.prepare_dataset(train_jsonl, "sft", tokenizer,
-                                    os.path.join(data_dir, "sft_train"), **lengths)
-  eval_ds = ds_lib.prepare_dataset(eval_jsonl, "sft", tokenizer, os.path.join(data_dir, "sft_eval"),
+                                    fileio.join(data_dir, "sft_train"), **lengths)
+  eval_ds = ds_lib.prepare_dataset(eval_jsonl, "sft", tokenizer, fileio.join(data_dir, "sft_eval"),
                                    **lengths)
   batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
                                    buckets=limits.buckets or None, vocab_size=vocab_size)
@@ -198,7 +197,7 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
                                      temperature=config.temperature, top_k=config.top_k,
                                      top_p=config.top_p, eos_id=tokenizer.eos_id,
                                      pad_id=tokenizer.pad_id)
-  sample_path = os.path.join(workdir, "samples.jsonl")
+  sample_path = fileio.join(workdir, "samples.jsonl")
 
   def eval_fn(state: train.TrainState, step: int) -> dict[str, float]:
     total_nll, total_tokens = 0.0, 0.0
@@ -233,9 +232,8 @@ def make_eval_fn(model: models.Transformer, tokenizer: tok_lib.Tokenizer, eval_d
         row["gold"] = round(float(golds[i]), 4)
       rows.append(row)
     if parallel.is_coordinator():
-      with open(sample_path, "a") as f:
-        for row in rows:
-          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      fileio.append_text(sample_path,
+                         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     for row in rows[:config.print_samples]:
       logger.info("sample @%d | %r -> %r%s", step, row["prompt"], row["response"],
                   f" (gold {row['gold']:+.2f})" if "gold" in row else "")
@@ -316,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loss_fn = common.nll_loss_fn(models.Transformer(model_cfg), config.aggregation)
   except ValueError as err:
     raise ValueError(f"config.{err}") from None
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
 
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "

@@ -15,6 +15,12 @@ numpy only. Reading uses ``tfds.builder_from_directory(path).as_data_source("tra
 Atomicity: the dataset is built in a temporary sibling folder and renamed to ``out_dir`` in one
 ``os.replace``; a crash leaves at most a ``.tmp-*`` folder that nothing reads.
 
+Remote folders (``gs://...``; paths go through ``rlhf_jax.fileio``): the dataset is built in a local
+temporary folder and uploaded with ``dataset_info.json`` last (what :func:`open_dataset` checks
+first). ``array_record`` reads local files only, so opening a remote dataset first copies it once
+into a local cache (``$RLHF_JAX_CACHE_DIR``, default ``<tmp>/rlhf_jax_cache``), keyed by the URL and
+its ``dataset_info.json``; ``TokenizedDataset.path`` stays the URL.
+
 Layout of one example (token ids without specials; int32 unless noted)
 ---------------------------------------------------------------------
 ``prompt``        always; truncated to ``max_prompt_len - 1`` ids (one slot is BOS).
@@ -167,8 +173,9 @@ class TokenizedDataset:
     source ``source`` are public.
     """
 
-  def __init__(self, path: str, source: Any, metadata: dict):
+  def __init__(self, path: str, source: Any, metadata: dict, local_path: str | None = None):
     self.path, self.source, self.metadata = path, source, metadata
+    self.local_path = local_path or path  # a remote dataset is read from its local copy
     self.kind: str = metadata["kind"]
     self._lengths: np.ndarray | None = None
 
@@ -176,7 +183,7 @@ class TokenizedDataset:
   def lengths(self) -> np.ndarray:
     """``[N]`` int32 padded-sequence length of every example (memory-mapped ``lengths.npy``)."""
     if self._lengths is None:
-      self._lengths = np.load(os.path.join(self.path, _LENGTHS_FILE), mmap_mode="r")
+      self._lengths = np.load(os.path.join(self.local_path, _LENGTHS_FILE), mmap_mode="r")
       if len(self._lengths) != len(self):
         raise DatasetMismatchError(
             f"{self.path}: lengths.npy has {len(self._lengths)} rows, data {len(self)}")
@@ -216,9 +223,10 @@ class TokenizedDataset:
 
 def open_dataset(path: str, tokenizer: Tokenizer | None = None) -> TokenizedDataset:
   """Opens a dataset written by :func:`write_dataset`; refuses a tokenizer with another fingerprint."""
-  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+  if not fileio.isfile(fileio.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"no rlhf_jax dataset at {path!r} (dataset_info.json is missing)")
-  builder = tfds.builder_from_directory(path)
+  local = _local_copy(path) if fileio.is_remote(path) else path
+  builder = tfds.builder_from_directory(local)
   metadata = dict(builder.info.metadata or {})
   if metadata.get("format_version") != FORMAT_VERSION:
     raise DatasetMismatchError(
@@ -229,7 +237,31 @@ def open_dataset(path: str, tokenizer: Tokenizer | None = None) -> TokenizedData
         f"{path} was tokenised with {metadata['tokenizer']['fingerprint']} ({metadata['tokenizer']['repr']}) but "
         f"the given tokenizer is {tokenizer.fingerprint()} ({tokenizer!r}); the same text would map to different "
         "ids. Use the tokenizer that built it or rebuild the dataset in another folder.")
-  return TokenizedDataset(path, builder.as_data_source(split=_SPLIT), metadata)
+  return TokenizedDataset(path, builder.as_data_source(split=_SPLIT), metadata, local_path=local)
+
+
+def _local_copy(url: str) -> str:
+  """A local copy of the remote dataset folder ``url``, made once per URL and content."""
+  info = fileio.read_bytes(fileio.join(url, "dataset_info.json"))
+  key = hashlib.sha256(url.encode("utf-8") + b"\0" + info).hexdigest()[:24]
+  cache = os.environ.get("RLHF_JAX_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                              "rlhf_jax_cache")
+  local = os.path.join(cache, "datasets", key)
+  if os.path.isfile(os.path.join(local, "dataset_info.json")):
+    return local
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=os.path.dirname(local))
+  for folder, _, names in fileio.walk(url):
+    target = os.path.normpath(os.path.join(tmp, fileio.relpath(folder, url)))
+    os.makedirs(target, exist_ok=True)
+    for name in names:
+      with open(os.path.join(target, name), "wb") as f:
+        f.write(fileio.read_bytes(fileio.join(folder, name)))
+  try:
+    os.replace(tmp, local)
+  except OSError:  # another process made the same copy first
+    shutil.rmtree(tmp, ignore_errors=True)
+  return local
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,8 +323,8 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
     raise ValueError(
         f"max_prompt_len={max_prompt_len}, max_response_len={max_response_len}; both must be >= 2 "
         "(they include the BOS / EOS slot)")
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
+  out_dir = fileio.absolute(out_dir)
+  if fileio.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True or choose another folder")
   if spec.check_records is not None:
     spec.check_records(records)
@@ -316,8 +348,10 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
     metadata.update(spec.metadata(records, examples))
   metadata.update(extra_metadata or {})
 
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
+  # Built next to out_dir (one os.replace), or in a local temporary folder for a remote out_dir.
+  parent = None if fileio.is_remote(out_dir) else os.path.dirname(out_dir)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
   tmp_root = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out_dir)}-", dir=parent)
   try:
     builder = _RecordsBuilder(kind=kind, examples=examples, metadata=metadata, data_dir=tmp_root,
@@ -327,7 +361,8 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
     built = str(builder.data_dir)
     lengths = np.asarray([sequence_length(ex, kind) for ex in examples], np.int32)
     np.save(os.path.join(built, _LENGTHS_FILE), lengths)
-    fileio.replace_dir(built, out_dir)  # overwrite: the old folder is moved aside first
+    # overwrite: the old folder is moved aside first (remote: dataset_info.json uploaded last)
+    fileio.replace_dir(built, out_dir, marker="dataset_info.json")
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
   return open_dataset(out_dir, tokenizer)
@@ -335,7 +370,7 @@ def write_dataset(records: Sequence[Any], kind: str, tokenizer: Tokenizer, out_d
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.open_file(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -375,7 +410,7 @@ def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: s
     settings["max_candidates"] = int(max_candidates)
   if drop_uninformative:
     settings["drop_uninformative"] = True
-  if os.path.exists(out_dir) and not overwrite:
+  if fileio.exists(out_dir) and not overwrite:
     return _reuse(out_dir, tokenizer, settings)
   records = rec.read_records(jsonl_path, kind, chat_template=tokenizer.chat_template, scale=scale,
                              attribute_names=attribute_names, max_candidates=max_candidates)
@@ -388,13 +423,13 @@ def prepare_dataset(jsonl_path: str, kind: str, tokenizer: Tokenizer, out_dir: s
                        f"{spec.uninformative}; nothing to learn from")
     records = kept
   extra = {
-      "source": os.path.abspath(jsonl_path), "settings": settings, "dropped_uninformative": dropped}
+      "source": fileio.absolute(jsonl_path), "settings": settings, "dropped_uninformative": dropped}
   try:
     return write_dataset(records, kind, tokenizer, out_dir, max_prompt_len=max_prompt_len,
                          max_response_len=max_response_len, truncation=truncation,
                          extra_metadata=extra, overwrite=overwrite)
   except (FileExistsError, OSError):
-    if os.path.isfile(os.path.join(out_dir, "dataset_info.json")):  # another process won the race
+    if fileio.isfile(fileio.join(out_dir, "dataset_info.json")):  # another process won the race
       return _reuse(out_dir, tokenizer, settings)
     raise
 

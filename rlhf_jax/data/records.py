@@ -33,10 +33,12 @@ module reads files and dispatches by name, so a registered new kind is read here
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+from rlhf_jax import fileio
 from rlhf_jax.data import formats
 from rlhf_jax.data import kinds as kinds_lib
 from rlhf_jax.data.kinds import base
@@ -145,7 +147,7 @@ def jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
     RecordError: a line is not valid UTF-8 (naming the file, the line and the byte column, and a
       hint for UTF-16 / Latin-1 files), instead of a bare ``UnicodeDecodeError`` at a buffer offset.
   """
-  with open(path, "rb") as f:
+  with fileio.open_file(path, "rb") as f:  # a local path or a URL (gs://...)
     head = f.read(4096)
     f.seek(0)
     for line_no, raw in enumerate(f, start=1):
@@ -178,10 +180,12 @@ def read_records(path: str, kind: str, **kwargs) -> list[Record]:
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]] | Iterator[Mapping[str, Any]]) -> int:
-  """Writes dicts (or record dataclasses) as JSON Lines atomically (temp file + rename); returns the count."""
+  """Writes dicts (or record dataclasses) as JSON Lines atomically (temp file + rename; one object
+  upload for a URL); returns the count."""
+  remote = fileio.is_remote(path)
   tmp = f"{path}.tmp-{os.getpid()}"
   count = 0
-  with open(tmp, "w", encoding="utf-8") as f:
+  with (io.StringIO() if remote else open(tmp, "w", encoding="utf-8")) as f:
     for row in rows:
       if dataclasses.is_dataclass(row):
         row = dataclasses.asdict(row)
@@ -189,5 +193,8 @@ def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]] | Iterator[Mapping[
           row["attributes"] = dict(row["attributes"])
       f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
       count += 1
-  os.replace(tmp, path)
+    if remote:
+      fileio.atomic_write_text(path, f.getvalue())
+  if not remote:
+    os.replace(tmp, path)
   return count

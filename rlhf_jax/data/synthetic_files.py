@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -195,8 +196,8 @@ def generate_split(config: SyntheticConfig, num_prompts: int,
 def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
                overwrite: bool = False) -> dict:
   """Writes every file of both splits and ``metadata.json`` to ``out_dir``; returns the metadata."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+  out_dir = fileio.absolute(out_dir)
+  if fileio.isdir(out_dir) and fileio.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite)")
   start = time.perf_counter()
   train_seq, test_seq = np.random.SeedSequence(config.seed).spawn(2)
@@ -204,7 +205,9 @@ def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
   if config.num_test_prompts:
     splits["test"] = generate_split(config, config.num_test_prompts, test_seq)
 
-  tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+  # Staged next to out_dir (one os.replace), or in a local temporary folder for a remote out_dir.
+  tmp_dir = (os.path.join(tempfile.mkdtemp(prefix="rlhf_jax_task_"), "task")
+             if fileio.is_remote(out_dir) else f"{out_dir}.tmp-{os.getpid()}")
   shutil.rmtree(tmp_dir, ignore_errors=True)
   os.makedirs(tmp_dir)
   files = {}
@@ -227,7 +230,9 @@ def write_task(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
       "generation_seconds": round(time.perf_counter() - start, 3),}
   with open(os.path.join(tmp_dir, "metadata.json"), "w") as f:
     json.dump(metadata, f, indent=2)
-  fileio.replace_dir(tmp_dir, out_dir)
+  fileio.replace_dir(tmp_dir, out_dir, marker="metadata.json")  # remote: metadata.json last
+  if fileio.is_remote(out_dir):
+    shutil.rmtree(os.path.dirname(tmp_dir), ignore_errors=True)
   return metadata
 
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import models, parallel, sampling
+from rlhf_jax import fileio, models, parallel, sampling
 from rlhf_jax.data import batching, synthetic
 from rlhf_jax.data import tokenizers as tok_lib
 
@@ -267,10 +267,9 @@ class PolicyEvaluator:
       logger.info("sample @%d | %r -> %r%s", step, row["prompt"], row["response"],
                   f" (gold {row['gold']:+.2f})" if "gold" in row else "")
     if self.sample_path and parallel.is_coordinator():
-      os.makedirs(os.path.dirname(os.path.abspath(self.sample_path)), exist_ok=True)
-      with open(self.sample_path, "a") as f:
-        for row in rows:
-          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      fileio.makedirs(os.path.dirname(fileio.absolute(self.sample_path)))
+      fileio.append_text(self.sample_path,
+                         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def summarize(scored: ScoredResponses, ref: ScoredResponses | None) -> dict[str, float]:

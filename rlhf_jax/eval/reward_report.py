@@ -7,11 +7,12 @@ normalisation statistics); the JSON holds every metric plus the reward model's s
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Any, Mapping, Sequence
 
+from rlhf_jax import fileio
 from rlhf_jax.train import checkpoint
 
 REPORT_JSON = "rm_report.json"
@@ -89,15 +90,12 @@ def write_report(workdir: str, metrics: Mapping[str, Any], info: Mapping[str, An
   norm = info.get("normalization", {})
   extra = [("normalisation", f"{norm.get('source', '?')}; mu={_fmt_list(info.get('mean'))}, "
             f"sigma={_fmt_list(info.get('std'))}")]
-  text = (f"# Reward model report: `{os.path.abspath(workdir)}`\n\n" +
+  text = (f"# Reward model report: `{fileio.absolute(workdir)}`\n\n" +
           markdown_table(metrics, extra) + "\n")
   checkpoint.atomic_write_json(
-      os.path.join(workdir, REPORT_JSON),
+      fileio.join(workdir, REPORT_JSON),
       {"metrics": {k: json_value(v) for k, v in metrics.items()}, "reward_model": info})
-  tmp = os.path.join(workdir, f"{REPORT_MD}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(workdir, REPORT_MD))
+  fileio.atomic_write_text(fileio.join(workdir, REPORT_MD), text)
   return text
 
 
@@ -129,10 +127,10 @@ def plot_learning_curve(rows: Sequence[Mapping[str, Any]], path: str, *,
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
+  fileio.atomic_write_bytes(path, buf.getvalue())
   return path
 
 

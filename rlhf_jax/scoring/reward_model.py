@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -184,7 +183,8 @@ class RewardModelHandle:
 def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
   """Writes ``<workdir>/reward_model/`` (params + ``reward_model.json``) atomically; returns its path.
 
-  The artifact is assembled in a temporary sibling and swapped in with ``os.replace``, so a reader
+  The artifact is assembled in a temporary sibling and swapped in (``fileio.replace_dir``:
+  ``os.replace`` locally; on an object store ``reward_model.json`` is copied last), so a reader
   sees either the previous complete artifact or the new one.
   """
   from rlhf_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
@@ -192,23 +192,22 @@ def save_reward_model(workdir: str, params: Any, info: RewardModelInfo) -> str:
     raise ValueError("save_reward_model: LoRA params need info.lora (and info.lora LoRA params)")
   if lora_lib.is_lora(params):  # the adapters and the head; the backbone is info.lora's source
     params = {"lora": params.lora, "trained": params.trained}
-  final = os.path.join(os.path.abspath(workdir), ARTIFACT_DIR)
+  final = fileio.join(fileio.absolute(workdir), ARTIFACT_DIR)
   # Multi-process: one temporary folder (process 0's pid) that orbax saves into collectively;
   # process 0 writes the info file and swaps the folder in, the others wait for it.
   tmp = f"{final}.tmp-{parallel.agree(os.getpid())}"
   if parallel.is_coordinator():
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    fileio.rmtree(tmp)
+    fileio.makedirs(tmp)
   parallel.sync("reward_model_tmp_made")
   params = parallel.to_host(nn.meta.unbox(params))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckptr.save(fileio.path(fileio.join(tmp, PARAMS_DIR)), params)
     ckptr.wait_until_finished()
 
   def publish():
-    with open(os.path.join(tmp, INFO_FILE), "w") as f:
-      json.dump(info.to_json(), f, indent=2, sort_keys=True)
-    fileio.replace_dir(tmp, final)
+    fileio.atomic_write_json(fileio.join(tmp, INFO_FILE), info.to_json())
+    fileio.replace_dir(tmp, final, marker=INFO_FILE)
 
   parallel.write_on_coordinator(publish, barrier="reward_model_saved")
   return final
@@ -221,8 +220,7 @@ def read_reward_model_info(workdir: str) -> RewardModelInfo:
   if hf_export.is_classification_checkpoint(workdir):
     return hf_export.reward_info(workdir)
   folder = _artifact_dir(workdir)
-  with open(os.path.join(folder, INFO_FILE)) as f:
-    obj = json.load(f)
+  obj = fileio.read_json(fileio.join(folder, INFO_FILE))
   if obj.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{folder}: format_version={obj.get('format_version')!r}; this code reads "
                      f"{FORMAT_VERSION}")
@@ -230,9 +228,9 @@ def read_reward_model_info(workdir: str) -> RewardModelInfo:
 
 
 def _artifact_dir(workdir: str) -> str:
-  for candidate in (os.path.join(workdir, ARTIFACT_DIR), workdir):
-    if os.path.isfile(os.path.join(candidate, INFO_FILE)):
-      return os.path.abspath(candidate)
+  for candidate in (fileio.join(workdir, ARTIFACT_DIR), workdir):
+    if fileio.isfile(fileio.join(candidate, INFO_FILE)):
+      return fileio.absolute(candidate)
   raise FileNotFoundError(
       f"no trained reward model under {workdir!r} ({ARTIFACT_DIR}/{INFO_FILE} is missing); train "
       "one with `python experiments/run.py --config=experiments/configs/rm_synthetic.py "
@@ -310,7 +308,7 @@ def load_reward_model(workdir: str, *, policy_tokenizer: tok_lib.Tokenizer | Non
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             models.abstract_params(model), shardings)
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR), abstract)
+      params = ckptr.restore(fileio.path(fileio.join(_artifact_dir(workdir), PARAMS_DIR)), abstract)
   return make_handle(info, params, mesh=mesh, rules=rules, batch_size=batch_size,
                      tokenizer=tokenizer, attribute_weights=attribute_weights)
 
@@ -348,7 +346,7 @@ def _merged_lora_params(workdir: str, info: RewardModelInfo, model: models.Rewar
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           lora_lib.abstract_params(lm), shardings)
   with ocp.StandardCheckpointer() as ckptr:
-    saved = ckptr.restore(os.path.join(_artifact_dir(workdir), PARAMS_DIR),
+    saved = ckptr.restore(fileio.path(fileio.join(_artifact_dir(workdir), PARAMS_DIR)),
                           {"lora": abstract.lora, "trained": abstract.trained})
   return lora_lib.merge(
       lora_lib.LoraParams(base=base, lora=saved["lora"], trained=saved["trained"]), config)

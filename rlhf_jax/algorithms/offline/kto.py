@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import losses, models, train
+from rlhf_jax import fileio, losses, models, train
 from rlhf_jax.algorithms import common, reference, sections
 from rlhf_jax.algorithms.offline import shell
 from rlhf_jax.data import batching
@@ -133,7 +133,7 @@ def unpair_file(src: str, dst: str, tokenizer) -> int:
   if not kept:
     raise ValueError(f"{src}: every one of its {len(pairs)} pairs has chosen == rejected; "
                      "nothing to learn from")
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+  fileio.makedirs(os.path.dirname(fileio.absolute(dst)))
   rec.write_jsonl(dst, unpaired.unpair(kept))
   return len(pairs) - len(kept)
 
@@ -143,16 +143,16 @@ def _unpaired_sources(data: KTOData, sources: sections.Sources, workdir: str, to
   if not data.unpair:
     train_src, eval_src, prompts = common.resolve_files(data, sources, unpaired.KIND.file_stem,
                                                         workdir)
-    if data.source == "jsonl" or os.path.isfile(train_src):
+    if data.source == "jsonl" or fileio.isfile(train_src):
       return train_src, eval_src, prompts, 0
     logger.info("%s is missing (a task generated before it existed); splitting pairwise.jsonl",
                 train_src)
   train_src, eval_src, prompts = common.resolve_files(data, sources, "pairwise", workdir)
-  out = os.path.join(workdir, "data")
-  skipped = unpair_file(train_src, os.path.join(out, "unpaired_from_pairs.jsonl"), tokenizer)
-  unpair_file(eval_src, os.path.join(out, "unpaired_from_pairs_test.jsonl"), tokenizer)
-  return (os.path.join(out, "unpaired_from_pairs.jsonl"),
-          os.path.join(out, "unpaired_from_pairs_test.jsonl"), prompts, skipped)
+  out = fileio.join(workdir, "data")
+  skipped = unpair_file(train_src, fileio.join(out, "unpaired_from_pairs.jsonl"), tokenizer)
+  unpair_file(eval_src, fileio.join(out, "unpaired_from_pairs_test.jsonl"), tokenizer)
+  return (fileio.join(out, "unpaired_from_pairs.jsonl"),
+          fileio.join(out, "unpaired_from_pairs_test.jsonl"), prompts, skipped)
 
 
 def _check_weights(cfg: KTOLossConfig, n_desirable: int, n_undesirable: int) -> None:
@@ -175,10 +175,10 @@ def prepare_data(cfg: KTOLossConfig, data: KTOData, limits: sections.Limits,
   del seed  # reference log-probs are computed on the fly: nothing to key a table on
   train_src, eval_src, prompts_src, skipped = _unpaired_sources(data, sources, workdir,
                                                                 loaded.tokenizer)
-  data_dir = os.path.join(workdir, "data")
+  data_dir = fileio.join(workdir, "data")
   splits = {
       split: ds_lib.prepare_dataset(src, unpaired.KIND.name, loaded.tokenizer,
-                                    os.path.join(data_dir, f"unpaired_{split}"),
+                                    fileio.join(data_dir, f"unpaired_{split}"),
                                     max_prompt_len=limits.max_prompt_len,
                                     max_response_len=limits.max_response_len)
       for split, src in (("train", train_src), ("eval", eval_src))}

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, train
+from rlhf_jax import fileio, losses, models, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.offline import shell
 from rlhf_jax import scoring
@@ -168,7 +168,7 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
   Sampling and scoring are ``scoring.sample_candidates`` (the loop RAFT and best-of-n share); each
   score is the RM reward of the response as sampled.
   """
-  if os.path.exists(path):
+  if fileio.exists(path):
     return  # deterministic given the SFT checkpoint and seed; written atomically
   tok, k = loaded.tokenizer, cfg.num_candidates
   cands = scoring.sample_candidates(loaded.model, loaded.ref_params, tok, prompts,
@@ -192,7 +192,7 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
     rows.append({
         "prompt": prompt, "responses": [t for t, _ in kept],
         "scores": [round(r, 5) for _, r in kept]})
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fileio.makedirs(os.path.dirname(fileio.absolute(path)))
   rec.write_jsonl(path, rows)
   if not rows:
     raise ValueError(
@@ -204,8 +204,7 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
 
 
 def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
 
 
 def generated_lists_key(loaded: common.LoadedModels, sources: sections.Sources, cfg: RankedData,
@@ -219,7 +218,7 @@ def generated_lists_key(loaded: common.LoadedModels, sources: sections.Sources, 
               "policy_step": loaded.ref_step,  # lists sample the reference
               "model": dataclasses.asdict(loaded.model_config),
               "tokenizer": loaded.tokenizer.fingerprint(),
-              "reward_model": os.path.abspath(sources.reward_model_workdir)
+              "reward_model": fileio.absolute(sources.reward_model_workdir)
                               if sources.reward_model_workdir else "",
               "reward_info": dataclasses.asdict(reward.info) if reward is not None else None,
               "attribute_weights": list(reward.attribute_weights or
@@ -244,16 +243,15 @@ def cached_generated_lists(path: str, key: dict, generate) -> bool:
   between means regenerating, never reusing unverified lists.
   """
   key_path = os.path.splitext(path)[0] + ".key.json"
-  if os.path.exists(path) and os.path.exists(key_path):
-    with open(key_path) as f:
-      stored = json.load(f)
+  if fileio.exists(path) and fileio.exists(key_path):
+    stored = fileio.read_json(key_path)
     if stored == key:
       return True
     diff = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
     logger.warning("%s was generated with other settings (%s); regenerating", path, diff)
   for stale in (key_path, path):
-    if os.path.exists(stale):
-      os.remove(stale)
+    if fileio.exists(stale):
+      fileio.remove(stale)
   generate()
   train.atomic_write_json(key_path, key)
   return False
@@ -271,14 +269,14 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
                   loaded: common.LoadedModels, workdir: str, num_prompts: int,
                   seed: int) -> ListData:
   train_src, eval_src, prompts_src = common.resolve_files(cfg, sources, "ranked", workdir)
-  data_dir = os.path.join(workdir, "data")
-  os.makedirs(data_dir, exist_ok=True)
+  data_dir = fileio.join(workdir, "data")
+  fileio.makedirs(data_dir)
   if cfg.candidates == "generated":
     if loaded.reward is None:
       raise ValueError(
           "config.data.candidates='generated' needs config.sources.reward_model_workdir")
-    gen_prompts = cfg.train_jsonl or (os.path.join(os.path.dirname(train_src), "prompts.jsonl"))
-    generated = os.path.join(data_dir, "generated_ranked.jsonl")
+    gen_prompts = cfg.train_jsonl or (fileio.join(os.path.dirname(train_src), "prompts.jsonl"))
+    generated = fileio.join(data_dir, "generated_ranked.jsonl")
     key = generated_lists_key(loaded, sources, cfg, limits, gen_prompts, seed)
     cached_generated_lists(
         generated, key, lambda: generate_lists(
@@ -288,10 +286,10 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
     train_src = generated
   datasets = {}
   for split, src in (("train", train_src), ("eval", eval_src)):
-    if split == "eval" and not (src and os.path.isfile(src)):
+    if split == "eval" and not (src and fileio.isfile(src)):
       continue
     datasets[split] = ds_lib.prepare_dataset(src, "ranked", loaded.tokenizer,
-                                             os.path.join(data_dir, f"ranked_{split}"),
+                                             fileio.join(data_dir, f"ranked_{split}"),
                                              max_prompt_len=limits.max_prompt_len,
                                              max_response_len=limits.max_response_len,
                                              max_candidates=cfg.num_candidates,

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Callable, Mapping, NamedTuple
 
 import ml_collections
 
-from rlhf_jax import models, train
+from rlhf_jax import fileio, models, train
 from rlhf_jax.algorithms import common, reference, sections
 from rlhf_jax.algorithms.offline import shell
 from rlhf_jax.data import batching
@@ -76,10 +75,10 @@ def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: b
                   reference_logps: str, sources: sections.Sources, loaded: common.LoadedModels,
                   mesh, workdir: str, num_prompts: int, seed: int = 0) -> PairData:
   train_src, eval_src, prompts_src = common.resolve_files(data, sources, "pairwise", workdir)
-  data_dir = os.path.join(workdir, "data")
+  data_dir = fileio.join(workdir, "data")
   splits = {
       split: ds_lib.prepare_dataset(
-          src, "pairwise", loaded.tokenizer, os.path.join(data_dir, f"pairwise_{split}"),
+          src, "pairwise", loaded.tokenizer, fileio.join(data_dir, f"pairwise_{split}"),
           max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len,
           drop_uninformative=True) for split, src in (("train", train_src), ("eval", eval_src))}
   skipped = int(splits["train"].metadata.get("dropped_uninformative", 0))
@@ -103,7 +102,7 @@ def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: b
     transform = reference.make_transform(reference_logps, model=loaded.model,
                                          params=loaded.ref_params, mesh=mesh,
                                          dataset=splits["train"],
-                                         path=os.path.join(data_dir, REF_LOGPS_FILE),
+                                         path=fileio.join(data_dir, REF_LOGPS_FILE),
                                          key=reference_cache_key(loaded, splits["train"], seed),
                                          batch_size=data.batch_size, buckets=limits.buckets)
     train_data = reference.WithReference(train_it, transform)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_collections
 
-from rlhf_jax import models, parallel, train
+from rlhf_jax import fileio, models, parallel, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import config_dicts
@@ -103,7 +102,7 @@ def train_offline_policy(
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
   lora = sections.lora_section(config)
   mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
                               tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Sequence
 
 import ml_collections
 
-from rlhf_jax import train
+from rlhf_jax import fileio, train
 from rlhf_jax.algorithms.reward import trainer as reward_model
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND
 from rlhf_jax.eval import reward_report
@@ -79,9 +78,9 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
   rows = []
   for objective in objectives:
     for size in sorted(sizes):
-      run_dir = os.path.join(workdir, "curve", f"{objective}_n{size}")
-      final_path = os.path.join(run_dir, reward_model.FINAL_METRICS_FILE)
-      if os.path.exists(final_path):
+      run_dir = fileio.join(workdir, "curve", f"{objective}_n{size}")
+      final_path = fileio.join(run_dir, reward_model.FINAL_METRICS_FILE)
+      if fileio.exists(final_path):
         final = train.read_json(final_path)
       else:
         logger.info("learning curve: %s with %d annotated prompts -> %s", objective, size, run_dir)
@@ -103,7 +102,7 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
       rows.append(row)
   bayes = next(
       (r["gold/bayes_optimal_accuracy"] for r in rows if "gold/bayes_optimal_accuracy" in r), None)
-  train.atomic_write_json(os.path.join(workdir, "learning_curve.json"),
+  train.atomic_write_json(fileio.join(workdir, "learning_curve.json"),
                           [{k: reward_report.json_value(v) for k, v in r.items()} for r in rows])
   cols = [
       "objective", "num_prompts", "num_comparisons", "step", "pairwise/accuracy",
@@ -112,12 +111,11 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str, sizes: Seque
   for r in rows:
     lines.append("| " + " | ".join(reward_report._fmt(r.get(c, "")) for c in cols) + " |")  # pylint: disable=protected-access
   table = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "learning_curve.md"), "w") as f:
-    f.write(table)
-  reward_report.plot_learning_curve(rows, os.path.join(workdir, "learning_curve.png"),
+  fileio.atomic_write_text(fileio.join(workdir, "learning_curve.md"), table)
+  reward_report.plot_learning_curve(rows, fileio.join(workdir, "learning_curve.png"),
                                     bayes_optimal=bayes)
   if bayes is not None:
-    reward_report.plot_learning_curve(rows, os.path.join(workdir, "learning_curve_expected.png"),
+    reward_report.plot_learning_curve(rows, fileio.join(workdir, "learning_curve_expected.png"),
                                       bayes_optimal=bayes, metric="gold/expected_accuracy")
   print(table, flush=True)
   return rows

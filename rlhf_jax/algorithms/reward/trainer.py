@@ -146,11 +146,11 @@ class EarlyStopping:
   """Tracks the best held-out loss; saves the best params; persists its state for resumes."""
 
   def __init__(self, workdir: str, patience: int, min_delta: float):
-    self.path = os.path.join(workdir, EARLY_STOPPING_FILE)
-    self.params_dir = os.path.join(os.path.abspath(workdir), BEST_PARAMS_DIR)
+    self.path = fileio.join(workdir, EARLY_STOPPING_FILE)
+    self.params_dir = fileio.join(fileio.absolute(workdir), BEST_PARAMS_DIR)
     self.patience, self.min_delta = patience, min_delta
     self.state = {"best_step": None, "best_loss": None, "bad_evals": 0, "stopped": False}
-    if os.path.exists(self.path):
+    if fileio.exists(self.path):
       self.state = train.read_json(self.path)
 
   def update(self, step: int, loss: float, params: Any) -> None:
@@ -170,7 +170,8 @@ class EarlyStopping:
   def best_params(self, abstract_params: Any, frozen: Any = None) -> Any:
     """The best params (``abstract_params``: the live part's tree, ``frozen``: the rest)."""
     with ocp.StandardCheckpointer() as ckptr:
-      return train.state.join_frozen(ckptr.restore(self.params_dir, abstract_params), frozen)
+      return train.state.join_frozen(ckptr.restore(fileio.path(self.params_dir), abstract_params),
+                                     frozen)
 
 
 def _save_params_atomic(path: str, params: Any) -> None:
@@ -178,7 +179,7 @@ def _save_params_atomic(path: str, params: Any) -> None:
   # swaps the folder in, and the others wait for it.
   tmp = f"{path}.tmp-{parallel.agree(os.getpid())}"
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp, params, force=True)
+    ckptr.save(fileio.path(tmp), params, force=True)
     ckptr.wait_until_finished()
   parallel.write_on_coordinator(fileio.replace_dir, tmp, path, barrier="rm_best_params_saved")
 
@@ -217,7 +218,7 @@ def resolve_model_and_tokenizer(config: ml_collections.ConfigDict, rm_cfg: RMCon
         "(the synthetic RM config does this for you), point config.sources.sft_workdir at an SFT "
         "run, or set config.rm.init=scratch.")
   if rm_cfg.init == "sft":
-    spec = train.tokenizer_spec(train.read_json(os.path.join(sft_workdir, "config.json")))
+    spec = train.tokenizer_spec(train.read_json(fileio.join(sft_workdir, "config.json")))
     model_cfg = sft_ckpt.model_config
   else:
     spec = sources.tokenizer or "byte"
@@ -280,8 +281,8 @@ def ensure_sft_run(config: ml_collections.ConfigDict) -> bool:
     return True
   sft_config = _sft_default_config()
   if has_ckpt:
-    config_path = os.path.join(sft_workdir, "config.json")
-    stored = train.read_json(config_path) if os.path.exists(config_path) else None
+    config_path = fileio.join(sft_workdir, "config.json")
+    stored = train.read_json(config_path) if fileio.exists(config_path) else None
     if stored != json.loads(json.dumps(sft_config.to_dict())):
       logger.warning(
           "%s holds an unfinished SFT run of another config; using its latest checkpoint",
@@ -333,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if rm_cfg.early_stopping_patience and not loop_cfg.eval_every:
     raise ValueError("config.rm.early_stopping_patience > 0 needs config.loop.eval_every > 0")
   mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
 
   model_cfg, tokenizer, tok_spec, sft_ckpt = resolve_model_and_tokenizer(
       config, rm_cfg, sources, mesh)
@@ -451,7 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "step": step, "final_params_step": final_step, "stopped_early": stopped_early,
       "preempted": False, "objective": rm_cfg.objective, **data.stats, **held_out,
       **stats["metrics"], **parallel.topology(mesh)}
-  parallel.write_on_coordinator(train.atomic_write_json, os.path.join(workdir, FINAL_METRICS_FILE),
+  parallel.write_on_coordinator(train.atomic_write_json, fileio.join(workdir, FINAL_METRICS_FILE),
                                 {k: reward_report.json_value(v) for k, v in final.items()})
   text = parallel.write_on_coordinator(reward_report.write_report, workdir, final, info.to_json())
   if text is not None:
@@ -472,7 +473,7 @@ def _lora_info(config: ml_collections.ConfigDict, sources: sections.Sources,
         "tokenizer": sources.tokenizer,
         "model_overrides": common.model_overrides(config.get("model"))}
   else:
-    source = os.path.abspath(source)
+    source = fileio.absolute(source)
   return {**fingerprint["lora"], "base_source": source, "base_kwargs": kwargs}
 
 
