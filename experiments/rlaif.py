@@ -17,18 +17,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rlhf_jax import cli, train
-from rlhf_jax.algorithms import common, registry
+from rlhf_jax.algorithms import registry
 from rlhf_jax.algorithms.online import ppo
 from rlhf_jax.feedback import evaluator as ev_lib
+from rlhf_jax.feedback import feedback_model as fm_lib
 from rlhf_jax.feedback import rlaif
 
 logger = logging.getLogger("rlaif")
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rlaif_synthetic.py"),
-    "RLAIF config (default: experiments/configs/rlaif_synthetic.py).", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/rlaif", "Root folder of every stage's run.")
 
 
 def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict:
@@ -36,7 +31,10 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict:
   lab = config.label
   policy = train.load_sft_params(sft_dir)
   task = os.path.join(sft_dir, "data", "synthetic")
-  prompts = common.read_prompts(os.path.join(task, "prompts.jsonl"), limit=lab.num_pairs)
+  # training prompts in file order, with repeats (the task has 192 distinct prompts; each pair is
+  # two fresh samples, so a repeated prompt is another comparison)
+  with open(os.path.join(task, "prompts.jsonl"), encoding="utf-8") as f:
+    prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:lab.num_pairs]
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from rlhf_jax import models  # pylint: disable=import-outside-toplevel
   pairs = rlaif.sample_pairs(models.Transformer(policy.model_config), nn.meta.unbox(policy.params),
@@ -100,9 +98,8 @@ def run(config, root: str) -> dict:
   task = os.path.join(sft_dir, "data", "synthetic")
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
-    fb = config.feedback
-    fb.data.train_jsonl = os.path.join(task, "feedback_sft.jsonl")
-    fb.data.eval_jsonl = os.path.join(task, "feedback_sft_test.jsonl")
+    fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
+                                init_dir=os.path.join(root, "feedback_init"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.get(fb.method)(fb, w))
   label_dir = os.path.join(root, "label")
   if "label" in stages:
@@ -132,6 +129,18 @@ def run(config, root: str) -> dict:
       return ppo.train_and_evaluate(cfg, w, models_=models_)
 
     res["ppo_direct"] = train.run_or_reuse("ppo_direct", root, direct)
+  for soft in (True, False):
+    name = "dpo_ai_soft" if soft else "dpo_ai_hard"
+    if name in stages:
+      cfg = config.dpo.copy_and_resolve_references()
+      cfg.sources.sft_workdir = sft_dir
+      cfg.loss.soft_labels = soft
+      cfg.data.source = "jsonl"
+      cfg.data.train_jsonl = os.path.join(label_dir, "ai_pairs.jsonl")
+      cfg.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
+      cfg.data.eval_prompts_jsonl = os.path.join(task, "prompts_test.jsonl")
+      res[name] = train.run_or_reuse(name, root, lambda w, cfg=cfg: registry.get(cfg.method)
+                                     (cfg, w))
   if "report" in stages:
     report(root, res, time.time() - start)
   return res
@@ -141,7 +150,8 @@ def report(root: str, res: dict, seconds: float) -> str:
   """results.md / results.json / rlaif.png from the stages' final metrics and samples."""
   runs = {
       "RLHF (human labels)": "ppo_human", "RLAIF distilled": "ppo_ai",
-      "RLAIF direct (d-RLAIF)": "ppo_direct"}
+      "RLAIF direct (d-RLAIF)": "ppo_direct", "DPO on AI labels, soft": "dpo_ai_soft",
+      "DPO on AI labels, hard": "dpo_ai_hard"}
   rows, h2h = [], {}
   sft_gold = None
   for label, stage in runs.items():
@@ -155,7 +165,8 @@ def report(root: str, res: dict, seconds: float) -> str:
   def samples(stage):
     return os.path.join(root, stage, "samples.jsonl")
 
-  for a, b in (("ppo_ai", "ppo_human"), ("ppo_direct", "ppo_human"), ("ppo_ai", "ppo_direct")):
+  for a, b in (("ppo_ai", "ppo_human"), ("ppo_direct", "ppo_human"), ("ppo_ai", "ppo_direct"),
+               ("dpo_ai_soft", "dpo_ai_hard")):
     if os.path.exists(samples(a)) and os.path.exists(samples(b)):
       h2h[f"{a} vs {b}"] = rlaif.head_to_head(samples(a), samples(b))
   lab = res.get("label", {})
@@ -226,10 +237,22 @@ def _plot(root: str, lab: dict, rows: list, sft_gold) -> None:
   plt.close(fig)
 
 
+def _define_flags():
+  """``--config`` / ``--workdir``, defined only when this file runs as a program, so tests can
+  import it next to another launcher that defines the same absl flags."""
+  config = config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rlaif_synthetic.py"),
+      "RLAIF config (default: experiments/configs/rlaif_synthetic.py).", lock_config=False)
+  workdir = flags.DEFINE_string("workdir", "workdirs/rlaif", "Root folder of every stage's run.")
+  return config, workdir
+
+
 def main(argv):
-  cli.stage_launcher_main(argv, run, _CONFIG.value, _WORKDIR.value, what="rlaif.py",
+  cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="rlaif.py",
                           multi_process=False)
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

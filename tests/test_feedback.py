@@ -1,11 +1,17 @@
-"""Annotators (``rlhf_jax.feedback``): label_fn(prompts, a, b) -> P(a ≻ b)."""
+"""Annotators (``rlhf_jax.feedback``): label_fn(prompts, a, b) -> P(a ≻ b); the launchers' feedback
+model config (``feedback.feedback_model``)."""
 
+import json
+
+import ml_collections
 import numpy as np
 import pytest
 
 from rlhf_jax import feedback
+from rlhf_jax.algorithms import sft
 from rlhf_jax.algorithms.online import config as ppo_config
 from rlhf_jax.data import synthetic
+from rlhf_jax.feedback import feedback_model as fm
 
 from test_ppo import tiny_models  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -52,3 +58,26 @@ def test_labels_are_drawn_from_the_probability_and_bad_inputs_are_refused():
     feedback.AnnotatorConfig(kind="reward_model")
   assert feedback.make_label_fn(feedback.AnnotatorConfig(temperature=0.5))(
       PROMPTS, A, B).tolist() == feedback.synthetic_annotator(0.5)(PROMPTS, A, B).tolist()
+
+
+def test_feedback_model_config_init_choices(tmp_path):
+  # rlhf_jax.feedback.feedback_model: the launchers' feedback SFT config (the export path itself
+  # runs in test_rlaif's smoke run, whose d-RLAIF stage needs the byte tokenizer back)
+  base = sft.default_config()
+  scratch = fm.feedback_config(base, "task", init="scratch", sft_dir="none", init_dir="x")
+  assert scratch.data.train_jsonl == "task/feedback_sft.jsonl" and not scratch.sources.pretrained
+  assert isinstance(scratch, ml_collections.ConfigDict) and base.data.train_jsonl == ""
+  with pytest.raises(ValueError, match=r"config.feedback_init='warm' is invalid; allowed: sft"):
+    fm.feedback_config(base, "task", init="warm", sft_dir="none", init_dir="x")
+  with pytest.raises(FileNotFoundError, match="is not a finished SFT run"):
+    fm.feedback_config(base, "task", init="sft", sft_dir=str(tmp_path), init_dir="x")
+  # exported_tokenizer: '' unless the run's pretrained folder is an export of a byte-tokenizer run
+  assert fm.exported_tokenizer(str(tmp_path)) == ""
+  export = tmp_path / "export"
+  export.mkdir()
+  (tmp_path / "config.json").write_text(json.dumps({"sources": {"pretrained": f"hf:{export}"}}))
+  assert fm.exported_tokenizer(str(tmp_path)) == ""
+  (export / fm.EXPORT_INFO).write_text(json.dumps({"tokenizer": "byte"}))
+  assert fm.exported_tokenizer(str(tmp_path)) == "byte"
+  (export / fm.EXPORT_INFO).write_text(json.dumps({"tokenizer": "hf:/some/tok"}))
+  assert fm.exported_tokenizer(str(tmp_path)) == ""

@@ -2,11 +2,11 @@
 AI-labelled pairwise files, a Hugging Face evaluator, and the experiment end to end (smoke)."""
 
 import collections
+import importlib.util
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -24,6 +24,8 @@ from rlhf_jax.feedback import evaluator as E
 from rlhf_jax.feedback import rlaif
 from rlhf_jax.feedback import templates as T
 from rlhf_jax.scoring import evaluator_reward as ER
+
+from offline_fixtures import REPO as ROOT, load_config
 
 BYTE = tk.load_tokenizer("byte")
 # A short pair template: every query of these tests fits the tiny preset's 256 positions.
@@ -319,28 +321,39 @@ def test_tiny_hf_model_as_evaluator(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------
 
 
+def _launcher(name):
+  """``experiments/<name>.py`` as a module (its absl flags are defined only when run as a program)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_launcher",
+                                                os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.mark.slow
 def test_rlaif_experiment_smoke(tmp_path):
-  # A subprocess, as a user runs it: the launcher defines absl flags (`--config`) at import, which
-  # would clash with another launcher (the pipeline's) imported by an earlier test in this worker.
-  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-  cmd = [
-      sys.executable,
-      os.path.join(root, "experiments", "rlaif.py"),
-      f"--config={os.path.join(root, 'experiments', 'configs', 'rlaif_synthetic.py')}:smoke",
-      f"--workdir={tmp_path}"]
-  run = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
+  # In process (no interpreter + JAX start-up per run); the command line is cli.stage_launcher_main,
+  # tested in test_faults.py.
+  config = load_config("rlaif_synthetic", "smoke")
+  _launcher("rlaif").run(config, str(tmp_path))
   res = json.loads((tmp_path / "results.json").read_text())["stages"]
   lab = res["label"]
   assert lab["num_pairs"] == 16 and 0 <= lab["ai_alignment_both_orders"] <= 1
   assert 0.5 <= lab["human_bayes_accuracy"] <= 1 and "ai_cot_alignment_both_orders" in lab
   ai = records.read_records(str(tmp_path / "label" / "ai_pairs.jsonl"), "pairwise")
   assert ai and all(0.5 <= r.preference_prob <= 1 for r in ai)
-  for stage in ("rm_ai", "rm_human", "ppo_ai", "ppo_human", "ppo_direct"):
+  # the feedback model started from the SFT policy (exported as a Hugging Face folder)
+  fb_config = json.loads((tmp_path / "feedback" / "config.json").read_text())
+  assert fb_config["sources"]["pretrained"] == "hf:" + str(tmp_path / "feedback_init")
+  assert (tmp_path / "feedback_init" / "model.safetensors").exists()
+  for stage in ("rm_ai", "rm_human", "ppo_ai", "ppo_human", "ppo_direct", "dpo_ai_soft",
+                "dpo_ai_hard"):
     assert (tmp_path / stage / "final_metrics.json").exists(), stage
   assert isinstance(res["ppo_direct"]["gold_reward"], float)
   assert "rm_reward" in res["ppo_direct"]  # the evaluator's rating scored the eval samples
+  soft = json.loads((tmp_path / "dpo_ai_soft" / "config.json").read_text())["loss"]
+  assert soft["soft_labels"] is True
   text = (tmp_path / "results.md").read_text()
   assert "AI, both orders averaged" in text and "RLAIF direct" in text
+  assert "DPO on AI labels, soft" in text
   assert (tmp_path / "rlaif.png").exists()

@@ -9,7 +9,9 @@ Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
 
   sft         the SFT policy (the offline pipeline's SFT section), or ``sources.sft_workdir``
   feedback    the feedback model = the evaluator (``feedback_model_synthetic.py``: SFT on the noisy
-              teacher's instruction data), or ``sources.feedback_workdir``
+              teacher's instruction data, started from the sft stage's policy with
+              ``feedback_init="sft"``, from random weights with ``"scratch"``), or
+              ``sources.feedback_workdir``
   label       ``label.num_pairs`` pairs of SFT samples on training prompts, labelled by the
               evaluator (soft, both orders; ``ai_pairs.jsonl``) and by the simulated humans
               (Bradley–Terry over the gold reward, T = ``label.human_temperature``, hard;
@@ -19,9 +21,11 @@ Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
   rm_human    the RLHF baseline's reward model on the same number of human labels
   ppo_ai      PPO against rm_ai;   ppo_human: the same PPO against rm_human
   ppo_direct  d-RLAIF: the same PPO with the evaluator's 0..9 rating as the reward (critic from SFT)
+  dpo_ai_soft / dpo_ai_hard   offline DPO (the pipeline's DPO section) on the AI label file, with
+              the soft label as the per-pair target (``loss.soft_labels``) / the hard label
   report      results.md / results.json / rlaif.png: gold reward, win rate vs SFT, head to head
 
-``size="smoke"``: the tiny preset, a random evaluator (``preset:tiny``), a few steps per stage.
+``size="smoke"``: the tiny preset, a few steps per stage (the feedback model: 2 steps from the SFT).
 """
 
 import ml_collections
@@ -29,7 +33,7 @@ import ml_collections
 from rlhf_jax.train import config_dicts
 
 STAGES = ("sft", "feedback", "label", "rm_ai", "rm_human", "ppo_ai", "ppo_human", "ppo_direct",
-          "report")
+          "dpo_ai_soft", "dpo_ai_hard", "report")
 
 
 def _load(name: str, *args) -> ml_collections.ConfigDict:
@@ -50,6 +54,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   config.sft = pipeline.sft
   # the task dir is filled in by experiments/rlaif.py (the SFT run's data/synthetic)
   config.feedback = _load("feedback_model_synthetic")
+  config.feedback_init = "sft"  # sft | scratch (rlhf_jax.feedback.feedback_model)
 
   config.label = ml_collections.ConfigDict({
       "num_pairs": 1024,  # comparisons labelled by each annotator (the same pairs)
@@ -80,9 +85,16 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
           "loop.num_steps": 40, "loop.eval_every": 40, "loop.checkpoint_every": 20,
           "ppo.critic_init": "sft"})
   config.ppo_direct = direct
+  # DPO on the AI labels (data files and soft_labels set by experiments/rlaif.py)
+  config.dpo = pipeline.dpo
 
   if smoke:
-    config.sources.feedback_workdir = "preset:tiny"
+    # the feedback stage runs: 2 steps from the smoke SFT (queries cut to the tiny preset's 256)
+    config_dicts.set_dotted(
+        config.feedback, {
+            "data.batch_size": 8, "data.eval_batch_size": 16, "data.max_eval_examples": 16,
+            "limits.max_prompt_len": 192, "limits.max_response_len": 64, "limits.buckets":
+                (256,), **config_dicts.stage_loop(2)})
     config.label.num_pairs = 16
     config.label.cot_pairs = 4
     config.label.cot_max_tokens = 4

@@ -155,6 +155,12 @@ def load_evaluator(source: str, template: tpl.Template | str, *, policy_tokenize
   else:
     ckpt = train.load_sft_params(source, **pretrained_kwargs)
     model, params, tokenizer = models.Transformer(ckpt.model_config), ckpt.params, ckpt.tokenizer
+    # a feedback model started from an exported byte-tokenizer SFT run reads with ByteTokenizer
+    # (the export's tokenizer.json encodes identically; feedback.feedback_model)
+    from rlhf_jax.feedback import feedback_model  # pylint: disable=import-outside-toplevel
+    spec = feedback_model.exported_tokenizer(source)
+    if spec:
+      tokenizer = tok_lib.load_tokenizer(spec)
     import flax.linen as nn  # pylint: disable=import-outside-toplevel
     params = nn.meta.unbox(params)
   return make_evaluator(model, params, tokenizer, template, source=source, batch_size=batch_size,

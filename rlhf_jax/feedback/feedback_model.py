@@ -1,0 +1,77 @@
+"""How the RLAIF and CAI launchers train their feedback model (the evaluator / critic).
+
+The feedback model is the SFT code run on the noisy teacher's instruction mixture
+(``experiments/configs/feedback_model_synthetic.py``). A real assistant's evaluator starts from a
+pretrained language model, so by default (``init="sft"``) it starts from the experiment's own SFT
+policy: the SFT run is written as a Hugging Face folder (``models.hf.export.export_run``, exact
+weights and the byte tokenizer) and the feedback SFT reads it through ``sources.pretrained``; the
+feedback model then has the policy's architecture. ``init="scratch"`` trains ``config.model`` from
+random weights (the session-6 recipe).
+
+Tokenizer: a run started from a checkpoint folder reads with the folder's tokenizer, here the
+byte tokenizer written as a ``tokenizer.json`` (``export.write_byte_tokenizer``, which encodes
+exactly as ``ByteTokenizer``). :func:`exported_tokenizer` tells the evaluator loader to use the SFT
+run's own spec instead, so the feedback model shares the policy's tokenizer (d-RLAIF's token path
+needs that; the text path would re-tokenise to the same ids).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+INITS = ("sft", "scratch")
+EXPORT_INFO = "export_info.json"
+
+__all__ = ["INITS", "EXPORT_INFO", "feedback_config", "exported_tokenizer"]
+
+
+def _exported(sft_dir: str, out: str) -> str:
+  """``hf:<out>``: the SFT run's latest checkpoint as a Hugging Face folder (reused when ``out``
+  already holds that very run and step)."""
+  from rlhf_jax import train  # pylint: disable=import-outside-toplevel  (train imports the world)
+  from rlhf_jax.models.hf import export  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  want = {
+      "sft_workdir": os.path.abspath(sft_dir), "step": ckpt_lib.latest_step(sft_dir),
+      "fingerprint": ckpt_lib.read_json(os.path.join(sft_dir, ckpt_lib.FINGERPRINT_FILE)),
+      "tokenizer": train.tokenizer_spec(ckpt_lib.read_json(os.path.join(sft_dir, "config.json")))}
+  info = os.path.join(out, EXPORT_INFO)
+  if not (os.path.isfile(info) and train.read_json(info) == want):
+    export.export_run(sft_dir, out)
+    train.atomic_write_json(info, want)
+  return "hf:" + os.path.abspath(out)
+
+
+def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir: str) -> Any:
+  """The feedback model's SFT config: ``fb`` on ``<task_dir>/feedback_sft[_test].jsonl``, started
+  from the SFT run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``."""
+  if init not in INITS:
+    raise ValueError(f"config.feedback_init={init!r} is invalid; allowed: {' | '.join(INITS)}")
+  fb = fb.copy_and_resolve_references()
+  fb.data.train_jsonl = os.path.join(task_dir, "feedback_sft.jsonl")
+  fb.data.eval_jsonl = os.path.join(task_dir, "feedback_sft_test.jsonl")
+  if init == "sft":
+    if not os.path.isfile(os.path.join(sft_dir, "config.json")):
+      raise FileNotFoundError(f"config.feedback_init='sft': {sft_dir!r} is not a finished SFT run "
+                              "(run the sft stage first, or set config.feedback_init=scratch)")
+    fb.sources.pretrained = _exported(sft_dir, init_dir)
+  return fb
+
+
+def exported_tokenizer(run_dir: str) -> str:
+  """The tokenizer spec of the SFT run a feedback run ``run_dir`` started from, when it started from
+  an export written here (``EXPORT_INFO`` in its ``sources.pretrained`` folder) of a run with the
+  byte tokenizer; else '' (use the run's own tokenizer)."""
+  from rlhf_jax import train  # pylint: disable=import-outside-toplevel
+  config_path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(config_path):
+    return ""
+  pretrained = (train.read_json(config_path).get("sources") or {}).get("pretrained") or ""
+  if not pretrained:
+    return ""
+  info = os.path.join(train.runs.pretrained_path(pretrained), EXPORT_INFO)
+  if not os.path.isfile(info):
+    return ""
+  spec = train.read_json(info).get("tokenizer", "")
+  return spec if spec in ("byte", "bytes") else ""
