@@ -24,15 +24,10 @@ from rlhf_jax.data import synthetic
 from rlhf_jax.feedback import cai
 from rlhf_jax.feedback import constitution as const_lib
 from rlhf_jax.feedback import evaluator as ev_lib
+from rlhf_jax.feedback import feedback_model as fm_lib
 from rlhf_jax.feedback import rlaif
 
 logger = logging.getLogger("cai")
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                           "cai_synthetic.py"),
-    "CAI config (default: experiments/configs/cai_synthetic.py).", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/cai", "Root folder of every stage's run.")
 
 POLICIES = {  # report label -> stage
     "SFT (helpful)": "sft", "helpful-only RLHF": "ppo_helpful", "helpful+harmless RLHF": "ppo_hh",
@@ -251,9 +246,8 @@ def run(config, root: str) -> dict:
   task = _task_dir(sft_dir)
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
-    fb = config.feedback
-    fb.data.train_jsonl = os.path.join(task, "feedback_sft.jsonl")
-    fb.data.eval_jsonl = os.path.join(task, "feedback_sft_test.jsonl")
+    fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
+                                init_dir=os.path.join(root, "feedback_init"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.get(fb.method)(fb, w))
   if "feedback_eval" in stages:
     res["feedback_eval"] = train.run_or_reuse("feedback_eval", root,
@@ -387,10 +381,22 @@ def _plot(root: str, policies: dict, curves: dict) -> None:
   plt.close(fig)
 
 
+def _define_flags():
+  """``--config`` / ``--workdir``, defined only when this file runs as a program, so tests can
+  import it next to another launcher that defines the same absl flags."""
+  config = config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cai_synthetic.py"),
+      "CAI config (default: experiments/configs/cai_synthetic.py).", lock_config=False)
+  workdir = flags.DEFINE_string("workdir", "workdirs/cai", "Root folder of every stage's run.")
+  return config, workdir
+
+
 def main(argv):
-  cli.stage_launcher_main(argv, run, _CONFIG.value, _WORKDIR.value, what="cai.py",
+  cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="cai.py",
                           multi_process=False)
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -2,10 +2,10 @@
 errors, the critique -> revision loop's records, clamping / hard labels, the exact safety metrics,
 and an end-to-end smoke run on the tiny preset."""
 
+import importlib.util
 import json
+import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from rlhf_jax.feedback import cai
 from rlhf_jax.feedback import constitution as const_lib
 from rlhf_jax.feedback import evaluator as ev_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from offline_fixtures import REPO as ROOT, load_config
 
 
 def _write(tmp_path, text, name="c.json"):
@@ -184,16 +184,16 @@ def test_evaluate_feedback_model_on_teacher_records(tiny_fm):
 
 
 @pytest.mark.slow
-def test_cai_smoke_end_to_end(tmp_path):
+def test_cai_smoke_end_to_end(tmp_path, caplog):
   """Every stage of experiments/cai.py on the tiny preset (random feedback model), then a rerun
-  that reuses them all."""
-  cmd = [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "cai.py"),
-      f"--config={os.path.join(ROOT, 'experiments', 'configs', 'cai_synthetic.py')}:smoke",
-      f"--workdir={tmp_path}"]
-  run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
+  that reuses them all. In process (no interpreter + JAX start-up); the command line is
+  cli.stage_launcher_main, tested in test_faults.py."""
+  spec = importlib.util.spec_from_file_location("cai_launcher",
+                                                os.path.join(ROOT, "experiments", "cai.py"))
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  config = load_config("cai_synthetic", "smoke")
+  launcher.run(config, str(tmp_path))
   results = json.loads((tmp_path / "results.json").read_text())
   assert set(results["policies"]) == {
       "SFT (helpful)", "helpful-only RLHF", "helpful+harmless RLHF", "SL-CAI", "RL-CAI"}
@@ -205,5 +205,12 @@ def test_cai_smoke_end_to_end(tmp_path):
   assert pm and all(0.5 <= r.get("preference_prob", 1.0) <= 1.0 for r in pm)
   assert (tmp_path / "cai.png").stat().st_size > 0 and (tmp_path / "results.md").exists()
   assert set(results["trajectories"]) == {"helpful-only RLHF", "helpful+harmless RLHF", "RL-CAI"}
-  again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-  assert again.returncode == 0 and "finished earlier" in again.stderr
+  # The rerun (every stage but the report, which re-samples every policy) reuses each one.
+  again = load_config("cai_synthetic", "smoke")
+  again.stages = ",".join(s for s in again.stages.split(",") if s != "report")
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="rlhf_jax.train.runs"):
+    reused = launcher.run(again, str(tmp_path))
+  assert set(reused) == set(again.stages.split(",")) - {"feedback"}  # preset:tiny, no stage
+  assert caplog.text.count("finished earlier") == len(reused)
+  assert "running in" not in caplog.text

@@ -9,7 +9,8 @@ Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
 
   sft           the helpful SFT policy (the pipeline's SFT section), or ``sources.sft_workdir``
   feedback      the feedback model (``feedback_model_synthetic.py``: SFT on the noisy teacher's
-                judgements / critiques / revisions), or ``sources.feedback_workdir``
+                judgements / critiques / revisions, started from the sft stage's policy with
+                ``feedback_init="sft"``), or ``sources.feedback_workdir``
   feedback_eval the feedback model vs the exact gold on the teacher's held-out records
   human_labels  ``labels.num_pairs`` pairs of the task's pairwise.jsonl labelled by simulated
                 humans twice: on helpfulness only (``helpful_pairs.jsonl``) and on the gold
@@ -58,6 +59,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   config.sft = sft
   config.feedback = _load(
       "feedback_model_synthetic")  # the task files are set by experiments/cai.py
+  # the feedback model starts from the sft stage's policy (sft) or from random weights (scratch)
+  config.feedback_init = "sft"
 
   config.feedback_eval = ml_collections.ConfigDict({"max_per_task": 128, "batch_size": 64})
   config.labels = ml_collections.ConfigDict({
