@@ -1,0 +1,121 @@
+"""Memory plans (``parallel.memory_plan``, ``algorithms.plan``): compiled, never allocated.
+
+The resident bytes are checked against the hand formula (params 4·N bytes, AdamW two moments the
+same size, split over fsdp), XLA's argument size against the sharded state + batch, and the
+launcher path (``registry.run``) refuses a tiny ``mesh.device_memory_gb`` before it writes or
+allocates anything. Tiny preset, one shape per planner.
+"""
+
+import os
+
+import jax
+import pytest
+
+from rlhf_jax import cli, models, parallel
+from rlhf_jax.algorithms import plan, registry
+from rlhf_jax.algorithms.offline import plan as offline_plan
+from rlhf_jax.algorithms.online import plan as online_plan
+from rlhf_jax.algorithms.online.config import PPOConfig
+from rlhf_jax.parallel import memory_plan as mp
+
+from offline_fixtures import SFT_OVERRIDES, load_config, override
+
+CFG = models.get_model_config("tiny", vocab_size=260)
+
+
+def _mesh(fsdp=2, tensor=1):
+  return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=fsdp, tensor=tensor),
+                            devices=jax.devices()[:fsdp * tensor])
+
+
+@pytest.fixture(scope="module")
+def sft_fsdp2():
+  return plan.sft_plan(CFG, _mesh(), batch_size=4, seq_len=32)
+
+
+def test_sft_resident_bytes_are_the_hand_formula(sft_fsdp2):
+  # Every tiny param has an `embed` axis, so fsdp=2 halves each one exactly.
+  params = CFG.num_params() * 4 // 2
+  assert sft_fsdp2.resident["policy params"] == params
+  # AdamW: mu and nu like the params, plus step counters (a few int32 scalars, replicated).
+  assert 0 <= sft_fsdp2.resident["optimizer state"] - 2 * params <= 64
+  assert sft_fsdp2.gradients == params
+
+
+def test_sft_xla_sizes_agree_with_the_shardings(sft_fsdp2):
+  step = sft_fsdp2.phases["train_step"]
+  batch = 3 * (4 // 2) * 32 * 4  # tokens / mask / loss_mask int32, 2 rows per device
+  assert step.argument == step.resident_args + batch
+  assert step.alias == step.resident_args  # the donated state is updated in place
+  assert step.temp > sft_fsdp2.gradients  # gradients + activations live in XLA's temp
+  assert sft_fsdp2.peak_bytes == sft_fsdp2.resident_bytes + step.transient
+  flops = 4 * 32 * (6 * CFG.num_params() + 6 * CFG.n_layers * 32 * CFG.d_model)
+  assert sft_fsdp2.flops_per_step == flops
+  cats = sft_fsdp2.categories()
+  assert cats["activations"] == step.temp - sft_fsdp2.gradients and cats["kv cache"] == 0
+
+
+def test_check_refuses_over_budget_with_the_plan():
+  fake = mp.MemoryPlan("sft", {"data": 1, "fsdp": 2, "tensor": 1}, {"policy params": 3 * mp.GIB},
+                       {"train_step": mp.PhaseMemory(0, 0, 0, mp.GIB, 0, 0.0)})
+  fake.check(4.5)  # 4 GiB fits
+  fake.check(0)  # 0 = no limit
+  with pytest.raises(mp.PlanExceedsMemoryError, match=r"peak is 4.00 GiB per device") as err:
+    fake.check(3.5)
+  assert "resident: policy params 3.00 GiB" in str(err.value)
+
+
+def test_dpo_counts_the_reference_and_its_forward():
+  result = offline_plan.dpo_plan(CFG, _mesh(), batch_size=2, seq_len=32)
+  assert result.resident["reference params"] == result.resident["policy params"]
+  assert set(result.phases) == {"train_step", "reference"}
+  # the reference forward keeps no gradients: less temp than the train step
+  assert result.phases["reference"].temp < result.phases["train_step"].temp
+
+
+@pytest.mark.slow
+def test_ppo_plan_has_every_model_and_phase():
+  ppo = PPOConfig(rollout_batch_size=4, max_new_tokens=8, num_minibatches=2, num_ppo_epochs=1)
+  result = online_plan.ppo_plan(CFG, _mesh(), config=ppo, prompt_len=8)
+  params = CFG.num_params() * 4 // 2
+  assert result.resident["policy params"] == result.resident["reference params"] == params
+  assert set(result.phases) == {"generate", "score", "logprobs", "update"}
+  # k and v: [L, 4 rows / 2 shards, K, 8 + 8 slots, H] float32 each
+  assert result.kv_cache == 2 * CFG.n_layers * 2 * CFG.num_kv_heads * 16 * CFG.head_size * 4
+  assert result.peak_bytes >= result.resident_bytes + result.phases["update"].transient
+
+
+def _sft_config(tmp_path, gb):
+  config = override(
+      load_config("sft_synthetic"), {
+          **SFT_OVERRIDES, "loop.num_steps": 2, "loop.log_every": 1, "eval.num_sample_prompts": 0,
+          "mesh.device_memory_gb": gb})
+  return config, str(tmp_path / "run")
+
+
+def test_launcher_refuses_before_allocating(tmp_path):
+  config, workdir = _sft_config(tmp_path, 1e-4)
+  live = len(jax.live_arrays())
+  with pytest.raises(mp.PlanExceedsMemoryError) as err:
+    registry.run("sft", config, workdir)
+  assert len(jax.live_arrays()) == live  # compiled, not run: no device buffer was created
+  assert not os.path.exists(workdir)  # nothing written either
+  line, status = cli.describe_failure(err.value, workdir)
+  assert status == 2 and "\n" not in line
+  assert line.startswith("error: PlanExceedsMemoryError: config.mesh.device_memory_gb=0.0001: "
+                         "the planned peak is")
+  assert "memory plan (sft, per device, mesh data 1 x fsdp 1 x tensor 1)" in line
+
+
+def test_unplanned_method_is_refused_by_name(tmp_path):
+  config = load_config("kto_synthetic")
+  config.mesh.device_memory_gb = 80.0
+  with pytest.raises(ValueError, match=r"no memory plan for method 'kto'; planned: sft \| dpo"):
+    plan.check_config(config)
+
+
+@pytest.mark.slow
+def test_launcher_runs_within_budget(tmp_path):
+  config, workdir = _sft_config(tmp_path, 80.0)
+  final = registry.run("sft", config, workdir)
+  assert final["step"] == 2
