@@ -1,6 +1,7 @@
 r"""The full offline pipeline on the synthetic default, one command:
 
   python experiments/pipeline.py                     # -> workdirs/pipeline/{results.md,results.csv,frontier.png}
+  python experiments/pipeline.py --report_only       # the table of what has finished, no training
 
 (``rlhf-pipeline`` once installed with ``pip install -e .``). SFT -> reward model -> DPO, IPO, PRO,
 RRHF, RAFT, best-of-n, each in ``<workdir>/<stage>``: every stage's section is that method's own
@@ -51,6 +52,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_synthetic.py"),
     "Pipeline config (default: experiments/configs/pipeline_synthetic.py).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/pipeline", "Root folder of every stage's run.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: write the table of the stages (and seeds) that finished.")
 
 STAGE_TIMES_FILE = "pipeline_stage_time.json"
 # (stage, sources key): a finished run of the stage is linked into every stage after it.
@@ -178,6 +181,10 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
     return {"_status": f"failed: {type(err).__name__}: {err}"[:200], "_seconds": time.time() - t0}
   # CPU seconds of this process (all threads): comparable across machines / loads, unlike wall time
   seconds, cpu = time.time() - t0, time.process_time() - c0
+  if final.get("preempted"):  # stopped by SIGTERM: no final_metrics.json, a rerun resumes it
+    logger.warning("%s: stopped after %s at step %s; rerun to resume", banner,
+                   train.format_duration(seconds), final.get("step"))
+    return {**final, "_status": "stopped (rerun resumes)", "_seconds": seconds, "_cpu_seconds": cpu}
   if parallel.is_coordinator():
     train.atomic_write_json(times_path,
                             {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
@@ -380,8 +387,12 @@ def summarize(results: list[dict] | dict, root: str, total_seconds: float, comma
   return table
 
 
-def run_pipeline(config, root: str, command: str = "") -> list[dict]:
-  """Runs every stage for every seed (stage by stage); returns one ``{stage: final}`` per seed."""
+def run_pipeline(config, root: str, command: str = "", report_only: bool = False) -> list[dict]:
+  """Runs every stage for every seed (stage by stage); returns one ``{stage: final}`` per seed.
+
+  ``report_only``: reuses the finished stages, runs none, and writes their table (a run in progress
+  or stopped part-way: the stages every seed has finished get their mean ± s.e. already).
+  """
   stages = stage_names(config)
   n = num_seeds(config)
   os.makedirs(root, exist_ok=True)
@@ -400,7 +411,8 @@ def run_pipeline(config, root: str, command: str = "") -> list[dict]:
         logger.warning("stop signal received: not starting stage %s; rerun to resume", name)
         break
       index += 1
-      if k in stopped:
+      if k in stopped or (report_only and
+                          not train.is_finished(os.path.join(seed_root(root, k), name))):
         continue
       results[k][name] = run_stage(name, configs[k][name], seed_root(root, k), index, total, start,
                                    seed=k if n > 1 else None)
@@ -425,8 +437,9 @@ def main(argv):
   program = f"python {os.path.relpath(program)}" if program.endswith(".py") else \
       os.path.basename(program)
   command = " ".join([program] + sys.argv[1:])
-  cli.stage_launcher_main(argv, lambda config, root: run_pipeline(config, root, command),
-                          _CONFIG.value, _WORKDIR.value, what="pipeline")
+  cli.stage_launcher_main(
+      argv, lambda config, root: run_pipeline(config, root, command, _REPORT_ONLY.value),
+      _CONFIG.value, _WORKDIR.value, what="pipeline")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import json
 import math
 import os
 
@@ -115,3 +116,25 @@ def test_summarize_over_seeds_writes_mean_se_and_per_seed_rows(tmp_path):
   pipeline.summarize(results[:1], root, 30.0, "pytest")
   one = list(csv.DictReader(open(os.path.join(root, "results.csv"))))
   assert list(one[0]) == list(pipeline.COLUMNS) and len(one) == 3
+
+
+def test_report_only_tables_the_finished_stages_of_every_seed_without_training(tmp_path):
+  root = str(tmp_path)
+  finished = {0: _fake_seed(0.0, 0.5, 10.0), 1: _fake_seed(0.1, 0.7, 14.0)}
+  del finished[1]["dpo"]  # seed 1's DPO has not finished: its row has one seed
+  for k, stages in finished.items():
+    for name, final in stages.items():
+      workdir = os.path.join(pipeline.seed_root(root, k), name)
+      os.makedirs(workdir)
+      with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        json.dump({key: v for key, v in final.items() if not key.startswith("_")}, f)
+  config = load_config("pipeline_synthetic", "smoke")
+  config.num_seeds = 2
+  results = pipeline.run_pipeline(config, root, "pytest", report_only=True)
+  assert [list(r) for r in results] == [["sft", "rm", "dpo"], ["sft", "rm"]]
+  assert all(r["_status"] == "reused" for seed in results for r in seed.values())
+  rows = {
+      (r["method"], r["seed"]): r for r in csv.DictReader(open(os.path.join(root, "results.csv")))}
+  assert rows["dpo:sigmoid", "mean"]["num_seeds"] == "1"
+  assert rows["dpo:sigmoid", "mean"]["gold_reward_se"] == ""  # one seed: no error bar
+  assert not os.path.exists(os.path.join(root, "ipo"))  # nothing was trained
