@@ -10,7 +10,28 @@ in a fresh child process, which reports:
   blocked until every buffer is ready) and checkpoint GB / that time;
 * peak RSS growth: the child's VmHWM after the load minus its VmRSS just before it (jax, the
   devices and the abstract model already initialised). Target <= 1.2x the checkpoint's bytes:
-  each device holds its 1/8 of every parameter and nothing else stays (no full host copy).
+  each device holds its 1/8 of every parameter and nothing else stays (no full host copy);
+* warm loads (the first load pays the jit compiles of the on-device transposes), best of `--reps`,
+  alternating the default (the host copies of the next parameters overlap the devices' transposes,
+  `checkpoint.OVERLAP`) and the two stages one after the other;
+* the roofline, measured in the same child on the same files right after the loads, each over all
+  of the checkpoint's bytes (or all of its transposed kinds' bytes), best of `--reps`:
+  - `read_into_warm`: `readinto` of every file into one already-touched buffer (the kernel's
+    page cache -> user copy, one core);
+  - `np_fromfile`: `np.fromfile` of every file (a plain numpy read: that copy plus first-touch page
+    faults of fresh memory);
+  - `memcpy_warm` / `memcpy_fresh`: one-core `np.copyto` of 1 GiB into a touched / a freshly
+    allocated destination (RAM bandwidth; the second adds the first-touch faults a fresh buffer
+    pays);
+  - `mmap_copy`: what the loader's host side does per tensor, nothing else: map the tensor's bytes,
+    copy them into a fresh 64-byte aligned buffer (`weights.map_tensor` + `weights.owned_copy`);
+  - `device_put`: `jax.device_put` of those aligned buffers (adopted: should cost ~nothing);
+  - `device_transpose`: the on-device `weights.to_ours` of every transposed parameter, already on
+    the devices in the stored layout and sharded as the load shards it (XLA, 8 CPU devices).
+  The unavoidable passes of a load are one copy out of the page cache into memory the devices own
+  (>= mmap_copy's cost; np_fromfile is the same pass) and, for [out, in] layouts, one transpose
+  (device_transpose); `bound_gb_per_s` is the checkpoint's bytes over their sum (the two overlap
+  only where the cores are free).
 
 Usage::
 
@@ -112,7 +133,107 @@ def warm_page_cache(path: str) -> None:
         pass
 
 
-def child(path: str) -> dict:
+def _best(fn, reps: int) -> float:
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return min(out)
+
+
+def roofline(path: str, mesh, reps: int) -> dict:
+  """Each bound of the load measured over the checkpoint's own bytes (see the module docstring)."""
+  # pylint: disable=protected-access  (the loader's own pieces, timed one by one)
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from rlhf_jax import parallel
+  from rlhf_jax.models import Transformer, abstract_variables
+  from rlhf_jax.models.hf import checkpoint, families, weights
+
+  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+  total = sum(os.path.getsize(f) for f in files)
+  buf = np.empty(max(os.path.getsize(f) for f in files), np.uint8)
+  buf[:] = 1  # touched: only the page cache -> user copy is timed
+
+  def read_into():
+    for f in files:
+      with open(f, "rb", buffering=0) as fh:
+        fh.readinto(memoryview(buf)[:os.path.getsize(f)])
+
+  def fromfile():
+    for f in files:
+      np.fromfile(f, np.uint8)
+
+  src = np.ones(2**30, np.uint8)
+  dst = np.ones(2**30, np.uint8)
+  out = {"files": len(files), "bytes_gb": total / 1e9}
+  t = {
+      "read_into_warm": (total, _best(read_into,
+                                      reps)), "np_fromfile": (total, _best(fromfile, reps)),
+      "memcpy_warm": (src.nbytes, _best(lambda: np.copyto(dst, src), reps)), "memcpy_fresh":
+          (src.nbytes,
+           _best(lambda: np.copyto(weights.aligned_empty(src.shape, np.uint8), src), reps))}
+  del src, dst, buf
+
+  index = checkpoint._tensor_table(path)
+  fds = {f: os.open(f, os.O_RDONLY) for f in files}
+
+  def views():
+    for file, shape, st, start, stop in index.values():
+      yield weights.map_tensor(fds[file], start, stop, checkpoint._ST_NUMPY[st], tuple(shape))
+
+  t["mmap_copy"] = (total, _best(lambda: [weights.owned_copy(v, v.dtype) for v in views()], reps))
+  blocks = [weights.owned_copy(v, v.dtype) for v in views()]
+  dev = jax.devices()[0]
+  t["device_put"] = (total,
+                     _best(lambda: jax.block_until_ready([jax.device_put(b, dev) for b in blocks]),
+                           reps))
+  del blocks
+  for fd in fds.values():
+    os.close(fd)
+
+  # The transposed kinds, on the devices in the stored layout, sharded as load_pretrained does.
+  config = families.config_from_hf(checkpoint.read_config(path), dtype="bfloat16",
+                                   param_dtype="bfloat16")
+  arch = families.architecture_of(checkpoint.read_config(path))
+  abstract = abstract_variables(Transformer(config))
+  plan = weights.plan(config, arch)
+  shardings = dict(
+      checkpoint._leaf_paths(
+          parallel.logical_shardings(abstract, mesh, parallel.DEFAULT_RULES)["params"]))
+  jobs, moved = [], 0
+  for leaf_path, leaf in checkpoint._leaf_paths(nn.meta.unbox(abstract)["params"]):
+    src_ = plan[leaf_path]
+    if src_.kind not in weights.DEVICE_KINDS:
+      continue
+    sharding = shardings[leaf_path]
+    spec = checkpoint._spec(sharding, len(leaf.shape))
+    stored = weights.stored_spec(src_, spec)
+    if stored is None:
+      continue
+    hf_shape = weights.hf_shape(src_, tuple(leaf.shape))
+    x = jax.device_put(np.zeros(hf_shape, leaf.dtype), checkpoint._with_spec(sharding, stored))
+    fn = checkpoint._device_layout(tuple(leaf.shape), sharding)
+    jax.block_until_ready(fn(x))  # compiled (cached) before timing
+    jobs.append((fn, x))
+    moved += x.nbytes
+  t["device_transpose"] = (moved,
+                           _best(lambda: jax.block_until_ready([fn(x) for fn, x in jobs]), reps))
+  for name, (nbytes, secs) in t.items():
+    out[name] = {"gb": nbytes / 1e9, "s": secs, "gb_per_s": nbytes / 1e9 / secs}
+  host_s = t["mmap_copy"][1] + t["device_put"][1]
+  dev_s = t["device_transpose"][1]
+  out["transposed_fraction"] = moved / total
+  out["bound_s"] = host_s + dev_s
+  out["bound_gb_per_s"] = total / 1e9 / (host_s + dev_s)
+  out["bound_overlapped_gb_per_s"] = total / 1e9 / max(host_s, dev_s)
+  return out
+
+
+def child(path: str, reps: int = 3) -> dict:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -139,10 +260,27 @@ def child(path: str) -> dict:
   for x in leaves:
     for s in x.addressable_shards:
       per_device[str(s.device)] = per_device.get(str(s.device), 0) + s.data.nbytes
+  del leaves, params
+
+  def timed_load():
+    t0 = time.perf_counter()
+    jax.block_until_ready(checkpoint.load_pretrained(path, mesh=mesh, param_dtype="bfloat16")[1])
+    return time.perf_counter() - t0
+
+  # Warm (transposes compiled), alternating: host copies overlapping the devices' transposes (the
+  # default) and the two stages one after the other.
+  warm = {"overlapped": [], "serial": []}
+  for _ in range(reps):
+    for name in warm:
+      checkpoint.OVERLAP = name == "overlapped"
+      warm[name].append(timed_load())
+  checkpoint.OVERLAP = True
   return {
-      "wall_s": wall, "rss_before_gb": rss0 / 1e6, "peak_rss_growth_gb": (hwm - rss0) / 1e6,
-      "device_bytes_gb": device_bytes / 1e9, "max_device_gb": max(per_device.values()) / 1e9,
-      "num_params": config.num_params(), "devices": len(per_device)}
+      "wall_s": wall, "warm_load_s": {k: min(v) for k, v in warm.items()}, "warm_load_all_s": warm,
+      "rss_before_gb": rss0 / 1e6, "peak_rss_growth_gb":
+          (hwm - rss0) / 1e6, "device_bytes_gb": device_bytes / 1e9,
+      "max_device_gb": max(per_device.values()) / 1e9, "num_params": config.num_params(),
+      "devices": len(per_device), "roofline": roofline(path, mesh, reps)}
 
 
 def main(argv=None) -> dict:
@@ -150,10 +288,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--dir", default=None)
   parser.add_argument("--rewrite", action="store_true", help="write the checkpoint again")
+  parser.add_argument("--reps", type=int, default=3, help="timed repetitions (best of)")
   parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args._child:  # pylint: disable=protected-access
-    print(json.dumps(child(args._child)))  # pylint: disable=protected-access
+    print(json.dumps(child(args._child, args.reps)))  # pylint: disable=protected-access
     return {}
   path = args.dir or f"/tmp/rlhf_bench_hf/{'llama_quick' if args.quick else 'llama_1b'}"
   if args.rewrite or not os.path.isfile(os.path.join(path, "config.json")):
@@ -161,17 +300,35 @@ def main(argv=None) -> dict:
     write_checkpoint(path, args.quick)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
   size = checkpoint_bytes(path)
-  warm_page_cache(path)
-  out = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), f"--_child={path}"], capture_output=True,
-      text=True, cwd=REPO, check=False)
-  if out.returncode:
-    raise SystemExit(f"load child failed ({out.returncode}):\n{out.stderr[-3000:]}")
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  result.update(checkpoint_gb=size / 1e9, gb_per_s=size / 1e9 / result["wall_s"],
-                rss_growth_over_checkpoint=result["peak_rss_growth_gb"] / (size / 1e9))
-  print(json.dumps(result, indent=2))
-  return result
+  results = {"checkpoint_gb": size / 1e9, "load_average_before": os.getloadavg()}
+  # Side by side: glibc's default malloc, and glibc asked to back its large (mmap'd) chunks with
+  # transparent huge pages: XLA's CPU buffers come from malloc and otherwise fault in 4 KiB pages.
+  envs = {"default": {}, "glibc_hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+  for name, extra in envs.items():
+    warm_page_cache(path)
+    out = subprocess.run(
+        [sys.executable,
+         os.path.abspath(__file__), f"--_child={path}", f"--reps={args.reps}"], capture_output=True,
+        text=True, cwd=REPO, check=False, env={**os.environ, **extra})
+    if out.returncode:
+      raise SystemExit(f"load child ({name}) failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update(gb_per_s=size / 1e9 / result["wall_s"],
+                  warm_gb_per_s={k: size / 1e9 / v for k, v in result["warm_load_s"].items()},
+                  rss_growth_over_checkpoint=result["peak_rss_growth_gb"] / (size / 1e9))
+    results[name] = result
+  results["load_average_after"] = os.getloadavg()
+  print(json.dumps(results, indent=2))
+  for name in envs:
+    r, roof = results[name], results[name]["roofline"]
+    rates = "  ".join(f"{k} {roof[k]['gb_per_s']:.2f}" for k in ("read_into_warm", "np_fromfile",
+                                                                 "memcpy_warm", "memcpy_fresh",
+                                                                 "mmap_copy", "device_transpose"))
+    print(f"{name}: first load {r['wall_s']:.2f} s = {r['gb_per_s']:.2f} GB/s, warm "
+          f"{r['warm_load_s']['overlapped']:.2f} s overlapped / {r['warm_load_s']['serial']:.2f} s "
+          f"serial, RSS growth {r['rss_growth_over_checkpoint']:.2f}x; GB/s: {rates}; bound "
+          f"{roof['bound_gb_per_s']:.2f} (overlapped {roof['bound_overlapped_gb_per_s']:.2f})")
+  return results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ never add up to a second copy of the model in the process's resident memory.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
+import itertools
 import json
 import os
 import re
@@ -37,6 +39,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 _ST_NUMPY = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 _NP_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# Host copies of the next parameters overlap the devices' transposes (False: one after the other;
+# experiments/bench_hf_load.py times both).
+OVERLAP = True
 # Tensors a checkpoint may carry that are not parameters (buffers older transformers saved).
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r".*\.attn\.(masked_)?bias$"))
 
@@ -246,31 +251,63 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
       fds[file] = os.open(file, os.O_RDONLY)
     return weights.map_tensor(fds[file], start, stop, _ST_NUMPY[st], tuple(shape))
 
-  # Transposes run asynchronously on the devices while the host copies the next parameters; at
-  # most `in_flight` are pending, so the HF-layout copies they read never pile up.
-  in_flight, pending = 4, collections.deque()
-  out: dict[str, Any] = {}
-  try:
-    for (path_, leaf, srcs, shape), sharding in zip(per_leaf, shardings):
-      array = _load_leaf(leaf, srcs, shape, sharding, [view(s) for s in srcs],
-                         config.scan_layers and path_[0] == "layers", np_dtype)
+  # Two stages on two threads: a worker copies each parameter's device blocks out of the mapped
+  # files (numpy releases the GIL while it copies), while this thread has the devices transpose
+  # the previous [out, in] parameters (XLA; on CPU the call returns once the transpose ran). At
+  # most `ahead` parameters wait for their transpose and at most `in_flight` transposes are
+  # pending on the devices, so HF-layout copies never pile up; a tensor is mapped only inside its
+  # own host stage. Measured side by side with OVERLAP=False in experiments/bench_hf_load.py.
+  ahead, in_flight, out = 2, 4, {}
+  pending = collections.deque()
+
+  def host_stage(item):
+    (_, leaf, srcs, shape), sharding = item
+    return _load_leaf(leaf, srcs, shape, sharding, [view(s) for s in srcs], config.scan_layers and
+                      item[0][0][0] == "layers", np_dtype)
+
+  def finish(path_, host_result):
+    array, to_device_layout = host_result
+    if to_device_layout is not None:
+      array = to_device_layout(array)
       pending.append(array)
       if len(pending) > in_flight:
         pending.popleft().block_until_ready()
-      node = out
-      for key in path_[:-1]:
-        node = node.setdefault(key, {})
-      node[path_[-1]] = array
+    _insert(out, path_, array)
+
+  items = iter(zip(per_leaf, shardings))
+  try:
+    if not OVERLAP:
+      for item in items:
+        finish(item[0][0], host_stage(item))
+    else:
+      with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_load") as pool:
+        futures = collections.deque(
+            (item[0][0], pool.submit(host_stage, item)) for item in itertools.islice(items, ahead))
+        while futures:
+          path_, future = futures.popleft()
+          item = next(items, None)
+          if item is not None:  # queued before this parameter is finished: the worker stays busy
+            futures.append((item[0][0], pool.submit(host_stage, item)))
+          finish(path_, future.result())
   finally:
     for fd in fds.values():
       os.close(fd)
   return config, out
 
 
+def _insert(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  node = tree
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = value
+
+
 def _load_leaf(leaf: Any, srcs: list, shape: tuple[int, ...], sharding: Any, views: list,
-               scanned: bool, np_dtype: np.dtype) -> jax.Array:
-  """One parameter from its HF tensors' mapped `views` (one per layer of a scanned leaf), created
-  with `sharding`; each device's block is copied once out of the mapping."""
+               scanned: bool, np_dtype: np.dtype) -> tuple[jax.Array, Any]:
+  """The host stage of one parameter: (array, finish). `array` is made from its HF tensors'
+  mapped `views` (one per layer of a scanned leaf), each device's block copied once out of the
+  mapping; `finish` (None: `array` is the parameter) turns it into the parameter with `sharding`
+  on the devices (the transpose of a stored [out, in] layout)."""
   src, lead = srcs[0], (len(srcs),) if scanned else ()
   spec = _spec(sharding, len(leaf.shape))
   stored = None
@@ -294,9 +331,7 @@ def _load_leaf(leaf: Any, srcs: list, shape: tuple[int, ...], sharding: Any, vie
     return out
 
   array = jax.make_array_from_callback(hf_shape, hf_sharding, block)
-  if stored is not None:
-    array = _device_layout(tuple(leaf.shape), sharding)(array)
-  return array
+  return array, (_device_layout(tuple(leaf.shape), sharding) if stored is not None else None)
 
 
 @functools.lru_cache(maxsize=256)
