@@ -10,6 +10,7 @@ back to transformers, a bit-exact round trip, and (for three families) loading o
 shorter than every test sequence.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -179,6 +180,30 @@ def test_save_bfloat16_single_file_with_tokenizer(checkpoints, tmp_path):
   with open(os.path.join(out, "model.safetensors"), "rb") as a, \
       open(os.path.join(out2, "model.safetensors"), "rb") as b:
     assert a.read() == b.read()
+
+
+def test_float16_checkpoint_from_transformers_loads_as_float16(checkpoints, tmp_path):
+  """Stored F16 (transformers' own half-precision save): read as float16, each weight the f32
+  checkpoint's rounded to f16 (the layout changes are exact); param_dtype="float32" upcasts."""
+  model, path = checkpoints["llama"]
+  half = str(tmp_path / "f16")
+  copy.deepcopy(model).to(torch.float16).save_pretrained(half)  # the fixture's model is shared
+  from safetensors import safe_open
+  with safe_open(os.path.join(half, "model.safetensors"), framework="numpy") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+  config16, params16 = hf.load_pretrained(half)
+  assert config16.param_dtype == "float16" and config16.dtype == "float16"
+  config32, params32 = hf.load_pretrained(path)
+  assert config16.replace(param_dtype="float32", dtype="float32") == config32
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a,
+                                                          np.asarray(b).astype(np.float16)),
+               params16, params32)
+  assert {str(x.dtype) for x in jax.tree.leaves(params16)} == {"float16"}
+  _, params_up = hf.load_pretrained(half, param_dtype="float32")
+  assert {str(x.dtype) for x in jax.tree.leaves(params_up)} == {"float32"}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a,
+                                                          np.asarray(b).astype(np.float32)),
+               params_up, params16)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "qwen2"])
@@ -358,3 +383,20 @@ def test_check_cli_fails_past_the_tolerance(checkpoints, capsys, monkeypatch):
   monkeypatch.setattr(cli, "load_for_check", wrong)
   assert cli.main(["check", f"--path={checkpoints['gemma'][1]}", "--num_prompts=1"]) == 1
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith("FAIL")
+
+
+@pytest.mark.slow
+def test_check_command_exits_1_past_the_tolerance(checkpoints):
+  """`python -m rlhf_jax.models.hf check` as a process: its exit status is the verdict (a KL
+  tolerance below 0 cannot be met, so a faithful checkpoint fails)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  res = subprocess.run([
+      sys.executable, "-m", "rlhf_jax.models.hf", "check", f"--path={checkpoints['qwen3'][1]}",
+      "--num_prompts=1", "--length=8", "--kl_tolerance=-1"], capture_output=True, text=True,
+                       env=env, cwd=repo, timeout=300)
+  assert res.returncode == 1, res.stdout + res.stderr
+  last = res.stdout.strip().splitlines()[-1]
+  assert last.startswith("FAIL") and "(tolerance -1)" in last, res.stdout

@@ -291,3 +291,19 @@ def test_reward_model_and_ppo_from_pretrained_through_run_py(ckpt, tmp_path):
   assert train.read_json(os.path.join(ppo_dir, train.checkpoint.FINGERPRINT_FILE))["pretrained"]
   final = train.read_json(os.path.join(ppo_dir, train.FINAL_METRICS_FILE))
   assert np.isfinite(final["rm_reward"]) and "gold_reward" not in final
+  # The PPO run's policy exports like any policy run (in-process: the CLI is tested above).
+  from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models.hf import export  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "export_ppo")
+  summary = export.export_run(ppo_dir, out)
+  assert summary["kind"] == "policy" and summary["architecture"] == "LlamaForCausalLM"
+  policy = train.load_sft_params(ppo_dir)
+  _logits_equal_transformers(policy, out)
+  _, params = hf.load_pretrained(out)
+  flat_a, flat_b = _leaves(params), _leaves(policy.params)
+  assert len(flat_a) == len(flat_b)
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(flat_a, flat_b))
+  # ... and it is not the checkpoint it started from (PPO moved it).
+  _, start = hf.load_pretrained(path)
+  assert any(
+      not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(flat_a, _leaves(start)))
