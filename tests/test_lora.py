@@ -387,45 +387,77 @@ def test_dpo_with_lora_trains_and_improves_its_loss(sft_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   base_logits = lm.apply({"params": sft.params}, batch["tokens"], batch["mask"]).logits_BxTxV
   assert float(jnp.max(jnp.abs(got - base_logits))) > 1e-3
+  # `python -m rlhf_jax.models.hf export` of the LoRA run writes that merged model (f32: exactly).
+  from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models.hf import export as hf_export  # pylint: disable=import-outside-toplevel
+  summary = hf_export.export_run(workdir, str(tmp_path / "merged_hf"))
+  assert summary["kind"] == "policy" and summary["step"] == 12
+  config_hf, params_hf = hf.load_pretrained(str(tmp_path / "merged_hf"))
+  assert config_hf.n_layers == merged.model_config.n_layers
+  jax.tree.map(np.testing.assert_array_equal, params_hf, jax.device_get(merged.params))
 
 
-@pytest.mark.slow
-def test_ppo_with_lora_policy_and_critic_over_one_base_trains_and_improves_its_loss(tmp_path):
-  import test_ppo as tp  # pylint: disable=import-outside-toplevel  (its tiny PPO set-up)
+def _lora_ppo_models(tp, ppo_cfg):
+  """test_ppo's tiny models with a LoRA policy and a LoRA critic (adapters + a trained head) over
+  the policy's base; rebuilt per run, since a run donates its adapters' buffers."""
   from rlhf_jax.algorithms.online import models as ppo_models  # pylint: disable=import-outside-toplevel
-  from rlhf_jax.algorithms.online import ppo  # pylint: disable=import-outside-toplevel
-  config = tp.tiny_config(**{"loop.num_steps": 4, "optim.lr": 1e-2, "ppo.critic_init": "sft"})
-  ppo_cfg = ppo.parse_config(config).ppo
   models_ = tp.tiny_models(ppo_cfg)
   policy = lora.LoraModel(models_.policy, LORA)
   params = lora.make_params(policy, models_.policy_params, LORA)
   value_model, value_params = ppo_models.init_value_params(ppo_cfg, tp.MODEL_CFG,
                                                            params.base, models_.reward,
                                                            jax.random.PRNGKey(2), LORA)
+  return models_._replace(policy=policy, policy_params=params, ref_params=params.base,
+                          value_model=value_model, value_params=value_params)
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_policy_and_critic_over_one_base_trains_and_resumes_bit_identically(tmp_path):
+  import test_ppo as tp  # pylint: disable=import-outside-toplevel  (its tiny PPO set-up)
+  from rlhf_jax.algorithms.online import models as ppo_models  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.algorithms.online import ppo  # pylint: disable=import-outside-toplevel
+  overrides = {"loop.num_steps": 4, "optim.lr": 1e-2, "ppo.critic_init": "sft"}
+  config = tp.tiny_config(**overrides)
+  ppo_cfg = ppo.parse_config(config).ppo
+  models_ = _lora_ppo_models(tp, ppo_cfg)
+  params, value_model, value_params = models_.policy_params, models_.value_model, \
+      models_.value_params
   # One copy of the base: the critic's frozen backbone is the policy's base, array for array.
   assert isinstance(value_model, lora.LoraModel) and set(value_params.trained) == {"head"}
   for name, leaf in value_params.base["backbone"].items():
     assert all(a is b for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(params.base[name])))
-  models_ = models_._replace(policy=policy, policy_params=params, ref_params=params.base,
-                             value_model=value_model, value_params=value_params)
   base_before = jax.device_get(params.base)
   head_before = jax.device_get(value_params.trained)
-  final = ppo.train_and_evaluate(config, str(tmp_path), models_=models_)
+  full_dir = tmp_path / "full"
+  final = ppo.train_and_evaluate(config, str(full_dir), models_=models_)
   assert final["iteration"] == 4
-  rows = train.read_metrics(str(tmp_path), "train")
+  rows = train.read_metrics(str(full_dir), "train")
   assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
   assert rows[-1]["vf_loss"] < rows[0]["vf_loss"], [r["vf_loss"] for r in rows]
   assert rows[0]["kl"] == 0.0 and any(abs(r["kl"]) > 0 for r in rows[1:])  # the policy moved
-  saved = train.restore_params(str(tmp_path))
+  saved = train.restore_params(str(full_dir))
   for part in ("policy", "value"):  # adapters (+ the critic's head), never a base
     assert not jax.tree.leaves(saved[part].get("base")) and jax.tree.leaves(saved[part]["lora"])
   assert any(np.any(b != 0) for b in jax.tree.leaves(saved["value"]["lora"]))
   assert np.any(saved["value"]["trained"]["head"]["kernel"] != head_before["head"]["kernel"])
   jax.tree.map(np.testing.assert_array_equal, base_before, jax.device_get(params.base))
-  stored = train.read_json(str(tmp_path / "run_fingerprint.json"))
+  stored = train.read_json(str(full_dir / "run_fingerprint.json"))
   assert stored["lora"]["base"] == lora.base_fingerprint(params.base)
   assert stored["value_lora"]["base"] == lora.base_fingerprint(value_params.base)
   assert stored["value_lora"]["seed"] == LORA.seed + 1  # the critic's own adapters
+  # Stopped after iteration 2 and resumed from the adapters-only checkpoint (policy adapters,
+  # critic adapters + head, both optimizers' state, the rollout stream): bit-identical to the
+  # straight run, every logged number included.
+  cut_dir = tmp_path / "cut"
+  first = ppo.train_and_evaluate(tp.tiny_config(**overrides, **{"loop.stop_after_steps": 2}),
+                                 str(cut_dir), models_=_lora_ppo_models(tp, ppo_cfg))
+  assert first["preempted"] and first["iteration"] == 2
+  again = ppo.train_and_evaluate(config, str(cut_dir), models_=_lora_ppo_models(tp, ppo_cfg))
+  assert again["iteration"] == 4 and not again["preempted"]
+  jax.tree.map(np.testing.assert_array_equal, train.restore_params(str(cut_dir)), saved)
+  cut_rows = train.read_metrics(str(cut_dir), "train")
+  for key in ("loss", "vf_loss", "pg_loss", "kl", "rm_score", "gold_reward", "grad_norm"):
+    assert [r[key] for r in cut_rows] == [r[key] for r in rows], key
   # critic_init=reward_model: the critic's own frozen base, the reward model's backbone.
   rm_cfg = dataclasses.replace(ppo_cfg, critic_init="reward_model")
   _, rm_value = ppo_models.init_value_params(rm_cfg, tp.MODEL_CFG, params.base, models_.reward,
