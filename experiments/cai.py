@@ -14,8 +14,7 @@ import logging
 import os
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 import numpy as np
 
 from rlhf_jax import cli, train
@@ -241,14 +240,14 @@ def run(config, root: str) -> dict:
   res: dict = {}
   sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
   if "sft" in stages and not config.sources.sft_workdir:
-    res["sft"] = train.run_or_reuse("sft", root, lambda w: registry.get(config.sft.method)
-                                    (config.sft, w))
+    res["sft"] = train.run_or_reuse("sft", root,
+                                    lambda w: registry.run(config.sft.method, config.sft, w))
   task = _task_dir(sft_dir)
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
                                 init_dir=os.path.join(root, "feedback_init"))
-    res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.get(fb.method)(fb, w))
+    res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   if "feedback_eval" in stages:
     res["feedback_eval"] = train.run_or_reuse("feedback_eval", root,
                                               lambda w: _feedback_eval(config, feedback, task, w))
@@ -264,7 +263,7 @@ def run(config, root: str) -> dict:
     sl.data.source = "jsonl"
     sl.data.train_jsonl = os.path.join(root, "sl_cai_data", "sl_cai_sft.jsonl")
     sl.data.eval_jsonl = os.path.join(task, "sft_test.jsonl")
-    res["sl_cai"] = train.run_or_reuse("sl_cai", root, lambda w: registry.get(sl.method)(sl, w))
+    res["sl_cai"] = train.run_or_reuse("sl_cai", root, lambda w: registry.run(sl.method, sl, w))
   if "rl_cai_labels" in stages:
     res["rl_cai_labels"] = train.run_or_reuse(
         "rl_cai_labels", root, lambda w: _rl_cai_labels(config, sl_dir, feedback, task, w))
@@ -278,7 +277,7 @@ def run(config, root: str) -> dict:
       rm.sources.sft_workdir = init
       rm.data.train_jsonl = pairs
       rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
-      res[name] = train.run_or_reuse(name, root, lambda w, rm=rm: registry.get(rm.method)(rm, w))
+      res[name] = train.run_or_reuse(name, root, lambda w, rm=rm: registry.run(rm.method, rm, w))
   ppos = {
       "ppo_helpful": (sft_dir, "rm_helpful"), "ppo_hh": (sft_dir, "rm_hh"),
       "ppo_cai": (sl_dir, "rm_cai")}
@@ -292,8 +291,8 @@ def run(config, root: str) -> dict:
       cfg.data.synthetic_num_prompts = meta["num_prompts"]  # PPO checks the task it reads
       cfg.data.synthetic_num_test_prompts = meta["num_test_prompts"]
       cfg.data.synthetic_seed = meta["seed"]
-      res[name] = train.run_or_reuse(name, root, lambda w, cfg=cfg: registry.get(cfg.method)
-                                     (cfg, w))
+      res[name] = train.run_or_reuse(name, root,
+                                     lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
   if "report" in stages:
     report(config, root, task, res, time.time() - start)
   return res
@@ -381,22 +380,13 @@ def _plot(root: str, policies: dict, curves: dict) -> None:
   plt.close(fig)
 
 
-def _define_flags():
-  """``--config`` / ``--workdir``, defined only when this file runs as a program, so tests can
-  import it next to another launcher that defines the same absl flags."""
-  config = config_flags.DEFINE_config_file(
-      "config",
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cai_synthetic.py"),
-      "CAI config (default: experiments/configs/cai_synthetic.py).", lock_config=False)
-  workdir = flags.DEFINE_string("workdir", "workdirs/cai", "Root folder of every stage's run.")
-  return config, workdir
-
-
 def main(argv):
   cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="cai.py",
                           multi_process=False)
 
 
 if __name__ == "__main__":
-  _FLAGS = _define_flags()
+  _FLAGS = cli.define_stage_launcher_flags(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cai_synthetic.py"),
+      "workdirs/cai", "CAI")
   app.run(main, flags_parser=cli.parse_flags)

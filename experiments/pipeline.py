@@ -38,7 +38,6 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
@@ -47,11 +46,6 @@ from rlhf_jax.train import config_dicts, signals
 
 logger = logging.getLogger("pipeline")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_synthetic.py"),
-    "Pipeline config (default: experiments/configs/pipeline_synthetic.py).", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/pipeline", "Root folder of every stage's run.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Train nothing: write the table of the stages (and seeds) that finished.")
 
@@ -171,7 +165,7 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
   _link(name, cfg, root)
   t0, c0 = time.time(), time.process_time()
   try:
-    final = registry.get(cfg.method)(cfg, workdir)
+    final = registry.run(cfg.method, cfg, workdir)
   except Exception as err:  # the table reports a failed stage instead of hiding it
     failure = None if cli.debug_requested(sys.argv) else cli.describe_failure(err, workdir)
     if failure is None:  # a bug (or --debug / RLHF_JAX_DEBUG=1): keep the traceback
@@ -443,4 +437,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG, _WORKDIR = cli.define_stage_launcher_flags(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_synthetic.py"),
+      "workdirs/pipeline", "Pipeline")
   app.run(main, flags_parser=cli.parse_flags)

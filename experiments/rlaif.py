@@ -13,8 +13,7 @@ import logging
 import os
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
 from rlhf_jax import cli, train
 from rlhf_jax.algorithms import registry
@@ -93,14 +92,14 @@ def run(config, root: str) -> dict:
   res: dict = {}
   sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
   if "sft" in stages and not config.sources.sft_workdir:
-    res["sft"] = train.run_or_reuse("sft", root, lambda w: registry.get(config.sft.method)
-                                    (config.sft, w))
+    res["sft"] = train.run_or_reuse("sft", root,
+                                    lambda w: registry.run(config.sft.method, config.sft, w))
   task = os.path.join(sft_dir, "data", "synthetic")
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
                                 init_dir=os.path.join(root, "feedback_init"))
-    res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.get(fb.method)(fb, w))
+    res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   label_dir = os.path.join(root, "label")
   if "label" in stages:
     res["label"] = train.run_or_reuse("label", root, lambda w: _label(config, sft_dir, feedback, w))
@@ -111,14 +110,14 @@ def run(config, root: str) -> dict:
       rm.data.train_jsonl = os.path.join(label_dir, f"{who}_pairs.jsonl")
       rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
       res[f"rm_{who}"] = train.run_or_reuse(f"rm_{who}", root,
-                                            lambda w, rm=rm: registry.get(rm.method)(rm, w))
+                                            lambda w, rm=rm: registry.run(rm.method, rm, w))
   for who in ("ai", "human"):
     if f"ppo_{who}" in stages:
       cfg = config.ppo.copy_and_resolve_references()
       cfg.sources.sft_workdir = sft_dir
       cfg.sources.reward_model_workdir = os.path.join(root, f"rm_{who}")
       res[f"ppo_{who}"] = train.run_or_reuse(f"ppo_{who}", root,
-                                             lambda w, cfg=cfg: registry.get(cfg.method)(cfg, w))
+                                             lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
   if "ppo_direct" in stages:
     cfg = config.ppo_direct.copy_and_resolve_references()
     cfg.sources.sft_workdir = sft_dir
@@ -139,8 +138,8 @@ def run(config, root: str) -> dict:
       cfg.data.train_jsonl = os.path.join(label_dir, "ai_pairs.jsonl")
       cfg.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
       cfg.data.eval_prompts_jsonl = os.path.join(task, "prompts_test.jsonl")
-      res[name] = train.run_or_reuse(name, root, lambda w, cfg=cfg: registry.get(cfg.method)
-                                     (cfg, w))
+      res[name] = train.run_or_reuse(name, root,
+                                     lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
   if "report" in stages:
     report(root, res, time.time() - start)
   return res
@@ -237,22 +236,13 @@ def _plot(root: str, lab: dict, rows: list, sft_gold) -> None:
   plt.close(fig)
 
 
-def _define_flags():
-  """``--config`` / ``--workdir``, defined only when this file runs as a program, so tests can
-  import it next to another launcher that defines the same absl flags."""
-  config = config_flags.DEFINE_config_file(
-      "config",
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rlaif_synthetic.py"),
-      "RLAIF config (default: experiments/configs/rlaif_synthetic.py).", lock_config=False)
-  workdir = flags.DEFINE_string("workdir", "workdirs/rlaif", "Root folder of every stage's run.")
-  return config, workdir
-
-
 def main(argv):
   cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="rlaif.py",
                           multi_process=False)
 
 
 if __name__ == "__main__":
-  _FLAGS = _define_flags()
+  _FLAGS = cli.define_stage_launcher_flags(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "rlaif_synthetic.py"),
+      "workdirs/rlaif", "RLAIF")
   app.run(main, flags_parser=cli.parse_flags)

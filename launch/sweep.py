@@ -100,7 +100,7 @@ def launch(launcher: str, config: str, workdir: str, overrides: dict[str, str],
   return rc, time.time() - start
 
 
-def _last_line(path: str) -> str:
+def last_line(path: str) -> str:
   try:
     lines = [l.strip() for l in open(path, errors="replace") if l.strip()]
   except OSError:
@@ -135,31 +135,37 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
     log(f"sweep: start {name}")
     rc, seconds = launch(launcher, config, workdir, point, fixed)
     ok = rc == 0 and os.path.exists(os.path.join(workdir, FINAL))
-    status = "ok" if ok else (
-        f"failed (exit {rc}): {_last_line(os.path.join(workdir, 'sweep.log'))}"
-        if rc else "failed: exited 0 without final_metrics.json")
+    status = "ok" if ok else (f"failed (exit {rc}): {last_line(os.path.join(workdir, 'sweep.log'))}"
+                              if rc else "failed: exited 0 without final_metrics.json")
     log(f"sweep: {'done' if ok else 'FAILED'} {name} in {seconds:.0f}s")
     return name, {"status": status, "seconds": round(seconds, 1)}
 
   if vectorize:
     from launch import sweep_vectorized  # pylint: disable=import-outside-toplevel
-    rows.update(sweep_vectorized.run_vectorized(todo, config=config, fixed=fixed,
-                                                run_devices=run_devices, log=log))
+    rows.update(
+        sweep_vectorized.run_vectorized(todo, config=config, fixed=fixed, run_devices=run_devices,
+                                        log=log))
     todo = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     for name, row in pool.map(one, todo):
       rows[name] = row
   out = []
   for name, point in zip(names, points):
-    row = {"run": name, **point, **rows[name]}
-    final_path = os.path.join(sweep_dir, name, FINAL)
-    if os.path.exists(final_path):
-      with open(final_path) as f:
-        final = json.load(f)
-      row.update({
-          k: v for k, v in final.items() if isinstance(v, (int, float, str)) and k not in row})
-    out.append(row)
+    out.append(
+        with_final_metrics({"run": name, **point, **rows[name]}, os.path.join(sweep_dir, name)))
   return out
+
+
+def with_final_metrics(row: dict, run_dir: str) -> dict:
+  """``row`` plus the scalar entries of ``<run_dir>/final_metrics.json`` (if the run finished)
+  that ``row`` does not already hold: one results-table row (both backends)."""
+  final_path = os.path.join(run_dir, FINAL)
+  if os.path.exists(final_path):
+    with open(final_path) as f:
+      final = json.load(f)
+    row.update({
+        k: v for k, v in final.items() if isinstance(v, (int, float, str)) and k not in row})
+  return row
 
 
 def write_results(rows: list[dict], grid_keys: Sequence[str], sweep_dir: str, command: str) -> str:

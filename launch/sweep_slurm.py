@@ -130,21 +130,17 @@ def gather(grid, sweep_dir: str) -> list[dict]:
     if os.path.exists(final_path):
       status = "ok"
     elif record.get("rc"):
-      last = sweep._last_line(os.path.join(workdir, "sweep.log"))  # pylint: disable=W0212
+      last = sweep.last_line(os.path.join(workdir, "sweep.log"))
       status = f"failed (exit {record['rc']}): {last}"
     elif record:
       status = "failed: exited 0 without final_metrics.json"
     else:
       status = "failed: not finished (array task pending, running or lost)"
-    row = {
-        "run": point["name"], **point["overrides"], "status": status,
-        "seconds": record.get("seconds")}
-    if os.path.exists(final_path):
-      with open(final_path) as f:
-        final = json.load(f)
-      row.update({
-          k: v for k, v in final.items() if isinstance(v, (int, float, str)) and k not in row})
-    rows.append(row)
+    rows.append(
+        sweep.with_final_metrics(
+            {
+                "run": point["name"], **point["overrides"], "status": status,
+                "seconds": record.get("seconds")}, workdir))
   return rows
 
 

@@ -264,6 +264,25 @@ def describe_failure(err: BaseException, workdir: str) -> tuple[str, int] | None
   return None
 
 
+def define_stage_launcher_flags(config_file: str, workdir: str, what: str):
+  """``--config`` (default ``config_file``) and ``--workdir`` (default ``workdir``) of a
+  multi-stage launcher; call it under ``if __name__ == "__main__"`` so tests can import the
+  launcher next to another one that defines the same absl flags. Returns the two flag holders.
+
+  The default config file is put on the command line (``--config=<config_file>``) instead of
+  being the flag's default: ml_collections parses a default at definition time, together with
+  the ``--config.<key>`` overrides, so a mistyped override would escape :func:`parse_flags`'s
+  one-line error as a traceback."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--config={config_file}")
+  config = config_flags.DEFINE_config_file("config", None,
+                                           f"{what} config (default: {config_file}).",
+                                           lock_config=False)
+  return config, flags.DEFINE_string("workdir", workdir, "Root folder of every stage's run.")
+
+
 def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str,
                         multi_process: bool = True) -> None:
   """The ``main`` of a multi-stage launcher (``experiments/pipeline.py``, ``rlaif.py``, ``cai.py``).

@@ -517,3 +517,17 @@ def test_a_stage_stopped_by_a_signal_is_not_marked_finished(tmp_path, monkeypatc
   assert train.run_or_reuse("label", str(tmp_path), stage({"pairs": 8}))["pairs"] == 8
   reused = train.run_or_reuse("label", str(tmp_path), lambda workdir: 1 / 0)  # not rerun
   assert reused["pairs"] == 8 and "_seconds" in reused
+
+
+def test_multi_stage_launchers_report_a_mistyped_override_in_one_line():
+  """``experiments/{pipeline,rlaif,cai}.py`` load their default config file at parse time, so a
+  ``--config.<key>`` the config lacks is a one-line flag error (exit 2), not a traceback."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for launcher in ("pipeline.py", "rlaif.py", "cai.py"):
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, "experiments", launcher), "--workdir=/nonexistent",
+         "--config.sft.loop.num_stepz=1"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, (launcher, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, launcher
+    assert "has no key 'num_stepz' (did you mean 'num_steps'?)" in result.stderr, launcher

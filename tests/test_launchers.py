@@ -39,9 +39,11 @@ PY
 # Loads a launcher without running it and parses each command line with its absl flags.
 PARSE_FLAGS = r"""
 import json, runpy, sys
-from absl import flags
+from absl import app, flags
 script, argvs = sys.argv[1], json.loads(sys.argv[2])
-runpy.run_path(script, run_name="rlhf_jax_flag_check")
+# As a program (the multi-stage launchers define their flags under __main__), minus app.run.
+app.run = lambda *args, **kwargs: None
+runpy.run_path(script, run_name="__main__")
 out = []
 for argv in argvs:
   flags.FLAGS.unparse_flags()

@@ -114,7 +114,7 @@ def generate(ev: ev_lib.Evaluator, queries: Sequence[str], *, max_tokens: int,
              temperature: float = 1.0, greedy: bool = False, seed: int = 0) -> list[str]:
   """The feedback model's continuation of each query (stops at a newline or EOS)."""
   cfg = ev_lib.CotConfig(max_tokens=max_tokens, temperature=temperature, greedy=greedy, seed=seed)
-  return ev_lib._rationales(ev, list(queries), cfg)  # pylint: disable=protected-access
+  return ev_lib.rationales(ev, list(queries), cfg)
 
 
 def critique_revision_loop(

@@ -216,7 +216,7 @@ def label_probs(ev: Evaluator, texts: Sequence[str]) -> tuple[np.ndarray, np.nda
   return w_NxL / np.sum(w_NxL, axis=1, keepdims=True), np.sum(np.exp(logps_NxL), axis=1)
 
 
-def _rationales(ev: Evaluator, queries: Sequence[str], cot: CotConfig) -> list[str]:
+def rationales(ev: Evaluator, queries: Sequence[str], cot: CotConfig) -> list[str]:
   """Samples one rationale per CoT query (stops at a newline or EOS; the newline is dropped)."""
   newline = ev.tokenizer.encode("\n")
   stops = tuple(newline) if len(newline) == 1 else ()
@@ -242,12 +242,12 @@ def _rationales(ev: Evaluator, queries: Sequence[str], cot: CotConfig) -> list[s
 
 
 def _score_queries(ev: Evaluator, queries: list[str], cot: CotConfig | None):
-  rationales: list[str] = []
+  sampled: list[str] = []
   if cot is not None:
-    rationales = _rationales(ev, queries, cot)
-    queries = [tpl.cot_answer_text(ev.template, q, r) for q, r in zip(queries, rationales)]
+    sampled = rationales(ev, queries, cot)
+    queries = [tpl.cot_answer_text(ev.template, q, r) for q, r in zip(queries, sampled)]
   probs, mass = label_probs(ev, queries)
-  return probs, mass, rationales
+  return probs, mass, sampled
 
 
 def pair_labels(ev: Evaluator, prompts: Sequence[str], responses_a: Sequence[str],
