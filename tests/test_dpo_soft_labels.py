@@ -115,3 +115,19 @@ def test_pair_loss_reads_the_batch_prob_only_when_on():
   # the fingerprint records soft_labels only when on (older runs still resume)
   assert "soft_labels" not in dpo_lib._fingerprint(hard)
   assert dpo_lib._fingerprint(soft)["soft_labels"] is True
+
+
+def test_soft_label_is_trls_conservative_dpo_with_per_pair_smoothing():
+  """The peer: TRL's ``loss_type="sigmoid"`` with ``label_smoothing=ε`` (cDPO) is
+  −(1−ε) log σ(βΔ) − ε log σ(−βΔ); a soft label p with no global smoothing is that loss with
+  ε = 1 − p, pair by pair (TRL's formula restated per pair in float64)."""
+  pc, pr, rc, rr, _, _, p = _inputs(n=8, seed=3)
+  beta = 0.3
+  soft_B, _ = losses.dpo_loss(pc, pr, rc, rr, beta=beta, preference_prob=p)
+  d = beta * ((np.float64(pc) - np.float64(rc)) - (np.float64(pr) - np.float64(rr)))
+  trl = [-(1 - e) * _log_sigmoid(x) - e * _log_sigmoid(-x) for x, e in zip(d, 1 - np.float64(p))]
+  np.testing.assert_allclose(np.asarray(soft_B), trl, rtol=1e-5)
+  for b in range(2):  # and equal to this project's own (TRL-checked) label_smoothing path
+    one_B, _ = losses.dpo_loss(pc[b:b + 1], pr[b:b + 1], rc[b:b + 1], rr[b:b + 1], beta=beta,
+                               label_smoothing=float(1 - p[b]))
+    np.testing.assert_allclose(np.asarray(one_B), np.asarray(soft_B[b:b + 1]), rtol=1e-5)
