@@ -46,9 +46,6 @@ from rlhf_jax.train import config_dicts, signals
 
 logger = logging.getLogger("pipeline")
 
-_REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Train nothing: write the table of the stages (and seeds) that finished.")
-
 STAGE_TIMES_FILE = "pipeline_stage_time.json"
 # (stage, sources key): a finished run of the stage is linked into every stage after it.
 LINKS = (("sft", "sft_workdir"), ("rm", "reward_model_workdir"))
@@ -440,4 +437,7 @@ if __name__ == "__main__":
   _CONFIG, _WORKDIR = cli.define_stage_launcher_flags(
       os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_synthetic.py"),
       "workdirs/pipeline", "Pipeline")
+  _REPORT_ONLY = flags.DEFINE_bool(
+      "report_only", False,
+      "Train nothing: write the table of the stages (and seeds) that finished.")
   app.run(main, flags_parser=cli.parse_flags)
