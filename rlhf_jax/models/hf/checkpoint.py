@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import json
@@ -42,6 +43,9 @@ _NP_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # Host copies of the next parameters overlap the devices' transposes (False: one after the other;
 # experiments/bench_hf_load.py times both).
 OVERLAP = True
+# The on-device transposes are compiled on their own threads before the first host copy (False:
+# each is compiled when its first parameter reaches the devices); side by side in the same bench.
+PRECOMPILE = True
 # Tensors a checkpoint may carry that are not parameters (buffers older transformers saved).
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r".*\.attn\.(masked_)?bias$"))
 
@@ -260,15 +264,27 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
   ahead, in_flight, out = 2, 4, {}
   pending = collections.deque()
 
+  def scanned(item):
+    return config.scan_layers and item[0][0][0] == "layers"
+
+  # The on-device transposes are compiled up front, on their own threads, while the first host
+  # copies run: in a fresh process they cost ~1.8 s on the llama_1b bench (6 shapes), which would
+  # otherwise halve the first load's GB/s (XLA releases the GIL while it compiles).
+  layouts = _LayoutCompiler(np_dtype)
+  for item in zip(per_leaf, shardings) if PRECOMPILE else ():
+    (_, leaf, srcs, shape), sharding = item
+    layouts.submit(
+        _transpose_plan(leaf, srcs[0], index[canonical_of[srcs[0].name]][1], sharding,
+                        len(srcs) if scanned(item) else None))
+
   def host_stage(item):
     (_, leaf, srcs, shape), sharding = item
-    return _load_leaf(leaf, srcs, shape, sharding, [view(s) for s in srcs], config.scan_layers and
-                      item[0][0][0] == "layers", np_dtype)
+    return _load_leaf(leaf, srcs, shape, sharding, [view(s) for s in srcs], scanned(item), np_dtype)
 
   def finish(path_, host_result):
-    array, to_device_layout = host_result
-    if to_device_layout is not None:
-      array = to_device_layout(array)
+    array, plan_ = host_result
+    if plan_ is not None:
+      array = layouts.get(plan_)(array)
       pending.append(array)
       if len(pending) > in_flight:
         pending.popleft().block_until_ready()
@@ -290,6 +306,7 @@ def load_pretrained(path: str, *, mesh: Any = None, rules: Any = None, dtype: st
             futures.append((item[0][0], pool.submit(host_stage, item)))
           finish(path_, future.result())
   finally:
+    layouts.close()
     for fd in fds.values():
       os.close(fd)
   return config, out
@@ -302,20 +319,69 @@ def _insert(tree: dict, path: tuple[str, ...], value: Any) -> None:
   node[path[-1]] = value
 
 
-def _load_leaf(leaf: Any, srcs: list, shape: tuple[int, ...], sharding: Any, views: list,
-               scanned: bool, np_dtype: np.dtype) -> tuple[jax.Array, Any]:
-  """The host stage of one parameter: (array, finish). `array` is made from its HF tensors'
-  mapped `views` (one per layer of a scanned leaf), each device's block copied once out of the
-  mapping; `finish` (None: `array` is the parameter) turns it into the parameter with `sharding`
-  on the devices (the transpose of a stored [out, in] layout)."""
-  src, lead = srcs[0], (len(srcs),) if scanned else ()
+@dataclasses.dataclass(frozen=True)
+class _TransposePlan:
+  """A `DEVICE_KINDS` parameter handed to the devices in its HF layout (`hf_shape`, sharded as
+  `hf_sharding`, so each device transposes its own block) and turned into ours (`shape`,
+  `sharding`) there."""
+  shape: tuple[int, ...]
+  sharding: Any
+  hf_shape: tuple[int, ...]
+  hf_sharding: Any
+
+
+def _transpose_plan(leaf: Any, src: Any, tensor_shape: tuple[int, ...], sharding: Any,
+                    layers: int | None) -> _TransposePlan | None:
+  """How the parameter `leaf` (HF tensor `src` of `tensor_shape`; `layers`: a scanned leaf's
+  layer count) reaches the devices; None: read in our layout on the host (`weights.read_slice`)."""
+  lead = (layers,) if layers is not None else ()
   spec = _spec(sharding, len(leaf.shape))
-  stored = None
-  if src.kind in weights.DEVICE_KINDS:
-    stored = weights.stored_spec(src, spec[len(lead):])
-  if stored is not None:  # the HF layout, sharded so that each device transposes its own block
-    hf_shape = lead + tuple(views[0].shape)
-    hf_sharding = _with_spec(sharding, spec[:len(lead)] + stored)
+  if src.kind not in weights.DEVICE_KINDS:
+    return None
+  stored = weights.stored_spec(src, spec[len(lead):])
+  if stored is None:  # a sharded head_dim: no per-device block of the HF layout is ours
+    return None
+  return _TransposePlan(tuple(leaf.shape), sharding, lead + tuple(tensor_shape),
+                        _with_spec(sharding, spec[:len(lead)] + stored))
+
+
+class _LayoutCompiler:
+  """The compiled `weights.to_ours` of every distinct transpose plan, compiled on two threads."""
+
+  def __init__(self, np_dtype: np.dtype):
+    self._dtype = np_dtype
+    self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="hf_compile")
+    self._compiled: dict[_TransposePlan, concurrent.futures.Future] = {}
+
+  def submit(self, plan_: _TransposePlan | None) -> None:
+    if plan_ is not None and plan_ not in self._compiled:
+      self._compiled[plan_] = self._pool.submit(self._compile, plan_)
+
+  def get(self, plan_: _TransposePlan) -> Any:
+    self.submit(plan_)
+    return self._compiled[plan_].result()
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def _compile(self, plan_: _TransposePlan) -> Any:
+    fn = jax.jit(functools.partial(weights.to_ours, ours_shape=plan_.shape),
+                 out_shardings=plan_.sharding)
+    return fn.lower(jax.ShapeDtypeStruct(plan_.hf_shape, self._dtype,
+                                         sharding=plan_.hf_sharding)).compile()
+
+
+def _load_leaf(leaf: Any, srcs: list, shape: tuple[int, ...], sharding: Any, views: list,
+               scanned: bool, np_dtype: np.dtype) -> tuple[jax.Array, _TransposePlan | None]:
+  """The host stage of one parameter: (array, plan). `array` is made from its HF tensors'
+  mapped `views` (one per layer of a scanned leaf), each device's block copied once out of the
+  mapping; `plan` (None: `array` is the parameter) says how the devices turn it into the
+  parameter (the transpose of a stored [out, in] layout)."""
+  src = srcs[0]
+  plan_ = _transpose_plan(leaf, src, tuple(views[0].shape), sharding,
+                          len(srcs) if scanned else None)
+  if plan_ is not None:
+    hf_shape, hf_sharding = plan_.hf_shape, plan_.hf_sharding
     read = lambda view, _, idx: view[idx]
   else:
     hf_shape, hf_sharding = tuple(leaf.shape), sharding
@@ -330,13 +396,7 @@ def _load_leaf(leaf: Any, srcs: list, shape: tuple[int, ...], sharding: Any, vie
       weights.copy_into(out[layer - idx[0].start], read(views[layer], srcs[layer], idx[1:]))
     return out
 
-  array = jax.make_array_from_callback(hf_shape, hf_sharding, block)
-  return array, (_device_layout(tuple(leaf.shape), sharding) if stored is not None else None)
-
-
-@functools.lru_cache(maxsize=256)
-def _device_layout(shape: tuple[int, ...], sharding: Any):
-  return jax.jit(functools.partial(weights.to_ours, ours_shape=shape), out_shardings=sharding)
+  return jax.make_array_from_callback(hf_shape, hf_sharding, block), plan_
 
 
 def _spec(sharding: Any, ndim: int) -> tuple:
