@@ -13,6 +13,11 @@ script ``rlhf-run``. Every config's docstring gives its command, e.g.
   python experiments/run.py --config=experiments/configs/dpo_synthetic.py --workdir=workdirs/dpo \
       --config.sources.sft_workdir=workdirs/sft_synthetic
 
+``--config.num_seeds=N`` (or ``--num_seeds=N``) runs N replicates: seed k adds k to every seed of
+the config except the task's (``rlhf_jax.algorithms.seeding``), seed 0 in ``--workdir`` (a finished
+run there is reused), seed k in ``<workdir>/seed_<k>``; then ``<workdir>/seeds.md`` and
+``seeds.json`` hold the mean ± standard error of every final metric over the seeds.
+
 Re-running the same command in the same workdir resumes the run (SIGTERM checkpoints and exits 0).
 SIGTERM or Ctrl-C at any point (from the first line of ``main``) stops cleanly with exit status 0:
 during training the step is checkpointed; before or after it nothing is half-written. A finished
@@ -28,16 +33,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import cli, parallel, train
-from rlhf_jax.algorithms import registry
-from rlhf_jax.train import signals
+from rlhf_jax import cli, fileio, parallel, train
+from rlhf_jax.algorithms import registry, seeding
+from rlhf_jax.train import config_dicts, signals
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/configs/<name>.py[:<arg>]); its `method` "
@@ -48,10 +52,32 @@ _WORKDIR = flags.DEFINE_string(
 _DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the traceback of a config / input error "
     "(also RLHF_JAX_DEBUG=1).")
+_NUM_SEEDS = flags.DEFINE_integer(
+    "num_seeds", None, "Run N replicates (seed k adds k to every seed of the config; seed 0 in "
+    "--workdir, seed k in <workdir>/seed_<k>) and write seeds.md / seeds.json (mean ± s.e. of "
+    "every final metric) to --workdir. Also spelled --config.num_seeds=N. Default: the config's "
+    "num_seeds, else 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = cli.USER_ERRORS
-parse_flags = cli.parse_flags
+SEEDS_MD, SEEDS_JSON = "seeds.md", "seeds.json"
+
+
+def parse_flags(argv):
+  """:func:`cli.parse_flags`, reading ``--config.num_seeds=N`` as ``--num_seeds=N`` (the method
+  configs have no such key: it is the launcher's, spelled as the pipeline spells it)."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config.num_seeds="):
+      arg = "--num_seeds=" + arg.split("=", 1)[1]
+    elif arg == "--config.num_seeds" and i + 1 < len(argv):
+      arg, i = f"--num_seeds={argv[i + 1]}", i + 1
+    out.append(arg)
+    i += 1
+  if argv is sys.argv or argv == sys.argv:  # config_flags reads its --config.* overrides there too
+    sys.argv[:] = out
+  return cli.parse_flags(out)
 
 
 def method_of(config) -> str:
@@ -75,15 +101,15 @@ def _summary(result) -> str:
 
 def finished_earlier(config, workdir: str) -> dict | None:
   """``final_metrics.json`` of a finished run in ``workdir`` with this same config, else None."""
-  config_path = os.path.join(workdir, "config.json")
-  if not (train.is_finished(workdir) and os.path.isfile(config_path)):
+  config_path = fileio.join(workdir, "config.json")
+  if not (train.is_finished(workdir) and fileio.isfile(config_path)):
     return None
   try:
     stored = train.read_json(config_path)
     current = json.loads(json.dumps(config.to_dict(), default=str))
     if stored != current:
       return None  # another config (e.g. more steps): the method decides what to redo
-    return train.read_json(os.path.join(workdir, train.FINAL_METRICS_FILE))
+    return train.read_json(fileio.join(workdir, train.FINAL_METRICS_FILE))
   except (OSError, ValueError):
     return None
 
@@ -106,13 +132,48 @@ def main(argv):
   if not debug:
     cli.quiet_background_errors()
   workdir = _WORKDIR.value
+  try:
+    num = _NUM_SEEDS.value if _NUM_SEEDS.value is not None else seeding.num_seeds(config)
+    if num < 1:
+      raise ValueError(f"--num_seeds={num} is invalid; allowed: an int >= 1")
+  except ValueError as err:
+    print(f"{argv[0]}: flag error: {err}", file=sys.stderr)
+    sys.exit(2)
+  if "num_seeds" in config:  # the launcher's key: each run's config.json stays the plain run's
+    config = config_dicts.without_keys(config, ("num_seeds",))
+  if num == 1:
+    run_one(argv, config, workdir, debug)
+    return
+  finals = []
+  for seed in range(num):
+    seed_workdir = seeding.seed_root(workdir, seed)
+    print(f"[seed {seed + 1}/{num}] {seed_workdir}", flush=True)
+    final = run_one(argv, seeding.seed_config(config, seed), seed_workdir, debug)
+    if final is None:  # stopped: the rerun resumes this seed and runs the rest
+      return
+    final_path = fileio.join(seed_workdir, train.FINAL_METRICS_FILE)
+    finals.append(train.read_json(final_path) if fileio.isfile(final_path) else final)
+  stats = seeding.summary(finals)
+  table = seeding.summary_markdown(f"{method_of(config)}: {num} seeds ({workdir})", stats, num)
+  if parallel.is_coordinator():
+    fileio.atomic_write_json(
+        fileio.join(workdir, SEEDS_JSON), {
+            "num_seeds": num, "workdirs": [seeding.seed_root(workdir, k) for k in range(num)],
+            "metrics": stats})
+    fileio.atomic_write_text(fileio.join(workdir, SEEDS_MD), table)
+  print(table, flush=True)
+
+
+def run_one(argv, config, workdir: str, debug: bool) -> dict | None:
+  """One run to its end: its final metrics, or None when it was stopped (SIGTERM / Ctrl-C: the
+  step is checkpointed and a rerun resumes). A failure exits the process with one line."""
   done = finished_earlier(config, workdir)
   if done is not None:
     print(
         f"{workdir} holds this run, finished: nothing to do (delete "
-        f"{os.path.join(workdir, train.FINAL_METRICS_FILE)} to evaluate it again); "
+        f"{fileio.join(workdir, train.FINAL_METRICS_FILE)} to evaluate it again); "
         f"final: {_summary(done)}", flush=True)
-    return
+    return done
   try:
     # One process per host: join the job before any device is touched (a no-op on one host;
     # the JAX_COORDINATOR_ADDRESS / cluster environment launch/*.sh set up decides).
@@ -137,8 +198,9 @@ def main(argv):
     print(
         f"stopped by {signal.Signals(signum).name}: the last step is checkpointed; rerun the "
         f"same command to resume: {_summary(result)}", flush=True)
-    return
+    return None
   print(f"finished: {_summary(result)}", flush=True)
+  return result if isinstance(result, dict) else {}
 
 
 if __name__ == "__main__":

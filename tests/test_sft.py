@@ -235,3 +235,37 @@ def test_jsonl_config_trains_on_user_files(full_run, tmp_path):
   assert final["step"] == 2 and 0 < final["eval_nll_per_token"] < 6.0
   assert "sample_gold_reward" not in final  # no gold reward for user data
   assert os.path.isdir(tmp_path / "run" / "data" / "sft_train")
+
+
+@pytest.mark.slow
+def test_launcher_num_seeds_reuses_seed_0_trains_seed_1_and_writes_mean_and_se(full_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)  # seed 0 = this finished run, with the same config
+  proc = _launch(workdir, "--config.num_seeds=2")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "holds this run, finished: nothing to do" in out  # seed 0 reused, not retrained
+  seed1 = os.path.join(workdir, "seed_1")
+  c0 = json.load(open(os.path.join(workdir, "config.json")))
+  c1 = json.load(open(os.path.join(seed1, "config.json")))
+  assert "num_seeds" not in c1 and c1["seed"] == c0["seed"] + 1
+  assert c1["data"]["shuffle_seed"] == c0["data"]["shuffle_seed"] + 1
+  assert c1["data"]["synthetic_seed"] == c0["data"]["synthetic_seed"]  # the task stays fixed
+  f0, f1 = (json.load(open(os.path.join(d, train.FINAL_METRICS_FILE))) for d in (workdir, seed1))
+  assert f0["eval_nll_per_token"] != f1["eval_nll_per_token"]  # another init and data order
+  stats = json.load(open(os.path.join(workdir, "seeds.json")))
+  nll = stats["metrics"]["eval_nll_per_token"]
+  x = np.array([f0["eval_nll_per_token"], f1["eval_nll_per_token"]])
+  assert stats["num_seeds"] == 2 and nll["n"] == 2
+  np.testing.assert_allclose(nll["mean"], x.mean(), rtol=1e-12)
+  np.testing.assert_allclose(nll["se"], x.std(ddof=1) / np.sqrt(2), rtol=1e-12)
+  assert "step" not in stats["metrics"]  # describes the run, not averaged
+  table = open(os.path.join(workdir, "seeds.md")).read()
+  assert "| eval_nll_per_token |" in table and table.splitlines()[0] in out
+
+
+def test_launcher_num_seeds_below_one_is_a_one_line_flag_error(tmp_path):
+  proc = _launch(str(tmp_path), "--config.num_seeds=0")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 2, out
+  assert "--num_seeds=0 is invalid; allowed: an int >= 1" in out and "Traceback" not in out

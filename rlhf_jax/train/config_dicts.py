@@ -13,8 +13,9 @@ own defaults (one source of truth) and converts them back with errors that name 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import ml_collections
 from ml_collections import config_dict
@@ -134,3 +135,16 @@ def stage_loop(num_steps: int, evals: int = 1) -> dict[str, Any]:
       "loop.num_steps": num_steps, "loop.log_every": max(1, min(10, num_steps // 4)),
       "loop.eval_every": num_steps // evals if evals > 1 else 0, "loop.checkpoint_every": num_steps,
       "loop.keep_checkpoints": 1, "loop.progress_every_secs": 15.0}
+
+
+def without_keys(config: ml_collections.ConfigDict,
+                 keys: Sequence[str]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` without the top-level ``keys`` (locked again if ``config`` was)."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for key in keys:
+      if key in out:
+        del out[key]
+  if config.is_locked:
+    out.lock()
+  return out
