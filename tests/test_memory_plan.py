@@ -16,6 +16,7 @@ from rlhf_jax.algorithms import plan, registry
 from rlhf_jax.algorithms.offline import plan as offline_plan
 from rlhf_jax.algorithms.online import plan as online_plan
 from rlhf_jax.algorithms.online.config import PPOConfig
+from rlhf_jax.algorithms.reward import plan as reward_plan
 from rlhf_jax.parallel import memory_plan as mp
 
 from offline_fixtures import SFT_OVERRIDES, load_config, override
@@ -108,9 +109,52 @@ def test_launcher_refuses_before_allocating(tmp_path):
 
 
 def test_unplanned_method_is_refused_by_name(tmp_path):
-  config = load_config("kto_synthetic")
+  config = load_config("raft_synthetic")
   config.mesh.device_memory_gb = 80.0
-  with pytest.raises(ValueError, match=r"no memory plan for method 'kto'; planned: sft \| dpo"):
+  with pytest.raises(
+      ValueError, match=r"no memory plan for method 'raft'; planned: sft \| dpo \| "
+      r"kto \| reward_model \| ppo"):
+    plan.check_config(config)
+
+
+def test_kto_counts_the_reference_and_its_kl_rows():
+  result = offline_plan.kto_plan(CFG, _mesh(), batch_size=2, seq_len=32)
+  assert result.resident["reference params"] == result.resident["policy params"]
+  assert set(result.phases) == {"train_step", "reference"}
+  step = result.phases["train_step"]
+  # 2 examples + 2 KL rows: 2 rows per device of tokens / mask / loss_mask int32, ref_logps f32;
+  # valid / label f32, 1 per device
+  assert step.argument - step.resident_args == 3 * 2 * 32 * 4 + 2 * 4 + 2 * 4
+  assert result.flops_per_step == mp.train_flops(CFG, 4 * 32, 32) * 4 / 3
+
+
+@pytest.mark.parametrize("objective,rows,outputs", [("bradley_terry", 4, 1), ("likert", 2, 1),
+                                                    ("multi_attribute", 2, 3)])
+def test_reward_model_plan_counts_its_head_and_the_objectives_rows(objective, rows, outputs):
+  rm = reward_plan.trainer.RMConfig(
+      objective=objective, attribute_weights=(1.0,) * outputs if objective == "multi_attribute" else
+      ())
+  result = reward_plan.reward_model_plan(CFG, _mesh(), batch_size=2, seq_len=32, rm=rm)
+  rm_params = models.abstract_params(models.RewardModel(CFG, num_outputs=outputs))
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rm_params))
+  # every kernel (the head's [D, K] too: its embed axis) halved over fsdp=2; the head's K biases
+  # replicated
+  bias = outputs * 4
+  assert result.resident["reward model params"] == (nbytes - bias) // 2 + bias
+  assert "reference params" not in result.resident and set(result.phases) == {"train_step"}
+  step = result.phases["train_step"]
+  # tokens and mask int32, rows split over fsdp=2 (the RM never reads loss_mask: jit drops it),
+  # plus a rating (likert) or 3 attribute ratings (multi-attribute) f32 per row
+  extra = {"bradley_terry": 0, "likert": 4, "multi_attribute": 12}[objective]
+  assert step.argument - step.resident_args == 2 * (rows // 2) * 32 * 4 + extra
+  assert result.flops_per_step == mp.train_flops(CFG, rows * 32, 32)
+
+
+def test_reward_model_config_over_budget_is_refused_with_its_plan():
+  config = load_config("rm_synthetic")
+  config.rm.init, config.model.preset, config.sources.sft_workdir = "scratch", "tiny", ""
+  config.mesh.device_memory_gb = 1e-4
+  with pytest.raises(mp.PlanExceedsMemoryError, match=r"memory plan \(reward_model, per device"):
     plan.check_config(config)
 
 
@@ -119,3 +163,6 @@ def test_launcher_runs_within_budget(tmp_path):
   config, workdir = _sft_config(tmp_path, 80.0)
   final = registry.run("sft", config, workdir)
   assert final["step"] == 2
+  config.rm.objective = "plackett_luce"
+  with pytest.raises(ValueError, match=r"no memory plan for rm.objective='plackett_luce'"):
+    plan.check_config(config)

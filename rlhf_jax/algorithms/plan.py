@@ -2,8 +2,9 @@
 
 The plan compiles the trainers' own jitted steps on abstract, sharded inputs
 (``parallel.memory_plan``): SFT's ``train.make_train_step(common.nll_loss_fn(model))`` jitted by
-``train.loop.jit_train_step``; DPO's step and its reference forward (``offline/plan.py``); PPO's
-generation, scoring, log-prob and update phases (``online/plan.py``). Entry points:
+``train.loop.jit_train_step``; DPO's and KTO's steps and their reference forward
+(``offline/plan.py``); the reward model's step (``reward/plan.py``); PPO's generation, scoring,
+log-prob and update phases (``online/plan.py``). Entry points:
 
 * :func:`plan_method` — ``(method, model config, mesh, shapes)`` → ``MemoryPlan`` (what
   ``experiments/plan_memory.py`` tabulates for ``llama_1b`` / an 8B Llama on 8..256 devices);
@@ -37,6 +38,7 @@ from rlhf_jax.train import config_dicts
 # a family's planner imports that family's steps; this module imports no family).
 PLANNERS = {
     "sft": "rlhf_jax.algorithms.plan", "dpo": "rlhf_jax.algorithms.offline.plan",
+    "kto": "rlhf_jax.algorithms.offline.plan", "reward_model": "rlhf_jax.algorithms.reward.plan",
     "ppo": "rlhf_jax.algorithms.online.plan"}
 
 SEQ_KEYS = ("tokens", "mask", "loss_mask")
@@ -177,6 +179,12 @@ def policy_model_config(config: Any) -> models.ModelConfig:
   sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
   if sources.policy:
     return stored_model_config(sources.policy, config.get("model"))
+  return own_model_config(config, sources)
+
+
+def own_model_config(config: Any, sources: sections.Sources | None = None) -> models.ModelConfig:
+  """``config.model`` (a model the run initialises), ``vocab_size`` following the tokenizer."""
+  sources = sources or config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
   if "model" not in config:
     raise ValueError("config.mesh.device_memory_gb: no config.model and no sources.sft_workdir / "
                      "sources.pretrained to plan the policy from")

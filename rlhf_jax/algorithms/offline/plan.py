@@ -1,4 +1,5 @@
-"""Memory plan of the DPO family (``algorithms.plan``): DPO's own train step and reference forward.
+"""Memory plans of the DPO family and KTO (``algorithms.plan``): their own train steps and the
+reference forward.
 
 Resident per device: the policy's params and AdamW moments, and the frozen reference's params
 (separate buffers: the policy's are donated to every step). Phases:
@@ -8,6 +9,10 @@ Resident per device: the policy's params and AdamW moments, and the frozen refer
 * ``reference`` — the on-the-fly reference forward (``reference.logps_fn``) over the same rows,
   run before each step (``loss.reference_logps="on_the_fly"``; a precomputed table is a host
   array, and SimPO / ORPO need no reference at all: no reference params, no phase).
+
+KTO (``kto_plan``) has the same resident set and phases over its ``[2B, T]`` unpaired batch: B
+examples plus B KL rows (each prompt with another example's completion), its reference log-probs
+always on the fly.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 from rlhf_jax import models, parallel, train
 from rlhf_jax.algorithms import plan as plan_lib
 from rlhf_jax.algorithms import reference, sections
-from rlhf_jax.algorithms.offline import dpo
+from rlhf_jax.algorithms.offline import dpo, kto
 from rlhf_jax.parallel import memory_plan as mp
 from rlhf_jax.train import config_dicts
 
@@ -46,14 +51,7 @@ def dpo_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch
   if loss.uses_reference:
     resident["reference params"] = mp.per_device_bytes(params)
   if with_reference:
-    rows_sh = parallel.data_sharding(mesh, rules)
-    fwd = jax.jit(
-        reference.logps_fn(model), in_shardings=(jax.tree.map(lambda x: x.sharding,
-                                                              params), rows_sh, rows_sh, rows_sh),
-        out_shardings=rows_sh)
-    seqs = [batch[k] for k in plan_lib.SEQ_KEYS]
-    phases["reference"] = mp.compile_phase(fwd, (params, *seqs), mesh=mesh,
-                                           resident=(True, False, False, False), rules=rules)
+    phases["reference"] = _reference_phase(model, params, batch, mesh, rules)
   # The reference forward is 2·N·tokens of the 6·N·tokens a trained token costs.
   flops = mp.train_flops(model_config, rows * seq_len, seq_len) * (4 / 3 if with_reference else 1)
   return mp.MemoryPlan(
@@ -64,13 +62,59 @@ def dpo_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch
           f"remat {model_config.remat_policy}"])
 
 
+def _reference_phase(model: models.Transformer, params: Any, batch: dict, mesh: jax.sharding.Mesh,
+                     rules) -> mp.PhaseMemory:
+  """The on-the-fly reference forward (``reference.logps_fn``) over the batch's rows."""
+  rows_sh = parallel.data_sharding(mesh, rules)
+  fwd = jax.jit(
+      reference.logps_fn(model), in_shardings=(jax.tree.map(lambda x: x.sharding,
+                                                            params), rows_sh, rows_sh, rows_sh),
+      out_shardings=rows_sh)
+  seqs = [batch[k] for k in plan_lib.SEQ_KEYS]
+  return mp.compile_phase(fwd, (params, *seqs), mesh=mesh, resident=(True, False, False, False),
+                          rules=rules)
+
+
+def kto_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
+             seq_len: int, optim: train.OptimConfig = train.OptimConfig(),
+             loss: kto.KTOLossConfig = kto.KTOLossConfig(),
+             rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """``batch_size`` unpaired examples and their KL rows (``2 * batch_size`` rows) of ``seq_len``."""
+  rows = 2 * batch_size
+  plan_lib.check_rows(rows, mesh, "2 x data.batch_size", rules)
+  model = models.Transformer(model_config)
+  params = plan_lib.abstract_params(model, mesh, rules)
+  batch = plan_lib.rows_batch(
+      rows, seq_len, mesh, rules, **{
+          reference.REF_KEY: ((rows,), jnp.float32), "valid": ((batch_size,), jnp.float32),
+          "label": ((batch_size,), jnp.float32)})
+  step, state = plan_lib.train_step_phase(kto.make_loss_fn(model, loss), params, optim, batch, mesh,
+                                          rules)
+  return mp.MemoryPlan(
+      method="kto", mesh_shape=plan_lib.mesh_shape(mesh), resident={
+          "policy params": mp.per_device_bytes(state.params),
+          "optimizer state": mp.per_device_bytes(state.opt_state),
+          "reference params": mp.per_device_bytes(params)},
+      phases={"train_step": step,
+              "reference": _reference_phase(model, params, batch, mesh,
+                                            rules)}, gradients=mp.per_device_bytes(state.params),
+      flops_per_step=mp.train_flops(model_config, rows * seq_len, seq_len) * 4 / 3, notes=[
+          f"{batch_size} examples + {batch_size} KL rows x {seq_len}", f"loss {loss.label}",
+          "reference on_the_fly", f"remat {model_config.remat_policy}"])
+
+
 def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
          rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
-  """The DPO planner of ``algorithms.plan.PLANNERS``: ``data.batch_size`` pairs x the longest
-  bucket, the config's ``loss`` and ``optim``."""
+  """The DPO and KTO planner of ``algorithms.plan.PLANNERS``: ``data.batch_size`` pairs (KTO:
+  examples) x the longest bucket, the config's ``loss`` and ``optim``."""
   limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
-  return dpo_plan(model_config, mesh, batch_size=int(config.data.batch_size),
-                  seq_len=max(limits.buckets or (limits.max_len,)),
-                  optim=config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim"),
-                  loss=config_dicts.to_dataclass(dpo.DPOLossConfig, config.loss,
-                                                 "loss"), rules=rules)
+  shapes = dict(batch_size=int(config.data.batch_size), seq_len=max(limits.buckets or
+                                                                    (limits.max_len,)),
+                optim=config_dicts.to_dataclass(train.OptimConfig, config.optim,
+                                                "optim"), rules=rules)
+  if config.method == "kto":
+    return kto_plan(model_config, mesh,
+                    loss=config_dicts.to_dataclass(kto.KTOLossConfig, config.loss,
+                                                   "loss"), **shapes)
+  return dpo_plan(model_config, mesh, loss=config_dicts.to_dataclass(dpo.DPOLossConfig, config.loss,
+                                                                     "loss"), **shapes)
