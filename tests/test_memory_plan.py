@@ -113,7 +113,7 @@ def test_unplanned_method_is_refused_by_name(tmp_path):
   config.mesh.device_memory_gb = 80.0
   with pytest.raises(
       ValueError, match=r"no memory plan for method 'raft'; planned: sft \| dpo \| "
-      r"kto \| reward_model \| ppo"):
+      r"kto \| listwise \| reward_model \| ppo"):
     plan.check_config(config)
 
 
@@ -126,6 +126,16 @@ def test_kto_counts_the_reference_and_its_kl_rows():
   # valid / label f32, 1 per device
   assert step.argument - step.resident_args == 3 * 2 * 32 * 4 + 2 * 4 + 2 * 4
   assert result.flops_per_step == mp.train_flops(CFG, 4 * 32, 32) * 4 / 3
+
+
+def test_listwise_plan_is_the_policy_alone_over_every_candidate_row():
+  result = offline_plan.listwise_plan(CFG, _mesh(), batch_size=2, seq_len=32, num_candidates=3)
+  assert set(result.resident) == {"policy params", "optimizer state"}
+  step = result.phases["train_step"]
+  # 2 lists x 3 candidates = 6 rows, 3 per device, of tokens / mask / loss_mask int32; the
+  # candidate mask and scores [2, 3] f32, one list per device
+  assert step.argument - step.resident_args == 3 * 3 * 32 * 4 + 2 * 3 * 4
+  assert result.flops_per_step == mp.train_flops(CFG, 6 * 32, 32)
 
 
 @pytest.mark.parametrize("objective,rows,outputs", [("bradley_terry", 4, 1), ("likert", 2, 1),

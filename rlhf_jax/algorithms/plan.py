@@ -2,8 +2,8 @@
 
 The plan compiles the trainers' own jitted steps on abstract, sharded inputs
 (``parallel.memory_plan``): SFT's ``train.make_train_step(common.nll_loss_fn(model))`` jitted by
-``train.loop.jit_train_step``; DPO's and KTO's steps and their reference forward
-(``offline/plan.py``); the reward model's step (``reward/plan.py``); PPO's generation, scoring,
+``train.loop.jit_train_step``; DPO's and KTO's steps and their reference forward, PRO / RRHF's
+step (``offline/plan.py``); the reward model's step (``reward/plan.py``); PPO's generation, scoring,
 log-prob and update phases (``online/plan.py``). Entry points:
 
 * :func:`plan_method` — ``(method, model config, mesh, shapes)`` → ``MemoryPlan`` (what
@@ -38,8 +38,8 @@ from rlhf_jax.train import config_dicts
 # a family's planner imports that family's steps; this module imports no family).
 PLANNERS = {
     "sft": "rlhf_jax.algorithms.plan", "dpo": "rlhf_jax.algorithms.offline.plan",
-    "kto": "rlhf_jax.algorithms.offline.plan", "reward_model": "rlhf_jax.algorithms.reward.plan",
-    "ppo": "rlhf_jax.algorithms.online.plan"}
+    "kto": "rlhf_jax.algorithms.offline.plan", "listwise": "rlhf_jax.algorithms.offline.plan",
+    "reward_model": "rlhf_jax.algorithms.reward.plan", "ppo": "rlhf_jax.algorithms.online.plan"}
 
 SEQ_KEYS = ("tokens", "mask", "loss_mask")
 

@@ -12,7 +12,9 @@ Resident per device: the policy's params and AdamW moments, and the frozen refer
 
 KTO (``kto_plan``) has the same resident set and phases over its ``[2B, T]`` unpaired batch: B
 examples plus B KL rows (each prompt with another example's completion), its reference log-probs
-always on the fly.
+always on the fly. PRO / RRHF (``listwise_plan``) keep only the policy and its moments: one train
+step over ``[B·K, T]`` candidate rows (K = ``data.num_candidates``); with ``candidates=generated``
+the lists are sampled once before training, which the plan does not cover.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from rlhf_jax import models, parallel, train
 from rlhf_jax.algorithms import plan as plan_lib
 from rlhf_jax.algorithms import reference, sections
-from rlhf_jax.algorithms.offline import dpo, kto
+from rlhf_jax.algorithms.offline import dpo, kto, listwise
 from rlhf_jax.parallel import memory_plan as mp
 from rlhf_jax.train import config_dicts
 
@@ -103,15 +105,47 @@ def kto_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch
           "reference on_the_fly", f"remat {model_config.remat_policy}"])
 
 
+def listwise_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
+                  seq_len: int, num_candidates: int, optim: train.OptimConfig = train.OptimConfig(),
+                  loss: listwise.ListwiseLossConfig = listwise.ListwiseLossConfig(),
+                  rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """``batch_size`` lists of ``num_candidates`` candidates of ``seq_len`` tokens (module docs)."""
+  b, k = batch_size, num_candidates
+  plan_lib.check_rows(b, mesh, "data.batch_size (lists)", rules)
+  model = models.Transformer(model_config)
+  params = plan_lib.abstract_params(model, mesh, rules)
+  batch = plan_lib.rows_batch(b * k, seq_len, mesh, rules, candidate_mask=((b, k), jnp.float32),
+                              scores=((b, k), jnp.float32))
+  step, state = plan_lib.train_step_phase(listwise.make_loss_fn(model, loss), params, optim, batch,
+                                          mesh, rules)
+  return mp.MemoryPlan(
+      method="listwise", mesh_shape=plan_lib.mesh_shape(mesh), resident={
+          "policy params": mp.per_device_bytes(state.params),
+          "optimizer state": mp.per_device_bytes(state.opt_state)}, phases={"train_step": step},
+      gradients=mp.per_device_bytes(state.params),
+      flops_per_step=mp.train_flops(model_config, b * k * seq_len, seq_len), notes=[
+          f"{b} lists x {k} candidates x {seq_len}", f"loss {loss.method}",
+          f"remat {model_config.remat_policy}"])
+
+
 def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
          rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
-  """The DPO and KTO planner of ``algorithms.plan.PLANNERS``: ``data.batch_size`` pairs (KTO:
-  examples) x the longest bucket, the config's ``loss`` and ``optim``."""
+  """The DPO, KTO and PRO / RRHF planner of ``algorithms.plan.PLANNERS``: ``data.batch_size``
+  pairs (KTO: examples; PRO / RRHF: lists) x the longest bucket, the config's ``loss``, ``optim``."""
   limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   shapes = dict(batch_size=int(config.data.batch_size), seq_len=max(limits.buckets or
                                                                     (limits.max_len,)),
                 optim=config_dicts.to_dataclass(train.OptimConfig, config.optim,
                                                 "optim"), rules=rules)
+  if config.method == "listwise":
+    k = int(config.data.num_candidates)
+    if k < 2:
+      raise ValueError(f"config.mesh.device_memory_gb: data.num_candidates={k} (every candidate "
+                       "of the data's lists) leaves the list length to the data; set it to the "
+                       "longest list to plan, or config.mesh.device_memory_gb=0 to run unchecked")
+    return listwise_plan(
+        model_config, mesh, num_candidates=k,
+        loss=config_dicts.to_dataclass(listwise.ListwiseLossConfig, config.loss, "loss"), **shapes)
   if config.method == "kto":
     return kto_plan(model_config, mesh,
                     loss=config_dicts.to_dataclass(kto.KTOLossConfig, config.loss,
