@@ -109,12 +109,30 @@ def test_launcher_refuses_before_allocating(tmp_path):
 
 
 def test_unplanned_method_is_refused_by_name(tmp_path):
-  config = load_config("raft_synthetic")
+  config = load_config("online_dpo_synthetic")
   config.mesh.device_memory_gb = 80.0
   with pytest.raises(
-      ValueError, match=r"no memory plan for method 'raft'; planned: sft \| dpo \| "
-      r"kto \| listwise \| reward_model \| ppo"):
+      ValueError, match=r"no memory plan for method 'online_dpo'; planned: sft \| dpo \| "
+      r"kto \| listwise \| raft \| best_of_n \| reward_model \| ppo"):
     plan.check_config(config)
+
+
+def test_raft_and_best_of_n_plan_the_sampler_the_scores_and_raft_its_step():
+  raft = offline_plan.raft_plan(CFG, _mesh(), batch_size=2, chunk_prompts=2, num_samples=3,
+                                prompt_len=8, response_len=8)
+  assert set(raft.phases) == {"sample", "score", "train_step"}
+  assert set(raft.resident) == {
+      "policy params", "optimizer state", "reference params", "reward model params"}
+  # k and v: [L, 6 rows / 2 shards, K, 8 + 8 slots, H] float32 each
+  assert raft.kv_cache == 2 * CFG.n_layers * 3 * CFG.num_kv_heads * 16 * CFG.head_size * 4
+  assert raft.phases["sample"].temp >= raft.kv_cache  # the sampler's temp holds its cache
+  score = raft.phases["score"]  # 6 rows of 16 tokens, 3 per device, tokens + mask int32
+  assert score.argument - score.resident_args == 2 * 3 * 16 * 4
+  bon = offline_plan.best_of_n_plan(CFG, _mesh(), chunk_prompts=2, num_samples=3, prompt_len=8,
+                                    response_len=8)
+  assert set(bon.phases) == {"sample", "score"} and bon.kv_cache == raft.kv_cache
+  assert set(bon.resident) == {"policy params", "reward model params"}
+  assert bon.peak_bytes == bon.resident_bytes + max(p.transient for p in bon.phases.values())
 
 
 def test_kto_counts_the_reference_and_its_kl_rows():
@@ -166,6 +184,9 @@ def test_reward_model_config_over_budget_is_refused_with_its_plan():
   config.mesh.device_memory_gb = 1e-4
   with pytest.raises(mp.PlanExceedsMemoryError, match=r"memory plan \(reward_model, per device"):
     plan.check_config(config)
+  config.rm.objective = "plackett_luce"
+  with pytest.raises(ValueError, match=r"no memory plan for rm.objective='plackett_luce'"):
+    plan.check_config(config)
 
 
 @pytest.mark.slow
@@ -173,6 +194,19 @@ def test_launcher_runs_within_budget(tmp_path):
   config, workdir = _sft_config(tmp_path, 80.0)
   final = registry.run("sft", config, workdir)
   assert final["step"] == 2
-  config.rm.objective = "plackett_luce"
-  with pytest.raises(ValueError, match=r"no memory plan for rm.objective='plackett_luce'"):
-    plan.check_config(config)
+
+
+@pytest.mark.parametrize("name", ["raft_synthetic", "best_of_n_synthetic"])
+def test_raft_and_best_of_n_configs_reach_their_planner(name):
+  config = load_config(name)
+  for key in config.sources:  # no runs to read: the policy is CFG, the reward model its shape
+    if isinstance(config.sources[key], str):
+      config.sources[key] = ""
+  config.data.batch_size = 2
+  if name == "raft_synthetic":
+    config.raft.prompts_per_round, config.raft.samples_per_prompt = 2, 2
+  else:
+    config.bon.chunk_prompts, config.bon.ns = 2, (1, 2)
+  result = offline_plan.plan(config, CFG, _mesh())
+  assert result.method == config.method and "sample" in result.phases
+  assert f"{2} prompts x {2}" in " ".join(result.notes)

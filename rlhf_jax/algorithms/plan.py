@@ -3,7 +3,7 @@
 The plan compiles the trainers' own jitted steps on abstract, sharded inputs
 (``parallel.memory_plan``): SFT's ``train.make_train_step(common.nll_loss_fn(model))`` jitted by
 ``train.loop.jit_train_step``; DPO's and KTO's steps and their reference forward, PRO / RRHF's
-step (``offline/plan.py``); the reward model's step (``reward/plan.py``); PPO's generation, scoring,
+step, RAFT's and best-of-n's sampling, scoring (and RAFT's step) (``offline/plan.py``); the reward model's step (``reward/plan.py``); PPO's generation, scoring,
 log-prob and update phases (``online/plan.py``). Entry points:
 
 * :func:`plan_method` — ``(method, model config, mesh, shapes)`` → ``MemoryPlan`` (what
@@ -25,10 +25,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax import models, parallel, train
+from rlhf_jax import models, parallel, sampling, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.parallel import memory_plan as mp
 from rlhf_jax.train import checkpoint as ckpt_lib
@@ -39,6 +40,7 @@ from rlhf_jax.train import config_dicts
 PLANNERS = {
     "sft": "rlhf_jax.algorithms.plan", "dpo": "rlhf_jax.algorithms.offline.plan",
     "kto": "rlhf_jax.algorithms.offline.plan", "listwise": "rlhf_jax.algorithms.offline.plan",
+    "raft": "rlhf_jax.algorithms.offline.plan", "best_of_n": "rlhf_jax.algorithms.offline.plan",
     "reward_model": "rlhf_jax.algorithms.reward.plan", "ppo": "rlhf_jax.algorithms.online.plan"}
 
 SEQ_KEYS = ("tokens", "mask", "loss_mask")
@@ -92,6 +94,66 @@ def train_step_phase(loss_fn: Any, params: Any, optim: train.OptimConfig, batch:
   jitted = train.loop.jit_train_step(step, state, mesh, rules)
   return mp.compile_phase(jitted, (state, batch), mesh=mesh, resident=(True, False),
                           rules=rules), state
+
+
+def kv_cache_bytes(model_config: models.ModelConfig, rows: int, slots: int, mesh: jax.sharding.Mesh,
+                   rules=parallel.DEFAULT_RULES) -> int:
+  """Per-device bytes of the sampler's k and v buffers ``[L, rows, K, slots, H]`` (rows over the
+  batch axes, kv heads over ``activation_kv_heads``' axes when they divide)."""
+  c = model_config
+  table = parallel.validate_rules(rules)
+
+  def ways(axes):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+  row_ways, head_ways = ways(table["activation_batch"]), ways(table["activation_kv_heads"])
+  heads = c.num_kv_heads // head_ways if c.num_kv_heads % head_ways == 0 else c.num_kv_heads
+  per_row = 2 * c.n_layers * heads * slots * c.head_size * c.compute_dtype.itemsize
+  return int(-(-rows // row_ways) * per_row)
+
+
+def sample_phase(model: models.Transformer, params: Any, samp: sampling.SamplingConfig,
+                 prompts: int, prompt_len: int, mesh: jax.sharding.Mesh,
+                 rules=parallel.DEFAULT_RULES) -> mp.PhaseMemory:
+  """``sampling.sample`` of ``samp.num_samples`` responses for each of ``prompts`` prompts of
+  ``prompt_len`` tokens (prompts split over the batch axes; its temp holds the KV cache)."""
+  placement = parallel.Placement(mesh, tuple(rules))
+
+  def generate(params_, tokens_BxP, mask_BxP, rng):
+    out = sampling.sample(model, params_, tokens_BxP, mask_BxP, rng, samp)
+    return out.response_tokens_BxR, out.response_mask_BxR
+
+  rows = placement.rows
+  jitted = placement.jit(generate, (placement.params(model), rows, rows, placement.replicated),
+                         rows).jitted
+  prompt = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32, sharding=rows)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=placement.replicated)
+  return mp.compile_phase(jitted, (params, prompt, prompt, key), mesh=mesh,
+                          resident=(True, False, False, False), rules=rules)
+
+
+def reward_phase(reward_model: models.RewardModel, params: Any, rows: int, seq_len: int,
+                 mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES) -> mp.PhaseMemory:
+  """The reward model's forward over ``rows`` full sequences of ``seq_len`` tokens."""
+  placement = parallel.Placement(mesh, tuple(rules))
+  fn = lambda params_, tokens, mask: reward_model.apply({"params": params_}, tokens, mask)  # noqa
+  jitted = placement.jit(fn, (placement.params(reward_model), placement.rows, placement.rows),
+                         placement.rows).jitted
+  seq = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=placement.rows)
+  return mp.compile_phase(jitted, (params, seq, seq), mesh=mesh, resident=(True, False, False),
+                          rules=rules)
+
+
+def reward_model_of(config: Any, policy_config: models.ModelConfig) -> tuple[Any, int]:
+  """(model config, outputs) of the trained reward model ``sources.reward_model_workdir`` names,
+  read from its ``reward_model.json`` (no params read); the policy's config and 1 when unset."""
+  from rlhf_jax import scoring  # pylint: disable=import-outside-toplevel
+  sources = config_dicts.to_dataclass(sections.Sources, config.sources, "sources")
+  if not sources.reward_model_workdir:
+    return policy_config, 1
+  info = scoring.read_reward_model_info(sources.reward_model_workdir)
+  return info.model_config(), len(info.output_names)
 
 
 def mesh_shape(mesh: jax.sharding.Mesh) -> dict:

@@ -15,7 +15,7 @@ See :mod:`rlhf_jax.scoring.reward_model` for the math, the rule and the on-disk 
 :mod:`rlhf_jax.scoring.candidates` for the loop.
 """
 
-from rlhf_jax.scoring.candidates import Candidates, sample_candidates
+from rlhf_jax.scoring.candidates import CHUNK_PROMPTS, Candidates, sample_candidates
 from rlhf_jax.scoring.reward_model import (
     ARTIFACT_DIR, INFO_FILE, PARAMS_DIR, FORMAT_VERSION, AttributeWeights, RewardModelHandle,
     RewardModelInfo, TokenizerMismatchError, check_tokenizer, default_mesh, encode_pairs,
@@ -47,6 +47,7 @@ __all__ = [
     "reward_fn",
     "rewards_from_raw",
     "sample_candidates",
+    "CHUNK_PROMPTS",
     "sample_reward_fn",
     "save_reward_model",
     "score",

@@ -66,10 +66,14 @@ class Candidates(NamedTuple):
     return np.asarray(x_N).reshape(-1, self.num_samples, *np.shape(x_N)[1:])
 
 
+# Prompts per sampler call by default (x K rows each): what a memory plan of the callers assumes.
+CHUNK_PROMPTS = 64
+
+
 def sample_candidates(model: Any, params: Any, tokenizer: tok_lib.Tokenizer, prompts: Sequence[str],
                       *, reward: rm_lib.RewardModelHandle, num_samples: int, max_prompt_len: int,
                       max_new_tokens: int, temperature: float, rng: jax.Array, top_k: int = 0,
-                      top_p: float = 1.0, chunk_prompts: int = 64,
+                      top_p: float = 1.0, chunk_prompts: int = CHUNK_PROMPTS,
                       mesh: jax.sharding.Mesh | None = None) -> Candidates:
   """Samples ``num_samples`` responses for every prompt and scores them (module docstring).
 

@@ -15,6 +15,12 @@ examples plus B KL rows (each prompt with another example's completion), its ref
 always on the fly. PRO / RRHF (``listwise_plan``) keep only the policy and its moments: one train
 step over ``[B·K, T]`` candidate rows (K = ``data.num_candidates``); with ``candidates=generated``
 the lists are sampled once before training, which the plan does not cover.
+
+RAFT (``raft_plan``) and best-of-n (``best_of_n_plan``) sample: ``sample`` is one sampler call
+(``scoring.sample_candidates``' chunk of prompts x K samples; its temp holds the KV cache) and
+``score`` the reward model's forward over those rows; RAFT then fine-tunes (``train_step``: SFT's
+step on ``data.batch_size`` kept sequences). Resident: the policy (RAFT: with its moments), the
+SFT reference (RAFT's KL evaluation) and the reward model.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import models, parallel, train
+from rlhf_jax import models, parallel, sampling, scoring, train
 from rlhf_jax.algorithms import plan as plan_lib
-from rlhf_jax.algorithms import reference, sections
-from rlhf_jax.algorithms.offline import dpo, kto, listwise
+from rlhf_jax.algorithms import common, reference, sections
+from rlhf_jax.algorithms.offline import best_of_n, dpo, kto, listwise, raft
+from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.parallel import memory_plan as mp
 from rlhf_jax.train import config_dicts
 
@@ -128,11 +135,99 @@ def listwise_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, 
           f"remat {model_config.remat_policy}"])
 
 
+def _sampling(model_config: models.ModelConfig, *, prompts: int, num_samples: int, prompt_len: int,
+              response_len: int, temperature: float) -> tuple[sampling.SamplingConfig, int]:
+  samp = sampling.SamplingConfig(max_new_tokens=response_len, temperature=temperature,
+                                 num_samples=num_samples)
+  return samp, prompts * num_samples
+
+
+def best_of_n_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, chunk_prompts: int,
+                   num_samples: int, prompt_len: int, response_len: int,
+                   reward_config: models.ModelConfig | None = None, reward_outputs: int = 1,
+                   temperature: float = 1.0, rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """Best-of-n: ``chunk_prompts`` prompts x ``num_samples`` samples per sampler call, scored."""
+  plan_lib.check_rows(chunk_prompts, mesh, "bon.chunk_prompts", rules)
+  model = models.Transformer(model_config)
+  reward_model = models.RewardModel(reward_config or model_config, num_outputs=reward_outputs)
+  params = plan_lib.abstract_params(model, mesh, rules)
+  rm_params = plan_lib.abstract_params(reward_model, mesh, rules)
+  samp, rows = _sampling(model_config, prompts=chunk_prompts, num_samples=num_samples,
+                         prompt_len=prompt_len, response_len=response_len, temperature=temperature)
+  seq_len = prompt_len + response_len
+  phases = {
+      "sample": plan_lib.sample_phase(model, params, samp, chunk_prompts, prompt_len, mesh, rules),
+      "score": plan_lib.reward_phase(reward_model, rm_params, rows, seq_len, mesh, rules)}
+  forward = lambda c: mp.train_flops(c, rows * seq_len, seq_len) / 3  # noqa: E731
+  return mp.MemoryPlan(
+      method="best_of_n", mesh_shape=plan_lib.mesh_shape(mesh), resident={
+          "policy params": mp.per_device_bytes(params),
+          "reward model params": mp.per_device_bytes(rm_params)}, phases=phases,
+      kv_cache=plan_lib.kv_cache_bytes(model_config, rows, seq_len, mesh,
+                                       rules), train_phase="sample",
+      flops_per_step=forward(model_config) + forward(reward_model.config), notes=[
+          f"{chunk_prompts} prompts x {num_samples} samples per call, P {prompt_len} + R "
+          f"{response_len}", "per sampler call (no training)"])
+
+
+def raft_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
+              chunk_prompts: int, num_samples: int, prompt_len: int, response_len: int,
+              optim: train.OptimConfig = train.OptimConfig(),
+              reward_config: models.ModelConfig | None = None, reward_outputs: int = 1,
+              temperature: float = 1.0, rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """RAFT: a sampler call of ``chunk_prompts`` x ``num_samples``, its scores, and SFT's step on
+  ``batch_size`` kept sequences of ``prompt_len + response_len`` tokens."""
+  plan_lib.check_rows(batch_size, mesh, "data.batch_size", rules)
+  plan_lib.check_rows(chunk_prompts, mesh, "the sampler's prompts per call", rules)
+  model = models.Transformer(model_config)
+  reward_model = models.RewardModel(reward_config or model_config, num_outputs=reward_outputs)
+  params = plan_lib.abstract_params(model, mesh, rules)
+  rm_params = plan_lib.abstract_params(reward_model, mesh, rules)
+  samp, rows = _sampling(model_config, prompts=chunk_prompts, num_samples=num_samples,
+                         prompt_len=prompt_len, response_len=response_len, temperature=temperature)
+  seq_len = prompt_len + response_len
+  step, state = plan_lib.train_step_phase(common.nll_loss_fn(model), params, optim,
+                                          plan_lib.rows_batch(batch_size, seq_len, mesh, rules),
+                                          mesh, rules)
+  phases = {
+      "sample": plan_lib.sample_phase(model, params, samp, chunk_prompts, prompt_len, mesh, rules),
+      "score": plan_lib.reward_phase(reward_model, rm_params, rows, seq_len, mesh,
+                                     rules), "train_step": step}
+  return mp.MemoryPlan(
+      method="raft", mesh_shape=plan_lib.mesh_shape(mesh), resident={
+          "policy params": mp.per_device_bytes(state.params),
+          "optimizer state": mp.per_device_bytes(state.opt_state),
+          "reference params": mp.per_device_bytes(params),
+          "reward model params": mp.per_device_bytes(rm_params)}, phases=phases,
+      gradients=mp.per_device_bytes(state.params),
+      kv_cache=plan_lib.kv_cache_bytes(model_config, rows, seq_len, mesh, rules),
+      flops_per_step=mp.train_flops(model_config, batch_size * seq_len, seq_len), notes=[
+          f"sampler call {chunk_prompts} prompts x {num_samples}, P {prompt_len} + R "
+          f"{response_len}", f"fine-tune batch {batch_size} x {seq_len}",
+          f"remat {model_config.remat_policy}"])
+
+
 def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
          rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
   """The DPO, KTO and PRO / RRHF planner of ``algorithms.plan.PLANNERS``: ``data.batch_size``
   pairs (KTO: examples; PRO / RRHF: lists) x the longest bucket, the config's ``loss``, ``optim``."""
   limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
+  if config.method in ("raft", "best_of_n"):
+    reward_config, outputs = plan_lib.reward_model_of(config, model_config)
+    lengths = dict(prompt_len=limits.max_prompt_len, response_len=limits.max_response_len,
+                   reward_config=reward_config, reward_outputs=outputs, rules=rules)
+    if config.method == "best_of_n":  # the evaluator's response length and temperature
+      bon = config_dicts.to_dataclass(best_of_n.BestOfNConfig, config.bon, "bon")
+      eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
+      lengths["response_len"] = eval_cfg.max_new_tokens
+      return best_of_n_plan(model_config, mesh, chunk_prompts=bon.chunk_prompts,
+                            num_samples=max(bon.ns), temperature=eval_cfg.temperature, **lengths)
+    cfg = config_dicts.to_dataclass(raft.RAFTConfig, config.raft, "raft")
+    return raft_plan(model_config, mesh, batch_size=int(config.data.batch_size),
+                     chunk_prompts=min(scoring.CHUNK_PROMPTS, cfg.prompts_per_round),
+                     num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
+                     optim=config_dicts.to_dataclass(train.OptimConfig, config.optim,
+                                                     "optim"), **lengths)
   shapes = dict(batch_size=int(config.data.batch_size), seq_len=max(limits.buckets or
                                                                     (limits.max_len,)),
                 optim=config_dicts.to_dataclass(train.OptimConfig, config.optim,

@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax import models, parallel, sampling, train
 from rlhf_jax.algorithms import plan as plan_lib
@@ -35,23 +34,6 @@ from rlhf_jax.parallel import memory_plan as mp
 
 def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
-
-
-def kv_cache_bytes(model_config: models.ModelConfig, rows: int, slots: int, mesh: jax.sharding.Mesh,
-                   rules=parallel.DEFAULT_RULES) -> int:
-  """Per-device bytes of the sampler's k and v buffers ``[L, rows, K, slots, H]`` (rows over the
-  batch axes, kv heads over ``activation_kv_heads``' axes when they divide)."""
-  c = model_config
-  table = parallel.validate_rules(rules)
-
-  def ways(axes):
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-  row_ways, head_ways = ways(table["activation_batch"]), ways(table["activation_kv_heads"])
-  heads = c.num_kv_heads // head_ways if c.num_kv_heads % head_ways == 0 else c.num_kv_heads
-  per_row = 2 * c.n_layers * heads * slots * c.head_size * c.compute_dtype.itemsize
-  return int(-(-rows // row_ways) * per_row)
 
 
 def ppo_plan(policy_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, config: PPOConfig,
@@ -136,8 +118,8 @@ def ppo_plan(policy_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, conf
     flops += forward(value_model.config) * (1 + 3 * config.num_ppo_epochs)
   return mp.MemoryPlan(
       method="ppo", mesh_shape=plan_lib.mesh_shape(mesh), resident=resident, phases=phases,
-      gradients=mp.per_device_bytes(params), kv_cache=kv_cache_bytes(policy_config, n, p + r, mesh,
-                                                                     rules), train_phase="update",
+      gradients=mp.per_device_bytes(params),
+      kv_cache=plan_lib.kv_cache_bytes(policy_config, n, p + r, mesh, rules), train_phase="update",
       flops_per_step=flops, notes=[
           f"{config.algorithm}: {b} prompts x {config.num_samples} samples, P {p} + R {r}",
           f"{config.num_minibatches} minibatches x {config.num_ppo_epochs} epochs",
