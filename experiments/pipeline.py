@@ -12,8 +12,8 @@ Stages are linked through their ``sources`` section alone: a stage after ``sft``
 ``sources.reward_model_workdir = <workdir>/rm`` (when that run finished).
 
 Seeds (``--config.num_seeds=N``, default 3): seed k runs the whole pipeline again with every RNG
-seed of every stage offset by k (:func:`seed_config`: init, data order, the evaluator's and
-best-of-n's sampling, RAFT's rounds; the synthetic task, ``data.synthetic_seed``, stays fixed),
+seed of every stage offset by k (``rlhf_jax.algorithms.seeding.seed_config``: init, data order,
+the evaluator's and best-of-n's sampling, RAFT's rounds; the synthetic task, ``data.synthetic_seed``, stays fixed),
 seed 0 in ``<workdir>/<stage>`` (today's paths: a finished one-seed pipeline is reused as seed 0,
 and the configs that point at ``workdirs/pipeline/sft`` keep working), seed k > 0 in
 ``<workdir>/seed_<k>/<stage>``. Stages run stage by stage over the seeds (every seed's SFT, then
@@ -29,7 +29,6 @@ loops' step / loss / tokens-per-second / ETA lines in between.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -41,8 +40,10 @@ from absl import app, flags
 
 from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
+# seed k of a stage (every seed key + k but the task's), its directory, the config's seed count
+from rlhf_jax.algorithms.seeding import num_seeds, seed_config, seed_keys, seed_root
 from rlhf_jax.eval import frontier, seeds
-from rlhf_jax.train import config_dicts, signals
+from rlhf_jax.train import signals
 
 logger = logging.getLogger("pipeline")
 
@@ -60,8 +61,6 @@ SEED_CSV_COLUMNS = ("method", "seed", "num_seeds",
 SEED_MD_COLUMNS = ("method", *STAT_COLUMNS, *MEAN_COLUMNS, "seeds", "status")
 PER_SEED_MD_COLUMNS = ("method", "seed", *STAT_COLUMNS, "stage_seconds", "status")
 CONFIG_KEYS = ("stages", "num_seeds")  # the pipeline's own keys; every other key is a stage
-# Seeds that define the task, not a run's randomness: the same for every seed of the pipeline.
-FIXED_SEED_KEYS = ("data.synthetic_seed",)
 
 
 def _link(name: str, cfg, root: str) -> None:
@@ -87,57 +86,6 @@ def stage_names(config) -> list[str]:
                        f"{' | '.join(registry.METHODS)}")
     registry.get(config[name].method)  # an unknown method names the allowed ones
   return stages
-
-
-def num_seeds(config) -> int:
-  n = config.get("num_seeds", 1)
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"config.num_seeds={n!r} is invalid; allowed: an int >= 1")
-  return n
-
-
-def seed_keys(cfg, prefix: str = "") -> list[str]:
-  """Dotted keys of a stage section that seed randomness: ``seed`` or ``*_seed`` ints, except the
-  task's (:data:`FIXED_SEED_KEYS`)."""
-  keys = []
-  for key, value in cfg.items():
-    dotted = f"{prefix}{key}"
-    if hasattr(value, "items"):
-      keys += seed_keys(value, f"{dotted}.")
-    elif (key == "seed" or key.endswith("_seed")) and isinstance(value, int) and \
-        not isinstance(value, bool) and dotted not in FIXED_SEED_KEYS:
-      keys.append(dotted)
-  return keys
-
-
-def seed_config(cfg, seed: int):
-  """A copy of the stage section ``cfg`` for pipeline seed ``seed``: every :func:`seed_keys` value
-  plus ``seed`` (seed 0 is ``cfg`` unchanged, so its runs are today's one-seed runs).
-
-  Why every seed key: a stage's own ``seed`` alone changes little downstream of SFT (DPO's policy
-  and reference come from the SFT run, so its init key is unused); a replicate has to redraw all the
-  randomness a run has: the SFT / RM / adapter init (``seed``, ``lora.seed``), each stage's data
-  order (``data.shuffle_seed``), the evaluator's samples (``eval.seed``: the same within one seed
-  for every method, so all methods of a seed are judged on the same SFT samples), best-of-n's
-  candidates (``bon.seed``) and RAFT's rounds (``seed``). The synthetic task and its held-out
-  prompts (``data.synthetic_seed``) stay fixed: the error bars measure training and evaluation
-  randomness on one benchmark, not a new benchmark per seed.
-  """
-  out = copy.deepcopy(cfg)
-  if seed:
-    values = {}
-    for key in seed_keys(cfg):
-      value = cfg
-      for part in key.split("."):
-        value = value[part]
-      values[key] = value + seed
-    config_dicts.set_dotted(out, values)
-  return out
-
-
-def seed_root(root: str, seed: int) -> str:
-  """Seed 0 in ``root`` itself (today's layout), seed k in ``root/seed_<k>``."""
-  return root if seed == 0 else os.path.join(root, f"seed_{seed}")
 
 
 def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
