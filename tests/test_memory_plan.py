@@ -8,7 +8,9 @@ allocates anything. Tiny preset, one shape per planner.
 
 import os
 
+import flax.linen as nn
 import jax
+import ml_collections
 import pytest
 
 from rlhf_jax import cli, models, parallel
@@ -17,6 +19,7 @@ from rlhf_jax.algorithms.offline import plan as offline_plan
 from rlhf_jax.algorithms.online import plan as online_plan
 from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.algorithms.reward import plan as reward_plan
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.parallel import memory_plan as mp
 
 from offline_fixtures import SFT_OVERRIDES, load_config, override
@@ -210,3 +213,37 @@ def test_raft_and_best_of_n_configs_reach_their_planner(name):
   result = offline_plan.plan(config, CFG, _mesh())
   assert result.method == config.method and "sample" in result.phases
   assert f"{2} prompts x {2}" in " ".join(result.notes)
+
+
+def test_lora_plans_hold_one_base_and_train_the_adapters_only():
+  lora = lora_lib.LoraConfig(rank=4)
+  adapters = lora_lib.count_params(
+      nn.meta.unbox(lora_lib.abstract_adapters(models.Transformer(CFG), lora))) * 4
+  full = plan.sft_plan(CFG, _mesh(), batch_size=4, seq_len=32)
+  sft = plan.sft_plan(CFG, _mesh(), batch_size=4, seq_len=32, lora=lora)
+  # the base (halved over fsdp=2) + the adapters; AdamW moments and gradients for adapters only
+  assert sft.gradients < adapters < full.gradients
+  assert sft.resident["policy params"] == full.resident["policy params"] + sft.gradients
+  assert 0 <= sft.resident["optimizer state"] - 2 * sft.gradients <= 64
+  dpo = offline_plan.dpo_plan(CFG, _mesh(), batch_size=2, seq_len=32, lora=lora)
+  assert "reference params" not in dpo.resident  # the reference is the frozen base itself
+  assert set(dpo.phases) == {"train_step", "reference"} and dpo.gradients == sft.gradients
+  assert dpo.resident_bytes < offline_plan.dpo_plan(CFG, _mesh(), batch_size=2,
+                                                    seq_len=32).resident_bytes / 2
+
+
+def test_lora_config_plans_for_dpo_and_is_refused_by_name_for_raft():
+  config = load_config("dpo_synthetic")
+  for key in config.sources:
+    if isinstance(config.sources[key], str):
+      config.sources[key] = ""
+  config.model = ml_collections.ConfigDict({"preset": "tiny", "vocab_size": 260})
+  config.lora.enabled, config.mesh.device_memory_gb = True, 1e-4
+  with pytest.raises(mp.PlanExceedsMemoryError, match=r"memory plan \(dpo, per device"):
+    plan.check_config(config)
+  raft = load_config("raft_synthetic")
+  raft.lora.enabled, raft.mesh.device_memory_gb = True, 80.0
+  with pytest.raises(
+      ValueError, match=r"LoRA runs of 'raft' are not planned; planned with LoRA: "
+      r"sft \| dpo \| kto \| listwise"):
+    plan.check_config(raft)

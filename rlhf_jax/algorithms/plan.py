@@ -19,7 +19,6 @@ log-prob and update phases (``online/plan.py``). Entry points:
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from typing import Any
 
@@ -29,8 +28,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax import models, parallel, sampling, train
+from rlhf_jax import fileio, models, parallel, sampling, train
 from rlhf_jax.algorithms import common, sections
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.parallel import memory_plan as mp
 from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train import config_dicts
@@ -43,13 +43,31 @@ PLANNERS = {
     "raft": "rlhf_jax.algorithms.offline.plan", "best_of_n": "rlhf_jax.algorithms.offline.plan",
     "reward_model": "rlhf_jax.algorithms.reward.plan", "ppo": "rlhf_jax.algorithms.online.plan"}
 
+# The planners that take a ``lora`` section (the policy's adapters over its frozen base).
+LORA_PLANNED = ("sft", "dpo", "kto", "listwise")
+
 SEQ_KEYS = ("tokens", "mask", "loss_mask")
 
 
 def abstract_params(module: Any, mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES) -> Any:
-  """A module's params as ``ShapeDtypeStruct`` s with the rules table's shardings on ``mesh``."""
-  shardings = parallel.logical_shardings(models.abstract_variables(module), mesh, rules)["params"]
+  """A module's params as ``ShapeDtypeStruct`` s with the rules table's shardings on ``mesh``; for
+  a ``models.lora.LoraModel`` a ``LoraParams`` (base, adapters sharded like their kernels)."""
+  inner = lora_lib.unwrap(module)
+  shardings = parallel.logical_shardings(models.abstract_variables(inner), mesh, rules)["params"]
+  if isinstance(module, lora_lib.LoraModel):
+    return mp.with_shardings(lora_lib.abstract_params(module),
+                             lora_lib.param_shardings(module, mesh, rules, shardings))
   return mp.with_shardings(models.abstract_params(module), shardings)
+
+
+def with_lora(model: Any, lora: lora_lib.LoraConfig | None) -> Any:
+  """``model`` with LoRA adapters when ``lora`` is set (the policy of a LoRA run)."""
+  return model if lora is None else lora_lib.LoraModel(model, lora)
+
+
+def trained_bytes(params: Any) -> int:
+  """Per-device bytes of what a step trains: a LoRA run's adapters, else every param."""
+  return mp.per_device_bytes(params.lora if lora_lib.is_lora(params) else params)
 
 
 def abstract_opt_state(optimizer: optax.GradientTransformation, params: Any,
@@ -58,7 +76,8 @@ def abstract_opt_state(optimizer: optax.GradientTransformation, params: Any,
   (Adam's count) replicated: the layout ``train.create_train_state`` produces."""
   rep = NamedSharding(mesh, PartitionSpec())
   shapes = jax.eval_shape(optimizer.init, params)
-  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  # moments exist for the live params only (a frozen LoRA base has none: train.optim.skip_frozen)
+  param_sh = jax.tree.map(lambda x: x.sharding, train.state.split_frozen(params)[0])
   shardings = optax.tree_map_params(optimizer, lambda _, s: s, shapes, param_sh,
                                     transform_non_params=lambda _: rep)
   return mp.with_shardings(shapes, shardings)
@@ -92,6 +111,11 @@ def train_step_phase(loss_fn: Any, params: Any, optim: train.OptimConfig, batch:
   step = train.make_train_step(loss_fn, optimizer, schedule,
                                grad_accum_steps=optim.grad_accum_steps)
   jitted = train.loop.jit_train_step(step, state, mesh, rules)
+  if hasattr(jitted,
+             "jitted"):  # a frozen LoRA base: its own argument, neither donated nor returned
+    live, frozen = train.state.split_frozen(state)
+    return mp.compile_phase(jitted.jitted, (live, frozen, batch), mesh=mesh,
+                            resident=(True, True, False), rules=rules), state
   return mp.compile_phase(jitted, (state, batch), mesh=mesh, resident=(True, False),
                           rules=rules), state
 
@@ -173,10 +197,12 @@ def check_rows(rows: int, mesh: jax.sharding.Mesh, what: str, rules=parallel.DEF
 
 def sft_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
              seq_len: int, optim: train.OptimConfig = train.OptimConfig(),
-             aggregation: str = "token_mean", rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
-  """SFT: the policy's params and AdamW moments resident; one train step on ``[batch, seq_len]``."""
+             aggregation: str = "token_mean", lora: lora_lib.LoraConfig | None = None,
+             rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """SFT: the policy's params and AdamW moments resident; one train step on ``[batch, seq_len]``
+  (with ``lora``: the frozen base and the adapters, moments and gradients for the adapters)."""
   check_rows(batch_size, mesh, "data.batch_size", rules)
-  model = models.Transformer(model_config)
+  model = with_lora(models.Transformer(model_config), lora)
   params = abstract_params(model, mesh, rules)
   phase, state = train_step_phase(common.nll_loss_fn(model, aggregation), params, optim,
                                   rows_batch(batch_size, seq_len, mesh, rules), mesh, rules)
@@ -184,10 +210,15 @@ def sft_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch
       method="sft", mesh_shape=mesh_shape(mesh), resident={
           "policy params": mp.per_device_bytes(state.params),
           "optimizer state": mp.per_device_bytes(state.opt_state)}, phases={"train_step": phase},
-      gradients=mp.per_device_bytes(state.params),
+      gradients=trained_bytes(state.params),
       flops_per_step=mp.train_flops(model_config, batch_size * seq_len, seq_len), notes=[
           f"batch {batch_size} x {seq_len}", f"remat {model_config.remat_policy}",
-          f"scan_layers {model_config.scan_layers}", f"dtype {model_config.dtype}"])
+          f"scan_layers {model_config.scan_layers}", f"dtype {model_config.dtype}",
+          *lora_notes(lora)])
+
+
+def lora_notes(lora: lora_lib.LoraConfig | None) -> list[str]:
+  return [] if lora is None else [f"LoRA rank {lora.rank} on {lora.targets}"]
 
 
 def plan_method(method: str, config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
@@ -208,7 +239,8 @@ def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
   optim = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
   return sft_plan(model_config, mesh, batch_size=int(config.data.batch_size),
                   seq_len=max(limits.buckets or (limits.max_len,)), optim=optim,
-                  aggregation=config.get("aggregation", "token_mean"), rules=rules)
+                  aggregation=config.get("aggregation", "token_mean"),
+                  lora=sections.lora_section(config).config(), rules=rules)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,12 +257,11 @@ def stored_model_config(source: str, model_section: Any = None) -> models.ModelC
     path = train.runs.pretrained_path(source)
     return hf.config_from_hf(hf.read_config(path), source=os.path.join(path, "config.json"),
                              **common.model_overrides(model_section))
-  path = os.path.join(source, ckpt_lib.FINGERPRINT_FILE)
-  if not os.path.isfile(path):
-    raise ValueError(f"config.mesh.device_memory_gb: {source} has no {os.path.basename(path)} "
+  path = fileio.join(source, ckpt_lib.FINGERPRINT_FILE)  # a run directory: local or a URL
+  if not fileio.isfile(path):
+    raise ValueError(f"config.mesh.device_memory_gb: {source} has no {ckpt_lib.FINGERPRINT_FILE} "
                      "to plan from; allowed: a finished (or started) SFT run directory")
-  with open(path) as f:
-    fields = json.load(f)["model"]
+  fields = fileio.read_json(path)["model"]
   return models.ModelConfig(
       **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
@@ -259,10 +290,11 @@ def own_model_config(config: Any, sources: sections.Sources | None = None) -> mo
 
 def plan_config(config: Any, rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
   """The plan of an experiment config on the mesh ``parallel.mesh_from_config`` builds from it."""
-  if sections.lora_section(config).config() is not None:
-    raise ValueError("config.mesh.device_memory_gb: LoRA runs are not planned yet; set "
-                     "config.mesh.device_memory_gb=0")
   method = config.get("method", "")
+  if sections.lora_section(config).config() is not None and method not in LORA_PLANNED:
+    raise ValueError(f"config.mesh.device_memory_gb: LoRA runs of {method!r} are not planned; "
+                     f"planned with LoRA: {' | '.join(LORA_PLANNED)} (set "
+                     "config.mesh.device_memory_gb=0 to run unchecked)")
   if method not in PLANNERS:  # before reading any source: the message names what is planned
     plan_method(method, config, None, None, rules)
   mesh = parallel.mesh_from_config(config.mesh)

@@ -244,6 +244,7 @@ def jit_train_step(step_fn, state: TrainState, mesh: Mesh,
     new_live, metrics = jitted(live, frozen, batch)
     return join_frozen(new_live, frozen), metrics
 
+  call.jitted = jitted  # ``(live, frozen, batch)``: what a memory plan compiles
   return call
 
 

@@ -14,7 +14,9 @@ KTO (``kto_plan``) has the same resident set and phases over its ``[2B, T]`` unp
 examples plus B KL rows (each prompt with another example's completion), its reference log-probs
 always on the fly. PRO / RRHF (``listwise_plan``) keep only the policy and its moments: one train
 step over ``[B·K, T]`` candidate rows (K = ``data.num_candidates``); with ``candidates=generated``
-the lists are sampled once before training, which the plan does not cover.
+the lists are sampled once before training, which the plan does not cover. With a ``lora``
+section the policy is the frozen base plus adapters (moments and gradients for the adapters only)
+and the reference is that same base: no reference copy is resident.
 
 RAFT (``raft_plan``) and best-of-n (``best_of_n_plan``) sample: ``sample`` is one sampler call
 (``scoring.sample_candidates``' chunk of prompts x K samples; its temp holds the KV cache) and
@@ -35,18 +37,19 @@ from rlhf_jax.algorithms import plan as plan_lib
 from rlhf_jax.algorithms import common, reference, sections
 from rlhf_jax.algorithms.offline import best_of_n, dpo, kto, listwise, raft
 from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.parallel import memory_plan as mp
 from rlhf_jax.train import config_dicts
 
 
 def dpo_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
              seq_len: int, optim: train.OptimConfig = train.OptimConfig(),
-             loss: dpo.DPOLossConfig = dpo.DPOLossConfig(),
+             loss: dpo.DPOLossConfig = dpo.DPOLossConfig(), lora: lora_lib.LoraConfig | None = None,
              rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
   """``batch_size`` pairs (``2 * batch_size`` rows) of ``seq_len`` tokens (module docstring)."""
   rows = 2 * batch_size
   plan_lib.check_rows(rows, mesh, "2 x data.batch_size", rules)
-  model = models.Transformer(model_config)
+  model = plan_lib.with_lora(models.Transformer(model_config), lora)
   params = plan_lib.abstract_params(model, mesh, rules)
   batch = plan_lib.rows_batch(rows, seq_len, mesh, rules,
                               **{reference.REF_KEY: ((rows,), jnp.float32)})
@@ -57,18 +60,23 @@ def dpo_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch
       "optimizer state": mp.per_device_bytes(state.opt_state)}
   phases = {"train_step": step}
   with_reference = loss.uses_reference and loss.reference_logps == "on_the_fly"
-  if loss.uses_reference:
+  if loss.uses_reference and lora is None:  # with LoRA the reference is the resident base
     resident["reference params"] = mp.per_device_bytes(params)
   if with_reference:
-    phases["reference"] = _reference_phase(model, params, batch, mesh, rules)
+    phases["reference"] = _reference_phase(model, _reference_params(params), batch, mesh, rules)
   # The reference forward is 2·N·tokens of the 6·N·tokens a trained token costs.
   flops = mp.train_flops(model_config, rows * seq_len, seq_len) * (4 / 3 if with_reference else 1)
   return mp.MemoryPlan(
       method="dpo", mesh_shape=plan_lib.mesh_shape(mesh), resident=resident, phases=phases,
-      gradients=mp.per_device_bytes(state.params), flops_per_step=flops, notes=[
+      gradients=plan_lib.trained_bytes(state.params), flops_per_step=flops, notes=[
           f"{batch_size} pairs x {seq_len}", f"loss {loss.label}",
           f"reference {loss.reference_logps if loss.uses_reference else 'none'}",
-          f"remat {model_config.remat_policy}"])
+          f"remat {model_config.remat_policy}", *plan_lib.lora_notes(lora)])
+
+
+def _reference_params(params: Any) -> Any:
+  """The reference's params: a LoRA policy's frozen base (the same buffers), else a copy."""
+  return params.base if lora_lib.is_lora(params) else params
 
 
 def _reference_phase(model: models.Transformer, params: Any, batch: dict, mesh: jax.sharding.Mesh,
@@ -86,12 +94,12 @@ def _reference_phase(model: models.Transformer, params: Any, batch: dict, mesh: 
 
 def kto_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
              seq_len: int, optim: train.OptimConfig = train.OptimConfig(),
-             loss: kto.KTOLossConfig = kto.KTOLossConfig(),
+             loss: kto.KTOLossConfig = kto.KTOLossConfig(), lora: lora_lib.LoraConfig | None = None,
              rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
   """``batch_size`` unpaired examples and their KL rows (``2 * batch_size`` rows) of ``seq_len``."""
   rows = 2 * batch_size
   plan_lib.check_rows(rows, mesh, "2 x data.batch_size", rules)
-  model = models.Transformer(model_config)
+  model = plan_lib.with_lora(models.Transformer(model_config), lora)
   params = plan_lib.abstract_params(model, mesh, rules)
   batch = plan_lib.rows_batch(
       rows, seq_len, mesh, rules, **{
@@ -99,27 +107,30 @@ def kto_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch
           "label": ((batch_size,), jnp.float32)})
   step, state = plan_lib.train_step_phase(kto.make_loss_fn(model, loss), params, optim, batch, mesh,
                                           rules)
+  resident = {
+      "policy params": mp.per_device_bytes(state.params),
+      "optimizer state": mp.per_device_bytes(state.opt_state)}
+  if lora is None:  # with LoRA the reference is the resident base
+    resident["reference params"] = mp.per_device_bytes(params)
   return mp.MemoryPlan(
-      method="kto", mesh_shape=plan_lib.mesh_shape(mesh), resident={
-          "policy params": mp.per_device_bytes(state.params),
-          "optimizer state": mp.per_device_bytes(state.opt_state),
-          "reference params": mp.per_device_bytes(params)},
-      phases={"train_step": step,
-              "reference": _reference_phase(model, params, batch, mesh,
-                                            rules)}, gradients=mp.per_device_bytes(state.params),
+      method="kto", mesh_shape=plan_lib.mesh_shape(mesh), resident=resident, phases={
+          "train_step": step,
+          "reference": _reference_phase(model, _reference_params(params), batch, mesh,
+                                        rules)}, gradients=plan_lib.trained_bytes(state.params),
       flops_per_step=mp.train_flops(model_config, rows * seq_len, seq_len) * 4 / 3, notes=[
           f"{batch_size} examples + {batch_size} KL rows x {seq_len}", f"loss {loss.label}",
-          "reference on_the_fly", f"remat {model_config.remat_policy}"])
+          "reference on_the_fly", f"remat {model_config.remat_policy}", *plan_lib.lora_notes(lora)])
 
 
 def listwise_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
                   seq_len: int, num_candidates: int, optim: train.OptimConfig = train.OptimConfig(),
                   loss: listwise.ListwiseLossConfig = listwise.ListwiseLossConfig(),
+                  lora: lora_lib.LoraConfig | None = None,
                   rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
   """``batch_size`` lists of ``num_candidates`` candidates of ``seq_len`` tokens (module docs)."""
   b, k = batch_size, num_candidates
   plan_lib.check_rows(b, mesh, "data.batch_size (lists)", rules)
-  model = models.Transformer(model_config)
+  model = plan_lib.with_lora(models.Transformer(model_config), lora)
   params = plan_lib.abstract_params(model, mesh, rules)
   batch = plan_lib.rows_batch(b * k, seq_len, mesh, rules, candidate_mask=((b, k), jnp.float32),
                               scores=((b, k), jnp.float32))
@@ -129,10 +140,10 @@ def listwise_plan(model_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, 
       method="listwise", mesh_shape=plan_lib.mesh_shape(mesh), resident={
           "policy params": mp.per_device_bytes(state.params),
           "optimizer state": mp.per_device_bytes(state.opt_state)}, phases={"train_step": step},
-      gradients=mp.per_device_bytes(state.params),
+      gradients=plan_lib.trained_bytes(state.params),
       flops_per_step=mp.train_flops(model_config, b * k * seq_len, seq_len), notes=[
           f"{b} lists x {k} candidates x {seq_len}", f"loss {loss.method}",
-          f"remat {model_config.remat_policy}"])
+          f"remat {model_config.remat_policy}", *plan_lib.lora_notes(lora)])
 
 
 def _sampling(model_config: models.ModelConfig, *, prompts: int, num_samples: int, prompt_len: int,
@@ -230,8 +241,8 @@ def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
                                                      "optim"), **lengths)
   shapes = dict(batch_size=int(config.data.batch_size), seq_len=max(limits.buckets or
                                                                     (limits.max_len,)),
-                optim=config_dicts.to_dataclass(train.OptimConfig, config.optim,
-                                                "optim"), rules=rules)
+                optim=config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim"),
+                lora=sections.lora_section(config).config(), rules=rules)
   if config.method == "listwise":
     k = int(config.data.num_candidates)
     if k < 2:
