@@ -1,4 +1,4 @@
-r"""Per-device memory of SFT / DPO / PPO on a mesh of simulated devices, before allocating anything.
+r"""Per-device memory of SFT / DPO / PPO (KTO, the RM, LoRA SFT / DPO) on a mesh of simulated devices, before allocating anything.
 
 For a model (a preset, a Hugging Face ``config.json``, or the built-in Llama-3.1-8B shape), a
 (data, fsdp, tensor) mesh over N devices and a batch, compiles the trainers' own jitted steps on
@@ -33,7 +33,11 @@ from absl import app, flags
 _MODEL = flags.DEFINE_string(
     "model", "llama_1b", "A preset (tiny, small, gpt2, llama_1b), llama3_8b (Llama-3.1-8B's "
     "config.json, built in), or a path to a Hugging Face config.json / its folder.")
-_METHODS = flags.DEFINE_list("methods", ["sft", "dpo", "ppo"], "sft | dpo | ppo")
+METHODS = ("sft", "dpo", "ppo", "kto", "reward_model", "sft_lora", "dpo_lora")
+_METHODS = flags.DEFINE_list(
+    "methods", ["sft", "dpo", "ppo"], " | ".join(METHODS) + " (*_lora: LoRA adapters of rank "
+    "--lora_rank on the default targets over a frozen base, which is also DPO's reference)")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "Rank of the *_lora methods' adapters.")
 _DEVICES = flags.DEFINE_list("devices", ["8"], "Device counts to plan for.")
 _MESHES = flags.DEFINE_list("meshes", ["fsdp"], "fsdp | fsdp_tensor | data")
 _TENSOR = flags.DEFINE_integer("tensor", 8, "Tensor-parallel size of the fsdp_tensor meshes.")
@@ -108,18 +112,25 @@ def mesh_config(kind: str, n: int, tensor: int):
 def plan_one(method: str, cfg, mesh, batch: int):
   """The plan of ``method`` with ``batch`` sequences / pairs / prompts on ``mesh``."""
   from rlhf_jax.algorithms import plan as plan_lib
-  if method == "sft":
-    return plan_lib.sft_plan(cfg, mesh, batch_size=batch, seq_len=_SEQ.value)
-  if method == "dpo":
-    from rlhf_jax.algorithms.offline import plan as offline_plan
-    return offline_plan.dpo_plan(cfg, mesh, batch_size=batch, seq_len=_SEQ.value)
+  from rlhf_jax.algorithms.offline import plan as offline_plan
+  from rlhf_jax.models import lora as lora_lib
+  lora = lora_lib.LoraConfig(rank=_LORA_RANK.value) if method.endswith("_lora") else None
+  if method in ("sft", "sft_lora"):
+    return plan_lib.sft_plan(cfg, mesh, batch_size=batch, seq_len=_SEQ.value, lora=lora)
+  if method in ("dpo", "dpo_lora"):
+    return offline_plan.dpo_plan(cfg, mesh, batch_size=batch, seq_len=_SEQ.value, lora=lora)
+  if method == "kto":
+    return offline_plan.kto_plan(cfg, mesh, batch_size=batch, seq_len=_SEQ.value)
+  if method == "reward_model":
+    from rlhf_jax.algorithms.reward import plan as reward_plan
+    return reward_plan.reward_model_plan(cfg, mesh, batch_size=batch, seq_len=_SEQ.value)
   if method == "ppo":
     from rlhf_jax.algorithms.online import plan as online_plan
     from rlhf_jax.algorithms.online.config import PPOConfig
     ppo = PPOConfig(rollout_batch_size=batch, max_new_tokens=_RESPONSE.value,
                     num_minibatches=_MINIBATCHES.value, num_ppo_epochs=1)
     return online_plan.ppo_plan(cfg, mesh, config=ppo, prompt_len=_PROMPT.value)
-  raise ValueError(f"--methods: {method!r} is invalid; allowed: sft | dpo | ppo")
+  raise ValueError(f"--methods: {method!r} is invalid; allowed: {' | '.join(METHODS)}")
 
 
 def table(rows) -> str:
@@ -140,7 +151,7 @@ def _write(cfg, rows) -> None:
     return
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   keys = ("seq_len", "prompt_len", "response_len", "batch", "per_device", "remat", "scan_layers",
-          "dtype", "tensor", "num_minibatches")
+          "dtype", "tensor", "num_minibatches", "lora_rank")
   record = {
       "model": _MODEL.value, "num_params": cfg.num_params(),
       "flags": {k: flags.FLAGS[k].value for k in keys},
