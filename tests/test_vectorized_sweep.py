@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from offline_fixtures import SFT_OVERRIDES, TINY_RUN, load_config, override, tiny_sft_workdir
-from rlhf_jax import train
+from rlhf_jax import models, train
 from rlhf_jax.algorithms import sft
 from rlhf_jax.algorithms.offline import dpo, kto
 from rlhf_jax.algorithms.offline import vectorized as offline_vec
 from rlhf_jax.algorithms.reward import trainer as reward_trainer
+from rlhf_jax.data import synthetic
+from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train import vectorized as vec
 
@@ -150,6 +152,57 @@ def test_resume_mid_sweep_is_bit_identical(sft_dir, vectorized, tmp_path):
     for x, y in zip(jax.tree.leaves(_final_params(a)), jax.tree.leaves(_final_params(b))):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert _samples(a) == _samples(b)
+
+
+# -- What a sweep's evaluations share (build_runs(share_eval=True), the default) ----------------
+
+
+@pytest.mark.slow
+def test_shared_evaluation_gives_each_run_the_metrics_of_its_own_evaluation(
+    sft_dir, vectorized, tmp_path, monkeypatch):
+  # The fixture's sweep shares the SFT samples and computes the held-out metrics per group (one
+  # vmap); here the same two runs of one group are evaluated each on its own (the sequential
+  # run's eval_fn): every eval row, final metric and sample must agree.
+  draws = []
+  sample = policy_eval.PolicyEvaluator.sample
+  monkeypatch.setattr(policy_eval.PolicyEvaluator, "sample",
+                      lambda self, params: draws.append(1) or sample(self, params))
+  dirs = [str(tmp_path / f"p{i}") for i in range(2)]
+  offline_vec.train_sweep([_config(sft_dir, p) for p in POINTS[:2]], dirs, share_eval=False)
+  assert len(draws) == 2 * 2  # per run: its policy's samples and its own draw of the SFT ones
+  for own, shared in zip(dirs, vectorized):
+    rows_a, rows_b = train.read_metrics(own, "eval"), train.read_metrics(shared, "eval")
+    assert len(rows_a) == len(rows_b)
+    assert any(k.startswith("pairs/") for k in rows_a[-1])
+    for ra, rb in [*zip(rows_a, rows_b), (_final(own), _final(shared))]:
+      assert ra.keys() == rb.keys()
+      for k in ra.keys() - {"time"}:  # the eval row's wall-clock time stamp
+        assert ra[k] == (pytest.approx(rb[k], rel=1e-5, abs=1e-6)
+                         if isinstance(rb[k], float) else rb[k]), k
+    assert _samples(own) == _samples(shared)
+
+
+def test_an_evaluator_sharing_the_sft_samples_draws_them_once(sft_dir):
+  sft_run = train.load_sft_params(sft_dir)
+  model = models.Transformer(sft_run.model_config)
+  texts = synthetic.sample_prompts(np.random.default_rng(0), 4)
+  prompts = policy_eval.make_eval_prompts(sft_run.tokenizer, texts, max_prompt_len=32)
+
+  def evaluator(**cfg):
+    return policy_eval.PolicyEvaluator(
+        model, sft_run.params, sft_run.tokenizer, prompts,
+        policy_eval.PolicyEvalConfig(num_prompts=4, max_new_tokens=8, print_samples=0, **cfg))
+
+  first, second = evaluator(), evaluator()
+  second.share_reference(first)
+  draws = []
+  first.sample = lambda params: draws.append(1) or policy_eval.PolicyEvaluator.sample(first, params)
+  assert second.reference() is first.reference()
+  assert len(draws) == 1
+  own = evaluator()  # its own draw: the same tokens (common random numbers, same key)
+  assert own.reference().responses == first.reference().responses
+  with pytest.raises(ValueError, match="share_reference: the evaluators differ"):
+    evaluator(seed=7).share_reference(first)
 
 
 # -- SFT, the reward model and KTO: 2-run sweeps (seed, data order / beta, learning rate) -------

@@ -205,6 +205,7 @@ class PolicyEvaluator:
     self.sampling_config = config.sampling_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     self._rng = jax.random.PRNGKey(config.seed)
     self._ref: ScoredResponses | None = None
+    self._ref_source: PolicyEvaluator | None = None  # share_reference
     self._placed = self._place(mesh)
 
   def _place(self, mesh: jax.sharding.Mesh | None) -> tuple:
@@ -221,8 +222,22 @@ class PolicyEvaluator:
   def reference(self) -> ScoredResponses:
     """The SFT model's samples and scores (computed once)."""
     if self._ref is None:
-      self._ref = self._score(self.sample(self.ref_params))
+      self._ref = (self._ref_source.reference() if self._ref_source is not None else self._score(
+          self.sample(self.ref_params)))
     return self._ref
+
+  def share_reference(self, other: "PolicyEvaluator") -> None:
+    """Take the SFT samples and scores from ``other`` (drawn once for both) instead of drawing
+    them again: for evaluators of one reference on the same prompts with the same sampler and
+    scorers, e.g. a vectorised sweep's runs. Checked here: model, prompts, sampler settings and
+    seed; the caller vouches that the reference params and the reward model are the same."""
+    same = (self.model == other.model and self.sampling_config == other.sampling_config and
+            self.prompt_texts == other.prompt_texts and
+            np.array_equal(self.prompt_tokens, other.prompt_tokens) and
+            self.config.seed == other.config.seed)
+    if not same:
+      raise ValueError("share_reference: the evaluators differ in model, prompts, sampler or seed")
+    self._ref_source = other
 
   def _score(self, out: sampling.SampleOutput) -> ScoredResponses:
     prompt_tokens, prompt_mask, tokens, mask = parallel.to_host(

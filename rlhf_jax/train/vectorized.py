@@ -55,6 +55,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -116,6 +117,13 @@ class Run:
     token_count: tokens of a host batch (the throughput line).
     should_stop: as ``train.train``'s; a vectorised sweep cannot stop one run early, so a reason
       fails the sweep naming the run (the glue refuses configs that would, e.g. RM early stopping).
+    heldout_for: ``heldout_for(hp) -> fn(params, batch) -> metrics``, the loss's held-out metrics
+      (eval mode) with ``hp`` traced, or None. The sweep then computes them for all runs of a
+      group in one ``vmap`` per held-out batch (one compile per group instead of one per run)
+      and adds ``{f"{heldout_prefix}/<metric>": mean over heldout_batches}`` after
+      ``eval_fn``'s metrics, as ``algorithms.common.make_heldout_eval_fn`` does for a
+      sequential run.
+    heldout_batches: the run's fixed held-out batches (host arrays); equal within a data_key.
   """
 
   name: str
@@ -134,6 +142,9 @@ class Run:
   finish: Callable[[loop_lib.TrainResult], dict]
   token_count: Callable[[Mapping[str, Any]], float] = loop_lib.default_token_count
   should_stop: Callable[[int, Mapping[str, float]], str | None] | None = None
+  heldout_for: Callable[[Mapping[str, Any]], Callable] | None = None
+  heldout_batches: Sequence[Mapping[str, Any]] = ()
+  heldout_prefix: str = ""
 
 
 @dataclasses.dataclass
@@ -199,7 +210,12 @@ def stack_states(states: Sequence[Any], mesh: Mesh) -> Any:
 
 
 def unstack_state(state_R: Any, r: int, like: Any) -> Any:
-  """Run ``r``'s slice, placed like ``like`` (the run's own state: its mesh and shardings)."""
+  """Run ``r``'s slice, placed like ``like`` (the run's own state: its mesh and shardings).
+
+  ``state_R`` may be the host copy (``jax.device_get``) of the stacked state: slicing it costs no
+  device program (slicing the device arrays dispatches, and first compiles, one slice per leaf
+  shape), so a loop that unstacks every run fetches the group once and slices on the host.
+  """
   return jax.tree.map(lambda x, l: jax.device_put(x[r], l.sharding), state_R, like)
 
 
@@ -265,6 +281,18 @@ def make_vector_step(runs: Sequence[Run], shared_batch: bool, mesh: Mesh) -> Cal
   return vstep
 
 
+def make_vector_heldout(run: Run, shared_batch: bool, sharded: bool) -> Callable:
+  """``fn(params_R, hp_R, batch) -> {metric: [R]}``: the held-out metrics of a group's runs
+  (``run.heldout_for`` of its first run) in one ``vmap``; ``batch`` shared or ``[R, ...]``."""
+
+  def fn(params_R, hp_R, batch):
+    return jax.vmap(lambda p, h, b: run.heldout_for(h)(p, b),
+                    in_axes=(0, 0, None if shared_batch else 0),
+                    spmd_axis_name=RUN_AXIS if sharded else None)(params_R, hp_R, batch)
+
+  return jax.jit(fn)
+
+
 def _frozen_record(workdir: str) -> dict | None:
   path = os.path.join(workdir, FROZEN_FILE)
   return ckpt_lib.read_json(path) if os.path.isfile(path) else None
@@ -272,12 +300,18 @@ def _frozen_record(workdir: str) -> dict | None:
 
 def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
                      rules: Sequence = parallel.DEFAULT_RULES,
-                     progress_every_secs: float | None = None) -> list[RunOutcome]:
+                     progress_every_secs: float | None = None,
+                     timings: dict | None = None) -> list[RunOutcome]:
   """Trains (or resumes) every run of ``runs`` as one jitted program (module docstring).
 
   Returns one :class:`RunOutcome` per run, in order. Runs must be sorted so that equal ``group``
-  values are contiguous (the glue does it).
+  values are contiguous (the glue does it). ``timings``, if given, gets the wall seconds spent
+  in evaluations (``eval_seconds``: ``eval_fn`` calls + held-out metrics, ``heldout_seconds``:
+  the held-out part) added to it (benchmarks).
   """
+  timings = {} if timings is None else timings
+  for key in ("eval_seconds", "heldout_seconds"):
+    timings.setdefault(key, 0.0)
   _check_runs(runs)
   if jax.process_count() > 1:
     raise ValueError("vectorised sweeps run in one process (jax.process_count() is "
@@ -416,13 +450,19 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
         if frozen[i] is None and not ok_G[g][k]:
           freeze(i, at, lg)
 
+  def run_state(i: int, host: dict) -> Any:
+    """Run ``i``'s own state; ``host`` caches each group's host copy for one pass over runs."""
+    g, k = group_of(i)
+    if g not in host:
+      host[g] = jax.device_get(state_G[g])
+    return unstack_state(host[g], k, likes[i])
+
   def save(at: int) -> None:
     check_flags(at)  # never checkpoint a run a non-finite step has touched
+    host: dict = {}
     for i, run in enumerate(runs):
       if frozen[i] is None and last_saved[i] != at:
-        checkpointers[i].save(at, unstack_state(state_G[group_of(i)[0]],
-                                                group_of(i)[1], likes[i]),
-                              feeds[feed_of[i]].get_state())
+        checkpointers[i].save(at, run_state(i, host), feeds[feed_of[i]].get_state())
         last_saved[i] = at
 
   def emit(at: int, rows: list, force: bool) -> None:
@@ -444,17 +484,54 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
       progress.maybe_report(at, {"loss": float(np.mean([m["loss"] for m in means_all]))},
                             force=force)
 
+  heldout_jits: dict[int, Callable] = {}
+
+  def heldout(i: int, cache: dict) -> dict:
+    """Run ``i``'s held-out metrics; its group's are computed together on first use."""
+    g, k = group_of(i)
+    if runs[i].heldout_for is None or not runs[i].heldout_batches:
+      return {}
+    if g not in cache:
+      start_s = time.time()
+      lo, hi = bounds[g]
+      group = runs[lo:hi]
+      shared = len({r.data_key for r in group}) == 1
+      if g not in heldout_jits:
+        heldout_jits[g] = make_vector_heldout(group[0], shared, mesh.shape[RUN_AXIS] > 1)
+      sums: dict[str, np.ndarray] = {}
+      with parallel.use_mesh(mesh, rules):
+        for rows in zip(*[r.heldout_batches for r in group]):
+          if shared:
+            batch = parallel.shard_batch(rows[0], mesh, rules)
+          else:
+            batch = jax.tree.map(
+                lambda *xs: jax.device_put(np.stack([np.asarray(x)
+                                                     for x in xs]), stacked_batch_sharding), *rows)
+          metrics = jax.device_get(heldout_jits[g](state_G[g].params, hp_G[g], batch))
+          for key, v_R in metrics.items():  # float64 sums, as the sequential float() sums
+            sums[key] = sums.get(key, 0.0) + np.asarray(v_R, np.float64)
+      num = len(group[0].heldout_batches)
+      cache[g] = [{f"{group[0].heldout_prefix}/{key}": float(v[j] / num)
+                   for key, v in sums.items()}
+                  for j in range(hi - lo)]
+      timings["heldout_seconds"] += time.time() - start_s
+    return cache[g][k]
+
   def evaluate(at: int) -> None:
     check_flags(at)
+    start_s = time.time()
+    cache: dict = {}
+    host: dict = {}
     for i, run in enumerate(runs):
-      if frozen[i] is None and run.eval_fn is not None:
-        g, k = group_of(i)
-        metrics = dict(run.eval_fn(unstack_state(state_G[g], k, likes[i]), at))
+      if frozen[i] is None and (run.eval_fn is not None or run.heldout_for is not None):
+        metrics = dict(run.eval_fn(run_state(i, host), at)) if run.eval_fn is not None else {}
+        metrics.update(heldout(i, cache))
         writers[i].write(at, metrics, split="eval")
         logger.info("eval %s at step %d: %s", run.name, at,
                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         eval_metrics[i] = metrics
         ask_stop(i, at, {f"eval/{k}": v for k, v in metrics.items()})
+    timings["eval_seconds"] += time.time() - start_s
 
   preempted = False
   step = start
@@ -527,13 +604,13 @@ def train_vectorized(runs: Sequence[Run], *, run_devices: int = 1,
       if w is not None:
         w.close()
   outcomes = []
+  host: dict = {}
   for i, run in enumerate(runs):
     if frozen[i] is not None:
       outcomes.append(RunOutcome(run.name, None, frozen[i], frozen[i]["step"] - 1, False))
       continue
-    g, k = group_of(i)
-    result = loop_lib.TrainResult(state=unstack_state(state_G[g], k, likes[i]), step=int(step),
-                                  preempted=preempted, eval_metrics=eval_metrics[i])
+    result = loop_lib.TrainResult(state=run_state(i, host), step=int(step), preempted=preempted,
+                                  eval_metrics=eval_metrics[i])
     final = run.finish(result)
     outcomes.append(RunOutcome(run.name, None if preempted else final, None, int(step), preempted))
   return outcomes

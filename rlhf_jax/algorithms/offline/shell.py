@@ -53,6 +53,11 @@ class OfflineSetup:
   fingerprint: dict
   train_kwargs: dict  # the rest of train.train's keyword arguments (token_count)
   finish: Callable[[Any], dict]  # TrainResult -> final metrics (written unless preempted)
+  # eval_fn's two parts, for a sweep that evaluates its runs together: the policy evaluation
+  # (policy_eval.PolicyEvaluator) and the prefix of the loss's held-out metrics over
+  # ``data.eval_batches``
+  evaluator: Any = None
+  eval_prefix: str = ""
 
 
 _CAPTURE: contextvars.ContextVar = contextvars.ContextVar("offline_shell_capture", default=None)
@@ -140,7 +145,7 @@ def train_offline_policy(
   if captured is not None:
     captured.append(
         OfflineSetup(config, workdir, loaded, data, optim_cfg, loop_cfg, mesh, state, step_fn,
-                     eval_fn, fingerprint, extra, finish))
+                     eval_fn, fingerprint, extra, finish, evaluator, eval_prefix))
     return captured[-1]
   result = train.train(workdir=workdir, config=loop_cfg, state=state, step_fn=step_fn,
                        data=data.train, fingerprint=fingerprint, mesh=mesh, eval_fn=eval_fn,

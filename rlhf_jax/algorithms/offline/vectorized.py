@@ -121,14 +121,22 @@ def _seeded_init(config: ml_collections.ConfigDict) -> bool:
 
 
 def build_runs(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
-               names: Sequence[str]) -> list[vec.Run]:
-  """One :class:`vec.Run` per config, set up exactly as its sequential run, sorted by group."""
+               names: Sequence[str], *, share_eval: bool = True) -> list[vec.Run]:
+  """One :class:`vec.Run` per config, set up exactly as its sequential run, sorted by group.
+
+  With ``share_eval`` (the default) what the runs' evaluations share is computed once per sweep:
+  the SFT model's samples and their scores (runs with the same data, sources and ``eval``
+  section: same reference, prompts and sampler), and the loss's held-out metrics are computed
+  for a group's runs in one vmapped program (``Run.heldout_for``); without it each run is
+  evaluated by its own ``eval_fn``, as its sequential run (the comparison the tests make).
+  """
   method, keys = check_sweep(configs)
   if method not in LOSSES:
     raise ValueError(f"config.method={method!r} has no offline shell; use train_sweep")
   loss_cls, make_loss_fn, loss_fields = LOSSES[method]
   vector = [k for k in keys if k in loss_fields or k in OPTIM_KEYS]
   runs = []
+  evaluators: dict[str, Any] = {}  # eval key -> the evaluator that draws the SFT samples
   for config, workdir, name in zip(configs, workdirs, names):
     os.makedirs(workdir, exist_ok=True)
     with shell.capturing():
@@ -146,15 +154,32 @@ def build_runs(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
             "data": config.data.to_dict(), "limits": config.limits.to_dict(), "sources":
                 config.sources.to_dict(), "reference_logps": flat.get("loss.reference_logps"),
             "seed": config.seed if _seeded_init(config) else None}, sort_keys=True, default=str)
+    # The policy evaluation stays per run (each run samples from its own params); the loss's
+    # held-out metrics are computed per group by the sweep (Run.heldout_for).
+    evaluator = setup.evaluator
+    if evaluator is not None and share_eval:
+      # Same reference, prompts, sampler and reward model: the SFT samples are drawn once.
+      eval_key = json.dumps({"data": data_key, "eval": config.eval.to_dict()}, sort_keys=True,
+                            default=str)
+      if eval_key in evaluators:
+        evaluator.share_reference(evaluators[eval_key])
+      else:
+        evaluators[eval_key] = evaluator
+    split_eval = evaluator is not None and share_eval
     runs.append(
         vec.Run(
             name=name, workdir=workdir, state=setup.state,
             step_for=_step_builder(setup, loss_cfg, make_loss_fn, loss_fields), hparams=hparams,
             group=group, data=setup.data.train, data_key=data_key, loop=setup.loop_cfg,
             mesh=setup.mesh, fingerprint=setup.fingerprint, run_config=config.to_dict(),
-            eval_fn=setup.eval_fn, finish=setup.finish,
+            eval_fn=(lambda state, step, e=evaluator: e(state.params, step))
+            if split_eval else setup.eval_fn, finish=setup.finish,
             **({"token_count": setup.train_kwargs["token_count"]}
-               if "token_count" in setup.train_kwargs else {})))
+               if "token_count" in setup.train_kwargs else {}),
+            **({
+                "heldout_for": _heldout_builder(setup, loss_cfg, make_loss_fn, loss_fields),
+                "heldout_batches": list(setup.data.eval_batches),
+                "heldout_prefix": setup.eval_prefix} if split_eval else {})))
   # One iterator serves the runs of a data_key; one whose batches carry reference log-probs
   # serves those that ignore them (SimPO, ORPO).
   feeds: dict[str, Any] = {}
@@ -184,6 +209,21 @@ def _step_builder(setup: shell.OfflineSetup, loss_cfg: Any, make_loss_fn: Callab
                                  grad_accum_steps=optim_cfg.grad_accum_steps)
 
   return step_for
+
+
+def _heldout_builder(setup: shell.OfflineSetup, loss_cfg: Any, make_loss_fn: Callable,
+                     loss_fields: Mapping[str, str]) -> Callable:
+  """``heldout_for(hp)``: the run's held-out metrics ``fn(params, batch)`` (eval mode: ``rng``
+  None) with the loss hyperparameters ``hp`` traced (``common.make_heldout_eval_fn``'s)."""
+  model = setup.loaded.model
+
+  def heldout_for(hp: Mapping[str, Any]) -> Callable:
+    loss_fn = make_loss_fn(
+        model,
+        vec.with_traced(loss_cfg, **{loss_fields[k]: v for k, v in hp.items() if k in loss_fields}))
+    return lambda params, batch: loss_fn(params, batch, None)[1]
+
+  return heldout_for
 
 
 def _captured_step_builder(step_fn: Callable, optim_cfg: Any, num_steps: int) -> Callable:
@@ -245,13 +285,14 @@ def _train_captured(method: str, configs: Sequence[ml_collections.ConfigDict],
 
 
 def train_sweep(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
-                names: Sequence[str] | None = None, *,
-                run_devices: int = 1) -> list[vec.RunOutcome]:
+                names: Sequence[str] | None = None, *, run_devices: int = 1,
+                share_eval: bool = True) -> list[vec.RunOutcome]:
   """Trains every config as one vectorised program; one outcome per config, in input order.
 
   ``configs[i]`` is what ``experiments/run.py`` would get for ``workdirs[i]``; all share
   ``config.method`` (one of ``METHODS``) and differ only in the keys ``check_vectorisable``
   allows. Each run's files are its sequential run's (plus ``vectorized.json``, the layout).
+  ``share_eval``: :func:`build_runs`'s (offline-shell methods only).
   """
   names = list(names) if names is not None else [os.path.basename(w) for w in workdirs]
   method, keys = check_sweep(configs)
@@ -259,6 +300,6 @@ def train_sweep(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
     for workdir in workdirs:
       os.makedirs(workdir, exist_ok=True)
     return _train_captured(method, configs, workdirs, names, keys, run_devices)
-  runs = build_runs(configs, workdirs, names)
+  runs = build_runs(configs, workdirs, names, share_eval=share_eval)
   outcomes = {o.name: o for o in vec.train_vectorized(runs, run_devices=run_devices)}
   return [outcomes[n] for n in names]
