@@ -29,7 +29,6 @@ loops' step / loss / tokens-per-second / ETA lines in between.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -38,7 +37,7 @@ import time
 
 from absl import app, flags
 
-from rlhf_jax import cli, parallel, train
+from rlhf_jax import cli, fileio, parallel, train
 from rlhf_jax.algorithms import registry
 # seed k of a stage (every seed key + k but the task's), its directory, the config's seed count
 from rlhf_jax.algorithms.seeding import num_seeds, seed_config, seed_keys, seed_root
@@ -68,7 +67,7 @@ def _link(name: str, cfg, root: str) -> None:
   for producer, key in LINKS:
     if producer == name:  # a stage links only the runs before it
       break
-    run_dir = os.path.join(root, producer)
+    run_dir = fileio.join(root, producer)
     if train.is_finished(run_dir):
       cfg.sources[key] = run_dir
 
@@ -88,20 +87,83 @@ def stage_names(config) -> list[str]:
   return stages
 
 
+# How long a process waits for its peers' outcome of a stage (seconds): a process whose stage
+# failed waits briefly (peers still inside the stage are most likely blocked in a collective that
+# waits for it; its exit fails that collective), one whose stage finished waits long (a failing
+# peer reports within its own wait, or its exit takes the job down).
+FAILED_WAIT_S = float(os.environ.get("RLHF_JAX_STAGE_FAILED_WAIT_S", "30"))
+OK_WAIT_S = float(os.environ.get("RLHF_JAX_STAGE_OK_WAIT_S", "900"))
+FAILED_FINAL_FILE = "final_metrics.failed.json"
+
+
+class StageAgreementTimeout(RuntimeError):
+  """A peer did not report its outcome of a stage in time (stuck, or dead)."""
+
+
+def _kv_client():
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.client  # jax's coordination service (orbax uses it the same way)
+
+
+def agree_stage_outcome(key: str, failed: str | None, *, final_path: str, client=None,
+                        process_index: int | None = None, process_count: int | None = None,
+                        failed_wait_s: float | None = None,
+                        ok_wait_s: float | None = None) -> str | None:
+  """Every process's outcome of stage ``key`` -> the first failure in process order, or None.
+
+  Not a device collective: a process whose stage failed cannot enter the collectives its peers
+  may still be waiting in, so the outcome goes through the coordination service's key-value store
+  (``client``: jax.distributed's, with ``key_value_set`` / ``blocking_key_value_get``). Each
+  process publishes ``ok`` or its failure under ``rlhf_jax/pipeline/<key>/<process>``, then reads
+  every peer's, waiting at most ``failed_wait_s`` (this process failed) or ``ok_wait_s`` (it
+  finished). So on every process the stage is either finished or failed with the same status.
+  A failure anywhere: process 0 moves a ``final_metrics.json`` it wrote to
+  ``final_metrics.failed.json``, so the rerun does not take the stage as finished.
+  A peer that does not report in time raises :class:`StageAgreementTimeout`; the caller ends this
+  process, which fails the collectives the peer is blocked in, and the peer then finds this
+  process's published failure here.
+  """
+  client = client if client is not None else _kv_client()
+  me = parallel.process_index() if process_index is None else process_index
+  count = parallel.process_count() if process_count is None else process_count
+  wait_s = (FAILED_WAIT_S if failed_wait_s is None else failed_wait_s) if failed else (
+      OK_WAIT_S if ok_wait_s is None else ok_wait_s)
+  prefix = f"rlhf_jax/pipeline/{key}/"
+  client.key_value_set(prefix + str(me), failed or "ok")
+  deadline = time.monotonic() + wait_s
+  outcomes = {}
+  for p in range(count):
+    try:
+      outcomes[p] = client.blocking_key_value_get(prefix + str(p),
+                                                  max(1, int(1e3 * (deadline - time.monotonic()))))
+    except Exception as err:  # pylint: disable=broad-except  (deadline, or the service is gone)
+      raise StageAgreementTimeout(
+          f"stage {key}: process {p} did not report its outcome within {wait_s:.0f} s (this "
+          f"process: {failed or 'finished'}); ending the job ({type(err).__name__}: "
+          f"{str(err).splitlines()[0][:120] if str(err) else ''})") from err
+  failures = [(p, v) for p, v in sorted(outcomes.items()) if v != "ok"]
+  if not failures:
+    return None
+  if me == 0 and fileio.exists(final_path):
+    fileio.rename(final_path, fileio.join(fileio.parent(final_path), FAILED_FINAL_FILE))
+  p, status = failures[0]
+  return f"{status[:200]} (process {p} of {count})"  # the same text on every process
+
+
 def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
               seed: int | None = None) -> dict:
   # Multi-process: every process decides "reuse or run" and the links from the same files (the
   # previous stage's final_metrics.json, written by process 0).
-  parallel.sync(f"pipeline_stage_{name}" + ("" if seed is None else f"_seed{seed}"))
-  workdir = os.path.join(root, name)
-  final_path = os.path.join(workdir, "final_metrics.json")
+  key = name + ("" if seed is None else f"_seed{seed}")
+  parallel.sync(f"pipeline_stage_{key}")
+  workdir = fileio.join(root, name)
+  final_path = fileio.join(workdir, train.FINAL_METRICS_FILE)
   banner = f"[{index}/{total}] {name}" + ("" if seed is None else f" (seed {seed})")
-  times_path = os.path.join(workdir, STAGE_TIMES_FILE)
-  if os.path.exists(final_path):
+  times_path = fileio.join(workdir, STAGE_TIMES_FILE)
+  if parallel.agree(fileio.exists(final_path)):  # process 0's answer: one branch everywhere
     logger.info("%s: finished earlier, reusing %s", banner, workdir)
-    with open(final_path) as f:
-      final = json.load(f)
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    final = fileio.read_json(final_path)
+    times = fileio.read_json(times_path) if fileio.exists(times_path) else {}
     return {
         **final, "_status": "reused", "_seconds": times.get("seconds"),
         "_cpu_seconds": times.get("cpu_seconds")}
@@ -109,6 +171,7 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
               train.format_duration(time.time() - start))
   _link(name, cfg, root)
   t0, c0 = time.time(), time.process_time()
+  failed = None  # this process's one-line failure
   try:
     final = registry.run(cfg.method, cfg, workdir)
   except Exception as err:  # the table reports a failed stage instead of hiding it
@@ -117,7 +180,15 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
       logger.exception("%s failed", banner)
     else:
       logger.error("%s failed: %s", banner, failure[0])
-    return {"_status": f"failed: {type(err).__name__}: {err}"[:200], "_seconds": time.time() - t0}
+    failed = f"failed: {type(err).__name__}: {err}"[:200]
+  if parallel.process_count() > 1:  # every process takes the same branch: failed on one = on all
+    try:
+      failed = agree_stage_outcome(key, failed, final_path=final_path)
+    except StageAgreementTimeout as err:
+      logger.error("%s: %s", banner, err)
+      cli.quiet_exit(1)  # now, not at jax's shutdown barrier: our exit unblocks the peers
+  if failed is not None:
+    return {"_status": failed, "_seconds": time.time() - t0}
   # CPU seconds of this process (all threads): comparable across machines / loads, unlike wall time
   seconds, cpu = time.time() - t0, time.process_time() - c0
   if final.get("preempted"):  # stopped by SIGTERM: no final_metrics.json, a rerun resumes it
@@ -135,12 +206,11 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
 
 def _eval_curve(workdir: str) -> list[tuple[float, float]]:
   """(kl, gold) of every evaluation a policy stage logged, for the frontier plot."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = fileio.join(workdir, "metrics.jsonl")
+  if not fileio.exists(path):
     return []
   points = []
-  for line in open(path):
-    row = json.loads(line)
+  for row in fileio.read_jsonl(path):
     if row.get("split") == "eval" and isinstance(row.get("kl_to_sft"), float):
       points.append((row["kl_to_sft"], row["gold_reward"]))
   return points
@@ -198,7 +268,7 @@ def seed_table(results: dict, root: str) -> tuple[list[dict], list[dict], dict, 
       curves["best-of-n (analytic KL)"] = [
           (r["kl_to_sft"], r["gold_reward"]) for r in final["curve"]]
     elif name != "best_of_n":
-      curve = _eval_curve(os.path.join(root, name))
+      curve = _eval_curve(fileio.join(root, name))
       if len(curve) > 1:
         curves[f"{label} (evals)"] = [(0.0, baseline)] + curve if baseline is not None else curve
   return rows, points, curves, baseline
@@ -269,8 +339,8 @@ def summarize(results: list[dict] | dict, root: str, total_seconds: float, comma
     results = [results]
   tables = [seed_table(r, seed_root(root, k)) for k, r in enumerate(results)]
   preamble = _preamble(command, total_seconds, total_cpu_seconds)
-  csv_path, md_path = os.path.join(root, "results.csv"), os.path.join(root, "results.md")
-  png_path = os.path.join(root, "frontier.png")
+  csv_path, md_path = fileio.join(root, "results.csv"), fileio.join(root, "results.md")
+  png_path = fileio.join(root, "frontier.png")
   title = "Offline pipeline on the synthetic task"
   plot_title = "Synthetic task: gold reward vs KL to SFT"
   if len(results) == 1:
@@ -334,7 +404,8 @@ def run_pipeline(config, root: str, command: str = "", report_only: bool = False
   """
   stages = stage_names(config)
   n = num_seeds(config)
-  os.makedirs(root, exist_ok=True)
+  root = fileio.absolute(root)  # a URL (gs://bucket/pipeline) stays a URL
+  fileio.makedirs(root)
   start, cpu_start = time.time(), time.process_time()
   configs = [{name: seed_config(config[name], k) for name in stages} for k in range(n)]
   if n > 1:
@@ -351,7 +422,7 @@ def run_pipeline(config, root: str, command: str = "", report_only: bool = False
         break
       index += 1
       if k in stopped or (report_only and
-                          not train.is_finished(os.path.join(seed_root(root, k), name))):
+                          not train.is_finished(fileio.join(seed_root(root, k), name))):
         continue
       results[k][name] = run_stage(name, configs[k][name], seed_root(root, k), index, total, start,
                                    seed=k if n > 1 else None)
@@ -367,7 +438,7 @@ def run_pipeline(config, root: str, command: str = "", report_only: bool = False
                                         time.process_time() - cpu_start)
   if table is not None:  # process 0 wrote it
     logger.info("pipeline finished in %s; results in %s\n%s",
-                train.format_duration(time.time() - start), os.path.join(root, "results.md"), table)
+                train.format_duration(time.time() - start), fileio.join(root, "results.md"), table)
   return results
 
 

@@ -33,17 +33,19 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
-import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+from rlhf_jax import fileio  # noqa: E402  pylint: disable=wrong-import-position
 
 FINAL = "final_metrics.json"
 METRIC_COLUMNS = ("gold_reward", "gold_reward_gain", "kl_to_sft", "win_rate_vs_sft", "rm_reward",
@@ -87,23 +89,29 @@ def run_name(overrides: dict[str, str]) -> str:
 def launch(launcher: str, config: str, workdir: str, overrides: dict[str, str],
            fixed: dict[str, str], python: str = sys.executable) -> tuple[int, float]:
   """Runs one launcher subprocess; returns (exit status, seconds). Output -> ``<workdir>/sweep.log``."""
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   cmd = [python, launcher, f"--workdir={workdir}"]
   if config:
     cmd.append(f"--config={config}")
   cmd += [f"--config.{k}={v}" for k, v in {**fixed, **overrides}.items()]
   start = time.time()
-  with open(os.path.join(workdir, "sweep.log"), "a") as log:
+  log_path = fileio.join(workdir, "sweep.log")
+  remote = fileio.is_remote(log_path)  # the child writes a local file; a URL gets it afterwards
+  with (tempfile.NamedTemporaryFile("w+", suffix=".log") if remote else open(log_path, "a")) as log:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if remote:
+      log.seek(0)
+      fileio.append_text(log_path, log.read())
   return rc, time.time() - start
 
 
 def last_line(path: str) -> str:
   try:
-    lines = [l.strip() for l in open(path, errors="replace") if l.strip()]
-  except OSError:
+    text = fileio.read_bytes(path).decode("utf-8", errors="replace")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+  except (OSError, FileNotFoundError):
     return ""
   return lines[-1][:160] if lines else ""
 
@@ -118,12 +126,12 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
   names = [run_name(p) for p in points]
   if len(set(names)) != len(names):
     raise ValueError(f"grid values give clashing run names: {names}")
-  os.makedirs(sweep_dir, exist_ok=True)
+  fileio.makedirs(sweep_dir)
   rows: dict[str, dict] = {}
   todo = []
   for name, point in zip(names, points):
-    workdir = os.path.join(sweep_dir, name)
-    if os.path.exists(os.path.join(workdir, FINAL)):
+    workdir = fileio.join(sweep_dir, name)
+    if fileio.exists(fileio.join(workdir, FINAL)):
       rows[name] = {"status": "finished earlier (skipped)", "seconds": None}
     else:
       todo.append((name, point, workdir))
@@ -134,8 +142,8 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
     name, point, workdir = item
     log(f"sweep: start {name}")
     rc, seconds = launch(launcher, config, workdir, point, fixed)
-    ok = rc == 0 and os.path.exists(os.path.join(workdir, FINAL))
-    status = "ok" if ok else (f"failed (exit {rc}): {last_line(os.path.join(workdir, 'sweep.log'))}"
+    ok = rc == 0 and fileio.exists(fileio.join(workdir, FINAL))
+    status = "ok" if ok else (f"failed (exit {rc}): {last_line(fileio.join(workdir, 'sweep.log'))}"
                               if rc else "failed: exited 0 without final_metrics.json")
     log(f"sweep: {'done' if ok else 'FAILED'} {name} in {seconds:.0f}s")
     return name, {"status": status, "seconds": round(seconds, 1)}
@@ -152,17 +160,16 @@ def run_sweep(*, launcher: str, config: str, grid: list[tuple[str, list[str]]],
   out = []
   for name, point in zip(names, points):
     out.append(
-        with_final_metrics({"run": name, **point, **rows[name]}, os.path.join(sweep_dir, name)))
+        with_final_metrics({"run": name, **point, **rows[name]}, fileio.join(sweep_dir, name)))
   return out
 
 
 def with_final_metrics(row: dict, run_dir: str) -> dict:
   """``row`` plus the scalar entries of ``<run_dir>/final_metrics.json`` (if the run finished)
   that ``row`` does not already hold: one results-table row (both backends)."""
-  final_path = os.path.join(run_dir, FINAL)
-  if os.path.exists(final_path):
-    with open(final_path) as f:
-      final = json.load(f)
+  final_path = fileio.join(run_dir, FINAL)
+  if fileio.exists(final_path):
+    final = fileio.read_json(final_path)
     row.update({
         k: v for k, v in final.items() if isinstance(v, (int, float, str)) and k not in row})
   return row
@@ -174,14 +181,14 @@ def write_results(rows: list[dict], grid_keys: Sequence[str], sweep_dir: str, co
   present = [c for c in METRIC_COLUMNS if any(c in r for r in rows)]
   columns = ["run", *grid_keys, "status", *present, "seconds"]
   table = frontier.write_table(
-      rows, columns, csv_path=os.path.join(sweep_dir, "results.csv"),
-      md_path=os.path.join(sweep_dir, "results.md"), title="Sweep results",
+      rows, columns, csv_path=fileio.join(sweep_dir, "results.csv"),
+      md_path=fileio.join(sweep_dir, "results.md"), title="Sweep results",
       preamble=f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
   )
   sft = next((r["sft_gold_reward"] for r in rows if isinstance(r.get("sft_gold_reward"), float)),
              None)
   frontier.plot_frontier([{**r, "label": r["run"]} for r in rows],
-                         os.path.join(sweep_dir, "frontier.png"), sft_gold=sft,
+                         fileio.join(sweep_dir, "frontier.png"), sft_gold=sft,
                          title="Sweep: gold reward vs KL to SFT")
   return table
 
@@ -222,14 +229,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from launch import sweep_slurm  # pylint: disable=import-outside-toplevel
     rows = sweep_slurm.run(args, grid, fixed, launcher=os.path.abspath(args.launcher),
                            config=os.path.abspath(args.config) if args.config else "",
-                           sweep_dir=os.path.abspath(args.sweep_dir),
+                           sweep_dir=fileio.absolute(args.sweep_dir),
                            log=lambda msg: print(msg, flush=True))
     if rows is None:  # submitted (or a dry run): the results come with --gather
       return []
   else:
     rows = run_sweep(launcher=os.path.abspath(args.launcher),
                      config=os.path.abspath(args.config) if args.config else "", grid=grid,
-                     fixed=fixed, sweep_dir=os.path.abspath(args.sweep_dir), parallel=args.parallel,
+                     fixed=fixed, sweep_dir=fileio.absolute(args.sweep_dir), parallel=args.parallel,
                      log=lambda msg: print(msg, flush=True), vectorize=args.vectorize,
                      run_devices=args.run_devices)
   command = "python launch/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])

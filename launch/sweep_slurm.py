@@ -40,6 +40,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from launch import sweep  # noqa: E402  pylint: disable=wrong-import-position
+from rlhf_jax import fileio  # noqa: E402  pylint: disable=wrong-import-position
 
 TASK_FILE = "sweep_array.json"
 SCRIPT_FILE = "sweep_array.sbatch"
@@ -47,10 +48,7 @@ TASK_RECORD = "sweep_task.json"  # <run>/sweep_task.json: exit status and second
 
 
 def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, text)
 
 
 def array_spec(indices: Sequence[int]) -> str:
@@ -67,7 +65,7 @@ def points_of(grid, sweep_dir: str) -> list[dict]:
   names = [sweep.run_name(p) for p in points]
   if len(set(names)) != len(names):
     raise ValueError(f"grid values give clashing run names: {names}")
-  return [{"name": n, "workdir": os.path.join(sweep_dir, n), "overrides": p}
+  return [{"name": n, "workdir": fileio.join(sweep_dir, n), "overrides": p}
           for n, p in zip(names, points)]
 
 
@@ -75,11 +73,14 @@ def write_array(*, launcher: str, config: str, grid, fixed: dict, sweep_dir: str
                 sbatch_args: Sequence[str] = (), python: str = sys.executable,
                 job_name: str = "") -> tuple[str, list[int]]:
   """Writes the task file and the array script; returns (script path, indices to run)."""
-  os.makedirs(sweep_dir, exist_ok=True)
+  if fileio.is_remote(sweep_dir):  # sbatch reads the script, SLURM writes the task logs there
+    raise ValueError(f"--sweep_dir={sweep_dir!r}: the SLURM backend needs a shared filesystem path "
+                     "(sbatch reads the array script and SLURM writes the task logs there); the "
+                     "runs can still write gs:// paths their configs name")
+  fileio.makedirs(sweep_dir)
   points = points_of(grid, sweep_dir)
   todo = [
-      i for i, p in enumerate(points) if not os.path.exists(os.path.join(p["workdir"], sweep.FINAL))
-  ]
+      i for i, p in enumerate(points) if not fileio.exists(fileio.join(p["workdir"], sweep.FINAL))]
   task_file = os.path.join(sweep_dir, TASK_FILE)
   _atomic_write(
       task_file,
@@ -122,15 +123,14 @@ def gather(grid, sweep_dir: str) -> list[dict]:
   rows = []
   for point in points_of(grid, sweep_dir):
     workdir, record = point["workdir"], {}
-    record_path = os.path.join(workdir, TASK_RECORD)
-    if os.path.exists(record_path):
-      with open(record_path) as f:
-        record = json.load(f)
-    final_path = os.path.join(workdir, sweep.FINAL)
-    if os.path.exists(final_path):
+    record_path = fileio.join(workdir, TASK_RECORD)
+    if fileio.exists(record_path):
+      record = fileio.read_json(record_path)
+    final_path = fileio.join(workdir, sweep.FINAL)
+    if fileio.exists(final_path):
       status = "ok"
     elif record.get("rc"):
-      last = sweep.last_line(os.path.join(workdir, "sweep.log"))
+      last = sweep.last_line(fileio.join(workdir, "sweep.log"))
       status = f"failed (exit {record['rc']}): {last}"
     elif record:
       status = "failed: exited 0 without final_metrics.json"
@@ -167,18 +167,17 @@ def run(args: argparse.Namespace, grid, fixed: dict, *, launcher: str, config: s
 
 def run_task(task_file: str, index: int) -> int:
   """One array task: grid point ``index`` through the local backend's ``sweep.launch``."""
-  with open(task_file) as f:
-    spec = json.load(f)
+  spec = fileio.read_json(task_file)
   point = spec["points"][index]
   workdir = point["workdir"]
-  if os.path.exists(os.path.join(workdir, sweep.FINAL)):
+  if fileio.exists(fileio.join(workdir, sweep.FINAL)):
     print(f"sweep task {index}: {point['name']} finished earlier", flush=True)
     return 0
   print(f"sweep task {index}: {point['name']} in {workdir}", flush=True)
   rc, seconds = sweep.launch(spec["launcher"], spec["config"], workdir, point["overrides"],
                              spec["fixed"], python=spec.get("python") or sys.executable)
   _atomic_write(
-      os.path.join(workdir, TASK_RECORD),
+      fileio.join(workdir, TASK_RECORD),
       json.dumps({
           "rc": rc, "seconds": round(seconds, 1), "index": index, "array_job": os.environ.get(
               "SLURM_ARRAY_JOB_ID", "")}) + "\n")

@@ -26,6 +26,7 @@ JSONL files of a few MB, which is what appends are used for).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -59,6 +60,17 @@ def join(base: PathLike, *parts: str) -> str:
   if not os.fspath(base):  # as os.path.join: '' + x is x (epath would make it ./x)
     return os.path.join("", *parts)
   return os.fspath(epath.Path(base).joinpath(*parts))
+
+
+def parent(p: PathLike) -> str:
+  """The folder holding ``p`` (``os.path.dirname`` of a local path; for a URL, the URL up to its
+  last ``/``, never above the bucket: ``gs://b/x`` -> ``gs://b``, ``gs://b`` -> ``gs://b``)."""
+  p = os.fspath(p)
+  if not is_remote(p):
+    return os.path.dirname(p)
+  scheme, rest = p.split("://", 1)
+  rest = rest.rstrip("/")
+  return f"{scheme}://{rest.rsplit('/', 1)[0] if '/' in rest else rest}"
 
 
 def exists(p: PathLike) -> bool:
@@ -160,6 +172,11 @@ def read_json(p: PathLike) -> Any:
   return json.loads(read_text(p))
 
 
+def read_jsonl(p: PathLike) -> list[Any]:
+  """The JSON values of a JSON Lines file, one per non-blank line."""
+  return [json.loads(line) for line in read_text(p).splitlines() if line.strip()]
+
+
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   """Writes ``data`` to ``p`` so that a reader sees the old content or the new one (module doc)."""
   if is_remote(p):
@@ -194,6 +211,14 @@ def append_text(p: PathLike, text: str) -> None:
   with open(p, "a", encoding="utf-8") as f:
     f.write(text)
     f.flush()
+
+
+def save_figure(fig: Any, p: PathLike, **savefig_kwargs: Any) -> None:
+  """A matplotlib figure as PNG at ``p`` (local or URL), written atomically: rendered into memory
+  first, because ``fig.savefig`` opens local paths only and writes in place."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **savefig_kwargs)
+  atomic_write_bytes(p, buf.getvalue())
 
 
 def upload_file(local: str, p: PathLike) -> None:

@@ -1,25 +1,42 @@
-"""A run whose workdir is a URL writes there and nowhere else (issue 19: paths through etils.epath).
+"""Runs whose workdir is a URL write there and nowhere else (issue 19: paths through etils.epath).
 
 ``tests/fake_gcs.py`` serves ``gs://`` from a local folder at the place a real GCS client sits
 (fsspec for ``etils.epath``, TensorStore's kvstore for orbax's arrays), so a path turned into a
 local folder (``os.path.abspath('gs://b/x')`` = ``<cwd>/gs:/b/x``) shows up as a folder named
 ``gs:``, and one that only exists under the fake bucket went through the URL.
+
+One pipeline on a ``gs://`` root covers SFT, the reward model, RAFT and PPO (the smoke stages of
+``tests/multihost_pipeline_config.py``, one device): every stage reads the runs before it through
+their URLs (the SFT checkpoint, the RM artifact, the synthetic task, the tokenised datasets) and
+writes its checkpoints, metrics, samples and reports to the bucket. The SFT stage equals the same
+stage run on local disk, and a rerun reuses every stage through the URLs.
 """
 
-import json
+import importlib.util
 import os
 
 import pytest
 
 from rlhf_jax import fileio, train
-from rlhf_jax.algorithms import sft
 
 import fake_gcs
-from offline_fixtures import SFT_OVERRIDES, load_config, override
+import multihost_pipeline_config
+from offline_fixtures import REPO
 
-TINY = {
-    **SFT_OVERRIDES, "loop.num_steps": 4, "loop.log_every": 2, "loop.checkpoint_every": 2,
-    "optim.warmup_steps": 1}
+_spec = importlib.util.spec_from_file_location("pipeline",
+                                               os.path.join(REPO, "experiments", "pipeline.py"))
+pipeline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pipeline)
+
+STAGES = ("sft", "rm", "raft", "ppo")
+
+
+def _config(stages=STAGES):
+  config = multihost_pipeline_config.get_config()
+  for name in multihost_pipeline_config.STAGES:
+    config[name].mesh.data = 1  # one device: the URL paths are under test, not the mesh
+  config.stages = ",".join(stages)
+  return config
 
 
 def _url_like_local_names(top):
@@ -31,28 +48,38 @@ def _url_like_local_names(top):
 
 
 @pytest.mark.slow
-def test_tiny_sft_run_on_a_gs_workdir_writes_only_there_and_matches_a_local_run(
+def test_pipeline_on_a_gs_root_writes_only_under_the_bucket_and_matches_local(
     tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("RLHF_JAX_CACHE_DIR", str(tmp_path / "cache"))
-  local = sft.train_and_evaluate(override(load_config("sft_synthetic"), TINY),
-                                 str(tmp_path / "local_sft"))
+  [local] = pipeline.run_pipeline(_config(("sft",)), str(tmp_path / "local"), "pytest")
   with fake_gcs.fake_gcs(str(tmp_path / "bucket_root")) as root:
-    workdir = "gs://bucket/runs/sft"
-    remote = sft.train_and_evaluate(override(load_config("sft_synthetic"), TINY), workdir)
-    assert train.load_sft_params(workdir).step == 4
-    rows = train.read_metrics(workdir, "train")
-    stored = json.loads(fileio.read_text(fileio.join(workdir, train.FINAL_METRICS_FILE)))
-    # A rerun finds the finished run through the URL and does not train again.
-    again = sft.train_and_evaluate(override(load_config("sft_synthetic"), TINY), workdir)
-  assert [r["step"] for r in rows] == [2, 4]
+    url = "gs://bucket/runs/pipe"
+    [remote] = pipeline.run_pipeline(_config(), url, "pytest")
+    sft_steps = train.load_sft_params(fileio.join(url, "sft")).step
+    sft_rows = train.read_metrics(fileio.join(url, "sft"), "train")
+    ppo_rows = train.read_metrics(fileio.join(url, "ppo"), "train")
+    results_md = fileio.read_text(fileio.join(url, "results.md"))
+    # A rerun finds every finished stage through the URLs and trains nothing.
+    [again] = pipeline.run_pipeline(_config(), url, "pytest")
+  assert {name: remote[name]["_status"] for name in STAGES} == dict.fromkeys(STAGES, "ok")
+  assert {name: again[name]["_status"] for name in STAGES} == dict.fromkeys(STAGES, "reused")
+  assert sft_steps == remote["sft"]["step"] and sft_rows and len(ppo_rows) == 2
   for key in ("eval_nll_per_token", "sample_gold_reward", "step"):
-    assert remote[key] == local[key] == stored[key] == again[key], key
-  on_bucket = sorted(os.listdir(os.path.join(root, "bucket", "runs", "sft")))
-  assert {
-      "checkpoints", "config.json", "data", "final_metrics.json", "metrics.jsonl",
-      "run_fingerprint.json", "samples.jsonl", "tensorboard"} <= set(on_bucket), on_bucket
-  assert sorted(os.listdir(os.path.join(root, "bucket", "runs", "sft",
+    assert remote["sft"][key] == local["sft"][key] == again["sft"][key], key
+  for label in ("| sft |", "| reward model |", f"| {remote['raft'].get('method', 'raft')} |",
+                f"| {remote['ppo'].get('method', 'ppo')} |"):  # one table row per stage
+    assert label in results_md, (label, results_md)
+  bucket = os.path.join(root, "bucket", "runs", "pipe")
+  assert {"results.md", "results.csv", "frontier.png", *STAGES} <= set(os.listdir(bucket))
+  for name in STAGES:
+    assert {"final_metrics.json", "config.json",
+            pipeline.STAGE_TIMES_FILE} <= set(os.listdir(os.path.join(bucket, name))), name
+  for name in ("sft", "raft", "ppo"):
+    assert os.path.isdir(os.path.join(bucket, name, "checkpoints")), name
+  assert os.path.isfile(os.path.join(bucket, "ppo", "samples.jsonl"))
+  assert os.path.isfile(os.path.join(bucket, "ppo", "data", "synthetic", "metadata.json"))
+  assert sorted(os.listdir(os.path.join(bucket, "sft",
                                         "data"))) == ["sft_eval", "sft_train", "synthetic"]
   assert _url_like_local_names(tmp_path) == []
   assert not os.path.exists(os.path.join(str(tmp_path), "gs:"))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from typing import Any, Mapping, Sequence
+
+from rlhf_jax import fileio
 
 
 def _fmt(value: Any) -> str:
@@ -59,11 +60,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, cs
 
 
 def _atomic_write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, text)  # a local path or a URL (a sweep dir on gs://)
 
 
 def _finite(value: Any) -> bool:
@@ -132,8 +129,5 @@ def plot_frontier(
   if curves:
     ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp)
+  fileio.save_figure(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)

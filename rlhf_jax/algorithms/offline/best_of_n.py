@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, ClassVar
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import parallel
+from rlhf_jax import fileio, parallel
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax import scoring
 from rlhf_jax.eval import policy as policy_eval
@@ -122,13 +121,10 @@ def sample_and_score(loaded: common.LoadedModels, prompts: list[str], cfg: BestO
 
 
 def _write_curve(rows: list[dict[str, float]], path: str) -> None:
-  """``best_of_n.csv``: one line per n (written to a temporary name, then renamed)."""
+  """``best_of_n.csv``: one line per n (written atomically: ``fileio.atomic_write_text``)."""
   header = list(rows[0])
   lines = [",".join(header)] + [",".join(f"{row[h]:.6g}" for h in header) for row in rows]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 KNOWN_KEYS = {"method", "seed", "sources", "data", "limits", "bon", "eval", "mesh"}
@@ -139,12 +135,12 @@ def _prompts_file(data: BestOfNDataConfig, sources: sections.Sources) -> str:
     return data.eval_prompts_jsonl
   if data.source == "jsonl":
     return data.eval_jsonl
-  task = data.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
-  if not os.path.isfile(os.path.join(task, "metadata.json")):
+  task = data.synthetic_dir or fileio.join(sources.sft_workdir, "data", "synthetic")
+  if not fileio.isfile(fileio.join(task, "metadata.json")):
     raise ValueError(f"config.data.synthetic_dir={task!r}: no synthetic task there; allowed: the "
                      "folder `python -m rlhf_jax.data.synthetic --out DIR` wrote (default: the SFT "
                      "run's <sft_workdir>/data/synthetic)")
-  return os.path.join(task, "prompts_test.jsonl")
+  return fileio.join(task, "prompts_test.jsonl")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -170,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   eval_cfg = config_dicts.to_dataclass(policy_eval.PolicyEvalConfig, config.eval, "eval")
   mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   loaded = common.load_models(sources, mesh, need_reward=True)
   prompts = common.read_prompts(_prompts_file(data_cfg, sources), eval_cfg.num_prompts,
                                 loaded.tokenizer.chat_template)
@@ -185,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger.info("best-of-%d: gold %.3f (oracle %.3f), RM %.3f, KL %.3f, win rate %.3f",
                 int(row["n"]), row["gold_reward"], row["oracle_gold_reward"], row["rm_reward"],
                 row["kl_to_sft"], row["win_rate_vs_sft"])
-  parallel.write_on_coordinator(_write_curve, rows, os.path.join(workdir, CURVE_FILE))
+  parallel.write_on_coordinator(_write_curve, rows, fileio.join(workdir, CURVE_FILE))
   top = rows[-1]
   final = {
       "method": f"best_of_{int(top['n'])}", "step": 0, "preempted": False,

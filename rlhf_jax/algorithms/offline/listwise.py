@@ -192,7 +192,7 @@ def generate_lists(loaded: common.LoadedModels, prompts: list[str], cfg: RankedD
     rows.append({
         "prompt": prompt, "responses": [t for t, _ in kept],
         "scores": [round(r, 5) for _, r in kept]})
-  fileio.makedirs(os.path.dirname(fileio.absolute(path)))
+  fileio.makedirs(fileio.parent(fileio.absolute(path)))
   rec.write_jsonl(path, rows)
   if not rows:
     raise ValueError(
@@ -275,7 +275,7 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
     if loaded.reward is None:
       raise ValueError(
           "config.data.candidates='generated' needs config.sources.reward_model_workdir")
-    gen_prompts = cfg.train_jsonl or (fileio.join(os.path.dirname(train_src), "prompts.jsonl"))
+    gen_prompts = cfg.train_jsonl or (fileio.join(fileio.parent(train_src), "prompts.jsonl"))
     generated = fileio.join(data_dir, "generated_ranked.jsonl")
     key = generated_lists_key(loaded, sources, cfg, limits, gen_prompts, seed)
     cached_generated_lists(

@@ -34,14 +34,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from typing import Any, ClassVar
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import parallel, scoring, train
+from rlhf_jax import fileio, parallel, scoring, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.models import lora as lora_lib
@@ -194,13 +193,13 @@ def _prompt_files(data: RAFTDataConfig, sources: sections.Sources) -> tuple[str,
   """(training prompts, held-out prompts) files (:class:`RAFTDataConfig`)."""
   if data.source == "jsonl":
     return data.train_jsonl, data.eval_prompts_jsonl or data.eval_jsonl or data.train_jsonl
-  task = data.synthetic_dir or os.path.join(sources.sft_workdir, "data", "synthetic")
-  if not os.path.isfile(os.path.join(task, "metadata.json")):
+  task = data.synthetic_dir or fileio.join(sources.sft_workdir, "data", "synthetic")
+  if not fileio.isfile(fileio.join(task, "metadata.json")):
     raise ValueError(f"config.data.synthetic_dir={task!r}: no synthetic task there; allowed: the "
                      "folder `python -m rlhf_jax.data.synthetic --out DIR` wrote (default: the SFT "
                      "run's <sft_workdir>/data/synthetic)")
-  return (os.path.join(task, "prompts.jsonl"), data.eval_prompts_jsonl or
-          os.path.join(task, "prompts_test.jsonl"))
+  return (fileio.join(task, "prompts.jsonl"), data.eval_prompts_jsonl or
+          fileio.join(task, "prompts_test.jsonl"))
 
 
 KNOWN_KEYS = {
@@ -232,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _host_rows(data_cfg.batch_size)  # before any sampling: the batch must split over the processes
   lora = sections.lora_section(config)
   mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   loaded = common.load_models(sources, mesh, model_section=config.get("model"),
                               tokenizer_spec=sources.tokenizer or "byte", rng=init_rng,

@@ -29,16 +29,14 @@ rerun resumes. ``rounds.json`` / ``rounds.md`` / ``iterated_rlhf.png`` hold the 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import feedback, models, parallel, sampling, scoring, train
+from rlhf_jax import feedback, fileio, models, parallel, sampling, scoring, train
 from rlhf_jax.algorithms import registry, sections
 from rlhf_jax.algorithms.online.config import PPODataConfig
 from rlhf_jax.data import batching, records, synthetic, synthetic_files
@@ -98,13 +96,11 @@ def rm_gold_accuracy(handle, tokenizer, rows: list[dict]) -> float:
 
 
 def _write(path: str, rows: list[dict]) -> None:
-  records.write_jsonl(path + ".tmp", rows)
-  os.replace(path + ".tmp", path)
+  records.write_jsonl(path, rows)  # atomic (a temp file + rename; one object upload for a URL)
 
 
 def _read(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return fileio.read_jsonl(path)
 
 
 def _round_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -125,30 +121,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                             "reference")
   annotator = config_dicts.to_dataclass(feedback.AnnotatorConfig, config.annotator, "annotator")
   lora = sections.lora_section(config)  # validated here; each stage parses its own copy
-  os.makedirs(workdir, exist_ok=True)
-  train.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  workdir = fileio.absolute(workdir)
+  fileio.makedirs(workdir)
+  train.atomic_write_json(fileio.join(workdir, "config.json"), config.to_dict())
   sft_ckpt = train.load_sft_params(sft_dir)
   tok, policy_model = sft_ckpt.tokenizer, models.Transformer(sft_ckpt.model_config)
-  tok_spec = train.tokenizer_spec(train.read_json(os.path.join(sft_dir, "config.json")))
+  tok_spec = train.tokenizer_spec(train.read_json(fileio.join(sft_dir, "config.json")))
   label_fn = feedback.make_label_fn(annotator, tok)
   ppo_data, ppo_limits = config.ppo.data, config.ppo.limits
-  task_dir = os.path.join(workdir, "data", "synthetic")
-  if not os.path.exists(os.path.join(task_dir, "metadata.json")):
+  task_dir = fileio.join(workdir, "data", "synthetic")
+  if not fileio.exists(fileio.join(task_dir, "metadata.json")):
     task = config_dicts.to_dataclass(PPODataConfig, ppo_data, "ppo.data").synthetic_task()
     synthetic_files.write_task(task_dir, task, overwrite=True)
-  prompt_pool = [r["prompt"] for r in _read(os.path.join(task_dir, "prompts.jsonl"))]
+  prompt_pool = [r["prompt"] for r in _read(fileio.join(task_dir, "prompts.jsonl"))]
   sample_kw = dict(max_prompt_len=ppo_limits.max_prompt_len,
                    max_new_tokens=ppo_limits.max_response_len, label_fn=label_fn)
-  all_pairs = os.path.join(workdir, "all_pairs.jsonl")
+  all_pairs = fileio.join(workdir, "all_pairs.jsonl")
   params, policy_dir, table = sft_ckpt.params, sft_dir, []
   for r in range(config.rounds):
-    rdir = os.path.join(workdir, f"round_{r}")
-    os.makedirs(rdir, exist_ok=True)
+    rdir = fileio.join(workdir, f"round_{r}")
+    fileio.makedirs(rdir)
     rng = np.random.default_rng([config.seed, r])
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
-    new_pairs, held_pairs = os.path.join(rdir,
-                                         "pairs.jsonl"), os.path.join(rdir, "eval_pairs.jsonl")
-    if not os.path.exists(held_pairs):  # 1. comparisons of π_r
+    new_pairs, held_pairs = fileio.join(rdir, "pairs.jsonl"), fileio.join(rdir, "eval_pairs.jsonl")
+    if not fileio.exists(held_pairs):  # 1. comparisons of π_r
       chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs,
                           replace=False)
       prompts = [prompt_pool[i] for i in chosen]
@@ -158,25 +154,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       _write(new_pairs, rows[:split])
       _write(all_pairs + f".round{r}", previous + rows[:split])
       _write(held_pairs, rows[split:])
-    rm_dir = os.path.join(rdir, "rm")
-    if not os.path.exists(os.path.join(rm_dir, scoring.ARTIFACT_DIR)):  # 2. RM_r
+    rm_dir = fileio.join(rdir, "rm")
+    if not fileio.exists(fileio.join(rm_dir, scoring.ARTIFACT_DIR)):  # 2. RM_r
       rm_cfg = copy.deepcopy(config.rm)
       rm_cfg.sources.sft_workdir = sft_dir
       rm_cfg.data.source = "jsonl"
       rm_cfg.data.train_jsonl = all_pairs + f".round{r}"
       rm_cfg.data.eval_jsonl = held_pairs
-      rm_cfg.data.prompts_jsonl = os.path.join(task_dir, "prompts.jsonl")
+      rm_cfg.data.prompts_jsonl = fileio.join(task_dir, "prompts.jsonl")
       if lora.enabled:
         rm_cfg.lora = copy.deepcopy(config.lora)
       if _round_stage(rm_cfg, rm_dir).get("preempted"):
         logger.warning("round %d: reward model preempted; rerun to resume", r)
         return table
-    if os.path.exists(all_pairs + f".round{r}"):  # this round's data now backs a trained RM
-      os.replace(all_pairs + f".round{r}", all_pairs)
+    if fileio.exists(all_pairs + f".round{r}"):  # this round's data now backs a trained RM
+      fileio.rename(all_pairs + f".round{r}", all_pairs)
     handle = scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
-    ppo_dir = os.path.join(rdir, "ppo")  # 3. π_{r+1}: PPO from π_r, KL to the SFT model
+    ppo_dir = fileio.join(rdir, "ppo")  # 3. π_{r+1}: PPO from π_r, KL to the SFT model
     if train.is_finished(ppo_dir):
-      final = train.read_json(os.path.join(ppo_dir, train.FINAL_METRICS_FILE))
+      final = train.read_json(fileio.join(ppo_dir, train.FINAL_METRICS_FILE))
     else:
       ppo_cfg = copy.deepcopy(config.ppo)
       ppo_cfg.sources.sft_workdir = policy_dir
@@ -207,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         "rm_accuracy_on_own_policy": rm_gold_accuracy(handle, tok, _read(held_pairs))}
     table.append(row)
     logger.info("round %d: %s", r, row)
-  train.atomic_write_json(os.path.join(workdir, "rounds.json"), table)
+  train.atomic_write_json(fileio.join(workdir, "rounds.json"), table)
   write_report(table, workdir)
   return table
 
@@ -220,8 +216,7 @@ def write_report(table: list[dict], workdir: str) -> None:
   for row in table:
     lines.append("| " + " | ".join(
         f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
-  with open(os.path.join(workdir, "rounds.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fileio.atomic_write_text(fileio.join(workdir, "rounds.md"), "\n".join(lines) + "\n")
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -238,5 +233,5 @@ def write_report(table: list[dict], workdir: str) -> None:
   axes[2].plot([0] + rounds, [0.0] + [row["kl_to_sft"] for row in table], "o-")
   axes[2].set(xlabel="round", ylabel="KL(π ‖ SFT) per response")
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "iterated_rlhf.png"), dpi=120)
+  fileio.save_figure(fig, fileio.join(workdir, "iterated_rlhf.png"), dpi=120)
   plt.close(fig)

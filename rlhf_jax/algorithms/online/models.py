@@ -25,14 +25,13 @@ or vocabulary is refused before any work (:func:`check_compatible`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from rlhf_jax import models, parallel, train
+from rlhf_jax import fileio, models, parallel, train
 from rlhf_jax import scoring
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.online.config import PPOConfig
@@ -160,7 +159,7 @@ def load_models(config: PPOConfig, sources: sections.Sources, rng: jax.Array, *,
                                      rules=rules, attribute_weights=sources.attribute_weights)
   value_source = reward
   if (config.uses_critic and config.critic_init == "reward_model" and
-      os.path.abspath(sources.value_model) != os.path.abspath(rm_dir)):
+      fileio.absolute(sources.value_model) != fileio.absolute(rm_dir)):
     value_source = scoring.load_reward_model(sources.value_model,
                                              policy_tokenizer=policy_ckpt.tokenizer, mesh=mesh,
                                              rules=rules)

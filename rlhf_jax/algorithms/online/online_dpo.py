@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any
 
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import losses, models, parallel, sampling, train
+from rlhf_jax import fileio, losses, models, parallel, sampling, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.online.config import OnlineDPOConfig, PPODataConfig
 from rlhf_jax.algorithms.online.rollout import make_generate_fn, make_score_fn
@@ -141,7 +140,7 @@ class _Prompts:
       train_jsonl = data.train_jsonl
       eval_prompts = data.eval_prompts_jsonl or data.eval_jsonl
     dataset = ds_lib.prepare_dataset(train_jsonl, "prompt", tokenizer,
-                                     os.path.join(workdir, "data", "prompts_train"),
+                                     fileio.join(workdir, "data", "prompts_train"),
                                      max_prompt_len=limits.max_prompt_len,
                                      max_response_len=limits.max_response_len)
     self.train = batching.BatchIterator(dataset, data.batch_size, seed=data.shuffle_seed,
@@ -173,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sources.require("reward_model_workdir", METHOD, "online_dpo.judge='reward_model' scores "
                     "the two answers with it")
   mesh = parallel.mesh_from_config(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   loaded = common.load_models(sources, mesh, lora=sections.lora_section(config))
   limits.check_model(loaded.model_config.max_seq_len)
   tok, policy, prompt_len = loaded.tokenizer, loaded.model, limits.max_prompt_len

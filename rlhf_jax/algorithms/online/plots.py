@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Sequence
 
-from rlhf_jax import train
+from rlhf_jax import fileio, train
 
 
 def gold_peak(rows: list[dict]) -> dict:
@@ -31,7 +30,7 @@ def report(workdirs: Sequence[str], out_dir: str) -> dict:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   fig, (ax_gold, ax_rm) = plt.subplots(1, 2, figsize=(10, 3.8))
   summary = {}
   for workdir in workdirs:
@@ -39,7 +38,7 @@ def report(workdirs: Sequence[str], out_dir: str) -> dict:
     rows = [r for r in rows if "gold_reward" in r and "kl_to_sft" in r]
     if not rows:
       continue
-    beta = train.read_json(os.path.join(workdir, "config.json"))["ppo"]["kl_coef"]
+    beta = train.read_json(fileio.join(workdir, "config.json"))["ppo"]["kl_coef"]
     label = f"β = {beta:g}"
     kl = [r["kl_to_sft"] for r in rows]
     ax_gold.plot(kl, [r["gold_reward"] for r in rows], "o-", ms=3, label=label)
@@ -53,9 +52,9 @@ def report(workdirs: Sequence[str], out_dir: str) -> dict:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "overoptimization.png"), dpi=120)
+  fileio.save_figure(fig, fileio.join(out_dir, "overoptimization.png"), dpi=120)
   plt.close(fig)
-  train.atomic_write_json(os.path.join(out_dir, "overoptimization.json"), summary)
+  train.atomic_write_json(fileio.join(out_dir, "overoptimization.json"), summary)
   return summary
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Mapping, NamedTuple
 
@@ -47,7 +46,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import losses, parallel, sampling, scoring, train
+from rlhf_jax import fileio, losses, parallel, sampling, scoring, train
 from rlhf_jax.algorithms import common, sections
 from rlhf_jax.algorithms.online import models as ppo_models
 from rlhf_jax.algorithms.online.config import PPOConfig, PPODataConfig
@@ -116,27 +115,27 @@ class Prompts:
 def prepare_prompts(data: PPODataConfig, limits: sections.Limits, config: PPOConfig, tokenizer,
                     workdir: str, *, vocab_size: int) -> Prompts:
   """Train prompt iterator (TFDS prompt dataset under ``<workdir>/data``) and eval prompt texts."""
-  data_dir = os.path.join(workdir, "data")
+  data_dir = fileio.join(workdir, "data")
   gold_fn = None
   if data.source == "synthetic":
-    task_dir = data.synthetic_dir or os.path.join(data_dir, "synthetic")
+    task_dir = data.synthetic_dir or fileio.join(data_dir, "synthetic")
     wanted = data.synthetic_task()
     # Every process takes process 0's branch; process 0 writes, the others wait for the files.
-    if not parallel.agree(os.path.exists(os.path.join(task_dir, "metadata.json"))):
+    if not parallel.agree(fileio.exists(fileio.join(task_dir, "metadata.json"))):
       parallel.write_on_coordinator(synthetic_files.write_task, task_dir, wanted, overwrite=True,
                                     barrier="ppo_synthetic_task")
-    meta = train.read_json(os.path.join(task_dir, "metadata.json"))
+    meta = train.read_json(fileio.join(task_dir, "metadata.json"))
     for key in ("seed", "num_prompts", "num_test_prompts"):
       if meta["config"][key] != getattr(wanted, key):
         raise ValueError(f"{task_dir} holds a synthetic task with {key}={meta['config'][key]}, the "
                          f"config asks for {getattr(wanted, key)}; use a fresh --workdir")
-    train_jsonl = os.path.join(task_dir, "prompts.jsonl")
-    eval_jsonl = data.eval_prompts_jsonl or os.path.join(task_dir, "prompts_test.jsonl")
+    train_jsonl = fileio.join(task_dir, "prompts.jsonl")
+    eval_jsonl = data.eval_prompts_jsonl or fileio.join(task_dir, "prompts_test.jsonl")
     gold_fn = synthetic.gold_rewards
   else:
     train_jsonl, eval_jsonl = data.train_jsonl, data.eval_prompts_jsonl or data.eval_jsonl
   dataset = ds_lib.prepare_dataset(train_jsonl, "prompt", tokenizer,
-                                   os.path.join(data_dir, "prompts_train"),
+                                   fileio.join(data_dir, "prompts_train"),
                                    max_prompt_len=limits.max_prompt_len,
                                    max_response_len=limits.max_response_len)
   iterator = batching.BatchIterator(dataset, config.rollout_batch_size, seed=data.shuffle_seed,
@@ -163,7 +162,7 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
   (also written to ``<workdir>/final_metrics.json``) and the final state. ``models_`` from
   :func:`ppo_models.load_models` or built in-process (iterated RLHF); ``placement``: mesh + rules
   (default: one device)."""
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   tok, policy = models_.tokenizer, models_.policy
   if config.max_new_tokens != limits.max_response_len:
     raise ValueError(f"PPOConfig.max_new_tokens={config.max_new_tokens} differs from "
@@ -262,7 +261,7 @@ def run(*, workdir: str, config: PPOConfig, loop: train.LoopConfig, optim: train
     evaluator = policy_eval.PolicyEvaluator(policy, ref_params, tok, eval_prompts, eval_config,
                                             reward_fn=scoring.sample_reward_fn(models_.reward),
                                             gold_reward_fn=prompts.gold_reward_fn,
-                                            sample_path=os.path.join(workdir, "samples.jsonl"),
+                                            sample_path=fileio.join(workdir, "samples.jsonl"),
                                             mesh=placement.mesh)
     eval_fn = lambda st, step: evaluator(st.params["policy"], step)  # noqa: E731
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from rlhf_jax import parallel, train
+from rlhf_jax import fileio, parallel, train
 from rlhf_jax.algorithms import sections
 from rlhf_jax.algorithms.reward import evaluation as reward_eval
 from rlhf_jax.algorithms.reward.objectives import DATA_KIND
@@ -118,11 +117,8 @@ def _subset(path: str, n: int, out_path: str) -> str:
       break
   if len(lines) < n:
     raise ValueError(f"config.data.num_train_examples={n} but {path} has only {len(lines)} records")
-  if not os.path.exists(out_path):
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(lines)
-    os.replace(tmp, out_path)
+  if not fileio.exists(out_path):
+    fileio.atomic_write_text(out_path, "".join(lines))
   return out_path
 
 
@@ -149,19 +145,19 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
             tokenizer: tok_lib.Tokenizer, workdir: str, *, vocab_size: int) -> RMData:
   """Builds (once) the datasets under ``<workdir>/data`` and materialises the held-out splits."""
   kind = DATA_KIND[objective]
-  data_dir = os.path.join(workdir, "data")
-  os.makedirs(data_dir, exist_ok=True)
+  data_dir = fileio.join(workdir, "data")
+  fileio.makedirs(data_dir)
   files: dict[str, str] = {}
   gold_prompts, gold_fn, bt_temperature = None, None, None
   rating_scale, attribute_names = tuple(config.rating_scale), tuple(config.attribute_names)
   if config.source == "synthetic":
-    task_dir = config.synthetic_dir or os.path.join(data_dir, "synthetic")
+    task_dir = config.synthetic_dir or fileio.join(data_dir, "synthetic")
     wanted = config.synthetic_task(bt_temperature=config.synthetic_bt_temperature)
-    meta_path = os.path.join(task_dir, "metadata.json")
+    meta_path = fileio.join(task_dir, "metadata.json")
     # One decision, one writer: two processes publishing the task concurrently race in
     # fileio.replace_dir (an OSError, or the folder briefly absent for the other's reads), and the
     # failed process's stage ends while the other waits in the next collective.
-    if not parallel.agree(os.path.exists(meta_path)):
+    if not parallel.agree(fileio.exists(meta_path)):
       logger.info("generating the synthetic task into %s", task_dir)
       parallel.write_on_coordinator(synthetic_files.write_task, task_dir, wanted, overwrite=True,
                                     barrier="rm_synthetic_task_written")
@@ -174,10 +170,10 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
     files = {
         "train": f"{stem}.jsonl", "eval": f"{stem}_test.jsonl", "pairwise": "pairwise_test.jsonl",
         "ranked": "ranked_test.jsonl", "prompts": "prompts.jsonl"}
-    files = {k: os.path.join(task_dir, v) for k, v in files.items()}
+    files = {k: fileio.join(task_dir, v) for k, v in files.items()}
     rating_scale = rating_scale or tuple(synthetic_files.RATING_SCALE)
     bt_temperature = config.synthetic_bt_temperature
-    gold_path = config.eval_prompts_jsonl or os.path.join(task_dir, "prompts_test.jsonl")
+    gold_path = config.eval_prompts_jsonl or fileio.join(task_dir, "prompts_test.jsonl")
     texts = [r.prompt for r in records.read_records(gold_path, "prompt")]
     gold_prompts = {"texts": texts}
     gold_fn = synthetic.gold_attribute_arrays
@@ -200,7 +196,7 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
   if config.num_train_examples:
     files["train"] = _subset(
         files["train"], config.num_train_examples,
-        os.path.join(data_dir, f"{kind}_train_first{config.num_train_examples}.jsonl"))
+        fileio.join(data_dir, f"{kind}_train_first{config.num_train_examples}.jsonl"))
 
   lengths = dict(max_prompt_len=limits.max_prompt_len, max_response_len=limits.max_response_len)
   scale = rating_scale if kind in ("rated", "attributes") else None
@@ -210,7 +206,7 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
     suffix = f"_first{config.num_train_examples}" if name == "train" and config.num_train_examples else ""
     # Training pairs with chosen == rejected and ranked lists whose scores all tie carry no
     # preference: dropped and counted (an error if nothing is left), as DPO and PRO / RRHF do.
-    return ds_lib.prepare_dataset(path, k, tokenizer, os.path.join(data_dir, f"{k}_{name}{suffix}"),
+    return ds_lib.prepare_dataset(path, k, tokenizer, fileio.join(data_dir, f"{k}_{name}{suffix}"),
                                   scale=scale if k == kind else None,
                                   attribute_names=names if k == "attributes" else None,
                                   drop_uninformative=name == "train", **lengths)
