@@ -29,6 +29,7 @@ loops' step / loss / tokens-per-second / ETA lines in between.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
@@ -87,67 +88,27 @@ def stage_names(config) -> list[str]:
   return stages
 
 
-# How long a process waits for its peers' outcome of a stage (seconds): a process whose stage
-# failed waits briefly (peers still inside the stage are most likely blocked in a collective that
-# waits for it; its exit fails that collective), one whose stage finished waits long (a failing
-# peer reports within its own wait, or its exit takes the job down).
-FAILED_WAIT_S = float(os.environ.get("RLHF_JAX_STAGE_FAILED_WAIT_S", "30"))
-OK_WAIT_S = float(os.environ.get("RLHF_JAX_STAGE_OK_WAIT_S", "900"))
 FAILED_FINAL_FILE = "final_metrics.failed.json"
+_AGREEMENTS = itertools.count()  # every process calls agree_stage_outcome in the same order
 
 
-class StageAgreementTimeout(RuntimeError):
-  """A peer did not report its outcome of a stage in time (stuck, or dead)."""
-
-
-def _kv_client():
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  return distributed.global_state.client  # jax's coordination service (orbax uses it the same way)
-
-
-def agree_stage_outcome(key: str, failed: str | None, *, final_path: str, client=None,
-                        process_index: int | None = None, process_count: int | None = None,
-                        failed_wait_s: float | None = None,
-                        ok_wait_s: float | None = None) -> str | None:
+def agree_stage_outcome(key: str, failed: str | None, *, final_path: str,
+                        **agree_kwargs) -> str | None:
   """Every process's outcome of stage ``key`` -> the first failure in process order, or None.
 
-  Not a device collective: a process whose stage failed cannot enter the collectives its peers
-  may still be waiting in, so the outcome goes through the coordination service's key-value store
-  (``client``: jax.distributed's, with ``key_value_set`` / ``blocking_key_value_get``). Each
-  process publishes ``ok`` or its failure under ``rlhf_jax/pipeline/<key>/<process>``, then reads
-  every peer's, waiting at most ``failed_wait_s`` (this process failed) or ``ok_wait_s`` (it
-  finished). So on every process the stage is either finished or failed with the same status.
-  A failure anywhere: process 0 moves a ``final_metrics.json`` it wrote to
-  ``final_metrics.failed.json``, so the rerun does not take the stage as finished.
-  A peer that does not report in time raises :class:`StageAgreementTimeout`; the caller ends this
-  process, which fails the collectives the peer is blocked in, and the peer then finds this
-  process's published failure here.
+  ``parallel.agree_outcome`` (through the coordination service's key-value store, under
+  ``rlhf_jax/pipeline/<key>/<process>``, with deadlines; ``agree_kwargs`` go to it): so on every
+  process the stage is either finished or failed with the same status. A failure anywhere:
+  process 0 moves a ``final_metrics.json`` it wrote to ``final_metrics.failed.json``, so the rerun
+  does not take the stage as finished. A peer that does not report in time raises
+  ``parallel.AgreementTimeout``; the caller ends this process.
   """
-  client = client if client is not None else _kv_client()
-  me = parallel.process_index() if process_index is None else process_index
-  count = parallel.process_count() if process_count is None else process_count
-  wait_s = (FAILED_WAIT_S if failed_wait_s is None else failed_wait_s) if failed else (
-      OK_WAIT_S if ok_wait_s is None else ok_wait_s)
-  prefix = f"rlhf_jax/pipeline/{key}/"
-  client.key_value_set(prefix + str(me), failed or "ok")
-  deadline = time.monotonic() + wait_s
-  outcomes = {}
-  for p in range(count):
-    try:
-      outcomes[p] = client.blocking_key_value_get(prefix + str(p),
-                                                  max(1, int(1e3 * (deadline - time.monotonic()))))
-    except Exception as err:  # pylint: disable=broad-except  (deadline, or the service is gone)
-      raise StageAgreementTimeout(
-          f"stage {key}: process {p} did not report its outcome within {wait_s:.0f} s (this "
-          f"process: {failed or 'finished'}); ending the job ({type(err).__name__}: "
-          f"{str(err).splitlines()[0][:120] if str(err) else ''})") from err
-  failures = [(p, v) for p, v in sorted(outcomes.items()) if v != "ok"]
-  if not failures:
-    return None
-  if me == 0 and fileio.exists(final_path):
+  failed = parallel.agree_outcome(key, failed, namespace="rlhf_jax/pipeline", **agree_kwargs)
+  me = agree_kwargs.get("process_index")
+  me = parallel.process_index() if me is None else me
+  if failed is not None and me == 0 and fileio.exists(final_path):
     fileio.rename(final_path, fileio.join(fileio.parent(final_path), FAILED_FINAL_FILE))
-  p, status = failures[0]
-  return f"{status[:200]} (process {p} of {count})"  # the same text on every process
+  return failed
 
 
 def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
@@ -182,9 +143,9 @@ def run_stage(name: str, cfg, root: str, index: int, total: int, start: float,
       logger.error("%s failed: %s", banner, failure[0])
     failed = f"failed: {type(err).__name__}: {err}"[:200]
   if parallel.process_count() > 1:  # every process takes the same branch: failed on one = on all
-    try:
-      failed = agree_stage_outcome(key, failed, final_path=final_path)
-    except StageAgreementTimeout as err:
+    try:  # numbered: the same stage of a second run_pipeline call in this job gets fresh keys
+      failed = agree_stage_outcome(f"{key}/{next(_AGREEMENTS)}", failed, final_path=final_path)
+    except parallel.AgreementTimeout as err:
       logger.error("%s: %s", banner, err)
       cli.quiet_exit(1)  # now, not at jax's shutdown barrier: our exit unblocks the peers
   if failed is not None:

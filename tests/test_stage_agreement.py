@@ -1,8 +1,10 @@
-"""A pipeline stage that fails on one process fails on every process (issue 19).
+"""A step that fails on one process fails on every process (issue 19).
 
-``experiments/pipeline.agree_stage_outcome`` through a fake of jax's coordination-service client
-(the key-value store ``jax.distributed`` gives every process): processes are threads here, so the
-test is milliseconds; tests/test_multihost.py covers the real two-process pipeline.
+``rlhf_jax.parallel.agree_outcome`` and the pipeline's stage use of it
+(``experiments/pipeline.agree_stage_outcome``: a failed stage's ``final_metrics.json`` moved
+aside) through a fake of jax's coordination-service client (the key-value store
+``jax.distributed`` gives every process): processes are threads here, so the test is
+milliseconds; tests/test_multihost.py covers the real two-process pipeline.
 """
 
 import importlib.util
@@ -14,6 +16,7 @@ import time
 import pytest
 
 from offline_fixtures import REPO
+from rlhf_jax import parallel
 
 _spec = importlib.util.spec_from_file_location("pipeline",
                                                os.path.join(REPO, "experiments", "pipeline.py"))
@@ -50,7 +53,7 @@ def _run(outcomes, final_path, **kw):
       results[p] = pipeline.agree_stage_outcome("sft", outcomes[p], final_path=final_path,
                                                 client=kv, process_index=p,
                                                 process_count=len(outcomes), **kw)
-    except pipeline.StageAgreementTimeout as err:
+    except parallel.AgreementTimeout as err:
       results[p] = err
 
   threads = [threading.Thread(target=one, args=(p,)) for p in range(len(outcomes))]
@@ -89,7 +92,7 @@ def test_a_failed_process_whose_peer_never_reports_gives_up_in_bounded_time(tmp_
   # agreement): process 0 must not wait for it long; its caller then ends the process.
   kv = FakeKV()
   t0 = time.monotonic()
-  with pytest.raises(pipeline.StageAgreementTimeout, match="process 1 did not report"):
+  with pytest.raises(parallel.AgreementTimeout, match="process 1 did not report"):
     pipeline.agree_stage_outcome("rm", "failed: OSError: disk", client=kv, process_index=0,
                                  process_count=2, final_path=str(tmp_path / "f.json"),
                                  failed_wait_s=0.2, ok_wait_s=60)
@@ -98,3 +101,26 @@ def test_a_failed_process_whose_peer_never_reports_gives_up_in_bounded_time(tmp_
   assert pipeline.agree_stage_outcome(
       "rm", "failed: RuntimeError: peer gone", client=kv, process_index=1, process_count=2,
       final_path=str(tmp_path / "f.json")) == "failed: OSError: disk (process 0 of 2)"
+
+
+def test_agree_outcome_is_generic_and_keys_are_namespaced():
+  # The parallel helper alone (no files): the verdict, and each caller's keys under its namespace.
+  kv, results = FakeKV(), {}
+
+  def one(p):
+    results[p] = parallel.agree_outcome("round_0/labels", "failed: X" if p == 2 else None,
+                                        namespace="test", client=kv, process_index=p,
+                                        process_count=3)
+
+  threads = [threading.Thread(target=one, args=(p,)) for p in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(10)
+  assert results == {p: "failed: X (process 2 of 3)" for p in range(3)}
+  assert sorted(kv.values) == [f"test/round_0/labels/{p}" for p in range(3)]
+  assert kv.values["test/round_0/labels/0"] == parallel.agreement.OK
+  # The pipeline's stages use their own namespace: the same key there does not collide.
+  assert pipeline.agree_stage_outcome("round_0/labels", None, final_path="/nonexistent/f.json",
+                                      client=kv, process_index=0, process_count=1) is None
+  assert "rlhf_jax/pipeline/round_0/labels/0" in kv.values

@@ -11,6 +11,7 @@ Typical use::
         state, metrics = train_step(state, batch)
 """
 
+from rlhf_jax.parallel.agreement import AgreementTimeout, agree_outcome
 from rlhf_jax.parallel.mesh import MESH_AXES, MeshConfig, make_mesh
 from rlhf_jax.parallel.multihost import (
     agree,
@@ -54,9 +55,11 @@ __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
     "PARAM_AXES",
+    "AgreementTimeout",
     "MeshConfig",
     "Rules",
     "agree",
+    "agree_outcome",
     "allgather_rows",
     "batch_axes",
     "check_same_config",
