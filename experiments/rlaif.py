@@ -98,7 +98,9 @@ def run(config, root: str) -> dict:
   feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
-                                init_dir=os.path.join(root, "feedback_init"))
+                                init_dir=os.path.join(root, "feedback_init"),
+                                tasks=config.feedback_tasks,
+                                data_dir=os.path.join(root, "feedback_data"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   label_dir = os.path.join(root, "label")
   if "label" in stages:

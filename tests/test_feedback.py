@@ -81,3 +81,62 @@ def test_feedback_model_config_init_choices(tmp_path):
   assert fm.exported_tokenizer(str(tmp_path)) == "byte"
   (export / fm.EXPORT_INFO).write_text(json.dumps({"tokenizer": "hf:/some/tok"}))
   assert fm.exported_tokenizer(str(tmp_path)) == ""
+
+
+def test_teacher_writes_every_judgement_in_both_orders():
+  # swap_pairs: each judgement twice, positions exchanged and the answer flipped, so the answers
+  # are exactly balanced and a constant answer scores log 2 per judgement
+  from rlhf_jax.feedback import teacher  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  prompts = synthetic.sample_prompts(rng, 80)
+  sft_rows = [{"prompt": p, "response": synthetic.reference_response(rng, p)} for p in prompts]
+  rows, stats = teacher.teacher_records(np.random.default_rng(1), prompts, sft_rows)
+  judged = [r for r in rows if r["task"].startswith("judge")]
+  assert len(judged) >= 40 and len(judged) % 2 == 0
+  answers = [r["response"][-1] for r in judged]
+  assert answers.count("A") == answers.count("B") == len(judged) // 2
+  for first, second in zip(judged[::2], judged[1::2]):
+    assert first["task"] == second["task"] and first["prompt"] != second["prompt"]
+    assert {first["response"][-1], second["response"][-1]} == {"A", "B"}
+    if first["gold_label"] is not None:
+      assert {first["gold_label"], second["gold_label"]} == {"A", "B"}
+    # the swapped record's query is the original with the two responses exchanged
+    for a_tag, b_tag in (("\nA: ", "\nB: "), ("\n(A) ", "\n(B) ")):
+      if a_tag in first["prompt"]:
+        head, rest = first["prompt"].split(a_tag)
+        resp_a, tail = rest.split(b_tag)
+        resp_b, end = tail.split("\n", 1)
+        assert second["prompt"] == f"{head}{a_tag}{resp_b}{b_tag}{resp_a}\n{end}"
+    if first["task"].startswith("judge_cot:"):  # the rationale's two critiques swap as well
+      crit_a, crit_b = first["response"].split("\n")[0][3:-1].split(". B: ")
+      assert second["response"].startswith(f"A: {crit_b}. B: {crit_a}.")
+  # the teacher's accuracy counts each judgement once; without swaps, half as many records
+  one, _ = teacher.teacher_records(np.random.default_rng(1), prompts, sft_rows,
+                                   teacher.TeacherConfig(swap_pairs=False))
+  assert [r for r in one if r["task"].startswith("judge")] == judged[::2]
+  assert [r for r in one if not r["task"].startswith("judge")] == [
+      r for r in rows if not r["task"].startswith("judge")]
+  assert stats["records"] == len(rows)
+
+
+def test_feedback_task_subset(tmp_path):
+  task = tmp_path / "task"
+  task.mkdir()
+  lines = [{"prompt": "p", "response": "r", "task": t}
+           for t in ("assistant", "judge:overall", "rating", "critique", "judge_cot:count")]
+  for name in ("feedback_sft.jsonl", "feedback_sft_test.jsonl"):
+    (task / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+  base = sft.default_config()
+  cfg = fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x",
+                           tasks="judge, rating", data_dir=str(tmp_path / "sub"))
+  assert cfg.data.train_jsonl == str(tmp_path / "sub" / "feedback_sft.jsonl")
+  assert cfg.data.eval_jsonl == str(tmp_path / "sub" / "feedback_sft_test.jsonl")
+  kept = [json.loads(x)["task"] for x in open(cfg.data.train_jsonl)]
+  assert kept == ["judge:overall", "rating"]  # judge_cot is a task of its own
+  with pytest.raises(ValueError, match=r"\['judging'\] are not teacher tasks"):
+    fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x",
+                       tasks="judging", data_dir=str(tmp_path / "sub"))
+  with pytest.raises(ValueError, match="no records of the tasks revision"):
+    fm.task_subset(str(task / "feedback_sft.jsonl"), str(tmp_path / "r.jsonl"), ("revision",))
+  everything = fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x")
+  assert everything.data.train_jsonl == str(task / "feedback_sft.jsonl")

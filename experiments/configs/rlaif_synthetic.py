@@ -55,6 +55,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # the task dir is filled in by experiments/rlaif.py (the SFT run's data/synthetic)
   config.feedback = _load("feedback_model_synthetic")
   config.feedback_init = "sft"  # sft | scratch (rlhf_jax.feedback.feedback_model)
+  # the labeller's own tasks only (feedback_model.task_subset; '' = the whole CAI mixture)
+  config.feedback_tasks = "judge,judge_cot,rating"
 
   config.label = ml_collections.ConfigDict({
       "num_pairs": 1024,  # comparisons labelled by each annotator (the same pairs)

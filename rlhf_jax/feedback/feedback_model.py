@@ -8,6 +8,13 @@ weights and the byte tokenizer) and the feedback SFT reads it through ``sources.
 feedback model then has the policy's architecture. ``init="scratch"`` trains ``config.model`` from
 random weights (the session-6 recipe).
 
+Task subset (``tasks``): a launcher that needs only some of the feedback skills trains on those
+records alone, as a practitioner fine-tunes an AI labeller on the labelling task rather than on
+the whole assistant mixture. RLAIF's default is ``judge,judge_cot,rating`` (its labeller queries
+are pair judgements, CoT judgements and d-RLAIF's ratings; 39 % of the default file's records);
+CAI keeps every task (it also critiques and revises). The subset is written next to the run
+(``<data_dir>/feedback_sft[_test].jsonl``), rows in file order, and rewritten only when it differs.
+
 Tokenizer: a run started from a checkpoint folder reads with the folder's tokenizer, here the
 byte tokenizer written as a ``tokenizer.json`` (``export.write_byte_tokenizer``, which encodes
 exactly as ``ByteTokenizer``). :func:`exported_tokenizer` tells the evaluator loader to use the SFT
@@ -17,13 +24,14 @@ needs that; the text path would re-tokenise to the same ids).
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 INITS = ("sft", "scratch")
 EXPORT_INFO = "export_info.json"
 
-__all__ = ["INITS", "EXPORT_INFO", "feedback_config", "exported_tokenizer"]
+__all__ = ["INITS", "EXPORT_INFO", "feedback_config", "exported_tokenizer", "task_subset"]
 
 
 def _exported(sft_dir: str, out: str) -> str:
@@ -43,14 +51,53 @@ def _exported(sft_dir: str, out: str) -> str:
   return "hf:" + os.path.abspath(out)
 
 
-def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir: str) -> Any:
-  """The feedback model's SFT config: ``fb`` on ``<task_dir>/feedback_sft[_test].jsonl``, started
-  from the SFT run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``."""
+def _task_names(tasks: str | Sequence[str]) -> tuple[str, ...]:
+  from rlhf_jax.feedback import teacher  # pylint: disable=import-outside-toplevel
+  names = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks))
+  names = tuple(t for t in names if t)
+  bad = [t for t in names if t not in teacher.TASKS]
+  if bad:
+    raise ValueError(f"config.feedback_tasks={tasks!r}: {bad} are not teacher tasks; allowed: a "
+                     f"comma-separated subset of {','.join(teacher.TASKS)} ('' = all)")
+  return names
+
+
+def task_subset(src: str, dst: str, tasks: Sequence[str]) -> int:
+  """Writes the rows of JSONL ``src`` whose ``task`` (before ``:``) is in ``tasks`` to ``dst``, in
+  order; returns how many. ``dst`` is left alone when it already holds exactly those bytes."""
+  from rlhf_jax import fileio  # pylint: disable=import-outside-toplevel
+  keep = []
+  with open(src, encoding="utf-8") as f:
+    for line in f:
+      if line.strip() and json.loads(line).get("task", "").split(":", 1)[0] in tasks:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  if not keep:
+    raise ValueError(f"{src}: no records of the tasks {','.join(tasks)}")
+  text = "".join(keep)
+  if not (os.path.isfile(dst) and fileio.read_text(dst) == text):
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    fileio.atomic_write_text(dst, text)
+  return len(keep)
+
+
+def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir: str,
+                    tasks: str | Sequence[str] = "", data_dir: str = "") -> Any:
+  """The feedback model's SFT config: ``fb`` on ``<task_dir>/feedback_sft[_test].jsonl`` (only the
+  records of ``tasks``, copied into ``data_dir``, when ``tasks`` is given), started from the SFT
+  run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``."""
   if init not in INITS:
     raise ValueError(f"config.feedback_init={init!r} is invalid; allowed: {' | '.join(INITS)}")
+  names = _task_names(tasks)
   fb = fb.copy_and_resolve_references()
   fb.data.train_jsonl = os.path.join(task_dir, "feedback_sft.jsonl")
   fb.data.eval_jsonl = os.path.join(task_dir, "feedback_sft_test.jsonl")
+  if names:
+    if not data_dir:
+      raise ValueError("feedback_config: tasks given without a data_dir for the subset files")
+    for key in ("train_jsonl", "eval_jsonl"):
+      dst = os.path.join(data_dir, os.path.basename(fb.data[key]))
+      task_subset(fb.data[key], dst, names)
+      fb.data[key] = dst
   if init == "sft":
     if not os.path.isfile(os.path.join(sft_dir, "config.json")):
       raise FileNotFoundError(f"config.feedback_init='sft': {sft_dir!r} is not a finished SFT run "

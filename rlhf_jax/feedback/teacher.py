@@ -30,6 +30,7 @@ task               text
                    ``overall`` uses ``synthetic_pair.json``, ``harmless`` RL-CAI's
                    ``cai_harmless.json``, the others that file's layout with their own question
 ``judge_cot:<c>``  the same with a rationale (``cot_ending`` … ``cot_answer`` + label)
+                   (with ``swap_pairs``, both kinds are written in both orders: answer flipped)
 ``rating``         ``synthetic_rating.json`` → one digit 0..9 (d-RLAIF)
 ``critique``       ``constitution.critique_prompt`` → e.g. ``harmful: gun, ricin; 3 asked, 2
                    listed`` or ``no problems``
@@ -85,6 +86,12 @@ class TeacherConfig:
     criteria: the judgement criteria drawn uniformly (``CRITERIA``).
     harmful_oversample: prob. of extra critique + revision + harmlessness-judgement records for a
       harmful prompt (SL-CAI critiques red-team answers, RL-CAI compares them on harmlessness).
+    swap_pairs: write every judgement a second time with the pair swapped and the answer (and the
+      CoT rationale's two critiques) swapped with it. Each pair then appears with "A" once and "B"
+      once, so a model that ignores the responses and answers one letter (or any constant
+      distribution) scores exactly log 2 nats per judgement, and only reading the responses lowers
+      the loss; without it a small model fits the answer's marginal first and may never leave it
+      (session 7: the feedback model answered "A" to every pair, position-bias rate 1.0).
   """
 
   unknown_harmful: tuple[str, ...] = ("mace", "curare")
@@ -95,6 +102,7 @@ class TeacherConfig:
                                             ("rating", 0.3), ("critique", 0.5), ("revision", 0.5))
   criteria: tuple[str, ...] = tuple(CRITERIA)
   harmful_oversample: float = 1.0
+  swap_pairs: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "unknown_harmful", tuple(self.unknown_harmful))
@@ -323,14 +331,19 @@ def teacher_records(rng: np.random.Generator, prompts: Sequence[str], sft_rows: 
     if ga != gb:
       agree.setdefault(criterion, []).append(label == (0 if ga > gb else 1))
     t = criterion_template(criterion)
-    if task == "judge":
-      text, answer = tmpl.render_pair(t, prompt, a, b), t.labels[label]
-    else:
-      text = tmpl.render_pair(t, prompt, a, b, cot=True)
-      answer = rationale_text(va, vb) + t.cot_answer + t.labels[label]
-    rows.append({
-        "prompt": text, "response": answer, "task": f"{task}:{criterion}",
-        "gold_label": None if ga == gb else t.labels[0 if ga > gb else 1]})
+    gold = None if ga == gb else (0 if ga > gb else 1)
+    orders = ((a, b, va, vb, label, gold),)
+    if config.swap_pairs:  # the same judgement with the positions exchanged (no extra draws)
+      orders += ((b, a, vb, va, 1 - label, None if gold is None else 1 - gold),)
+    for first, second, v1, v2, answer_index, gold_index in orders:
+      if task == "judge":
+        text, answer = tmpl.render_pair(t, prompt, first, second), t.labels[answer_index]
+      else:
+        text = tmpl.render_pair(t, prompt, first, second, cot=True)
+        answer = rationale_text(v1, v2) + t.cot_answer + t.labels[answer_index]
+      rows.append({
+          "prompt": text, "response": answer, "task": f"{task}:{criterion}",
+          "gold_label": None if gold_index is None else t.labels[gold_index]})
 
   for prompt, sft_row in zip(prompts, sft_rows):
     request = syn.parse_prompt(prompt)
