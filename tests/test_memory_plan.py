@@ -112,12 +112,27 @@ def test_launcher_refuses_before_allocating(tmp_path):
 
 
 def test_unplanned_method_is_refused_by_name(tmp_path):
-  config = load_config("online_dpo_synthetic")
-  config.mesh.device_memory_gb = 80.0
+  # every registered trainer is planned (iterated RLHF through its round stages' own configs), so
+  # a method added by a user is what reaches this message
+  config = ml_collections.ConfigDict({"method": "my_method", "mesh": {"device_memory_gb": 80.0}})
   with pytest.raises(
-      ValueError, match=r"no memory plan for method 'online_dpo'; planned: sft \| dpo \| "
-      r"kto \| listwise \| raft \| best_of_n \| reward_model \| ppo"):
+      ValueError, match=r"no memory plan for method 'my_method'; planned: sft \| dpo \| "
+      r"kto \| listwise \| raft \| best_of_n \| reward_model \| ppo \| online_dpo"):
     plan.check_config(config)
+
+
+@pytest.mark.parametrize("judge", ["reward_model", "annotator"])
+def test_online_dpo_plan_has_its_four_phases_and_the_rm_only_when_it_judges(judge):
+  odpo = online_plan.online_dpo.OnlineDPOConfig(judge=judge)
+  result = online_plan.online_dpo_plan(CFG, _mesh(), batch_size=2, prompt_len=8, response_len=8,
+                                       config=odpo)
+  phases = {"generate", "reference", "train_step"
+           } | ({"score"} if judge == "reward_model" else set())
+  assert set(result.phases) == phases
+  assert ("reward model params" in result.resident) == (judge == "reward_model")
+  assert result.resident["reference params"] == result.resident["policy params"]
+  # k and v: [L, 4 rows / 2 shards, K, 8 + 8 slots, H] float32 each
+  assert result.kv_cache == 2 * CFG.n_layers * 2 * CFG.num_kv_heads * 16 * CFG.head_size * 4
 
 
 def test_raft_and_best_of_n_plan_the_sampler_the_scores_and_raft_its_step():

@@ -4,7 +4,8 @@ The plan compiles the trainers' own jitted steps on abstract, sharded inputs
 (``parallel.memory_plan``): SFT's ``train.make_train_step(common.nll_loss_fn(model))`` jitted by
 ``train.loop.jit_train_step``; DPO's and KTO's steps and their reference forward, PRO / RRHF's
 step, RAFT's and best-of-n's sampling, scoring (and RAFT's step) (``offline/plan.py``); the reward model's step (``reward/plan.py``); PPO's generation, scoring,
-log-prob and update phases (``online/plan.py``). Entry points:
+log-prob and update phases, online DPO's sampling, scoring, reference and step
+(``online/plan.py``). Entry points:
 
 * :func:`plan_method` — ``(method, model config, mesh, shapes)`` → ``MemoryPlan`` (what
   ``experiments/plan_memory.py`` tabulates for ``llama_1b`` / an 8B Llama on 8..256 devices);
@@ -41,7 +42,8 @@ PLANNERS = {
     "sft": "rlhf_jax.algorithms.plan", "dpo": "rlhf_jax.algorithms.offline.plan",
     "kto": "rlhf_jax.algorithms.offline.plan", "listwise": "rlhf_jax.algorithms.offline.plan",
     "raft": "rlhf_jax.algorithms.offline.plan", "best_of_n": "rlhf_jax.algorithms.offline.plan",
-    "reward_model": "rlhf_jax.algorithms.reward.plan", "ppo": "rlhf_jax.algorithms.online.plan"}
+    "reward_model": "rlhf_jax.algorithms.reward.plan", "ppo": "rlhf_jax.algorithms.online.plan",
+    "online_dpo": "rlhf_jax.algorithms.online.plan"}
 
 # The planners that take a ``lora`` section (the policy's adapters over its frozen base).
 LORA_PLANNED = ("sft", "dpo", "kto", "listwise")

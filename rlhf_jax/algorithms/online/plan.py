@@ -15,6 +15,10 @@ jits (``rollout.make_*_fn`` / ``update.make_update_fn`` with the run's ``Placeme
 
 The rollout arrays an iteration keeps between phases (``[N, P+R]`` tokens, ``[N, R]`` per-token
 floats) are counted as the update's transient inputs.
+
+Online DPO (``online_dpo_plan``): policy + moments, reference, reward model (``judge=reward_model``)
+resident; per step ``generate`` (two answers per prompt), ``score``, ``reference`` (the summed
+reference log-probs of the 2B rows) and ``train_step`` (its DPO step over the pairs).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import jax.numpy as jnp
 
 from rlhf_jax import models, parallel, sampling, train
 from rlhf_jax.algorithms import plan as plan_lib
-from rlhf_jax.algorithms.online import ppo, rollout, update
+from rlhf_jax.algorithms import sections
+from rlhf_jax.algorithms.online import online_dpo, ppo, rollout, update
 from rlhf_jax.algorithms.online.config import PPOConfig
 from rlhf_jax.parallel import Placement
 from rlhf_jax.parallel import memory_plan as mp
+from rlhf_jax.train import config_dicts
 
 
 def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
@@ -128,8 +134,11 @@ def ppo_plan(policy_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, conf
 
 def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
          rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
-  """The PPO planner of ``algorithms.plan.PLANNERS``: the reward model's config from its
-  ``reward_model.json`` (no params read), the shapes from ``data`` / ``limits`` / ``ppo``."""
+  """The PPO (and online DPO) planner of ``algorithms.plan.PLANNERS``: the reward model's config
+  from its ``reward_model.json`` (no params read), the shapes from ``data`` / ``limits`` /
+  ``ppo``."""
+  if config.get("method") == "online_dpo":
+    return plan_online_dpo(config, model_config, mesh, rules)
   from rlhf_jax import scoring  # pylint: disable=import-outside-toplevel
   parsed = ppo.parse_config(config)
   sources = parsed.sources
@@ -143,3 +152,63 @@ def plan(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
   return ppo_plan(model_config, mesh, config=parsed.ppo, prompt_len=parsed.limits.max_prompt_len,
                   reward_config=rm_config, value_config=value_config, reward_outputs=outputs,
                   optim=parsed.optim, rules=rules)
+
+
+def online_dpo_plan(policy_config: models.ModelConfig, mesh: jax.sharding.Mesh, *, batch_size: int,
+                    prompt_len: int, response_len: int, config: Any = None,
+                    optim: train.OptimConfig = train.OptimConfig(),
+                    reward_config: models.ModelConfig | None = None, reward_outputs: int = 1,
+                    rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """One online-DPO step: ``batch_size`` prompts x 2 answers of ``prompt_len + response_len``;
+  ``reward_config=None`` and ``config.judge == "annotator"``: no reward model."""
+  config = config or online_dpo.OnlineDPOConfig()
+  b, n, p, r = batch_size, 2 * batch_size, prompt_len, response_len
+  plan_lib.check_rows(b, mesh, "data.batch_size (prompts)", rules)
+  policy = models.Transformer(policy_config)
+  params = plan_lib.abstract_params(policy, mesh, rules)
+  samp = sampling.SamplingConfig(max_new_tokens=r, temperature=config.temperature,
+                                 top_k=config.top_k, top_p=config.top_p, num_samples=2)
+  phases = {"generate": plan_lib.sample_phase(policy, params, samp, b, p, mesh, rules)}
+  resident_rm = {}
+  if config.judge == "reward_model":
+    reward_model = models.RewardModel(reward_config or policy_config, num_outputs=reward_outputs)
+    rm_params = plan_lib.abstract_params(reward_model, mesh, rules)
+    phases["score"] = plan_lib.reward_phase(reward_model, rm_params, n, p + r, mesh, rules)
+    resident_rm = {"reward model params": mp.per_device_bytes(rm_params)}
+  rows = parallel.data_sharding(mesh, rules)
+  seq = jax.ShapeDtypeStruct((n, p + r), jnp.int32, sharding=rows)
+  ref_logps = online_dpo.make_ref_logps_fn(policy, p)
+  phases["reference"] = mp.compile_phase(ref_logps, (params, seq, seq), mesh=mesh,
+                                         resident=(True, False, False), rules=rules)
+  batch = plan_lib.rows_batch(n, p + r, mesh, rules, response_mask=((n, r), jnp.int32),
+                              ref_logps=((n,), jnp.float32), first_wins=((b,), jnp.float32),
+                              valid=((b,), jnp.float32))
+  del batch["loss_mask"]  # the loss reads the response mask instead
+  step, state = plan_lib.train_step_phase(online_dpo.make_loss_fn(config, policy, p), params, optim,
+                                          batch, mesh, rules)
+  phases["train_step"] = step
+  forward = lambda c: mp.train_flops(c, n * (p + r), p + r) / 3  # noqa: E731
+  flops = mp.train_flops(policy_config, n * (p + r), p + r) + 2 * forward(policy_config)
+  return mp.MemoryPlan(
+      method="online_dpo", mesh_shape=plan_lib.mesh_shape(mesh), resident={
+          "policy params": mp.per_device_bytes(state.params),
+          "optimizer state": mp.per_device_bytes(state.opt_state),
+          "reference params": mp.per_device_bytes(params), **resident_rm}, phases=phases,
+      gradients=mp.per_device_bytes(state.params),
+      kv_cache=plan_lib.kv_cache_bytes(policy_config, n, p + r, mesh, rules), flops_per_step=flops,
+      notes=[
+          f"{b} prompts x 2 answers, P {p} + R {r}", f"judge {config.judge}",
+          f"remat {policy_config.remat_policy}"])
+
+
+def plan_online_dpo(config: Any, model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
+                    rules=parallel.DEFAULT_RULES) -> mp.MemoryPlan:
+  """``online_dpo``'s entry of ``algorithms.plan.PLANNERS`` (``plan`` dispatches here)."""
+  odpo = config_dicts.to_dataclass(online_dpo.OnlineDPOConfig, config.online_dpo, "online_dpo")
+  limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
+  reward_config, outputs = plan_lib.reward_model_of(config, model_config)
+  optim = config_dicts.to_dataclass(train.OptimConfig, config.optim, "optim")
+  return online_dpo_plan(model_config, mesh, batch_size=int(config.data.batch_size),
+                         prompt_len=limits.max_prompt_len, response_len=limits.max_response_len,
+                         config=odpo, optim=optim, reward_config=reward_config,
+                         reward_outputs=outputs, rules=rules)
