@@ -20,8 +20,9 @@ in-process checks cover the single-host no-op and the error messages.
 
 Methods as one job (slow): ``experiments/pipeline.py`` with ``tests/multihost_pipeline_config.py``
 (SFT, RM, DPO, KTO, PRO, RAFT, best-of-n, PPO, GRPO) launched once as 2 processes x 2 devices and
-once as 1 process x 4 devices; every stage's numbers agree. ``experiments/run.py`` as a 2-process
-job is covered by ``tests/test_multihost_faults.py``.
+once as 1 process x 4 devices; every stage's numbers agree. Iterated RLHF
+(``tests/multihost_iterated_config.py``, ``experiments/run.py``) from that run's SFT the same way.
+``experiments/run.py`` as a 2-process job is also covered by ``tests/test_multihost_faults.py``.
 """
 
 from __future__ import annotations
@@ -392,6 +393,60 @@ def test_pipeline_as_two_processes_logs_no_error(pipeline_runs):
         if re.match(r"E\d{4} ", line) or "Traceback" in line or " failed" in line]
     assert not bad, f"process {i}:\n" + "\n".join(bad[:20])
     assert "pipeline finished" in log or i == 1  # process 0 writes and logs the table
+
+
+# tests/multihost_iterated_config.py: iterated RLHF's smallest rounds (2 rounds of 16 + 8 labelled
+# prompts, an RM of 2 steps, PPO of 2 iterations), over the pipeline fixture's SFT run.
+ITERATED_CONFIG = os.path.join(REPO, "tests", "multihost_iterated_config.py")
+
+
+@pytest.mark.slow
+def test_iterated_rlhf_as_two_processes_gives_the_one_process_rounds(pipeline_runs):
+  """experiments/run.py with iterated RLHF as 2 processes x 2 devices == 1 process x 4 devices:
+    every round's numbers in rounds.json (PPO's gold reward / KL, RM_r's accuracies, the number of
+    comparisons) to 1e-3, the comparisons written once by process 0 and identical, each round
+    recording the job its stages ran on."""
+  sft = pipeline_runs / "one" / "sft"  # both topologies start from the same SFT run
+  procs = {}
+  for name, (num_processes, devices) in {"two": (2, 2), "one": (1, 4)}.items():
+    env = _launcher_env(NUM_PROCESSES=str(num_processes), DEVICES_PER_PROCESS=str(devices),
+                        LOG_DIR=str(pipeline_runs / f"logs_iterated_{name}"),
+                        PYTHON=sys.executable)
+    procs[name] = subprocess.Popen([
+        "bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
+        os.path.join(REPO, "experiments", "run.py"), f"--config={ITERATED_CONFIG}",
+        f"--workdir={pipeline_runs / f'iterated_{name}'}",
+        f"--config.sources.sft_workdir={sft}"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+  try:
+    for name, p in procs.items():
+      _, err = p.communicate(timeout=900)
+      assert p.returncode == 0, f"{name}: rc={p.returncode}\n{err[-3000:]}"
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  run = {name: pipeline_runs / f"iterated_{name}" for name in procs}
+  rounds = {name: json.loads((d / "rounds.json").read_text()) for name, d in run.items()}
+  assert [r["round"] for r in rounds["one"]] == [0, 1] == [r["round"] for r in rounds["two"]]
+  numbers = 0
+  for two, one in zip(rounds["two"], rounds["one"]):
+    assert (two["process_count"], one["process_count"]) == (2, 1), (two, one)
+    assert two["device_count"] == one["device_count"] == 4
+    assert set(two) == set(one), set(two) ^ set(one)
+    for key, value in one.items():
+      if key != "process_count":
+        numbers += _assert_close(two[key], value, 1e-3, ("iterated", one["round"], key))
+  assert numbers >= 16, numbers
+  assert rounds["one"][1]["num_comparisons"] > rounds["one"][0]["num_comparisons"] > 0
+  # The comparisons every process trained on: process 0's, written once, as one process writes
+  # them (same draws, same labels, same lines).
+  for path in ("all_pairs.jsonl", "round_0/pairs.jsonl", "round_1/eval_pairs.jsonl"):
+    assert (run["two"] / path).read_text() == (run["one"] / path).read_text(), path
+  for i in range(2):
+    log = (pipeline_runs / "logs_iterated_two" / f"process_{i}.log").read_text()
+    assert "Traceback" not in log and not re.search(r"^E\d{4} ", log, re.M), log[-3000:]
 
 
 def test_slurm_sbatch_with_stub_srun(tmp_path):

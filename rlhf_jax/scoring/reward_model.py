@@ -249,9 +249,10 @@ def check_tokenizer(info: RewardModelInfo, tokenizer: tok_lib.Tokenizer,
 
 
 def default_mesh() -> Mesh:
-  """A 1-device mesh (the default when no mesh is given)."""
+  """A 1-device mesh (the default when no mesh is given): this process's first device, so every
+  process of a multi-process job holds its own copy (``jax.devices()[0]`` is process 0's)."""
   return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1),
-                            devices=jax.devices()[:1])
+                            devices=jax.local_devices()[:1])
 
 
 def param_shardings(model: models.RewardModel, mesh: Mesh,

@@ -23,7 +23,13 @@ trains adapters over π_r — the previous round's adapters merged into its base
 (``train.load_sft_params``), frozen — with the SFT model as the KL reference.
 
 Each stage writes its outputs under ``<workdir>/round_<r>/`` and is skipped when they exist, so a
-rerun resumes. ``rounds.json`` / ``rounds.md`` / ``iterated_rlhf.png`` hold the table and plot.
+rerun resumes; ``round_<r>/round.json`` holds the round's row. ``rounds.json`` / ``rounds.md`` /
+``iterated_rlhf.png`` hold the table and plot.
+
+Several processes (``launch/multiprocess_local.sh``, SLURM, a TPU pod) run it as one job: the RM
+and PPO stages run on the global mesh as they do alone; the comparisons, the task and every
+shared file come from process 0 (its first device draws and labels them), the other processes
+read them after a barrier, so every process trains on the same pairs and prompts.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from rlhf_jax.train import config_dicts
 
 logger = logging.getLogger(__name__)
 
+ROUND_FILE = "round.json"  # round r's row, written once it is measured (a rerun reuses it)
 KNOWN_KEYS = ("method", "seed", "sources", "rounds", "pairs_per_round", "eval_pairs", "annotator",
               "rm", "ppo", "lora")
 
@@ -123,16 +130,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   lora = sections.lora_section(config)  # validated here; each stage parses its own copy
   workdir = fileio.absolute(workdir)
   fileio.makedirs(workdir)
-  train.atomic_write_json(fileio.join(workdir, "config.json"), config.to_dict())
+  # Several processes (one job): process 0 writes every shared file (config, task, pairs, the
+  # round rows, the report) and draws the comparisons on its own first device; the others wait at
+  # a barrier, then every process reads the same files. The RM and PPO stages run on all of them.
+  # Decisions taken from files go through parallel.agree, so every process takes one branch.
+  coordinator = parallel.is_coordinator()
+  if coordinator:
+    train.atomic_write_json(fileio.join(workdir, "config.json"), config.to_dict())
   sft_ckpt = train.load_sft_params(sft_dir)
   tok, policy_model = sft_ckpt.tokenizer, models.Transformer(sft_ckpt.model_config)
   tok_spec = train.tokenizer_spec(train.read_json(fileio.join(sft_dir, "config.json")))
   label_fn = feedback.make_label_fn(annotator, tok)
   ppo_data, ppo_limits = config.ppo.data, config.ppo.limits
   task_dir = fileio.join(workdir, "data", "synthetic")
-  if not fileio.exists(fileio.join(task_dir, "metadata.json")):
-    task = config_dicts.to_dataclass(PPODataConfig, ppo_data, "ppo.data").synthetic_task()
-    synthetic_files.write_task(task_dir, task, overwrite=True)
+  if not parallel.agree(fileio.exists(fileio.join(task_dir, "metadata.json"))):
+    if coordinator:
+      task = config_dicts.to_dataclass(PPODataConfig, ppo_data, "ppo.data").synthetic_task()
+      synthetic_files.write_task(task_dir, task, overwrite=True)
+    parallel.sync("iterated_task")
   prompt_pool = [r["prompt"] for r in _read(fileio.join(task_dir, "prompts.jsonl"))]
   sample_kw = dict(max_prompt_len=ppo_limits.max_prompt_len,
                    max_new_tokens=ppo_limits.max_response_len, label_fn=label_fn)
@@ -140,22 +155,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   params, policy_dir, table = sft_ckpt.params, sft_dir, []
   for r in range(config.rounds):
     rdir = fileio.join(workdir, f"round_{r}")
-    fileio.makedirs(rdir)
+    if coordinator:
+      fileio.makedirs(rdir)
     rng = np.random.default_rng([config.seed, r])
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
     new_pairs, held_pairs = fileio.join(rdir, "pairs.jsonl"), fileio.join(rdir, "eval_pairs.jsonl")
-    if not fileio.exists(held_pairs):  # 1. comparisons of π_r
-      chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs,
-                          replace=False)
-      prompts = [prompt_pool[i] for i in chosen]
-      rows = sample_comparisons(policy_model, params, tok, prompts, rng, key, **sample_kw)
-      split = int(len(rows) * config.pairs_per_round / (config.pairs_per_round + config.eval_pairs))
-      previous = _read(all_pairs) if r > 0 else []
-      _write(new_pairs, rows[:split])
-      _write(all_pairs + f".round{r}", previous + rows[:split])
-      _write(held_pairs, rows[split:])
+    if not parallel.agree(fileio.exists(held_pairs)):  # 1. comparisons of π_r
+      if coordinator:
+        chosen = rng.choice(len(prompt_pool), config.pairs_per_round + config.eval_pairs,
+                            replace=False)
+        prompts = [prompt_pool[i] for i in chosen]
+        rows = sample_comparisons(policy_model, params, tok, prompts, rng, key, **sample_kw)
+        split = int(
+            len(rows) * config.pairs_per_round / (config.pairs_per_round + config.eval_pairs))
+        previous = _read(all_pairs) if r > 0 else []
+        _write(new_pairs, rows[:split])
+        _write(all_pairs + f".round{r}", previous + rows[:split])
+        _write(held_pairs, rows[split:])  # last: its presence marks the round's data complete
+      parallel.sync(f"iterated_round{r}_pairs")
     rm_dir = fileio.join(rdir, "rm")
-    if not fileio.exists(fileio.join(rm_dir, scoring.ARTIFACT_DIR)):  # 2. RM_r
+    if not parallel.agree(fileio.exists(fileio.join(rm_dir, scoring.ARTIFACT_DIR))):  # 2. RM_r
       rm_cfg = copy.deepcopy(config.rm)
       rm_cfg.sources.sft_workdir = sft_dir
       rm_cfg.data.source = "jsonl"
@@ -167,11 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       if _round_stage(rm_cfg, rm_dir).get("preempted"):
         logger.warning("round %d: reward model preempted; rerun to resume", r)
         return table
-    if fileio.exists(all_pairs + f".round{r}"):  # this round's data now backs a trained RM
+    if coordinator and fileio.exists(all_pairs + f".round{r}"):  # now backs a trained RM
       fileio.rename(all_pairs + f".round{r}", all_pairs)
-    handle = scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
+    parallel.sync(f"iterated_round{r}_rm")
     ppo_dir = fileio.join(rdir, "ppo")  # 3. π_{r+1}: PPO from π_r, KL to the SFT model
-    if train.is_finished(ppo_dir):
+    if parallel.agree(train.is_finished(ppo_dir)):
       final = train.read_json(fileio.join(ppo_dir, train.FINAL_METRICS_FILE))
     else:
       ppo_cfg = copy.deepcopy(config.ppo)
@@ -186,26 +205,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     if final.get("preempted"):
       logger.warning("round %d preempted; rerun to resume", r)
       return table
-    # π_{r+1}'s params as a plain tree (a LoRA run's adapters merged into its base).
+    # π_{r+1}'s params as a plain tree (a LoRA run's adapters merged into its base); every
+    # process restores them (a checkpoint read is the same call on every process).
     params, policy_dir = train.load_sft_params(ppo_dir).params, ppo_dir
-    # 4. RM_r on π_{r+1}'s own comparisons (they also seed the next round's data)
-    probe_prompts = [
-        prompt_pool[i] for i in rng.choice(len(prompt_pool), config.eval_pairs, replace=False)]
-    probe = sample_comparisons(policy_model, params, tok, probe_prompts, rng,
-                               jax.random.fold_in(key, 7), **sample_kw)
-    row = {
-        "round": r, "num_comparisons": len(_read(all_pairs)
-                                          ), "gold_reward": final.get("gold_reward"),
-        "initial_gold_reward": final.get("initial_gold_reward"),
-        "sft_gold_reward": final.get("sft_gold_reward"), "kl_to_sft": final.get("kl_to_sft"),
-        "rm_reward": final.get("rm_reward"),
-        "rm_accuracy_on_new_policy": rm_gold_accuracy(handle, tok, probe),
-        "rm_accuracy_on_own_policy": rm_gold_accuracy(handle, tok, _read(held_pairs))}
+    row_path = fileio.join(rdir, ROUND_FILE)
+    if not parallel.agree(fileio.exists(row_path)):
+      # every process restores RM_r (orbax's restore meets at a barrier); process 0 measures
+      handle = scoring.load_reward_model(rm_dir, policy_tokenizer=tok)
+      if coordinator:  # 4. RM_r on π_{r+1}'s own comparisons (they also seed the next round's data)
+        write_round_row(r, final, rng, key, policy_model, params, tok, prompt_pool, handle,
+                        all_pairs, held_pairs, config.eval_pairs, sample_kw, row_path)
+      parallel.sync(f"iterated_round{r}_row")
+    row = train.read_json(row_path)
     table.append(row)
     logger.info("round %d: %s", r, row)
-  train.atomic_write_json(fileio.join(workdir, "rounds.json"), table)
-  write_report(table, workdir)
+  if coordinator:
+    train.atomic_write_json(fileio.join(workdir, "rounds.json"), table)
+    write_report(table, workdir)
+  parallel.sync("iterated_report")
   return table
+
+
+def write_round_row(r: int, final: dict, rng: np.random.Generator, key: jax.Array, policy_model,
+                    params, tok, prompt_pool: list[str], handle, all_pairs: str,
+                    held_pairs: str, eval_pairs: int, sample_kw: dict, row_path: str) -> dict:
+  """Round ``r``'s row (``round_<r>/round.json``): PPO's final numbers, the job they ran on, and
+  RM_r's (``handle``) gold accuracy on π_r's held-out pairs and on fresh pairs of π_{r+1}."""
+  probe_prompts = [prompt_pool[i] for i in rng.choice(len(prompt_pool), eval_pairs, replace=False)]
+  probe = sample_comparisons(policy_model, params, tok, probe_prompts, rng,
+                             jax.random.fold_in(key, 7), **sample_kw)
+  row = {
+      "round": r, "num_comparisons": len(_read(all_pairs)), "gold_reward": final.get("gold_reward"),
+      "initial_gold_reward": final.get("initial_gold_reward"),
+      "sft_gold_reward": final.get("sft_gold_reward"), "kl_to_sft": final.get("kl_to_sft"),
+      "rm_reward": final.get("rm_reward"),
+      "rm_accuracy_on_new_policy": rm_gold_accuracy(handle, tok, probe),
+      "rm_accuracy_on_own_policy": rm_gold_accuracy(handle, tok, _read(held_pairs)),
+      # the job the round's PPO stage ran on (its final_metrics.json's topology)
+      "process_count": final.get("process_count"), "device_count": final.get("device_count")}
+  train.atomic_write_json(row_path, row)
+  return row
 
 
 def write_report(table: list[dict], workdir: str) -> None:
