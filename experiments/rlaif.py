@@ -154,14 +154,15 @@ def report(root: str, res: dict, seconds: float) -> str:
       "RLAIF direct (d-RLAIF)": "ppo_direct", "DPO on AI labels, soft": "dpo_ai_soft",
       "DPO on AI labels, hard": "dpo_ai_hard"}
   rows, h2h = [], {}
-  sft_gold = None
   for label, stage in runs.items():
     final = res.get(stage)
     if not final:
       continue
-    sft_gold = final.get("sft_gold_reward", sft_gold)
+    # each trainer evaluates its SFT on its own held-out setup (PPO's and DPO's differ), so every
+    # row carries the SFT gold its win rate is measured against
     rows.append((label, final.get("gold_reward"), final.get("gold_reward_sem"),
-                 final.get("win_rate_vs_sft"), final.get("kl_to_sft"), final.get("_seconds")))
+                 final.get("win_rate_vs_sft"), final.get("kl_to_sft"), final.get("_seconds"),
+                 final.get("sft_gold_reward")))
 
   def samples(stage):
     return os.path.join(root, stage, "samples.jsonl")
@@ -195,11 +196,13 @@ def report(root: str, res: dict, seconds: float) -> str:
   lines += [
       "", f"Pairs: {lab.get('num_pairs')} (CoT: {lab.get('cot_pairs', 0)}); AI label mass "
       f"{num(lab.get('ai_label_mass'))}.", "", "## Policies (same PPO, same number of labels)", "",
-      f"SFT gold reward: {num(sft_gold)}", "",
-      "| policy | gold reward | ± s.e. | win rate vs SFT | KL to SFT | stage seconds |",
-      "| --- | --- | --- | --- | --- | --- |"]
+      "SFT gold = the SFT policy under the same evaluation as the row (PPO's and DPO's held-out "
+      "evaluations differ).", "",
+      "| policy | gold reward | ± s.e. | SFT gold (same eval) | win rate vs SFT | KL to SFT | "
+      "stage seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
   lines += [
-      f"| {r[0]} | {num(r[1])} | {num(r[2])} | {num(r[3])} | {num(r[4])} | {r[5]} |" for r in rows]
+      f"| {r[0]} | {num(r[1])} | {num(r[2])} | {num(r[6])} | {num(r[3])} | {num(r[4])} | {r[5]} |"
+      for r in rows]
   lines += ["", "Head to head (gold reward, ties half):", ""]
   lines += [f"- {k}: {v:.3f}" for k, v in h2h.items()]
   text = "\n".join(lines) + "\n"
@@ -207,12 +210,12 @@ def report(root: str, res: dict, seconds: float) -> str:
     f.write(text)
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump({"stages": res, "head_to_head": h2h, "seconds": seconds}, f, indent=1, default=float)
-  _plot(root, lab, rows, sft_gold)
+  _plot(root, lab, rows)
   logger.info("results in %s\n%s", os.path.join(root, "results.md"), text)
   return text
 
 
-def _plot(root: str, lab: dict, rows: list, sft_gold) -> None:
+def _plot(root: str, lab: dict, rows: list) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -226,10 +229,16 @@ def _plot(root: str, lab: dict, rows: list, sft_gold) -> None:
   ax1.set_ylabel("agreement with the gold preference")
   ax1.set_title("Labellers")
   done = [r for r in rows if isinstance(r[1], float)]
-  ax2.bar([r[0].replace(" (", "\n(") for r in done], [r[1] for r in done],
+  short = {  # the table's names, shortened to fit five bars
+      "RLHF (human labels)": "RLHF\n(human)", "RLAIF distilled": "RLAIF\ndistilled",
+      "RLAIF direct (d-RLAIF)": "d-RLAIF\n(direct)", "DPO on AI labels, soft": "DPO AI\nsoft",
+      "DPO on AI labels, hard": "DPO AI\nhard"}
+  ax2.bar([short.get(r[0], r[0]) for r in done], [r[1] for r in done],
           yerr=[r[2] or 0 for r in done], color="tab:green")
-  if isinstance(sft_gold, float):
-    ax2.axhline(sft_gold, color="gray", ls="--", label="SFT")
+  sft = [(i, r[6]) for i, r in enumerate(done) if isinstance(r[6], float)]
+  if sft:  # each bar's own SFT (PPO's and DPO's evaluations differ)
+    ax2.hlines([g for _, g in sft], [i - 0.4 for i, _ in sft], [i + 0.4 for i, _ in sft],
+               colors="gray", linestyles="--", label="SFT (same eval)")
     ax2.legend()
   ax2.set_ylabel("held-out gold reward")
   ax2.set_title("Policies (same PPO)")
