@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
         --workdir=workdirs/iterated \\
         --config.sources.sft_workdir=workdirs/sft_synthetic
 
+  As one job over several processes (``NUM_PROCESSES=2 launch/multiprocess_local.sh
+  experiments/run.py ...`` with the same flags, or SLURM / a TPU pod): process 0 draws and labels
+  the comparisons and writes the shared files, every round's RM and PPO run on all devices.
+
   Comparisons are labelled by ``config.annotator`` (``rlhf_jax.feedback``): the simulated
   Bradley–Terry human over the gold reward (temperature 0.25) by default, or a trained reward
   model (``--config.annotator.kind=reward_model --config.annotator.reward_model_workdir=...``).
