@@ -5,6 +5,11 @@ r"""Constitutional AI vs RLHF on the synthetic task, one command (stages: experi
 
 Each stage runs in ``<workdir>/<stage>``; one that finished (``final_metrics.json``) is reused, so a
 rerun only redoes what is missing. Results: ``<workdir>/results.md``, ``results.json``, ``cai.png``.
+
+One job over several processes (``launch/multiprocess_local.sh`` / ``launch/slurm.sbatch``): every
+training stage runs on the global mesh (set each section's ``mesh``); the labelling, critique /
+revision and evaluation stages restore their models on every process and sample, label and write
+on process 0; every stage's "finished earlier?" and outcome are agreed (``train.run_or_reuse``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from absl import app
 import numpy as np
 
-from rlhf_jax import cli, train
+from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.data import synthetic
 from rlhf_jax.feedback import cai
@@ -51,8 +56,10 @@ def _policy(workdir: str):
   return models.Transformer(ckpt.model_config), nn.meta.unbox(ckpt.params), ckpt.tokenizer
 
 
-def _feedback_eval(config, feedback: str, task: str, workdir: str) -> dict:
+def _feedback_eval(config, feedback: str, task: str, workdir: str) -> dict | None:
   fm = ev_lib.load_evaluator(feedback, "cai_harmless", batch_size=config.feedback_eval.batch_size)
+  if not parallel.is_coordinator():  # every process restored (collective); process 0 evaluates
+    return None
   rows = _read_jsonl(os.path.join(task, "feedback_sft_test.jsonl"))
   out = cai.evaluate_feedback_model(fm, rows,
                                     constitution=const_lib.load_constitution(config.constitution),
@@ -72,8 +79,10 @@ def _pairs_of(rows: list[dict]) -> rlaif.Pairs:
                      synthetic.gold_rewards(prompts, b).astype(np.float64))
 
 
-def _human_labels(config, task: str, workdir: str) -> dict:
+def _human_labels(config, task: str, workdir: str) -> dict | None:
   """The task's comparison pairs relabelled by simulated humans: helpfulness only, and gold."""
+  if not parallel.is_coordinator():  # host NumPy only: process 0 draws and writes
+    return None
   lab = config.labels
   pairs = _pairs_of(_read_jsonl(os.path.join(task, "pairwise.jsonl"))[:lab.num_pairs])
   rng = np.random.default_rng([config.seed, 151])
@@ -102,12 +111,14 @@ def _prompts_of_kind(task: str, harmful: bool, limit: int, split: str = "") -> l
 def _sl_cai_data(config, sft_dir: str, feedback: str, task: str, workdir: str) -> dict:
   """Red-team answers of the helpful policy, critiqued and revised; the SL-CAI SFT mixture."""
   sl = config.sl_cai
-  prompts = _prompts_of_kind(task, True, sl.num_red_team)
   model, params, tok = _policy(sft_dir)
+  fm = ev_lib.load_evaluator(feedback, "cai_harmless", policy_tokenizer=tok)
+  if not parallel.is_coordinator():  # every process restored (collective); process 0 samples
+    return None
+  prompts = _prompts_of_kind(task, True, sl.num_red_team)
   first = rlaif.sample_pairs(model, params, tok, prompts, max_prompt_len=sl.max_prompt_len,
                              max_new_tokens=config.sl_cai_train.limits.max_response_len,
                              temperature=sl.policy_temperature, seed=config.seed)
-  fm = ev_lib.load_evaluator(feedback, "cai_harmless", policy_tokenizer=tok)
   t0 = time.time()
   records = cai.critique_revision_loop(
       fm, const_lib.load_constitution(config.constitution), prompts, first.a,
@@ -141,13 +152,15 @@ def _rl_cai_labels(config, sl_dir: str, feedback: str, task: str, workdir: str) 
   on safe ones (the preference model's data), and the label ablations vs the gold."""
   rl = config.rl_cai
   model, params, tok = _policy(sl_dir)
+  fm = ev_lib.load_evaluator(feedback, rl.template, policy_tokenizer=tok, batch_size=rl.batch_size)
+  if not parallel.is_coordinator():  # every process restored (collective); process 0 samples
+    return None
   kw = dict(max_prompt_len=rl.max_prompt_len, max_new_tokens=rl.max_new_tokens,
             temperature=rl.temperature, seed=config.seed + 1)
   harm = rlaif.sample_pairs(model, params, tok, _prompts_of_kind(task, True, rl.num_harmful_pairs),
                             **kw)
   safe = rlaif.sample_pairs(model, params, tok, _prompts_of_kind(task, False, rl.num_safe_pairs),
                             **kw)
-  fm = ev_lib.load_evaluator(feedback, rl.template, policy_tokenizer=tok, batch_size=rl.batch_size)
   label_cfg = cai.HarmlessLabelConfig(template=rl.template, both_orders=rl.both_orders, cot=rl.cot,
                                       cot_max_tokens=rl.cot_max_tokens, clamp=tuple(rl.clamp),
                                       soft=rl.soft)
@@ -198,7 +211,8 @@ def _rl_cai_labels(config, sl_dir: str, feedback: str, task: str, workdir: str) 
 
 
 def _evaluate_policies(config, root: str, task: str) -> dict:
-  """Each finished policy on the held-out prompts (two samples each)."""
+  """Each finished policy on the held-out prompts (two samples each). Multi-process: every
+  process restores each policy (collective), process 0 samples; {} on the others."""
   rep = config.report
   # harmful and safe held-out prompts in equal numbers where the split has them (each kind's
   # metrics need some; the split is 20 % harmful)
@@ -211,6 +225,8 @@ def _evaluate_policies(config, root: str, task: str) -> dict:
     if not train.is_finished(run_dir):
       continue
     model, params, tok = _policy(run_dir)
+    if not parallel.is_coordinator():
+      continue
     pairs = rlaif.sample_pairs(model, params, tok, prompts, max_prompt_len=32, max_new_tokens=48,
                                temperature=rep.temperature, seed=config.seed + 7)
     out[label] = cai.safety_metrics(pairs.prompts * 2, pairs.a + pairs.b)
@@ -293,7 +309,7 @@ def run(config, root: str) -> dict:
       cfg.data.synthetic_seed = meta["seed"]
       res[name] = train.run_or_reuse(name, root,
                                      lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
-  if "report" in stages:
+  if "report" in stages:  # every process (the policies' restores); process 0 writes
     report(config, root, task, res, time.time() - start)
   return res
 
@@ -303,8 +319,12 @@ def _num(x) -> str:
 
 
 def report(config, root: str, task: str, res: dict, seconds: float) -> str:
-  """results.md / results.json / cai.png."""
+  """results.md / results.json / cai.png. Multi-process: call it on every process (the policies'
+  restores are collective); process 0 writes, then the processes meet at a barrier."""
   policies = _evaluate_policies(config, root, task)
+  if not parallel.is_coordinator():
+    parallel.sync("cai_report")
+    return ""
   curves = _trajectories(root)
   cols = ("harmful_compliance", "harmful_refusal_rate", "safe_helpfulness", "safe_refusal_rate",
           "gold_reward")
@@ -355,6 +375,7 @@ def report(config, root: str, task: str, res: dict, seconds: float) -> str:
       {"policies": policies, "trajectories": curves, "stages": res, "seconds": seconds})
   _plot(root, policies, curves)
   logger.info("results in %s\n%s", os.path.join(root, "results.md"), text)
+  parallel.sync("cai_report")
   return text
 
 
@@ -381,8 +402,7 @@ def _plot(root: str, policies: dict, curves: dict) -> None:
 
 
 def main(argv):
-  cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="cai.py",
-                          multi_process=False)
+  cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="cai.py")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ r"""RLAIF vs RLHF on the synthetic task, one command (stages: experiments/config
 
 Each stage runs in ``<workdir>/<stage>``; one that finished (``final_metrics.json``) is reused, so a
 rerun only redoes what is missing. Results: ``<workdir>/results.md``, ``results.json``, ``rlaif.png``.
+
+One job over several processes (``launch/multiprocess_local.sh`` / ``launch/slurm.sbatch``): every
+training stage runs on the global mesh (set each section's ``mesh``), d-RLAIF's rating on PPO's
+mesh; labelling, the feedback model's data files and the report are process 0's, and every
+stage's "finished earlier?" and outcome are agreed (``train.run_or_reuse``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 
 from absl import app
 
-from rlhf_jax import cli, train
+from rlhf_jax import cli, parallel, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.algorithms.online import ppo
 from rlhf_jax.feedback import evaluator as ev_lib
@@ -25,10 +30,18 @@ from rlhf_jax.feedback import rlaif
 logger = logging.getLogger("rlaif")
 
 
-def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict:
-  """Samples the pairs, labels them (AI and simulated humans), writes JSONL and alignment."""
+def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
+  """Samples the pairs, labels them (AI and simulated humans), writes JSONL and alignment.
+
+  Multi-process: every process restores the policy and the evaluator (orbax restores are
+  collective), process 0 alone samples, labels (on its first device) and writes; the others return
+  None (``train.run_or_reuse`` then hands every process process 0's metrics)."""
   lab = config.label
   policy = train.load_sft_params(sft_dir)
+  ev = ev_lib.load_evaluator(feedback, lab.pair_template, policy_tokenizer=policy.tokenizer,
+                             batch_size=lab.batch_size)
+  if not parallel.is_coordinator():
+    return None
   task = os.path.join(sft_dir, "data", "synthetic")
   # training prompts in file order, with repeats (the task has 192 distinct prompts; each pair is
   # two fresh samples, so a repeated prompt is another comparison)
@@ -40,8 +53,6 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict:
                              policy.tokenizer, prompts, max_prompt_len=lab.max_prompt_len,
                              max_new_tokens=lab.max_new_tokens, temperature=lab.temperature,
                              seed=config.seed)
-  ev = ev_lib.load_evaluator(feedback, lab.pair_template, policy_tokenizer=policy.tokenizer,
-                             batch_size=lab.batch_size)
   t0 = time.time()
   ai = rlaif.ai_labels(ev, pairs)
   ai_seconds = time.time() - t0
@@ -125,8 +136,10 @@ def run(config, root: str) -> dict:
     cfg.sources.sft_workdir = sft_dir
 
     def direct(w):
+      # the rating runs on PPO's mesh (ppo.train_and_evaluate builds the same one from cfg.mesh)
       models_ = rlaif.direct_rlaif_models(cfg, sft_dir, feedback, config.label.rating_template,
-                                          seed=cfg.seed)
+                                          seed=cfg.seed,
+                                          mesh=parallel.mesh_from_config(cfg.get("mesh")))
       return ppo.train_and_evaluate(cfg, w, models_=models_)
 
     res["ppo_direct"] = train.run_or_reuse("ppo_direct", root, direct)
@@ -142,8 +155,8 @@ def run(config, root: str) -> dict:
       cfg.data.eval_prompts_jsonl = os.path.join(task, "prompts_test.jsonl")
       res[name] = train.run_or_reuse(name, root,
                                      lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
-  if "report" in stages:
-    report(root, res, time.time() - start)
+  if "report" in stages:  # every process holds the same res (run_or_reuse); process 0 writes
+    parallel.write_on_coordinator(report, root, res, time.time() - start, barrier="rlaif_report")
   return res
 
 
@@ -248,8 +261,7 @@ def _plot(root: str, lab: dict, rows: list) -> None:
 
 
 def main(argv):
-  cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="rlaif.py",
-                          multi_process=False)
+  cli.stage_launcher_main(argv, run, _FLAGS[0].value, _FLAGS[1].value, what="rlaif.py")
 
 
 if __name__ == "__main__":

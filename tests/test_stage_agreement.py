@@ -4,7 +4,8 @@
 (``experiments/pipeline.agree_stage_outcome``: a failed stage's ``final_metrics.json`` moved
 aside) through a fake of jax's coordination-service client (the key-value store
 ``jax.distributed`` gives every process): processes are threads here, so the test is
-milliseconds; tests/test_multihost.py covers the real two-process pipeline.
+milliseconds; tests/test_multihost.py covers the real two-process pipeline. The multi-stage
+launchers' runner ``train.run_or_reuse`` as one process of a faked 2-process job.
 """
 
 import importlib.util
@@ -124,3 +125,87 @@ def test_agree_outcome_is_generic_and_keys_are_namespaced():
   assert pipeline.agree_stage_outcome("round_0/labels", None, final_path="/nonexistent/f.json",
                                       client=kv, process_index=0, process_count=1) is None
   assert "rlhf_jax/pipeline/round_0/labels/0" in kv.values
+
+
+# --------------------------------------------------------------------------- train.run_or_reuse
+# The multi-stage launchers' stage runner (experiments/rlaif.py, cai.py) as one process of a
+# 2-process job: the job's collectives are faked (process 0's answers, the peers' outcomes), the
+# files are real; tests/test_multihost.py runs rlaif.py as a real 2-process job.
+
+
+@pytest.fixture
+def job(monkeypatch):
+  """This process as process ``job.me`` of 2; ``job.verdict``: the agreed outcome; ``job.on_sync``:
+  what process 0 does while this process waits at a barrier (name -> action)."""
+  from rlhf_jax.train import runs
+
+  class Job:
+    me, verdict, published, on_sync = 0, None, [], {}
+
+  monkeypatch.setattr(runs.parallel, "process_count", lambda: 2)
+  monkeypatch.setattr(runs.parallel, "is_coordinator", lambda: Job.me == 0)
+  monkeypatch.setattr(runs.parallel, "agree", lambda value: value if Job.me == 0 else False)
+
+  def sync(name):
+    for suffix, action in Job.on_sync.items():
+      if name.endswith(suffix):
+        action()
+
+  def agree_outcome(key, failed, *, namespace):
+    Job.published.append((namespace, key.split("/", 1)[1], failed))
+    return Job.verdict if Job.verdict is not None else failed
+
+  monkeypatch.setattr(runs.parallel, "sync", sync)
+  monkeypatch.setattr(runs.parallel, "agree_outcome", agree_outcome)
+  Job.published = []
+  return Job
+
+
+def test_run_or_reuse_a_failure_on_a_peer_fails_the_stage_here_and_unmarks_it(tmp_path, job):
+  from rlhf_jax import train
+
+  def stage(workdir):  # a training stage: its loop wrote final_metrics.json on process 0
+    os.makedirs(workdir, exist_ok=True)
+    train.write_final_metrics(workdir, {"step": 2})
+    return {"step": 2}
+
+  job.verdict = "failed: ValueError: bad record (process 1 of 2)"
+  with pytest.raises(train.runs.StageFailed, match="stage rm: failed: ValueError: bad record"):
+    train.run_or_reuse("rm", str(tmp_path), stage)
+  assert job.published == [("rlhf_jax/stages", "rm", None)]  # this process finished
+  assert not (tmp_path / "rm" / "final_metrics.json").exists()  # the rerun runs it again
+  assert json.loads((tmp_path / "rm" / train.runs.FAILED_FINAL_FILE).read_text()) == {"step": 2}
+  job.verdict = None
+  assert train.run_or_reuse("rm", str(tmp_path), stage)["step"] == 2
+  assert (tmp_path / "rm" / "final_metrics.json").exists()
+
+
+def test_run_or_reuse_this_process_failing_publishes_and_raises_its_own_error(tmp_path, job):
+  from rlhf_jax import train
+
+  def stage(workdir):
+    raise OSError("disk full")
+
+  job.me = 1
+  with pytest.raises(OSError, match="disk full"):
+    train.run_or_reuse("label", str(tmp_path), stage)
+  assert job.published == [("rlhf_jax/stages", "label", "failed: OSError: disk full")]
+
+
+def test_run_or_reuse_every_process_returns_process_0s_metrics(tmp_path, job):
+  """A process-0 stage (labelling): the peer's function returns None; after the barrier it
+  returns the final_metrics.json process 0 wrote, and never writes one itself."""
+  from rlhf_jax import train
+  final = tmp_path / "label" / "final_metrics.json"
+
+  def process_0_writes():
+    final.parent.mkdir(exist_ok=True)
+    final.write_text(json.dumps({"num_pairs": 16, "_seconds": 1.5}))
+
+  job.me, job.on_sync = 1, {"label_written": process_0_writes}
+  ran = []
+  got = train.run_or_reuse("label", str(tmp_path), lambda w: ran.append(w))
+  assert ran == [str(tmp_path / "label")] and got == {"num_pairs": 16, "_seconds": 1.5}
+  # finished now: process 0's "finished earlier?" is the answer everywhere, nothing reruns
+  job.me = 0
+  assert train.run_or_reuse("label", str(tmp_path), lambda w: 1 / 0)["num_pairs"] == 16

@@ -45,9 +45,15 @@ def _exported(sft_dir: str, out: str) -> str:
       "fingerprint": ckpt_lib.read_json(os.path.join(sft_dir, ckpt_lib.FINGERPRINT_FILE)),
       "tokenizer": train.tokenizer_spec(ckpt_lib.read_json(os.path.join(sft_dir, "config.json")))}
   info = os.path.join(out, EXPORT_INFO)
-  if not (os.path.isfile(info) and train.read_json(info) == want):
-    export.export_run(sft_dir, out)
-    train.atomic_write_json(info, want)
+  from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel
+  # Multi-process: process 0's answer, process 0 writes; the others join the export's checkpoint
+  # restore (orbax restores are collective: every process must restore, in the same order).
+  if not parallel.agree(os.path.isfile(info) and train.read_json(info) == want):
+    if parallel.is_coordinator():
+      export.export_run(sft_dir, out)
+      train.atomic_write_json(info, want)
+    else:
+      train.load_sft_params(sft_dir)
   return "hf:" + os.path.abspath(out)
 
 
@@ -84,7 +90,9 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
                     tasks: str | Sequence[str] = "", data_dir: str = "") -> Any:
   """The feedback model's SFT config: ``fb`` on ``<task_dir>/feedback_sft[_test].jsonl`` (only the
   records of ``tasks``, copied into ``data_dir``, when ``tasks`` is given), started from the SFT
-  run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``."""
+  run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``. Multi-process: call it on
+  every process; process 0 writes the files, then the processes meet at a barrier."""
+  from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel
   if init not in INITS:
     raise ValueError(f"config.feedback_init={init!r} is invalid; allowed: {' | '.join(INITS)}")
   names = _task_names(tasks)
@@ -96,13 +104,15 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
       raise ValueError("feedback_config: tasks given without a data_dir for the subset files")
     for key in ("train_jsonl", "eval_jsonl"):
       dst = os.path.join(data_dir, os.path.basename(fb.data[key]))
-      task_subset(fb.data[key], dst, names)
+      if parallel.is_coordinator():  # multi-process: one writer (the barrier below)
+        task_subset(fb.data[key], dst, names)
       fb.data[key] = dst
   if init == "sft":
     if not os.path.isfile(os.path.join(sft_dir, "config.json")):
       raise FileNotFoundError(f"config.feedback_init='sft': {sft_dir!r} is not a finished SFT run "
                               "(run the sft stage first, or set config.feedback_init=scratch)")
     fb.sources.pretrained = _exported(sft_dir, init_dir)
+  parallel.sync("feedback_config_written")  # every process reads the files process 0 wrote
   return fb
 
 

@@ -136,12 +136,14 @@ def head_to_head(samples_a: str, samples_b: str) -> float:
 
 
 def direct_rlaif_models(config: Any, sft_workdir: str, evaluator_source: str, template: str, *,
-                        seed: int = 0):
+                        seed: int = 0, mesh: Any = None, rules: Any = None):
   """``ppo_models.PPOModels`` for d-RLAIF: the SFT policy (and reference), the evaluator's rating
   as the reward handle, the critic from the SFT policy (``config.ppo.critic_init`` must be
-  ``sft``: there is no reward model to start it from)."""
+  ``sft``: there is no reward model to start it from). ``mesh`` / ``rules``: PPO's placement (the
+  rating then scores rollouts where they live, on every process of a multi-process job; default
+  this process's first device)."""
   # pylint: disable=import-outside-toplevel  (the trainer stack is only needed here)
-  from rlhf_jax import train
+  from rlhf_jax import parallel, train
   from rlhf_jax.algorithms.online import models as ppo_models
   from rlhf_jax.algorithms.online import ppo
   from rlhf_jax.feedback import evaluator as ev_lib
@@ -158,7 +160,9 @@ def direct_rlaif_models(config: Any, sft_workdir: str, evaluator_source: str, te
   ev = ev_lib.load_evaluator(evaluator_source, template, policy_tokenizer=policy.tokenizer)
   reward = evaluator_reward.evaluator_reward_handle(ev, policy.tokenizer,
                                                     response_len=parsed.limits.max_response_len,
-                                                    max_prompt_len=parsed.limits.max_prompt_len)
+                                                    max_prompt_len=parsed.limits.max_prompt_len,
+                                                    mesh=mesh,
+                                                    rules=rules or parallel.DEFAULT_RULES)
   from rlhf_jax import models  # pylint: disable=import-outside-toplevel
   value_model, value_params = ppo_models.init_value_params(parsed.ppo, policy.model_config,
                                                            policy.params, reward,

@@ -153,7 +153,8 @@ def evaluator_reward_handle(ev, policy_tokenizer, *, response_len: int, max_prom
                                               }, objective="d_rlaif")
   mesh = mesh or rm_lib.default_mesh()
   shardings = rm_lib.param_shardings(module, mesh, rules)
-  params = jax.device_put({"evaluator": nn.meta.unbox(ev.params)}, shardings)
+  # multi-process: the evaluator was restored onto this process's device, the mesh is global
+  params = parallel.device_put_global({"evaluator": nn.meta.unbox(ev.params)}, shardings)
   ways = int(np.prod([mesh.shape[a] for a in np.atleast_1d(parallel.batch_axes(rules))]))
   data = parallel.data_sharding(mesh, rules)
   jitted = jax.jit(lambda prm, t, m: module.apply({"params": prm}, t, m),

@@ -11,20 +11,25 @@
 * :func:`pretrained_fingerprint` — what a run's fingerprint records of ``sources.pretrained``.
 * :data:`FINAL_METRICS_FILE` / :func:`write_final_metrics` / :func:`is_finished` — a run is
   finished once its ``final_metrics.json`` exists (written atomically, last).
+* :func:`run_or_reuse` — one stage of a multi-stage launcher (``experiments/rlaif.py``,
+  ``cai.py``), reused when finished; multi-process safe (agreed reuse and outcome, process 0
+  writes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 from rlhf_jax import fileio
-from rlhf_jax import models
+from rlhf_jax import models, parallel
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train import signals
@@ -226,25 +231,85 @@ def _merged_lora_params(workdir: str, run_config: Mapping[str, Any], lora_fp: Ma
   return lora_lib.merge(lora_lib.LoraParams(base=base, lora=saved["lora"]), config)
 
 
-def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any]]) -> dict:
-  """One stage of a multi-stage experiment (pipeline-like launchers): ``fn(<root>/<name>)`` returns
-  the stage's final metrics, written atomically to its ``final_metrics.json`` with ``_seconds``;
-  a stage whose folder already holds that file finished earlier and is reused, not rerun."""
+STAGE_NAMESPACE = "rlhf_jax/stages"  # run_or_reuse's keys in the coordination service
+FAILED_FINAL_FILE = "final_metrics.failed.json"
+_STOPPED = "stopped"  # the outcome a stopped (SIGTERM) stage publishes: every process stops
+_STAGE_CALLS = itertools.count()  # every process calls run_or_reuse in the same order
+
+
+class StageFailed(RuntimeError):
+  """A stage failed on another process of the job (this one finished it): the peer's one line."""
+
+
+def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any] | None]) -> dict:
+  """One stage of a multi-stage experiment (``experiments/rlaif.py``, ``cai.py``): ``fn(<root>/<name>)``
+  returns the stage's final metrics, written atomically to its ``final_metrics.json`` with
+  ``_seconds``; a stage whose folder already holds that file finished earlier and is reused.
+
+  Multi-process (every process calls it with the same stages in the same order):
+
+  * "finished earlier?" is process 0's answer (``parallel.agree``), so every process takes the
+    same branch even while a file is being written;
+  * ``fn`` runs on every process (a training stage over the global mesh; a stage whose work is
+    process 0's alone, e.g. labelling, returns None on the others after joining the collective
+    restores), then every process's outcome is agreed through ``parallel.agree_outcome``: failed
+    on one = failed on all (this process re-raises its own error, a peer raises
+    :class:`StageFailed` with the first failure); process 0 then renames a
+    ``final_metrics.json`` the failed stage left to ``final_metrics.failed.json`` so a rerun
+    does not take it as finished; a stop (SIGTERM) on any process stops every process;
+  * process 0 alone writes ``final_metrics.json`` (from its own ``fn`` result), the processes meet
+    at a barrier, and every process returns that file's content: the same dict everywhere.
+
+  A peer that does not report its outcome in time (stuck in a collective, dead) ends this process
+  at once with status 1 (``parallel.AgreementTimeout`` logged): its exit fails the collectives
+  the peers wait in.
+  """
   workdir = fileio.join(root, name)
-  if is_finished(workdir):
+  final_path = fileio.join(workdir, FINAL_METRICS_FILE)
+  multi = parallel.process_count() > 1
+  # numbered: a launcher that runs the same stage name twice in one job gets fresh keys / barriers
+  call = next(_STAGE_CALLS)
+  parallel.sync(f"stage_{call}_{name}")
+  if parallel.agree(is_finished(workdir)):  # process 0's answer: one branch everywhere
     logger.info("[%s] finished earlier, reusing %s", name, workdir)
-    return ckpt_lib.read_json(fileio.join(workdir, FINAL_METRICS_FILE))
+    return ckpt_lib.read_json(final_path)
   logger.info("[%s] running in %s", name, workdir)
   start = time.time()
-  # NumPy scalars in a stage's metrics are written as plain floats.
-  final = json.loads(json.dumps(dict(fn(workdir)), default=float))
-  signum = signals.stop_requested()
-  if final.get("preempted") or signum is not None:
-    # A stopped stage is not finished: no final_metrics.json, so the rerun resumes it from its
-    # last checkpoint instead of reusing a partial run, and no later stage starts on it.
-    raise signals.Interrupted(signum or signal.SIGTERM)
-  final["_seconds"] = round(time.time() - start, 1)
-  ckpt_lib.atomic_write_json(fileio.join(workdir, FINAL_METRICS_FILE), final)
+  final, error, failed = None, None, None
+  try:
+    out = fn(workdir)
+    if out is None and parallel.is_coordinator():
+      raise ValueError(f"stage {name}: its function returned no final metrics on process 0")
+    # NumPy scalars in a stage's metrics are written as plain floats.
+    final = None if out is None else json.loads(json.dumps(dict(out), default=float))
+    if (final or {}).get("preempted") or signals.stop_requested() is not None:
+      failed = _STOPPED
+  except Exception as err:  # pylint: disable=broad-except  (agreed with the peers, then re-raised)
+    if not multi:
+      raise
+    error, failed = err, f"failed: {type(err).__name__}: {err}"[:200]
+  if multi:
+    try:
+      failed = parallel.agree_outcome(f"{call}/{name}", failed, namespace=STAGE_NAMESPACE)
+    except parallel.AgreementTimeout as err:
+      logger.error("[%s] %s", name, err)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      logging.shutdown()
+      os._exit(1)  # pylint: disable=protected-access  (now, not at jax's shutdown barrier)
+  if failed is not None:
+    if failed.startswith(_STOPPED):
+      # A stopped stage is not finished: no final_metrics.json, so the rerun resumes it from its
+      # last checkpoint instead of reusing a partial run, and no later stage starts on it.
+      raise signals.Interrupted(signals.stop_requested() or signal.SIGTERM)
+    if parallel.is_coordinator() and fileio.exists(final_path):
+      fileio.rename(final_path, fileio.join(workdir, FAILED_FINAL_FILE))
+    raise error if error is not None else StageFailed(f"stage {name}: {failed}")
+  if parallel.is_coordinator():
+    final["_seconds"] = round(time.time() - start, 1)
+    ckpt_lib.atomic_write_json(final_path, final)
+  parallel.sync(f"stage_{call}_{name}_written")
+  final = ckpt_lib.read_json(final_path)
   logger.info("[%s] done in %s", name, format_duration(final["_seconds"]))
   return final
 
