@@ -43,6 +43,7 @@ from rlhf_jax.algorithms import registry
 # seed k of a stage (every seed key + k but the task's), its directory, the config's seed count
 from rlhf_jax.algorithms.seeding import num_seeds, seed_config, seed_keys, seed_root
 from rlhf_jax.eval import frontier, seeds
+from rlhf_jax.train import runs as train_runs
 from rlhf_jax.train import signals
 
 logger = logging.getLogger("pipeline")
@@ -88,7 +89,7 @@ def stage_names(config) -> list[str]:
   return stages
 
 
-FAILED_FINAL_FILE = "final_metrics.failed.json"
+FAILED_FINAL_FILE = train_runs.FAILED_FINAL_FILE  # the one name train.run_or_reuse uses too
 _AGREEMENTS = itertools.count()  # every process calls agree_stage_outcome in the same order
 
 

@@ -283,15 +283,13 @@ def define_stage_launcher_flags(config_file: str, workdir: str, what: str):
   return config, flags.DEFINE_string("workdir", workdir, "Root folder of every stage's run.")
 
 
-def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str,
-                        multi_process: bool = True) -> None:
+def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str) -> None:
   """The ``main`` of a multi-stage launcher (``experiments/pipeline.py``, ``rlaif.py``, ``cai.py``).
 
   SIGTERM / Ctrl-C from here on stop cleanly (exit 0); INFO logging without orbax's chatter; one
   process per host joins the job (a no-op on one host) and every process checks it runs the same
   ``config``; ``run_fn(config, workdir)`` runs the stages. A config / input error or a failure a
-  person can act on is one line (exit 1 or 2; ``RLHF_JAX_DEBUG=1`` shows the traceback). With
-  ``multi_process=False`` a multi-process job is refused in one line before any stage runs.
+  person can act on is one line (exit 1 or 2; ``RLHF_JAX_DEBUG=1`` shows the traceback).
   """
   from absl import app  # pylint: disable=import-outside-toplevel
 
@@ -309,11 +307,6 @@ def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str,
   try:
     # One process per host: join the job before any device is touched.
     parallel.initialize_distributed()
-    if not multi_process and parallel.process_count() > 1:
-      raise ValueError(f"{what} runs as one process (its labelling and report stages are not "
-                       f"multi-host yet); got {parallel.process_count()} processes: run it without "
-                       "launch/multiprocess_local.sh / srun, or run its stages one by one with "
-                       "experiments/run.py")
     parallel.check_same_config(config, f"{what} config")
     run_fn(config, workdir)
   except signals.Interrupted as err:
