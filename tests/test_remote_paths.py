@@ -132,3 +132,23 @@ def test_rlaif_on_a_gs_root_writes_only_under_the_bucket(tmp_path, monkeypatch):
   assert "AI, both orders averaged" in open(os.path.join(bucket, "results.md")).read()
   assert _url_like_local_names(tmp_path) == []
   assert not os.path.exists(os.path.join(str(tmp_path), "gs:"))
+
+
+@pytest.mark.slow
+def test_cai_on_a_gs_root_writes_only_under_the_bucket(tmp_path, monkeypatch):
+  # every stage of experiments/cai.py on a gs:// root (the feedback model from scratch, as above)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  config = load_config("cai_synthetic", "smoke")
+  config.feedback_init = "scratch"
+  url = "gs://bucket/runs/cai"
+  with fake_gcs.fake_gcs(str(tmp_path / "bucket_root")) as root:
+    _launcher("cai").run(config, url)
+    results = fileio.read_json(fileio.join(url, "results.json"))
+  assert results["policies"] and results["trajectories"]
+  bucket = os.path.join(root, "bucket", "runs", "cai")
+  assert {"results.md", "results.json", "cai.png", "sl_cai_data", "human_labels",
+          "rl_cai_labels"} <= set(os.listdir(bucket))
+  assert os.path.isfile(os.path.join(bucket, "rl_cai_labels", "pm_pairs.jsonl"))
+  assert _url_like_local_names(tmp_path) == []
+  assert not os.path.exists(os.path.join(str(tmp_path), "gs:"))
