@@ -14,7 +14,6 @@ on process 0; every stage's "finished earlier?" and outcome are agreed (``train.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ import time
 from absl import app
 import numpy as np
 
-from rlhf_jax import cli, parallel, train
+from rlhf_jax import cli, fileio, parallel, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.data import synthetic
 from rlhf_jax.feedback import cai
@@ -40,13 +39,8 @@ POLICIES = {  # report label -> stage
 
 def _task_dir(sft_dir: str) -> str:
   """The synthetic task the SFT run trained on (its ``data.synthetic_dir``, else generated)."""
-  cfg = train.read_json(os.path.join(sft_dir, "config.json"))
-  return cfg.get("data", {}).get("synthetic_dir") or os.path.join(sft_dir, "data", "synthetic")
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  cfg = train.read_json(fileio.join(sft_dir, "config.json"))
+  return cfg.get("data", {}).get("synthetic_dir") or fileio.join(sft_dir, "data", "synthetic")
 
 
 def _policy(workdir: str):
@@ -60,15 +54,15 @@ def _feedback_eval(config, feedback: str, task: str, workdir: str) -> dict | Non
   fm = ev_lib.load_evaluator(feedback, "cai_harmless", batch_size=config.feedback_eval.batch_size)
   if not parallel.is_coordinator():  # every process restored (collective); process 0 evaluates
     return None
-  rows = _read_jsonl(os.path.join(task, "feedback_sft_test.jsonl"))
+  rows = fileio.read_jsonl(fileio.join(task, "feedback_sft_test.jsonl"))
   out = cai.evaluate_feedback_model(fm, rows,
                                     constitution=const_lib.load_constitution(config.constitution),
                                     max_per_task=config.feedback_eval.max_per_task,
                                     seed=config.seed)
-  meta = train.read_json(os.path.join(task, "metadata.json"))
+  meta = train.read_json(fileio.join(task, "metadata.json"))
   out["teacher_test"] = meta["splits"]["test"].get("teacher")
-  os.makedirs(workdir, exist_ok=True)
-  train.atomic_write_json(os.path.join(workdir, "feedback_eval.json"), out)
+  fileio.makedirs(workdir)
+  train.atomic_write_json(fileio.join(workdir, "feedback_eval.json"), out)
   return out
 
 
@@ -84,18 +78,18 @@ def _human_labels(config, task: str, workdir: str) -> dict | None:
   if not parallel.is_coordinator():  # host NumPy only: process 0 draws and writes
     return None
   lab = config.labels
-  pairs = _pairs_of(_read_jsonl(os.path.join(task, "pairwise.jsonl"))[:lab.num_pairs])
+  pairs = _pairs_of(fileio.read_jsonl(fileio.join(task, "pairwise.jsonl"))[:lab.num_pairs])
   rng = np.random.default_rng([config.seed, 151])
   help_a = cai.helpful_only_rewards(pairs.prompts, pairs.a)
   help_b = cai.helpful_only_rewards(pairs.prompts, pairs.b)
   p_help = synthetic.preference_prob(help_a, help_b, lab.human_temperature)
   p_hh = synthetic.preference_prob(pairs.gold_a, pairs.gold_b, lab.human_temperature)
   out = {"num_pairs": len(pairs.prompts)}
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   for name, p_N in (("helpful", p_help), ("hh", p_hh)):
     first = (rng.random(len(p_N)) < p_N).astype(np.float64)
     rows = rlaif.pairwise_records(pairs, first, soft=False)
-    rlaif.write_jsonl(os.path.join(workdir, f"{name}_pairs.jsonl"), rows)
+    rlaif.write_jsonl(fileio.join(workdir, f"{name}_pairs.jsonl"), rows)
     out[f"{name}_label_agrees_with_gold"] = rlaif.alignment(first, pairs.gold_a, pairs.gold_b)
     out[f"{name}_pairs"] = len(rows)
   return out
@@ -103,7 +97,7 @@ def _human_labels(config, task: str, workdir: str) -> dict | None:
 
 def _prompts_of_kind(task: str, harmful: bool, limit: int, split: str = "") -> list[str]:
   """Training (or ``_test``) prompts of one kind, with repeats, in file order."""
-  rows = _read_jsonl(os.path.join(task, f"prompts{split}.jsonl"))
+  rows = fileio.read_jsonl(fileio.join(task, f"prompts{split}.jsonl"))
   out = [r["prompt"] for r in rows if synthetic.parse_prompt(r["prompt"]).harmful == harmful]
   return out[:limit]
 
@@ -131,11 +125,11 @@ def _sl_cai_data(config, sft_dir: str, feedback: str, task: str, workdir: str) -
   for r, g0, g1 in zip(records, initial, final):
     r["gold_initial"], r["gold_final"] = round(float(g0), 4), round(float(g1), 4)
   helpful = [
-      r for r in _read_jsonl(os.path.join(task, "sft.jsonl"))
+      r for r in fileio.read_jsonl(fileio.join(task, "sft.jsonl"))
       if not synthetic.parse_prompt(r["prompt"]).harmful]
-  os.makedirs(workdir, exist_ok=True)
-  rlaif.write_jsonl(os.path.join(workdir, "revisions.jsonl"), records)
-  rlaif.write_jsonl(os.path.join(workdir, "sl_cai_sft.jsonl"), cai.sl_cai_rows(records, helpful))
+  fileio.makedirs(workdir)
+  rlaif.write_jsonl(fileio.join(workdir, "revisions.jsonl"), records)
+  rlaif.write_jsonl(fileio.join(workdir, "sl_cai_sft.jsonl"), cai.sl_cai_rows(records, helpful))
   before = cai.safety_metrics(prompts, [r["initial"] for r in records])
   after = cai.safety_metrics(prompts, [r["final"] for r in records])
   return {
@@ -174,8 +168,8 @@ def _rl_cai_labels(config, sl_dir: str, feedback: str, task: str, workdir: str) 
   human = (rng.random(len(p_help)) < p_help).astype(np.float64)
   rows = rlaif.pairwise_records(harm, ai["p_N"], soft=rl.soft)
   rows += rlaif.pairwise_records(safe, human, soft=False)
-  os.makedirs(workdir, exist_ok=True)
-  rlaif.write_jsonl(os.path.join(workdir, "pm_pairs.jsonl"), rows)
+  fileio.makedirs(workdir)
+  rlaif.write_jsonl(fileio.join(workdir, "pm_pairs.jsonl"), rows)
 
   def harmless(pairs):
     return (np.asarray([synthetic.gold_attributes(x, y).harmless
@@ -221,7 +215,7 @@ def _evaluate_policies(config, root: str, task: str) -> dict:
   prompts = harmful + _prompts_of_kind(task, False, rep.max_prompts - len(harmful), "_test")
   out = {}
   for label, stage in POLICIES.items():
-    run_dir = os.path.join(root, stage)
+    run_dir = fileio.join(root, stage)
     if not train.is_finished(run_dir):
       continue
     model, params, tok = _policy(run_dir)
@@ -237,11 +231,11 @@ def _trajectories(root: str) -> dict:
   """Fig. 2's curves: the safety metrics of each PPO run's held-out samples at each evaluation."""
   out = {}
   for label, stage in POLICIES.items():
-    path = os.path.join(root, stage, "samples.jsonl")
-    if not stage.startswith("ppo_") or not os.path.exists(path):
+    path = fileio.join(root, stage, "samples.jsonl")
+    if not stage.startswith("ppo_") or not fileio.exists(path):
       continue
     by_step: dict[int, list] = {}
-    for row in _read_jsonl(path):
+    for row in fileio.read_jsonl(path):
       by_step.setdefault(int(row["step"]), []).append(row)
     out[label] = [{
         "step": step,
@@ -254,15 +248,15 @@ def run(config, root: str) -> dict:
   stages = [s for s in config.stages.split(",") if s]
   start = time.time()
   res: dict = {}
-  sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
+  sft_dir = config.sources.sft_workdir or fileio.join(root, "sft")
   if "sft" in stages and not config.sources.sft_workdir:
     res["sft"] = train.run_or_reuse("sft", root,
                                     lambda w: registry.run(config.sft.method, config.sft, w))
   task = _task_dir(sft_dir)
-  feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
+  feedback = config.sources.feedback_workdir or fileio.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
-                                init_dir=os.path.join(root, "feedback_init"))
+                                init_dir=fileio.join(root, "feedback_init"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   if "feedback_eval" in stages:
     res["feedback_eval"] = train.run_or_reuse("feedback_eval", root,
@@ -270,29 +264,29 @@ def run(config, root: str) -> dict:
   if "human_labels" in stages:
     res["human_labels"] = train.run_or_reuse("human_labels", root,
                                              lambda w: _human_labels(config, task, w))
-  sl_dir = os.path.join(root, "sl_cai")
+  sl_dir = fileio.join(root, "sl_cai")
   if "sl_cai_data" in stages:
     res["sl_cai_data"] = train.run_or_reuse(
         "sl_cai_data", root, lambda w: _sl_cai_data(config, sft_dir, feedback, task, w))
   if "sl_cai" in stages:
     sl = config.sl_cai_train.copy_and_resolve_references()
     sl.data.source = "jsonl"
-    sl.data.train_jsonl = os.path.join(root, "sl_cai_data", "sl_cai_sft.jsonl")
-    sl.data.eval_jsonl = os.path.join(task, "sft_test.jsonl")
+    sl.data.train_jsonl = fileio.join(root, "sl_cai_data", "sl_cai_sft.jsonl")
+    sl.data.eval_jsonl = fileio.join(task, "sft_test.jsonl")
     res["sl_cai"] = train.run_or_reuse("sl_cai", root, lambda w: registry.run(sl.method, sl, w))
   if "rl_cai_labels" in stages:
     res["rl_cai_labels"] = train.run_or_reuse(
         "rl_cai_labels", root, lambda w: _rl_cai_labels(config, sl_dir, feedback, task, w))
   rms = {
-      "rm_helpful": (sft_dir, os.path.join(root, "human_labels", "helpful_pairs.jsonl")),
-      "rm_hh": (sft_dir, os.path.join(root, "human_labels", "hh_pairs.jsonl")),
-      "rm_cai": (sl_dir, os.path.join(root, "rl_cai_labels", "pm_pairs.jsonl"))}
+      "rm_helpful": (sft_dir, fileio.join(root, "human_labels", "helpful_pairs.jsonl")),
+      "rm_hh": (sft_dir, fileio.join(root, "human_labels", "hh_pairs.jsonl")),
+      "rm_cai": (sl_dir, fileio.join(root, "rl_cai_labels", "pm_pairs.jsonl"))}
   for name, (init, pairs) in rms.items():
     if name in stages:
       rm = config.rm.copy_and_resolve_references()
       rm.sources.sft_workdir = init
       rm.data.train_jsonl = pairs
-      rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
+      rm.data.eval_jsonl = fileio.join(task, "pairwise_test.jsonl")
       res[name] = train.run_or_reuse(name, root, lambda w, rm=rm: registry.run(rm.method, rm, w))
   ppos = {
       "ppo_helpful": (sft_dir, "rm_helpful"), "ppo_hh": (sft_dir, "rm_hh"),
@@ -301,9 +295,9 @@ def run(config, root: str) -> dict:
     if name in stages:
       cfg = config.ppo.copy_and_resolve_references()
       cfg.sources.sft_workdir = init
-      cfg.sources.reward_model_workdir = os.path.join(root, rm_stage)
+      cfg.sources.reward_model_workdir = fileio.join(root, rm_stage)
       cfg.data.synthetic_dir = task
-      meta = train.read_json(os.path.join(task, "metadata.json"))["config"]
+      meta = train.read_json(fileio.join(task, "metadata.json"))["config"]
       cfg.data.synthetic_num_prompts = meta["num_prompts"]  # PPO checks the task it reads
       cfg.data.synthetic_num_test_prompts = meta["num_test_prompts"]
       cfg.data.synthetic_seed = meta["seed"]
@@ -368,13 +362,12 @@ def report(config, root: str, task: str, res: dict, seconds: float) -> str:
       "", "Stage seconds: " + ", ".join(f"{k} {v.get('_seconds')}" for k, v in res.items()
                                         if isinstance(v, dict) and "_seconds" in v)]
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write(text)
+  fileio.atomic_write_text(fileio.join(root, "results.md"), text)
   train.atomic_write_json(
-      os.path.join(root, "results.json"),
+      fileio.join(root, "results.json"),
       {"policies": policies, "trajectories": curves, "stages": res, "seconds": seconds})
   _plot(root, policies, curves)
-  logger.info("results in %s\n%s", os.path.join(root, "results.md"), text)
+  logger.info("results in %s\n%s", fileio.join(root, "results.md"), text)
   parallel.sync("cai_report")
   return text
 
@@ -397,7 +390,7 @@ def _plot(root: str, policies: dict, curves: dict) -> None:
   ax.set_title("Harmlessness vs helpfulness (lines: PPO evaluations)")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(root, "cai.png"), dpi=110)
+  fileio.save_figure(fig, fileio.join(root, "cai.png"), dpi=110)
   plt.close(fig)
 
 

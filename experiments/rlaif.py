@@ -20,7 +20,7 @@ import time
 
 from absl import app
 
-from rlhf_jax import cli, parallel, train
+from rlhf_jax import cli, fileio, parallel, train
 from rlhf_jax.algorithms import registry
 from rlhf_jax.algorithms.online import ppo
 from rlhf_jax.feedback import evaluator as ev_lib
@@ -42,11 +42,11 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
                              batch_size=lab.batch_size)
   if not parallel.is_coordinator():
     return None
-  task = os.path.join(sft_dir, "data", "synthetic")
+  task = fileio.join(sft_dir, "data", "synthetic")
   # training prompts in file order, with repeats (the task has 192 distinct prompts; each pair is
   # two fresh samples, so a repeated prompt is another comparison)
-  with open(os.path.join(task, "prompts.jsonl"), encoding="utf-8") as f:
-    prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:lab.num_pairs]
+  rows = fileio.read_jsonl(fileio.join(task, "prompts.jsonl"))
+  prompts = [r["prompt"] for r in rows][:lab.num_pairs]
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from rlhf_jax import models  # pylint: disable=import-outside-toplevel
   pairs = rlaif.sample_pairs(models.Transformer(policy.model_config), nn.meta.unbox(policy.params),
@@ -57,9 +57,9 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
   ai = rlaif.ai_labels(ev, pairs)
   ai_seconds = time.time() - t0
   p_h, first_wins = rlaif.human_labels(pairs, lab.human_temperature, seed=config.seed)
-  os.makedirs(workdir, exist_ok=True)
-  rlaif.write_jsonl(os.path.join(workdir, "ai_pairs.jsonl"), rlaif.pairwise_records(pairs, ai.p_N))
-  rlaif.write_jsonl(os.path.join(workdir, "human_pairs.jsonl"),
+  fileio.makedirs(workdir)
+  rlaif.write_jsonl(fileio.join(workdir, "ai_pairs.jsonl"), rlaif.pairwise_records(pairs, ai.p_N))
+  rlaif.write_jsonl(fileio.join(workdir, "human_pairs.jsonl"),
                     rlaif.pairwise_records(pairs, first_wins.astype(float), soft=False))
   ga, gb = pairs.gold_a, pairs.gold_b
   from rlhf_jax.data import synthetic  # pylint: disable=import-outside-toplevel
@@ -88,7 +88,7 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
         "ai_nocot_alignment_same_pairs": rlaif.alignment(ai.p_N[:n_cot], sub.gold_a, sub.gold_b),
         "ai_cot_seconds": round(time.time() - t0, 1), "cot_example_rationale": cot.rationales[0]})
   rlaif.write_jsonl(
-      os.path.join(workdir, "pairs_scored.jsonl"),
+      fileio.join(workdir, "pairs_scored.jsonl"),
       [{
           "prompt": x, "a": a, "b": b, "gold_a": float(g1), "gold_b": float(g2), "p_ai": float(p),
           "p_ai_ab": float(pab), "p_ai_ba": float(pba), "p_human": float(ph)}
@@ -101,34 +101,34 @@ def run(config, root: str) -> dict:
   stages = [s for s in config.stages.split(",") if s]
   start = time.time()
   res: dict = {}
-  sft_dir = config.sources.sft_workdir or os.path.join(root, "sft")
+  sft_dir = config.sources.sft_workdir or fileio.join(root, "sft")
   if "sft" in stages and not config.sources.sft_workdir:
     res["sft"] = train.run_or_reuse("sft", root,
                                     lambda w: registry.run(config.sft.method, config.sft, w))
-  task = os.path.join(sft_dir, "data", "synthetic")
-  feedback = config.sources.feedback_workdir or os.path.join(root, "feedback")
+  task = fileio.join(sft_dir, "data", "synthetic")
+  feedback = config.sources.feedback_workdir or fileio.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
-                                init_dir=os.path.join(root, "feedback_init"),
+                                init_dir=fileio.join(root, "feedback_init"),
                                 tasks=config.feedback_tasks,
-                                data_dir=os.path.join(root, "feedback_data"))
+                                data_dir=fileio.join(root, "feedback_data"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
-  label_dir = os.path.join(root, "label")
+  label_dir = fileio.join(root, "label")
   if "label" in stages:
     res["label"] = train.run_or_reuse("label", root, lambda w: _label(config, sft_dir, feedback, w))
   for who in ("ai", "human"):
     if f"rm_{who}" in stages:
       rm = config.rm.copy_and_resolve_references()
       rm.sources.sft_workdir = sft_dir
-      rm.data.train_jsonl = os.path.join(label_dir, f"{who}_pairs.jsonl")
-      rm.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
+      rm.data.train_jsonl = fileio.join(label_dir, f"{who}_pairs.jsonl")
+      rm.data.eval_jsonl = fileio.join(task, "pairwise_test.jsonl")
       res[f"rm_{who}"] = train.run_or_reuse(f"rm_{who}", root,
                                             lambda w, rm=rm: registry.run(rm.method, rm, w))
   for who in ("ai", "human"):
     if f"ppo_{who}" in stages:
       cfg = config.ppo.copy_and_resolve_references()
       cfg.sources.sft_workdir = sft_dir
-      cfg.sources.reward_model_workdir = os.path.join(root, f"rm_{who}")
+      cfg.sources.reward_model_workdir = fileio.join(root, f"rm_{who}")
       res[f"ppo_{who}"] = train.run_or_reuse(f"ppo_{who}", root,
                                              lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
   if "ppo_direct" in stages:
@@ -150,9 +150,9 @@ def run(config, root: str) -> dict:
       cfg.sources.sft_workdir = sft_dir
       cfg.loss.soft_labels = soft
       cfg.data.source = "jsonl"
-      cfg.data.train_jsonl = os.path.join(label_dir, "ai_pairs.jsonl")
-      cfg.data.eval_jsonl = os.path.join(task, "pairwise_test.jsonl")
-      cfg.data.eval_prompts_jsonl = os.path.join(task, "prompts_test.jsonl")
+      cfg.data.train_jsonl = fileio.join(label_dir, "ai_pairs.jsonl")
+      cfg.data.eval_jsonl = fileio.join(task, "pairwise_test.jsonl")
+      cfg.data.eval_prompts_jsonl = fileio.join(task, "prompts_test.jsonl")
       res[name] = train.run_or_reuse(name, root,
                                      lambda w, cfg=cfg: registry.run(cfg.method, cfg, w))
   if "report" in stages:  # every process holds the same res (run_or_reuse); process 0 writes
@@ -178,11 +178,11 @@ def report(root: str, res: dict, seconds: float) -> str:
                  final.get("sft_gold_reward")))
 
   def samples(stage):
-    return os.path.join(root, stage, "samples.jsonl")
+    return fileio.join(root, stage, "samples.jsonl")
 
   for a, b in (("ppo_ai", "ppo_human"), ("ppo_direct", "ppo_human"), ("ppo_ai", "ppo_direct"),
                ("dpo_ai_soft", "dpo_ai_hard")):
-    if os.path.exists(samples(a)) and os.path.exists(samples(b)):
+    if fileio.exists(samples(a)) and fileio.exists(samples(b)):
       h2h[f"{a} vs {b}"] = rlaif.head_to_head(samples(a), samples(b))
   lab = res.get("label", {})
   lines = [
@@ -219,12 +219,12 @@ def report(root: str, res: dict, seconds: float) -> str:
   lines += ["", "Head to head (gold reward, ties half):", ""]
   lines += [f"- {k}: {v:.3f}" for k, v in h2h.items()]
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump({"stages": res, "head_to_head": h2h, "seconds": seconds}, f, indent=1, default=float)
+  fileio.atomic_write_text(fileio.join(root, "results.md"), text)
+  fileio.atomic_write_text(
+      fileio.join(root, "results.json"),
+      json.dumps({"stages": res, "head_to_head": h2h, "seconds": seconds}, indent=1, default=float))
   _plot(root, lab, rows)
-  logger.info("results in %s\n%s", os.path.join(root, "results.md"), text)
+  logger.info("results in %s\n%s", fileio.join(root, "results.md"), text)
   return text
 
 
@@ -256,7 +256,7 @@ def _plot(root: str, lab: dict, rows: list) -> None:
   ax2.set_ylabel("held-out gold reward")
   ax2.set_title("Policies (same PPO)")
   fig.tight_layout()
-  fig.savefig(os.path.join(root, "rlaif.png"), dpi=110)
+  fileio.save_figure(fig, fileio.join(root, "rlaif.png"), dpi=110)
   plt.close(fig)
 
 

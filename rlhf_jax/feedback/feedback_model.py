@@ -25,8 +25,9 @@ needs that; the text path would re-tokenise to the same ids).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
+
+from rlhf_jax import fileio
 
 INITS = ("sft", "scratch")
 EXPORT_INFO = "export_info.json"
@@ -41,20 +42,20 @@ def _exported(sft_dir: str, out: str) -> str:
   from rlhf_jax.models.hf import export  # pylint: disable=import-outside-toplevel
   from rlhf_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   want = {
-      "sft_workdir": os.path.abspath(sft_dir), "step": ckpt_lib.latest_step(sft_dir),
-      "fingerprint": ckpt_lib.read_json(os.path.join(sft_dir, ckpt_lib.FINGERPRINT_FILE)),
-      "tokenizer": train.tokenizer_spec(ckpt_lib.read_json(os.path.join(sft_dir, "config.json")))}
-  info = os.path.join(out, EXPORT_INFO)
+      "sft_workdir": fileio.absolute(sft_dir), "step": ckpt_lib.latest_step(sft_dir),
+      "fingerprint": ckpt_lib.read_json(fileio.join(sft_dir, ckpt_lib.FINGERPRINT_FILE)),
+      "tokenizer": train.tokenizer_spec(ckpt_lib.read_json(fileio.join(sft_dir, "config.json")))}
+  info = fileio.join(out, EXPORT_INFO)
   from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel
   # Multi-process: process 0's answer, process 0 writes; the others join the export's checkpoint
   # restore (orbax restores are collective: every process must restore, in the same order).
-  if not parallel.agree(os.path.isfile(info) and train.read_json(info) == want):
+  if not parallel.agree(fileio.isfile(info) and train.read_json(info) == want):
     if parallel.is_coordinator():
       export.export_run(sft_dir, out)
       train.atomic_write_json(info, want)
     else:
       train.load_sft_params(sft_dir)
-  return "hf:" + os.path.abspath(out)
+  return "hf:" + fileio.absolute(out)
 
 
 def _task_names(tasks: str | Sequence[str]) -> tuple[str, ...]:
@@ -71,18 +72,15 @@ def _task_names(tasks: str | Sequence[str]) -> tuple[str, ...]:
 def task_subset(src: str, dst: str, tasks: Sequence[str]) -> int:
   """Writes the rows of JSONL ``src`` whose ``task`` (before ``:``) is in ``tasks`` to ``dst``, in
   order; returns how many. ``dst`` is left alone when it already holds exactly those bytes."""
-  from rlhf_jax import fileio  # pylint: disable=import-outside-toplevel
   keep = []
-  with open(src, encoding="utf-8") as f:
-    for line in f:
-      if line.strip() and json.loads(line).get("task", "").split(":", 1)[0] in tasks:
-        keep.append(line if line.endswith("\n") else line + "\n")
+  for line in fileio.read_text(src).splitlines(keepends=True):
+    if line.strip() and json.loads(line).get("task", "").split(":", 1)[0] in tasks:
+      keep.append(line if line.endswith("\n") else line + "\n")
   if not keep:
     raise ValueError(f"{src}: no records of the tasks {','.join(tasks)}")
   text = "".join(keep)
-  if not (os.path.isfile(dst) and fileio.read_text(dst) == text):
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    fileio.atomic_write_text(dst, text)
+  if not (fileio.isfile(dst) and fileio.read_text(dst) == text):
+    fileio.atomic_write_text(dst, text)  # creates dst's folder
   return len(keep)
 
 
@@ -97,18 +95,18 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
     raise ValueError(f"config.feedback_init={init!r} is invalid; allowed: {' | '.join(INITS)}")
   names = _task_names(tasks)
   fb = fb.copy_and_resolve_references()
-  fb.data.train_jsonl = os.path.join(task_dir, "feedback_sft.jsonl")
-  fb.data.eval_jsonl = os.path.join(task_dir, "feedback_sft_test.jsonl")
+  fb.data.train_jsonl = fileio.join(task_dir, "feedback_sft.jsonl")
+  fb.data.eval_jsonl = fileio.join(task_dir, "feedback_sft_test.jsonl")
   if names:
     if not data_dir:
       raise ValueError("feedback_config: tasks given without a data_dir for the subset files")
     for key in ("train_jsonl", "eval_jsonl"):
-      dst = os.path.join(data_dir, os.path.basename(fb.data[key]))
+      dst = fileio.join(data_dir, fileio.path(fb.data[key]).name)
       if parallel.is_coordinator():  # multi-process: one writer (the barrier below)
         task_subset(fb.data[key], dst, names)
       fb.data[key] = dst
   if init == "sft":
-    if not os.path.isfile(os.path.join(sft_dir, "config.json")):
+    if not fileio.isfile(fileio.join(sft_dir, "config.json")):
       raise FileNotFoundError(f"config.feedback_init='sft': {sft_dir!r} is not a finished SFT run "
                               "(run the sft stage first, or set config.feedback_init=scratch)")
     fb.sources.pretrained = _exported(sft_dir, init_dir)
@@ -121,14 +119,14 @@ def exported_tokenizer(run_dir: str) -> str:
   an export written here (``EXPORT_INFO`` in its ``sources.pretrained`` folder) of a run with the
   byte tokenizer; else '' (use the run's own tokenizer)."""
   from rlhf_jax import train  # pylint: disable=import-outside-toplevel
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = fileio.join(run_dir, "config.json")
+  if not fileio.isfile(config_path):
     return ""
   pretrained = (train.read_json(config_path).get("sources") or {}).get("pretrained") or ""
   if not pretrained:
     return ""
-  info = os.path.join(train.runs.pretrained_path(pretrained), EXPORT_INFO)
-  if not os.path.isfile(info):
+  info = fileio.join(train.runs.pretrained_path(pretrained), EXPORT_INFO)
+  if not fileio.isfile(info):
     return ""
   spec = train.read_json(info).get("tokenizer", "")
   return spec if spec in ("byte", "bytes") else ""

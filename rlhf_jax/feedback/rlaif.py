@@ -20,13 +20,12 @@ model is trained on its soft labels (*distilled* RLAIF) or the LLM rates respons
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import fileio, sampling
 from rlhf_jax.data import batching, synthetic
 from rlhf_jax.feedback import annotators
 
@@ -98,11 +97,10 @@ def pairwise_records(pairs: Pairs, p_N: np.ndarray, *, soft: bool = True) -> lis
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> str:
-  """Writes ``rows`` as JSON lines atomically (a temporary file renamed into place)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-  os.replace(tmp, path)
+  """Writes ``rows`` as JSON lines atomically (``fileio.atomic_write_text``: a local path or a URL
+  such as ``gs://``; its folder is created)."""
+  text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+  fileio.atomic_write_text(path, text)
   return path
 
 
@@ -123,8 +121,7 @@ def head_to_head(samples_a: str, samples_b: str) -> float:
   from rlhf_jax.eval import policy as policy_eval  # pylint: disable=import-outside-toplevel
 
   def last(path):
-    with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = fileio.read_jsonl(path)
     step = max(r["step"] for r in rows)
     return [r for r in rows if r["step"] == step]
 

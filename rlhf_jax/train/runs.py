@@ -60,9 +60,9 @@ PRETRAINED_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_polic
 
 
 def pretrained_path(spec: str) -> str:
-  """The folder of a ``sources.pretrained`` spec (``hf:DIR`` or ``DIR``), absolute."""
+  """The folder of a ``sources.pretrained`` spec (``hf:DIR`` or ``DIR``), absolute (a URL as is)."""
   spec = os.fspath(spec)
-  return os.path.abspath(
+  return fileio.absolute(
       spec[len(PRETRAINED_PREFIX):] if spec.startswith(PRETRAINED_PREFIX) else spec)
 
 
@@ -74,7 +74,7 @@ def is_pretrained(source: str) -> bool:
 def pretrained_tokenizer_spec(spec: str) -> str:
   """``hf:DIR`` when the checkpoint folder carries a ``tokenizer.json``, else ''."""
   path = pretrained_path(spec)
-  return PRETRAINED_PREFIX + path if os.path.isfile(os.path.join(path, "tokenizer.json")) else ""
+  return PRETRAINED_PREFIX + path if fileio.isfile(fileio.join(path, "tokenizer.json")) else ""
 
 
 def tokenizer_spec(run_config: Mapping[str, Any], _seen: tuple = ()) -> str:
@@ -104,8 +104,7 @@ def pretrained_fingerprint(spec: str) -> dict:
   if not spec:
     return {}
   path = pretrained_path(spec)
-  with open(os.path.join(path, "config.json"), "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  digest = hashlib.sha256(fileio.read_bytes(fileio.join(path, "config.json"))).hexdigest()[:16]
   return {"pretrained": {"path": path, "config_sha256": digest}}
 
 
