@@ -2,6 +2,7 @@
 model config (``feedback.feedback_model``)."""
 
 import json
+import os
 
 import ml_collections
 import numpy as np
@@ -71,6 +72,16 @@ def test_feedback_model_config_init_choices(tmp_path):
     fm.feedback_config(base, "task", init="warm", sft_dir="none", init_dir="x")
   with pytest.raises(FileNotFoundError, match="is not a finished SFT run"):
     fm.feedback_config(base, "task", init="sft", sft_dir=str(tmp_path), init_dir="x")
+  # a remote workdir: the export (a Hugging Face folder of local files) is refused, never written
+  # into a local folder named "gs:"
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"feedback_init='sft' on a remote workdir \(gs://b/r/fi\)"):
+    fm.feedback_config(base, "task", init="sft", sft_dir=str(tmp_path), init_dir="gs://b/r/fi")
+  from rlhf_jax.models.hf import export  # pylint: disable=import-outside-toplevel
+  with pytest.raises(export.ExportError, match="a Hugging Face folder is written as local files"):
+    export.export_run(str(tmp_path), "gs://b/r/fi")
+  assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
+  (tmp_path / "config.json").unlink()
   # exported_tokenizer: '' unless the run's pretrained folder is an export of a byte-tokenizer run
   assert fm.exported_tokenizer(str(tmp_path)) == ""
   export = tmp_path / "export"
@@ -114,8 +125,8 @@ def test_teacher_writes_every_judgement_in_both_orders():
   one, _ = teacher.teacher_records(np.random.default_rng(1), prompts, sft_rows,
                                    teacher.TeacherConfig(swap_pairs=False))
   assert [r for r in one if r["task"].startswith("judge")] == judged[::2]
-  assert [r for r in one if not r["task"].startswith("judge")] == [
-      r for r in rows if not r["task"].startswith("judge")]
+  assert [r for r in one if not r["task"].startswith("judge")
+         ] == [r for r in rows if not r["task"].startswith("judge")]
   assert stats["records"] == len(rows)
 
 

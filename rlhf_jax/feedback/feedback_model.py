@@ -109,6 +109,13 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
     if not fileio.isfile(fileio.join(sft_dir, "config.json")):
       raise FileNotFoundError(f"config.feedback_init='sft': {sft_dir!r} is not a finished SFT run "
                               "(run the sft stage first, or set config.feedback_init=scratch)")
+    if fileio.is_remote(init_dir) or fileio.is_remote(sft_dir):
+      # the export is a Hugging Face folder, written and read back (mmap) as local files
+      raise ValueError(
+          f"config.feedback_init='sft' on a remote workdir ({init_dir}): the SFT policy is "
+          "exported as a Hugging Face folder, which is written and loaded as local files; use a "
+          "local --workdir, config.feedback_init=scratch, or train the feedback model locally "
+          "and pass config.sources.feedback_workdir")
     fb.sources.pretrained = _exported(sft_dir, init_dir)
   parallel.sync("feedback_config_written")  # every process reads the files process 0 wrote
   return fb

@@ -134,6 +134,9 @@ def is_reward_run(workdir: str) -> bool:
 def export_run(workdir: str, out: str, *, dtype: str | None = "float32", step: int | None = None,
                max_shard_size: int | str = "5GB", tokenizer: bool = True) -> dict[str, Any]:
   """Writes the run ``workdir`` as a Hugging Face folder ``out``; returns a summary dict."""
+  if "://" in str(out):  # a remote-looking path would become a local folder named "gs:"
+    raise ExportError(f"--out={out!r}: a Hugging Face folder is written as local files; export "
+                      "to a local folder and copy it (e.g. gsutil -m cp -r)")
   if not os.path.isdir(workdir):
     raise ExportError(f"--workdir={workdir!r}: no such run directory")
   if is_reward_run(workdir):
