@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-from rlhf_jax import fileio
+from rlhf_jax import fileio, parallel
 
 logger = logging.getLogger(__name__)
 _PROCESS_START = time.time()  # temp files older than this were left by an earlier process
@@ -410,7 +410,10 @@ def latest_step(workdir: str) -> int | None:
   """The latest committed checkpoint step in ``workdir`` whose files match its manifest (a step
   without a manifest counts: written before manifests existed, or cut before its manifest); steps
   that fail the check are skipped with a warning naming them. None if there is none."""
-  if not fileio.isdir(fileio.join(workdir, CHECKPOINT_DIR)):
+  # Multi-process: process 0's answer. The reader below is collective (orbax syncs the processes
+  # when it opens a checkpoint root), and process 0 may create the folder meanwhile (its trainer
+  # ahead of a peer's): a peer that saw it would wait in a sync process 0 never enters.
+  if not parallel.agree(fileio.isdir(fileio.join(workdir, CHECKPOINT_DIR))):
     return None
   for step in reversed(_committed_steps(workdir)):
     path = fileio.join(fileio.absolute(workdir), CHECKPOINT_DIR, str(step))
