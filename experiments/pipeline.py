@@ -107,8 +107,8 @@ def agree_stage_outcome(key: str, failed: str | None, *, final_path: str,
   failed = parallel.agree_outcome(key, failed, namespace="rlhf_jax/pipeline", **agree_kwargs)
   me = agree_kwargs.get("process_index")
   me = parallel.process_index() if me is None else me
-  if failed is not None and me == 0 and fileio.exists(final_path):
-    fileio.rename(final_path, fileio.join(fileio.parent(final_path), FAILED_FINAL_FILE))
+  if failed is not None and me == 0:
+    train_runs.set_aside_failed(final_path)
   return failed
 
 

@@ -297,16 +297,21 @@ def pipeline_runs(tmp_path_factory):
   procs = {
       name: _run_pipeline(root / name, root / f"logs_{name}", *shape)
       for name, shape in runs.items()}
+  _wait_all(procs, timeout=1200)
+  return root
+
+
+def _wait_all(procs: dict, timeout: float) -> None:
+  """Waits for every launch (name -> Popen); each must exit 0. Kills what is left on a failure."""
   try:
     for name, p in procs.items():
-      out, err = p.communicate(timeout=1200)
+      _, err = p.communicate(timeout=timeout)
       assert p.returncode == 0, f"{name}: rc={p.returncode}\n{err[-3000:]}"
   finally:
     for p in procs.values():
       if p.poll() is None:
         p.kill()
         p.wait()
-  return root
 
 
 def _final(root, run: str, stage: str) -> dict:
@@ -397,6 +402,28 @@ def test_pipeline_as_two_processes_logs_no_error(pipeline_runs):
     assert "pipeline finished" in log or i == 1  # process 0 writes and logs the table
 
 
+def _run_launcher_both_ways(pipeline_runs, script: str, config: str, tag: str) -> dict:
+  """``experiments/<script>`` with ``config`` as 2 processes x 2 devices and as 1 process x 4
+    devices, side by side, over the pipeline fixture's SFT run; the two workdirs by name."""
+  sft = pipeline_runs / "one" / "sft"  # both topologies start from the same SFT run
+  procs = {}
+  for name, (num_processes, devices) in {"two": (2, 2), "one": (1, 4)}.items():
+    env = _launcher_env(NUM_PROCESSES=str(num_processes), DEVICES_PER_PROCESS=str(devices),
+                        LOG_DIR=str(pipeline_runs / f"logs_{tag}_{name}"), PYTHON=sys.executable)
+    procs[name] = subprocess.Popen([
+        "bash",
+        os.path.join(REPO, "launch", "multiprocess_local.sh"),
+        os.path.join(REPO, "experiments", script), f"--config={config}",
+        f"--workdir={pipeline_runs / f'{tag}_{name}'}", f"--config.sources.sft_workdir={sft}"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+  _wait_all(procs, timeout=900)
+  for i in range(2):
+    log = (pipeline_runs / f"logs_{tag}_two" / f"process_{i}.log").read_text()
+    assert "Traceback" not in log and not re.search(r"^E\d{4} ", log, re.M), log[-3000:]
+  return {name: pipeline_runs / f"{tag}_{name}" for name in procs}
+
+
 # tests/multihost_iterated_config.py: iterated RLHF's smallest rounds (2 rounds of 16 + 8 labelled
 # prompts, an RM of 2 steps, PPO of 2 iterations), over the pipeline fixture's SFT run.
 ITERATED_CONFIG = os.path.join(REPO, "tests", "multihost_iterated_config.py")
@@ -408,28 +435,7 @@ def test_iterated_rlhf_as_two_processes_gives_the_one_process_rounds(pipeline_ru
     every round's numbers in rounds.json (PPO's gold reward / KL, RM_r's accuracies, the number of
     comparisons) to 1e-3, the comparisons written once by process 0 and identical, each round
     recording the job its stages ran on."""
-  sft = pipeline_runs / "one" / "sft"  # both topologies start from the same SFT run
-  procs = {}
-  for name, (num_processes, devices) in {"two": (2, 2), "one": (1, 4)}.items():
-    env = _launcher_env(NUM_PROCESSES=str(num_processes), DEVICES_PER_PROCESS=str(devices),
-                        LOG_DIR=str(pipeline_runs / f"logs_iterated_{name}"),
-                        PYTHON=sys.executable)
-    procs[name] = subprocess.Popen([
-        "bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
-        os.path.join(REPO, "experiments", "run.py"), f"--config={ITERATED_CONFIG}",
-        f"--workdir={pipeline_runs / f'iterated_{name}'}",
-        f"--config.sources.sft_workdir={sft}"], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-  try:
-    for name, p in procs.items():
-      _, err = p.communicate(timeout=900)
-      assert p.returncode == 0, f"{name}: rc={p.returncode}\n{err[-3000:]}"
-  finally:
-    for p in procs.values():
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  run = {name: pipeline_runs / f"iterated_{name}" for name in procs}
+  run = _run_launcher_both_ways(pipeline_runs, "run.py", ITERATED_CONFIG, "iterated")
   rounds = {name: json.loads((d / "rounds.json").read_text()) for name, d in run.items()}
   assert [r["round"] for r in rounds["one"]] == [0, 1] == [r["round"] for r in rounds["two"]]
   numbers = 0
@@ -446,38 +452,6 @@ def test_iterated_rlhf_as_two_processes_gives_the_one_process_rounds(pipeline_ru
   # them (same draws, same labels, same lines).
   for path in ("all_pairs.jsonl", "round_0/pairs.jsonl", "round_1/eval_pairs.jsonl"):
     assert (run["two"] / path).read_text() == (run["one"] / path).read_text(), path
-  for i in range(2):
-    log = (pipeline_runs / "logs_iterated_two" / f"process_{i}.log").read_text()
-    assert "Traceback" not in log and not re.search(r"^E\d{4} ", log, re.M), log[-3000:]
-
-
-def _run_launcher_both_ways(pipeline_runs, script: str, config: str, tag: str) -> dict:
-  """``experiments/<script>`` with ``config`` as 2 processes x 2 devices and as 1 process x 4
-    devices, side by side, over the pipeline fixture's SFT run; the two workdirs by name."""
-  sft = pipeline_runs / "one" / "sft"  # both topologies start from the same SFT run
-  procs = {}
-  for name, (num_processes, devices) in {"two": (2, 2), "one": (1, 4)}.items():
-    env = _launcher_env(NUM_PROCESSES=str(num_processes), DEVICES_PER_PROCESS=str(devices),
-                        LOG_DIR=str(pipeline_runs / f"logs_{tag}_{name}"), PYTHON=sys.executable)
-    procs[name] = subprocess.Popen([
-        "bash", os.path.join(REPO, "launch", "multiprocess_local.sh"),
-        os.path.join(REPO, "experiments", script), f"--config={config}",
-        f"--workdir={pipeline_runs / f'{tag}_{name}'}", f"--config.sources.sft_workdir={sft}"],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-  try:
-    for name, p in procs.items():
-      _, err = p.communicate(timeout=900)
-      assert p.returncode == 0, f"{name}: rc={p.returncode}\n{err[-3000:]}"
-  finally:
-    for p in procs.values():
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i in range(2):
-    log = (pipeline_runs / f"logs_{tag}_two" / f"process_{i}.log").read_text()
-    assert "Traceback" not in log and not re.search(r"^E\d{4} ", log, re.M), log[-3000:]
-  return {name: pipeline_runs / f"{tag}_{name}" for name in procs}
 
 
 def _no_nan(tree):
@@ -572,8 +546,8 @@ def test_cai_as_two_processes_gives_the_one_process_numbers(pipeline_runs):
     rows = [_jsonl_rows(run[n] / path) for n in ("two", "one")]
     assert len(rows[0]) == len(rows[1]) > 0, path
     _assert_close(rows[0], rows[1], 1e-3, (path,))
-  two_res, one_res = (_no_nan(json.loads((run[n] / "results.json").read_text()))
-                      for n in ("two", "one"))
+  two_res, one_res = (
+      _no_nan(json.loads((run[n] / "results.json").read_text())) for n in ("two", "one"))
   # the four trained policies (the SFT run is the fixture's, outside the workdir: not evaluated)
   assert len(one_res["policies"]) == 4, one_res["policies"].keys()
   _assert_close(two_res["policies"], one_res["policies"], 1e-3, ("policies",))

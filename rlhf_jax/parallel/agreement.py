@@ -6,7 +6,8 @@ peers are waiting in. :func:`agree_outcome` goes through the key-value store tha
 ``jax.distributed`` gives every process instead, with deadlines, so every process leaves with the
 same verdict, or a bounded :class:`AgreementTimeout` when a peer is stuck or dead.
 
-Used by ``experiments/pipeline.py`` for every stage (failed on one process = failed on all).
+Used for every stage of ``experiments/pipeline.py`` and of ``train.run_or_reuse`` (the stages of
+``experiments/rlaif.py`` and ``cai.py``): failed on one process = failed on all.
 """
 
 from __future__ import annotations

@@ -24,11 +24,10 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
-from rlhf_jax import fileio
+from rlhf_jax import cli, fileio
 from rlhf_jax import models, parallel
 from rlhf_jax.data import tokenizers as tok_lib
 from rlhf_jax.train import checkpoint as ckpt_lib
@@ -236,6 +235,14 @@ _STOPPED = "stopped"  # the outcome a stopped (SIGTERM) stage publishes: every p
 _STAGE_CALLS = itertools.count()  # every process calls run_or_reuse in the same order
 
 
+def set_aside_failed(final_path: str) -> None:
+  """Renames a failed stage's ``final_metrics.json`` (when it left one) to
+  ``final_metrics.failed.json`` beside it, so a rerun does not take the stage as finished; call
+  it on process 0 only (the one writer)."""
+  if fileio.exists(final_path):
+    fileio.rename(final_path, fileio.join(fileio.parent(final_path), FAILED_FINAL_FILE))
+
+
 class StageFailed(RuntimeError):
   """A stage failed on another process of the job (this one finished it): the peer's one line."""
 
@@ -292,17 +299,14 @@ def run_or_reuse(name: str, root: str, fn: Callable[[str], Mapping[str, Any] | N
       failed = parallel.agree_outcome(f"{call}/{name}", failed, namespace=STAGE_NAMESPACE)
     except parallel.AgreementTimeout as err:
       logger.error("[%s] %s", name, err)
-      sys.stdout.flush()
-      sys.stderr.flush()
-      logging.shutdown()
-      os._exit(1)  # pylint: disable=protected-access  (now, not at jax's shutdown barrier)
+      cli.quiet_exit(1)  # now, not at jax's shutdown barrier: our exit unblocks the peers
   if failed is not None:
     if failed.startswith(_STOPPED):
       # A stopped stage is not finished: no final_metrics.json, so the rerun resumes it from its
       # last checkpoint instead of reusing a partial run, and no later stage starts on it.
       raise signals.Interrupted(signals.stop_requested() or signal.SIGTERM)
-    if parallel.is_coordinator() and fileio.exists(final_path):
-      fileio.rename(final_path, fileio.join(workdir, FAILED_FINAL_FILE))
+    if parallel.is_coordinator():
+      set_aside_failed(final_path)
     raise error if error is not None else StageFailed(f"stage {name}: {failed}")
   if parallel.is_coordinator():
     final["_seconds"] = round(time.time() - start, 1)
