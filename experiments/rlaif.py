@@ -19,6 +19,7 @@ import os
 import time
 
 from absl import app
+import numpy as np
 
 from rlhf_jax import cli, fileio, parallel, train
 from rlhf_jax.algorithms import registry
@@ -28,6 +29,7 @@ from rlhf_jax.feedback import feedback_model as fm_lib
 from rlhf_jax.feedback import rlaif
 
 logger = logging.getLogger("rlaif")
+AI_LABELS = ("plain", "cot")  # config.label.ai_labels: the evaluator's answer the AI file holds
 
 
 def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
@@ -37,6 +39,8 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
   collective), process 0 alone samples, labels (on its first device) and writes; the others return
   None (``train.run_or_reuse`` then hands every process process 0's metrics)."""
   lab = config.label
+  if lab.ai_labels not in AI_LABELS:
+    raise ValueError(f"config.label.ai_labels={lab.ai_labels!r}; allowed: {' | '.join(AI_LABELS)}")
   policy = train.load_sft_params(sft_dir)
   ev = ev_lib.load_evaluator(feedback, lab.pair_template, policy_tokenizer=policy.tokenizer,
                              batch_size=lab.batch_size)
@@ -53,15 +57,29 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
                              policy.tokenizer, prompts, max_prompt_len=lab.max_prompt_len,
                              max_new_tokens=lab.max_new_tokens, temperature=lab.temperature,
                              seed=config.seed)
+  use_cot = lab.ai_labels == "cot"
+  if use_cot and not ev.template.has_cot:
+    raise ValueError(f"config.label.ai_labels='cot': the template {ev.template.source} has no "
+                     "cot_ending / cot_answer; use a CoT template or label.ai_labels=plain")
   t0 = time.time()
   ai = rlaif.ai_labels(ev, pairs)
   ai_seconds = time.time() - t0
+  ga, gb = pairs.gold_a, pairs.gold_b
+  # chain of thought: on every pair when its labels are the AI labels, else on the first cot_pairs
+  n_cot = len(pairs.prompts) if use_cot else min(lab.cot_pairs, len(pairs.prompts))
+  cot, cot_seconds = None, 0.0
+  if n_cot and ev.template.has_cot:
+    sub = rlaif.Pairs(pairs.prompts[:n_cot], pairs.a[:n_cot], pairs.b[:n_cot], ga[:n_cot],
+                      gb[:n_cot])
+    t0 = time.time()
+    cot = rlaif.ai_labels(ev, sub, cot=ev_lib.CotConfig(max_tokens=lab.cot_max_tokens))
+    cot_seconds = time.time() - t0
+  p_ai = cot.p_N if use_cot else ai.p_N  # what the AI label file (RM, DPO) trains on
   p_h, first_wins = rlaif.human_labels(pairs, lab.human_temperature, seed=config.seed)
   fileio.makedirs(workdir)
-  rlaif.write_jsonl(fileio.join(workdir, "ai_pairs.jsonl"), rlaif.pairwise_records(pairs, ai.p_N))
+  rlaif.write_jsonl(fileio.join(workdir, "ai_pairs.jsonl"), rlaif.pairwise_records(pairs, p_ai))
   rlaif.write_jsonl(fileio.join(workdir, "human_pairs.jsonl"),
                     rlaif.pairwise_records(pairs, first_wins.astype(float), soft=False))
-  ga, gb = pairs.gold_a, pairs.gold_b
   from rlhf_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   distinct = ga != gb
   final = {
@@ -69,31 +87,29 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
       "human_bayes_accuracy": synthetic.bayes_optimal_accuracy(ga[distinct], gb[distinct],
                                                                lab.human_temperature),
       "human_label_accuracy": rlaif.alignment(first_wins.astype(float), ga, gb),
+      "ai_label_file_alignment": rlaif.alignment(p_ai, ga, gb),
       "ai_alignment_both_orders": rlaif.alignment(ai.p_N, ga, gb),
       "ai_alignment_one_order": rlaif.alignment(ai.p_ab_N, ga,
                                                 gb), "ai_position_bias_rate": ai.position_bias_rate,
       "ai_label_mass": ai.label_mass, "ai_mean_confidence": float(abs(ai.p_N - 0.5).mean() + 0.5),
-      "ai_labelling_seconds": round(ai_seconds, 1)}
-  n_cot = min(lab.cot_pairs, len(pairs.prompts))
-  if n_cot and ev.template.has_cot:
-    sub = rlaif.Pairs(pairs.prompts[:n_cot], pairs.a[:n_cot], pairs.b[:n_cot], ga[:n_cot],
-                      gb[:n_cot])
-    t0 = time.time()
-    cot = rlaif.ai_labels(ev, sub, cot=ev_lib.CotConfig(max_tokens=lab.cot_max_tokens))
+      "ai_labelling_seconds": round(ai_seconds, 1), "ai_labels": lab.ai_labels}
+  if cot is not None:
     final.update({
         "cot_pairs": n_cot,
         "ai_cot_alignment_both_orders": rlaif.alignment(cot.p_N, sub.gold_a, sub.gold_b),
         "ai_cot_alignment_one_order": rlaif.alignment(cot.p_ab_N, sub.gold_a, sub.gold_b),
         "ai_cot_position_bias_rate": cot.position_bias_rate,
+        "ai_cot_mean_confidence": float(abs(cot.p_N - 0.5).mean() + 0.5),
         "ai_nocot_alignment_same_pairs": rlaif.alignment(ai.p_N[:n_cot], sub.gold_a, sub.gold_b),
-        "ai_cot_seconds": round(time.time() - t0, 1), "cot_example_rationale": cot.rationales[0]})
-  rlaif.write_jsonl(
-      fileio.join(workdir, "pairs_scored.jsonl"),
-      [{
-          "prompt": x, "a": a, "b": b, "gold_a": float(g1), "gold_b": float(g2), "p_ai": float(p),
-          "p_ai_ab": float(pab), "p_ai_ba": float(pba), "p_human": float(ph)}
-       for x, a, b, g1, g2, p, pab, pba, ph in zip(pairs.prompts, pairs.a, pairs.b, ga, gb, ai.p_N,
-                                                   ai.p_ab_N, ai.p_ba_N, p_h)])
+        "ai_cot_seconds": round(cot_seconds, 1), "cot_example_rationale": cot.rationales[0]})
+  p_cot = np.full(len(pairs.prompts), np.nan)
+  if cot is not None:
+    p_cot[:n_cot] = cot.p_N
+  rlaif.write_jsonl(fileio.join(workdir, "pairs_scored.jsonl"), [{
+      "prompt": x, "a": a, "b": b, "gold_a": float(g1), "gold_b": float(g2), "p_ai": float(p),
+      "p_ai_ab": float(pab), "p_ai_ba": float(pba), "p_ai_cot": None if np.isnan(pc) else float(pc),
+      "p_human": float(ph)} for x, a, b, g1, g2, p, pab, pba, pc, ph in zip(
+          pairs.prompts, pairs.a, pairs.b, ga, gb, ai.p_N, ai.p_ab_N, ai.p_ba_N, p_cot, p_h)])
   return final
 
 
@@ -110,7 +126,7 @@ def run(config, root: str) -> dict:
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
                                 init_dir=fileio.join(root, "feedback_init"),
-                                tasks=config.feedback_tasks,
+                                tasks=config.feedback_tasks, teacher=config.get("feedback_teacher"),
                                 data_dir=fileio.join(root, "feedback_data"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   label_dir = fileio.join(root, "label")
@@ -208,7 +224,10 @@ def report(root: str, res: dict, seconds: float) -> str:
       lines.append(f"| {name} | {num(lab[key])} | {num(lab.get(bias)) if bias else ''} |")
   lines += [
       "", f"Pairs: {lab.get('num_pairs')} (CoT: {lab.get('cot_pairs', 0)}); AI label mass "
-      f"{num(lab.get('ai_label_mass'))}.", "", "## Policies (same PPO, same number of labels)", "",
+      f"{num(lab.get('ai_label_mass'))}. The AI label file (the RM's and DPO's data) holds the "
+      f"{'chain-of-thought' if lab.get('ai_labels') == 'cot' else 'plain'} labels, both orders "
+      f"averaged (alignment {num(lab.get('ai_label_file_alignment'))}).", "",
+      "## Policies (same PPO, same number of labels)", "",
       "SFT gold = the SFT policy under the same evaluation as the row (PPO's and DPO's held-out "
       "evaluations differ).", "",
       "| policy | gold reward | ± s.e. | SFT gold (same eval) | win rate vs SFT | KL to SFT | "

@@ -3,8 +3,8 @@
 ``tests/test_multihost.py`` runs it (``experiments/rlaif.py``) once as 2 processes x 2 devices and
 once as 1 process x 4 devices, over the SFT run of its pipeline fixture
 (``--config.sources.sft_workdir``: the same smoke SFT section), and compares every stage's final
-metrics: the feedback model (2 steps from the exported SFT policy), the labelling (16 pairs, 4 with
-CoT; process 0's), the two reward models, PPO against each, d-RLAIF (the evaluator's rating on
+metrics: the feedback model (2 steps from the exported SFT policy, on the teacher's labelling data
+written by process 0), the labelling (16 pairs, all with CoT; process 0's), the two reward models, PPO against each, d-RLAIF (the evaluator's rating on
 PPO's mesh) and DPO on the soft / hard AI labels, then the report.
 """
 

@@ -151,3 +151,47 @@ def test_feedback_task_subset(tmp_path):
     fm.task_subset(str(task / "feedback_sft.jsonl"), str(tmp_path / "r.jsonl"), ("revision",))
   everything = fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x")
   assert everything.data.train_jsonl == str(task / "feedback_sft.jsonl")
+
+
+def test_teacher_mixture_writes_the_labellers_own_data(tmp_path):
+  # feedback_model.teacher_mixture: the task's teacher (flaws from metadata.json), only the
+  # weighted tasks and criteria, `passes` passes over the training prompts, one over the test ones
+  from rlhf_jax.data import synthetic_files  # pylint: disable=import-outside-toplevel
+  task = tmp_path / "task"
+  synthetic_files.write_task(str(task),
+                             synthetic_files.SyntheticConfig(num_prompts=60, num_test_prompts=20))
+  spec = ml_collections.ConfigDict({
+      "passes": 2, "weights": "judge_cot:1.0,rating:0.5", "criteria": "overall", "seed": 3})
+  counts = fm.teacher_mixture(str(task), str(tmp_path / "mix"), spec)
+  train_rows = [json.loads(x) for x in open(tmp_path / "mix" / "feedback_sft.jsonl")]
+  test_rows = [json.loads(x) for x in open(tmp_path / "mix" / "feedback_sft_test.jsonl")]
+  assert counts == {"records_train": len(train_rows), "records_test": len(test_rows)}
+  assert {r["task"] for r in train_rows} == {"judge_cot:overall", "rating"}
+  cot = [r for r in train_rows if r["task"] == "judge_cot:overall"]
+  # weight 1: every prompt of each pass gets a judgement (both orders) unless the teacher sees a tie
+  assert 0.6 * 2 * 2 * 60 <= len(cot) <= 2 * 2 * 60 and len(cot) % 2 == 0
+  assert all(r["response"].endswith(("\nBetter=A", "\nBetter=B")) for r in cot)
+  assert 0.5 * 20 <= sum(r["task"] == "rating" for r in test_rows) <= 20
+  # deterministic, and an unchanged file is not rewritten
+  mtime = os.stat(tmp_path / "mix" / "feedback_sft.jsonl").st_mtime_ns
+  assert fm.teacher_mixture(str(task), str(tmp_path / "mix"), spec) == counts
+  assert os.stat(tmp_path / "mix" / "feedback_sft.jsonl").st_mtime_ns == mtime
+  # the second pass draws fresh pairs: its records differ from the first pass's
+  one = fm.teacher_mixture(str(task), str(tmp_path / "one"), dict(spec, passes=1))
+  first = open(tmp_path / "one" / "feedback_sft.jsonl").read()
+  assert open(tmp_path / "mix" / "feedback_sft.jsonl").read().startswith(first)
+  assert 1.5 * one["records_train"] <= counts["records_train"] <= 2.5 * one["records_train"]
+  # the launcher path: feedback_config points the SFT at the mixture
+  base = sft.default_config()
+  cfg = fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x",
+                           data_dir=str(tmp_path / "mix"), teacher=spec)
+  assert cfg.data.train_jsonl == str(tmp_path / "mix" / "feedback_sft.jsonl")
+  with pytest.raises(ValueError, match="feedback_tasks and config.feedback_teacher both given"):
+    fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x", tasks="judge",
+                       data_dir=str(tmp_path / "mix"), teacher=spec)
+  with pytest.raises(ValueError, match=r"'judge_cot=1' is not task:weight"):
+    fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, weights="judge_cot=1"))
+  with pytest.raises(ValueError, match="passes=0; allowed: an int >= 1"):
+    fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, passes=0))
+  with pytest.raises(ValueError, match="TeacherConfig.weights"):
+    fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, weights="judging:1"))

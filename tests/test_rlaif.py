@@ -342,6 +342,14 @@ def test_rlaif_experiment_smoke(tmp_path):
   assert 0.5 <= lab["human_bayes_accuracy"] <= 1 and "ai_cot_alignment_both_orders" in lab
   ai = records.read_records(str(tmp_path / "label" / "ai_pairs.jsonl"), "pairwise")
   assert ai and all(0.5 <= r.preference_prob <= 1 for r in ai)
+  # label.ai_labels="cot": every pair labelled with chain of thought, and those labels are the file
+  assert lab["ai_labels"] == "cot" and lab["cot_pairs"] == lab["num_pairs"]
+  scored = [json.loads(x) for x in open(tmp_path / "label" / "pairs_scored.jsonl")]
+  kept = [r for r in scored if r["a"] != r["b"] and r["a"].strip() and r["b"].strip()]
+  assert [r.preference_prob for r in ai] == [max(r["p_ai_cot"], 1 - r["p_ai_cot"]) for r in kept]
+  # the labeller trained on the teacher's own labelling data (feedback_model.teacher_mixture)
+  tasks = {json.loads(x)["task"] for x in open(tmp_path / "feedback_data" / "feedback_sft.jsonl")}
+  assert tasks == {"judge_cot:overall", "judge:overall", "rating"}
   # the feedback model started from the SFT policy (exported as a Hugging Face folder)
   fb_config = json.loads((tmp_path / "feedback" / "config.json").read_text())
   assert fb_config["sources"]["pretrained"] == "hf:" + str(tmp_path / "feedback_init")
@@ -357,3 +365,7 @@ def test_rlaif_experiment_smoke(tmp_path):
   assert "AI, both orders averaged" in text and "RLAIF direct" in text
   assert "DPO on AI labels, soft" in text
   assert (tmp_path / "rlaif.png").exists()
+  config.label.ai_labels = "votes"
+  with pytest.raises(ValueError, match=r"config.label.ai_labels='votes'; allowed: plain \| cot"):
+    _launcher("rlaif")._label(config, str(tmp_path / "sft"), str(tmp_path / "feedback"),
+                              str(tmp_path / "label2"))

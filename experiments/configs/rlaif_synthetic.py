@@ -9,13 +9,15 @@ Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
 
   sft         the SFT policy (the offline pipeline's SFT section), or ``sources.sft_workdir``
   feedback    the feedback model = the evaluator (``feedback_model_synthetic.py``: SFT on the noisy
-              teacher's instruction data, started from the sft stage's policy with
+              teacher's labelling data, ``feedback_teacher``: chain-of-thought judgements, plain
+              judgements and ratings, started from the sft stage's policy with
               ``feedback_init="sft"``, from random weights with ``"scratch"``), or
               ``sources.feedback_workdir``
   label       ``label.num_pairs`` pairs of SFT samples on training prompts, labelled by the
               evaluator (soft, both orders; ``ai_pairs.jsonl``) and by the simulated humans
               (Bradley–Terry over the gold reward, T = ``label.human_temperature``, hard;
-              ``human_pairs.jsonl``); alignment with the gold preference with/without both-orders
+              ``human_pairs.jsonl``); the AI file holds the chain-of-thought labels
+              (``label.ai_labels``); alignment with the gold preference with/without both-orders
               averaging (+ position-bias rate) and with/without CoT (``alignment.json``)
   rm_ai       distilled RLAIF's reward model: Bradley–Terry on the soft AI labels
   rm_human    the RLHF baseline's reward model on the same number of human labels
@@ -55,8 +57,22 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # the task dir is filled in by experiments/rlaif.py (the SFT run's data/synthetic)
   config.feedback = _load("feedback_model_synthetic")
   config.feedback_init = "sft"  # sft | scratch (rlhf_jax.feedback.feedback_model)
-  # the labeller's own tasks only (feedback_model.task_subset; '' = the whole CAI mixture)
-  config.feedback_tasks = "judge,judge_cot,rating"
+  # the labeller's own data, written by the task's teacher (feedback_model.teacher_mixture): three
+  # passes over the training prompts of chain-of-thought judgements on the overall criterion (the
+  # query the label stage makes) and d-RLAIF's ratings. A small model does not learn to answer a
+  # judgement directly; it learns to write both critiques, then the answer (BUILD_NOTES session 10).
+  config.feedback_tasks = ""  # or: a subset of the shipped mixture (feedback_model.task_subset)
+  config.feedback_teacher = ml_collections.ConfigDict({
+      "passes": 3, "weights": "judge_cot:1.0,rating:0.3", "criteria": "overall", "seed": 1})
+  # Every token counts the same (token_mean): with every record weighted equally the two-token
+  # rating records outweighed the CoT records' answers (~1 token of 55) and the CoT labels fell to
+  # 0.55 alignment. CoT records run to 330 bytes (prompt <= 195, answer <= 150) with the short
+  # preamble, 99.5 % to 288: three buckets; 16 per step, 600 steps.
+  config_dicts.set_dotted(
+      config.feedback, {
+          "aggregation": "token_mean", "loop.num_steps": 600, "loop.checkpoint_every": 600,
+          "limits.max_prompt_len": 200, "limits.max_response_len": 152, "limits.buckets":
+              (256, 288, 352)})
 
   config.label = ml_collections.ConfigDict({
       "num_pairs": 1024,  # comparisons labelled by each annotator (the same pairs)
@@ -66,7 +82,10 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       "human_temperature": 0.25,  # the simulated humans' Bradley–Terry T (the task's default)
       "pair_template": "synthetic_pair",
       "rating_template": "synthetic_rating",
-      "cot_pairs": 256,  # pairs also labelled with chain of thought (rationales are sampled)
+      # the AI label file (RM, DPO) holds the chain-of-thought labels ("cot": every pair is labelled
+      # with CoT, both orders) or the direct answers ("plain"; then CoT on the first cot_pairs)
+      "ai_labels": "cot",
+      "cot_pairs": 256,
       # the teacher's rationales run to 109 bytes (mean 52; 71 % over 40): room for all of them
       "cot_max_tokens": 112,
       "batch_size": 64})
@@ -76,7 +95,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       config.rm, {
           "rm.early_stopping_patience": 0, "optim.lr": 3e-4, "optim.warmup_steps": 10,
           "data.max_eval_examples": 512, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
-          "mesh.data": 1, "eval.num_normalization_prompts": 128, **config_dicts.stage_loop(200)})
+          "mesh.data": 1, "eval.num_normalization_prompts": 128, **config_dicts.stage_loop(150)})
 
   ppo = _load("ppo_synthetic")
   config_dicts.set_dotted(
@@ -90,6 +109,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   config.ppo_direct = direct
   # DPO on the AI labels (data files and soft_labels set by experiments/rlaif.py)
   config.dpo = pipeline.dpo
+  if not smoke:  # one evaluation, at the end (the pipeline's DPO evaluates twice)
+    config_dicts.set_dotted(config.dpo, config_dicts.stage_loop(120))
 
   if smoke:
     # the feedback stage runs: 2 steps from the smoke SFT (queries cut to the tiny preset's 256)
@@ -98,6 +119,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
             "data.batch_size": 8, "data.eval_batch_size": 16, "data.max_eval_examples": 16,
             "limits.max_prompt_len": 192, "limits.max_response_len": 64, "limits.buckets":
                 (256,), **config_dicts.stage_loop(2)})
+    config.feedback_teacher.passes = 1
     config.label.num_pairs = 16
     config.label.cot_pairs = 4
     config.label.cot_max_tokens = 4

@@ -15,6 +15,14 @@ are pair judgements, CoT judgements and d-RLAIF's ratings; 39 % of the default f
 CAI keeps every task (it also critiques and revises). The subset is written next to the run
 (``<data_dir>/feedback_sft[_test].jsonl``), rows in file order, and rewritten only when it differs.
 
+Labeller data (``teacher``): a launcher can instead have the teacher write the labeller's own
+instruction data: ``passes`` passes over the task's training prompts (one over the test prompts)
+with the task's own teacher (its flaws as in ``metadata.json``) and the given task weights and
+criteria. RLAIF's default is chain-of-thought judgements on the overall criterion plus plain
+judgements and ratings (``experiments/configs/rlaif_synthetic.py``): a small model does not learn
+to answer a pairwise judgement directly (held-out accuracy stays at ½ after 19k judgements), but
+it learns to write the two critiques first, and the answer from them (BUILD_NOTES session 10).
+
 Tokenizer: a run started from a checkpoint folder reads with the folder's tokenizer, here the
 byte tokenizer written as a ``tokenizer.json`` (``export.write_byte_tokenizer``, which encodes
 exactly as ``ByteTokenizer``). :func:`exported_tokenizer` tells the evaluator loader to use the SFT
@@ -32,7 +40,9 @@ from rlhf_jax import fileio
 INITS = ("sft", "scratch")
 EXPORT_INFO = "export_info.json"
 
-__all__ = ["INITS", "EXPORT_INFO", "feedback_config", "exported_tokenizer", "task_subset"]
+__all__ = [
+    "INITS", "EXPORT_INFO", "feedback_config", "exported_tokenizer", "task_subset",
+    "teacher_mixture"]
 
 
 def _exported(sft_dir: str, out: str) -> str:
@@ -84,11 +94,63 @@ def task_subset(src: str, dst: str, tasks: Sequence[str]) -> int:
   return len(keep)
 
 
+def _weights(text: str) -> tuple[tuple[str, float], ...]:
+  """``"judge_cot:1,rating:0.3"`` -> ``(("judge_cot", 1.0), ("rating", 0.3))``."""
+  out = []
+  for item in (t.strip() for t in text.split(",")):
+    name, _, value = item.partition(":")
+    try:
+      out.append((name.strip(), float(value)))
+    except ValueError:
+      raise ValueError(f"config.feedback_teacher.weights={text!r}: {item!r} is not task:weight "
+                       "(e.g. judge_cot:1.0,rating:0.3)") from None
+  return tuple(out)
+
+
+def teacher_mixture(task_dir: str, data_dir: str, teacher: Any) -> dict[str, int]:
+  """Writes ``<data_dir>/feedback_sft[_test].jsonl``: the task's teacher (its flaws from the task's
+  ``metadata.json``) with ``teacher["weights"]`` (``task:weight,...``, each weight in [0, 1]: the
+  chance per prompt and pass), ``teacher["criteria"]`` (comma-separated) and no red-team
+  oversampling, run ``teacher["passes"]`` times over the training prompts (seeds from
+  ``teacher["seed"]`` and the pass) and once over the test prompts (a ConfigDict or a dict). Files are rewritten only when their bytes change;
+  returns the record count per split."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.data import synthetic as syn  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.feedback import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+  if int(teacher["passes"]) < 1:
+    raise ValueError(f"config.feedback_teacher.passes={teacher['passes']}; allowed: an int >= 1")
+  meta = fileio.read_json(fileio.join(task_dir, "metadata.json"))["config"]
+  policy = syn.ReferencePolicyConfig(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["policy"].items()})
+  base = dict(meta["teacher"], weights=tuple(map(tuple, meta["teacher"]["weights"])))
+  config = teacher_lib.TeacherConfig(
+      **dict(base, weights=_weights(teacher["weights"]), harmful_oversample=0.0, criteria=tuple(
+          c.strip() for c in teacher["criteria"].split(",") if c.strip())))
+  counts = {}
+  for split, passes in (("", int(teacher["passes"])), ("_test", 1)):
+    prompts = [
+        r["prompt"] for r in fileio.read_jsonl(fileio.join(task_dir, f"prompts{split}.jsonl"))]
+    sft_rows = fileio.read_jsonl(fileio.join(task_dir, f"sft{split}.jsonl"))
+    rows = []
+    for k in range(passes):
+      rng = np.random.default_rng([int(teacher["seed"]), k, 1 if split else 0])
+      rows += teacher_lib.teacher_records(rng, prompts, sft_rows, config, policy)[0]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    dst = fileio.join(data_dir, f"feedback_sft{split}.jsonl")
+    if not (fileio.isfile(dst) and fileio.read_text(dst) == text):
+      fileio.atomic_write_text(dst, text)
+    counts[f"records{split or '_train'}"] = len(rows)
+  return counts
+
+
 def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir: str,
-                    tasks: str | Sequence[str] = "", data_dir: str = "") -> Any:
+                    tasks: str | Sequence[str] = "", data_dir: str = "",
+                    teacher: Any = None) -> Any:
   """The feedback model's SFT config: ``fb`` on ``<task_dir>/feedback_sft[_test].jsonl`` (only the
   records of ``tasks``, copied into ``data_dir``, when ``tasks`` is given), started from the SFT
-  run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``. Multi-process: call it on
+  run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``; with ``teacher`` (a section
+  with ``passes`` >= 1, :func:`teacher_mixture`) the teacher writes the records into
+  ``data_dir`` instead of the task's shipped mixture. Multi-process: call it on
   every process; process 0 writes the files, then the processes meet at a barrier."""
   from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel
   if init not in INITS:
@@ -97,7 +159,18 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
   fb = fb.copy_and_resolve_references()
   fb.data.train_jsonl = fileio.join(task_dir, "feedback_sft.jsonl")
   fb.data.eval_jsonl = fileio.join(task_dir, "feedback_sft_test.jsonl")
-  if names:
+  use_teacher = teacher is not None and int(teacher.get("passes", 0)) > 0
+  if use_teacher and names:
+    raise ValueError("config.feedback_tasks and config.feedback_teacher both given; allowed: one "
+                     "of them (the teacher writes only the tasks in its weights)")
+  if use_teacher:
+    if not data_dir:
+      raise ValueError("feedback_config: a teacher mixture needs a data_dir for its files")
+    if parallel.is_coordinator():  # multi-process: one writer (the barrier below)
+      teacher_mixture(task_dir, data_dir, teacher)
+    fb.data.train_jsonl = fileio.join(data_dir, "feedback_sft.jsonl")
+    fb.data.eval_jsonl = fileio.join(data_dir, "feedback_sft_test.jsonl")
+  elif names:
     if not data_dir:
       raise ValueError("feedback_config: tasks given without a data_dir for the subset files")
     for key in ("train_jsonl", "eval_jsonl"):
