@@ -349,7 +349,7 @@ def test_rlaif_experiment_smoke(tmp_path):
   assert [r.preference_prob for r in ai] == [max(r["p_ai_cot"], 1 - r["p_ai_cot"]) for r in kept]
   # the labeller trained on the teacher's own labelling data (feedback_model.teacher_mixture)
   tasks = {json.loads(x)["task"] for x in open(tmp_path / "feedback_data" / "feedback_sft.jsonl")}
-  assert tasks == {"judge_cot:overall", "judge:overall", "rating"}
+  assert tasks == {"judge_cot:overall", "rating"}
   # the feedback model started from the SFT policy (exported as a Hugging Face folder)
   fb_config = json.loads((tmp_path / "feedback" / "config.json").read_text())
   assert fb_config["sources"]["pretrained"] == "hf:" + str(tmp_path / "feedback_init")
