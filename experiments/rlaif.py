@@ -39,8 +39,6 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
   collective), process 0 alone samples, labels (on its first device) and writes; the others return
   None (``train.run_or_reuse`` then hands every process process 0's metrics)."""
   lab = config.label
-  if lab.ai_labels not in AI_LABELS:
-    raise ValueError(f"config.label.ai_labels={lab.ai_labels!r}; allowed: {' | '.join(AI_LABELS)}")
   policy = train.load_sft_params(sft_dir)
   ev = ev_lib.load_evaluator(feedback, lab.pair_template, policy_tokenizer=policy.tokenizer,
                              batch_size=lab.batch_size)
@@ -115,6 +113,9 @@ def _label(config, sft_dir: str, feedback: str, workdir: str) -> dict | None:
 
 def run(config, root: str) -> dict:
   stages = [s for s in config.stages.split(",") if s]
+  if config.label.ai_labels not in AI_LABELS:  # before any stage: not minutes into the run
+    raise ValueError(f"config.label.ai_labels={config.label.ai_labels!r}; allowed: "
+                     f"{' | '.join(AI_LABELS)}")
   start = time.time()
   res: dict = {}
   sft_dir = config.sources.sft_workdir or fileio.join(root, "sft")

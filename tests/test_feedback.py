@@ -193,5 +193,9 @@ def test_teacher_mixture_writes_the_labellers_own_data(tmp_path):
     fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, weights="judge_cot=1"))
   with pytest.raises(ValueError, match="passes=0; allowed: an int >= 1"):
     fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, passes=0))
-  with pytest.raises(ValueError, match="TeacherConfig.weights"):
+  with pytest.raises(ValueError, match="config.feedback_teacher: TeacherConfig.weights"):
     fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, weights="judging:1"))
+  with pytest.raises(ValueError,
+                     match=r"config.feedback_teacher: TeacherConfig.criteria=\('all',\)"):
+    fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, criteria="all"))
+  assert not (tmp_path / "bad").exists()  # a refused mixture writes nothing

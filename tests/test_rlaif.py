@@ -367,5 +367,5 @@ def test_rlaif_experiment_smoke(tmp_path):
   assert (tmp_path / "rlaif.png").exists()
   config.label.ai_labels = "votes"
   with pytest.raises(ValueError, match=r"config.label.ai_labels='votes'; allowed: plain \| cot"):
-    _launcher("rlaif")._label(config, str(tmp_path / "sft"), str(tmp_path / "feedback"),
-                              str(tmp_path / "label2"))
+    _launcher("rlaif").run(config, str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()  # refused before any stage ran

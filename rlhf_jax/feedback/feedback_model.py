@@ -10,16 +10,15 @@ random weights (the session-6 recipe).
 
 Task subset (``tasks``): a launcher that needs only some of the feedback skills trains on those
 records alone, as a practitioner fine-tunes an AI labeller on the labelling task rather than on
-the whole assistant mixture. RLAIF's default is ``judge,judge_cot,rating`` (its labeller queries
-are pair judgements, CoT judgements and d-RLAIF's ratings; 39 % of the default file's records);
-CAI keeps every task (it also critiques and revises). The subset is written next to the run
+the whole assistant mixture (e.g. ``judge,judge_cot,rating``, RLAIF's labeller queries; 39 % of
+the default file's records; RLAIF now uses the teacher mixture below instead); CAI keeps every task (it also critiques and revises). The subset is written next to the run
 (``<data_dir>/feedback_sft[_test].jsonl``), rows in file order, and rewritten only when it differs.
 
 Labeller data (``teacher``): a launcher can instead have the teacher write the labeller's own
 instruction data: ``passes`` passes over the task's training prompts (one over the test prompts)
 with the task's own teacher (its flaws as in ``metadata.json``) and the given task weights and
-criteria. RLAIF's default is chain-of-thought judgements on the overall criterion plus plain
-judgements and ratings (``experiments/configs/rlaif_synthetic.py``): a small model does not learn
+criteria. RLAIF's default is chain-of-thought judgements on the overall criterion plus ratings
+(``experiments/configs/rlaif_synthetic.py``): a small model does not learn
 to answer a pairwise judgement directly (held-out accuracy stays at ½ after 19k judgements), but
 it learns to write the two critiques first, and the answer from them (BUILD_NOTES session 10).
 
@@ -88,10 +87,15 @@ def task_subset(src: str, dst: str, tasks: Sequence[str]) -> int:
       keep.append(line if line.endswith("\n") else line + "\n")
   if not keep:
     raise ValueError(f"{src}: no records of the tasks {','.join(tasks)}")
-  text = "".join(keep)
-  if not (fileio.isfile(dst) and fileio.read_text(dst) == text):
-    fileio.atomic_write_text(dst, text)  # creates dst's folder
+  _write_if_changed(dst, "".join(keep))
   return len(keep)
+
+
+def _write_if_changed(dst: str, text: str) -> None:
+  """Writes ``text`` to ``dst`` atomically (creating its folder) unless it already holds it, so a
+  rerun leaves an unchanged data file (and its mtime) alone."""
+  if not (fileio.isfile(dst) and fileio.read_text(dst) == text):
+    fileio.atomic_write_text(dst, text)
 
 
 def _weights(text: str) -> tuple[tuple[str, float], ...]:
@@ -112,20 +116,22 @@ def teacher_mixture(task_dir: str, data_dir: str, teacher: Any) -> dict[str, int
   ``metadata.json``) with ``teacher["weights"]`` (``task:weight,...``, each weight in [0, 1]: the
   chance per prompt and pass), ``teacher["criteria"]`` (comma-separated) and no red-team
   oversampling, run ``teacher["passes"]`` times over the training prompts (seeds from
-  ``teacher["seed"]`` and the pass) and once over the test prompts (a ConfigDict or a dict). Files are rewritten only when their bytes change;
-  returns the record count per split."""
+  ``teacher["seed"]`` and the pass) and once over the test prompts; ``teacher`` is a ConfigDict
+  or a dict. Files are rewritten only when their bytes change; returns the record count per
+  split."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from rlhf_jax.data import synthetic as syn  # pylint: disable=import-outside-toplevel
   from rlhf_jax.feedback import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
   if int(teacher["passes"]) < 1:
     raise ValueError(f"config.feedback_teacher.passes={teacher['passes']}; allowed: an int >= 1")
   meta = fileio.read_json(fileio.join(task_dir, "metadata.json"))["config"]
-  policy = syn.ReferencePolicyConfig(
-      **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["policy"].items()})
-  base = dict(meta["teacher"], weights=tuple(map(tuple, meta["teacher"]["weights"])))
-  config = teacher_lib.TeacherConfig(
-      **dict(base, weights=_weights(teacher["weights"]), harmful_oversample=0.0, criteria=tuple(
-          c.strip() for c in teacher["criteria"].split(",") if c.strip())))
+  policy = config_dicts.to_dataclass(syn.ReferencePolicyConfig, meta["policy"], "policy")
+  criteria = tuple(c.strip() for c in teacher["criteria"].split(",") if c.strip())
+  config = config_dicts.to_dataclass(
+      teacher_lib.TeacherConfig,
+      dict(meta["teacher"], weights=_weights(teacher["weights"]), criteria=criteria,
+           harmful_oversample=0.0), "feedback_teacher")
   counts = {}
   for split, passes in (("", int(teacher["passes"])), ("_test", 1)):
     prompts = [
@@ -135,10 +141,8 @@ def teacher_mixture(task_dir: str, data_dir: str, teacher: Any) -> dict[str, int
     for k in range(passes):
       rng = np.random.default_rng([int(teacher["seed"]), k, 1 if split else 0])
       rows += teacher_lib.teacher_records(rng, prompts, sft_rows, config, policy)[0]
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    dst = fileio.join(data_dir, f"feedback_sft{split}.jsonl")
-    if not (fileio.isfile(dst) and fileio.read_text(dst) == text):
-      fileio.atomic_write_text(dst, text)
+    _write_if_changed(fileio.join(data_dir, f"feedback_sft{split}.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in rows))
     counts[f"records{split or '_train'}"] = len(rows)
   return counts
 
