@@ -56,7 +56,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
 
   # the helpful policy: the offline pipeline's SFT (the `small` preset narrowed to d 128 x 3 layers,
   # as RLAIF's; the smoke pipeline's tiny SFT for size=smoke). The full `small` preset (d 192 x 4)
-  # took 20.6 min end to end on the EPYC box and would take ~27 on the Xeon (BUILD_NOTES session 10).
+  # took 20.6 min end to end on the EPYC box, ~27 estimated on the Xeon (BUILD_NOTES session 10).
   sft = _load("pipeline_synthetic", size).sft
   config.sft = sft
   config.feedback = _load(
