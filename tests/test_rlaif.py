@@ -2,6 +2,7 @@
 AI-labelled pairwise files, a Hugging Face evaluator, and the experiment end to end (smoke)."""
 
 import collections
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -164,6 +165,19 @@ def test_label_probs_match_an_independent_forward(tiny):
         np.float64)
     z = logits[list(tiny.label_ids)]
     np.testing.assert_allclose(p, np.exp(z - z.max()) / np.exp(z - z.max()).sum(), atol=2e-6)
+
+
+def test_length_ordered_batches_return_the_callers_order(tiny):
+  # queries are batched longest first (narrow batches); results must come back in input order,
+  # equal to scoring / sampling each query alone
+  texts = [T.render_pair(tiny.template, x, a, b) for x, a, b in zip(PROMPTS, RESP_A, RESP_B)]
+  texts = texts + [t + " x" * k for k, t in enumerate(texts, 1)]  # 8 lengths, not sorted
+  small = dataclasses.replace(tiny, batch_size=3)  # three chunks, the last one filled up
+  probs, _ = E.label_probs(small, texts)
+  alone = np.concatenate([E.label_probs(small, [t])[0] for t in texts])
+  np.testing.assert_allclose(probs, alone, atol=2e-6)
+  cot = E.CotConfig(max_tokens=5, greedy=True)
+  assert E.rationales(small, texts, cot) == [E.rationales(small, [t], cot)[0] for t in texts]
 
 
 def test_both_orders_are_complementary_exactly(tiny):
