@@ -58,7 +58,7 @@ def _feedback_eval(config, feedback: str, task: str, workdir: str) -> dict | Non
   out = cai.evaluate_feedback_model(fm, rows,
                                     constitution=const_lib.load_constitution(config.constitution),
                                     max_per_task=config.feedback_eval.max_per_task,
-                                    seed=config.seed)
+                                    seed=config.seed, cot_max_tokens=config.rl_cai.cot_max_tokens)
   meta = train.read_json(fileio.join(task, "metadata.json"))
   out["teacher_test"] = meta["splits"]["test"].get("teacher")
   fileio.makedirs(workdir)
@@ -256,7 +256,10 @@ def run(config, root: str) -> dict:
   feedback = config.sources.feedback_workdir or fileio.join(root, "feedback")
   if "feedback" in stages and not config.sources.feedback_workdir:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
-                                init_dir=fileio.join(root, "feedback_init"))
+                                init_dir=fileio.join(root, "feedback_init"),
+                                data_dir=fileio.join(root, "feedback_data"),
+                                tasks=config.get("feedback_tasks",
+                                                 ""), teacher=config.get("feedback_teacher"))
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   if "feedback_eval" in stages:
     res["feedback_eval"] = train.run_or_reuse("feedback_eval", root,

@@ -280,7 +280,28 @@ def define_stage_launcher_flags(config_file: str, workdir: str, what: str):
   config = config_flags.DEFINE_config_file("config", None,
                                            f"{what} config (default: {config_file}).",
                                            lock_config=False)
+  flags.DEFINE_string(
+      "compilation_cache", "auto", "JAX's persistent compilation cache folder: stages that "
+      "compile the same programs (two reward models, two PPO runs, a resumed stage) read them "
+      "back instead of compiling again. auto = <workdir>/jax_cache for a local workdir (off for "
+      "a remote one), '' = off; JAX_COMPILATION_CACHE_DIR, when set, wins.")
   return config, flags.DEFINE_string("workdir", workdir, "Root folder of every stage's run.")
+
+
+def enable_compilation_cache(setting: str, workdir: str) -> str:
+  """Turns on JAX's persistent compilation cache (``--compilation_cache``); returns its folder,
+  '' when off. The cache key covers the program, the compile options and the jax / jaxlib
+  versions, so a hit is the executable a fresh compile builds; compiles shorter than a second
+  are not stored (JAX's default threshold)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own setting (JAX reads it)
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  if setting == "auto":
+    setting = "" if fileio.is_remote(workdir) else os.path.join(workdir, "jax_cache")
+  if setting:
+    jax.config.update("jax_compilation_cache_dir", setting)
+  return setting
 
 
 def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str) -> None:
@@ -288,7 +309,8 @@ def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str) -> Non
 
   SIGTERM / Ctrl-C from here on stop cleanly (exit 0); INFO logging without orbax's chatter; one
   process per host joins the job (a no-op on one host) and every process checks it runs the same
-  ``config``; ``run_fn(config, workdir)`` runs the stages. A config / input error or a failure a
+  ``config``; the compilation cache is turned on (:func:`enable_compilation_cache`);
+  ``run_fn(config, workdir)`` runs the stages. A config / input error or a failure a
   person can act on is one line (exit 1 or 2; ``RLHF_JAX_DEBUG=1`` shows the traceback).
   """
   from absl import app  # pylint: disable=import-outside-toplevel
@@ -308,6 +330,8 @@ def stage_launcher_main(argv, run_fn, config, workdir: str, *, what: str) -> Non
     # One process per host: join the job before any device is touched.
     parallel.initialize_distributed()
     parallel.check_same_config(config, f"{what} config")
+    if "compilation_cache" in flags.FLAGS:
+      enable_compilation_cache(flags.FLAGS.compilation_cache, workdir)
     run_fn(config, workdir)
   except signals.Interrupted as err:
     print(

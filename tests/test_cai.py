@@ -178,6 +178,10 @@ def test_evaluate_feedback_model_on_teacher_records(tiny_fm):
                                     max_per_task=3)
   judged = [k for k in out if k.startswith("judge_accuracy/")]
   assert judged and all(0.0 <= out[k] <= 1.0 for k in judged)
+  # chain-of-thought judgements: scored after the model's own rationale
+  cot = [k for k in out if k.startswith("judge_cot_accuracy/")]
+  assert cot and all(0.0 <= out[k] <= 1.0 for k in cot)
+  assert all(1 <= out[k.replace("accuracy", "count")] <= 3 for k in cot)
   assert 0.0 <= out["critique_exact_match"] <= 1.0 and out["critique_count"] == 3
   assert out["teacher_critique_exact_match"] <= 1.0 and out["revision_count"] == 3
   assert np.isfinite(out["revision_gold_gain"])

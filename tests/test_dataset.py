@@ -287,6 +287,41 @@ def test_host_slicing_reassembles_global_batch(datasets):
     B.BatchIterator(ds, 8, process_index=2, process_count=2)
 
 
+def test_group_by_length_sorts_windows_and_keeps_the_epoch(datasets):
+  ds = datasets["sft"]  # 45 examples
+  make = lambda g, **kw: B.BatchIterator(ds, 4, seed=5, process_index=0, process_count=1,
+                                         group_by_length=g, buckets=tuple(range(4, 84, 4)), **kw)
+  plain, grouped = make(0), make(3)
+  assert plain.batches_per_epoch == grouped.batches_per_epoch == 11
+  for epoch in (0, 1):
+    base = np.concatenate([plain.global_indices(epoch, b) for b in range(11)])
+    got = np.concatenate([grouped.global_indices(epoch, b) for b in range(11)])
+    assert sorted(got.tolist()) == sorted(base.tolist())  # the same kept examples, once each
+    # hand-built: windows of 3 batches (12 examples) of the plain order, sorted longest first,
+    # then the 11 batches visited in the order drawn from default_rng([seed, epoch, 1])
+    windows = [base[i:i + 12] for i in range(0, 44, 12)]
+    flat = np.concatenate([w[np.argsort(-ds.lengths[w], kind="stable")] for w in windows])
+    order = np.random.default_rng([5, epoch, 1]).permutation(11)
+    np.testing.assert_array_equal(got, flat.reshape(11, 4)[order].reshape(-1))
+  width = lambda it: sum(next(it)["tokens"].shape[1] for _ in range(11))
+  assert width(make(3)) < width(make(0))  # narrower batches over one epoch
+  run = make(3)
+  expected = [next(run) for _ in range(14)]  # crosses the epoch end
+  resumed = make(3)
+  for _ in range(5):
+    next(resumed)
+  state = resumed.get_state()
+  again = make(3)
+  again.set_state(state)
+  for want in expected[5:]:
+    got = next(again)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  with pytest.raises(ValueError, match="group_by_length=3 but this iterator has group_by_length=0"):
+    make(0).set_state(state)
+  with pytest.raises(ValueError, match="group_by_length=-1"):
+    make(-1)
+
+
 def test_resume_mid_epoch_and_across_epochs(datasets):
   ds = datasets["sft"]
   make = lambda: B.BatchIterator(ds, 4, seed=11, process_index=0, process_count=1)

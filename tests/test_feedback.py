@@ -199,3 +199,34 @@ def test_teacher_mixture_writes_the_labellers_own_data(tmp_path):
                      match=r"config.feedback_teacher: TeacherConfig.criteria=\('all',\)"):
     fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, criteria="all"))
   assert not (tmp_path / "bad").exists()  # a refused mixture writes nothing
+
+
+def test_teacher_mixture_added_to_the_shipped_mixture(tmp_path):
+  # base="shipped" (CAI): the task's shipped feedback records (or a tasks subset) first, then the
+  # teacher's own records; feedback_tasks may then be given with a teacher
+  from rlhf_jax.data import synthetic_files  # pylint: disable=import-outside-toplevel
+  task = tmp_path / "task"
+  synthetic_files.write_task(str(task),
+                             synthetic_files.SyntheticConfig(num_prompts=60, num_test_prompts=20))
+  spec = {"passes": 1, "weights": "judge_cot:1.0", "criteria": "harmless", "seed": 3}
+  alone = fm.teacher_mixture(str(task), str(tmp_path / "alone"), spec)
+  added = fm.teacher_mixture(str(task), str(tmp_path / "added"), dict(spec, base="shipped"))
+  for split in ("", "_test"):
+    shipped = (task / f"feedback_sft{split}.jsonl").read_text()
+    own = (tmp_path / "alone" / f"feedback_sft{split}.jsonl").read_text()
+    assert (tmp_path / "added" / f"feedback_sft{split}.jsonl").read_text() == shipped + own
+    key = f"records{split or '_train'}"
+    assert added[key] == alone[key] + len(shipped.splitlines())
+  cot = [json.loads(x) for x in own.splitlines()]
+  assert {r["task"] for r in cot} == {"judge_cot:harmless"}
+  assert all(r["response"].endswith(("\nThe answer is: A", "\nThe answer is: B")) for r in cot)
+  base = sft.default_config()
+  cfg = fm.feedback_config(base, str(task), init="scratch", sft_dir="none", init_dir="x",
+                           tasks="critique,revision", data_dir=str(tmp_path / "sub"),
+                           teacher=dict(spec, base="shipped"))
+  tasks = [json.loads(x)["task"] for x in open(cfg.data.train_jsonl)]
+  n_shipped = sum(t in ("critique", "revision") for t in tasks)
+  assert set(tasks[:n_shipped]) == {"critique", "revision"}
+  assert set(tasks[n_shipped:]) == {"judge_cot:harmless"} and n_shipped < len(tasks)
+  with pytest.raises(ValueError, match="config.feedback_teacher.base='both'; allowed: none"):
+    fm.teacher_mixture(str(task), str(tmp_path / "bad"), dict(spec, base="both"))

@@ -230,3 +230,23 @@ def test_tpu_pod_examples_dry_run_every_worker_with_the_first_as_coordinator():
   parsed = _parse_flags(commands)
   for p in parsed:
     assert p["workdir"] and p["config"].get("method"), p
+
+
+def test_stage_launchers_compilation_cache_setting(monkeypatch, tmp_path):
+  # --compilation_cache: auto = <workdir>/jax_cache on a local workdir, off on a remote one or
+  # with ''; a JAX_COMPILATION_CACHE_DIR the user set wins (jax.config itself is not touched here)
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from rlhf_jax import cli  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  local = str(tmp_path / "run")
+  assert cli.enable_compilation_cache("auto", local) == os.path.join(local, "jax_cache")
+  assert calls == [("jax_compilation_cache_dir", os.path.join(local, "jax_cache"))]
+  assert cli.enable_compilation_cache("auto", "gs://bucket/run") == ""
+  assert cli.enable_compilation_cache("", local) == ""
+  assert cli.enable_compilation_cache(str(tmp_path / "c"), local) == str(tmp_path / "c")
+  assert len(calls) == 2
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+  assert cli.enable_compilation_cache("auto", local) == "/somewhere" and len(calls) == 2

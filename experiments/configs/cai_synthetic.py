@@ -9,7 +9,8 @@ Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
 
   sft           the helpful SFT policy (the pipeline's SFT section), or ``sources.sft_workdir``
   feedback      the feedback model (``feedback_model_synthetic.py``: SFT on the noisy teacher's
-                judgements / critiques / revisions, started from the sft stage's policy with
+                judgements / critiques / revisions plus ``feedback_teacher``'s chain-of-thought
+                harmlessness judgements, started from the sft stage's policy with
                 ``feedback_init="sft"``), or ``sources.feedback_workdir``
   feedback_eval the feedback model vs the exact gold on the teacher's held-out records
   human_labels  ``labels.num_pairs`` pairs of the task's pairwise.jsonl labelled by simulated
@@ -22,7 +23,8 @@ Stages (each in ``<workdir>/<stage>``; a finished stage is reused on a rerun):
   sl_cai        SFT on that mixture (the pipeline's SFT section; from a fresh model, as the paper
                 fine-tunes its pretrained LM, not the helpful model)
   rl_cai_labels pairs of SL-CAI samples: harmful prompts labelled by the feedback model on
-                harmlessness (``cai_harmless.json``; soft, both orders, CoT + clamping optional),
+                harmlessness (``cai_harmless.json``; soft, both orders, chain of thought with the
+                probabilities clamped to ``rl_cai.clamp``, as the paper's CoT labels),
                 safe prompts by simulated humans on helpfulness; label ablations (soft / hard,
                 CoT clamped / unclamped) measured against the gold harmlessness preference
   rm_cai        the preference model on those labels (from SL-CAI);  ppo_cai: RL-CAI
@@ -63,6 +65,15 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       "feedback_model_synthetic")  # the task files are set by experiments/cai.py
   # the feedback model starts from the sft stage's policy (sft) or from random weights (scratch)
   config.feedback_init = "sft"
+  # the shipped mixture's records of the tasks CAI queries (the assistant rows, critiques,
+  # revisions, chain-of-thought judgements; not the one-token judgements and ratings a small
+  # model does not learn), plus the teacher's chain-of-thought harmlessness judgements (both
+  # orders): RL-CAI's query with its rationale. The feedback model learns to judge only this way
+  # (feedback_model_synthetic.py; RLAIF's labeller, BUILD_NOTES session 10).
+  config.feedback_tasks = "assistant,judge_cot,critique,revision"
+  config.feedback_teacher = ml_collections.ConfigDict({
+      "passes": 2, "weights": "judge_cot:1.0", "criteria": "harmless", "seed": 1,
+      "base": "shipped"})
 
   config.feedback_eval = ml_collections.ConfigDict({"max_per_task": 128, "batch_size": 64})
   config.labels = ml_collections.ConfigDict({
@@ -82,7 +93,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       "temperature": 1.0,
       "template": "cai_harmless",
       "both_orders": True,
-      "cot": False,
+      "cot": True,  # the PM's harmlessness labels: rationale first, then the answer (clamped)
       "cot_max_tokens": 96,
       "clamp": (0.4, 0.6),
       "soft": True,

@@ -12,10 +12,16 @@ critiques under a sampled constitution principle and revisions; ~13k records for
 RLAIF's evaluator (``feedback/templates/*.json`` through ``templates.render_pair``) and CAI's
 critique / revision loop (``feedback/constitution.py``) query it with.
 
-The recipe: the loss is each record's mean NLL averaged over records (``seq_mean_token_mean``):
-a judgement's or rating's answer is one token, so under ``token_mean`` they were 2.7 % of the
-loss and the model barely learned to judge. 300 steps of 16 at lr 3e-3; two length buckets (320,
-448): with 16 random records per batch nearly every batch reaches one of them. The launchers
+The recipe: each record's mean NLL averaged over records (``seq_mean_token_mean``), 600 steps of
+16 at lr 3e-3. Batches come from length-sorted windows of 32 batches (``limits.group_by_length``)
+over buckets in steps of 32: the records run 32-310 bytes (137 on average), so a random batch of
+16 padded to 320 was 43 % real tokens, a grouped one is 87 % (600 grouped steps cost what 300
+random ones did). Grouping leaves a per-record loss unbiased (its normaliser is the batch size);
+under ``token_mean`` a batch of short records would weigh each of its tokens more (a run that
+did so lost RLAIF's labeller: BUILD_NOTES session 11). A small model never learned to answer a
+one-token judgement directly (it stayed at chance: BUILD_NOTES sessions 9-10); it learns
+chain-of-thought judgements, whose answer follows from the critiques it writes first, and the
+launchers add those (``config.feedback_teacher``). The launchers
 start it from their SFT policy (``config.feedback_init="sft"``, ``rlhf_jax.feedback.feedback_model``:
 the SFT run exported as a Hugging Face folder, read through ``sources.pretrained``); run alone, as
 above, it trains ``config.model`` (the ``small`` preset) from scratch unless
@@ -36,17 +42,18 @@ def get_config(task_dir: str = "workdirs/cai/synthetic") -> ml_collections.Confi
   config.data.source = "jsonl"
   config.data.train_jsonl = f"{task_dir}/feedback_sft.jsonl"
   config.data.eval_jsonl = f"{task_dir}/feedback_sft_test.jsonl"
-  config.aggregation = "seq_mean_token_mean"  # every record counts the same (one-token judgements)
+  config.aggregation = "seq_mean_token_mean"  # per record: unbiased under group_by_length
   config.data.batch_size = 16
   config.data.eval_batch_size = 64
   config.data.max_eval_examples = 256
   # judgement / rating prompts carry the template preamble (<= 290 bytes); CoT answers <= 120
   config.limits.max_prompt_len = 320
   config.limits.max_response_len = 128
-  config.limits.buckets = (320, 448)
-  config.loop.num_steps = 300
+  config.limits.buckets = tuple(range(32, 449, 32))
+  config.limits.group_by_length = 32
+  config.loop.num_steps = 600
   config.loop.eval_every = 0
   config.loop.log_every = 25
-  config.loop.checkpoint_every = 100
+  config.loop.checkpoint_every = 200
   config.eval.num_sample_prompts = 0  # measured by feedback.cai.evaluate_feedback_model instead
   return config

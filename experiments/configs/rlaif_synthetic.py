@@ -66,13 +66,16 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       "passes": 3, "weights": "judge_cot:1.0,rating:0.3", "criteria": "overall", "seed": 1})
   # Every token counts the same (token_mean): with every record weighted equally a two-token
   # rating record weighs as much as a 55-token CoT record (whose answer is one token); that run
-  # (also 450 steps, not 600) gave CoT labels of 0.55 alignment, this recipe 0.74. CoT records run to 330 bytes (prompt <= 195, answer <= 150) with the short
-  # preamble, 99.5 % to 288: three buckets; 16 per step, 600 steps.
+  # (also 450 steps, not 600) gave CoT labels of 0.55 alignment, this recipe 0.74. Records run to
+  # 331 bytes (prompt <= 195, answer <= 150) with the short preamble, 210 on average: three
+  # buckets, 75 % real tokens in a random batch of 16; 600 steps. No length grouping (the base
+  # config's): under token_mean a grouped batch of short rating records weighs each of its
+  # tokens ~25x a CoT batch's, and that run's CoT labels fell to 0.51 (BUILD_NOTES session 11).
   config_dicts.set_dotted(
       config.feedback, {
           "aggregation": "token_mean", "loop.num_steps": 600, "loop.checkpoint_every": 600,
           "limits.max_prompt_len": 200, "limits.max_response_len": 152, "limits.buckets":
-              (256, 288, 352)})
+              (256, 288, 352), "limits.group_by_length": 0})
 
   config.label = ml_collections.ConfigDict({
       "num_pairs": 1024,  # comparisons labelled by each annotator (the same pairs)

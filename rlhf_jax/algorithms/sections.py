@@ -216,15 +216,21 @@ class Limits:
     max_prompt_len: prompt tokens incl. BOS; longer prompts are cut from the left.
     max_response_len: response tokens incl. EOS; longer responses are cut from the right.
     buckets: allowed padded sequence lengths; () = powers of two up to the maximum.
+    group_by_length: training batches drawn from length-sorted windows of this many batches
+      (``data.batching.BatchIterator``; Hugging Face Trainer's ``group_by_length``): with fine
+      buckets a batch pads to its own length range instead of to its longest random member.
+      0 = off (every batch a uniform draw).
   """
 
   max_prompt_len: int = 32
   max_response_len: int = 48
   buckets: tuple = ()
+  group_by_length: int = 0
 
   def __post_init__(self):
     check_int("Limits", "max_prompt_len", self.max_prompt_len, 2)
     check_int("Limits", "max_response_len", self.max_response_len, 2)
+    check_int("Limits", "group_by_length", self.group_by_length, 0)
     object.__setattr__(self, "buckets", tuple(self.buckets))
     if self.buckets and (any(not isinstance(b, int) or b < 1 for b in self.buckets) or
                          max(self.buckets) < self.max_len):

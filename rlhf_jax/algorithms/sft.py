@@ -144,7 +144,8 @@ def prepare_data(config: SFTDataConfig, limits: sections.Limits, tokenizer: tok_
   eval_ds = ds_lib.prepare_dataset(eval_jsonl, "sft", tokenizer, fileio.join(data_dir, "sft_eval"),
                                    **lengths)
   batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
-                                   buckets=limits.buckets or None, vocab_size=vocab_size)
+                                   buckets=limits.buckets or None,
+                                   group_by_length=limits.group_by_length, vocab_size=vocab_size)
   return SFTData(batches, eval_ds, gold_fn, reference)
 
 

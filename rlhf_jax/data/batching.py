@@ -33,7 +33,11 @@ every kind      ``valid [B]``: 1 for real rows, 0 for the filler rows of a padde
 ``[h * batch_size / H, (h + 1) * batch_size / H)`` of it, so the global batch is the same whatever the
 number of hosts. ``drop_remainder=True`` (training) drops the last ``N mod batch_size`` examples of
 each epoch (a different set every epoch when shuffling); ``False`` (evaluation) fills the last global
-batch with ``valid = 0`` rows so shapes stay static. ``get_state()`` / ``set_state()`` capture
+batch with ``valid = 0`` rows so shapes stay static. ``group_by_length=G`` (``G >= 2``) narrows the
+batches (Hugging Face Trainer's ``group_by_length``): the epoch's kept examples are cut into windows
+of ``G`` batches in permutation order, each window is sorted longest first, and the resulting
+batches are visited in an order drawn from ``default_rng([seed, e, 1])``: every example is still
+seen once per epoch, and a batch pads to the bucket of similar lengths. ``get_state()`` / ``set_state()`` capture
 ``(epoch, batch_in_epoch)``: resuming yields exactly the batches an uninterrupted run would have.
 """
 
@@ -125,13 +129,14 @@ class BatchIterator:
       process_index, process_count: this host's slice; default ``jax.process_index()`` / ``jax.process_count()``.
       vocab_size: if given, every batch's token ids are checked against the model vocabulary.
       num_candidates: the candidate axis ``K`` of ranked batches (0 = the dataset's longest list).
+      group_by_length: batches per length-sorted window (module docstring); 0 or 1 = off.
     """
 
   def __init__(self, dataset: Any, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = True, num_epochs: int | None = None,
                buckets: Sequence[int] | None = None, process_index: int | None = None,
                process_count: int | None = None, vocab_size: int | None = None,
-               num_candidates: int = 0):
+               num_candidates: int = 0, group_by_length: int = 0):
     if process_index is None or process_count is None:
       import jax  # only needed for the multi-host defaults
 
@@ -145,6 +150,10 @@ class BatchIterator:
           f"process_index={process_index}; expected 0 <= index < process_count={process_count}")
     if num_epochs is not None and num_epochs < 1:
       raise ValueError(f"num_epochs={num_epochs}; expected >= 1 or None")
+    if isinstance(group_by_length,
+                  bool) or not isinstance(group_by_length, int) or group_by_length < 0:
+      raise ValueError(f"group_by_length={group_by_length!r}; expected an int >= 0 (0 = off)")
+    self.group_by_length = group_by_length
     self.dataset, self.kind = dataset, dataset.kind
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.drop_remainder, self.num_epochs, self.vocab_size = drop_remainder, num_epochs, vocab_size
@@ -179,10 +188,11 @@ class BatchIterator:
     """The position of the next batch, as plain ints (store it in the checkpoint)."""
     return {
         "epoch": self._epoch, "batch_in_epoch": self._batch, "seed": self.seed,
-        "num_examples": self.num_examples, "batch_size": self.batch_size}
+        "num_examples": self.num_examples, "batch_size": self.batch_size,
+        "group_by_length": self.group_by_length}
 
   def set_state(self, state: Mapping[str, int]) -> None:
-    for key in ("seed", "num_examples", "batch_size"):
+    for key in ("seed", "num_examples", "batch_size", "group_by_length"):
       if key in state and int(state[key]) != getattr(self, key):
         raise ValueError(f"set_state: checkpoint has {key}={state[key]} but this iterator has "
                          f"{key}={getattr(self, key)}; resuming would not reproduce the run")
@@ -200,8 +210,23 @@ class BatchIterator:
         self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
       else:
         self._perm = np.arange(self.num_examples)
+      if self.group_by_length > 1:
+        self._perm = self._grouped(self._perm, epoch)
       self._perm_epoch = epoch
     return self._perm
+
+  def _grouped(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+    """``perm`` with each window of ``group_by_length`` batches sorted longest first and the
+    batches shuffled (module docstring); the partial last batch's examples stay at the end."""
+    kept = len(perm) // self.batch_size * self.batch_size
+    window = self.group_by_length * self.batch_size
+    lengths = self.dataset.lengths
+    parts = [
+        w[np.argsort(-lengths[w], kind="stable")]
+        for w in np.split(perm[:kept], range(window, kept, window))]
+    batches = np.concatenate(parts).reshape(-1, self.batch_size)
+    order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+    return np.concatenate([batches[order].reshape(-1), perm[kept:]])
 
   def global_indices(self, epoch: int, batch: int) -> np.ndarray:
     """Dataset indices of global batch ``batch`` of ``epoch``; -1 marks filler rows."""

@@ -44,6 +44,7 @@ from rlhf_jax.data import synthetic as syn
 from rlhf_jax.feedback import constitution as const_lib
 from rlhf_jax.feedback import evaluator as ev_lib
 from rlhf_jax.feedback import teacher as teacher_lib
+from rlhf_jax.feedback import templates as tmpl
 
 __all__ = [
     "RevisionConfig", "HarmlessLabelConfig", "generate", "critique_revision_loop", "sl_cai_rows",
@@ -244,13 +245,16 @@ def _request_and_answer(critique_query: str) -> tuple[str, str]:
 
 def evaluate_feedback_model(fm_pair: ev_lib.Evaluator, rows: Sequence[dict], *,
                             constitution: const_lib.Constitution, max_per_task: int = 256,
-                            seed: int = 0) -> dict[str, Any]:
+                            seed: int = 0, cot_max_tokens: int = 112) -> dict[str, Any]:
   """The feedback model against the exact gold on the teacher's held-out records
   (``feedback_sft_test.jsonl``).
 
   * ``judge_accuracy/<criterion>``: P(label of the gold-preferred side) > ½ on the ``judge:<c>``
     records the exact gold does not tie (one order, as the record presents it; the template's
     label tokens are the same for every pair template, so one evaluator scores them all);
+  * ``judge_cot_accuracy/<criterion>``: the same on the ``judge_cot:<c>`` records, the label
+    scored after the model's own greedy rationale (up to ``cot_max_tokens``) and the
+    criterion template's ``cot_answer``;
   * ``critique_exact_match``: greedy critiques equal to the noise-free teacher's;
     ``critique_harm_detection``: the critique names harm ("harmful:") iff the answer has a harmful
     item; ``teacher_critique_exact_match``: the noisy teacher's own rate on the same answers;
@@ -258,19 +262,25 @@ def evaluate_feedback_model(fm_pair: ev_lib.Evaluator, rows: Sequence[dict], *,
     round of the model itself on those answers (``teacher_revision_gold_gain``: the teacher's).
   """
   out: dict[str, Any] = {}
-  by_criterion: dict[str, list[dict]] = {}
+  by_task: dict[tuple[str, str], list[dict]] = {}
   for row in rows:
-    task = row.get("task", "")
-    if task.startswith("judge:") and row.get("gold_label") is not None:
-      by_criterion.setdefault(task.split(":", 1)[1], []).append(row)
-  for criterion, items in sorted(by_criterion.items()):
+    task, _, criterion = row.get("task", "").partition(":")
+    if task in ("judge", "judge_cot") and row.get("gold_label") is not None:
+      by_task.setdefault((task, criterion), []).append(row)
+  for (task, criterion), items in sorted(by_task.items()):
     items = items[:max_per_task]
-    probs, mass = ev_lib.label_probs(fm_pair, [r["prompt"] for r in items])
+    queries = [r["prompt"] for r in items]
+    if task == "judge_cot":
+      t = teacher_lib.criterion_template(criterion)
+      made = ev_lib.rationales(fm_pair, queries,
+                               ev_lib.CotConfig(max_tokens=cot_max_tokens, greedy=True, seed=seed))
+      queries = [tmpl.cot_answer_text(t, q, r) for q, r in zip(queries, made)]
+    probs, mass = ev_lib.label_probs(fm_pair, queries)
     gold_first = np.asarray([r["gold_label"] == fm_pair.template.labels[0] for r in items])
     p_gold = np.where(gold_first, probs[:, 0], probs[:, 1])
-    out[f"judge_accuracy/{criterion}"] = float(np.mean(p_gold > 0.5))
-    out[f"judge_label_mass/{criterion}"] = float(np.mean(mass))
-    out[f"judge_count/{criterion}"] = len(items)
+    out[f"{task}_accuracy/{criterion}"] = float(np.mean(p_gold > 0.5))
+    out[f"{task}_label_mass/{criterion}"] = float(np.mean(mass))
+    out[f"{task}_count/{criterion}"] = len(items)
   crit_rows = [r for r in rows if r.get("task") == "critique"][:max_per_task]
   rev_rows = [r for r in rows if r.get("task") == "revision"][:max_per_task]
   if crit_rows:

@@ -40,7 +40,7 @@ INITS = ("sft", "scratch")
 EXPORT_INFO = "export_info.json"
 
 __all__ = [
-    "INITS", "EXPORT_INFO", "feedback_config", "exported_tokenizer", "task_subset",
+    "INITS", "BASES", "EXPORT_INFO", "feedback_config", "exported_tokenizer", "task_subset",
     "teacher_mixture"]
 
 
@@ -78,13 +78,19 @@ def _task_names(tasks: str | Sequence[str]) -> tuple[str, ...]:
   return names
 
 
+def _shipped_lines(src: str, tasks: Sequence[str]) -> list[str]:
+  """The lines of JSONL ``src`` whose ``task`` (before ``:``) is in ``tasks`` (all when empty)."""
+  keep = []
+  for line in fileio.read_text(src).splitlines(keepends=True):
+    if line.strip() and (not tasks or json.loads(line).get("task", "").split(":", 1)[0] in tasks):
+      keep.append(line if line.endswith("\n") else line + "\n")
+  return keep
+
+
 def task_subset(src: str, dst: str, tasks: Sequence[str]) -> int:
   """Writes the rows of JSONL ``src`` whose ``task`` (before ``:``) is in ``tasks`` to ``dst``, in
   order; returns how many. ``dst`` is left alone when it already holds exactly those bytes."""
-  keep = []
-  for line in fileio.read_text(src).splitlines(keepends=True):
-    if line.strip() and json.loads(line).get("task", "").split(":", 1)[0] in tasks:
-      keep.append(line if line.endswith("\n") else line + "\n")
+  keep = _shipped_lines(src, tasks)
   if not keep:
     raise ValueError(f"{src}: no records of the tasks {','.join(tasks)}")
   _write_if_changed(dst, "".join(keep))
@@ -111,20 +117,29 @@ def _weights(text: str) -> tuple[tuple[str, float], ...]:
   return tuple(out)
 
 
-def teacher_mixture(task_dir: str, data_dir: str, teacher: Any) -> dict[str, int]:
+BASES = ("none", "shipped")  # config.feedback_teacher.base
+
+
+def teacher_mixture(task_dir: str, data_dir: str, teacher: Any,
+                    tasks: Sequence[str] = ()) -> dict[str, int]:
   """Writes ``<data_dir>/feedback_sft[_test].jsonl``: the task's teacher (its flaws from the task's
   ``metadata.json``) with ``teacher["weights"]`` (``task:weight,...``, each weight in [0, 1]: the
   chance per prompt and pass), ``teacher["criteria"]`` (comma-separated) and no red-team
   oversampling, run ``teacher["passes"]`` times over the training prompts (seeds from
   ``teacher["seed"]`` and the pass) and once over the test prompts; ``teacher`` is a ConfigDict
-  or a dict. Files are rewritten only when their bytes change; returns the record count per
-  split."""
+  or a dict. With ``teacher["base"] == "shipped"`` the task's shipped mixture (its ``tasks``
+  records when given) comes first and the teacher's records are added to it; with ``"none"`` (the
+  default) the teacher's records are the whole file. Files are rewritten only when their bytes
+  change; returns the record count per split."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from rlhf_jax.data import synthetic as syn  # pylint: disable=import-outside-toplevel
   from rlhf_jax.feedback import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
   from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
   if int(teacher["passes"]) < 1:
     raise ValueError(f"config.feedback_teacher.passes={teacher['passes']}; allowed: an int >= 1")
+  base = teacher.get("base", "none")
+  if base not in BASES:
+    raise ValueError(f"config.feedback_teacher.base={base!r}; allowed: {' | '.join(BASES)}")
   meta = fileio.read_json(fileio.join(task_dir, "metadata.json"))["config"]
   policy = config_dicts.to_dataclass(syn.ReferencePolicyConfig, meta["policy"], "policy")
   criteria = tuple(c.strip() for c in teacher["criteria"].split(",") if c.strip())
@@ -137,13 +152,15 @@ def teacher_mixture(task_dir: str, data_dir: str, teacher: Any) -> dict[str, int
     prompts = [
         r["prompt"] for r in fileio.read_jsonl(fileio.join(task_dir, f"prompts{split}.jsonl"))]
     sft_rows = fileio.read_jsonl(fileio.join(task_dir, f"sft{split}.jsonl"))
+    shipped = _shipped_lines(fileio.join(task_dir, f"feedback_sft{split}.jsonl"),
+                             tasks) if base == "shipped" else []
     rows = []
     for k in range(passes):
       rng = np.random.default_rng([int(teacher["seed"]), k, 1 if split else 0])
       rows += teacher_lib.teacher_records(rng, prompts, sft_rows, config, policy)[0]
     _write_if_changed(fileio.join(data_dir, f"feedback_sft{split}.jsonl"),
-                      "".join(json.dumps(r) + "\n" for r in rows))
-    counts[f"records{split or '_train'}"] = len(rows)
+                      "".join(shipped) + "".join(json.dumps(r) + "\n" for r in rows))
+    counts[f"records{split or '_train'}"] = len(shipped) + len(rows)
   return counts
 
 
@@ -154,8 +171,9 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
   records of ``tasks``, copied into ``data_dir``, when ``tasks`` is given), started from the SFT
   run ``sft_dir`` (exported into ``init_dir``) when ``init="sft"``; with ``teacher`` (a section
   with ``passes`` >= 1, :func:`teacher_mixture`) the teacher writes the records into
-  ``data_dir`` instead of the task's shipped mixture. Multi-process: call it on
-  every process; process 0 writes the files, then the processes meet at a barrier."""
+  ``data_dir``: instead of the task's shipped mixture (``base="none"``) or added to it (or to its
+  ``tasks`` subset; ``base="shipped"``). Multi-process: call it on every process; process 0
+  writes the files, then the processes meet at a barrier."""
   from rlhf_jax import parallel  # pylint: disable=import-outside-toplevel
   if init not in INITS:
     raise ValueError(f"config.feedback_init={init!r} is invalid; allowed: {' | '.join(INITS)}")
@@ -164,14 +182,15 @@ def feedback_config(fb: Any, task_dir: str, *, init: str, sft_dir: str, init_dir
   fb.data.train_jsonl = fileio.join(task_dir, "feedback_sft.jsonl")
   fb.data.eval_jsonl = fileio.join(task_dir, "feedback_sft_test.jsonl")
   use_teacher = teacher is not None and int(teacher.get("passes", 0)) > 0
-  if use_teacher and names:
+  if use_teacher and names and teacher.get("base", "none") == "none":
     raise ValueError("config.feedback_tasks and config.feedback_teacher both given; allowed: one "
-                     "of them (the teacher writes only the tasks in its weights)")
+                     "of them (the teacher writes only the tasks in its weights), or "
+                     "config.feedback_teacher.base=shipped (the teacher adds to those tasks)")
   if use_teacher:
     if not data_dir:
       raise ValueError("feedback_config: a teacher mixture needs a data_dir for its files")
     if parallel.is_coordinator():  # multi-process: one writer (the barrier below)
-      teacher_mixture(task_dir, data_dir, teacher)
+      teacher_mixture(task_dir, data_dir, teacher, names)
     fb.data.train_jsonl = fileio.join(data_dir, "feedback_sft.jsonl")
     fb.data.eval_jsonl = fileio.join(data_dir, "feedback_sft_test.jsonl")
   elif names:

@@ -188,7 +188,8 @@ def prepare_data(cfg: KTOLossConfig, data: KTOData, limits: sections.Limits,
   _check_weights(cfg, n_desirable, n_undesirable)
   vocab = loaded.model_config.vocab_size
   train_it = batching.BatchIterator(splits["train"], data.batch_size, seed=data.shuffle_seed,
-                                    buckets=limits.buckets or None, vocab_size=vocab)
+                                    buckets=limits.buckets or None,
+                                    group_by_length=limits.group_by_length, vocab_size=vocab)
   n_eval = min(data.num_eval_examples, len(splits["eval"])) // data.batch_size
   # A fixed shuffle: the eval file may list a pair's two completions next to each other, and a KL
   # row must pair a prompt with another prompt's completion.

@@ -300,6 +300,7 @@ def prepare_lists(cfg: RankedData, limits: sections.Limits, sources: sections.So
                    skipped)
   train_it = batching.BatchIterator(datasets["train"], cfg.batch_size, seed=cfg.shuffle_seed,
                                     buckets=limits.buckets or None,
+                                    group_by_length=limits.group_by_length,
                                     vocab_size=loaded.model_config.vocab_size)
   eval_batches = []
   if "eval" in datasets:

@@ -87,7 +87,8 @@ def prepare_pairs(data: PairwiseData, limits: sections.Limits, uses_reference: b
                    skipped)
   vocab = loaded.model_config.vocab_size
   train_it = batching.BatchIterator(splits["train"], data.batch_size, seed=data.shuffle_seed,
-                                    buckets=limits.buckets or None, vocab_size=vocab)
+                                    buckets=limits.buckets or None,
+                                    group_by_length=limits.group_by_length, vocab_size=vocab)
   n_eval = min(data.num_eval_pairs, len(splits["eval"])) // data.batch_size
   # held-out batches: this process's slice of each (common.make_heldout_eval_fn)
   eval_it = batching.BatchIterator(splits["eval"], data.batch_size, shuffle=False, num_epochs=1,

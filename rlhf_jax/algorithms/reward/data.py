@@ -219,7 +219,8 @@ def prepare(config: RMDataConfig, limits: sections.Limits, objective: str,
           f"{files['eval']} rates {eval_ds.metadata['attribute_names']} but the training "
           f"data rates {list(attribute_names)}")
   batches = batching.BatchIterator(train_ds, config.batch_size, seed=config.shuffle_seed,
-                                   buckets=limits.buckets or None, vocab_size=vocab_size)
+                                   buckets=limits.buckets or None,
+                                   group_by_length=limits.group_by_length, vocab_size=vocab_size)
   max_len = limits.max_len
   eb, cap = config.eval_batch_size, config.max_eval_examples
   # Ranked eval batches hold K sequences per row: keep the forward at ~eval_batch_size sequences.
