@@ -89,6 +89,10 @@ def test_aggregate_tokens_by_hand():
   assert_close(_common.aggregate_tokens(values, mask, "seq_mean_token_mean"), [2.0, 4.0])
   assert_close(_common.aggregate_tokens(values, mask, "seq_mean_token_sum"), [6.0, 4.0])
   assert_close(_common.aggregate_tokens(values, mask, "seq_mean_token_sum_norm"), [2.0, 4.0 / 3.0])
+  # a constant normaliser L = 8 instead of the padded width: sums 6, 4 over 8, whatever T is
+  assert_close(_common.aggregate_tokens(values, mask, "seq_mean_token_sum_norm", 8), [0.75, 0.5])
+  wide = np.pad(values, ((0, 0), (0, 5))), np.pad(mask, ((0, 0), (0, 5)))
+  assert_close(_common.aggregate_tokens(*wide, "seq_mean_token_sum_norm", 8), [0.75, 0.5])
   with pytest.raises(ValueError, match="aggregation='sum'.*token_mean"):
     _common.aggregate_tokens(values, mask, "sum")
 

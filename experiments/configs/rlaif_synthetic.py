@@ -68,12 +68,14 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # rating record weighs as much as a 55-token CoT record (whose answer is one token); that run
   # (also 450 steps, not 600) gave CoT labels of 0.55 alignment, this recipe 0.74. Records run to
   # 331 bytes (prompt <= 195, answer <= 150) with the short preamble, 210 on average: three
-  # buckets, 75 % real tokens in a random batch of 16; 600 steps. No length grouping (the base
-  # config's): under token_mean a grouped batch of short rating records weighs each of its
-  # tokens ~25x a CoT batch's, and that run's CoT labels fell to 0.51 (BUILD_NOTES session 11).
+  # buckets, 75 % real tokens in a random batch of 16; 540 steps (600 in session 10: 0.743; cut
+  # for the 15-minute budget, BUILD_NOTES session 11). No length grouping (the base config's):
+  # homogeneous batches (all ratings, all CoT) lost the labeller, 0.51 under token_mean (a batch
+  # of short records weighs its tokens ~25x more) and 0.66 with a constant normaliser
+  # (seq_mean_token_sum_norm), against 0.74 for random batches (BUILD_NOTES session 11).
   config_dicts.set_dotted(
       config.feedback, {
-          "aggregation": "token_mean", "loop.num_steps": 600, "loop.checkpoint_every": 600,
+          "aggregation": "token_mean", "loop.num_steps": 540, "loop.checkpoint_every": 540,
           "limits.max_prompt_len": 200, "limits.max_response_len": 152, "limits.buckets":
               (256, 288, 352), "limits.group_by_length": 0})
 
@@ -98,7 +100,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
       config.rm, {
           "rm.early_stopping_patience": 0, "optim.lr": 3e-4, "optim.warmup_steps": 10,
           "data.max_eval_examples": 512, "limits.max_prompt_len": 32, "limits.max_response_len": 48,
-          "mesh.data": 1, "eval.num_normalization_prompts": 128, **config_dicts.stage_loop(150)})
+          "mesh.data": 1, "eval.num_normalization_prompts": 128, **config_dicts.stage_loop(120)})
 
   ppo = _load("ppo_synthetic")
   config_dicts.set_dotted(
@@ -112,8 +114,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   config.ppo_direct = direct
   # DPO on the AI labels (data files and soft_labels set by experiments/rlaif.py)
   config.dpo = pipeline.dpo
-  if not smoke:  # one evaluation, at the end (the pipeline's DPO evaluates twice)
-    config_dicts.set_dotted(config.dpo, config_dicts.stage_loop(120))
+  if not smoke:  # 80 steps (2.6 epochs of the ~1000 AI pairs), one evaluation, at the end
+    config_dicts.set_dotted(config.dpo, config_dicts.stage_loop(80))
 
   if smoke:
     # the feedback stage runs: 2 steps from the smoke SFT (queries cut to the tiny preset's 256)

@@ -197,12 +197,14 @@ def check_config_keys(config: Any, known: set[str], method: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> train.loop.LossFn:
+def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean",
+                norm_len: int | None = None) -> train.loop.LossFn:
   """The prompt-masked NLL of SFT and RAFT: ``loss_fn(params, batch, rng) -> (loss, metrics)``.
 
   With ``logp_t = log π_θ(x_t | x_<t)`` and ``m_t`` = ``batch["loss_mask"]`` (1 on response
   tokens, EOS included), ``losses.sft_loss`` reduces ``-m_t logp_t`` by ``aggregation``
-  (``losses.TOKEN_AGGREGATIONS``; ``token_mean`` = Σ m (-logp) / Σ m). Dropout is on when the model
+  (``losses.TOKEN_AGGREGATIONS``; ``token_mean`` = Σ m (-logp) / Σ m; ``norm_len`` is
+  ``seq_mean_token_sum_norm``'s constant, SFT's ``limits.max_len``). Dropout is on when the model
   has ``dropout_rate > 0`` and ``rng`` is a key; ``rng=None`` is eval mode (deterministic).
   """
   if aggregation not in losses.TOKEN_AGGREGATIONS:
@@ -218,7 +220,8 @@ def nll_loss_fn(model: models.Transformer, aggregation: str = "token_mean") -> t
     else:
       logps_BxT = models.sequence_logprobs(model, params, batch["tokens"], batch["mask"],
                                            batch["loss_mask"])
-    per_example_B, metrics = losses.sft_loss(logps_BxT, batch["loss_mask"], aggregation=aggregation)
+    per_example_B, metrics = losses.sft_loss(logps_BxT, batch["loss_mask"], aggregation=aggregation,
+                                             norm_len=norm_len)
     return jnp.mean(per_example_B), {
         "nll_per_token": metrics["nll_per_token"], "num_tokens": metrics["num_tokens"]}
 

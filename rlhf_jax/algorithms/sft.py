@@ -312,7 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   limits = config_dicts.to_dataclass(sections.Limits, config.limits, "limits")
   eval_cfg = config_dicts.to_dataclass(SFTEvalConfig, config.eval, "eval")
   try:
-    loss_fn = common.nll_loss_fn(models.Transformer(model_cfg), config.aggregation)
+    # seq_mean_token_sum_norm's constant: the longest sequence, whatever a batch's bucket
+    loss_fn = common.nll_loss_fn(models.Transformer(model_cfg), config.aggregation, limits.max_len)
   except ValueError as err:
     raise ValueError(f"config.{err}") from None
   fileio.makedirs(workdir)
@@ -348,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if lora_cfg is not None:  # adapters over the frozen pretrained base (models.lora)
     model = lora_lib.LoraModel(model, lora_cfg)
     params = lora_lib.make_params(model, params, lora_cfg, mesh)
-    loss_fn = common.nll_loss_fn(model, config.aggregation)
+    loss_fn = common.nll_loss_fn(model, config.aggregation, limits.max_len)
   state = train.create_train_state(params, optimizer, state_rng, mesh)
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   grad_accum_steps=optim_cfg.grad_accum_steps)

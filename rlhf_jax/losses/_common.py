@@ -88,7 +88,8 @@ def masked_logsumexp(x, mask, axis=-1) -> jnp.ndarray:
                  (jnp.sum(mask, axis=axis) == 0)) + jnp.squeeze(x_max, axis)
 
 
-def aggregate_tokens(values_BxT, mask_BxT, aggregation: str) -> jnp.ndarray:
+def aggregate_tokens(values_BxT, mask_BxT, aggregation: str,
+                     norm_len: int | None = None) -> jnp.ndarray:
   """Reduce per-token values to per-example values ``[B]`` whose batch mean is the batch loss.
 
     With ``n_b = Σ_t m_bt`` tokens in row b, ``N = Σ_b n_b`` and padded length T:
@@ -97,8 +98,11 @@ def aggregate_tokens(values_BxT, mask_BxT, aggregation: str) -> jnp.ndarray:
       (every token weighs the same; per-example values depend on the whole batch);
     - ``seq_mean_token_mean``:     ℓ_b = Σ_t m_bt v_bt / n_b (every sequence weighs the same);
     - ``seq_mean_token_sum``:      ℓ_b = Σ_t m_bt v_bt (longer sequences weigh more);
-    - ``seq_mean_token_sum_norm``: ℓ_b = Σ_t m_bt v_bt / T (Dr. GRPO: a constant normaliser instead
-      of the per-sequence length, which removes the length bias of ``seq_mean_token_mean``).
+    - ``seq_mean_token_sum_norm``: ℓ_b = Σ_t m_bt v_bt / L with L = ``norm_len`` (default the
+      padded length T; Dr. GRPO: a constant normaliser instead of the per-sequence length, which
+      removes the length bias of ``seq_mean_token_mean``). Every token of every batch then weighs
+      1 / (B L): with bucketed or length-grouped batches pass the fixed maximum as ``norm_len`` so
+      the weight does not change with a batch's width.
     """
   check_choice("aggregation", aggregation, TOKEN_AGGREGATIONS)
   token_sum_B = masked_sum(values_BxT, mask_BxT, axis=-1)
@@ -110,7 +114,7 @@ def aggregate_tokens(values_BxT, mask_BxT, aggregation: str) -> jnp.ndarray:
     return token_sum_B / jnp.maximum(count_B, 1.0)
   if aggregation == "seq_mean_token_sum":
     return token_sum_B
-  return token_sum_B / values_BxT.shape[-1]
+  return token_sum_B / (norm_len or values_BxT.shape[-1])
 
 
 def check_choice(field: str, value, allowed: Sequence[str]) -> None:

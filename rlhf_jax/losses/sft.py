@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from rlhf_jax.losses._common import aggregate_tokens, as_float, as_mask, check_rank, compute_dtype
 
 
-def sft_loss(token_logps, mask, *, aggregation: str = "token_mean"):
+def sft_loss(token_logps, mask, *, aggregation: str = "token_mean", norm_len: int | None = None):
   """Masked NLL of target tokens.
 
     With token log-probs ``log π(y_bt | y_<t)`` (``[B, T]``, e.g. from
@@ -24,7 +24,8 @@ def sft_loss(token_logps, mask, *, aggregation: str = "token_mean"):
       ``"token_mean"`` (default)  Σ_bt m v / Σ_bt m — every token weighs the same;
       ``"seq_mean_token_mean"``   mean over sequences of each sequence's token mean;
       ``"seq_mean_token_sum"``    mean over sequences of each sequence's token sum;
-      ``"seq_mean_token_sum_norm"`` token sum divided by the padded length T.
+      ``"seq_mean_token_sum_norm"`` token sum divided by ``norm_len`` (default the padded
+      length T): a constant per-token weight 1 / (B L) whatever a batch's width.
 
     Returns ``(per_example_loss [B], metrics)``; metrics: ``loss``, ``nll_per_token`` (always the
     token mean, whatever the aggregation) and ``num_tokens``.
@@ -34,7 +35,7 @@ def sft_loss(token_logps, mask, *, aggregation: str = "token_mean"):
   logps_BxT = as_float(token_logps, dtype)
   mask_BxT = as_mask(mask, logps_BxT.shape, dtype)
   nll_BxT = -logps_BxT
-  per_example_B = aggregate_tokens(nll_BxT, mask_BxT, aggregation)
+  per_example_B = aggregate_tokens(nll_BxT, mask_BxT, aggregation, norm_len)
   num_tokens = jnp.sum(mask_BxT)
   metrics = {
       "loss": jnp.mean(per_example_B),
