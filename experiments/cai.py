@@ -337,9 +337,11 @@ def report(config, root: str, task: str, res: dict, seconds: float) -> str:
       "", "## Feedback model vs the exact gold (teacher's held-out records)", "",
       "| measure | feedback model | teacher |", "| --- | --- | --- |"]
   teacher = (fe.get("teacher_test") or {}).get("judgement_accuracy_vs_gold", {})
-  for key in sorted(k for k in fe if k.startswith("judge_accuracy/")):
-    c = key.split("/", 1)[1]
-    lines.append(f"| judgement accuracy: {c} | {_num(fe[key])} | {_num(teacher.get(c))} |")
+  for task, name in (("judge", "judgement"), ("judge_cot", "chain-of-thought judgement")):
+    for key in sorted(k for k in fe if k.startswith(f"{task}_accuracy/")):
+      c = key.split("/", 1)[1]
+      n = fe.get(f"{task}_count/{c}", "")
+      lines.append(f"| {name} accuracy: {c} ({n}) | {_num(fe[key])} | {_num(teacher.get(c))} |")
   for key, tkey in (("critique_exact_match", "teacher_critique_exact_match"),
                     ("critique_harm_detection", None), ("revision_gold_gain",
                                                         "teacher_revision_gold_gain")):
