@@ -12,26 +12,25 @@ critiques under a sampled constitution principle and revisions; ~13k records for
 RLAIF's evaluator (``feedback/templates/*.json`` through ``templates.render_pair``) and CAI's
 critique / revision loop (``feedback/constitution.py``) query it with.
 
-The recipe: each record's mean NLL averaged over records (``seq_mean_token_mean``), 600 steps of
-16 at lr 3e-3. Batches come from length-sorted windows of 32 batches (``limits.group_by_length``)
-over buckets in steps of 32: the records run 32-310 bytes (137 on average), so a random batch of
-16 padded to 320 was 43 % real tokens, a grouped one is 87 % (600 grouped steps cost what 300
-random ones did). Grouping leaves a per-record loss unbiased (its normaliser is the batch size);
-under ``token_mean`` a batch of short records would weigh each of its tokens more. It is not free:
-on RLAIF's labeller mixture, whose records are mostly long CoT judgements and short ratings,
-homogeneous batches cost alignment (0.51 under ``token_mean``, 0.66 with a constant normaliser,
-0.74 with random batches; BUILD_NOTES session 11), so RLAIF turns it off; CAI's mixture, 43 %
-real tokens in a random batch, keeps it (random batches would double its feedback stage). A small model never learned to answer a
-one-token judgement directly (it stayed at chance: BUILD_NOTES sessions 9-10); it learns
-chain-of-thought judgements, whose answer follows from the critiques it writes first, and the
-launchers add those (``config.feedback_teacher``). The launchers
-start it from their SFT policy (``config.feedback_init="sft"``, ``rlhf_jax.feedback.feedback_model``:
-the SFT run exported as a Hugging Face folder, read through ``sources.pretrained``); run alone, as
-above, it trains ``config.model`` (the ``small`` preset) from scratch unless
-``--config.sources.pretrained=hf:DIR`` is given. Its skill against the exact gold (judgement
-accuracy per criterion, critique correctness, revision gold gain) is measured by
-``rlhf_jax.feedback.cai.evaluate_feedback_model`` (``experiments/cai.py`` writes it to
-``feedback_eval.json``).
+The recipe: each record's mean NLL averaged over records (``seq_mean_token_mean``), 600 steps of 16
+at lr 3e-3. Batches come from length-sorted windows of 32 batches (``limits.group_by_length``) over
+buckets in steps of 32: the records run 32-310 bytes (137 on average), so a random batch of 16
+padded to 320 was 43 % real tokens, a grouped one is 87 % (600 grouped steps cost what 300 random
+ones did). Grouping leaves a per-record loss unbiased (its normaliser is the batch size); under
+``token_mean`` a batch of short records would weigh each of its tokens more. It is not free: on
+RLAIF's labeller mixture, whose records are mostly long CoT judgements and short ratings,
+homogeneous batches cost alignment (0.51 under ``token_mean``, 0.66 with a constant normaliser, 0.74
+with random batches; BUILD_NOTES session 11), so RLAIF turns it off; CAI's mixture, 43 % real tokens
+in a random batch, keeps it (random batches would double its feedback stage). A small model never
+learned to answer a one-token judgement directly (it stayed at chance: BUILD_NOTES sessions 9-10);
+it learns chain-of-thought judgements, whose answer follows from the critiques it writes first, and
+the launchers add those (``config.feedback_teacher``). The launchers start it from their SFT policy
+(``config.feedback_init="sft"``, ``rlhf_jax.feedback.feedback_model``: the SFT run exported as a
+Hugging Face folder, read through ``sources.pretrained``); run alone, as above, it trains
+``config.model`` (the ``small`` preset) from scratch unless ``--config.sources.pretrained=hf:DIR``
+is given. Its skill against the exact gold (judgement accuracy per criterion, critique correctness,
+revision gold gain) is measured by ``rlhf_jax.feedback.cai.evaluate_feedback_model``
+(``experiments/cai.py`` writes it to ``feedback_eval.json``).
 """
 
 import ml_collections

@@ -37,8 +37,9 @@ batch with ``valid = 0`` rows so shapes stay static. ``group_by_length=G`` (``G 
 batches (Hugging Face Trainer's ``group_by_length``): the epoch's kept examples are cut into windows
 of ``G`` batches in permutation order, each window is sorted longest first, and the resulting
 batches are visited in an order drawn from ``default_rng([seed, e, 1])``: every example is still
-seen once per epoch, and a batch pads to the bucket of similar lengths. ``get_state()`` / ``set_state()`` capture
-``(epoch, batch_in_epoch)``: resuming yields exactly the batches an uninterrupted run would have.
+seen once per epoch, and a batch pads to the bucket of similar lengths. ``get_state()`` /
+``set_state()`` capture ``(epoch, batch_in_epoch)``: resuming yields exactly the batches an
+uninterrupted run would have.
 """
 
 from __future__ import annotations

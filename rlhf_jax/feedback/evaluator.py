@@ -38,8 +38,8 @@ run such as the synthetic feedback model, or a PPO run's policy), a Hugging Face
 (``hf:DIR``), or a preset with random weights (``preset:NAME``, for tests). It reads text: when its
 tokenizer differs from the policy's the texts are simply re-tokenised (a log line says so).
 Scoring is one jitted forward per (batch, width bucket): queries are batched longest first and
-``[BOS] query`` is left-padded to the batch's width bucket (steps of 32), so the last column is every
-row's last real token and a batch carries little padding. Rationales are sampled the same way
+``[BOS] query`` is left-padded to the batch's width bucket (steps of 32), so the last column is
+every row's last real token and a batch carries little padding. Rationales are sampled the same way
 (greedy by default; with temperature sampling the draws depend on the batch a query lands in).
 """
 
