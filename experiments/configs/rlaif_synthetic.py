@@ -69,10 +69,11 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # (also 450 steps, not 600) gave CoT labels of 0.55 alignment, this recipe 0.74. Records run to
   # 331 bytes (prompt <= 195, answer <= 150) with the short preamble, 210 on average: three
   # buckets, 75 % real tokens in a random batch of 16; 540 steps for the 15-minute budget (CoT
-  # alignment 0.743 at 600 steps, 0.726 at 540, 0.642 at 480: BUILD_NOTES session 11). No length grouping (the base config's):
-  # homogeneous batches (all ratings, all CoT) lost the labeller, 0.51 under token_mean (a batch
-  # of short records weighs its tokens ~25x more) and 0.66 with a constant normaliser
-  # (seq_mean_token_sum_norm), against 0.74 for random batches (BUILD_NOTES session 11).
+  # alignment 0.743 at 600 steps, 0.726 at 540, 0.642 at 480: BUILD_NOTES session 11). No length
+  # grouping (the base config's): homogeneous batches (all ratings, all CoT) lost the labeller,
+  # 0.51 under token_mean (a batch of short records weighs its tokens ~25x more) and 0.66 with a
+  # constant normaliser (seq_mean_token_sum_norm), against 0.74 for random batches (BUILD_NOTES
+  # session 11).
   config_dicts.set_dotted(
       config.feedback, {
           "aggregation": "token_mean", "loop.num_steps": 540, "loop.checkpoint_every": 540,
