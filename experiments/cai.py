@@ -246,6 +246,7 @@ def _trajectories(root: str) -> dict:
 
 def run(config, root: str) -> dict:
   stages = [s for s in config.stages.split(",") if s]
+  fm_lib.check_teacher(config.get("feedback_teacher"))  # before any stage: not minutes in
   start = time.time()
   res: dict = {}
   sft_dir = config.sources.sft_workdir or fileio.join(root, "sft")
@@ -258,8 +259,7 @@ def run(config, root: str) -> dict:
     fb = fm_lib.feedback_config(config.feedback, task, init=config.feedback_init, sft_dir=sft_dir,
                                 init_dir=fileio.join(root, "feedback_init"),
                                 data_dir=fileio.join(root, "feedback_data"),
-                                tasks=config.get("feedback_tasks",
-                                                 ""), teacher=config.get("feedback_teacher"))
+                                tasks=config.feedback_tasks, teacher=config.feedback_teacher)
     res["feedback"] = train.run_or_reuse("feedback", root, lambda w: registry.run(fb.method, fb, w))
   if "feedback_eval" in stages:
     res["feedback_eval"] = train.run_or_reuse("feedback_eval", root,

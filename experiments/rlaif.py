@@ -116,6 +116,7 @@ def run(config, root: str) -> dict:
   if config.label.ai_labels not in AI_LABELS:  # before any stage: not minutes into the run
     raise ValueError(f"config.label.ai_labels={config.label.ai_labels!r}; allowed: "
                      f"{' | '.join(AI_LABELS)}")
+  fm_lib.check_teacher(config.get("feedback_teacher"))
   start = time.time()
   res: dict = {}
   sft_dir = config.sources.sft_workdir or fileio.join(root, "sft")

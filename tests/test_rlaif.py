@@ -383,3 +383,12 @@ def test_rlaif_experiment_smoke(tmp_path):
   with pytest.raises(ValueError, match=r"config.label.ai_labels='votes'; allowed: plain \| cot"):
     _launcher("rlaif").run(config, str(tmp_path / "refused"))
   assert not (tmp_path / "refused").exists()  # refused before any stage ran
+  config.label.ai_labels = "cot"
+  for key, bad, match in (("weights", "judge_cot=1", "'judge_cot=1' is not task:weight"),
+                          ("criteria", "all", r"TeacherConfig.criteria=\('all',\)"),
+                          ("base", "both", "base='both'; allowed: none | shipped")):
+    config.feedback_teacher[key], good = bad, config.feedback_teacher[key]
+    with pytest.raises(ValueError, match=match):
+      _launcher("rlaif").run(config, str(tmp_path / "refused"))
+    config.feedback_teacher[key] = good
+    assert not (tmp_path / "refused").exists()  # a bad feedback_teacher: before the SFT stage

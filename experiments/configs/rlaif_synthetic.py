@@ -63,7 +63,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # judgement directly; it learns to write both critiques, then the answer (BUILD_NOTES session 10).
   config.feedback_tasks = ""  # or: a subset of the shipped mixture (feedback_model.task_subset)
   config.feedback_teacher = ml_collections.ConfigDict({
-      "passes": 3, "weights": "judge_cot:1.0,rating:0.3", "criteria": "overall", "seed": 1})
+      "passes": 3, "weights": "judge_cot:1.0,rating:0.3", "criteria": "overall", "seed": 1,
+      "base": "none"})  # none: these records are the whole file (shipped: added to the task's)
   # Every token counts the same (token_mean): with every record weighted equally a two-token
   # rating record weighs as much as a 55-token CoT record (whose answer is one token); that run
   # (also 450 steps, not 600) gave CoT labels of 0.55 alignment, this recipe 0.74. Records run to

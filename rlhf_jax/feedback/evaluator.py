@@ -189,16 +189,18 @@ def _query_buckets(max_len: int) -> tuple[int, ...]:
   return tuple(range(32, max_len, 32)) + (max_len,)
 
 
-def _length_order(ev: Evaluator, texts: Sequence[str]) -> np.ndarray:
-  """Indices of ``texts`` longest first (stable): the batches of a length-sorted list are narrow."""
-  lengths = np.asarray([len(ids) for ids in ev.tokenizer.encode_batch(list(texts))])
+def _length_order(texts: Sequence[str]) -> np.ndarray:
+  """Indices of ``texts`` longest first by UTF-8 bytes (stable): the batches of a length-sorted
+  list are narrow. Bytes are the byte tokenizer's token count and a proxy for any other (the
+  order only sets the padding; :func:`_encode` tokenises each batch once)."""
+  lengths = np.asarray([len(t.encode("utf-8")) for t in texts])
   return np.argsort(-lengths, kind="stable")
 
 
 def _chunks(ev: Evaluator, texts: Sequence[str]):
   """``(indices, chunk)`` batches of ``texts`` in length order; the last chunk is filled up with
   copies of its last text so every batch has one compiled batch size."""
-  order = _length_order(ev, texts)
+  order = _length_order(texts)
   size = min(ev.batch_size, len(texts))
   for start in range(0, len(texts), ev.batch_size):
     idx = order[start:start + ev.batch_size]

@@ -10,17 +10,19 @@ random weights (the session-6 recipe).
 
 Task subset (``tasks``): a launcher that needs only some of the feedback skills trains on those
 records alone, as a practitioner fine-tunes an AI labeller on the labelling task rather than on
-the whole assistant mixture (e.g. ``judge,judge_cot,rating``, RLAIF's labeller queries; 39 % of
-the default file's records; RLAIF now uses the teacher mixture below instead); CAI keeps every task (it also critiques and revises). The subset is written next to the run
-(``<data_dir>/feedback_sft[_test].jsonl``), rows in file order, and rewritten only when it differs.
+the whole assistant mixture (CAI: ``assistant,judge_cot,critique,revision``, the tasks it queries).
+The subset is written next to the run (``<data_dir>/feedback_sft[_test].jsonl``), rows in file
+order, and rewritten only when it differs.
 
 Labeller data (``teacher``): a launcher can instead have the teacher write the labeller's own
 instruction data: ``passes`` passes over the task's training prompts (one over the test prompts)
 with the task's own teacher (its flaws as in ``metadata.json``) and the given task weights and
-criteria. RLAIF's default is chain-of-thought judgements on the overall criterion plus ratings
-(``experiments/configs/rlaif_synthetic.py``): a small model does not learn
-to answer a pairwise judgement directly (held-out accuracy stays at ½ after 19k judgements), but
-it learns to write the two critiques first, and the answer from them (BUILD_NOTES session 10).
+criteria, as the whole file (``base="none"``) or added to the shipped mixture or its ``tasks``
+subset (``base="shipped"``). RLAIF's default is chain-of-thought judgements on the overall
+criterion plus ratings, alone; CAI's adds chain-of-thought harmlessness judgements to its subset
+(``experiments/configs/{rlaif,cai}_synthetic.py``): a small model does not learn to answer a
+pairwise judgement directly (held-out accuracy stays at ½ after 19k judgements), but it learns to
+write the two critiques first, and the answer from them (BUILD_NOTES sessions 10-11).
 
 Tokenizer: a run started from a checkpoint folder reads with the folder's tokenizer, here the
 byte tokenizer written as a ``tokenizer.json`` (``export.write_byte_tokenizer``, which encodes
@@ -40,8 +42,8 @@ INITS = ("sft", "scratch")
 EXPORT_INFO = "export_info.json"
 
 __all__ = [
-    "INITS", "BASES", "EXPORT_INFO", "feedback_config", "exported_tokenizer", "task_subset",
-    "teacher_mixture"]
+    "INITS", "BASES", "EXPORT_INFO", "check_teacher", "feedback_config", "exported_tokenizer",
+    "task_subset", "teacher_mixture"]
 
 
 def _exported(sft_dir: str, out: str) -> str:
@@ -120,6 +122,28 @@ def _weights(text: str) -> tuple[tuple[str, float], ...]:
 BASES = ("none", "shipped")  # config.feedback_teacher.base
 
 
+def _teacher_fields(teacher: Any) -> dict:
+  """The ``TeacherConfig`` fields a ``feedback_teacher`` section sets."""
+  criteria = tuple(c.strip() for c in teacher["criteria"].split(",") if c.strip())
+  return dict(weights=_weights(teacher["weights"]), criteria=criteria, harmful_oversample=0.0)
+
+
+def check_teacher(teacher: Any) -> None:
+  """Refuses a bad ``config.feedback_teacher`` (``passes`` < 1, an unknown ``base``, a weight that
+  is not ``task:chance``, an unknown task or criterion) in one line, without reading any file: the
+  launchers call it before their first stage; None or ``passes=0`` (no teacher) passes."""
+  from rlhf_jax.feedback import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
+  if teacher is None or int(teacher.get("passes", 0)) == 0:
+    return
+  if int(teacher["passes"]) < 1:
+    raise ValueError(f"config.feedback_teacher.passes={teacher['passes']}; allowed: an int >= 1")
+  base = teacher.get("base", "none")
+  if base not in BASES:
+    raise ValueError(f"config.feedback_teacher.base={base!r}; allowed: {' | '.join(BASES)}")
+  config_dicts.to_dataclass(teacher_lib.TeacherConfig, _teacher_fields(teacher), "feedback_teacher")
+
+
 def teacher_mixture(task_dir: str, data_dir: str, teacher: Any,
                     tasks: Sequence[str] = ()) -> dict[str, int]:
   """Writes ``<data_dir>/feedback_sft[_test].jsonl``: the task's teacher (its flaws from the task's
@@ -137,16 +161,13 @@ def teacher_mixture(task_dir: str, data_dir: str, teacher: Any,
   from rlhf_jax.train import config_dicts  # pylint: disable=import-outside-toplevel
   if int(teacher["passes"]) < 1:
     raise ValueError(f"config.feedback_teacher.passes={teacher['passes']}; allowed: an int >= 1")
+  check_teacher(teacher)
   base = teacher.get("base", "none")
-  if base not in BASES:
-    raise ValueError(f"config.feedback_teacher.base={base!r}; allowed: {' | '.join(BASES)}")
   meta = fileio.read_json(fileio.join(task_dir, "metadata.json"))["config"]
   policy = config_dicts.to_dataclass(syn.ReferencePolicyConfig, meta["policy"], "policy")
-  criteria = tuple(c.strip() for c in teacher["criteria"].split(",") if c.strip())
-  config = config_dicts.to_dataclass(
-      teacher_lib.TeacherConfig,
-      dict(meta["teacher"], weights=_weights(teacher["weights"]), criteria=criteria,
-           harmful_oversample=0.0), "feedback_teacher")
+  config = config_dicts.to_dataclass(teacher_lib.TeacherConfig,
+                                     dict(meta["teacher"], **_teacher_fields(teacher)),
+                                     "feedback_teacher")
   counts = {}
   for split, passes in (("", int(teacher["passes"])), ("_test", 1)):
     prompts = [
